@@ -1,0 +1,41 @@
+// fastml._core: wires the per-area submodules and maps core exceptions to
+// Python exceptions, in this one place.
+#include <pybind11/pybind11.h>
+
+#include "bindings/registry.hpp"
+#include "common/errors.hpp"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "fastml native core (private; use the fastml package)";
+  m.attr("__version__") = FASTML_VERSION;
+
+  // Python exception types that the core's errors map to.
+  static py::exception<fastml::QueueFull> queue_full(m, "QueueFull", PyExc_RuntimeError);
+  static py::object cancelled_error =
+      py::module_::import("concurrent.futures").attr("CancelledError");
+
+  // Translators registered later are tried first: the most derived types come last.
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const fastml::FileNotFound& e) {
+      PyErr_SetString(PyExc_FileNotFoundError, e.what());
+    } catch (const fastml::IOError& e) {
+      PyErr_SetString(PyExc_OSError, e.what());
+    } catch (const fastml::TypeError& e) {
+      PyErr_SetString(PyExc_TypeError, e.what());
+    } catch (const fastml::TimeoutError& e) {
+      PyErr_SetString(PyExc_TimeoutError, e.what());
+    } catch (const fastml::Cancelled& e) {
+      PyErr_SetString(cancelled_error.ptr(), e.what());
+    } catch (const fastml::QueueFull& e) {
+      PyErr_SetString(queue_full.ptr(), e.what());
+    }
+  });
+
+  fastml::bind::register_common(m);
+  auto testing = m.def_submodule("_testing", "hooks for fastml's own tests");
+  fastml::bind::register_testing(testing);
+}

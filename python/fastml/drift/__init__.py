@@ -1,0 +1,1 @@
+"""fastml.drift: streaming, mergeable drift statistics (see issue #4)."""

@@ -1,0 +1,1 @@
+"""fastml.infer: native dynamic batching and tree-ensemble inference (see issues #5 and #6)."""

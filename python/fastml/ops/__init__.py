@@ -1,0 +1,1 @@
+"""fastml.ops: fused GPU kernels for training with CPU fallbacks (see issue #7)."""
