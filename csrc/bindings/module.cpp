@@ -36,6 +36,11 @@ PYBIND11_MODULE(_core, m) {
   });
 
   fastml::bind::register_common(m);
+  fastml::bind::register_data(m);
+  fastml::bind::register_drift(m);
+  fastml::bind::register_infer(m);
+  fastml::bind::register_batcher(m);
+  fastml::bind::register_forest(m);
   auto testing = m.def_submodule("_testing", "hooks for fastml's own tests");
   fastml::bind::register_testing(testing);
 }

@@ -30,3 +30,15 @@ class _testing:
     def reset_rendezvous() -> None: ...
     @staticmethod
     def rendezvous(timeout_s: float = 5.0) -> bool: ...
+
+class NativeHandler:
+    @property
+    def handler_name(self) -> str: ...
+
+# ---- data (issue 3)
+
+# ---- drift (issue 4)
+
+# ---- batcher (issue 5)
+
+# ---- forest (issue 6)
