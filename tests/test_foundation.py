@@ -163,13 +163,18 @@ def test_lists_and_buffer_protocol():
     assert _testing.sum(memoryview(np.arange(4, dtype=np.int32))) == 6.0
 
 
-@given(
-    hnp.arrays(
-        dtype=st.sampled_from([np.int8, np.uint16, np.int64, np.float16, np.float32, np.float64]),
-        shape=hnp.array_shapes(min_dims=1, max_dims=4, min_side=0, max_side=6),
-        elements={"allow_nan": False, "allow_infinity": False},
+@st.composite
+def _finite_arrays(draw):
+    dtype = np.dtype(
+        draw(st.sampled_from(["int8", "uint16", "int64", "float16", "float32", "float64"]))
     )
-)
+    bounds = {} if dtype.kind in "iu" else {"min_value": -1e4, "max_value": 1e4}
+    elements = hnp.from_dtype(dtype, allow_nan=False, allow_infinity=False, **bounds)
+    shape = draw(hnp.array_shapes(min_dims=1, max_dims=4, min_side=0, max_side=6))
+    return draw(hnp.arrays(dtype=dtype, shape=shape, elements=elements))
+
+
+@given(_finite_arrays())
 def test_sum_matches_numpy(a):
     expected = float(a.astype(np.float64).sum())
     assert _testing.sum(a) == pytest.approx(expected, rel=1e-9, abs=1e-9)

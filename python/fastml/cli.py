@@ -1,4 +1,4 @@
-"""The ``fastml`` command line: ``fastml info`` (and later ``demo`` and ``bench``)."""
+"""The ``fastml`` command line: ``fastml info``, ``fastml demo``, ``fastml bench``."""
 
 from __future__ import annotations
 
@@ -207,6 +207,70 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress_printer() -> Any:
+    def emit(msg: str) -> None:
+        print(f"  .. {msg}", file=sys.stderr, flush=True)
+
+    return emit
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from fastml.bench import suite
+
+    only = None if args.only is None else [c.strip() for c in args.only.split(",") if c.strip()]
+    device = args.device
+    if device == "auto":
+        device = "cuda" if fastml.cuda_available() or _torch_cuda() else "cpu"
+    try:
+        doc = suite.run_suite(only, quick=args.quick, device=device, progress=_progress_printer())
+    except ValueError as e:
+        print(f"fastml bench: {e}", file=sys.stderr)
+        return 2
+    print(suite.format_run(doc))
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=2)
+        print(f"wrote {args.out}")
+    if args.mlflow:
+        try:
+            run_id = suite.log_mlflow(doc)
+        except RuntimeError as e:
+            print(f"fastml bench: {e}", file=sys.stderr)
+            return 1
+        print(f"logged to MLflow run {run_id}")
+    return 0
+
+
+def _cmd_bench_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fastml.bench import suite
+
+    try:
+        docs = [suite.load(p) for p in args.files]
+    except (OSError, ValueError) as e:
+        print(f"fastml bench compare: {e}", file=sys.stderr)
+        return 2
+    names = []
+    for p, d in zip(args.files, docs, strict=True):
+        gpu = d["hardware"]["gpus"][0]["name"] if d["hardware"]["gpus"] else ""
+        names.append(f"{Path(p).stem}" + (f" ({gpu})" if gpu else ""))
+    text, rows = suite.compare(docs, names)
+    print(text)
+    if args.plot:
+        suite.plot_compare(rows, names, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _torch_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastml", description="fastml command line")
     parser.add_argument("--version", action="version", version=f"fastml {fastml.__version__}")
@@ -214,6 +278,25 @@ def build_parser() -> argparse.ArgumentParser:
     p_info = sub.add_parser("info", help="print build, CPU, memory, GPU and package information")
     p_info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p_info.set_defaults(func=_cmd_info)
+
+    p_bench = sub.add_parser(
+        "bench", help="measure every component against its peer on this machine"
+    )
+    p_bench.add_argument("--quick", action="store_true", help="a short run (about a minute)")
+    p_bench.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated components: data,drift,infer,ops (default: all)",
+    )
+    p_bench.add_argument("--out", default=None, help="write the run's JSON here")
+    p_bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p_bench.add_argument("--mlflow", action="store_true", help="log the run to MLflow")
+    p_bench.set_defaults(func=_cmd_bench)
+    bench_sub = p_bench.add_subparsers(dest="bench_command")
+    p_cmp = bench_sub.add_parser("compare", help="compare bench JSON files side by side")
+    p_cmp.add_argument("files", nargs="+", help="bench JSON files (the first is the baseline)")
+    p_cmp.add_argument("--plot", default=None, help="draw the ratios as a bar chart (PNG)")
+    p_cmp.set_defaults(func=_cmd_bench_compare)
     return parser
 
 
