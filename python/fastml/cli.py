@@ -207,6 +207,25 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from fastml.demo.pipeline import format_summary, run_demo
+
+    try:
+        result = run_demo(
+            rows=args.rows,
+            out=args.out,
+            device=args.device,
+            seed=args.seed,
+            serve_requests=args.requests,
+            progress=not args.no_progress,
+        )
+    except (ValueError, RuntimeError) as e:
+        print(f"fastml demo: {e}", file=sys.stderr)
+        return 2
+    print(format_summary(result))
+    return 0
+
+
 def _progress_printer() -> Any:
     def emit(msg: str) -> None:
         print(f"  .. {msg}", file=sys.stderr, flush=True)
@@ -278,6 +297,17 @@ def build_parser() -> argparse.ArgumentParser:
     p_info = sub.add_parser("info", help="print build, CPU, memory, GPU and package information")
     p_info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p_info.set_defaults(func=_cmd_info)
+
+    p_demo = sub.add_parser(
+        "demo", help="run the whole loop (data -> train -> serve -> drift) on generated fraud data"
+    )
+    p_demo.add_argument("--rows", type=int, default=200_000, help="training rows (default 200,000)")
+    p_demo.add_argument("--out", default=None, help="work directory (default: a new folder here)")
+    p_demo.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p_demo.add_argument("--seed", type=int, default=0)
+    p_demo.add_argument("--requests", type=int, default=None, help="served requests (default rows/10)")
+    p_demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p_demo.set_defaults(func=_cmd_demo)
 
     p_bench = sub.add_parser(
         "bench", help="measure every component against its peer on this machine"
