@@ -1,0 +1,105 @@
+"""End to end: a small ``fastml demo``, and ``fastml bench --quick`` with its compare step."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("pyarrow")
+
+
+def _run(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fastml", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_demo_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    r = _run(
+        ["demo", "--rows", "6000", "--requests", "4000", "--out", str(out), "--no-progress"],
+        tmp_path,
+        600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "fastml demo:" in r.stdout and "drift" in r.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows"] == 6000
+    stages = summary["stages"]
+    for stage in ("generate", "train_mlp", "serve", "drift"):
+        assert stage in stages
+    assert stages["serve"]["requests"] == 4000
+    assert stages["serve"]["latency_us_p50"] > 0
+    assert 0.5 < summary["model_quality"]["mlp_auc"] <= 1.0
+    # The injected drift (amount shifted, a new merchant category) is found, after it was injected.
+    assert "amount" in summary["drifted_features"]
+    assert "merchant_category" in summary["drifted_features"]
+    assert summary["drift_detected_at_row"] >= summary["drift_injected_at_row"]
+    html = (out / "drift_report.html").read_text()
+    assert "<html" in html.lower() and "amount" in html
+    report = json.loads((out / "drift_report.json").read_text())
+    assert report["timeline"] and "final_window" in report
+    assert (out / "transactions.parquet").stat().st_size > 0
+
+
+def test_demo_rejects_bad_arguments(tmp_path: Path) -> None:
+    r = _run(["demo", "--rows", "10", "--out", str(tmp_path / "x"), "--no-progress"], tmp_path, 120)
+    assert r.returncode == 2
+    assert "rows must be an int >= 2000" in r.stderr
+
+
+def test_bench_quick_and_compare(tmp_path: Path) -> None:
+    a = tmp_path / "a.json"
+    r = _run(["bench", "--quick", "--out", str(a)], tmp_path, 600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads(a.read_text())
+    assert doc["schema"] == "fastml-bench/1"
+    assert doc["hardware"]["logical_cores"] >= 1 and doc["hardware"]["cpu_model"]
+    assert doc["software"]["fastml"]["version"]
+    comps = {f["component"] for f in doc["figures"]}
+    assert {"data", "drift", "infer"} <= comps
+    for f in doc["figures"]:
+        assert f["fastml"]["value"] > 0 and f["fastml"]["repeats"] >= 1
+        assert f["peer"] is None or f["peer"]["value"] > 0
+    if "ops" not in comps:
+        assert "ops" in doc["skipped"]
+    # compare two runs (here the same one twice) and draw the chart
+    png = tmp_path / "ratios.png"
+    r = _run(["bench", "compare", str(a), str(a), "--plot", str(png)], tmp_path, 120)
+    assert r.returncode == 0, r.stderr
+    assert "1.00x" in r.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_compare_rejects_foreign_json(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"schema": "other/9"}))
+    r = _run(["bench", "compare", str(bad)], tmp_path, 120)
+    assert r.returncode == 2 and "expected schema 'fastml-bench/1'" in r.stderr
+
+
+def test_bench_only_rejects_unknown_component(tmp_path: Path) -> None:
+    r = _run(["bench", "--only", "nope"], tmp_path, 120)
+    assert r.returncode == 2 and "unknown component 'nope'" in r.stderr
+
+
+def test_bench_mlflow_missing_is_clear(tmp_path: Path) -> None:
+    try:
+        import mlflow  # noqa: F401
+
+        pytest.skip("mlflow is installed; the missing-package message cannot be shown")
+    except ImportError:
+        pass
+    from fastml.bench import suite
+
+    with pytest.raises(RuntimeError, match="needs mlflow"):
+        suite.log_mlflow({"date": "x", "hardware": {}, "figures": []})
