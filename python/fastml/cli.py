@@ -305,7 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--out", default=None, help="work directory (default: a new folder here)")
     p_demo.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p_demo.add_argument("--seed", type=int, default=0)
-    p_demo.add_argument("--requests", type=int, default=None, help="served requests (default rows/10)")
+    p_demo.add_argument(
+        "--requests", type=int, default=None, help="served requests (default rows/10)"
+    )
     p_demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     p_demo.set_defaults(func=_cmd_demo)
 

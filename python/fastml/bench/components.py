@@ -1,0 +1,453 @@
+"""The standard ``fastml bench`` suite: one function per component.
+
+Each figure is measured beside the peer that ``benchmarks/`` measures it
+against, in the same process and interleaved (``harness.compare``). Sizes are
+smaller under ``--quick``. A peer that is not installed gives ``peer=None``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+
+import fastml
+from fastml.bench.harness import Timing, compare
+from fastml.bench.suite import BenchContext, Figure, Measured, register, skip
+
+
+def _pair(
+    component: str,
+    name: str,
+    unit: str,
+    timings: dict[str, Timing],
+    ours: str,
+    peer: str | None,
+    *,
+    goal: float | None = None,
+    note: str = "",
+    latency: bool = False,
+) -> Figure:
+    scale = 1e6 if latency else 1.0
+    return Figure(
+        component=component,
+        name=name,
+        unit=unit,
+        fastml=Measured.from_timing(timings[ours], latency=latency, scale=scale),
+        peer=None
+        if peer is None
+        else Measured.from_timing(timings[peer], latency=latency, scale=scale),
+        higher_is_better=not latency,
+        goal=goal,
+        note=note,
+    )
+
+
+class _OneThread:
+    """fastml's pool at one thread for per-core figures; restored on exit."""
+
+    def __enter__(self) -> None:
+        self._n = fastml.get_num_threads()
+        fastml.set_num_threads(1)
+
+    def __exit__(self, *exc: object) -> None:
+        fastml.set_num_threads(self._n)
+
+
+# ------------------------------------------------------------------ data
+
+
+@register("data")
+def bench_data(ctx: BenchContext) -> list[Figure]:
+    from fastml import data
+
+    rows = 200_000 if ctx.quick else 1_000_000
+    repeat = 3 if ctx.quick else 5
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((rows, 32), dtype=np.float32)
+    y = rng.integers(0, 2, rows).astype(np.int64)
+    batch = 1024
+    figures = []
+
+    ctx.progress(f"data: in-memory loader, {rows:,} rows x 32 float32")
+    loader = data.Loader(
+        data.Dataset.from_numpy({"x": X, "y": y}), batch_size=batch, shuffle=True, seed=0
+    )
+    epoch = [0]
+
+    def fastml_epoch() -> None:
+        loader.set_epoch(epoch[0])
+        epoch[0] += 1
+        for _ in loader:
+            pass
+
+    def numpy_take_epoch() -> None:
+        perm = rng.permutation(rows)
+        for i in range(0, rows, batch):
+            idx = perm[i : i + batch]
+            X.take(idx, axis=0)
+            y.take(idx)
+
+    t = compare(
+        {"fastml.data.Loader": fastml_epoch, "numpy take loop": numpy_take_epoch},
+        repeat=repeat,
+        work=rows,
+        unit="rows",
+    )
+    loader.close()
+    figures.append(
+        _pair(
+            "data",
+            "loader_memory_rows",
+            "rows/s",
+            t,
+            "fastml.data.Loader",
+            "numpy take loop",
+            goal=1.5,
+            note=f"{rows:,} rows x 32 float32 + int64 label, shuffled, batch {batch}",
+        )
+    )
+
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        return figures
+    ctx.progress("data: Parquet loader")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "bench.parquet")
+        cols = {f"f{i}": X[:, i] for i in range(32)}
+        cols["label"] = y
+        pq.write_table(pa.table(cols), path, row_group_size=65_536)
+        ds = data.Dataset.from_parquet(path)
+        pl = data.Loader(ds, batch_size=batch, shuffle=True, seed=0)
+        pepoch = [0]
+
+        def fastml_parquet() -> None:
+            pl.set_epoch(pepoch[0])
+            pepoch[0] += 1
+            for _ in pl:
+                pass
+
+        t = compare(
+            {
+                "fastml.data.Loader (parquet)": fastml_parquet,
+                "pyarrow.parquet.read_table": lambda: pq.read_table(path),
+            },
+            repeat=repeat,
+            work=rows,
+            unit="rows",
+        )
+        pl.close()
+    figures.append(
+        _pair(
+            "data",
+            "loader_parquet_rows",
+            "rows/s",
+            t,
+            "fastml.data.Loader (parquet)",
+            "pyarrow.parquet.read_table",
+            goal=0.8,
+            note="shuffled + batched vs a plain read",
+        )
+    )
+    return figures
+
+
+# ------------------------------------------------------------------ drift
+
+
+@register("drift")
+def bench_drift(ctx: BenchContext) -> list[Figure]:
+    from fastml import drift
+
+    rows = 200_000 if ctx.quick else 1_000_000
+    repeat = 3 if ctx.quick else 5
+    rng = np.random.default_rng(1)
+    ref = rng.standard_normal((50_000, 8), dtype=np.float32)
+    cur = (rng.standard_normal((rows, 8)) * 1.1 + 0.05).astype(np.float32)
+    figures = []
+
+    ctx.progress(f"drift: ingest {rows:,} x 8 float32 (1 thread)")
+    profile = drift.Profile.from_data(ref)
+    mon = drift.Monitor(profile)
+    edges = [np.quantile(ref[:, j], np.linspace(0, 1, drift.DEFAULT_BINS + 1)) for j in range(8)]
+    cols = [np.ascontiguousarray(cur[:, j]) for j in range(8)]
+
+    def numpy_hist() -> None:
+        for j in range(8):
+            np.histogram(cols[j], bins=edges[j])
+
+    with _OneThread():
+        t = compare(
+            {"fastml Monitor.update": lambda: mon.update(cur), "numpy.histogram": numpy_hist},
+            repeat=repeat,
+            work=rows * 8,
+            unit="values",
+        )
+    figures.append(
+        _pair(
+            "drift",
+            "ingest_values",
+            "values/s",
+            t,
+            "fastml Monitor.update",
+            "numpy.histogram",
+            goal=3.0,
+            note="histogram+moments+missing counts vs histogram alone, same edges, 1 thread",
+        )
+    )
+
+    n = 200_000 if ctx.quick else 1_000_000
+    ctx.progress(f"drift: exact KS {n:,} vs {n:,}")
+    a = rng.standard_normal(n)
+    b = rng.standard_normal(n) + 0.01
+    cands: dict[str, Any] = {"fastml drift.ks_2samp": lambda: drift.ks_2samp(a, b)}
+    try:
+        from scipy import stats
+
+        cands["scipy.stats.ks_2samp"] = lambda: stats.ks_2samp(a, b)
+        peer: str | None = "scipy.stats.ks_2samp"
+    except ImportError:
+        peer = None
+    t = compare(cands, repeat=repeat, work=2 * n, unit="values")
+    figures.append(
+        _pair("drift", "ks_exact_values", "values/s", t, "fastml drift.ks_2samp", peer, goal=5.0)
+    )
+
+    m = 20_000 if ctx.quick else 100_000
+    stream = np.concatenate([rng.normal(0, 1, m // 2), rng.normal(0.8, 1, m - m // 2)])
+    ctx.progress(f"drift: ADWIN over {m:,} values")
+
+    def fastml_adwin() -> None:
+        drift.ADWIN(delta=0.002).update(stream)
+
+    cands = {"fastml ADWIN": fastml_adwin}
+    peer = None
+    try:
+        from river import drift as river_drift
+
+        def river_adwin() -> None:
+            det = river_drift.ADWIN(delta=0.002)
+            for v in stream:
+                det.update(v)
+
+        cands["river ADWIN"] = river_adwin
+        peer = "river ADWIN"
+    except ImportError:
+        pass
+    t = compare(cands, repeat=3, work=m, unit="values")
+    figures.append(_pair("drift", "adwin_values", "values/s", t, "fastml ADWIN", peer, goal=10.0))
+    return figures
+
+
+# ------------------------------------------------------------------ infer
+
+
+def _xgb_model(quick: bool) -> tuple[Any, np.ndarray] | None:
+    try:
+        import xgboost as xgb
+    except ImportError:
+        return None
+    rng = np.random.default_rng(2)
+    n = 20_000 if quick else 50_000
+    X = rng.standard_normal((n, 32)).astype(np.float32)
+    X[rng.random(X.shape) < 0.05] = np.nan
+    logit = X[:, 0] * 1.5 - np.nan_to_num(X[:, 1]) + np.sin(np.nan_to_num(X[:, 2]) * 3)
+    y = (logit + rng.standard_normal(n) > 0).astype(np.float32)
+    trees, depth = (100, 6) if quick else (500, 8)
+    booster = xgb.train(
+        {
+            "objective": "binary:logistic",
+            "max_depth": depth,
+            "eta": 0.1,
+            "nthread": 0,
+            "tree_method": "hist",
+        },
+        xgb.DMatrix(X, label=y),
+        num_boost_round=trees,
+    )
+    booster.set_param({"nthread": 1})
+    return booster, X
+
+
+@register("infer")
+def bench_infer(ctx: BenchContext) -> list[Figure]:
+    from fastml import infer
+
+    figures = []
+    model = _xgb_model(ctx.quick)
+    if model is not None:
+        booster, X = model
+        ctx.progress("infer: Forest vs XGBoost inplace_predict (1 thread)")
+        forest = infer.Forest.from_xgboost(booster)
+        batch = X[:1024]
+        one = X[:1]
+        with _OneThread():
+            t = compare(
+                {
+                    "fastml Forest.predict": lambda: forest.predict(batch),
+                    "xgboost inplace_predict": lambda: booster.inplace_predict(batch),
+                },
+                repeat=5,
+                number=3 if ctx.quick else 10,
+                work=1024,
+                unit="rows",
+            )
+            figures.append(
+                _pair(
+                    "infer",
+                    "forest_rows_per_thread",
+                    "rows/s",
+                    t,
+                    "fastml Forest.predict",
+                    "xgboost inplace_predict",
+                    goal=3.0,
+                    note=f"{forest.num_trees} trees, batch 1024, 1 thread",
+                )
+            )
+            t = compare(
+                {
+                    "fastml Forest.predict (1 row)": lambda: forest.predict(one),
+                    "xgboost inplace_predict (1 row)": lambda: booster.inplace_predict(one),
+                },
+                repeat=7,
+                number=50 if ctx.quick else 200,
+            )
+            figures.append(
+                _pair(
+                    "infer",
+                    "forest_single_row_latency",
+                    "us",
+                    t,
+                    "fastml Forest.predict (1 row)",
+                    "xgboost inplace_predict (1 row)",
+                    latency=True,
+                )
+            )
+
+    ctx.progress("infer: Batcher submit throughput and added latency")
+    n = 20_000 if ctx.quick else 100_000
+
+    def noop(x: Any) -> Any:
+        return x
+
+    row = np.zeros((1, 4), dtype=np.float32)
+    with infer.Batcher(noop, max_batch_size=256, max_delay_us=0) as b:
+
+        def fastml_predict_loop() -> None:
+            for _ in range(n // 10):
+                b.predict(row)
+
+        def direct_loop() -> None:
+            for _ in range(n // 10):
+                noop(row)
+
+        t = compare(
+            {"fastml Batcher.predict": fastml_predict_loop, "direct call": direct_loop},
+            repeat=5,
+        )
+    per = (t["fastml Batcher.predict"].median - t["direct call"].median) / (n // 10)
+    figures.append(
+        Figure(
+            "infer",
+            "batcher_added_latency",
+            "us",
+            Measured(
+                "fastml Batcher.predict minus direct call",
+                per * 1e6,
+                t["fastml Batcher.predict"].spread,
+                5,
+            ),
+            None,
+            higher_is_better=False,
+            note="no-op handler, max_delay_us=0, one Python caller; goal p50 <= 10 us",
+        )
+    )
+
+    from fastml.bench.baselines import AsyncQueueBatcher, drive_clients
+
+    tasks, per_task = (50, 40) if ctx.quick else (100, 100)
+    loop = asyncio.new_event_loop()
+    try:
+
+        async def make_pattern() -> AsyncQueueBatcher:
+            return AsyncQueueBatcher(noop, max_batch_size=64)
+
+        pattern = loop.run_until_complete(make_pattern())
+        with infer.Batcher(noop, max_batch_size=64, max_delay_us=0) as bb:
+            t = compare(
+                {
+                    "fastml Batcher.predict_async": lambda: loop.run_until_complete(
+                        drive_clients(bb.predict_async, tasks, per_task)
+                    ),
+                    "asyncio queue batching": lambda: loop.run_until_complete(
+                        drive_clients(pattern.predict, tasks, per_task)
+                    ),
+                },
+                repeat=5,
+                work=tasks * per_task,
+                unit="req",
+            )
+        pattern.close()
+        loop.run_until_complete(asyncio.sleep(0))
+    finally:
+        loop.close()
+    figures.append(
+        _pair(
+            "infer",
+            "batcher_async_requests",
+            "req/s",
+            t,
+            "fastml Batcher.predict_async",
+            "asyncio queue batching",
+            goal=1.5,
+            note=f"{tasks} tasks x {per_task} requests, no-op handler",
+        )
+    )
+    return figures
+
+
+# ------------------------------------------------------------------ ops
+
+
+@register("ops")
+def bench_ops(ctx: BenchContext) -> list[Figure]:
+    try:
+        import torch
+    except ImportError:
+        skip("torch is not installed")
+    if ctx.device != "cuda" or not torch.cuda.is_available():
+        skip("fastml.ops figures need a CUDA device (CPU tensors run torch's own kernels)")
+    import triton.testing
+
+    from fastml import ops
+
+    figures = []
+    dev = "cuda"
+    shapes = [(4096, 4096)] if ctx.quick else [(4096, 4096), (8192, 8192)]
+    for rows, cols in shapes:
+        x = torch.randn(rows, cols, device=dev, dtype=torch.bfloat16)
+        w = torch.ones(cols, device=dev, dtype=torch.bfloat16)
+
+        def eager(x: Any = x, w: Any = w) -> Any:
+            xf = x.float()
+            return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * w
+
+        ms_ours = triton.testing.do_bench(lambda x=x, w=w: ops.rms_norm(x, w))
+        ms_eager = triton.testing.do_bench(eager)
+        nbytes = 2 * x.numel() * x.element_size()
+        figures.append(
+            Figure(
+                "ops",
+                f"rms_norm_fwd_{rows}x{cols}_bf16",
+                "GB/s",
+                Measured("fastml ops.rms_norm", nbytes / ms_ours / 1e6, 0.0, 1),
+                Measured("eager torch", nbytes / ms_eager / 1e6, 0.0, 1),
+                note="triton.testing.do_bench median",
+            )
+        )
+    return figures
