@@ -365,6 +365,7 @@ def bench_infer(ctx: BenchContext) -> list[Figure]:
             None,
             higher_is_better=False,
             note="no-op handler, max_delay_us=0, one Python caller; goal p50 <= 10 us",
+            absolute=True,
         )
     )
 

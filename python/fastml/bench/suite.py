@@ -58,6 +58,7 @@ class Figure:
     higher_is_better: bool = True
     note: str = ""
     goal: float | None = None  # the ratio an issue asks for, when there is one
+    absolute: bool = False  # a figure with no peer by nature (e.g. added latency)
 
     @property
     def ratio(self) -> float | None:
@@ -78,6 +79,7 @@ class Figure:
             "ratio": self.ratio,
             "goal": self.goal,
             "note": self.note,
+            "absolute": self.absolute,
         }
 
 
@@ -225,7 +227,7 @@ def format_run(doc: dict[str, Any]) -> str:
         lines.append(
             f"{f['component']:<7} {f['name']:<34} {f['unit']:<10} {_fmt(f['fastml']['value'], f['unit']):>10} "
             f"{f['fastml']['spread'] * 100:>4.0f}% {_fmt(peer['value'] if peer else None, f['unit']):>10}  "
-            f"{ratio:>7}  {peer['name'] if peer else 'peer not installed'}"
+            f"{ratio:>7}  {peer['name'] if peer else ('(absolute figure)' if f.get('absolute') else 'peer not installed')}"
         )
     for c, why in doc.get("skipped", {}).items():
         lines.append(f"{c:<7} skipped: {why}")
