@@ -12,10 +12,14 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -125,7 +129,7 @@ struct ArrayInfo {
 
 ArrayInfo describe_array(py::handle x, const std::string& name) {
   ArrayInfo info;
-  if (is_torch_tensor(x)) {
+  if (!py::isinstance<py::array>(x) && is_torch_tensor(x)) {
     info.kind = kTorch;
     info.value = py::reinterpret_borrow<py::object>(x);
     py::tuple shape = py::tuple(x.attr("shape"));
@@ -675,9 +679,21 @@ void future_add_done_callback(const FuturePtr& f, py::object fn) {
 // with exactly that many rows return one row too few.
 class BatcherTestHandler : public infer::NativeHandler {
  public:
-  explicit BatcherTestHandler(int64_t bad_rows) : bad_rows_(bad_rows) {}
+  BatcherTestHandler(int64_t bad_rows, bool gated) : bad_rows_(bad_rows), gated_(gated) {}
+  void open_gate() {
+    std::lock_guard<std::mutex> lock(gate_mu_);
+    gate_open_ = true;
+    gate_cv_.notify_all();
+  }
   infer::HandlerOutput run(const ArrayView& batch) override {
     calls_.fetch_add(1);
+    if (gated_) {
+      // Test hook: wait (without the GIL) until a Python thread opens the gate.
+      std::unique_lock<std::mutex> lock(gate_mu_);
+      if (!gate_cv_.wait_for(lock, std::chrono::seconds(10), [this] { return gate_open_; })) {
+        fail<std::runtime_error>("_BatcherTestHandler: the gate was not opened within 10 s");
+      }
+    }
     infer::HandlerOutput out;
     out.dtype = DType::F32;
     out.shape.assign(batch.shape.begin(), batch.shape.begin() + batch.ndim);
@@ -698,7 +714,11 @@ class BatcherTestHandler : public infer::NativeHandler {
 
  private:
   int64_t bad_rows_;
+  bool gated_;
   std::atomic<int64_t> calls_{0};
+  std::mutex gate_mu_;
+  std::condition_variable gate_cv_;
+  bool gate_open_ = false;
 };
 
 }  // namespace
@@ -752,8 +772,9 @@ void register_batcher(py::module_& m) {
 
   py::class_<BatcherTestHandler, infer::NativeHandler, std::shared_ptr<BatcherTestHandler>>(
       m, "_BatcherTestHandler", "Test-only native handler: doubles float32 input.")
-      .def(py::init<int64_t>(), py::arg("bad_rows") = 0)
+      .def(py::init<int64_t, bool>(), py::arg("bad_rows") = 0, py::arg("gated") = false)
       .def_property_readonly("calls", &BatcherTestHandler::calls)
+      .def("open_gate", &BatcherTestHandler::open_gate)
       .def("_fastml_native_handler",
            [](std::shared_ptr<BatcherTestHandler> h) -> std::shared_ptr<infer::NativeHandler> {
              return h;

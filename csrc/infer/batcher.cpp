@@ -124,6 +124,29 @@ void BatchCore::start() {
   // model for long; parking pool workers like that would starve the
   // parallel_for work of every other area.
   for (int i = 0; i < config_.workers; ++i) threads_.emplace_back([this] { worker_loop(); });
+  // Deadlines must fire while every worker is busy inside the model, so one
+  // more thread watches them (it sleeps unless a queued request has a deadline).
+  threads_.emplace_back([this] { timer_loop(); });
+}
+
+void BatchCore::timer_loop() {
+  std::vector<FuturePtr> expired;
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!closing_) {  // while draining, the workers watch the deadlines
+    collect_expired(Clock::now(), expired);
+    if (!expired.empty()) {
+      lock.unlock();
+      fail_expired(expired);
+      lock.lock();
+      continue;
+    }
+    const auto t = earliest_deadline();
+    if (t == Clock::time_point::max()) {
+      timer_cv_.wait(lock);
+    } else {
+      timer_cv_.wait_until(lock, t);
+    }
+  }
 }
 
 bool BatchCore::closed() const {
@@ -160,8 +183,7 @@ bool BatchCore::enqueue(const FuturePtr& f, int priority, int64_t timeout_us, do
     }
   }
   ++stats_.requests;
-  if (allow_inline && queued_ == 0 && in_flight_ < config_.workers &&
-      (config_.max_delay_us == 0 || f->rows >= config_.max_batch_size)) {
+  if (allow_inline && queued_ == 0 && in_flight_ < config_.workers && config_.max_delay_us == 0) {
     ++in_flight_;
     return true;
   }
@@ -182,6 +204,7 @@ bool BatchCore::enqueue(const FuturePtr& f, int priority, int64_t timeout_us, do
   ++queued_;
   queued_rows_ += f->rows;
   work_cv_.notify_one();
+  if (f->deadline_ != Clock::time_point::max()) timer_cv_.notify_one();
   return false;
 }
 
@@ -362,6 +385,7 @@ void BatchCore::run_batch(std::vector<FuturePtr>& batch, bool is_inline) {
   }
   const auto t1 = Clock::now();
   uint64_t completed = 0, errors = 0, cancellations = 0, rows = 0;
+  bool wake = false;
   for (auto& f : batch) {
     if (!f->done()) {
       f->set_exception(std::make_exception_ptr(
@@ -401,8 +425,10 @@ void BatchCore::run_batch(std::vector<FuturePtr>& batch, bool is_inline) {
       }
     }
     --in_flight_;
+    // Wake the workers only when a queued request may be waiting for this slot.
+    wake = queued_ > 0 || closing_;
   }
-  work_cv_.notify_all();
+  if (wake) work_cv_.notify_all();
 }
 
 void BatchCore::close(bool drain) {
@@ -433,6 +459,7 @@ void BatchCore::close(bool drain) {
   }
   work_cv_.notify_all();
   space_cv_.notify_all();
+  timer_cv_.notify_all();
   uint64_t errors = 0, cancellations = 0;
   if (!abandoned.empty()) {
     const auto error = std::make_exception_ptr(std::runtime_error(

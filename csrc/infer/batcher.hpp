@@ -179,6 +179,7 @@ class BatchCore : public std::enable_shared_from_this<BatchCore> {
   };
 
   void worker_loop();
+  void timer_loop();
   void wait_until(std::unique_lock<std::mutex>& lock, Clock::time_point t);
   void run_batch(std::vector<FuturePtr>& batch, bool is_inline);
   void remove_cancelled(RequestFuture* f);
@@ -197,6 +198,7 @@ class BatchCore : public std::enable_shared_from_this<BatchCore> {
   mutable std::mutex mu_;
   std::condition_variable work_cv_;   // workers: queue changed or a slot freed
   std::condition_variable space_cv_;  // blocked submitters: room in the queue
+  std::condition_variable timer_cv_;  // the deadline watcher: a new deadline or close
   // Priority level (highest first) -> requests by (deadline, arrival).
   std::map<int, std::set<FuturePtr, ByDeadline>, std::greater<int>> levels_;
   std::set<FuturePtr, ByAge> by_age_;  // every queued request, oldest first
