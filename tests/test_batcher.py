@@ -67,7 +67,7 @@ def test_results_match_per_request_reference(sizes, max_batch, delay, dtype):
     with infer.Batcher(rec, max_batch_size=max_batch, max_delay_us=delay) as b:
         futs = [b.submit(x) for x in xs]
         outs = [f.result(WAIT) for f in futs]
-    for x, out in zip(xs, outs):
+    for x, out in zip(xs, outs, strict=True):
         np.testing.assert_array_equal(out, x * 2)
         assert out.dtype == (x * 2).dtype
     # A request is never split unless it alone exceeds max_batch_size.
@@ -142,7 +142,7 @@ def test_dtype_and_trailing_shape_mismatches_batch_separately():
     with infer.Batcher(rec, max_batch_size=64, max_delay_us=60_000_000) as b:
         futs = [b.submit(x) for x in reqs]
         b.close(drain=True)
-    for x, f in zip(reqs, futs):
+    for x, f in zip(reqs, futs, strict=True):
         out = f.result()
         assert out.dtype == x.dtype and out.shape == x.shape
     kinds = sorted((str(x.dtype), x.shape[1:], len(x)) for x in rec.batches)
@@ -157,7 +157,7 @@ def test_dict_requests_concatenate_per_key_and_split_back():
         # same keys in another order join the same batch
         swapped = b.submit({"b": np.arange(2), "a": np.zeros((2, 2), np.float32)})
         b.close(drain=True)
-    for r, f in zip(reqs, futs):
+    for r, f in zip(reqs, futs, strict=True):
         out = f.result()
         assert set(out) == {"a", "b"}
         np.testing.assert_array_equal(out["a"], r["a"] * 2)
@@ -177,7 +177,7 @@ def test_torch_requests_stay_torch():
     with infer.Batcher(fn, max_batch_size=8, max_delay_us=60_000_000) as b:
         futs = [b.submit(torch.full((n, 3), float(n))) for n in (1, 2, 3)]
         b.close(drain=True)
-    for n, f in zip((1, 2, 3), futs):
+    for n, f in zip((1, 2, 3), futs, strict=True):
         out = f.result()
         assert isinstance(out, torch.Tensor)
         torch.testing.assert_close(out, torch.full((n, 3), float(n) + 1))
@@ -204,7 +204,7 @@ def test_handler_error_goes_to_every_request_of_the_batch_and_serving_continues(
             with pytest.raises(KeyError, match="on purpose"):
                 f.result(WAIT)
             assert isinstance(f.exception(), KeyError)
-        for v, f in zip((1.0, 2.0, 3.0), good):
+        for v, f in zip((1.0, 2.0, 3.0), good, strict=True):
             np.testing.assert_array_equal(f.result(WAIT), [2 * v])
     s = b.stats()
     assert s["errors"] == 3 and s["completed"] == 3 and s["failed_batches"] == 1
@@ -271,7 +271,7 @@ def test_fn_must_be_callable_or_native():
         def _fastml_native_handler(self):
             return 42
 
-    with pytest.raises(TypeError, match="must return a fastml._core.NativeHandler"):
+    with pytest.raises(TypeError, match=r"must return a fastml\._core\.NativeHandler"):
         infer.Batcher(Fake())
 
 
@@ -463,7 +463,7 @@ def test_native_handler_results_match_reference(sizes, max_batch):
     xs = [np.arange(n * 2, dtype=np.float32).reshape(n, 2) + i for i, n in enumerate(sizes)]
     with infer.Batcher(handler, max_batch_size=max_batch, max_delay_us=100) as b:
         futs = [b.submit(x) for x in xs]
-        for x, f in zip(xs, futs):
+        for x, f in zip(xs, futs, strict=True):
             out = f.result(WAIT)
             np.testing.assert_array_equal(out, x * 2)
             assert out.dtype == np.float32
@@ -517,7 +517,7 @@ def test_predict_async_many_coroutines():
     async def main(b):
         xs = [np.array([float(i)]) for i in range(500)]
         outs = await asyncio.gather(*(b.predict_async(x) for x in xs))
-        for x, out in zip(xs, outs):
+        for x, out in zip(xs, outs, strict=True):
             np.testing.assert_array_equal(out, x * 3)
 
     for delay in (0, 300):
@@ -594,5 +594,5 @@ def test_stats_and_prometheus_export():
     assert 'fastml_batcher_requests_total{batcher="m2"} 1.0' in text
     assert 'fastml_batcher_batch_size_rows_count{batcher="m1"}' in text
     assert 'fastml_batcher_queue_wait_seconds{batcher="m1",quantile="0.99"}' in text
-    with pytest.raises(TypeError, match="batcher must be a fastml.infer.Batcher"):
+    with pytest.raises(TypeError, match=r"batcher must be a fastml\.infer\.Batcher"):
         infer.export_prometheus(object(), registry=registry)
