@@ -127,7 +127,7 @@ struct ArrayInfo {
   uint64_t signature = 0;
 };
 
-ArrayInfo describe_array(py::handle x, const std::string& name) {
+ArrayInfo describe_array(py::handle x, const char* name) {
   ArrayInfo info;
   if (!py::isinstance<py::array>(x) && is_torch_tensor(x)) {
     info.kind = kTorch;
@@ -142,8 +142,8 @@ ArrayInfo describe_array(py::handle x, const std::string& name) {
     for (size_t i = 1; i < shape.size(); ++i) h = mix(h, shape[i].cast<uint64_t>());
     info.signature = mix(h, shape.size());
   } else {
-    py::array a = py::isinstance<py::array>(x) ? py::reinterpret_borrow<py::array>(x)
-                                               : as_numpy(x, name.c_str());
+    py::array a =
+        py::isinstance<py::array>(x) ? py::reinterpret_borrow<py::array>(x) : as_numpy(x, name);
     if (a.ndim() < 1) {
       fail<std::invalid_argument>(name, " must have a leading row dimension, got a 0-D array");
     }
@@ -175,7 +175,8 @@ void describe_request(py::handle x, RequestFuture& f) {
         fail<TypeError>("x dict keys must be str, got ", type_name(item.first));
       }
       const std::string key = py::str(item.first);
-      ArrayInfo info = describe_array(item.second, "x['" + key + "']");
+      const std::string name = "x['" + key + "']";
+      ArrayInfo info = describe_array(item.second, name.c_str());
       if (rows < 0) {
         rows = info.rows;
         first_key = key;
@@ -261,38 +262,42 @@ py::object slice_rows(py::handle x, int64_t begin, int64_t end) {
   return x[s];
 }
 
-int64_t leading_rows(py::handle v, const std::string& what) {
+// Rows of a handler output value, or -1 when it has no leading dimension;
+// TypeError when it is not an array at all.
+int64_t leading_rows(py::handle v, const std::string& name, const char* key) {
   if (py::isinstance<py::array>(v)) {
-    py::array a = py::reinterpret_borrow<py::array>(v);
-    if (a.ndim() >= 1) return a.shape(0);
-  } else if (py::hasattr(v, "shape")) {
-    py::tuple shape = py::tuple(v.attr("shape"));
-    if (shape.size() >= 1) return shape[0].cast<int64_t>();
-  } else {
-    fail<TypeError>(what, " must be an array (or a dict of arrays), got ", type_name(v));
+    const auto a = py::reinterpret_borrow<py::array>(v);
+    return a.ndim() >= 1 ? static_cast<int64_t>(a.shape(0)) : -1;
   }
-  fail<std::invalid_argument>(what, " must have a leading row dimension, got a 0-D value");
+  if (py::hasattr(v, "shape")) {
+    py::tuple shape = py::tuple(v.attr("shape"));
+    return shape.size() >= 1 ? shape[0].cast<int64_t>() : -1;
+  }
+  fail<TypeError>("the result of handler '", name, "'", key,
+                  " must be an array (or a dict of arrays), got ", type_name(v));
 }
 
 // Checks that a handler output has `rows` rows (every value of a dict).
 void check_output_rows(py::handle out, int64_t rows, const std::string& name) {
-  const std::string what = "the result of handler '" + name + "'";
+  auto check = [&](py::handle v, const std::string& key) {
+    const int64_t r = leading_rows(v, name, key.c_str());
+    if (r == rows) return;
+    if (r < 0) {
+      fail<std::invalid_argument>("the result of handler '", name, "'", key,
+                                  " must have a leading row dimension, got a 0-D value");
+    }
+    fail<std::invalid_argument>("the result of handler '", name, "'", key, " has ", r,
+                                " rows for a batch of ", rows,
+                                " rows; the handler must return one row per input row");
+  };
   if (PyDict_Check(out.ptr())) {
     for (auto item : py::reinterpret_borrow<py::dict>(out)) {
-      const std::string w = what + "['" + std::string(py::str(item.first)) + "']";
-      const int64_t r = leading_rows(item.second, w);
-      if (r != rows) {
-        fail<std::invalid_argument>(w, " has ", r, " rows for a batch of ", rows,
-                                    " rows; the handler must return one row per input row");
-      }
+      check(item.second, "['" + std::string(py::str(item.first)) + "']");
     }
     return;
   }
-  const int64_t r = leading_rows(out, what);
-  if (r != rows) {
-    fail<std::invalid_argument>(what, " has ", r, " rows for a batch of ", rows,
-                                " rows; the handler must return one row per input row");
-  }
+  static const std::string no_key;
+  check(out, no_key);
 }
 
 py::object concat_outputs(const std::vector<py::object>& parts) {
