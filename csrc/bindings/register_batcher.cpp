@@ -20,6 +20,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -48,6 +49,18 @@ bool python_alive() {
 #endif
 }
 
+// Takes the GIL unless this thread already holds it (PyGILState_Check is a
+// thread-local read; pybind11's gil_scoped_acquire costs much more per call).
+class GilIfNeeded {
+ public:
+  GilIfNeeded() {
+    if (!PyGILState_Check()) acquire_.emplace();
+  }
+
+ private:
+  std::optional<py::gil_scoped_acquire> acquire_;
+};
+
 // A Python object owned from C++; safe to destroy on any thread.
 struct PyRef {
   py::object obj;
@@ -60,7 +73,7 @@ struct PyRef {
       obj.release();  // the interpreter is gone: leak rather than crash
       return;
     }
-    py::gil_scoped_acquire gil;
+    GilIfNeeded gil;
     obj = py::object();
   }
 };
@@ -99,7 +112,7 @@ struct NativeInput {
       array.owner.release();
       return;
     }
-    py::gil_scoped_acquire gil;
+    GilIfNeeded gil;
     array.owner = py::array();
   }
 };
@@ -390,7 +403,7 @@ class PyBatcher {
   }
 
   void run_python(std::vector<FuturePtr>& batch) {
-    py::gil_scoped_acquire gil;
+    GilIfNeeded gil;
     std::vector<FuturePtr> live = start_all(batch);
     if (live.empty()) return;
     const int64_t max_rows = core_->config().max_batch_size;

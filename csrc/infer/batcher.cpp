@@ -185,6 +185,7 @@ bool BatchCore::enqueue(const FuturePtr& f, int priority, int64_t timeout_us, do
   ++stats_.requests;
   if (allow_inline && queued_ == 0 && in_flight_ < config_.workers && config_.max_delay_us == 0) {
     ++in_flight_;
+    record_queue_wait(0.0);
     return true;
   }
   const auto now = Clock::now();
@@ -210,14 +211,6 @@ bool BatchCore::enqueue(const FuturePtr& f, int priority, int64_t timeout_us, do
 
 void BatchCore::run_inline(const FuturePtr& f) {
   std::vector<FuturePtr> batch{f};
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (stats_.queue_wait_us.size() < kSamples) {
-      stats_.queue_wait_us.push_back(0.0);
-    } else {
-      stats_.queue_wait_us[wait_pos_++ % kSamples] = 0.0;
-    }
-  }
   run_batch(batch, true);
 }
 
@@ -317,12 +310,15 @@ void BatchCore::form_batch(std::vector<FuturePtr>& batch) {
   space_cv_.notify_all();
   const auto now = Clock::now();
   for (const auto& f : batch) {
-    const double us = std::chrono::duration<double, std::micro>(now - f->enqueued_).count();
-    if (stats_.queue_wait_us.size() < kSamples) {
-      stats_.queue_wait_us.push_back(us);
-    } else {
-      stats_.queue_wait_us[wait_pos_++ % kSamples] = us;
-    }
+    record_queue_wait(std::chrono::duration<double, std::micro>(now - f->enqueued_).count());
+  }
+}
+
+void BatchCore::record_queue_wait(double us) {
+  if (stats_.queue_wait_us.size() < kSamples) {
+    stats_.queue_wait_us.push_back(us);
+  } else {
+    stats_.queue_wait_us[wait_pos_++ % kSamples] = us;
   }
 }
 

@@ -190,6 +190,7 @@ class BatchCore : public std::enable_shared_from_this<BatchCore> {
   // Under mu_: takes the next batch out of the queue.
   void form_batch(std::vector<FuturePtr>& batch);
   Clock::time_point earliest_deadline() const;
+  void record_queue_wait(double us);  // under mu_
   void fail_expired(std::vector<FuturePtr>& expired);
 
   const BatcherConfig config_;
