@@ -691,6 +691,70 @@ void future_add_done_callback(const FuturePtr& f, py::object fn) {
   });
 }
 
+// ---------------------------------------------------------------- asyncio
+
+// Resolves the asyncio futures of one event loop when their requests end.
+// Completions arrive on worker threads and are collected here; the loop is
+// woken once per group (call_soon_threadsafe), not once per request, and no
+// thread is created per request.
+class AsyncBridge : public std::enable_shared_from_this<AsyncBridge> {
+ public:
+  // Holds the loop weakly, so a finished loop (and this bridge) can be freed.
+  explicit AsyncBridge(py::object loop)
+      : loop_ref_(hold(py::module_::import("weakref").attr("ref")(loop))) {}
+
+  // Sets `waiter`'s result to None once `f` ends (the caller then reads f).
+  void attach(const FuturePtr& f, py::object waiter) {
+    auto self = shared_from_this();
+    auto held_waiter = hold(std::move(waiter));
+    f->add_done_callback(
+        [self, held_waiter](const FuturePtr&) mutable { self->completed(std::move(held_waiter)); });
+  }
+
+  // On the loop's thread: resolves every waiter collected so far.
+  void drain() {
+    std::vector<std::shared_ptr<void>> ready;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      ready.swap(pending_);
+    }
+    for (auto& w : ready) {
+      py::object waiter = held(w);
+      if (!waiter.attr("done")().cast<bool>()) waiter.attr("set_result")(py::none());
+    }
+  }
+
+ private:
+  void completed(std::shared_ptr<void> waiter) {
+    bool first;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      pending_.push_back(std::move(waiter));
+      first = pending_.size() == 1;
+    }
+    if (!first || !python_alive()) return;
+    GilIfNeeded gil;
+    try {
+      py::object loop = held(loop_ref_)();
+      if (!loop.is_none()) {
+        loop.attr("call_soon_threadsafe")(py::cast(shared_from_this()).attr("_drain"));
+        return;
+      }
+    } catch (py::error_already_set&) {
+    }
+    // The loop is closed or gone: nobody awaits these requests any more.
+    std::vector<std::shared_ptr<void>> dropped;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      dropped.swap(pending_);
+    }
+  }
+
+  std::shared_ptr<void> loop_ref_;  // a weakref.ref to the loop (PyRef: freed on any thread)
+  std::mutex mu_;
+  std::vector<std::shared_ptr<void>> pending_;
+};
+
 // ---------------------------------------------------------------- a native handler for the tests
 
 // Doubles a float32 input (any trailing shape); `fail_rows` > 0 makes batches
@@ -787,6 +851,12 @@ void register_batcher(py::module_& m) {
       .def("stats", &PyBatcher::stats)
       .def_property_readonly("closed", &PyBatcher::closed)
       .def_property_readonly("name", &PyBatcher::name);
+
+  py::class_<AsyncBridge, std::shared_ptr<AsyncBridge>>(
+      m, "_BatcherAsyncBridge", "Resolves asyncio futures of one loop (private).")
+      .def(py::init<py::object>(), py::arg("loop"))
+      .def("attach", &AsyncBridge::attach, py::arg("future"), py::arg("waiter"))
+      .def("_drain", &AsyncBridge::drain);
 
   py::class_<BatcherTestHandler, infer::NativeHandler, std::shared_ptr<BatcherTestHandler>>(
       m, "_BatcherTestHandler", "Test-only native handler: doubles float32 input.")

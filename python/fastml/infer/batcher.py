@@ -57,42 +57,6 @@ def _timeout_arg(timeout_us: int | None, name: str = "timeout_us") -> int:
     return _check_int(timeout_us, name, 1)
 
 
-class _LoopBridge:
-    """Resolves the asyncio futures of one event loop from native completions.
-
-    Completions arrive on worker threads; they are collected in a list and the
-    loop is woken once per group (``call_soon_threadsafe``), not once per request,
-    so a batch of N requests costs one wake-up and no thread per request.
-    """
-
-    __slots__ = ("__weakref__", "_lock", "_pending", "loop")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self._pending: list[asyncio.Future[None]] = []
-        self._lock = threading.Lock()
-
-    def attach(self, fut: BatchFuture, waiter: asyncio.Future[None]) -> None:
-        def done(_: BatchFuture, waiter: asyncio.Future[None] = waiter) -> None:
-            with self._lock:
-                self._pending.append(waiter)
-                first = len(self._pending) == 1
-            if first:
-                try:
-                    self.loop.call_soon_threadsafe(self._drain)
-                except RuntimeError:  # the loop is closed: nobody is waiting any more
-                    pass
-
-        fut.add_done_callback(done)
-
-    def _drain(self) -> None:
-        with self._lock:
-            pending, self._pending = self._pending, []
-        for waiter in pending:
-            if not waiter.done():
-                waiter.set_result(None)
-
-
 class Batcher:
     """Groups requests into batches and runs ``fn`` once per batch.
 
@@ -149,10 +113,12 @@ class Batcher:
             name,
         )
         self._native = native is not None
-        self._bridges: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopBridge] = (
+        # One native bridge per event loop resolves that loop's waiters in groups.
+        self._bridges: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
             weakref.WeakKeyDictionary()
         )
-        self._last_bridge: _LoopBridge | None = None
+        self._last_loop: asyncio.AbstractEventLoop | None = None
+        self._last_bridge: Any = None
         _live_batchers.add(self)
 
     @property
@@ -233,12 +199,13 @@ class Batcher:
         )
         if not fut.done():
             loop = asyncio.get_running_loop()
-            bridge = self._last_bridge
-            if bridge is None or bridge.loop is not loop:
+            if loop is self._last_loop:
+                bridge = self._last_bridge
+            else:
                 bridge = self._bridges.get(loop)
                 if bridge is None:
-                    bridge = self._bridges[loop] = _LoopBridge(loop)
-                self._last_bridge = bridge
+                    bridge = self._bridges[loop] = _core._BatcherAsyncBridge(loop)
+                self._last_loop, self._last_bridge = loop, bridge
             waiter: asyncio.Future[None] = loop.create_future()
             bridge.attach(fut, waiter)
             try:
