@@ -288,6 +288,8 @@ def test_timeout_fails_queued_requests_without_running_them():
         kept = b.submit(np.array([3.0]))
         with pytest.raises(TimeoutError, match="timed out in batcher 'model'"):
             late.result(WAIT)
+        assert isinstance(late.exception(), TimeoutError)
+        assert not late.cancel() and not late.cancelled()
         gate.set()
         np.testing.assert_array_equal(kept.result(WAIT), [6.0])
         first.result(WAIT)
@@ -358,6 +360,7 @@ def test_close_drain_runs_queued_work_and_no_drain_fails_it():
     for f in futs:
         with pytest.raises(RuntimeError, match="closed with drain=False"):
             f.result(0)
+        assert "drain=False" in str(f.exception())
     b.close()  # idempotent
     s = b.stats()
     assert s["errors"] == 5 and s["closed"] and s["queued"] == 0
