@@ -599,3 +599,23 @@ def test_stats_and_prometheus_export():
     assert 'fastml_batcher_queue_wait_seconds{batcher="m1",quantile="0.99"}' in text
     with pytest.raises(TypeError, match=r"batcher must be a fastml\.infer\.Batcher"):
         infer.export_prometheus(object(), registry=registry)
+
+
+def test_batcher_dropped_from_its_own_callback_does_not_crash():
+    holder = {}
+    done = threading.Event()
+
+    def drop(_fut):
+        holder.clear()  # the last reference to the batcher goes away on its worker
+        done.set()
+
+    gate = threading.Event()
+    b = infer.Batcher(Recorder(gate=gate), max_delay_us=1)
+    holder["b"] = b
+    f = b.submit(np.ones(1))
+    f.add_done_callback(drop)  # registered before the batch can finish
+    del b
+    gate.set()
+    assert done.wait(WAIT)
+    np.testing.assert_array_equal(f.result(WAIT), [2.0])
+    gc.collect()

@@ -123,10 +123,13 @@ void BatchCore::start() {
   // until a batch is due (deadline-driven waits) and may then block on the
   // model for long; parking pool workers like that would starve the
   // parallel_for work of every other area.
-  for (int i = 0; i < config_.workers; ++i) threads_.emplace_back([this] { worker_loop(); });
+  // Each thread holds the core, so a close() that runs on a worker thread
+  // itself (the last reference dropped inside a callback) cannot free it early.
+  auto self = shared_from_this();
+  for (int i = 0; i < config_.workers; ++i) threads_.emplace_back([self] { self->worker_loop(); });
   // Deadlines must fire while every worker is busy inside the model, so one
   // more thread watches them (it sleeps unless a queued request has a deadline).
-  threads_.emplace_back([this] { timer_loop(); });
+  threads_.emplace_back([self] { self->timer_loop(); });
 }
 
 void BatchCore::timer_loop() {
@@ -469,7 +472,13 @@ void BatchCore::close(bool drain) {
     }
     abandoned.clear();
   }
-  for (auto& t : threads) t.join();
+  for (auto& t : threads) {
+    if (t.get_id() == std::this_thread::get_id()) {
+      t.detach();  // closing from inside a batch: this worker exits when it returns
+    } else {
+      t.join();
+    }
+  }
   std::lock_guard<std::mutex> lock(mu_);
   stats_.errors += errors;
   stats_.cancellations += cancellations;
