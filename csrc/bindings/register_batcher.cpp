@@ -876,6 +876,15 @@ void register_batcher(py::module_& m) {
            py::arg("max_queue"), py::arg("timeout_us"), py::arg("workers"), py::arg("name"))
       .def("submit", &PyBatcher::submit, py::arg("x"), py::arg("priority") = 0,
            py::arg("timeout_us") = -1, py::arg("block") = false, py::arg("block_timeout") = -1.0)
+      .def(
+          "call",
+          [](PyBatcher& b, py::handle x, int priority, int64_t timeout_us) -> py::object {
+            // predict()'s fast path: the result itself when the batch ran inline.
+            FuturePtr f = b.submit(x, priority, timeout_us, false, -1.0);
+            if (f->done()) return future_result(f, py::none());
+            return py::cast(f);
+          },
+          py::arg("x"), py::arg("priority") = 0, py::arg("timeout_us") = -1)
       .def("close", &PyBatcher::close, py::arg("drain") = true)
       .def("stats", &PyBatcher::stats)
       .def_property_readonly("closed", &PyBatcher::closed)

@@ -182,10 +182,10 @@ class Batcher:
         timeout: float | None = None,
     ) -> Any:
         """Submit ``x`` and wait for its result (``timeout`` in seconds, None: no limit)."""
-        fut = self._core.submit(
-            x, priority, -1 if timeout_us is None else _timeout_arg(timeout_us), False, -1.0
-        )
-        return fut.result(timeout)
+        out = self._core.call(x, priority, -1 if timeout_us is None else _timeout_arg(timeout_us))
+        if type(out) is BatchFuture:  # not done inline: wait for it
+            return out.result(timeout)
+        return out
 
     async def predict_async(
         self, x: Any, *, priority: int = 0, timeout_us: int | None = None
@@ -194,9 +194,9 @@ class Batcher:
 
         Cancelling the awaiting task cancels the request if it has not started.
         """
-        fut = self._core.submit(
-            x, priority, -1 if timeout_us is None else _timeout_arg(timeout_us), False, -1.0
-        )
+        fut = self._core.call(x, priority, -1 if timeout_us is None else _timeout_arg(timeout_us))
+        if type(fut) is not BatchFuture:  # ran inline: this is the result
+            return fut
         if not fut.done():
             loop = asyncio.get_running_loop()
             if loop is self._last_loop:
