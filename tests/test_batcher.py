@@ -619,3 +619,14 @@ def test_batcher_dropped_from_its_own_callback_does_not_crash():
     assert done.wait(WAIT)
     np.testing.assert_array_equal(f.result(WAIT), [2.0])
     gc.collect()
+
+
+def test_close_without_drain_from_a_python_thread():
+    # close(drain=False) releases the failed requests' inputs on the closing thread.
+    b = infer.Batcher(lambda x: x, max_batch_size=64, max_delay_us=60_000_000)
+    futs = [b.submit(np.ones(1)) for _ in range(3)]
+    t = threading.Thread(target=b.close, kwargs={"drain": False})
+    t.start()
+    t.join(WAIT)
+    assert not t.is_alive()
+    assert all(isinstance(f.exception(), RuntimeError) for f in futs)

@@ -63,7 +63,9 @@ struct KeptThreadState {
   }
   ~KeptThreadState() {
     if (!kept || !python_alive()) return;
-    PyEval_RestoreThread(PyGILState_GetThisThreadState());
+    PyThreadState* ts = PyGILState_GetThisThreadState();
+    if (ts == nullptr) return;
+    PyEval_RestoreThread(ts);
     PyGILState_Release(PyGILState_UNLOCKED);  // last reference: deletes it, frees the GIL
   }
 };
@@ -74,8 +76,12 @@ class GilIfNeeded {
  public:
   GilIfNeeded() {
     if (PyGILState_Check()) return;
-    thread_local KeptThreadState state;
-    state.keep();
+    if (PyGILState_GetThisThreadState() == nullptr) {
+      // Only threads Python knows nothing about (batcher workers): Python's own
+      // threads delete their thread state themselves when they end.
+      thread_local KeptThreadState state;
+      state.keep();
+    }
     gil_ = PyGILState_Ensure();
     active_ = true;
   }
