@@ -224,7 +224,8 @@ class Batcher:
         ``queued_rows``, ``in_flight``, ``closed``, ``batch_size_histogram``
         (``{upper bound in rows: batches}``, powers of two) and ``queue_wait_us`` /
         ``handler_us`` (``p50``, ``p90``, ``p99``, ``max`` over the last 4096
-        samples). ``requests == completed + errors + timeouts + cancellations +
+        samples; ``handler_us`` includes a Python handler's wait for the GIL).
+        ``requests == completed + errors + timeouts + cancellations +
         (still queued or running)``.
         """
         return dict(self._core.stats())
