@@ -630,3 +630,22 @@ def test_close_without_drain_from_a_python_thread():
     t.join(WAIT)
     assert not t.is_alive()
     assert all(isinstance(f.exception(), RuntimeError) for f in futs)
+
+
+def test_predict_paths_and_argument_checks():
+    with infer.Batcher(Recorder(fail_when=lambda x: bool((x < 0).any())), max_delay_us=0) as b:
+        assert b.predict(np.array([1.0]))[0] == 2.0  # inline
+        with pytest.raises(KeyError, match="on purpose"):
+            b.predict(np.array([-1.0]))
+        with pytest.raises(ValueError, match="block_timeout must be >= 0"):
+            b.submit(np.ones(1), block=True, block_timeout=-1)
+        with pytest.raises(ValueError, match="timeout_us must be >= 1"):
+            b.predict(np.ones(1), timeout_us=0)
+        assert "open" in repr(b) and b.name == "model"
+    assert "closed" in repr(b)
+    gate = threading.Event()
+    with infer.Batcher(Recorder(gate=gate), max_delay_us=1) as b:
+        with pytest.raises(TimeoutError, match="did not complete"):
+            b.predict(np.ones(1), timeout=0.01)  # a wait limit: the request stays queued
+        gate.set()
+        assert b.predict(np.ones(1), timeout=WAIT)[0] == 2.0

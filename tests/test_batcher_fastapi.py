@@ -63,8 +63,8 @@ def server():
         proc.wait(30)
 
 
-def test_fastapi_example_serves_concurrent_requests(server):
-    sys.path.insert(0, str(ROOT))
+def test_fastapi_example_serves_concurrent_requests(server, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
     from examples.fastapi_batcher import model
 
     rng = np.random.default_rng(0)
