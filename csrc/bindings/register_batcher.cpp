@@ -510,7 +510,7 @@ class PyBatcher {
       }
     }
     if (!python_alive()) return;
-    py::gil_scoped_acquire gil;  // one GIL round trip drops every input
+    GilIfNeeded gil;  // one GIL round trip drops every input
     inputs.clear();
   }
 
@@ -717,7 +717,7 @@ void future_add_done_callback(const FuturePtr& f, py::object fn) {
   auto cb = std::make_shared<PyRef>(std::move(fn));
   f->add_done_callback([cb](const FuturePtr& done) {
     if (!python_alive()) return;
-    py::gil_scoped_acquire gil;
+    GilIfNeeded gil;
     try {
       cb->obj(py::cast(done));
     } catch (py::error_already_set& e) {
