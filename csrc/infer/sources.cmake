@@ -1,3 +1,4 @@
 # Sources of the infer area (appended to FASTML_CORE_SOURCES).
 list(APPEND FASTML_CORE_SOURCES
+  "${CMAKE_CURRENT_LIST_DIR}/batcher.cpp"
 )

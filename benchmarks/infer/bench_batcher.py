@@ -1,0 +1,233 @@
+"""fastml.infer.Batcher: added latency, submit throughput and asyncio throughput.
+
+Run: ``python benchmarks/infer/bench_batcher.py [--quick] [--json PATH]``
+
+Measured with a no-op handler (it returns its input) and ``max_delay_us=0``:
+
+1. added latency: submit-to-result time minus the handler's own time, for
+   ``predict`` from one Python thread (p50 / p99 over many calls);
+2. submit throughput from one Python thread, next to the cost of creating and
+   resolving a plain ``concurrent.futures.Future`` (what a hand-rolled batcher pays);
+3. ``predict_async`` against the usual asyncio batching pattern (an asyncio
+   queue, a gather task and futures, as Ray Serve's ``@serve.batch`` does), both
+   driven by the same client code; the ceiling is that client code awaiting
+   futures that are already done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import json
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+
+from fastml import infer
+from fastml.bench.harness import compare, table
+
+
+def noop(x: Any) -> Any:
+    return x
+
+
+# ---------------------------------------------------------------- 1. added latency
+
+
+def added_latency(n: int) -> dict[str, float]:
+    handler_ns = [0]
+    perf = time.perf_counter_ns
+
+    def timed(x: Any) -> Any:
+        t0 = perf()
+        out = x
+        handler_ns[0] = perf() - t0
+        return out
+
+    x = np.ones((1, 4), np.float32)
+    samples = []
+    with infer.Batcher(timed, max_batch_size=64, max_delay_us=0) as b:
+        predict = b.predict
+        for _ in range(n // 10):  # warm-up
+            predict(x)
+        for _ in range(n):
+            t0 = perf()
+            predict(x)
+            t1 = perf()
+            samples.append((t1 - t0 - handler_ns[0]) / 1e3)
+    # The same for a direct call, to show what timing itself costs.
+    direct = []
+    for _ in range(n):
+        t0 = perf()
+        timed(x)
+        t1 = perf()
+        direct.append((t1 - t0 - handler_ns[0]) / 1e3)
+    q = statistics.quantiles(samples, n=100)
+    qd = statistics.quantiles(direct, n=100)
+    return {"p50_us": q[49], "p99_us": q[98], "direct_p50_us": qd[49], "direct_p99_us": qd[98]}
+
+
+# ---------------------------------------------------------------- 2. submit throughput
+
+
+def submit_throughput(n: int, repeat: int) -> dict[str, Any]:
+    x = np.ones((1, 4), np.float32)
+    b = infer.Batcher(noop, max_batch_size=64, max_delay_us=0)
+    submit = b.submit
+
+    def fastml_submit() -> None:
+        for _ in range(n):
+            submit(x)
+
+    def plain_future() -> None:
+        # What any Python batcher pays per request for a concurrent.futures.Future.
+        for _ in range(n):
+            f: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            f.set_result(x)
+            f.result()
+
+    t = compare(
+        {"fastml Batcher.submit": fastml_submit, "concurrent.futures.Future only": plain_future},
+        repeat=repeat,
+        work=n,
+        unit="req",
+    )
+    b.close()
+    return t
+
+
+# ---------------------------------------------------------------- 3. asyncio
+
+
+class AsyncQueueBatcher:
+    """The usual asyncio batching pattern (the baseline): an asyncio.Queue of
+    (input, future) pairs and one task that gathers what is queued into a batch,
+    runs the handler and resolves the futures (like ``@serve.batch``)."""
+
+    def __init__(self, fn: Callable[[Any], Any], max_batch_size: int = 64) -> None:
+        self.fn = fn
+        self.max_batch_size = max_batch_size
+        self.queue: asyncio.Queue[tuple[Any, asyncio.Future[Any]]] = asyncio.Queue()
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def predict(self, x: Any) -> Any:
+        fut = asyncio.get_running_loop().create_future()
+        self.queue.put_nowait((x, fut))
+        return await fut
+
+    async def _run(self) -> None:
+        while True:
+            items = [await self.queue.get()]
+            while len(items) < self.max_batch_size and not self.queue.empty():
+                items.append(self.queue.get_nowait())
+            xs = [x for x, _ in items]
+            batch = xs[0] if len(xs) == 1 else np.concatenate(xs)
+            out = self.fn(batch)
+            start = 0
+            for x, fut in items:
+                if not fut.done():
+                    fut.set_result(out[start : start + len(x)])
+                start += len(x)
+
+    def close(self) -> None:
+        self.task.cancel()
+
+
+async def client(predict: Callable[[Any], Awaitable[Any]], tasks: int, per_task: int) -> None:
+    """The same client for every candidate: `tasks` coroutines, each awaiting
+    `per_task` predictions one after another."""
+    x = np.ones((1, 4), np.float32)
+
+    async def one() -> None:
+        for _ in range(per_task):
+            await predict(x)
+
+    await asyncio.gather(*(one() for _ in range(tasks)))
+
+
+def asyncio_throughput(tasks: int, per_task: int, repeat: int) -> dict[str, Any]:
+    loop = asyncio.new_event_loop()
+
+    async def make_pattern() -> AsyncQueueBatcher:
+        return AsyncQueueBatcher(noop)
+
+    pattern = loop.run_until_complete(make_pattern())
+    fastml_b = infer.Batcher(noop, max_batch_size=64, max_delay_us=0)
+    fastml_delay = infer.Batcher(noop, max_batch_size=64, max_delay_us=50)
+
+    async def done_future(x: Any) -> Any:
+        fut = loop.create_future()
+        fut.set_result(x)
+        return await fut
+
+    candidates = {
+        "ceiling: await done futures": lambda: loop.run_until_complete(
+            client(done_future, tasks, per_task)
+        ),
+        "fastml predict_async (delay 0)": lambda: loop.run_until_complete(
+            client(fastml_b.predict_async, tasks, per_task)
+        ),
+        "fastml predict_async (delay 50us)": lambda: loop.run_until_complete(
+            client(fastml_delay.predict_async, tasks, per_task)
+        ),
+        "asyncio queue + gather task": lambda: loop.run_until_complete(
+            client(pattern.predict, tasks, per_task)
+        ),
+    }
+    t = compare(candidates, repeat=repeat, work=tasks * per_task, unit="req")
+    pattern.close()
+    loop.run_until_complete(asyncio.sleep(0))
+    loop.close()
+    fastml_b.close()
+    fastml_delay.close()
+    return t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
+    ap.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    args = ap.parse_args()
+    n = 20_000 if args.quick else 200_000
+    repeat = 3 if args.quick else 7
+
+    lat = added_latency(n)
+    print("added latency, predict() from one thread, no-op handler, max_delay_us=0")
+    print(
+        f"  p50 {lat['p50_us']:.2f} us   p99 {lat['p99_us']:.2f} us   "
+        f"(timing a direct call: p50 {lat['direct_p50_us']:.2f} us, p99 {lat['direct_p99_us']:.2f} us)"
+    )
+    print()
+    sub = submit_throughput(n // 2, repeat)
+    print(table(sub, baseline="concurrent.futures.Future only", title="submit from one thread"))
+    print()
+    tasks, per_task = (64, 20) if args.quick else (256, 40)
+    aio = asyncio_throughput(tasks, per_task, repeat)
+    print(
+        table(
+            aio,
+            baseline="asyncio queue + gather task",
+            title=f"asyncio: {tasks} client tasks x {per_task} awaits",
+        )
+    )
+    ceiling = aio["ceiling: await done futures"].median
+    share = ceiling / aio["fastml predict_async (delay 0)"].median
+    base_share = ceiling / aio["asyncio queue + gather task"].median
+    print(f"fastml predict_async reaches {share:.0%} of the ceiling; the pattern {base_share:.0%}")
+    if args.json:
+        out = {
+            "added_latency_us": lat,
+            "submit": {k: v.to_dict() for k, v in sub.items()},
+            "asyncio": {k: v.to_dict() for k, v in aio.items()},
+            "asyncio_share_of_ceiling": share,
+        }
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+// fastml.infer.Batcher's native core: request futures, the priority queue and
+// the scheduler that groups queued requests into batches.
+//
+// The core knows nothing about Python. A request's input and its result are
+// opaque (std::shared_ptr<void> owned by the bindings); the core decides when
+// and with which requests a batch runs, and calls a Runner that executes it
+// and ends every request of the batch.
+//
+// Locking rule: no callback, runner or payload destructor ever runs while the
+// core's mutex or a future's mutex is held, so the bindings may take the GIL
+// inside any of them without a lock-order deadlock.
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace fastml::infer {
+
+using Clock = std::chrono::steady_clock;
+
+enum class FutureState : uint8_t { Pending, Running, Finished, Failed, Cancelled };
+
+class BatchCore;
+
+// The outcome of one request; ends exactly once (result, error or cancellation).
+class RequestFuture : public std::enable_shared_from_this<RequestFuture> {
+ public:
+  using Callback = std::function<void(const std::shared_ptr<RequestFuture>&)>;
+
+  RequestFuture() = default;
+  RequestFuture(const RequestFuture&) = delete;
+  RequestFuture& operator=(const RequestFuture&) = delete;
+
+  FutureState state() const { return state_.load(std::memory_order_acquire); }
+  bool done() const {
+    const FutureState s = state();
+    return s == FutureState::Finished || s == FutureState::Failed || s == FutureState::Cancelled;
+  }
+  bool running() const { return state() == FutureState::Running; }
+  bool cancelled() const { return state() == FutureState::Cancelled; }
+
+  // Pending -> Cancelled (also takes it out of its batcher's queue). False
+  // once it runs or has ended; true if it was already cancelled.
+  bool cancel();
+  // Pending -> Running, by the runner just before the handler sees the
+  // request. False when it was cancelled or ended meanwhile: skip it.
+  bool set_running();
+  // End with a value (opaque to the core; `kind` tells the bindings what it
+  // is) or an error. False (and no effect) if it had already ended.
+  bool set_result(std::shared_ptr<void> value, int kind);
+  bool set_exception(std::exception_ptr error);
+
+  // Blocks until done or until `timeout_s` passes (< 0: no limit). True when done.
+  bool wait(double timeout_s) const;
+  // Runs `cb` once the future ends: now, on this thread, if it already has;
+  // otherwise on the thread that ends it.
+  void add_done_callback(Callback cb);
+
+  // Valid once done (read after done() returned true).
+  const std::shared_ptr<void>& value() const { return value_; }
+  int value_kind() const { return value_kind_; }
+  std::exception_ptr error() const { return error_; }
+
+  // The request, as the bindings described it (set before it is queued).
+  std::shared_ptr<void> input;  // released as soon as the request ends
+  int input_kind = 0;
+  int64_t rows = 0;
+  uint64_t signature = 0;  // requests batch together only when equal
+
+ private:
+  friend class BatchCore;
+  bool finish(FutureState to, std::shared_ptr<void> value, int kind, std::exception_ptr error);
+
+  mutable std::mutex mu_;
+  mutable std::condition_variable cv_;
+  std::atomic<FutureState> state_{FutureState::Pending};
+  std::shared_ptr<void> value_;
+  int value_kind_ = 0;
+  std::exception_ptr error_;
+  std::vector<Callback> callbacks_;
+  mutable bool has_waiters_ = false;
+
+  // Queue bookkeeping, guarded by the owning core's mutex.
+  std::weak_ptr<BatchCore> owner_;
+  bool queued_ = false;
+  int priority_ = 0;
+  uint64_t seq_ = 0;
+  Clock::time_point enqueued_{};
+  Clock::time_point deadline_ = Clock::time_point::max();
+};
+
+using FuturePtr = std::shared_ptr<RequestFuture>;
+
+struct BatcherConfig {
+  int64_t max_batch_size = 64;  // rows
+  int64_t max_delay_us = 500;
+  int64_t max_queue = 10000;  // requests waiting (not yet in a batch)
+  int64_t timeout_us = -1;    // default per-request deadline; < 0: none
+  int workers = 1;
+  std::string name = "model";
+};
+
+struct BatcherStats {
+  uint64_t requests = 0;       // accepted by submit
+  uint64_t completed = 0;      // ended with a result
+  uint64_t errors = 0;         // ended with an error (handler, wrong rows, closed)
+  uint64_t timeouts = 0;       // ended with TimeoutError before running
+  uint64_t cancellations = 0;  // cancelled before running
+  uint64_t rejections = 0;     // refused with QueueFull
+  uint64_t batches = 0;
+  uint64_t failed_batches = 0;
+  uint64_t rows = 0;
+  uint64_t inline_batches = 0;  // ran on the submitting thread
+  int64_t queued = 0;           // requests waiting now
+  int64_t queued_rows = 0;
+  int64_t in_flight = 0;  // batches running now
+  // Batch sizes in rows: bucket i counts batches with 2^(i-1) < rows <= 2^i.
+  std::array<uint64_t, 32> batch_size_buckets{};
+  // Recent samples (up to kSamples each) for percentiles, in microseconds.
+  std::vector<double> queue_wait_us;
+  std::vector<double> handler_us;
+  bool closed = false;
+};
+
+class BatchCore : public std::enable_shared_from_this<BatchCore> {
+ public:
+  // Runs one batch: must call set_running() on each request before handing it
+  // to the model (skipping those where it returns false) and end each one.
+  // If it throws, every request it left unfinished fails with that error.
+  using Runner = std::function<void(std::vector<FuturePtr>& batch)>;
+  static constexpr size_t kSamples = 4096;
+
+  // Validates `config` (std::invalid_argument naming the bad field).
+  BatchCore(BatcherConfig config, Runner runner);
+  ~BatchCore();
+  BatchCore(const BatchCore&) = delete;
+  BatchCore& operator=(const BatchCore&) = delete;
+
+  // Starts the worker threads (call once, after the core is owned by a shared_ptr).
+  void start();
+
+  // Queues `f` (its rows, signature and input set). Returns true when the
+  // caller must run it at once with run_inline() instead: nothing is queued,
+  // a worker slot is free, and waiting could not form a larger batch.
+  // `timeout_us` < 0 uses the batcher's default; 0 means none.
+  // A full queue throws fastml::QueueFull, or with `block_s` >= 0 waits up to
+  // that many seconds (infinity allowed) for room first. After close(),
+  // throws std::runtime_error.
+  bool enqueue(const FuturePtr& f, int priority, int64_t timeout_us, double block_s,
+               bool allow_inline);
+  void run_inline(const FuturePtr& f);
+
+  // Stops accepting requests. drain: queued requests still run; otherwise
+  // they fail with std::runtime_error. Waits for the workers to finish.
+  void close(bool drain);
+  bool closed() const;
+  BatcherStats stats() const;
+  const BatcherConfig& config() const { return config_; }
+
+ private:
+  friend class RequestFuture;
+  struct ByDeadline {
+    bool operator()(const FuturePtr& a, const FuturePtr& b) const;
+  };
+  struct ByAge {
+    bool operator()(const FuturePtr& a, const FuturePtr& b) const;
+  };
+
+  void worker_loop();
+  void timer_loop();
+  void wait_until(std::unique_lock<std::mutex>& lock, Clock::time_point t);
+  void run_batch(std::vector<FuturePtr>& batch, bool is_inline);
+  void remove_cancelled(RequestFuture* f);
+  // Under mu_: unlinks f from the queue.
+  void unlink(const FuturePtr& f);
+  // Under mu_: moves requests past their deadline into `expired`.
+  void collect_expired(Clock::time_point now, std::vector<FuturePtr>& expired);
+  // Under mu_: takes the next batch out of the queue.
+  void form_batch(std::vector<FuturePtr>& batch);
+  Clock::time_point earliest_deadline() const;
+  void record_queue_wait(double us);  // under mu_
+  void fail_expired(std::vector<FuturePtr>& expired);
+
+  const BatcherConfig config_;
+  const Runner runner_;
+
+  mutable std::mutex mu_;
+  std::condition_variable work_cv_;   // workers: queue changed or a slot freed
+  std::condition_variable space_cv_;  // blocked submitters: room in the queue
+  std::condition_variable timer_cv_;  // the deadline watcher: a new deadline or close
+  // Priority level (highest first) -> requests by (deadline, arrival).
+  std::map<int, std::set<FuturePtr, ByDeadline>, std::greater<int>> levels_;
+  std::set<FuturePtr, ByAge> by_age_;  // every queued request, oldest first
+  int64_t queued_ = 0;
+  int64_t queued_rows_ = 0;
+  int64_t in_flight_ = 0;
+  uint64_t next_seq_ = 0;
+  bool closing_ = false;
+  bool drain_ = true;
+  std::vector<std::thread> threads_;
+  std::mutex close_mu_;  // serialises close()
+
+  BatcherStats stats_;
+  size_t wait_pos_ = 0, handler_pos_ = 0;
+};
+
+}  // namespace fastml::infer
