@@ -22,12 +22,12 @@ import concurrent.futures
 import json
 import statistics
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
 
 from fastml import infer
+from fastml.bench.baselines import AsyncQueueBatcher, drive_clients
 from fastml.bench.harness import compare, table
 
 
@@ -103,52 +103,6 @@ def submit_throughput(n: int, repeat: int) -> dict[str, Any]:
 # ---------------------------------------------------------------- 3. asyncio
 
 
-class AsyncQueueBatcher:
-    """The usual asyncio batching pattern (the baseline): an asyncio.Queue of
-    (input, future) pairs and one task that gathers what is queued into a batch,
-    runs the handler and resolves the futures (like ``@serve.batch``)."""
-
-    def __init__(self, fn: Callable[[Any], Any], max_batch_size: int = 64) -> None:
-        self.fn = fn
-        self.max_batch_size = max_batch_size
-        self.queue: asyncio.Queue[tuple[Any, asyncio.Future[Any]]] = asyncio.Queue()
-        self.task = asyncio.get_running_loop().create_task(self._run())
-
-    async def predict(self, x: Any) -> Any:
-        fut = asyncio.get_running_loop().create_future()
-        self.queue.put_nowait((x, fut))
-        return await fut
-
-    async def _run(self) -> None:
-        while True:
-            items = [await self.queue.get()]
-            while len(items) < self.max_batch_size and not self.queue.empty():
-                items.append(self.queue.get_nowait())
-            xs = [x for x, _ in items]
-            batch = xs[0] if len(xs) == 1 else np.concatenate(xs)
-            out = self.fn(batch)
-            start = 0
-            for x, fut in items:
-                if not fut.done():
-                    fut.set_result(out[start : start + len(x)])
-                start += len(x)
-
-    def close(self) -> None:
-        self.task.cancel()
-
-
-async def client(predict: Callable[[Any], Awaitable[Any]], tasks: int, per_task: int) -> None:
-    """The same client for every candidate: `tasks` coroutines, each awaiting
-    `per_task` predictions one after another."""
-    x = np.ones((1, 4), np.float32)
-
-    async def one() -> None:
-        for _ in range(per_task):
-            await predict(x)
-
-    await asyncio.gather(*(one() for _ in range(tasks)))
-
-
 def asyncio_throughput(tasks: int, per_task: int, repeat: int) -> dict[str, Any]:
     loop = asyncio.new_event_loop()
 
@@ -166,16 +120,16 @@ def asyncio_throughput(tasks: int, per_task: int, repeat: int) -> dict[str, Any]
 
     candidates = {
         "ceiling: await done futures": lambda: loop.run_until_complete(
-            client(done_future, tasks, per_task)
+            drive_clients(done_future, tasks, per_task)
         ),
         "fastml predict_async (delay 0)": lambda: loop.run_until_complete(
-            client(fastml_b.predict_async, tasks, per_task)
+            drive_clients(fastml_b.predict_async, tasks, per_task)
         ),
         "fastml predict_async (delay 50us)": lambda: loop.run_until_complete(
-            client(fastml_delay.predict_async, tasks, per_task)
+            drive_clients(fastml_delay.predict_async, tasks, per_task)
         ),
         "asyncio queue + gather task": lambda: loop.run_until_complete(
-            client(pattern.predict, tasks, per_task)
+            drive_clients(pattern.predict, tasks, per_task)
         ),
     }
     t = compare(candidates, repeat=repeat, work=tasks * per_task, unit="req")
