@@ -7,7 +7,7 @@ holding more than one chunk of logits.
 
 Per row (``C`` classes, smoothing ``e``, target ``t``)::
 
-    loss = lse - (1 - e) * x[t] - e / C * sum(x)
+    loss = (1 - e) * (lse - x[t]) + e * (lse - sum(x) / C)
     dx   = g * (softmax(x) - e / C - (1 - e) * onehot(t))
 
 and 0 for rows whose target is ``ignore_index``; ``reduction="mean"`` divides
@@ -73,7 +73,8 @@ def _cross_entropy_kernel(
     if WRITE_LOSS:
         # Read x[t] before the gradient pass may overwrite it (DX may alias X).
         x_t = tl.load(x_ptr + t).to(tl.float32)
-        loss = lse - (1.0 - smoothing) * x_t - smoothing / C * sum_x
+        # Two non-negative terms: no cancellation (with one class the loss is exactly 0).
+        loss = (1.0 - smoothing) * (lse - x_t) + smoothing * (lse - sum_x / C)
         tl.store(LOSS + row, loss)
         tl.store(LSE + row, lse)
     if WRITE_GRAD:
@@ -210,9 +211,9 @@ def _cross_entropy_forward_torch(
     valid = target != ignore_index
     lse = torch.logsumexp(xf, -1)
     x_t = xf.gather(-1, torch.where(valid, target, 0).unsqueeze(-1)).squeeze(-1)
-    loss = lse - (1.0 - smoothing) * x_t
+    loss = (1.0 - smoothing) * (lse - x_t)
     if smoothing:
-        loss = loss - smoothing / c * xf.sum(-1)
+        loss = loss + smoothing * (lse - xf.sum(-1) / c)
     zero = torch.zeros((), dtype=loss.dtype, device=loss.device)
     loss = torch.where(valid, loss, zero)
     lse = torch.where(valid, lse, zero)
