@@ -90,11 +90,11 @@ class LayerNorm(nn.Module):
         kw = {"device": device, "dtype": dtype}
         if elementwise_affine:
             self.weight = nn.Parameter(torch.ones(self.normalized_shape, **kw))
-            self.bias = nn.Parameter(torch.zeros(self.normalized_shape, **kw)) if bias else None
         else:
             self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        if self.bias is None:
+        if elementwise_affine and bias:
+            self.bias = nn.Parameter(torch.zeros(self.normalized_shape, **kw))
+        else:
             self.register_parameter("bias", None)
 
     def reset_parameters(self) -> None:
