@@ -331,7 +331,9 @@ def test_torch_compile_fullgraph_cpu():
         y, s = ops.add_rms_norm(x, r, norm.weight)
         h = ln(mlp(y) + s)
         loss = ops.linear_cross_entropy(h, head, t) + ops.cross_entropy(h[:, :11], t)
-        return loss + ops.softmax(h).sum() * 0 + ops.geglu(h, h).mean()
+        col_major = h.t().contiguous().t()  # same values, transposed layout
+        extra = ops.rms_norm(col_major, None).square().mean() + ops.softmax(h, 0)[0].sum()
+        return loss + extra + ops.geglu(h, h).mean()
 
     x, r = torch.randn(6, 16, requires_grad=True), torch.randn(6, 16)
     t = torch.tensor([1, 2, -100, 4, 5, 10])

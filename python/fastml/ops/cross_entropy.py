@@ -236,7 +236,7 @@ def _cross_entropy_backward_torch(
     onehot = torch.zeros_like(grad).scatter_(-1, torch.where(valid, target, 0).unsqueeze(-1), 1.0)
     grad = grad - (1.0 - smoothing) * onehot
     scale = dloss.to(a).expand(target.shape) * valid
-    return (grad * scale.unsqueeze(-1)).to(logits.dtype)
+    return (grad * scale.unsqueeze(-1)).to(logits.dtype).contiguous()
 
 
 def _cross_entropy_ref(

@@ -274,7 +274,7 @@ def _layer_norm_forward_torch(
         y = y * weight.to(acc)
     if bias is not None:
         y = y + bias.to(acc)
-    return y.to(x.dtype), mean.to(torch.float32), rstd.to(torch.float32)
+    return y.to(x.dtype).contiguous(), mean.to(torch.float32), rstd.to(torch.float32)
 
 
 def _layer_norm_backward_torch(
@@ -297,7 +297,7 @@ def _layer_norm_backward_torch(
     else:
         dw = x.new_empty(0)
     db = dyf.reshape(-1, n).sum(0).to(bias_dtype) if has_bias else x.new_empty(0)
-    return dx.to(x.dtype), dw, db
+    return dx.to(x.dtype).contiguous(), dw, db
 
 
 def _layer_norm_ref(
@@ -324,7 +324,11 @@ def _layer_norm_fwd_op(
 @_layer_norm_fwd_op.register_fake
 def _(x, weight, bias, eps):
     stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
-    return torch.empty_like(x), stats, torch.empty_like(stats)
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        stats,
+        torch.empty_like(stats),
+    )
 
 
 @torch.library.custom_op("fastml::layer_norm_bwd", mutates_args=())
@@ -347,7 +351,7 @@ def _(dy, x, weight, has_bias, mean, rstd, bias_dtype):
     n = x.shape[-1]
     dw = torch.empty_like(weight) if weight is not None else x.new_empty(0)
     db = x.new_empty(n, dtype=bias_dtype) if has_bias else x.new_empty(0)
-    return torch.empty_like(x), dw, db
+    return torch.empty_like(x, memory_format=torch.contiguous_format), dw, db
 
 
 def _ln_setup_context(ctx, inputs, output):

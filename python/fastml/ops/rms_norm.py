@@ -270,7 +270,7 @@ def _rms_norm_forward_torch(
     y = xf * rstd.unsqueeze(-1)
     if weight is not None:
         y = y * weight.to(acc)
-    return y.to(x.dtype), rstd.to(torch.float32), s_out
+    return y.to(x.dtype).contiguous(), rstd.to(torch.float32), s_out.contiguous()
 
 
 def _rms_norm_backward_torch(
@@ -287,7 +287,7 @@ def _rms_norm_backward_torch(
         dw = (dyf * xhat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
     else:
         dw = x.new_empty(0)
-    return dx.to(x.dtype), dw
+    return dx.to(x.dtype).contiguous(), dw
 
 
 def _rms_norm_ref(x: Tensor, weight: Tensor | None, eps: float = 1e-6) -> Tensor:
@@ -317,8 +317,16 @@ def _rms_norm_fwd_op(
 
 @_rms_norm_fwd_op.register_fake
 def _(x, weight, residual, eps):
-    s = torch.empty_like(x) if residual is not None else x.new_empty(0)
-    return torch.empty_like(x), x.new_empty(x.shape[:-1], dtype=torch.float32), s
+    s = (
+        torch.empty_like(x, memory_format=torch.contiguous_format)
+        if residual is not None
+        else x.new_empty(0)
+    )
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        x.new_empty(x.shape[:-1], dtype=torch.float32),
+        s,
+    )
 
 
 @torch.library.custom_op("fastml::rms_norm_bwd", mutates_args=())
@@ -332,7 +340,9 @@ def _rms_norm_bwd_op(
 
 @_rms_norm_bwd_op.register_fake
 def _(dy, x, weight, rstd, dres):
-    return torch.empty_like(x), (torch.empty_like(weight) if weight is not None else x.new_empty(0))
+    return torch.empty_like(x, memory_format=torch.contiguous_format), (
+        torch.empty_like(weight) if weight is not None else x.new_empty(0)
+    )
 
 
 def _rms_setup_context(ctx, inputs, output):

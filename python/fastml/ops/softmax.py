@@ -157,7 +157,7 @@ def _acc(x: Tensor) -> torch.dtype:
 def _softmax_forward_torch(x: Tensor, log: bool) -> Tensor:
     xf = x.to(_acc(x))
     y = torch.log_softmax(xf, -1) if log else torch.softmax(xf, -1)
-    return y.to(x.dtype)
+    return y.to(x.dtype).contiguous()
 
 
 def _softmax_backward_torch(dy: Tensor, y: Tensor, log: bool) -> Tensor:
@@ -167,7 +167,7 @@ def _softmax_backward_torch(dy: Tensor, y: Tensor, log: bool) -> Tensor:
         dx = dyf - yf.exp() * dyf.sum(-1, keepdim=True)
     else:
         dx = yf * (dyf - (dyf * yf).sum(-1, keepdim=True))
-    return dx.to(y.dtype)
+    return dx.to(y.dtype).contiguous()
 
 
 def _softmax_ref(x: Tensor, dim: int = -1) -> Tensor:
@@ -190,7 +190,7 @@ def _softmax_fwd_op(x: Tensor, log: bool) -> Tensor:
 
 @_softmax_fwd_op.register_fake
 def _(x, log):
-    return torch.empty_like(x)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("fastml::softmax_bwd", mutates_args=())
@@ -202,7 +202,7 @@ def _softmax_bwd_op(dy: Tensor, y: Tensor, log: bool) -> Tensor:
 
 @_softmax_bwd_op.register_fake
 def _(dy, y, log):
-    return torch.empty_like(y)
+    return torch.empty_like(y, memory_format=torch.contiguous_format)
 
 
 def _sm_setup_context(ctx, inputs, output):

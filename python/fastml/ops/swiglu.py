@@ -107,14 +107,16 @@ def _act_and_grad_torch(g: Tensor, kind: str) -> tuple[Tensor, Tensor]:
 def _glu_forward_torch(gate: Tensor, up: Tensor, kind: str) -> Tensor:
     a = _acc(gate)
     act, _ = _act_and_grad_torch(gate.to(a), kind)
-    return (act * up.to(a)).to(gate.dtype)
+    return (act * up.to(a)).to(gate.dtype).contiguous()
 
 
 def _glu_backward_torch(dy: Tensor, gate: Tensor, up: Tensor, kind: str) -> tuple[Tensor, Tensor]:
     a = _acc(gate)
     act, dact = _act_and_grad_torch(gate.to(a), kind)
     dyf = dy.to(a)
-    return (dyf * up.to(a) * dact).to(gate.dtype), (dyf * act).to(up.dtype)
+    return (dyf * up.to(a) * dact).to(gate.dtype).contiguous(), (dyf * act).to(
+        up.dtype
+    ).contiguous()
 
 
 def _swiglu_ref(gate: Tensor, up: Tensor) -> Tensor:
