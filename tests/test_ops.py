@@ -19,7 +19,7 @@ from fastml import ops
 from fastml.ops import _dispatch
 from fastml.ops.cross_entropy import _cross_entropy_ref
 from fastml.ops.layer_norm import _layer_norm_ref
-from fastml.ops.rms_norm import _add_rms_norm_ref, _rms_norm_ref
+from fastml.ops.rms_norm import _rms_norm_ref
 from fastml.ops.softmax import _log_softmax_ref, _softmax_ref
 from tests._ops_util import assert_rule, leaf
 
@@ -84,6 +84,21 @@ def check_op(fast, same, ref, inputs, dtype, what, grad_mask=None, seed=0, norm=
         assert_rule(go, gsm, gr, f"{what} grad of input {k}", norm)
 
 
+def add_rms_ref(dtype):
+    """float64 add_rms_norm with its documented semantics: ``s`` is rounded to ``dtype``.
+
+    The rounding is applied straight-through (its gradient is the identity), as
+    the op's gradient treats the stored sum.
+    """
+
+    def ref(x, r, w, eps=1e-6):
+        s = x + r
+        s = s + (s.to(dtype).double() - s).detach()
+        return _rms_norm_ref(s, w, eps), s
+
+    return ref
+
+
 # ---------------------------------------------------------------- norms
 
 
@@ -128,7 +143,7 @@ def test_add_rms_norm(triton_backend, block_mode, dtype, shape):
     check_op(
         lambda a, b, c: ops.add_rms_norm(a, b, c, 1e-6),
         same,
-        lambda a, b, c: _add_rms_norm_ref(a, b, c, 1e-6),
+        add_rms_ref(dtype),
         [x, r, w],
         dtype,
         "add_rms_norm",
@@ -449,7 +464,7 @@ def test_norms_hypothesis(shape, dtype, seed):
         check_op(
             ops.add_rms_norm,
             lambda a, q, c: (F.rms_norm(a + q, (n,), c, 1e-6), a + q),
-            _add_rms_norm_ref,
+            add_rms_ref(dtype),
             [x, r, w],
             dtype,
             "add_rms_norm",
@@ -497,3 +512,59 @@ def test_softmax_ce_glu_hypothesis(shape, dtype, seed):
         )
     finally:
         _dispatch.set_backend("auto")
+
+
+# ---------------------------------------------------------------- the CPU fallbacks
+
+
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.bfloat16], ids=str)
+def test_torch_backend_rule(dtype):
+    # Default backend on CPU tensors: the torch implementations, same rule.
+    torch.manual_seed(9)
+    x, r, w, b = torch.randn(5, 123) + 1, torch.randn(5, 123), torch.randn(123), torch.randn(123)
+    t = torch.randint(0, 123, (5,))
+    t[2] = -100
+    check_op(
+        ops.rms_norm,
+        lambda a, c: F.rms_norm(a, (123,), c, 1e-6),
+        _rms_norm_ref,
+        [x, w],
+        dtype,
+        "rms_norm",
+    )
+    check_op(
+        ops.layer_norm,
+        lambda a, c, d: F.layer_norm(a, (123,), c, d),
+        _layer_norm_ref,
+        [x, w, b],
+        dtype,
+        "ln",
+    )
+    check_op(
+        ops.add_rms_norm,
+        lambda a, q, c: (F.rms_norm(a + q, (123,), c, 1e-6), a + q),
+        add_rms_ref(dtype),
+        [x, r, w],
+        dtype,
+        "add_rms_norm",
+    )
+    check_op(
+        ops.log_softmax,
+        lambda a: torch.log_softmax(a, -1),
+        _log_softmax_ref,
+        [x],
+        dtype,
+        "log_softmax",
+    )
+    check_op(
+        lambda a, q: ops.cross_entropy(a, q, label_smoothing=0.1),
+        lambda a, q: F.cross_entropy(a, q, label_smoothing=0.1),
+        lambda a, q: F.cross_entropy(a, q, label_smoothing=0.1),
+        [x, t],
+        dtype,
+        "cross_entropy",
+        grad_mask=[True, False],
+    )
+    check_op(
+        ops.geglu, lambda a, c: F.gelu(a) * c, lambda a, c: F.gelu(a) * c, [x, r], dtype, "geglu"
+    )

@@ -264,17 +264,19 @@ def _opmath(t: Tensor) -> torch.dtype:
 def _layer_norm_forward_torch(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
+    # torch's fused kernel on fp32 (fp64) copies: the same fp32 statistics as the
+    # Triton kernel (on half inputs it would return half mean/rstd).
     acc = _opmath(x)
-    xf = x.to(acc)
-    mean = xf.mean(-1)
-    d = xf - mean.unsqueeze(-1)
-    rstd = torch.rsqrt(d.square().mean(-1) + eps)
-    y = d * rstd.unsqueeze(-1)
-    if weight is not None:
-        y = y * weight.to(acc)
-    if bias is not None:
-        y = y + bias.to(acc)
-    return y.to(x.dtype).contiguous(), mean.to(torch.float32), rstd.to(torch.float32)
+    n = x.shape[-1]
+    wf = weight.to(acc) if weight is not None else None
+    bf = bias.to(acc) if bias is not None else None
+    y, mean, rstd = torch.native_layer_norm(x.to(acc), (n,), wf, bf, eps)
+    lead = x.shape[:-1]
+    return (
+        y.to(x.dtype).contiguous(),
+        mean.reshape(lead).to(torch.float32),
+        rstd.reshape(lead).to(torch.float32),
+    )
 
 
 def _layer_norm_backward_torch(
@@ -288,15 +290,20 @@ def _layer_norm_backward_torch(
 ) -> tuple[Tensor, Tensor, Tensor]:
     acc = _opmath(x)
     n = x.shape[-1]
-    dyf, r = dy.to(acc), rstd.to(acc).unsqueeze(-1)
-    xhat = (x.to(acc) - mean.to(acc).unsqueeze(-1)) * r
-    wdy = dyf * weight.to(acc) if weight is not None else dyf
-    dx = (wdy - (xhat * (wdy * xhat).mean(-1, keepdim=True) + wdy.mean(-1, keepdim=True))) * r
-    if weight is not None:
-        dw = (dyf * xhat).reshape(-1, n).sum(0).to(weight.dtype)
-    else:
-        dw = x.new_empty(0)
-    db = dyf.reshape(-1, n).sum(0).to(bias_dtype) if has_bias else x.new_empty(0)
+    stats_shape = (*x.shape[:-1], 1)
+    wf = weight.to(acc) if weight is not None else None
+    dx, dw, db = torch.ops.aten.native_layer_norm_backward(
+        dy.to(acc),
+        x.to(acc),
+        [n],
+        mean.to(acc).reshape(stats_shape),
+        rstd.to(acc).reshape(stats_shape),
+        wf,
+        torch.zeros(n, dtype=acc, device=x.device) if has_bias else None,
+        [True, weight is not None, has_bias],
+    )
+    dw = dw.to(weight.dtype) if weight is not None else x.new_empty(0)
+    db = db.to(bias_dtype) if has_bias else x.new_empty(0)
     return dx.to(x.dtype).contiguous(), dw, db
 
 
