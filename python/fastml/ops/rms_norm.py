@@ -13,6 +13,8 @@ from fastml.ops._dispatch import (
     as_rows,
     check_float,
     check_same_device,
+    compiling,
+    eager_function,
     num_warps,
     persistent_programs,
     row_block,
@@ -306,13 +308,23 @@ def _add_rms_norm_ref(
 # -- custom ops: opaque to torch.compile, with fake implementations and autograd --
 
 
+def _rms_fwd_impl(x, weight, residual, eps):
+    if use_triton(x):
+        return rms_norm_forward(x, weight, eps, residual)
+    return _rms_norm_forward_torch(x, weight, eps, residual)
+
+
+def _rms_bwd_impl(dy, x, weight, rstd, dres):
+    if use_triton(x):
+        return rms_norm_backward(dy, x, weight, rstd, dres)
+    return _rms_norm_backward_torch(dy, x, weight, rstd, dres)
+
+
 @torch.library.custom_op("fastml::rms_norm_fwd", mutates_args=())
 def _rms_norm_fwd_op(
     x: Tensor, weight: Tensor | None, residual: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    if use_triton(x):
-        return rms_norm_forward(x, weight, eps, residual)
-    return _rms_norm_forward_torch(x, weight, eps, residual)
+    return _rms_fwd_impl(x, weight, residual, eps)
 
 
 @_rms_norm_fwd_op.register_fake
@@ -333,9 +345,7 @@ def _(x, weight, residual, eps):
 def _rms_norm_bwd_op(
     dy: Tensor, x: Tensor, weight: Tensor | None, rstd: Tensor, dres: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    if use_triton(x):
-        return rms_norm_backward(dy, x, weight, rstd, dres)
-    return _rms_norm_backward_torch(dy, x, weight, rstd, dres)
+    return _rms_bwd_impl(dy, x, weight, rstd, dres)
 
 
 @_rms_norm_bwd_op.register_fake
@@ -355,11 +365,23 @@ def _rms_setup_context(ctx, inputs, output):
 def _rms_backward(ctx, dy, _drstd, ds):
     xs, weight, rstd = ctx.saved_tensors
     dres = ds if ctx.has_res and ds is not None else None
-    dx, dw = _rms_norm_bwd_op(dy, xs, weight, rstd, dres)
+    if dy is None:  # only the sum of add_rms_norm was used
+        dy = torch.zeros_like(xs)
+    bwd = _rms_bwd_impl if getattr(ctx, "eager", False) else _rms_norm_bwd_op
+    dx, dw = bwd(dy, xs, weight, rstd, dres)
     return dx, (dw if weight is not None else None), (dx if ctx.has_res else None), None
 
 
 _rms_norm_fwd_op.register_autograd(_rms_backward, setup_context=_rms_setup_context)
+_RMSNormFunction = eager_function(
+    "_RMSNormFunction", _rms_fwd_impl, _rms_setup_context, _rms_backward, non_differentiable=(1,)
+)
+
+
+def _rms_apply(x, weight, residual, eps):
+    if compiling():
+        return _rms_norm_fwd_op(x, weight, residual, eps)
+    return _RMSNormFunction.apply(x, weight, residual, eps)
 
 
 def _check(x: Tensor, weight: Tensor | None, eps: float, residual: Tensor | None) -> None:
@@ -392,7 +414,7 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6) -> Tens
     ``weight`` (shape ``(x.shape[-1],)``) may be None.
     """
     _check(x, weight, eps, None)
-    return _rms_norm_fwd_op(x, weight, None, float(eps))[0]
+    return _rms_apply(x, weight, None, float(eps))[0]
 
 
 def add_rms_norm(
@@ -400,5 +422,5 @@ def add_rms_norm(
 ) -> tuple[Tensor, Tensor]:
     """Fused ``s = x + residual; return rms_norm(s, weight, eps), s`` in one pass."""
     _check(x, weight, eps, residual)
-    y, _rstd, s = _rms_norm_fwd_op(x, weight, residual, float(eps))
+    y, _rstd, s = _rms_apply(x, weight, residual, float(eps))
     return y, s
