@@ -344,3 +344,43 @@ def test_torch_compile_fullgraph_cpu():
     (wx,) = torch.autograd.grad(want, x)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(gx, wx)
+
+
+def test_compiled_graph_calls_the_custom_ops():
+    # Under torch.compile the functionals must emit the registered ops (opaque,
+    # with fake implementations), not trace into the eager autograd.Function.
+    torch._dynamo.reset()
+    seen: set[str] = set()
+
+    def record(gm, _example_inputs):
+        seen.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    def f(x, w, t):
+        y = ops.layer_norm(ops.rms_norm(x, w), w) + ops.log_softmax(x)
+        return ops.cross_entropy(ops.swiglu(y, x), t) + ops.linear_cross_entropy(y, w[None], t * 0)
+
+    x, w, t = torch.randn(4, 8), torch.randn(8), torch.tensor([0, 1, 2, 3])
+    torch.testing.assert_close(
+        torch.compile(f, fullgraph=True, backend=record)(x, w, t), f(x, w, t)
+    )
+    for name in ("rms_norm_fwd", "layer_norm_fwd", "softmax_fwd", "glu_fwd", "cross_entropy_fwd"):
+        assert f"fastml.{name}" in " ".join(seen), (name, seen)
+    assert "fastml.linear_cross_entropy_fwd" in " ".join(seen)
+
+
+def test_add_rms_norm_partial_use():
+    # Only one of the two outputs feeding the loss: the other's gradient is absent.
+    x, r = (torch.randn(3, 16, requires_grad=True) for _ in range(2))
+    w = torch.randn(16, requires_grad=True)
+    y, s = ops.add_rms_norm(x, r, w)
+    s.sum().backward()
+    assert torch.equal(x.grad, torch.ones(3, 16)) and torch.equal(r.grad, torch.ones(3, 16))
+    assert w.grad is None or torch.equal(w.grad, torch.zeros(16))
+    x.grad = r.grad = w.grad = None
+    y, s = ops.add_rms_norm(x, r, w)
+    (y * 2).sum().backward()
+    xs = (x + r).detach().requires_grad_()
+    (F.rms_norm(xs, (16,), w.detach(), 1e-6) * 2).sum().backward()
+    torch.testing.assert_close(x.grad, xs.grad)
+    torch.testing.assert_close(r.grad, xs.grad)

@@ -17,7 +17,17 @@ by the number of rows that are not ignored, like ``F.cross_entropy``.
 import torch
 from torch import Tensor
 
-from fastml.ops._dispatch import as_rows, check_float, num_warps, row_block, tl, triton, use_triton
+from fastml.ops._dispatch import (
+    as_rows,
+    check_float,
+    compiling,
+    eager_function,
+    num_warps,
+    row_block,
+    tl,
+    triton,
+    use_triton,
+)
 
 
 @triton.jit
@@ -257,13 +267,17 @@ def _cross_entropy_ref(
     ).reshape(target.shape if reduction == "none" else ())
 
 
+def _cross_entropy_fwd_op_impl(logits, target, ignore_index, smoothing):
+    if use_triton(logits):
+        return cross_entropy_forward(logits, target, ignore_index, smoothing)
+    return _cross_entropy_forward_torch(logits, target, ignore_index, smoothing)
+
+
 @torch.library.custom_op("fastml::cross_entropy_fwd", mutates_args=())
 def _cross_entropy_fwd_op(
     logits: Tensor, target: Tensor, ignore_index: int, smoothing: float
 ) -> tuple[Tensor, Tensor]:
-    if use_triton(logits):
-        return cross_entropy_forward(logits, target, ignore_index, smoothing)
-    return _cross_entropy_forward_torch(logits, target, ignore_index, smoothing)
+    return _cross_entropy_fwd_op_impl(logits, target, ignore_index, smoothing)
 
 
 @_cross_entropy_fwd_op.register_fake
@@ -272,13 +286,17 @@ def _(logits, target, ignore_index, smoothing):
     return logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
 
 
+def _cross_entropy_bwd_op_impl(dloss, logits, target, lse, ignore_index, smoothing):
+    if use_triton(logits):
+        return cross_entropy_backward(dloss, logits, target, lse, ignore_index, smoothing)
+    return _cross_entropy_backward_torch(dloss, logits, target, lse, ignore_index, smoothing)
+
+
 @torch.library.custom_op("fastml::cross_entropy_bwd", mutates_args=())
 def _cross_entropy_bwd_op(
     dloss: Tensor, logits: Tensor, target: Tensor, lse: Tensor, ignore_index: int, smoothing: float
 ) -> Tensor:
-    if use_triton(logits):
-        return cross_entropy_backward(dloss, logits, target, lse, ignore_index, smoothing)
-    return _cross_entropy_backward_torch(dloss, logits, target, lse, ignore_index, smoothing)
+    return _cross_entropy_bwd_op_impl(dloss, logits, target, lse, ignore_index, smoothing)
 
 
 @_cross_entropy_bwd_op.register_fake
@@ -294,11 +312,19 @@ def _ce_setup_context(ctx, inputs, output):
 
 def _ce_backward(ctx, dloss, _dlse):
     logits, target, lse = ctx.saved_tensors
-    dx = _cross_entropy_bwd_op(dloss, logits, target, lse, ctx.ignore_index, ctx.smoothing)
+    bwd = _cross_entropy_bwd_op_impl if getattr(ctx, "eager", False) else _cross_entropy_bwd_op
+    dx = bwd(dloss, logits, target, lse, ctx.ignore_index, ctx.smoothing)
     return dx, None, None, None
 
 
 _cross_entropy_fwd_op.register_autograd(_ce_backward, setup_context=_ce_setup_context)
+_CrossEntropyFunction = eager_function(
+    "_CrossEntropyFunction",
+    _cross_entropy_fwd_op_impl,
+    _ce_setup_context,
+    _ce_backward,
+    non_differentiable=(1,),
+)
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -360,7 +386,11 @@ def cross_entropy(
     if target.device != logits.device:
         raise ValueError(f"target must be on {logits.device}, got {target.device}")
     x2 = as_rows(logits, c)
-    loss, _lse = _cross_entropy_fwd_op(x2, t, ignore_index, float(label_smoothing))
+    args = (x2, t, ignore_index, float(label_smoothing))
+    if compiling():
+        loss, _lse = _cross_entropy_fwd_op(*args)
+    else:
+        loss, _lse = _CrossEntropyFunction.apply(*args)
     out = reduce_rows(loss, t != ignore_index, reduction)
     if reduction == "none":
         out = out.reshape(target.shape)

@@ -13,6 +13,8 @@ from fastml.ops._dispatch import (
     as_rows,
     check_float,
     check_same_device,
+    compiling,
+    eager_function,
     num_warps,
     persistent_programs,
     row_block,
@@ -319,13 +321,17 @@ def _layer_norm_ref(
     return y + bias if bias is not None else y
 
 
+def _layer_norm_fwd_op_impl(x, weight, bias, eps):
+    if use_triton(x):
+        return layer_norm_forward(x, weight, bias, eps)
+    return _layer_norm_forward_torch(x, weight, bias, eps)
+
+
 @torch.library.custom_op("fastml::layer_norm_fwd", mutates_args=())
 def _layer_norm_fwd_op(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    if use_triton(x):
-        return layer_norm_forward(x, weight, bias, eps)
-    return _layer_norm_forward_torch(x, weight, bias, eps)
+    return _layer_norm_fwd_op_impl(x, weight, bias, eps)
 
 
 @_layer_norm_fwd_op.register_fake
@@ -338,6 +344,12 @@ def _(x, weight, bias, eps):
     )
 
 
+def _layer_norm_bwd_op_impl(dy, x, weight, has_bias, mean, rstd, bias_dtype):
+    if use_triton(x):
+        return layer_norm_backward(dy, x, weight, has_bias, mean, rstd, bias_dtype)
+    return _layer_norm_backward_torch(dy, x, weight, has_bias, mean, rstd, bias_dtype)
+
+
 @torch.library.custom_op("fastml::layer_norm_bwd", mutates_args=())
 def _layer_norm_bwd_op(
     dy: Tensor,
@@ -348,9 +360,7 @@ def _layer_norm_bwd_op(
     rstd: Tensor,
     bias_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    if use_triton(x):
-        return layer_norm_backward(dy, x, weight, has_bias, mean, rstd, bias_dtype)
-    return _layer_norm_backward_torch(dy, x, weight, has_bias, mean, rstd, bias_dtype)
+    return _layer_norm_bwd_op_impl(dy, x, weight, has_bias, mean, rstd, bias_dtype)
 
 
 @_layer_norm_bwd_op.register_fake
@@ -371,11 +381,19 @@ def _ln_setup_context(ctx, inputs, output):
 
 def _ln_backward(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = _layer_norm_bwd_op(dy, x, weight, ctx.has_bias, mean, rstd, ctx.bias_dtype)
+    bwd = _layer_norm_bwd_op_impl if getattr(ctx, "eager", False) else _layer_norm_bwd_op
+    dx, dw, db = bwd(dy, x, weight, ctx.has_bias, mean, rstd, ctx.bias_dtype)
     return dx, (dw if weight is not None else None), (db if ctx.has_bias else None), None
 
 
 _layer_norm_fwd_op.register_autograd(_ln_backward, setup_context=_ln_setup_context)
+_LayerNormFunction = eager_function(
+    "_LayerNormFunction",
+    _layer_norm_fwd_op_impl,
+    _ln_setup_context,
+    _ln_backward,
+    non_differentiable=(1, 2),
+)
 
 
 def layer_norm(
@@ -400,4 +418,6 @@ def layer_norm(
     check_same_device(x=x, weight=weight, bias=bias)
     if not isinstance(eps, (int, float)) or eps < 0:
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
-    return _layer_norm_fwd_op(x, weight, bias, float(eps))[0]
+    if compiling():
+        return _layer_norm_fwd_op(x, weight, bias, float(eps))[0]
+    return _LayerNormFunction.apply(x, weight, bias, float(eps))[0]

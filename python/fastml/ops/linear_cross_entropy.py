@@ -21,7 +21,13 @@ import math
 import torch
 from torch import Tensor
 
-from fastml.ops._dispatch import check_float, check_same_device, use_triton
+from fastml.ops._dispatch import (
+    check_float,
+    check_same_device,
+    compiling,
+    eager_function,
+    use_triton,
+)
 from fastml.ops.cross_entropy import (
     _cross_entropy_backward_torch,
     _cross_entropy_forward_torch,
@@ -95,16 +101,7 @@ def _lce_pass(
     return loss, gx, gw, gb
 
 
-@torch.library.custom_op("fastml::linear_cross_entropy_fwd", mutates_args=())
-def _lce_fwd_op(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    target: Tensor,
-    ignore_index: int,
-    reduction: str,
-    want_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _lce_fwd_op_impl(x, weight, bias, target, ignore_index, reduction, want_grad):
     valid = (target != ignore_index).sum()
     if reduction == "mean":
         scale = (1.0 / valid.to(torch.float32)).reshape(1)
@@ -118,6 +115,19 @@ def _lce_fwd_op(
     return (total / valid if reduction == "mean" else total), gx, gw, gb
 
 
+@torch.library.custom_op("fastml::linear_cross_entropy_fwd", mutates_args=())
+def _lce_fwd_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    ignore_index: int,
+    reduction: str,
+    want_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _lce_fwd_op_impl(x, weight, bias, target, ignore_index, reduction, want_grad)
+
+
 @_lce_fwd_op.register_fake
 def _(x, weight, bias, target, ignore_index, reduction, want_grad):
     loss = x.new_empty((x.shape[0],) if reduction == "none" else (), dtype=torch.float32)
@@ -126,6 +136,13 @@ def _(x, weight, bias, target, ignore_index, reduction, want_grad):
         return loss, e, x.new_empty(0), x.new_empty(0)
     gb = torch.empty_like(bias) if bias is not None else x.new_empty(0)
     return loss, torch.empty_like(x), torch.empty_like(weight), gb
+
+
+def _lce_bwd_op_impl(dloss, x, weight, bias, target, ignore_index):
+    _loss, gx, gw, gb = _lce_pass(
+        x, weight, bias, target, ignore_index, dloss.to(torch.float32).contiguous(), True
+    )
+    return gx, gw, gb
 
 
 @torch.library.custom_op("fastml::linear_cross_entropy_bwd", mutates_args=())
@@ -137,10 +154,7 @@ def _lce_bwd_op(
     target: Tensor,
     ignore_index: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    _loss, gx, gw, gb = _lce_pass(
-        x, weight, bias, target, ignore_index, dloss.to(torch.float32).contiguous(), True
-    )
-    return gx, gw, gb
+    return _lce_bwd_op_impl(dloss, x, weight, bias, target, ignore_index)
 
 
 @_lce_bwd_op.register_fake
@@ -162,7 +176,8 @@ def _lce_setup_context(ctx, inputs, output):
 def _lce_backward(ctx, dloss, _dgx, _dgw, _dgb):
     if ctx.reduction == "none":
         x, weight, bias, target = ctx.saved_tensors
-        gx, gw, gb = _lce_bwd_op(dloss, x, weight, bias, target, ctx.ignore_index)
+        bwd = _lce_bwd_op_impl if getattr(ctx, "eager", False) else _lce_bwd_op
+        gx, gw, gb = bwd(dloss, x, weight, bias, target, ctx.ignore_index)
     else:
         gx, gw, gb = ctx.saved_tensors
         if gx.numel() == 0 and gw.numel() == 0:
@@ -175,6 +190,13 @@ def _lce_backward(ctx, dloss, _dgx, _dgw, _dgb):
 
 
 _lce_fwd_op.register_autograd(_lce_backward, setup_context=_lce_setup_context)
+_LinearCrossEntropyFunction = eager_function(
+    "_LinearCrossEntropyFunction",
+    _lce_fwd_op_impl,
+    _lce_setup_context,
+    _lce_backward,
+    non_differentiable=(1, 2, 3),
+)
 
 
 def _lce_ref(
@@ -239,7 +261,11 @@ def linear_cross_entropy(
     want_grad = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
-    loss = _lce_fwd_op(x2, weight, bias, t, ignore_index, reduction, want_grad)[0]
+    args = (x2, weight, bias, t, ignore_index, reduction, want_grad)
+    if compiling():
+        loss = _lce_fwd_op(*args)[0]
+    else:
+        loss = _LinearCrossEntropyFunction.apply(*args)[0]
     if reduction == "none":
         loss = loss.reshape(target.shape)
     return loss.to(x.dtype)

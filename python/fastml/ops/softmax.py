@@ -7,7 +7,17 @@ exponentials rescaled as the maximum grows (online softmax), then the output.
 import torch
 from torch import Tensor
 
-from fastml.ops._dispatch import as_rows, check_float, num_warps, row_block, tl, triton, use_triton
+from fastml.ops._dispatch import (
+    as_rows,
+    check_float,
+    compiling,
+    eager_function,
+    num_warps,
+    row_block,
+    tl,
+    triton,
+    use_triton,
+)
 
 
 @triton.jit
@@ -181,11 +191,15 @@ def _log_softmax_ref(x: Tensor, dim: int = -1) -> Tensor:
     return z - z.exp().sum(dim, keepdim=True).log()
 
 
-@torch.library.custom_op("fastml::softmax_fwd", mutates_args=())
-def _softmax_fwd_op(x: Tensor, log: bool) -> Tensor:
+def _softmax_fwd_op_impl(x, log):
     if use_triton(x):
         return softmax_forward(x, log)
     return _softmax_forward_torch(x, log)
+
+
+@torch.library.custom_op("fastml::softmax_fwd", mutates_args=())
+def _softmax_fwd_op(x: Tensor, log: bool) -> Tensor:
+    return _softmax_fwd_op_impl(x, log)
 
 
 @_softmax_fwd_op.register_fake
@@ -193,11 +207,15 @@ def _(x, log):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("fastml::softmax_bwd", mutates_args=())
-def _softmax_bwd_op(dy: Tensor, y: Tensor, log: bool) -> Tensor:
+def _softmax_bwd_op_impl(dy, y, log):
     if use_triton(y):
         return softmax_backward(dy, y, log)
     return _softmax_backward_torch(dy, y, log)
+
+
+@torch.library.custom_op("fastml::softmax_bwd", mutates_args=())
+def _softmax_bwd_op(dy: Tensor, y: Tensor, log: bool) -> Tensor:
+    return _softmax_bwd_op_impl(dy, y, log)
 
 
 @_softmax_bwd_op.register_fake
@@ -212,10 +230,20 @@ def _sm_setup_context(ctx, inputs, output):
 
 def _sm_backward(ctx, dy):
     (y,) = ctx.saved_tensors
-    return _softmax_bwd_op(dy, y, ctx.log), None
+    bwd = _softmax_bwd_op_impl if getattr(ctx, "eager", False) else _softmax_bwd_op
+    return bwd(dy, y, ctx.log), None
 
 
 _softmax_fwd_op.register_autograd(_sm_backward, setup_context=_sm_setup_context)
+_SoftmaxFunction = eager_function(
+    "_SoftmaxFunction", _softmax_fwd_op_impl, _sm_setup_context, _sm_backward
+)
+
+
+def _softmax_apply(x: Tensor, log: bool) -> Tensor:
+    if compiling():
+        return _softmax_fwd_op(x, log)
+    return _SoftmaxFunction.apply(x, log)
 
 
 def _along(x: Tensor, dim: int, log: bool) -> Tensor:
@@ -223,16 +251,16 @@ def _along(x: Tensor, dim: int, log: bool) -> Tensor:
     if isinstance(dim, bool) or not isinstance(dim, int):
         raise TypeError(f"dim must be an int, got {type(dim).__name__}")
     if x.dim() == 0:
-        return _softmax_fwd_op(x.reshape(1), log).reshape(())
+        return _softmax_apply(x.reshape(1), log).reshape(())
     if not -x.dim() <= dim < x.dim():
         raise IndexError(
             f"dim must be in [{-x.dim()}, {x.dim() - 1}] for a {x.dim()}-D x, got {dim}"
         )
     dim = dim % x.dim()
     if dim == x.dim() - 1:
-        return _softmax_fwd_op(x, log)
+        return _softmax_apply(x, log)
     # The kernels reduce along a unit-stride row: move dim last (one copy), then back.
-    y = _softmax_fwd_op(x.movedim(dim, -1).contiguous(), log)
+    y = _softmax_apply(x.movedim(dim, -1).contiguous(), log)
     return y.movedim(-1, dim)
 
 

@@ -8,7 +8,15 @@ import math
 import torch
 from torch import Tensor
 
-from fastml.ops._dispatch import check_float, check_same_device, tl, triton, use_triton
+from fastml.ops._dispatch import (
+    check_float,
+    check_same_device,
+    compiling,
+    eager_function,
+    tl,
+    triton,
+    use_triton,
+)
 
 _SQRT1_2 = 1.0 / math.sqrt(2.0)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -129,11 +137,15 @@ def _geglu_ref(gate: Tensor, up: Tensor, approximate: str = "none") -> Tensor:
     return torch.nn.functional.gelu(gate, approximate=approximate) * up
 
 
-@torch.library.custom_op("fastml::glu_fwd", mutates_args=())
-def _glu_fwd_op(gate: Tensor, up: Tensor, kind: str) -> Tensor:
+def _glu_fwd_op_impl(gate, up, kind):
     if use_triton(gate):
         return glu_forward(gate, up, kind)
     return _glu_forward_torch(gate, up, kind)
+
+
+@torch.library.custom_op("fastml::glu_fwd", mutates_args=())
+def _glu_fwd_op(gate: Tensor, up: Tensor, kind: str) -> Tensor:
+    return _glu_fwd_op_impl(gate, up, kind)
 
 
 @_glu_fwd_op.register_fake
@@ -141,11 +153,15 @@ def _(gate, up, kind):
     return torch.empty_like(gate, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("fastml::glu_bwd", mutates_args=())
-def _glu_bwd_op(dy: Tensor, gate: Tensor, up: Tensor, kind: str) -> tuple[Tensor, Tensor]:
+def _glu_bwd_op_impl(dy, gate, up, kind):
     if use_triton(gate):
         return glu_backward(dy, gate, up, kind)
     return _glu_backward_torch(dy, gate, up, kind)
+
+
+@torch.library.custom_op("fastml::glu_bwd", mutates_args=())
+def _glu_bwd_op(dy: Tensor, gate: Tensor, up: Tensor, kind: str) -> tuple[Tensor, Tensor]:
+    return _glu_bwd_op_impl(dy, gate, up, kind)
 
 
 @_glu_bwd_op.register_fake
@@ -162,11 +178,19 @@ def _glu_setup_context(ctx, inputs, output):
 
 def _glu_backward(ctx, dy):
     gate, up = ctx.saved_tensors
-    dg, du = _glu_bwd_op(dy, gate, up, ctx.kind)
+    bwd = _glu_bwd_op_impl if getattr(ctx, "eager", False) else _glu_bwd_op
+    dg, du = bwd(dy, gate, up, ctx.kind)
     return dg, du, None
 
 
 _glu_fwd_op.register_autograd(_glu_backward, setup_context=_glu_setup_context)
+_GLUFunction = eager_function("_GLUFunction", _glu_fwd_op_impl, _glu_setup_context, _glu_backward)
+
+
+def _glu_apply(gate: Tensor, up: Tensor, kind: str) -> Tensor:
+    if compiling():
+        return _glu_fwd_op(gate, up, kind)
+    return _GLUFunction.apply(gate, up, kind)
 
 
 def _check(gate: Tensor, up: Tensor) -> None:
@@ -183,7 +207,7 @@ def _check(gate: Tensor, up: Tensor) -> None:
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     """``silu(gate) * up`` elementwise (same shape and dtype; fp32 math)."""
     _check(gate, up)
-    return _glu_fwd_op(gate, up, "silu")
+    return _glu_apply(gate, up, "silu")
 
 
 def geglu(gate: Tensor, up: Tensor, approximate: str = "none") -> Tensor:
@@ -191,4 +215,4 @@ def geglu(gate: Tensor, up: Tensor, approximate: str = "none") -> Tensor:
     _check(gate, up)
     if approximate not in ("none", "tanh"):
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
-    return _glu_fwd_op(gate, up, "gelu" if approximate == "none" else "gelu_tanh")
+    return _glu_apply(gate, up, "gelu" if approximate == "none" else "gelu_tanh")
