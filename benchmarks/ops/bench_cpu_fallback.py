@@ -23,6 +23,22 @@ from fastml.bench.harness import compare, ratio, table
 SHAPES = [(8, 64), (4096, 1024)]
 
 
+def _pairs(x, r, w, b, t):
+    """(fastml, eager torch) callables per op, bound to these inputs."""
+    n = x.shape[-1]
+return {
+        "rms_norm": (lambda: ops.rms_norm(x, w), lambda: F.rms_norm(x, (n,), w, 1e-6)),
+        "layer_norm": (lambda: ops.layer_norm(x, w, b), lambda: F.layer_norm(x, (n,), w, b)),
+        "add_rms_norm": (
+            lambda: ops.add_rms_norm(x, r, w),
+            lambda: F.rms_norm(x + r, (n,), w, 1e-6),
+        ),
+        "softmax": (lambda: ops.softmax(x), lambda: torch.softmax(x, -1)),
+        "cross_entropy": (lambda: ops.cross_entropy(x, t), lambda: F.cross_entropy(x, t)),
+        "swiglu": (lambda: ops.swiglu(x, r), lambda: F.silu(x) * r),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--json", default=None)
@@ -37,19 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
         x, r = torch.randn(shape), torch.randn(shape)
         w, b = torch.randn(shape[1]), torch.randn(shape[1])
         t = torch.randint(0, shape[1], (shape[0],))
-        n = shape[1]
         number = 200 if shape[0] * shape[1] < 10_000 else 3
-        pairs = {
-            "rms_norm": (lambda: ops.rms_norm(x, w), lambda: F.rms_norm(x, (n,), w, 1e-6)),
-            "layer_norm": (lambda: ops.layer_norm(x, w, b), lambda: F.layer_norm(x, (n,), w, b)),
-            "add_rms_norm": (
-                lambda: ops.add_rms_norm(x, r, w),
-                lambda: F.rms_norm(x + r, (n,), w, 1e-6),
-            ),
-            "softmax": (lambda: ops.softmax(x), lambda: torch.softmax(x, -1)),
-            "cross_entropy": (lambda: ops.cross_entropy(x, t), lambda: F.cross_entropy(x, t)),
-            "swiglu": (lambda: ops.swiglu(x, r), lambda: F.silu(x) * r),
-        }
+        pairs = _pairs(x, r, w, b, t)
         for name, (ours, theirs) in pairs.items():
             tm = compare(
                 {"fastml (torch fallback)": ours, "eager torch": theirs},

@@ -301,6 +301,7 @@ def _rms_norm_ref(x: Tensor, weight: Tensor | None, eps: float = 1e-6) -> Tensor
 def _add_rms_norm_ref(
     x: Tensor, residual: Tensor, weight: Tensor | None, eps: float = 1e-6
 ) -> tuple[Tensor, Tensor]:
+    """Plain torch add + RMSNorm: ``s`` in the inputs' dtype, as the fused op stores it."""
     s = x + residual
     return _rms_norm_ref(s, weight, eps), s
 
