@@ -26,7 +26,7 @@ SHAPES = [(8, 64), (4096, 1024)]
 def _pairs(x, r, w, b, t):
     """(fastml, eager torch) callables per op, bound to these inputs."""
     n = x.shape[-1]
-return {
+    return {
         "rms_norm": (lambda: ops.rms_norm(x, w), lambda: F.rms_norm(x, (n,), w, 1e-6)),
         "layer_norm": (lambda: ops.layer_norm(x, w, b), lambda: F.layer_norm(x, (n,), w, b)),
         "add_rms_norm": (
