@@ -133,12 +133,18 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def persistent_programs(rows: int, device: torch.device) -> int:
-    """How many programs a backward kernel with per-program partial sums uses."""
+def persistent_programs(rows: int, device: torch.device, n: int = 1) -> int:
+    """How many programs a backward kernel with per-program fp32 partial rows of ``n`` uses.
+
+    Four per SM keeps every SM busy; for very wide rows the count drops (not
+    below one per SM) so the partial-sum buffer stays under 64 MiB.
+    """
     if rows <= 0:
         return 1
     if device.type == "cuda":
-        return max(1, min(rows, 4 * _sm_count(device.index or 0)))
+        sms = _sm_count(device.index or 0)
+        cap = max(sms, (64 << 20) // (4 * max(n, 1)))
+        return max(1, min(rows, 4 * sms, cap))
     return max(1, min(rows, 4))
 
 

@@ -227,7 +227,7 @@ def layer_norm_backward(
     x2, dy2 = as_rows(x, n), as_rows(dy, n)
     m = x2.shape[0]
     dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    programs = persistent_programs(m, x.device)
+    programs = persistent_programs(m, x.device, n)
     has_w = weight is not None
     dw_part = torch.zeros((programs if has_w else 1, n), dtype=torch.float32, device=x.device)
     db_part = torch.zeros((programs if has_bias else 1, n), dtype=torch.float32, device=x.device)

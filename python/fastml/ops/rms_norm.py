@@ -222,7 +222,7 @@ def rms_norm_backward(
     m = x2.shape[0]
     dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
     dres2 = as_rows(dres, n) if dres is not None else dx
-    programs = persistent_programs(m, x.device)
+    programs = persistent_programs(m, x.device, n)
     has_w = weight is not None
     partial = torch.zeros((programs if has_w else 1, n), dtype=torch.float32, device=x.device)
     if m > 0 and n > 0:
