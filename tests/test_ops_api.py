@@ -384,3 +384,28 @@ def test_add_rms_norm_partial_use():
     (F.rms_norm(xs, (16,), w.detach(), 1e-6) * 2).sum().backward()
     torch.testing.assert_close(x.grad, xs.grad)
     torch.testing.assert_close(r.grad, xs.grad)
+
+
+def test_adamw_mixed_dtypes_and_uneven_steps(triton_backend):
+    # Two dtype groups (two launches) and parameters whose `step`s differ because
+    # some have no gradient on some steps: per-tensor bias corrections.
+    gen = torch.Generator().manual_seed(3)
+    ours = [torch.randn(s, generator=gen).requires_grad_() for s in [(5,), (7, 3), (1,)]]
+    ours += [torch.randn(9, generator=gen).half().requires_grad_()]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    a = ops.AdamW(ours, lr=0.05, weight_decay=0.01, amsgrad=True)
+    b = torch.optim.AdamW(theirs, lr=0.05, weight_decay=0.01, amsgrad=True)
+    for step in range(6):
+        for i, (p, q) in enumerate(zip(ours, theirs, strict=True)):
+            if i == 1 and step % 2:  # skipped every other step
+                p.grad = q.grad = None
+                continue
+            g = torch.randn(p.shape, generator=gen).to(p.dtype)
+            p.grad, q.grad = g.clone(), g.clone()
+        a.step()
+        b.step()
+    assert float(a.state[ours[1]]["step"]) == 3.0 and float(a.state[ours[0]]["step"]) == 6.0
+    for p, q in zip(ours[:3], theirs[:3], strict=True):
+        torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
+    # fp16: one rounding per step here, one per op in torch; within a couple of ulps.
+    torch.testing.assert_close(ours[3], theirs[3], rtol=2e-3, atol=2e-3)
