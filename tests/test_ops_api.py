@@ -409,3 +409,31 @@ def test_adamw_mixed_dtypes_and_uneven_steps(triton_backend):
         torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
     # fp16: one rounding per step here, one per op in torch; within a couple of ulps.
     torch.testing.assert_close(ours[3], theirs[3], rtol=2e-3, atol=2e-3)
+
+
+def test_import_and_cpu_use_without_triton():
+    # A machine without triton: fastml.ops imports, CPU tensors work, and asking for
+    # the kernels says how to install triton.
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import sys
+sys.modules["triton"] = None  # import triton now raises ImportError
+import torch
+from fastml import ops
+x = torch.randn(3, 8)
+torch.testing.assert_close(ops.rms_norm(x), torch.nn.functional.rms_norm(x, (8,), None, 1e-6))
+ops.set_backend("triton")
+try:
+    ops.softmax(x)
+except RuntimeError as e:
+    assert "pip install triton" in str(e), e
+    print("ok")
+"""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
