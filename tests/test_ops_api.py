@@ -437,3 +437,10 @@ except RuntimeError as e:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
     )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_double_backward_raises():
+    x = torch.randn(3, 8, requires_grad=True)
+    (g,) = torch.autograd.grad(ops.rms_norm(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"once_differentiable|does not require grad"):
+        g.sum().backward()

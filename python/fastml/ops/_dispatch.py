@@ -167,6 +167,9 @@ def eager_function(name, forward_impl, setup_context, backward, non_differentiab
             ctx.mark_non_differentiable(*(outs[i] for i in non_differentiable))
         return out
 
+    # The kernels are not differentiable themselves: a double backward must raise
+    # rather than silently drop the second-order terms.
+    @torch.autograd.function.once_differentiable
     def bwd(ctx, *grads):
         return backward(ctx, *grads)
 
