@@ -574,3 +574,23 @@ def _all_ops_rule(dtype):
     check_op(
         ops.geglu, lambda a, c: F.gelu(a) * c, lambda a, c: F.gelu(a) * c, [x, r], dtype, "geglu"
     )
+
+
+def test_linear_cross_entropy_half_dw_in_weight_dtype(triton_backend, monkeypatch):
+    # The large-head path: dW summed across chunks in fp16 instead of fp32.
+    monkeypatch.setattr(lce_mod, "_FP32_DW_LIMIT", 0)
+    monkeypatch.setattr(lce_mod, "_CHUNK_ROWS", 4)
+    gen = torch.Generator().manual_seed(11)
+    x, w = torch.randn(11, 24, generator=gen), torch.randn(37, 24, generator=gen) * 0.3
+    target = torch.randint(0, 37, (11,), generator=gen)
+    target[[0, 5]] = -100
+    check_op(
+        lambda a, c, t: ops.linear_cross_entropy(a, c, t),
+        lambda a, c, t: F.cross_entropy(a @ c.T, t),
+        lambda a, c, t: F.cross_entropy(a @ c.T, t),
+        [x, w, target],
+        torch.float16,
+        "linear_cross_entropy (fp16 dW accumulation)",
+        grad_mask=[True, True, False],
+        norm=True,
+    )

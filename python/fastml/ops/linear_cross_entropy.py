@@ -9,11 +9,13 @@ Only one chunk of logits ever exists. For ``reduction`` "mean"/"sum" the
 gradients are computed in the forward pass and scaled in the backward pass;
 for "none" the backward pass recomputes them with the per-row gradients.
 
-Accumulation: each GEMM accumulates in fp32 and the loss kernel works in fp32;
-``dW`` is summed across chunks in the weight's dtype (``addmm_``: the GEMM adds
-each chunk in fp32 and rounds once per chunk), which keeps peak extra memory at
-about one chunk of logits plus ``dx`` and ``dW`` (an fp32 ``dW`` accumulator
-would add 2 GB at V=128256, H=4096); ``db`` is summed in fp32.
+Accumulation: each GEMM accumulates in fp32 and the loss kernel works in fp32.
+For fp16/bf16 weights, ``dW`` is summed across chunks in an fp32 buffer (each
+chunk's product rounded once) while that buffer is at most ``_FP32_DW_LIMIT``
+(1 GiB); for larger heads it is summed in the weight's dtype (``addmm_``: the
+GEMM adds each chunk in fp32 and rounds the running sum once per chunk), which
+keeps peak extra memory near one chunk of logits plus ``dx`` and ``dW`` (an
+fp32 accumulator would add 2 GiB at V=128256, H=4096). ``db`` is summed in fp32.
 """
 
 import math
@@ -38,6 +40,11 @@ from fastml.ops.cross_entropy import (
 # Rows per chunk; None chooses ceil(BT / ceil(V / H)) so a chunk of logits is
 # about the size of x. Tests set it to force several chunks on small shapes.
 _CHUNK_ROWS: int | None = None
+
+# dW of a half-precision weight is summed across chunks in fp32 while that fp32
+# buffer stays within this many bytes; beyond it (V=128256, H=4096 needs 2 GiB)
+# it is summed in the weight's dtype, which keeps the peak memory small.
+_FP32_DW_LIMIT = 1 << 30
 
 
 def _chunk_rows(bt: int, h: int, v: int) -> int:
@@ -74,7 +81,13 @@ def _lce_pass(
     triton = use_triton(x)
     loss = torch.empty(bt, dtype=torch.float32, device=x.device)
     gx = torch.empty_like(x) if want_grad else x.new_empty(0)
-    gw = torch.zeros_like(weight) if want_grad else x.new_empty(0)
+    fp32_dw = weight.dtype in (torch.float16, torch.bfloat16) and v * h * 4 <= _FP32_DW_LIMIT
+    if not want_grad:
+        gw = x.new_empty(0)
+    elif fp32_dw:
+        gw = torch.zeros(v, h, dtype=torch.float32, device=x.device)
+    else:
+        gw = torch.zeros_like(weight)
     gb = (
         torch.zeros(v, dtype=torch.float32, device=x.device)
         if want_grad and bias is not None
@@ -93,10 +106,15 @@ def _lce_pass(
         loss[start:end] = _ce_chunk(logits, target[start:end], scale, ignore_index, triton)
         if want_grad:
             torch.mm(logits, weight, out=gx[start:end])
-            gw.addmm_(logits.t(), xc)
+            if fp32_dw:
+                # Each chunk's product is rounded once, then summed in fp32.
+                gw += logits.t() @ xc
+            else:
+                gw.addmm_(logits.t(), xc)
             if bias is not None:
                 gb += logits.sum(0, dtype=torch.float32)
         del logits
+    gw = gw.to(weight.dtype) if fp32_dw and want_grad else gw
     gb = gb.to(bias.dtype) if want_grad and bias is not None else gb
     return loss, gx, gw, gb
 
