@@ -12,6 +12,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+from _ops_util import assert_rule, leaf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,7 +22,6 @@ from fastml.ops.cross_entropy import _cross_entropy_ref
 from fastml.ops.layer_norm import _layer_norm_ref
 from fastml.ops.rms_norm import _rms_norm_ref
 from fastml.ops.softmax import _log_softmax_ref, _softmax_ref
-from tests._ops_util import assert_rule, leaf
 
 # The package re-exports the function under the module's name; fetch the module itself.
 lce_mod = importlib.import_module("fastml.ops.linear_cross_entropy")

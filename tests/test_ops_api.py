@@ -8,10 +8,10 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+from _ops_util import assert_rule
 
 from fastml import ops
 from fastml.ops import _dispatch
-from tests._ops_util import assert_rule
 
 rms_mod = importlib.import_module("fastml.ops.rms_norm")
 

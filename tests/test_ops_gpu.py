@@ -11,12 +11,12 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+from _ops_util import assert_rule
 
 from fastml import ops
 from fastml.ops.layer_norm import _layer_norm_ref
 from fastml.ops.rms_norm import _rms_norm_ref
 from fastml.ops.softmax import _softmax_ref
-from tests._ops_util import assert_rule
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
