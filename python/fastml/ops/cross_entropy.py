@@ -1,0 +1,397 @@
+"""Cross entropy over the last dimension with ignore_index and label smoothing.
+
+The kernel reads a row of logits in chunks with an online log-sum-exp, so the
+vocabulary size has no cliff; it can also overwrite the logits with their
+gradient in the same launch, which is how ``linear_cross_entropy`` avoids ever
+holding more than one chunk of logits.
+
+Per row (``C`` classes, smoothing ``e``, target ``t``)::
+
+    loss = (1 - e) * (lse - x[t]) + e * (lse - sum(x) / C)
+    dx   = g * (softmax(x) - e / C - (1 - e) * onehot(t))
+
+and 0 for rows whose target is ``ignore_index``; ``reduction="mean"`` divides
+by the number of rows that are not ignored, like ``F.cross_entropy``.
+"""
+
+import torch
+from torch import Tensor
+
+from fastml.ops._dispatch import (
+    as_rows,
+    check_float,
+    compiling,
+    eager_function,
+    num_warps,
+    row_block,
+    tl,
+    triton,
+    use_triton,
+)
+
+
+@triton.jit
+def _cross_entropy_kernel(
+    X,
+    T,
+    LOSS,
+    LSE,
+    G,
+    DX,
+    x_stride,
+    g_stride,
+    dx_stride,
+    C,
+    ignore_index,
+    smoothing,
+    HAS_LSE: tl.constexpr,
+    WRITE_LOSS: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_ptr = X + row * x_stride
+    dx_ptr = DX + row * dx_stride
+    cols = tl.arange(0, BLOCK)
+    t = tl.load(T + row).to(tl.int64)
+    if t == ignore_index:
+        if WRITE_LOSS:
+            tl.store(LOSS + row, 0.0)
+            tl.store(LSE + row, 0.0)
+        if WRITE_GRAD:
+            for start in range(0, C, BLOCK):
+                c = start + cols
+                tl.store(dx_ptr + c, tl.zeros([BLOCK], dtype=DX.dtype.element_ty), mask=c < C)
+        return
+    if HAS_LSE:
+        lse = tl.load(LSE + row)
+        sum_x = 0.0
+    else:
+        m = -float("inf")
+        d = 0.0
+        sum_x = 0.0
+        for start in range(0, C, BLOCK):
+            c = start + cols
+            mask = c < C
+            x = tl.load(x_ptr + c, mask=mask, other=-float("inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+            d = d * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), axis=0)
+            m = m_new
+            sum_x += tl.sum(tl.where(mask, x, 0.0), axis=0)
+        lse = m + tl.log(d)
+    if WRITE_LOSS:
+        # Read x[t] before the gradient pass may overwrite it (DX may alias X).
+        x_t = tl.load(x_ptr + t).to(tl.float32)
+        # Two non-negative terms: no cancellation (with one class the loss is exactly 0).
+        loss = (1.0 - smoothing) * (lse - x_t) + smoothing * (lse - sum_x / C)
+        tl.store(LOSS + row, loss)
+        tl.store(LSE + row, lse)
+    if WRITE_GRAD:
+        g = tl.load(G + row * g_stride).to(tl.float32)
+        for start in range(0, C, BLOCK):
+            c = start + cols
+            mask = c < C
+            x = tl.load(x_ptr + c, mask=mask, other=0.0).to(tl.float32)
+            grad = tl.exp(x - lse) - smoothing / C
+            grad = tl.where(c == t, grad - (1.0 - smoothing), grad)
+            tl.store(dx_ptr + c, (g * grad).to(DX.dtype.element_ty), mask=mask)
+
+
+def _ce_block(c: int) -> int:
+    block, _ = row_block(c)
+    # The kernel walks a row in chunks anyway; past 4096 classes a wider block
+    # only costs registers.
+    return min(block, 4096)
+
+
+def cross_entropy_forward(
+    logits: Tensor, target: Tensor, ignore_index: int, smoothing: float
+) -> tuple[Tensor, Tensor]:
+    """Per-row loss and log-sum-exp (fp32) of 2-D ``logits``."""
+    n, c = logits.shape
+    loss = torch.empty(n, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+    if n > 0:
+        block = _ce_block(c)
+        _cross_entropy_kernel[(n,)](
+            logits,
+            target,
+            loss,
+            lse,
+            loss,
+            logits,
+            logits.stride(0),
+            0,
+            logits.stride(0),
+            c,
+            ignore_index,
+            smoothing,
+            HAS_LSE=False,
+            WRITE_LOSS=True,
+            WRITE_GRAD=False,
+            BLOCK=block,
+            num_warps=num_warps(block),
+        )
+    return loss, lse
+
+
+def cross_entropy_backward(
+    dloss: Tensor,
+    logits: Tensor,
+    target: Tensor,
+    lse: Tensor,
+    ignore_index: int,
+    smoothing: float,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Gradient of the per-row loss, scaled row by row by ``dloss`` (stride 0 allowed)."""
+    n, c = logits.shape
+    dx = torch.empty_like(logits, memory_format=torch.contiguous_format) if out is None else out
+    if n > 0:
+        block = _ce_block(c)
+        _cross_entropy_kernel[(n,)](
+            logits,
+            target,
+            lse,
+            lse,
+            dloss,
+            dx,
+            logits.stride(0),
+            dloss.stride(0) if dloss.dim() else 0,
+            dx.stride(0),
+            c,
+            ignore_index,
+            smoothing,
+            HAS_LSE=True,
+            WRITE_LOSS=False,
+            WRITE_GRAD=True,
+            BLOCK=block,
+            num_warps=num_warps(block),
+        )
+    return dx
+
+
+def cross_entropy_fused_(
+    logits: Tensor, target: Tensor, scale: Tensor, ignore_index: int, smoothing: float
+) -> Tensor:
+    """Per-row loss of 2-D ``logits``; overwrites ``logits`` with ``scale * dloss/dlogits``.
+
+    ``scale`` holds one element (all rows) or one per row; it is read on the device.
+    """
+    n, c = logits.shape
+    loss = torch.empty(n, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+    if n > 0:
+        block = _ce_block(c)
+        _cross_entropy_kernel[(n,)](
+            logits,
+            target,
+            loss,
+            lse,
+            scale,
+            logits,
+            logits.stride(0),
+            1 if scale.numel() > 1 else 0,
+            logits.stride(0),
+            c,
+            ignore_index,
+            smoothing,
+            HAS_LSE=False,
+            WRITE_LOSS=True,
+            WRITE_GRAD=True,
+            BLOCK=block,
+            num_warps=num_warps(block),
+        )
+    return loss
+
+
+# -- torch implementations with the same semantics --
+
+
+def _acc(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _cross_entropy_forward_torch(
+    logits: Tensor, target: Tensor, ignore_index: int, smoothing: float
+) -> tuple[Tensor, Tensor]:
+    xf = logits.to(_acc(logits))
+    c = xf.shape[-1]
+    valid = target != ignore_index
+    lse = torch.logsumexp(xf, -1)
+    x_t = xf.gather(-1, torch.where(valid, target, 0).unsqueeze(-1)).squeeze(-1)
+    loss = (1.0 - smoothing) * (lse - x_t)
+    if smoothing:
+        loss = loss + smoothing * (lse - xf.sum(-1) / c)
+    zero = torch.zeros((), dtype=loss.dtype, device=loss.device)
+    loss = torch.where(valid, loss, zero)
+    lse = torch.where(valid, lse, zero)
+    return loss.to(torch.float32), lse.to(torch.float32)
+
+
+def _cross_entropy_backward_torch(
+    dloss: Tensor,
+    logits: Tensor,
+    target: Tensor,
+    lse: Tensor,
+    ignore_index: int,
+    smoothing: float,
+) -> Tensor:
+    a = _acc(logits)
+    xf = logits.to(a)
+    c = xf.shape[-1]
+    valid = target != ignore_index
+    grad = torch.exp(xf - lse.to(a).unsqueeze(-1)) - smoothing / c
+    onehot = torch.zeros_like(grad).scatter_(-1, torch.where(valid, target, 0).unsqueeze(-1), 1.0)
+    grad = grad - (1.0 - smoothing) * onehot
+    scale = dloss.to(a).expand(target.shape) * valid
+    return (grad * scale.unsqueeze(-1)).to(logits.dtype).contiguous()
+
+
+def _cross_entropy_ref(
+    logits: Tensor,
+    target: Tensor,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> Tensor:
+    """``F.cross_entropy`` with the class dimension last: the test reference."""
+    c = logits.shape[-1]
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, c),
+        target.reshape(-1),
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        reduction=reduction,
+    ).reshape(target.shape if reduction == "none" else ())
+
+
+def _cross_entropy_fwd_op_impl(logits, target, ignore_index, smoothing):
+    if use_triton(logits):
+        return cross_entropy_forward(logits, target, ignore_index, smoothing)
+    return _cross_entropy_forward_torch(logits, target, ignore_index, smoothing)
+
+
+@torch.library.custom_op("fastml::cross_entropy_fwd", mutates_args=())
+def _cross_entropy_fwd_op(
+    logits: Tensor, target: Tensor, ignore_index: int, smoothing: float
+) -> tuple[Tensor, Tensor]:
+    return _cross_entropy_fwd_op_impl(logits, target, ignore_index, smoothing)
+
+
+@_cross_entropy_fwd_op.register_fake
+def _(logits, target, ignore_index, smoothing):
+    n = logits.shape[0]
+    return logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
+
+
+def _cross_entropy_bwd_op_impl(dloss, logits, target, lse, ignore_index, smoothing):
+    if use_triton(logits):
+        return cross_entropy_backward(dloss, logits, target, lse, ignore_index, smoothing)
+    return _cross_entropy_backward_torch(dloss, logits, target, lse, ignore_index, smoothing)
+
+
+@torch.library.custom_op("fastml::cross_entropy_bwd", mutates_args=())
+def _cross_entropy_bwd_op(
+    dloss: Tensor, logits: Tensor, target: Tensor, lse: Tensor, ignore_index: int, smoothing: float
+) -> Tensor:
+    return _cross_entropy_bwd_op_impl(dloss, logits, target, lse, ignore_index, smoothing)
+
+
+@_cross_entropy_bwd_op.register_fake
+def _(dloss, logits, target, lse, ignore_index, smoothing):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _ce_setup_context(ctx, inputs, output):
+    logits, target, ignore_index, smoothing = inputs
+    ctx.ignore_index, ctx.smoothing = ignore_index, smoothing
+    ctx.save_for_backward(logits, target, output[1])
+
+
+def _ce_backward(ctx, dloss, _dlse):
+    logits, target, lse = ctx.saved_tensors
+    bwd = _cross_entropy_bwd_op_impl if getattr(ctx, "eager", False) else _cross_entropy_bwd_op
+    dx = bwd(dloss, logits, target, lse, ctx.ignore_index, ctx.smoothing)
+    return dx, None, None, None
+
+
+_cross_entropy_fwd_op.register_autograd(_ce_backward, setup_context=_ce_setup_context)
+_CrossEntropyFunction = eager_function(
+    "_CrossEntropyFunction",
+    _cross_entropy_fwd_op_impl,
+    _ce_setup_context,
+    _ce_backward,
+    non_differentiable=(1,),
+)
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_target(target: Tensor, rows_shape: torch.Size, classes: int, ignore_index: int) -> Tensor:
+    """Validate integer class targets; returns them flattened to int64 rows."""
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.dtype.is_floating_point or target.dtype == torch.bool or target.is_complex():
+        raise TypeError(f"target must hold integer class indices, got {target.dtype}")
+    if target.shape != rows_shape:
+        raise ValueError(
+            f"target must have shape {tuple(rows_shape)} (the logits without their class "
+            f"dimension), got {tuple(target.shape)}"
+        )
+    t = target.reshape(-1).to(torch.int64)
+    bad = ((t < 0) | (t >= classes)) & (t != ignore_index)
+    if t.is_cuda or torch.compiler.is_compiling():
+        # An asynchronous device-side check: no host sync on the hot path, no graph break.
+        torch._assert_async(~bad.any())
+    elif t.numel() and bool(bad.any()):
+        v = int(t[bad][0])
+        raise IndexError(f"target must be in [0, {classes}) or ignore_index, got {v}")
+    return t
+
+
+def reduce_rows(loss: Tensor, valid: Tensor, reduction: str) -> Tensor:
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    return total / valid.sum() if reduction == "mean" else total
+
+
+def cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> Tensor:
+    """Cross entropy of ``logits`` (classes in the last dimension) against class indices.
+
+    ``logits``: ``(..., C)`` fp32/fp16/bf16; ``target``: integer ``(...)``. Same
+    semantics as ``F.cross_entropy`` for 2-D logits (``ignore_index``,
+    ``label_smoothing`` in [0, 1], ``reduction`` "mean" | "sum" | "none"); the
+    result has ``logits``' dtype; accumulation is fp32.
+    """
+    check_float("logits", logits)
+    if logits.dim() == 0:
+        raise ValueError("logits must have a class dimension, got a 0-d tensor")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    c = logits.shape[-1]
+    t = check_target(target, logits.shape[:-1], c, ignore_index)
+    if target.device != logits.device:
+        raise ValueError(f"target must be on {logits.device}, got {target.device}")
+    x2 = as_rows(logits, c)
+    args = (x2, t, ignore_index, float(label_smoothing))
+    if compiling():
+        loss, _lse = _cross_entropy_fwd_op(*args)
+    else:
+        loss, _lse = _CrossEntropyFunction.apply(*args)
+    out = reduce_rows(loss, t != ignore_index, reduction)
+    if reduction == "none":
+        out = out.reshape(target.shape)
+    return out.to(logits.dtype)

@@ -1,0 +1,423 @@
+"""LayerNorm over the last dimension, fp32 statistics, chunked for long rows.
+
+Rows wider than one block are reduced chunk by chunk with Chan's parallel
+variance update (each chunk's mean and M2 merged into the running ones), so a
+long row is read twice in the forward pass (statistics, then output), never
+three times, and stays accurate where a sum-of-squares would cancel.
+"""
+
+import torch
+from torch import Tensor
+
+from fastml.ops._dispatch import (
+    as_rows,
+    check_float,
+    check_same_device,
+    compiling,
+    eager_function,
+    num_warps,
+    persistent_programs,
+    row_block,
+    tl,
+    triton,
+    use_triton,
+)
+
+
+@triton.jit
+def _layer_norm_fwd_kernel(
+    X,
+    W,
+    B,
+    Y,
+    MEAN,
+    RSTD,
+    x_stride,
+    y_stride,
+    N,
+    eps,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_ptr = X + row * x_stride
+    y_ptr = Y + row * y_stride
+    cols = tl.arange(0, BLOCK)
+    if ONE_BLOCK:
+        mask = cols < N
+        x = tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=0) / N
+        d = tl.where(mask, x - mean, 0.0)
+        rstd = tl.rsqrt(tl.sum(d * d, axis=0) / N + eps)
+        y = d * rstd
+        if HAS_W:
+            y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_B:
+            y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + cols, y.to(Y.dtype.element_ty), mask=mask)
+    else:
+        mean = 0.0
+        m2 = 0.0
+        count = 0.0
+        for start in range(0, N, BLOCK):
+            c = start + cols
+            mask = c < N
+            x = tl.load(x_ptr + c, mask=mask, other=0.0).to(tl.float32)
+            n_b = tl.minimum(N - start, BLOCK).to(tl.float32)
+            mean_b = tl.sum(x, axis=0) / n_b
+            d = tl.where(mask, x - mean_b, 0.0)
+            m2_b = tl.sum(d * d, axis=0)
+            total = count + n_b
+            delta = mean_b - mean
+            mean = mean + delta * (n_b / total)
+            m2 = m2 + m2_b + delta * delta * (count * n_b / total)
+            count = total
+        rstd = tl.rsqrt(m2 / N + eps)
+        for start in range(0, N, BLOCK):
+            c = start + cols
+            mask = c < N
+            x = tl.load(x_ptr + c, mask=mask, other=0.0).to(tl.float32)
+            y = (x - mean) * rstd
+            if HAS_W:
+                y = y * tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+            if HAS_B:
+                y = y + tl.load(B + c, mask=mask, other=0.0).to(tl.float32)
+            tl.store(y_ptr + c, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _layer_norm_bwd_kernel(
+    DY,
+    X,
+    W,
+    MEAN,
+    RSTD,
+    DX,
+    DW_PARTIAL,
+    DB_PARTIAL,
+    dy_stride,
+    x_stride,
+    dx_stride,
+    M,
+    N,
+    rows_per_program,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
+):
+    # dx = rstd * (w*dy - mean(w*dy) - xhat * mean(w*dy*xhat)); dW and dB are
+    # summed per program in fp32 (see _rms_norm_bwd_kernel).
+    pid = tl.program_id(0).to(tl.int64)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    cols = tl.arange(0, BLOCK)
+    dw_ptr = DW_PARTIAL + pid * N
+    db_ptr = DB_PARTIAL + pid * N
+    if ONE_BLOCK:
+        mask = cols < N
+        if HAS_W:
+            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        dw_acc = tl.zeros([BLOCK], dtype=tl.float32)
+        db_acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for row in range(row_start, row_end):
+            dy = tl.load(DY + row * dy_stride + cols, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(X + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+            mean = tl.load(MEAN + row)
+            rstd = tl.load(RSTD + row)
+            xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+            wdy = dy
+            if HAS_W:
+                wdy = dy * w
+                dw_acc += dy * xhat
+            if HAS_B:
+                db_acc += dy
+            c1 = tl.sum(wdy * xhat, axis=0) / N
+            c2 = tl.sum(wdy, axis=0) / N
+            dx = (wdy - (xhat * c1 + c2)) * rstd
+            tl.store(DX + row * dx_stride + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_W:
+            tl.store(dw_ptr + cols, dw_acc, mask=mask)
+        if HAS_B:
+            tl.store(db_ptr + cols, db_acc, mask=mask)
+    else:
+        for row in range(row_start, row_end):
+            mean = tl.load(MEAN + row)
+            rstd = tl.load(RSTD + row)
+            acc1 = tl.zeros([BLOCK], dtype=tl.float32)
+            acc2 = tl.zeros([BLOCK], dtype=tl.float32)
+            for start in range(0, N, BLOCK):
+                cc = start + cols
+                mask = cc < N
+                dy = tl.load(DY + row * dy_stride + cc, mask=mask, other=0.0).to(tl.float32)
+                x = tl.load(X + row * x_stride + cc, mask=mask, other=0.0).to(tl.float32)
+                xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+                if HAS_W:
+                    dy = dy * tl.load(W + cc, mask=mask, other=0.0).to(tl.float32)
+                acc1 += dy * xhat
+                acc2 += dy
+            c1 = tl.sum(acc1, axis=0) / N
+            c2 = tl.sum(acc2, axis=0) / N
+            for start in range(0, N, BLOCK):
+                cc = start + cols
+                mask = cc < N
+                dy = tl.load(DY + row * dy_stride + cc, mask=mask, other=0.0).to(tl.float32)
+                x = tl.load(X + row * x_stride + cc, mask=mask, other=0.0).to(tl.float32)
+                xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+                wdy = dy
+                if HAS_W:
+                    wdy = dy * tl.load(W + cc, mask=mask, other=0.0).to(tl.float32)
+                    dw = tl.load(dw_ptr + cc, mask=mask, other=0.0)
+                    tl.store(dw_ptr + cc, dw + dy * xhat, mask=mask)
+                if HAS_B:
+                    db = tl.load(db_ptr + cc, mask=mask, other=0.0)
+                    tl.store(db_ptr + cc, db + dy, mask=mask)
+                dx = (wdy - (xhat * c1 + c2)) * rstd
+                tl.store(DX + row * dx_stride + cc, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+def layer_norm_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Launch the forward kernel: returns ``(y, mean, rstd)``."""
+    n = x.shape[-1]
+    x2 = as_rows(x, n)
+    m = x2.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    mean = torch.empty(m, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m > 0 and n > 0:
+        block, one = row_block(n)
+        _layer_norm_fwd_kernel[(m,)](
+            x2,
+            weight if weight is not None else x2,
+            bias if bias is not None else x2,
+            y,
+            mean,
+            rstd,
+            x2.stride(0),
+            y.stride(0),
+            n,
+            eps,
+            HAS_W=weight is not None,
+            HAS_B=bias is not None,
+            BLOCK=block,
+            ONE_BLOCK=one,
+            num_warps=num_warps(block),
+        )
+    lead = x.shape[:-1]
+    return y.view(x.shape), mean.view(lead), rstd.view(lead)
+
+
+def layer_norm_backward(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    has_bias: bool,
+    mean: Tensor,
+    rstd: Tensor,
+    bias_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Launch the backward kernel: returns ``(dx, dweight, dbias)`` (empty when absent)."""
+    n = x.shape[-1]
+    x2, dy2 = as_rows(x, n), as_rows(dy, n)
+    m = x2.shape[0]
+    dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    programs = persistent_programs(m, x.device, n)
+    has_w = weight is not None
+    dw_part = torch.zeros((programs if has_w else 1, n), dtype=torch.float32, device=x.device)
+    db_part = torch.zeros((programs if has_bias else 1, n), dtype=torch.float32, device=x.device)
+    if m > 0 and n > 0:
+        block, one = row_block(n)
+        _layer_norm_bwd_kernel[(programs,)](
+            dy2,
+            x2,
+            weight if has_w else x2,
+            mean.reshape(-1),
+            rstd.reshape(-1),
+            dx,
+            dw_part,
+            db_part,
+            dy2.stride(0),
+            x2.stride(0),
+            dx.stride(0),
+            m,
+            n,
+            triton.cdiv(m, programs),
+            HAS_W=has_w,
+            HAS_B=has_bias,
+            BLOCK=block,
+            ONE_BLOCK=one,
+            num_warps=num_warps(block),
+        )
+    dw = dw_part.sum(0).to(weight.dtype) if has_w else x.new_empty(0)
+    db = db_part.sum(0).to(bias_dtype) if has_bias else x.new_empty(0)
+    return dx.view(x.shape), dw, db
+
+
+def _opmath(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _layer_norm_forward_torch(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    # torch's fused kernel on fp32 (fp64) copies: the same fp32 statistics as the
+    # Triton kernel (on half inputs it would return half mean/rstd).
+    acc = _opmath(x)
+    n = x.shape[-1]
+    wf = weight.to(acc) if weight is not None else None
+    bf = bias.to(acc) if bias is not None else None
+    y, mean, rstd = torch.native_layer_norm(x.to(acc), (n,), wf, bf, eps)
+    lead = x.shape[:-1]
+    return (
+        y.to(x.dtype).contiguous(),
+        mean.reshape(lead).to(torch.float32),
+        rstd.reshape(lead).to(torch.float32),
+    )
+
+
+def _layer_norm_backward_torch(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    has_bias: bool,
+    mean: Tensor,
+    rstd: Tensor,
+    bias_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
+    acc = _opmath(x)
+    n = x.shape[-1]
+    stats_shape = (*x.shape[:-1], 1)
+    wf = weight.to(acc) if weight is not None else None
+    dx, dw, db = torch.ops.aten.native_layer_norm_backward(
+        dy.to(acc),
+        x.to(acc),
+        [n],
+        mean.to(acc).reshape(stats_shape),
+        rstd.to(acc).reshape(stats_shape),
+        wf,
+        torch.zeros(n, dtype=acc, device=x.device) if has_bias else None,
+        [True, weight is not None, has_bias],
+    )
+    dw = dw.to(weight.dtype) if weight is not None else x.new_empty(0)
+    db = db.to(bias_dtype) if has_bias else x.new_empty(0)
+    return dx.to(x.dtype).contiguous(), dw, db
+
+
+def _layer_norm_ref(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5
+) -> Tensor:
+    """Plain torch LayerNorm in ``x``'s own dtype, differentiable: the test reference."""
+    mean = x.mean(-1, keepdim=True)
+    var = (x - mean).square().mean(-1, keepdim=True)
+    y = (x - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight
+    return y + bias if bias is not None else y
+
+
+def _layer_norm_fwd_op_impl(x, weight, bias, eps):
+    if use_triton(x):
+        return layer_norm_forward(x, weight, bias, eps)
+    return _layer_norm_forward_torch(x, weight, bias, eps)
+
+
+@torch.library.custom_op("fastml::layer_norm_fwd", mutates_args=())
+def _layer_norm_fwd_op(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _layer_norm_fwd_op_impl(x, weight, bias, eps)
+
+
+@_layer_norm_fwd_op.register_fake
+def _(x, weight, bias, eps):
+    stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        stats,
+        torch.empty_like(stats),
+    )
+
+
+def _layer_norm_bwd_op_impl(dy, x, weight, has_bias, mean, rstd, bias_dtype):
+    if use_triton(x):
+        return layer_norm_backward(dy, x, weight, has_bias, mean, rstd, bias_dtype)
+    return _layer_norm_backward_torch(dy, x, weight, has_bias, mean, rstd, bias_dtype)
+
+
+@torch.library.custom_op("fastml::layer_norm_bwd", mutates_args=())
+def _layer_norm_bwd_op(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    has_bias: bool,
+    mean: Tensor,
+    rstd: Tensor,
+    bias_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _layer_norm_bwd_op_impl(dy, x, weight, has_bias, mean, rstd, bias_dtype)
+
+
+@_layer_norm_bwd_op.register_fake
+def _(dy, x, weight, has_bias, mean, rstd, bias_dtype):
+    n = x.shape[-1]
+    dw = torch.empty_like(weight) if weight is not None else x.new_empty(0)
+    db = x.new_empty(n, dtype=bias_dtype) if has_bias else x.new_empty(0)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), dw, db
+
+
+def _ln_setup_context(ctx, inputs, output):
+    x, weight, bias, _eps = inputs
+    _y, mean, rstd = output
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else x.dtype
+    ctx.save_for_backward(x, weight, mean, rstd)
+
+
+def _ln_backward(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    bwd = _layer_norm_bwd_op_impl if getattr(ctx, "eager", False) else _layer_norm_bwd_op
+    dx, dw, db = bwd(dy, x, weight, ctx.has_bias, mean, rstd, ctx.bias_dtype)
+    return dx, (dw if weight is not None else None), (db if ctx.has_bias else None), None
+
+
+_layer_norm_fwd_op.register_autograd(_ln_backward, setup_context=_ln_setup_context)
+_LayerNormFunction = eager_function(
+    "_LayerNormFunction",
+    _layer_norm_fwd_op_impl,
+    _ln_setup_context,
+    _ln_backward,
+    non_differentiable=(1, 2),
+)
+
+
+def layer_norm(
+    x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5
+) -> Tensor:
+    """LayerNorm over the last dimension: ``(x - mean) / sqrt(var + eps) * weight + bias``.
+
+    Any leading shape; fp32/fp16/bf16 in, the same dtype out, fp32 statistics.
+    ``weight`` and ``bias`` (shape ``(x.shape[-1],)``) may each be None.
+    """
+    check_float("x", x)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension, got a 0-d tensor")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None:
+            check_float(name, p)
+            if p.shape != x.shape[-1:]:
+                raise ValueError(
+                    f"{name} must have shape ({x.shape[-1]},) to match x's last dimension, "
+                    f"got {tuple(p.shape)}"
+                )
+    check_same_device(x=x, weight=weight, bias=bias)
+    if not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    if compiling():
+        return _layer_norm_fwd_op(x, weight, bias, float(eps))[0]
+    return _LayerNormFunction.apply(x, weight, bias, float(eps))[0]

@@ -1,0 +1,427 @@
+"""RMSNorm and the fused residual-add + RMSNorm.
+
+``y = x / sqrt(mean(x**2) + eps) * weight``, computed in fp32 and stored in
+``x``'s dtype. ``add_rms_norm`` first forms ``s = x + residual`` (rounded to
+the dtype, as the residual stream is stored) and normalises ``s``; it returns
+``(normed, s)`` from one pass over memory.
+"""
+
+import torch
+from torch import Tensor
+
+from fastml.ops._dispatch import (
+    as_rows,
+    check_float,
+    check_same_device,
+    compiling,
+    eager_function,
+    num_warps,
+    persistent_programs,
+    row_block,
+    tl,
+    triton,
+    use_triton,
+)
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(
+    X,
+    R,
+    S,
+    W,
+    Y,
+    RSTD,
+    x_stride,
+    r_stride,
+    s_stride,
+    y_stride,
+    N,
+    eps,
+    HAS_RES: tl.constexpr,
+    HAS_W: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_ptr = X + row * x_stride
+    y_ptr = Y + row * y_stride
+    cols = tl.arange(0, BLOCK)
+    if ONE_BLOCK:
+        mask = cols < N
+        x = tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RES:
+            r = tl.load(R + row * r_stride + cols, mask=mask, other=0.0).to(tl.float32)
+            s = (x + r).to(S.dtype.element_ty)
+            tl.store(S + row * s_stride + cols, s, mask=mask)
+            x = s.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
+        y = x * rstd
+        if HAS_W:
+            y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + cols, y.to(Y.dtype.element_ty), mask=mask)
+    else:
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, N, BLOCK):
+            c = start + cols
+            mask = c < N
+            x = tl.load(x_ptr + c, mask=mask, other=0.0).to(tl.float32)
+            if HAS_RES:
+                r = tl.load(R + row * r_stride + c, mask=mask, other=0.0).to(tl.float32)
+                s = (x + r).to(S.dtype.element_ty)
+                tl.store(S + row * s_stride + c, s, mask=mask)
+                x = s.to(tl.float32)
+            acc += x * x
+        rstd = tl.rsqrt(tl.sum(acc, axis=0) / N + eps)
+        for start in range(0, N, BLOCK):
+            c = start + cols
+            mask = c < N
+            if HAS_RES:
+                x = tl.load(S + row * s_stride + c, mask=mask, other=0.0).to(tl.float32)
+            else:
+                x = tl.load(x_ptr + c, mask=mask, other=0.0).to(tl.float32)
+            y = x * rstd
+            if HAS_W:
+                y = y * tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+            tl.store(y_ptr + c, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    DY,
+    X,
+    W,
+    RSTD,
+    DRES,
+    DX,
+    DW_PARTIAL,
+    dy_stride,
+    x_stride,
+    dres_stride,
+    dx_stride,
+    M,
+    N,
+    rows_per_program,
+    HAS_W: tl.constexpr,
+    HAS_DRES: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
+):
+    # Each program walks a contiguous range of rows and keeps its share of
+    # dW in fp32 (registers when a row fits one block, else its own row of
+    # DW_PARTIAL); the host sums the partials: deterministic, no atomics.
+    pid = tl.program_id(0).to(tl.int64)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    cols = tl.arange(0, BLOCK)
+    dw_ptr = DW_PARTIAL + pid * N
+    if ONE_BLOCK:
+        mask = cols < N
+        if HAS_W:
+            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        dw_acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for row in range(row_start, row_end):
+            dy = tl.load(DY + row * dy_stride + cols, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(X + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + row)
+            xhat = x * rstd
+            wdy = dy
+            if HAS_W:
+                wdy = dy * w
+                dw_acc += dy * xhat
+            c = tl.sum(wdy * xhat, axis=0) / N
+            dx = (wdy - xhat * c) * rstd
+            if HAS_DRES:
+                dx += tl.load(DRES + row * dres_stride + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + row * dx_stride + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_W:
+            tl.store(dw_ptr + cols, dw_acc, mask=mask)
+    else:
+        for row in range(row_start, row_end):
+            rstd = tl.load(RSTD + row)
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            for start in range(0, N, BLOCK):
+                cc = start + cols
+                mask = cc < N
+                dy = tl.load(DY + row * dy_stride + cc, mask=mask, other=0.0).to(tl.float32)
+                x = tl.load(X + row * x_stride + cc, mask=mask, other=0.0).to(tl.float32)
+                if HAS_W:
+                    dy = dy * tl.load(W + cc, mask=mask, other=0.0).to(tl.float32)
+                acc += dy * x
+            c = tl.sum(acc, axis=0) * rstd / N
+            for start in range(0, N, BLOCK):
+                cc = start + cols
+                mask = cc < N
+                dy = tl.load(DY + row * dy_stride + cc, mask=mask, other=0.0).to(tl.float32)
+                x = tl.load(X + row * x_stride + cc, mask=mask, other=0.0).to(tl.float32)
+                xhat = x * rstd
+                wdy = dy
+                if HAS_W:
+                    wdy = dy * tl.load(W + cc, mask=mask, other=0.0).to(tl.float32)
+                    dw = tl.load(dw_ptr + cc, mask=mask, other=0.0)
+                    tl.store(dw_ptr + cc, dw + dy * xhat, mask=mask)
+                dx = (wdy - xhat * c) * rstd
+                if HAS_DRES:
+                    dx += tl.load(DRES + row * dres_stride + cc, mask=mask, other=0.0).to(
+                        tl.float32
+                    )
+                tl.store(DX + row * dx_stride + cc, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+def rms_norm_forward(
+    x: Tensor, weight: Tensor | None, eps: float, residual: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Launch the forward kernel: returns ``(y, rstd, s)`` (``s`` empty without residual)."""
+    n = x.shape[-1]
+    x2 = as_rows(x, n)
+    m = x2.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+    if residual is not None:
+        r2 = as_rows(residual, n)
+        s = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    else:
+        r2 = s = x2
+    if m > 0 and n > 0:
+        block, one = row_block(n)
+        _rms_norm_fwd_kernel[(m,)](
+            x2,
+            r2,
+            s,
+            weight if weight is not None else x2,
+            y,
+            rstd,
+            x2.stride(0),
+            r2.stride(0),
+            s.stride(0),
+            y.stride(0),
+            n,
+            eps,
+            HAS_RES=residual is not None,
+            HAS_W=weight is not None,
+            BLOCK=block,
+            ONE_BLOCK=one,
+            num_warps=num_warps(block),
+        )
+    lead = x.shape[:-1]
+    s_out = s.view(x.shape) if residual is not None else x.new_empty(0)
+    return y.view(x.shape), rstd.view(lead), s_out
+
+
+def rms_norm_backward(
+    dy: Tensor, x: Tensor, weight: Tensor | None, rstd: Tensor, dres: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Launch the backward kernel: returns ``(dx, dweight)`` (``dweight`` empty without weight).
+
+    ``x`` is the normalised input (the sum ``s`` for ``add_rms_norm``); ``dres`` is
+    the gradient flowing into that sum from elsewhere, added to ``dx``.
+    """
+    n = x.shape[-1]
+    x2, dy2 = as_rows(x, n), as_rows(dy, n)
+    m = x2.shape[0]
+    dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    dres2 = as_rows(dres, n) if dres is not None else dx
+    programs = persistent_programs(m, x.device, n)
+    has_w = weight is not None
+    partial = torch.zeros((programs if has_w else 1, n), dtype=torch.float32, device=x.device)
+    if m > 0 and n > 0:
+        block, one = row_block(n)
+        _rms_norm_bwd_kernel[(programs,)](
+            dy2,
+            x2,
+            weight if has_w else x2,
+            rstd.reshape(-1),
+            dres2,
+            dx,
+            partial,
+            dy2.stride(0),
+            x2.stride(0),
+            dres2.stride(0),
+            dx.stride(0),
+            m,
+            n,
+            triton.cdiv(m, programs),
+            HAS_W=has_w,
+            HAS_DRES=dres is not None,
+            BLOCK=block,
+            ONE_BLOCK=one,
+            num_warps=num_warps(block),
+        )
+    dw = partial.sum(0).to(weight.dtype) if has_w else x.new_empty(0)
+    return dx.view(x.shape), dw
+
+
+# -- torch implementations with the same semantics (CPU fallback, torch backend) --
+
+
+def _opmath(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _rms_norm_forward_torch(
+    x: Tensor, weight: Tensor | None, eps: float, residual: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    acc = _opmath(x)
+    s_out = x.new_empty(0)
+    if residual is not None:
+        s_out = (x.to(acc) + residual.to(acc)).to(x.dtype)
+        x = s_out
+    xf = x.to(acc)
+    rstd = torch.rsqrt(xf.square().mean(-1) + eps)
+    y = xf * rstd.unsqueeze(-1)
+    if weight is not None:
+        y = y * weight.to(acc)
+    return y.to(x.dtype).contiguous(), rstd.to(torch.float32), s_out.contiguous()
+
+
+def _rms_norm_backward_torch(
+    dy: Tensor, x: Tensor, weight: Tensor | None, rstd: Tensor, dres: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    acc = _opmath(x)
+    xf, dyf, r = x.to(acc), dy.to(acc), rstd.to(acc).unsqueeze(-1)
+    xhat = xf * r
+    wdy = dyf * weight.to(acc) if weight is not None else dyf
+    dx = (wdy - xhat * (wdy * xhat).mean(-1, keepdim=True)) * r
+    if dres is not None:
+        dx = dx + dres.to(acc)
+    if weight is not None:
+        dw = (dyf * xhat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+    else:
+        dw = x.new_empty(0)
+    return dx.to(x.dtype).contiguous(), dw
+
+
+def _rms_norm_ref(x: Tensor, weight: Tensor | None, eps: float = 1e-6) -> Tensor:
+    """Plain torch RMSNorm in ``x``'s own dtype, differentiable: the test reference."""
+    y = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+    return y * weight if weight is not None else y
+
+
+def _add_rms_norm_ref(
+    x: Tensor, residual: Tensor, weight: Tensor | None, eps: float = 1e-6
+) -> tuple[Tensor, Tensor]:
+    """Plain torch add + RMSNorm: ``s`` in the inputs' dtype, as the fused op stores it."""
+    s = x + residual
+    return _rms_norm_ref(s, weight, eps), s
+
+
+# -- custom ops: opaque to torch.compile, with fake implementations and autograd --
+
+
+def _rms_fwd_impl(x, weight, residual, eps):
+    if use_triton(x):
+        return rms_norm_forward(x, weight, eps, residual)
+    return _rms_norm_forward_torch(x, weight, eps, residual)
+
+
+def _rms_bwd_impl(dy, x, weight, rstd, dres):
+    if use_triton(x):
+        return rms_norm_backward(dy, x, weight, rstd, dres)
+    return _rms_norm_backward_torch(dy, x, weight, rstd, dres)
+
+
+@torch.library.custom_op("fastml::rms_norm_fwd", mutates_args=())
+def _rms_norm_fwd_op(
+    x: Tensor, weight: Tensor | None, residual: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _rms_fwd_impl(x, weight, residual, eps)
+
+
+@_rms_norm_fwd_op.register_fake
+def _(x, weight, residual, eps):
+    s = (
+        torch.empty_like(x, memory_format=torch.contiguous_format)
+        if residual is not None
+        else x.new_empty(0)
+    )
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        x.new_empty(x.shape[:-1], dtype=torch.float32),
+        s,
+    )
+
+
+@torch.library.custom_op("fastml::rms_norm_bwd", mutates_args=())
+def _rms_norm_bwd_op(
+    dy: Tensor, x: Tensor, weight: Tensor | None, rstd: Tensor, dres: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    return _rms_bwd_impl(dy, x, weight, rstd, dres)
+
+
+@_rms_norm_bwd_op.register_fake
+def _(dy, x, weight, rstd, dres):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), (
+        torch.empty_like(weight) if weight is not None else x.new_empty(0)
+    )
+
+
+def _rms_setup_context(ctx, inputs, output):
+    x, weight, residual, _eps = inputs
+    _y, rstd, s = output
+    ctx.has_res = residual is not None
+    ctx.save_for_backward(s if ctx.has_res else x, weight, rstd)
+
+
+def _rms_backward(ctx, dy, _drstd, ds):
+    xs, weight, rstd = ctx.saved_tensors
+    dres = ds if ctx.has_res and ds is not None else None
+    if dy is None:  # only the sum of add_rms_norm was used
+        dy = torch.zeros_like(xs)
+    bwd = _rms_bwd_impl if getattr(ctx, "eager", False) else _rms_norm_bwd_op
+    dx, dw = bwd(dy, xs, weight, rstd, dres)
+    return dx, (dw if weight is not None else None), (dx if ctx.has_res else None), None
+
+
+_rms_norm_fwd_op.register_autograd(_rms_backward, setup_context=_rms_setup_context)
+_RMSNormFunction = eager_function(
+    "_RMSNormFunction", _rms_fwd_impl, _rms_setup_context, _rms_backward, non_differentiable=(1,)
+)
+
+
+def _rms_apply(x, weight, residual, eps):
+    if compiling():
+        return _rms_norm_fwd_op(x, weight, residual, eps)
+    return _RMSNormFunction.apply(x, weight, residual, eps)
+
+
+def _check(x: Tensor, weight: Tensor | None, eps: float, residual: Tensor | None) -> None:
+    check_float("x", x)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension, got a 0-d tensor")
+    if weight is not None:
+        check_float("weight", weight)
+        if weight.shape != x.shape[-1:]:
+            raise ValueError(
+                f"weight must have shape ({x.shape[-1]},) to match x's last dimension, "
+                f"got {tuple(weight.shape)}"
+            )
+    if residual is not None:
+        check_float("residual", residual)
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            raise ValueError(
+                f"residual must match x's shape {tuple(x.shape)} and dtype {x.dtype}, "
+                f"got {tuple(residual.shape)} {residual.dtype}"
+            )
+    check_same_device(x=x, weight=weight, residual=residual)
+    if not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+
+
+def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6) -> Tensor:
+    """RMSNorm over the last dimension: ``x / sqrt(mean(x**2) + eps) * weight``.
+
+    Any leading shape; fp32/fp16/bf16 in, the same dtype out, fp32 accumulation.
+    ``weight`` (shape ``(x.shape[-1],)``) may be None.
+    """
+    _check(x, weight, eps, None)
+    return _rms_apply(x, weight, None, float(eps))[0]
+
+
+def add_rms_norm(
+    x: Tensor, residual: Tensor, weight: Tensor | None = None, eps: float = 1e-6
+) -> tuple[Tensor, Tensor]:
+    """Fused ``s = x + residual; return rms_norm(s, weight, eps), s`` in one pass."""
+    _check(x, weight, eps, residual)
+    y, _rstd, s = _rms_apply(x, weight, residual, float(eps))
+    return y, s

@@ -1,0 +1,274 @@
+"""softmax and log_softmax along any dimension, with an online max for long rows.
+
+Rows wider than one block take two passes: the running maximum and the sum of
+exponentials rescaled as the maximum grows (online softmax), then the output.
+"""
+
+import torch
+from torch import Tensor
+
+from fastml.ops._dispatch import (
+    as_rows,
+    check_float,
+    compiling,
+    eager_function,
+    num_warps,
+    row_block,
+    tl,
+    triton,
+    use_triton,
+)
+
+
+@triton.jit
+def _softmax_fwd_kernel(
+    X, Y, x_stride, y_stride, N, LOG: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_ptr = X + row * x_stride
+    y_ptr = Y + row * y_stride
+    cols = tl.arange(0, BLOCK)
+    if ONE_BLOCK:
+        mask = cols < N
+        x = tl.load(x_ptr + cols, mask=mask, other=-float("inf")).to(tl.float32)
+        m = tl.max(x, axis=0)
+        e = tl.exp(x - m)
+        d = tl.sum(e, axis=0)
+        if LOG:
+            y = x - m - tl.log(d)
+        else:
+            y = e / d
+        tl.store(y_ptr + cols, y.to(Y.dtype.element_ty), mask=mask)
+    else:
+        m = -float("inf")
+        d = 0.0
+        for start in range(0, N, BLOCK):
+            c = start + cols
+            x = tl.load(x_ptr + c, mask=c < N, other=-float("inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            # A chunk (so far) of -inf only: keep exp() finite; the sum stays 0.
+            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+            d = d * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), axis=0)
+            m = m_new
+        log_d = tl.log(d)
+        for start in range(0, N, BLOCK):
+            c = start + cols
+            mask = c < N
+            x = tl.load(x_ptr + c, mask=mask, other=-float("inf")).to(tl.float32)
+            if LOG:
+                y = x - m - log_d
+            else:
+                y = tl.exp(x - m) / d
+            tl.store(y_ptr + c, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _softmax_bwd_kernel(
+    DY,
+    Y,
+    DX,
+    dy_stride,
+    y_stride,
+    dx_stride,
+    N,
+    LOG: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
+):
+    # softmax:     dx = y * (dy - sum(dy * y))
+    # log_softmax: dx = dy - exp(y) * sum(dy)
+    row = tl.program_id(0).to(tl.int64)
+    dy_ptr = DY + row * dy_stride
+    y_ptr = Y + row * y_stride
+    dx_ptr = DX + row * dx_stride
+    cols = tl.arange(0, BLOCK)
+    if ONE_BLOCK:
+        mask = cols < N
+        dy = tl.load(dy_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        if LOG:
+            dx = dy - tl.exp(y) * tl.sum(dy, axis=0)
+        else:
+            dx = y * (dy - tl.sum(dy * y, axis=0))
+        tl.store(dx_ptr + cols, dx.to(DX.dtype.element_ty), mask=mask)
+    else:
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, N, BLOCK):
+            c = start + cols
+            mask = c < N
+            dy = tl.load(dy_ptr + c, mask=mask, other=0.0).to(tl.float32)
+            if LOG:
+                acc += dy
+            else:
+                acc += dy * tl.load(y_ptr + c, mask=mask, other=0.0).to(tl.float32)
+        s = tl.sum(acc, axis=0)
+        for start in range(0, N, BLOCK):
+            c = start + cols
+            mask = c < N
+            dy = tl.load(dy_ptr + c, mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(y_ptr + c, mask=mask, other=0.0).to(tl.float32)
+            if LOG:
+                dx = dy - tl.exp(y) * s
+            else:
+                dx = y * (dy - s)
+            tl.store(dx_ptr + c, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+def softmax_forward(x: Tensor, log: bool) -> Tensor:
+    """Launch the forward kernel over the last dimension of ``x``."""
+    n = x.shape[-1]
+    x2 = as_rows(x, n)
+    m = x2.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m > 0 and n > 0:
+        block, one = row_block(n)
+        _softmax_fwd_kernel[(m,)](
+            x2,
+            y,
+            x2.stride(0),
+            y.stride(0),
+            n,
+            LOG=log,
+            BLOCK=block,
+            ONE_BLOCK=one,
+            num_warps=num_warps(block),
+        )
+    return y.view(x.shape)
+
+
+def softmax_backward(dy: Tensor, y: Tensor, log: bool) -> Tensor:
+    """Launch the backward kernel over the last dimension."""
+    n = y.shape[-1]
+    y2, dy2 = as_rows(y, n), as_rows(dy, n)
+    m = y2.shape[0]
+    dx = torch.empty((m, n), dtype=y.dtype, device=y.device)
+    if m > 0 and n > 0:
+        block, one = row_block(n)
+        _softmax_bwd_kernel[(m,)](
+            dy2,
+            y2,
+            dx,
+            dy2.stride(0),
+            y2.stride(0),
+            dx.stride(0),
+            n,
+            LOG=log,
+            BLOCK=block,
+            ONE_BLOCK=one,
+            num_warps=num_warps(block),
+        )
+    return dx.view(y.shape)
+
+
+def _acc(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _softmax_forward_torch(x: Tensor, log: bool) -> Tensor:
+    xf = x.to(_acc(x))
+    y = torch.log_softmax(xf, -1) if log else torch.softmax(xf, -1)
+    return y.to(x.dtype).contiguous()
+
+
+def _softmax_backward_torch(dy: Tensor, y: Tensor, log: bool) -> Tensor:
+    a = _acc(y)
+    dyf, yf = dy.to(a), y.to(a)
+    if log:
+        dx = dyf - yf.exp() * dyf.sum(-1, keepdim=True)
+    else:
+        dx = yf * (dyf - (dyf * yf).sum(-1, keepdim=True))
+    return dx.to(y.dtype).contiguous()
+
+
+def _softmax_ref(x: Tensor, dim: int = -1) -> Tensor:
+    """exp(x - max) / sum(exp(x - max)) in ``x``'s own dtype: the test reference."""
+    e = (x - x.amax(dim, keepdim=True)).exp()
+    return e / e.sum(dim, keepdim=True)
+
+
+def _log_softmax_ref(x: Tensor, dim: int = -1) -> Tensor:
+    z = x - x.amax(dim, keepdim=True)
+    return z - z.exp().sum(dim, keepdim=True).log()
+
+
+def _softmax_fwd_op_impl(x, log):
+    if use_triton(x):
+        return softmax_forward(x, log)
+    return _softmax_forward_torch(x, log)
+
+
+@torch.library.custom_op("fastml::softmax_fwd", mutates_args=())
+def _softmax_fwd_op(x: Tensor, log: bool) -> Tensor:
+    return _softmax_fwd_op_impl(x, log)
+
+
+@_softmax_fwd_op.register_fake
+def _(x, log):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _softmax_bwd_op_impl(dy, y, log):
+    if use_triton(y):
+        return softmax_backward(dy, y, log)
+    return _softmax_backward_torch(dy, y, log)
+
+
+@torch.library.custom_op("fastml::softmax_bwd", mutates_args=())
+def _softmax_bwd_op(dy: Tensor, y: Tensor, log: bool) -> Tensor:
+    return _softmax_bwd_op_impl(dy, y, log)
+
+
+@_softmax_bwd_op.register_fake
+def _(dy, y, log):
+    return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+
+def _sm_setup_context(ctx, inputs, output):
+    ctx.log = inputs[1]
+    ctx.save_for_backward(output)
+
+
+def _sm_backward(ctx, dy):
+    (y,) = ctx.saved_tensors
+    bwd = _softmax_bwd_op_impl if getattr(ctx, "eager", False) else _softmax_bwd_op
+    return bwd(dy, y, ctx.log), None
+
+
+_softmax_fwd_op.register_autograd(_sm_backward, setup_context=_sm_setup_context)
+_SoftmaxFunction = eager_function(
+    "_SoftmaxFunction", _softmax_fwd_op_impl, _sm_setup_context, _sm_backward
+)
+
+
+def _softmax_apply(x: Tensor, log: bool) -> Tensor:
+    if compiling():
+        return _softmax_fwd_op(x, log)
+    return _SoftmaxFunction.apply(x, log)
+
+
+def _along(x: Tensor, dim: int, log: bool) -> Tensor:
+    check_float("x", x)
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    if x.dim() == 0:
+        return _softmax_apply(x.reshape(1), log).reshape(())
+    if not -x.dim() <= dim < x.dim():
+        raise IndexError(
+            f"dim must be in [{-x.dim()}, {x.dim() - 1}] for a {x.dim()}-D x, got {dim}"
+        )
+    dim = dim % x.dim()
+    if dim == x.dim() - 1:
+        return _softmax_apply(x, log)
+    # The kernels reduce along a unit-stride row: move dim last (one copy), then back.
+    y = _softmax_apply(x.movedim(dim, -1).contiguous(), log)
+    return y.movedim(-1, dim)
+
+
+def softmax(x: Tensor, dim: int = -1) -> Tensor:
+    """Softmax along ``dim`` (fp32 accumulation, output in ``x``'s dtype)."""
+    return _along(x, dim, False)
+
+
+def log_softmax(x: Tensor, dim: int = -1) -> Tensor:
+    """Log-softmax along ``dim`` (fp32 accumulation, output in ``x``'s dtype)."""
+    return _along(x, dim, True)

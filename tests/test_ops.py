@@ -1,0 +1,596 @@
+"""fastml.ops: every Triton kernel (under TRITON_INTERPRET=1 on CPU) against float64.
+
+Each op runs forward and backward in fp32 and fp16 on fixed odd shapes and on
+hypothesis-drawn ones, and must satisfy the tolerance rule of issue #7
+(see tests/_ops_util.py) for outputs and gradients alike.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _ops_util import assert_rule, leaf
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastml import ops
+from fastml.ops import _dispatch
+from fastml.ops.cross_entropy import _cross_entropy_ref
+from fastml.ops.layer_norm import _layer_norm_ref
+from fastml.ops.rms_norm import _rms_norm_ref
+from fastml.ops.softmax import _log_softmax_ref, _softmax_ref
+
+# The package re-exports the function under the module's name; fetch the module itself.
+lce_mod = importlib.import_module("fastml.ops.linear_cross_entropy")
+
+DTYPES = [torch.float32, torch.float16]
+SHAPES = [(1, 1), (5, 123), (3, 4097), (2, 3, 37)]
+
+
+@pytest.fixture
+def triton_backend():
+    _dispatch.set_backend("triton")
+    yield
+    _dispatch.set_backend("auto")
+
+
+@pytest.fixture(params=["one_block", "chunked"])
+def block_mode(request, monkeypatch):
+    """Run with rows in one block, and with a 1024-wide block so 4097 is walked in chunks."""
+    if request.param == "chunked":
+        monkeypatch.setattr(_dispatch, "_MAX_BLOCK", 1024)
+    return request.param
+
+
+def _outputs(r):
+    return list(r) if isinstance(r, (tuple, list)) else [r]
+
+
+def check_op(fast, same, ref, inputs, dtype, what, grad_mask=None, seed=0, norm=False):
+    """Compare fast/same (in ``dtype``) with ref (float64), forward and backward."""
+    gen = torch.Generator().manual_seed(seed)
+    grad_mask = grad_mask or [True] * len(inputs)
+
+    def cast(t, m, dt):
+        if not t.is_floating_point():
+            return t  # integer targets stay as they are
+        return leaf(t, dt) if m else t.to(dt)
+
+    xd = [cast(t, m, dtype) for t, m in zip(inputs, grad_mask, strict=True)]
+    xs = [cast(t, m, dtype) for t, m in zip(inputs, grad_mask, strict=True)]
+    x64 = [cast(t, m, torch.float64) for t, m in zip(xd, grad_mask, strict=True)]
+    outs, sames, refs = _outputs(fast(*xd)), _outputs(same(*xs)), _outputs(ref(*x64))
+    gs = [torch.randn(r.shape, generator=gen, dtype=torch.float64).to(dtype) for r in refs]
+    for i, (o, s, r) in enumerate(zip(outs, sames, refs, strict=True)):
+        assert o.dtype == dtype, f"{what}: output dtype {o.dtype}"
+        assert_rule(o, s, r, f"{what} output {i}", norm)
+    wrt = [k for k, m in enumerate(grad_mask) if m]
+
+    def backward(os_, xs_, gdtype):
+        loss = sum((o * g.to(gdtype)).sum() for o, g in zip(os_, gs, strict=True))
+        return torch.autograd.grad(loss, [xs_[k] for k in wrt])
+
+    for k, go, gsm, gr in zip(
+        wrt,
+        backward(outs, xd, dtype),
+        backward(sames, xs, dtype),
+        backward(refs, x64, torch.float64),
+        strict=True,
+    ):
+        assert go.dtype == dtype
+        assert_rule(go, gsm, gr, f"{what} grad of input {k}", norm)
+
+
+def add_rms_ref(dtype):
+    """float64 add_rms_norm with its documented semantics: ``s`` is rounded to ``dtype``.
+
+    The rounding is applied straight-through (its gradient is the identity), as
+    the op's gradient treats the stored sum.
+    """
+
+    def ref(x, r, w, eps=1e-6):
+        s = x + r
+        s = s + (s.to(dtype).double() - s).detach()
+        return _rms_norm_ref(s, w, eps), s
+
+    return ref
+
+
+# ---------------------------------------------------------------- norms
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_rms_norm(triton_backend, block_mode, dtype, shape):
+    torch.manual_seed(1)
+    x, w = torch.randn(shape), torch.randn(shape[-1])
+    check_op(
+        lambda a, b: ops.rms_norm(a, b, 1e-6),
+        lambda a, b: F.rms_norm(a, (shape[-1],), b, 1e-6),
+        lambda a, b: _rms_norm_ref(a, b, 1e-6),
+        [x, w],
+        dtype,
+        "rms_norm",
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rms_norm_without_weight(triton_backend, dtype):
+    x = torch.randn(4, 50)
+    check_op(
+        lambda a: ops.rms_norm(a, None, 1e-5),
+        lambda a: F.rms_norm(a, (50,), None, 1e-5),
+        lambda a: _rms_norm_ref(a, None, 1e-5),
+        [x],
+        dtype,
+        "rms_norm(weight=None)",
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_add_rms_norm(triton_backend, block_mode, dtype, shape):
+    torch.manual_seed(2)
+    x, r, w = torch.randn(shape), torch.randn(shape), torch.randn(shape[-1])
+
+    def same(a, b, c):
+        s = a + b
+        return F.rms_norm(s, (shape[-1],), c, 1e-6), s
+
+    check_op(
+        lambda a, b, c: ops.add_rms_norm(a, b, c, 1e-6),
+        same,
+        add_rms_ref(dtype),
+        [x, r, w],
+        dtype,
+        "add_rms_norm",
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_layer_norm(triton_backend, block_mode, dtype, shape):
+    torch.manual_seed(3)
+    # An offset mean: a one-pass sum of squares would lose digits here.
+    x, w, b = torch.randn(shape) * 2 + 3, torch.randn(shape[-1]), torch.randn(shape[-1])
+    n = shape[-1]
+    check_op(
+        lambda a, c, d: ops.layer_norm(a, c, d, 1e-5),
+        lambda a, c, d: F.layer_norm(a, (n,), c, d, 1e-5),
+        lambda a, c, d: _layer_norm_ref(a, c, d, 1e-5),
+        [x, w, b],
+        dtype,
+        "layer_norm",
+    )
+
+
+@pytest.mark.parametrize("affine", ["weight_only", "none"])
+def test_layer_norm_optional_affine(triton_backend, affine):
+    x, w = torch.randn(3, 70), torch.randn(70)
+    if affine == "weight_only":
+        args, fast = [x, w], lambda a, c: ops.layer_norm(a, c, None)
+        same = lambda a, c: F.layer_norm(a, (70,), c, None)  # noqa: E731
+        ref = lambda a, c: _layer_norm_ref(a, c, None)  # noqa: E731
+    else:
+        args, fast = [x], lambda a: ops.layer_norm(a)
+        same = lambda a: F.layer_norm(a, (70,))  # noqa: E731
+        ref = lambda a: _layer_norm_ref(a, None, None)  # noqa: E731
+    check_op(fast, same, ref, args, torch.float32, f"layer_norm({affine})")
+
+
+# ---------------------------------------------------------------- softmax
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_softmax(triton_backend, block_mode, dtype, shape, log):
+    torch.manual_seed(4)
+    x = torch.randn(shape) * 3
+    fast = ops.log_softmax if log else ops.softmax
+    same = torch.log_softmax if log else torch.softmax
+    ref = _log_softmax_ref if log else _softmax_ref
+    check_op(
+        lambda a: fast(a, -1),
+        lambda a: same(a, -1),
+        lambda a: ref(a, -1),
+        [x],
+        dtype,
+        fast.__name__,
+    )
+
+
+@pytest.mark.parametrize("dim", [0, 1, -2])
+def test_softmax_other_dims(triton_backend, dim):
+    x = torch.randn(6, 5, 4)
+    for fast, same, ref in (
+        (ops.softmax, torch.softmax, _softmax_ref),
+        (ops.log_softmax, torch.log_softmax, _log_softmax_ref),
+    ):
+        check_op(
+            lambda a, f=fast: f(a, dim),
+            lambda a, s=same: s(a, dim),
+            lambda a, r=ref: r(a, dim),
+            [x],
+            torch.float32,
+            f"{fast.__name__}(dim={dim})",
+        )
+
+
+def test_softmax_masked_rows(triton_backend, monkeypatch):
+    # A chunk of -inf before the finite values: the online max must not turn into nan.
+    monkeypatch.setattr(_dispatch, "_MAX_BLOCK", 16)
+    x = torch.randn(2, 50)
+    x[0, :20] = float("-inf")
+    torch.testing.assert_close(ops.softmax(x), torch.softmax(x, -1))
+    torch.testing.assert_close(ops.log_softmax(x)[:, 20:], torch.log_softmax(x, -1)[:, 20:])
+
+
+# ---------------------------------------------------------------- cross entropy
+
+
+def _ce_case(n: int, c: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, c, generator=gen) * 2
+    target = torch.randint(0, c, (n,), generator=gen)
+    if n > 1:
+        target[1] = -100
+    return logits, target
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (5, 123), (3, 4097)], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_cross_entropy(triton_backend, block_mode, dtype, shape, reduction, smoothing):
+    logits, target = _ce_case(*shape, seed=5)
+    kw = {"reduction": reduction, "label_smoothing": smoothing}
+    check_op(
+        lambda a, t: ops.cross_entropy(a, t, **kw),
+        lambda a, t: F.cross_entropy(a, t, **kw),
+        lambda a, t: F.cross_entropy(a, t, **kw),
+        [logits, target],
+        dtype,
+        f"cross_entropy({reduction}, {smoothing})",
+        grad_mask=[True, False],
+    )
+
+
+def test_cross_entropy_leading_dims_and_ignore_index(triton_backend):
+    logits = torch.randn(2, 3, 11)
+    target = torch.randint(0, 11, (2, 3))
+    target[0, 1] = 7
+    check_op(
+        lambda a, t: ops.cross_entropy(a, t, ignore_index=7, reduction="none"),
+        lambda a, t: _cross_entropy_ref(a, t, ignore_index=7, reduction="none"),
+        lambda a, t: _cross_entropy_ref(a, t, ignore_index=7, reduction="none"),
+        [logits, target],
+        torch.float32,
+        "cross_entropy (B, T, C)",
+        grad_mask=[True, False],
+    )
+    all_ignored = torch.full((2, 3), 7)
+    assert ops.cross_entropy(logits, all_ignored, ignore_index=7).isnan()  # 0/0, as torch
+
+
+# ---------------------------------------------------------------- gated activations
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("kind", ["swiglu", "geglu", "geglu_tanh"])
+def test_glu(triton_backend, dtype, shape, kind):
+    torch.manual_seed(6)
+    g, u = torch.randn(shape) * 2, torch.randn(shape)
+    if kind == "swiglu":
+        fast, same = ops.swiglu, lambda a, b: F.silu(a) * b
+    elif kind == "geglu":
+        fast, same = ops.geglu, lambda a, b: F.gelu(a) * b
+    else:
+        fast = lambda a, b: ops.geglu(a, b, approximate="tanh")  # noqa: E731
+        same = lambda a, b: F.gelu(a, approximate="tanh") * b  # noqa: E731
+    check_op(fast, same, same, [g, u], dtype, kind)
+
+
+# ---------------------------------------------------------------- linear cross entropy
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+def test_linear_cross_entropy(triton_backend, monkeypatch, dtype, reduction, with_bias):
+    monkeypatch.setattr(lce_mod, "_CHUNK_ROWS", 4)  # 11 rows: chunks of 4, 4, 3
+    gen = torch.Generator().manual_seed(7)
+    x, w = torch.randn(11, 24, generator=gen), torch.randn(37, 24, generator=gen) * 0.3
+    b = torch.randn(37, generator=gen)
+    target = torch.randint(0, 37, (11,), generator=gen)
+    target[[0, 5, 6]] = -100
+    if with_bias:
+
+        def fast(a, c, d, t):
+            return ops.linear_cross_entropy(a, c, t, d, reduction=reduction)
+
+        def same(a, c, d, t):
+            return F.cross_entropy(a @ c.T + d, t, reduction=reduction)
+
+        args, mask = [x, w, b, target], [True, True, True, False]
+    else:
+
+        def fast(a, c, t):
+            return ops.linear_cross_entropy(a, c, t, reduction=reduction)
+
+        def same(a, c, t):
+            return F.cross_entropy(a @ c.T, t, reduction=reduction)
+
+        args, mask = [x, w, target], [True, True, False]
+    # In fp16 both fastml and eager torch round the logits to fp16, and that shared
+    # rounding dominates their error against float64: elementwise, the comparison
+    # would measure which of two correlated noises is smaller at each element. So in
+    # fp16 the rule is applied to each tensor's largest error (norm=True).
+    check_op(
+        fast,
+        same,
+        same,
+        args,
+        dtype,
+        f"linear_cross_entropy({reduction})",
+        grad_mask=mask,
+        norm=dtype == torch.float16,
+    )
+
+
+def test_linear_cross_entropy_leading_dims_default_chunks(triton_backend):
+    x, w = torch.randn(2, 3, 8), torch.randn(13, 8)
+    target = torch.randint(0, 13, (2, 3))
+    check_op(
+        lambda a, c, t: ops.linear_cross_entropy(a, c, t, ignore_index=2),
+        lambda a, c, t: lce_mod._lce_ref(a, c, t, ignore_index=2),
+        lambda a, c, t: lce_mod._lce_ref(a, c, t, ignore_index=2),
+        [x, w, target],
+        torch.float32,
+        "linear_cross_entropy (B, T, H)",
+        grad_mask=[True, True, False],
+    )
+
+
+def test_linear_cross_entropy_without_grad(triton_backend):
+    x, w = torch.randn(5, 8), torch.randn(13, 8)
+    t = torch.randint(0, 13, (5,))
+    with torch.no_grad():
+        got = ops.linear_cross_entropy(x, w, t)
+    torch.testing.assert_close(got, F.cross_entropy(x @ w.T, t))
+
+
+# ---------------------------------------------------------------- long rows, strides
+
+
+def test_rows_longer_than_65536(triton_backend):
+    # One row past the old single-block cliff (65,536), walked in 8192-wide chunks.
+    n = 70_001
+    torch.manual_seed(8)
+    x, w = torch.randn(1, n), torch.randn(n)
+    check_op(
+        lambda a, c: ops.rms_norm(a, c),
+        lambda a, c: F.rms_norm(a, (n,), c, 1e-6),
+        lambda a, c: _rms_norm_ref(a, c),
+        [x, w],
+        torch.float32,
+        "rms_norm 70001",
+    )
+    check_op(
+        ops.log_softmax,
+        lambda a: torch.log_softmax(a, -1),
+        _log_softmax_ref,
+        [x],
+        torch.float32,
+        "log_softmax 70001",
+    )
+    target = torch.tensor([n - 3])
+    check_op(
+        lambda a, t: ops.cross_entropy(a, t, label_smoothing=0.05),
+        lambda a, t: F.cross_entropy(a, t, label_smoothing=0.05),
+        lambda a, t: F.cross_entropy(a, t, label_smoothing=0.05),
+        [x, target],
+        torch.float32,
+        "cross_entropy 70001",
+        grad_mask=[True, False],
+    )
+    y = ops.layer_norm(x + 5, w, None)
+    assert_rule(
+        y, F.layer_norm(x + 5, (n,), w), _layer_norm_ref((x + 5).double(), w.double(), None)
+    )
+
+
+def test_strided_inputs(triton_backend):
+    base = torch.randn(6, 300)
+    padded = base[:, :123]  # row stride 300: read in place
+    every_other = base[:, ::2]  # element stride 2: copied once
+    w = torch.randn(123)
+    for x in (padded, every_other[:, :123]):
+        assert not x.is_contiguous()
+        torch.testing.assert_close(ops.rms_norm(x, w), F.rms_norm(x, (123,), w, 1e-6))
+        torch.testing.assert_close(ops.layer_norm(x, w), F.layer_norm(x, (123,), w))
+        torch.testing.assert_close(ops.softmax(x), torch.softmax(x, -1))
+    t = base[:, :50].t()  # (50, 6) transposed
+    torch.testing.assert_close(ops.softmax(t, 0), torch.softmax(t, 0))
+    torch.testing.assert_close(ops.swiglu(t, t), F.silu(t) * t)
+    # An expanded (stride-0) upstream gradient, as from y.sum().
+    x = padded.clone().requires_grad_()
+    ops.rms_norm(x, w).sum().backward()
+    xr = padded.clone().requires_grad_()
+    F.rms_norm(xr, (123,), w, 1e-6).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- hypothesis
+
+
+@st.composite
+def _shapes(draw):
+    lead = draw(st.lists(st.integers(1, 3), min_size=0, max_size=2))
+    return (*lead, draw(st.integers(1, 300)))
+
+
+@settings(max_examples=12)
+@given(shape=_shapes(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
+def test_norms_hypothesis(shape, dtype, seed):
+    _dispatch.set_backend("triton")
+    try:
+        gen = torch.Generator().manual_seed(seed)
+        x, r = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+        w, b = torch.randn(shape[-1], generator=gen), torch.randn(shape[-1], generator=gen)
+        n = shape[-1]
+        check_op(
+            ops.rms_norm,
+            lambda a, c: F.rms_norm(a, (n,), c, 1e-6),
+            _rms_norm_ref,
+            [x, w],
+            dtype,
+            "rms_norm",
+            seed=seed,
+        )
+        check_op(
+            ops.layer_norm,
+            lambda a, c, d: F.layer_norm(a, (n,), c, d),
+            _layer_norm_ref,
+            [x, w, b],
+            dtype,
+            "layer_norm",
+            seed=seed,
+        )
+        check_op(
+            ops.add_rms_norm,
+            lambda a, q, c: (F.rms_norm(a + q, (n,), c, 1e-6), a + q),
+            add_rms_ref(dtype),
+            [x, r, w],
+            dtype,
+            "add_rms_norm",
+            seed=seed,
+        )
+    finally:
+        _dispatch.set_backend("auto")
+
+
+@settings(max_examples=12)
+@given(shape=_shapes(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
+def test_softmax_ce_glu_hypothesis(shape, dtype, seed):
+    _dispatch.set_backend("triton")
+    try:
+        gen = torch.Generator().manual_seed(seed)
+        x, u = torch.randn(shape, generator=gen) * 3, torch.randn(shape, generator=gen)
+        check_op(
+            ops.softmax,
+            lambda a: torch.softmax(a, -1),
+            _softmax_ref,
+            [x],
+            dtype,
+            "softmax",
+            seed=seed,
+        )
+        check_op(
+            ops.swiglu,
+            lambda a, b: F.silu(a) * b,
+            lambda a, b: F.silu(a) * b,
+            [x, u],
+            dtype,
+            "swiglu",
+            seed=seed,
+        )
+        target = torch.randint(0, shape[-1], shape[:-1], generator=gen)
+        check_op(
+            lambda a, t: ops.cross_entropy(a, t, label_smoothing=0.1),
+            lambda a, t: _cross_entropy_ref(a, t, label_smoothing=0.1),
+            lambda a, t: _cross_entropy_ref(a, t, label_smoothing=0.1),
+            [x, target],
+            dtype,
+            "cross_entropy",
+            grad_mask=[True, False],
+            seed=seed,
+        )
+    finally:
+        _dispatch.set_backend("auto")
+
+
+# ---------------------------------------------------------------- the CPU fallbacks
+
+
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.bfloat16], ids=str)
+def test_torch_backend_rule(dtype):
+    # Default backend on CPU tensors: the torch implementations, same rule. (bf16
+    # through the Triton kernels is a GPU test: the interpreter converts fp32 to
+    # bf16 by truncation, where GPUs round to nearest.)
+    _all_ops_rule(dtype)
+
+
+def _all_ops_rule(dtype):
+    torch.manual_seed(9)
+    x, r, w, b = torch.randn(5, 123) + 1, torch.randn(5, 123), torch.randn(123), torch.randn(123)
+    t = torch.randint(0, 123, (5,))
+    t[2] = -100
+    check_op(
+        ops.rms_norm,
+        lambda a, c: F.rms_norm(a, (123,), c, 1e-6),
+        _rms_norm_ref,
+        [x, w],
+        dtype,
+        "rms_norm",
+    )
+    check_op(
+        ops.layer_norm,
+        lambda a, c, d: F.layer_norm(a, (123,), c, d),
+        _layer_norm_ref,
+        [x, w, b],
+        dtype,
+        "ln",
+    )
+    check_op(
+        ops.add_rms_norm,
+        lambda a, q, c: (F.rms_norm(a + q, (123,), c, 1e-6), a + q),
+        add_rms_ref(dtype),
+        [x, r, w],
+        dtype,
+        "add_rms_norm",
+    )
+    check_op(
+        ops.log_softmax,
+        lambda a: torch.log_softmax(a, -1),
+        _log_softmax_ref,
+        [x],
+        dtype,
+        "log_softmax",
+    )
+    check_op(
+        lambda a, q: ops.cross_entropy(a, q, label_smoothing=0.1),
+        lambda a, q: F.cross_entropy(a, q, label_smoothing=0.1),
+        lambda a, q: F.cross_entropy(a, q, label_smoothing=0.1),
+        [x, t],
+        dtype,
+        "cross_entropy",
+        grad_mask=[True, False],
+    )
+    check_op(
+        ops.geglu, lambda a, c: F.gelu(a) * c, lambda a, c: F.gelu(a) * c, [x, r], dtype, "geglu"
+    )
+
+
+def test_linear_cross_entropy_half_dw_in_weight_dtype(triton_backend, monkeypatch):
+    # The large-head path: dW summed across chunks in fp16 instead of fp32.
+    monkeypatch.setattr(lce_mod, "_FP32_DW_LIMIT", 0)
+    monkeypatch.setattr(lce_mod, "_CHUNK_ROWS", 4)
+    gen = torch.Generator().manual_seed(11)
+    x, w = torch.randn(11, 24, generator=gen), torch.randn(37, 24, generator=gen) * 0.3
+    target = torch.randint(0, 37, (11,), generator=gen)
+    target[[0, 5]] = -100
+    check_op(
+        lambda a, c, t: ops.linear_cross_entropy(a, c, t),
+        lambda a, c, t: F.cross_entropy(a @ c.T, t),
+        lambda a, c, t: F.cross_entropy(a @ c.T, t),
+        [x, w, target],
+        torch.float16,
+        "linear_cross_entropy (fp16 dW accumulation)",
+        grad_mask=[True, True, False],
+        norm=True,
+    )

@@ -1,0 +1,201 @@
+"""fastml.ops on a CUDA device: bf16, compiled Triton kernels, torch.compile, big tensors.
+
+All gpu-marked (skipped without a CUDA device); run by benchmarks/gpu/check.sh
+with FASTML_TEST_GPU=1, so Triton compiles real kernels instead of interpreting.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _ops_util import assert_rule
+
+from fastml import ops
+from fastml.ops.layer_norm import _layer_norm_ref
+from fastml.ops.rms_norm import _rms_norm_ref
+from fastml.ops.softmax import _softmax_ref
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+lce_mod = importlib.import_module("fastml.ops.linear_cross_entropy")
+
+
+def _check(fast, same, ref, inputs, dtype, what, grad_mask=None, norm=False):
+    grad_mask = grad_mask or [True] * len(inputs)
+
+    def cast(t, m, dt):
+        if not t.is_floating_point():
+            return t
+        t = t.detach().to(dt)
+        return t.requires_grad_() if m else t
+
+    xd = [cast(t, m, dtype) for t, m in zip(inputs, grad_mask, strict=True)]
+    xs = [cast(t, m, dtype) for t, m in zip(inputs, grad_mask, strict=True)]
+    x64 = [cast(t, m, torch.float64) for t, m in zip(xd, grad_mask, strict=True)]
+    o, s, r = fast(*xd), same(*xs), ref(*x64)
+    assert_rule(o, s, r, f"{what} output", norm)
+    g = torch.randn_like(r).to(dtype)
+    wrt = [k for k, m in enumerate(grad_mask) if m]
+    go = torch.autograd.grad(o, [xd[k] for k in wrt], g)
+    gs = torch.autograd.grad(s, [xs[k] for k in wrt], g)
+    gr = torch.autograd.grad(r, [x64[k] for k in wrt], g.double())
+    for k, a, b, c in zip(wrt, go, gs, gr, strict=True):
+        assert_rule(a, b, c, f"{what} grad {k}", norm)
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(1, 1), (5, 123), (3, 4097), (64, 8192), (2, 70_001)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_norms_and_softmax_cuda(dtype, shape):
+    torch.manual_seed(0)
+    n = shape[-1]
+    x = torch.randn(shape, device=DEV) + 1
+    w, b = torch.randn(n, device=DEV), torch.randn(n, device=DEV)
+    _check(
+        ops.rms_norm,
+        lambda a, c: F.rms_norm(a, (n,), c, 1e-6),
+        _rms_norm_ref,
+        [x, w],
+        dtype,
+        "rms_norm",
+    )
+    _check(
+        ops.layer_norm,
+        lambda a, c, d: F.layer_norm(a, (n,), c, d),
+        _layer_norm_ref,
+        [x, w, b],
+        dtype,
+        "layer_norm",
+    )
+    _check(ops.softmax, lambda a: torch.softmax(a, -1), _softmax_ref, [x], dtype, "softmax")
+    t = torch.randint(0, n, shape[:-1], device=DEV)
+    _check(
+        lambda a, q: ops.cross_entropy(a, q, label_smoothing=0.1),
+        lambda a, q: F.cross_entropy(a, q, label_smoothing=0.1),
+        lambda a, q: F.cross_entropy(a, q, label_smoothing=0.1),
+        [x, t],
+        dtype,
+        "cross_entropy",
+        grad_mask=[True, False],
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_glu_cuda(dtype):
+    g, u = torch.randn(4, 1000, 1111, device=DEV), torch.randn(4, 1000, 1111, device=DEV)
+    _check(
+        ops.swiglu, lambda a, b: F.silu(a) * b, lambda a, b: F.silu(a) * b, [g, u], dtype, "swiglu"
+    )
+    _check(
+        ops.geglu, lambda a, b: F.gelu(a) * b, lambda a, b: F.gelu(a) * b, [g, u], dtype, "geglu"
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_linear_cross_entropy_cuda(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(1000, 256, device=DEV)
+    w = torch.randn(5000, 256, device=DEV) * 0.05
+    t = torch.randint(0, 5000, (1000,), device=DEV)
+    t[::7] = -100
+    _check(
+        lambda a, c, q: ops.linear_cross_entropy(a, c, q),
+        lambda a, c, q: F.cross_entropy(a @ c.T, q),
+        lambda a, c, q: F.cross_entropy(a @ c.T, q),
+        [x, w, t],
+        dtype,
+        "linear_cross_entropy",
+        grad_mask=[True, True, False],
+        norm=dtype != torch.float32,
+    )
+
+
+def test_int64_offsets_cuda():
+    # More than 2**31 elements: row * stride overflows int32 in the last rows.
+    rows, n = (2**31) // 8192 + 64, 8192
+    x = torch.randn(rows, n, device=DEV, dtype=torch.bfloat16)
+    y = ops.rms_norm(x, None)
+    tail = x[-64:].float()
+    want = tail * torch.rsqrt(tail.square().mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(y[-64:].float(), want, atol=2e-2, rtol=1e-2)
+    del y
+    s = ops.softmax(x)
+    torch.testing.assert_close(s[-64:].float(), torch.softmax(tail, -1), atol=1e-3, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_adamw_cuda(dtype, amsgrad):
+    shapes = [(1,), (3, 5), (4097,), (1000, 1000), (7, 3, 2)]
+    ours = [torch.randn(s, device=DEV).to(dtype).requires_grad_() for s in shapes]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    ref = [p.detach().double().requires_grad_() for p in ours]
+    opts = [
+        ops.AdamW(ours, lr=1e-2, weight_decay=0.1, amsgrad=amsgrad),
+        torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.1, amsgrad=amsgrad),
+        torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, amsgrad=amsgrad),
+    ]
+    for _ in range(10):
+        grads = [torch.randn(s, device=DEV) for s in shapes]
+        for group in (ours, theirs, ref):
+            for p, g in zip(group, grads, strict=True):
+                p.grad = g.to(p.dtype)
+        for o in opts:
+            o.step()
+    for a, b, r in zip(ours, theirs, ref, strict=True):
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        else:
+            assert_rule(a.detach(), b.detach(), r.detach(), "AdamW bf16", norm=True)
+
+
+def test_torch_compile_fullgraph_cuda():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    norm, mlp = ops.RMSNorm(256).to(DEV), ops.SwiGLU(256, 512).to(DEV)
+    head = torch.randn(1000, 256, device=DEV, requires_grad=True)
+
+    def step(x, r, t):
+        y, s = ops.add_rms_norm(x, r, norm.weight)
+        h = ops.layer_norm(mlp(y) + s)
+        return ops.linear_cross_entropy(h, head, t) + ops.cross_entropy(h, t % 256)
+
+    x = torch.randn(64, 256, device=DEV, requires_grad=True)
+    r = torch.randn(64, 256, device=DEV)
+    t = torch.randint(0, 1000, (64,), device=DEV)
+    compiled = torch.compile(step, fullgraph=True)
+    got = compiled(x, r, t)
+    (gx,) = torch.autograd.grad(got, x)
+    want = step(x, r, t)
+    (wx,) = torch.autograd.grad(want, x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gx, wx, rtol=1e-3, atol=1e-5)
+
+
+def test_linear_cross_entropy_memory_cuda():
+    # Peak extra memory stays near one chunk of logits, far below eager's all-logits.
+    bt, h, v = 4096, 1024, 32000
+    x = torch.randn(bt, h, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(v, h, device=DEV) * 0.02).to(torch.bfloat16).requires_grad_()
+    t = torch.randint(0, v, (bt,), device=DEV)
+
+    def peak(fn):
+        x.grad = w.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn().backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    ours = peak(lambda: ops.linear_cross_entropy(x, w, t))
+    eager = peak(lambda: F.cross_entropy(x @ w.T, t))
+    logits_bytes = bt * v * 2
+    assert ours < eager / 2, (ours, eager)
+    assert ours < logits_bytes, (ours, logits_bytes)
