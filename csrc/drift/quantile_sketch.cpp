@@ -47,11 +47,11 @@ void QuantileSketch::update(double x) {
 }
 
 void QuantileSketch::compact_level(int h) {
-  auto& items = levels_[h];
   if (h + 1 >= num_levels()) {
     FASTML_ASSERT(num_levels() < kMaxLevels);
-    levels_.emplace_back();
+    levels_.emplace_back();  // before taking references: this may reallocate
   }
+  auto& items = levels_[h];
   auto& up = levels_[h + 1];
   std::sort(items.begin(), items.end());
   // An odd item stays behind so the compacted pairs keep the total weight.

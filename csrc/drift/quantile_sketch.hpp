@@ -5,7 +5,7 @@
 // sorted and every other item (starting at a random offset) moves up one
 // level. Capacities shrink geometrically (factor 2/3) below the top level, so
 // the sketch never holds more than capacity_bound(k) items whatever the stream
-// length (k = 200: at most 1112 doubles, 8.7 KB of items).
+// length (k = 400: at most 1616 doubles, 12.6 KB of items).
 //
 // Error bound: each compaction at level h shifts the rank of any fixed query
 // by +2^h, -2^h or 0, with mean zero, independently. The sketch tracks
@@ -21,7 +21,7 @@ namespace fastml::drift {
 
 class QuantileSketch {
  public:
-  static constexpr int kDefaultK = 200;
+  static constexpr int kDefaultK = 400;
   static constexpr int kMinWidth = 8;
   static constexpr int kMaxLevels = 64;
 
