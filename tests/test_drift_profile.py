@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import pickle
 import threading
 
@@ -223,7 +224,7 @@ def test_merge_of_shards_equals_whole(values, cuts, mode):
     )
     bounds = [0, *sorted(min(c, values.size) for c in cuts), values.size]
     shards = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
+    for lo, hi in itertools.pairwise(bounds):
         p = ref.empty()
         p.update({"x": values[lo:hi], "c": (np.nan_to_num(values[lo:hi]) > 0).astype(str)})
         shards.append(p)

@@ -67,7 +67,7 @@ def columns_of(data: Any, what: str = "data") -> tuple[list[_Column], int]:
             raise TypeError(
                 f"{what} must be a pyarrow Table or RecordBatch, got {type(data).__name__}"
             )
-        for name, col in zip(data.column_names, data.columns):
+        for name, col in zip(data.column_names, data.columns, strict=False):
             cols.append(_Column(str(name), col, _arrow_is_categorical(col)))
         return cols, data.num_rows
     if mod.startswith("pandas"):

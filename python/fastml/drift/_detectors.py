@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -78,7 +78,7 @@ class PageHinkley:
     on the value after a detection.
     """
 
-    _MODES = {"both": 0, "up": 1, "down": 2}
+    _MODES: ClassVar[dict[str, int]] = {"both": 0, "up": 1, "down": 2}
 
     def __init__(
         self,

@@ -128,7 +128,7 @@ class Profile:
             )
         out = []
         kinds = self._native.kinds
-        for name, kind in zip(names, kinds):
+        for name, kind in zip(names, kinds, strict=False):
             c = by_name[name]
             if kind == 0 and c.categorical:
                 raise TypeError(
@@ -143,13 +143,15 @@ class Profile:
             return  # documented no-op
         kinds = self._native.kinds
         num_cols, num_idx = [], []
-        for i, (c, kind) in enumerate(zip(cols, kinds)):
+        for i, (c, kind) in enumerate(zip(cols, kinds, strict=False)):
             if kind == 0:
                 num_cols.append(numeric_data(c))
                 num_idx.append(i)
         # Validate categorical columns before any state changes.
         cats = [
-            (i, category_counts(c)) for i, (c, kind) in enumerate(zip(cols, kinds)) if kind == 1
+            (i, category_counts(c))
+            for i, (c, kind) in enumerate(zip(cols, kinds, strict=False))
+            if kind == 1
         ]
         if num_cols:
             self._native.ingest_columns(num_cols, num_idx, nrows)
@@ -197,7 +199,7 @@ class Profile:
         """``{name: "numeric" | "categorical"}``."""
         return {
             n: ("numeric" if k == 0 else "categorical")
-            for n, k in zip(self._native.names, self._native.kinds)
+            for n, k in zip(self._native.names, self._native.kinds, strict=False)
         }
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -233,7 +234,7 @@ def _numeric_result(
     rh, ch = np.asarray(rs["hist"]), np.asarray(cs["hist"])
     edges = np.asarray(rs["edges"])
     labels = ["< " + _fmt(edges[0])] + [
-        f"{_fmt(a)} .. {_fmt(b)}" for a, b in zip(edges[:-1], edges[1:])
+        f"{_fmt(a)} .. {_fmt(b)}" for a, b in itertools.pairwise(edges)
     ]
     labels.append("> " + _fmt(edges[-1]))
     ref_total = rs["count"] + rs["missing"] + rs["nonfinite"]
@@ -322,7 +323,7 @@ def _categorical_result(
         cur_other = 0.0
     ref_vec = np.array([rc[k] for k in keys] + [rs["other"], 0.0])
     cur_vec = np.array([cc.get(k, 0.0) for k in keys] + [cur_other, new])
-    labels = keys + ["(other)", "(new)"]
+    labels = [*keys, "(other)", "(new)"]
     result = FeatureResult(
         name, "categorical", test, float("nan"), threshold, "no_data", labels=labels
     )
