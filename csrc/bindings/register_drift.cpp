@@ -370,8 +370,8 @@ void register_drift(py::module_& m) {
         {
           // Safe without the GIL: the inputs are private copies.
           py::gil_scoped_release release;
-          std::sort(x.begin(), x.end());
-          std::sort(y.begin(), y.end());
+          drift::sort_doubles(x.data(), x.size());
+          drift::sort_doubles(y.data(), y.size());
           r = drift::ks_2samp_sorted(x.data(), x.size(), y.data(), y.size());
         }
         return py::make_tuple(r.statistic, r.pvalue, r.exact);
@@ -393,7 +393,7 @@ void register_drift(py::module_& m) {
           py::gil_scoped_release release;  // safe: private copies only
           auto sort_by = [](std::vector<double>& vals, std::vector<double>& w) {
             if (w.empty()) {
-              std::sort(vals.begin(), vals.end());
+              drift::sort_doubles(vals.data(), vals.size());
               return;
             }
             std::vector<size_t> idx(vals.size());

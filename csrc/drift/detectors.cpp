@@ -80,12 +80,17 @@ void Adwin::delete_oldest() {
   if (levels_[last].totals.empty() && last > 0) levels_.pop_back();
 }
 
-bool Adwin::cut(double n0, double n1, double delta_mean) const {
-  const double delta_prime = std::log(2.0 * std::log(width_) / delta_);
+bool Adwin::cut(double n0, double n1, double delta_mean, double delta_prime) const {
+  // delta_prime = log(2 log(width) / delta) is computed once per pass by the
+  // caller: the same expression, so the same bits as evaluating it here.
   const double m_recip = 1.0 / (n0 - min_window_ + 1.0) + 1.0 / (n1 - min_window_ + 1.0);
-  const double eps = std::sqrt(2.0 * m_recip * (variance_ / width_) * delta_prime) +
-                     2.0 / 3.0 * delta_prime * m_recip;
-  return std::abs(delta_mean) > eps;
+  const double linear = 2.0 / 3.0 * delta_prime * m_recip;
+  const double dm = std::abs(delta_mean);
+  // eps = sqrt(...) + linear >= linear exactly (rounding is monotone), so a
+  // mean difference at or below `linear` can never cut: skip the sqrt.
+  if (!(dm > linear)) return false;
+  const double eps = std::sqrt(2.0 * m_recip * (variance_ / width_) * delta_prime) + linear;
+  return dm > eps;
 }
 
 bool Adwin::detect() {
@@ -97,6 +102,7 @@ bool Adwin::detect() {
       reduce = false;
       bool exit_flag = false;
       double n0 = 0, n1 = width_, u0 = 0, u1 = total_;
+      const double delta_prime = std::log(2.0 * std::log(width_) / delta_);
       const int64_t nlev = static_cast<int64_t>(levels_.size());
       for (int64_t h = nlev - 1; h >= 0 && !exit_flag && !reduce; --h) {
         const double size = std::ldexp(1.0, static_cast<int>(h));
@@ -112,7 +118,7 @@ bool Adwin::detect() {
             break;
           }
           const double delta_mean = (u0 / n0) - (u1 / n1);
-          if (n1 >= min_window_ && n0 >= min_window_ && cut(n0, n1, delta_mean)) {
+          if (n1 >= min_window_ && n0 >= min_window_ && cut(n0, n1, delta_mean, delta_prime)) {
             reduce = true;
             change = true;
             if (width_ > 0) {

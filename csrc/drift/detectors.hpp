@@ -29,7 +29,7 @@ class Adwin {
   void insert(double value);
   void compress();
   bool detect();
-  bool cut(double n0, double n1, double delta_mean) const;
+  bool cut(double n0, double n1, double delta_mean, double delta_prime) const;
   void delete_oldest();
 
   double delta_;

@@ -31,17 +31,28 @@ class BinLookup {
     if (!(x >= lo_)) return 0;
     if (x > hi_) return nbins_ + 1;
     int64_t c = static_cast<int64_t>((x - lo_) * scale_);
-    c = c < 0 ? 0 : (c >= grid_ ? grid_ - 1 : c);
-    int64_t b = table_[c];
-    while (b + 1 < nbins_ && x >= edges_[b + 1]) ++b;
-    while (b > 0 && x < edges_[b]) --b;
-    return b + 1;
+    c = c >= grid_ ? grid_ - 1 : c;  // x >= lo_, so c >= 0
+    const int32_t t = table_[c];
+    if (t >= 0) return t + 1;  // no edge inside this cell: the bin is known
+    return search(x, ~t) + 1;
+  }
+  // Bin of x starting from bin b, when an edge falls inside x's grid cell.
+  int64_t search(double x, int64_t b) const {
+    const double* e = edges_.data();
+    while (b + 1 < nbins_ && x >= e[b + 1]) ++b;
+    while (b > 0 && x < e[b]) --b;
+    return b;
   }
   int64_t nbins() const { return nbins_; }
+  double lo() const { return lo_; }
+  double hi() const { return hi_; }
+  double scale() const { return scale_; }
+  int64_t grid() const { return grid_; }
+  const int32_t* table() const { return table_.data(); }
 
  private:
   std::vector<double> edges_;
-  std::vector<int32_t> table_;
+  std::vector<int32_t> table_;  // bin of the cell's start; ~bin when an edge is inside
   double lo_, hi_, scale_;
   int64_t nbins_, grid_;
 };

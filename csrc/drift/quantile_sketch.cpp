@@ -11,12 +11,16 @@ namespace fastml::drift {
 QuantileSketch::QuantileSketch(int k, uint64_t seed) : k_(k), rng_(seed) {
   FASTML_CHECK_ARG(k >= kMinWidth && k <= 65536, "sketch_k", "must be in [8, 65536], got ", k);
   levels_.emplace_back();
+  refresh_capacities();
 }
 
-int64_t QuantileSketch::capacity(int level) const {
-  const int depth = num_levels() - 1 - level;
-  const double c = std::ceil(k_ * std::pow(2.0 / 3.0, depth));
-  return std::max<int64_t>(kMinWidth, static_cast<int64_t>(c));
+void QuantileSketch::refresh_capacities() {
+  caps_.resize(levels_.size());
+  for (int h = 0; h < num_levels(); ++h) {
+    const int depth = num_levels() - 1 - h;
+    const double c = std::ceil(k_ * std::pow(2.0 / 3.0, depth));
+    caps_[h] = std::max<int64_t>(kMinWidth, static_cast<int64_t>(c));
+  }
 }
 
 int64_t QuantileSketch::capacity_bound(int k) {
@@ -40,16 +44,23 @@ uint64_t QuantileSketch::next_random() {  // splitmix64: deterministic, seedable
   return z ^ (z >> 31);
 }
 
-void QuantileSketch::update(double x) {
-  levels_[0].push_back(x);
-  ++n_;
-  if (static_cast<int64_t>(levels_[0].size()) >= capacity(0)) compress();
+void QuantileSketch::update_many(const double* x, int64_t n) {
+  while (n > 0) {
+    const int64_t room = capacity(0) - static_cast<int64_t>(levels_[0].size());
+    const int64_t take = std::min(n, std::max<int64_t>(room, 1));
+    levels_[0].insert(levels_[0].end(), x, x + take);
+    n_ += static_cast<uint64_t>(take);
+    x += take;
+    n -= take;
+    if (static_cast<int64_t>(levels_[0].size()) >= capacity(0)) compress();
+  }
 }
 
 void QuantileSketch::compact_level(int h) {
   if (h + 1 >= num_levels()) {
     FASTML_ASSERT(num_levels() < kMaxLevels);
     levels_.emplace_back();  // before taking references: this may reallocate
+    refresh_capacities();
   }
   auto& items = levels_[h];
   auto& up = levels_[h + 1];
@@ -82,6 +93,7 @@ void QuantileSketch::compress() {
 void QuantileSketch::merge(const QuantileSketch& other) {
   FASTML_CHECK_ARG(other.k_ == k_, "other", "must be a sketch with k=", k_, ", got k=", other.k_);
   while (num_levels() < other.num_levels()) levels_.emplace_back();
+  refresh_capacities();
   for (int h = 0; h < other.num_levels(); ++h) {
     levels_[h].insert(levels_[h].end(), other.levels_[h].begin(), other.levels_[h].end());
   }
@@ -93,6 +105,7 @@ void QuantileSketch::merge(const QuantileSketch& other) {
 
 void QuantileSketch::clear() {
   levels_.assign(1, {});
+  refresh_capacities();
   n_ = 0;
   err_sum_ = 0.0;
 }
@@ -130,6 +143,7 @@ void QuantileSketch::restore(uint64_t n, double err_sum, uint64_t rng,
   FASTML_CHECK_ARG(!levels.empty() && static_cast<int>(levels.size()) <= kMaxLevels, "data",
                    "has a sketch with ", levels.size(), " levels; expected 1..", kMaxLevels);
   levels_ = std::move(levels);
+  refresh_capacities();
   uint64_t total = 0;
   for (int h = 0; h < num_levels(); ++h) {
     FASTML_CHECK_ARG(static_cast<int64_t>(levels_[h].size()) < capacity(h), "data",

@@ -27,7 +27,8 @@ class QuantileSketch {
 
   explicit QuantileSketch(int k = kDefaultK, uint64_t seed = 0x9e3779b97f4a7c15ull);
 
-  void update(double x);
+  void update(double x) { update_many(&x, 1); }
+  void update_many(const double* x, int64_t n);
   void merge(const QuantileSketch& other);
   void clear();
 
@@ -49,7 +50,8 @@ class QuantileSketch {
   void restore(uint64_t n, double err_sum, uint64_t rng, std::vector<std::vector<double>> levels);
 
  private:
-  int64_t capacity(int level) const;
+  int64_t capacity(int level) const { return caps_[level]; }
+  void refresh_capacities();
   void compress();
   void compact_level(int level);
   uint64_t next_random();
@@ -59,6 +61,7 @@ class QuantileSketch {
   double err_sum_ = 0.0;
   uint64_t rng_;
   std::vector<std::vector<double>> levels_;
+  std::vector<int64_t> caps_;  // capacity per level for the current height
 };
 
 }  // namespace fastml::drift

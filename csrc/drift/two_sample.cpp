@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <vector>
 
@@ -226,7 +227,55 @@ double smirnov_sf(int64_t n, double x) {
   return clip01(static_cast<double>(lx * sum));
 }
 
+uint64_t order_key(double x) {
+  uint64_t u;
+  std::memcpy(&u, &x, 8);
+  return (u >> 63) ? ~u : (u | 0x8000000000000000ull);
+}
+
+double from_order_key(uint64_t u) {
+  u = (u >> 63) ? (u & 0x7fffffffffffffffull) : ~u;
+  double x;
+  std::memcpy(&x, &u, 8);
+  return x;
+}
+
 }  // namespace
+
+void sort_doubles(double* x, int64_t n) {
+  if (n < 4096) {
+    std::sort(x, x + n);
+    return;
+  }
+  // 6 passes of 11 bits; counting all digits in one read, skipping passes
+  // where every key has the same digit.
+  constexpr int kBits = 11, kPasses = 6, kBuckets = 1 << kBits;
+  std::vector<uint64_t> a(static_cast<size_t>(n)), b(static_cast<size_t>(n));
+  std::vector<uint32_t> counts(static_cast<size_t>(kPasses) * kBuckets, 0u);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint64_t k = order_key(x[i]);
+    a[i] = k;
+    for (int p = 0; p < kPasses; ++p)
+      ++counts[p * kBuckets + ((k >> (p * kBits)) & (kBuckets - 1))];
+  }
+  for (int p = 0; p < kPasses; ++p) {
+    uint32_t* c = counts.data() + p * kBuckets;
+    const uint64_t first = (a[0] >> (p * kBits)) & (kBuckets - 1);
+    if (c[first] == static_cast<uint32_t>(n)) continue;  // one digit value: nothing to do
+    uint32_t sum = 0;
+    for (int d = 0; d < kBuckets; ++d) {
+      const uint32_t t = c[d];
+      c[d] = sum;
+      sum += t;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const uint64_t k = a[i];
+      b[c[(k >> (p * kBits)) & (kBuckets - 1)]++] = k;
+    }
+    a.swap(b);
+  }
+  for (int64_t i = 0; i < n; ++i) x[i] = from_order_key(a[i]);
+}
 
 double kstwo_sf(int64_t n, double x) {
   if (n <= 0 || std::isnan(x)) return std::nan("");

@@ -34,6 +34,10 @@ double kstwo_sf(int64_t n, double x);
 double wasserstein_sorted(const double* a, const double* wa, int64_t n1, const double* b,
                           const double* wb, int64_t n2);
 
+// Sorts finite (NaN-free) doubles ascending: LSD radix sort on the order-
+// preserving integer image of the bits for large inputs, std::sort for small.
+void sort_doubles(double* x, int64_t n);
+
 // Regularised upper incomplete gamma Q(a, x); chi2.sf(x, k) = Q(k / 2, x / 2).
 double gamma_q(double a, double x);
 double chi2_sf(double x, double dof);
