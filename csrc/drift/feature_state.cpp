@@ -142,25 +142,44 @@ void ingest_typed(NumericState& s, const char* base, int64_t n, int64_t stride) 
         }
       }
     }
-    // Four independent accumulator lanes and four sub-histograms break the
-    // loop-carried dependencies (add/min/max latency, store forwarding on a
-    // repeated bin) that bound a single-lane loop to ~4 cycles per value.
-    double sum[4] = {0, 0, 0, 0}, sq[4] = {0, 0, 0, 0};
-    double mn[4], mx[4];
-    for (int j = 0; j < 4; ++j) {
-      mn[j] = std::numeric_limits<double>::infinity();
-      mx[j] = -std::numeric_limits<double>::infinity();
-    }
+    // Four independent accumulator lanes (named scalars, so they live in
+    // registers) and four sub-histograms break the loop-carried dependencies
+    // (add/min/max latency, store forwarding on a repeated bin) that bound a
+    // single-lane loop to ~4 cycles per value.
+    const double inf = std::numeric_limits<double>::infinity();
+    double s0 = 0, s1 = 0, s2 = 0, s3 = 0, q0 = 0, q1 = 0, q2 = 0, q3 = 0;
+    double mn0 = inf, mn1 = inf, mn2 = inf, mn3 = inf;
+    double mx0 = -inf, mx1 = -inf, mx2 = -inf, mx3 = -inf;
     int64_t cnt = 0, nan_count = 0, inf_count = 0, kept = 0;
-    auto scalar = [&](double x, int j) {
+    const double lo = lk.lo(), hi = lk.hi(), scale = lk.scale();
+    const int64_t grid = lk.grid(), overflow = lk.nbins() + 1;
+    const int32_t* table = lk.table();
+    uint32_t* h0 = hist;
+    uint32_t* h1 = hist + slots;
+    uint32_t* h2 = hist + 2 * slots;
+    uint32_t* h3 = hist + 3 * slots;
+    auto slot_of = [&](double x) -> int64_t {
+      if (x >= lo && x <= hi) {
+        int64_t c = static_cast<int64_t>((x - lo) * scale);
+        c = c >= grid ? grid - 1 : c;
+        const int32_t t = table[c];
+        return t >= 0 ? t + 1 : lk.search(x, ~t) + 1;
+      }
+      return x < lo ? 0 : overflow;
+    };
+#define FASTML_DRIFT_LANE(x, hj, sj, qj, mnj, mxj) \
+  do {                                             \
+    ++hj[slot_of(x)];                              \
+    const double d = (x) - pivot;                  \
+    sj += d;                                       \
+    qj += d * d;                                   \
+    mnj = (x) < mnj ? (x) : mnj;                   \
+    mxj = (x) > mxj ? (x) : mxj;                   \
+  } while (0)
+    auto one = [&](double x) {  // the careful path: lane 0, any value
       if (std::isfinite(x)) {
-        ++hist[j * slots + lk.slot(x)];
-        const double d = x - pivot;
+        FASTML_DRIFT_LANE(x, h0, s0, q0, mn0, mx0);
         ++cnt;
-        sum[j] += d;
-        sq[j] += d * d;
-        mn[j] = x < mn[j] ? x : mn[j];
-        mx[j] = x > mx[j] ? x : mx[j];
         if (Mode != QuantileMode::None) out[kept++] = x;
       } else if (std::isnan(x)) {
         ++nan_count;
@@ -168,55 +187,42 @@ void ingest_typed(NumericState& s, const char* base, int64_t n, int64_t stride) 
         ++inf_count;
       }
     };
-    const double lo = lk.lo(), hi = lk.hi(), scale = lk.scale();
-    const int64_t grid = lk.grid(), overflow = lk.nbins() + 1;
-    const int32_t* table = lk.table();
     int64_t i = start;
     for (; i + 4 <= end; i += 4) {
-      double x[4];
-      for (int j = 0; j < 4; ++j) {
-        x[j] = load_as_double(*reinterpret_cast<const T*>(base + (i + j) * stride));
-      }
+      const double x0 = load_as_double(*reinterpret_cast<const T*>(base + i * stride));
+      const double x1 = load_as_double(*reinterpret_cast<const T*>(base + (i + 1) * stride));
+      const double x2 = load_as_double(*reinterpret_cast<const T*>(base + (i + 2) * stride));
+      const double x3 = load_as_double(*reinterpret_cast<const T*>(base + (i + 3) * stride));
       // x - x is 0 for finite x and NaN for NaN or inf.
-      const double probe = (x[0] - x[0]) + (x[1] - x[1]) + (x[2] - x[2]) + (x[3] - x[3]);
-      if (probe == 0) {
-#pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j) {
-          // The lookup inlined with hoisted fields: clean grid cells need no compare.
-          int64_t slot;
-          if (x[j] >= lo && x[j] <= hi) {
-            int64_t c = static_cast<int64_t>((x[j] - lo) * scale);
-            c = c >= grid ? grid - 1 : c;
-            const int32_t t = table[c];
-            slot = t >= 0 ? t + 1 : lk.search(x[j], ~t) + 1;
-          } else {
-            slot = x[j] < lo ? 0 : overflow;
-          }
-          ++hist[j * slots + slot];
-          const double d = x[j] - pivot;
-          sum[j] += d;
-          sq[j] += d * d;
-          mn[j] = x[j] < mn[j] ? x[j] : mn[j];
-          mx[j] = x[j] > mx[j] ? x[j] : mx[j];
-          if (Mode != QuantileMode::None) out[kept + j] = x[j];
-        }
+      if (((x0 - x0) + (x1 - x1)) + ((x2 - x2) + (x3 - x3)) == 0) {
+        FASTML_DRIFT_LANE(x0, h0, s0, q0, mn0, mx0);
+        FASTML_DRIFT_LANE(x1, h1, s1, q1, mn1, mx1);
+        FASTML_DRIFT_LANE(x2, h2, s2, q2, mn2, mx2);
+        FASTML_DRIFT_LANE(x3, h3, s3, q3, mn3, mx3);
         cnt += 4;
-        if (Mode != QuantileMode::None) kept += 4;
+        if (Mode != QuantileMode::None) {
+          out[kept] = x0;
+          out[kept + 1] = x1;
+          out[kept + 2] = x2;
+          out[kept + 3] = x3;
+          kept += 4;
+        }
       } else {
-        for (int j = 0; j < 4; ++j) scalar(x[j], j);
+        one(x0);
+        one(x1);
+        one(x2);
+        one(x3);
       }
     }
-    for (; i < end; ++i) {
-      scalar(load_as_double(*reinterpret_cast<const T*>(base + i * stride)), 0);
-    }
+#undef FASTML_DRIFT_LANE
+    for (; i < end; ++i) one(load_as_double(*reinterpret_cast<const T*>(base + i * stride)));
     for (int64_t k = 0; k < slots; ++k) {
-      s.hist[k] += static_cast<double>(hist[k]) + hist[slots + k] + hist[2 * slots + k] +
-                   hist[3 * slots + k];
+      s.hist[k] += static_cast<double>(h0[k]) + h1[k] + h2[k] + h3[k];
     }
-    const double total_sum = (sum[0] + sum[1]) + (sum[2] + sum[3]);
-    const double total_sq = (sq[0] + sq[1]) + (sq[2] + sq[3]);
-    const double chunk_min = std::min(std::min(mn[0], mn[1]), std::min(mn[2], mn[3]));
-    const double chunk_max = std::max(std::max(mx[0], mx[1]), std::max(mx[2], mx[3]));
+    const double total_sum = (s0 + s1) + (s2 + s3);
+    const double total_sq = (q0 + q1) + (q2 + q3);
+    const double chunk_min = std::min(std::min(mn0, mn1), std::min(mn2, mn3));
+    const double chunk_max = std::max(std::max(mx0, mx1), std::max(mx2, mx3));
     missing += static_cast<double>(nan_count);
     nonfinite += static_cast<double>(inf_count);
     if (Mode == QuantileMode::Exact) nvalues += static_cast<size_t>(kept);
