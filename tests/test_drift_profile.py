@@ -12,7 +12,8 @@ from _drift_helpers import progress_during
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fastml import drift
+import fastml
+from fastml import _core, drift
 
 # ------------------------------------------------------------------ helpers
 
@@ -419,3 +420,53 @@ def test_dask_local_cluster_merge_equals_one_process():
         assert a["mean"] == pytest.approx(b["mean"], rel=1e-12, abs=1e-15)
         assert a["m2"] == pytest.approx(b["m2"], rel=1e-12)
         np.testing.assert_array_equal(merged.values(f)[0], whole.values(f)[0])
+
+
+# ------------------------------------------------------------------ GPU ingest
+
+
+@given(
+    st.lists(st.floats(-1e6, 1e6), min_size=1, max_size=300),
+    st.lists(st.floats(-1e6, 1e6), min_size=2, max_size=50, unique=True),
+)
+def test_shared_histogram_slot_matches_numpy(values, edges):
+    # The FASTML_HD bin search the CUDA kernel runs, exercised on the CPU.
+    e = np.sort(np.asarray(edges))
+    v = np.asarray(values)
+    want = np.where(
+        v < e[0],
+        0,
+        np.where(v > e[-1], e.size, np.minimum(np.searchsorted(e, v, side="right"), e.size - 1)),
+    )
+    np.testing.assert_array_equal(_core._drift_bin_slots(v, e), want)
+
+
+def test_cuda_ingest_without_cuda_says_why():
+    if fastml.build_info()["cuda"]:
+        pytest.skip("built with CUDA")
+    with pytest.raises(RuntimeError, match="built without CUDA"):
+        _core._drift_ingest_cuda(0, 0, 1, 1, 0, 4, 0, 0, 1, 0.0, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["exact", "sketch"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_cuda_ingest_matches_cpu(mode, dtype):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(11)
+    x = rng.normal(3.0, 2.0, size=1_000_003).astype(dtype)
+    x[::97] = np.nan
+    x[::1013] = np.inf
+    ref = drift.Profile.from_data({"x": x[:50_000]}, mode=mode, bins=64)
+    cpu = ref.empty()
+    cpu.update({"x": x})
+    gpu = ref.empty()
+    gpu.update({"x": torch.as_tensor(x, device="cuda")})
+    a, b = gpu.summary("x"), cpu.summary("x")
+    np.testing.assert_array_equal(a["hist"], b["hist"])
+    for key in ("count", "missing", "nonfinite", "min", "max"):
+        assert a[key] == b[key]
+    assert a["mean"] == pytest.approx(b["mean"], rel=1e-12)
+    assert a["m2"] == pytest.approx(b["m2"], rel=1e-10)
+    if mode == "exact":
+        np.testing.assert_array_equal(gpu.values("x")[0], cpu.values("x")[0])

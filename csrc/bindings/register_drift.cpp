@@ -15,6 +15,8 @@
 #include "bindings/registry.hpp"
 #include "common/errors.hpp"
 #include "common/thread_pool.hpp"
+#include "cuda/drift_ingest.hpp"
+#include "drift/bin_search.hpp"
 #include "drift/detectors.hpp"
 #include "drift/feature_state.hpp"
 #include "drift/two_sample.hpp"
@@ -357,6 +359,43 @@ void register_drift(py::module_& m) {
              }
              return py::make_tuple(vec_to_numpy(items), vec_to_numpy(weights));
            })
+      .def(
+          "add_summary",
+          [](NativeProfile& p, int64_t f, double count, double missing, double nonfinite,
+             double mean, double m2, double mn, double mx, const py::handle& hist) {
+            const auto& ft = p.feature(f);
+            FASTML_CHECK_TYPE(ft.num != nullptr, "feature", "'", ft.name, "' is not numeric");
+            std::vector<double> h = to_vector(hist, "hist");
+            std::lock_guard<std::mutex> g(p.mutex);
+            drift::NumericState& s = *p.state->features[f].num;
+            FASTML_CHECK_ARG(h.size() == s.hist.size(), "hist", "must have ", s.hist.size(),
+                             " slots, got ", h.size());
+            FASTML_CHECK_ARG(count >= 0 && missing >= 0 && nonfinite >= 0 && m2 >= 0, "summary",
+                             "counts and m2 must be non-negative");
+            s.add_moments(count, mean, m2, mn, mx);
+            s.missing += missing;
+            s.nonfinite += nonfinite;
+            for (size_t i = 0; i < h.size(); ++i) s.hist[i] += h[i];
+          },
+          py::arg("feature"), py::arg("count"), py::arg("missing"), py::arg("nonfinite"),
+          py::arg("mean"), py::arg("m2"), py::arg("min"), py::arg("max"), py::arg("hist"))
+      .def(
+          "add_quantile_values",
+          [](NativeProfile& p, int64_t f, const py::handle& values) {
+            const auto& ft = p.feature(f);
+            FASTML_CHECK_TYPE(ft.num != nullptr, "feature", "'", ft.name, "' is not numeric");
+            std::vector<double> v = to_vector(values, "values");
+            for (double x : v) FASTML_CHECK_ARG(std::isfinite(x), "values", "must be finite");
+            std::lock_guard<std::mutex> g(p.mutex);
+            drift::NumericState& s = *p.state->features[f].num;
+            if (s.mode == QuantileMode::Exact) {
+              s.values.insert(s.values.end(), v.begin(), v.end());
+              if (!v.empty()) s.sorted = false;
+            } else if (s.mode == QuantileMode::Sketch) {
+              s.sketch->update_many(v.data(), static_cast<int64_t>(v.size()));
+            }
+          },
+          py::arg("feature"), py::arg("values"))
       .def("compare_numeric", &compare_numeric, py::arg("feature"), py::arg("other"),
            py::arg("other_feature"));
 
@@ -417,6 +456,48 @@ void register_drift(py::module_& m) {
       },
       py::arg("a"), py::arg("b"), py::arg("a_weights") = py::none(),
       py::arg("b_weights") = py::none());
+
+  m.def(
+      "_drift_bin_slots",
+      [](const py::handle& values, const py::handle& edges) {
+        std::vector<double> v = to_vector(values, "values"), e = to_vector(edges, "edges");
+        FASTML_CHECK_ARG(e.size() >= 2, "edges", "must hold at least 2 values, got ", e.size());
+        auto buf = Buffer::allocate(v.size() * sizeof(int64_t));
+        auto* out = buf->as<int64_t>();
+        const auto nb = static_cast<int64_t>(e.size()) - 1;
+        for (size_t i = 0; i < v.size(); ++i) {
+          FASTML_CHECK_ARG(std::isfinite(v[i]), "values", "must be finite");
+          out[i] = drift::histogram_slot(v[i], e.data(), nb);
+        }
+        return to_numpy(buf, DType::I64, {static_cast<int64_t>(v.size())});
+      },
+      py::arg("values"), py::arg("edges"));
+
+  m.def(
+      "_drift_ingest_cuda",
+      [](uintptr_t x, int dtype, int64_t n, int64_t stride, uintptr_t edges, int64_t nbins,
+         uintptr_t hist, uintptr_t partials, int blocks, double pivot, uintptr_t stream) {
+        FASTML_CHECK_ARG(dtype == 0 || dtype == 1, "dtype", "must be 0 (float32) or 1 (float64)");
+        FASTML_CHECK_ARG(n >= 0 && stride >= 1, "n", "and stride must be non-negative/positive");
+        cuda::DriftIngestParams p;
+        p.x = reinterpret_cast<const void*>(x);
+        p.dtype = dtype;
+        p.n = n;
+        p.stride = stride;
+        p.edges = reinterpret_cast<const double*>(edges);
+        p.nbins = nbins;
+        p.hist = reinterpret_cast<unsigned long long*>(hist);
+        p.partials = reinterpret_cast<double*>(partials);
+        p.blocks = blocks;
+        p.pivot = pivot;
+        p.stream = reinterpret_cast<void*>(stream);
+        py::gil_scoped_release release;  // safe: raw device pointers owned by the caller's tensors
+        cuda::drift_ingest_cuda(p);
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("stride"), py::arg("edges"),
+      py::arg("nbins"), py::arg("hist"), py::arg("partials"), py::arg("blocks"), py::arg("pivot"),
+      py::arg("stream"));
+  m.attr("_drift_max_cuda_bins") = cuda::kDriftMaxCudaBins;
 
   m.def("_drift_chi2_sf", &drift::chi2_sf, py::arg("x"), py::arg("dof"));
   m.def("_drift_kstwo_sf", &drift::kstwo_sf, py::arg("n"), py::arg("x"));

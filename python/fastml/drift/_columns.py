@@ -107,11 +107,12 @@ def columns_of(data: Any, what: str = "data") -> tuple[list[_Column], int]:
         for name, values in data.items():
             if not isinstance(name, str):
                 raise TypeError(f"{what} column names must be str, got {type(name).__name__}")
-            col = (
-                _Column(name, values, _arrow_is_categorical(values))
-                if _is_arrow(values)
-                else _numpy_column(name, values)
-            )
+            if _is_arrow(values):
+                col = _Column(name, values, _arrow_is_categorical(values))
+            elif type(values).__module__.startswith("torch") and getattr(values, "is_cuda", False):
+                col = _Column(name, values, False)  # ingested by the CUDA kernel
+            else:
+                col = _numpy_column(name, values)
             if n is None:
                 n = len(col)
             elif len(col) != n:

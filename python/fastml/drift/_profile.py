@@ -10,6 +10,7 @@ import numpy as np
 from fastml import _core
 from fastml.drift._columns import _Column, category_counts, columns_of, numeric_data
 from fastml.drift._functions import _equal_mass_edges
+from fastml.drift._gpu import ingest_cuda, is_cuda_tensor
 
 #: Default number of equal-mass histogram bins per numeric feature.
 DEFAULT_BINS = 20
@@ -142,9 +143,11 @@ class Profile:
         if nrows == 0:
             return  # documented no-op
         kinds = self._native.kinds
-        num_cols, num_idx = [], []
+        num_cols, num_idx, gpu_cols = [], [], []
         for i, (c, kind) in enumerate(zip(cols, kinds, strict=False)):
-            if kind == 0:
+            if kind == 0 and is_cuda_tensor(c.data):
+                gpu_cols.append((i, c.data))
+            elif kind == 0:
                 num_cols.append(numeric_data(c))
                 num_idx.append(i)
         # Validate categorical columns before any state changes.
@@ -155,6 +158,8 @@ class Profile:
         ]
         if num_cols:
             self._native.ingest_columns(num_cols, num_idx, nrows)
+        for i, tensor in gpu_cols:
+            ingest_cuda(self._native, i, tensor)
         for i, (keys, counts, missing) in cats:
             self._native.ingest_categorical(i, keys, counts, missing)
         self._native.add_rows(float(nrows))
