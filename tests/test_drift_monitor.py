@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 
@@ -192,6 +193,8 @@ def test_html_report_renders_in_headless_chromium(tmp_path):
     mon = drift.Monitor(drift.Profile.from_data(_data(500)))
     mon.update(_data(500, shift=1.0, seed=10))
     path = mon.report().to_html(tmp_path / "report.html")
+    # Chromium must not inherit a sanitizer LD_PRELOAD from the test environment.
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     base = [
         _chromium(),
         "--headless",
@@ -201,7 +204,11 @@ def test_html_report_renders_in_headless_chromium(tmp_path):
         f"--user-data-dir={tmp_path / 'profile'}",
     ]
     dom = subprocess.run(
-        [*base, "--dump-dom", f"file://{path}"], capture_output=True, text=True, timeout=120
+        [*base, "--dump-dom", f"file://{path}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
     assert dom.returncode == 0, dom.stderr[-2000:]
     # The DOM after parsing: the summary table rows and one SVG per feature with bars.
@@ -213,6 +220,7 @@ def test_html_report_renders_in_headless_chromium(tmp_path):
         capture_output=True,
         text=True,
         timeout=120,
+        env=env,
     )
     assert r.returncode == 0, r.stderr[-2000:]
     png = shot.read_bytes()

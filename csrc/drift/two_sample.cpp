@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <numeric>
 #include <vector>
 
@@ -250,7 +251,11 @@ void sort_doubles(double* x, int64_t n) {
   // 6 passes of 11 bits; counting all digits in one read, skipping passes
   // where every key has the same digit.
   constexpr int kBits = 11, kPasses = 6, kBuckets = 1 << kBits;
-  std::vector<uint64_t> a(static_cast<size_t>(n)), b(static_cast<size_t>(n));
+  // Uninitialised scratch: every slot is written before it is read.
+  std::unique_ptr<uint64_t[]> a_buf(new uint64_t[static_cast<size_t>(n)]);
+  std::unique_ptr<uint64_t[]> b_buf(new uint64_t[static_cast<size_t>(n)]);
+  uint64_t* a = a_buf.get();
+  uint64_t* b = b_buf.get();
   std::vector<uint32_t> counts(static_cast<size_t>(kPasses) * kBuckets, 0u);
   for (int64_t i = 0; i < n; ++i) {
     const uint64_t k = order_key(x[i]);
@@ -272,7 +277,7 @@ void sort_doubles(double* x, int64_t n) {
       const uint64_t k = a[i];
       b[c[(k >> (p * kBits)) & (kBuckets - 1)]++] = k;
     }
-    a.swap(b);
+    std::swap(a, b);
   }
   for (int64_t i = 0; i < n; ++i) x[i] = from_order_key(a[i]);
 }
