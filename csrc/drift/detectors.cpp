@@ -49,7 +49,7 @@ void Adwin::compress() {
   for (size_t h = 0; h < levels_.size(); ++h) {
     Level& lv = levels_[h];
     if (static_cast<int>(lv.totals.size()) != max_buckets_ + 1) break;
-    const double n1 = std::ldexp(1.0, static_cast<int>(h));
+    const double n1 = static_cast<double>(uint64_t{1} << h);
     const double mu1 = lv.totals[0] / n1, mu2 = lv.totals[1] / n1;
     const double total12 = lv.totals[0] + lv.totals[1];
     const double temp = n1 * 0.5 * (mu1 - mu2) * (mu1 - mu2);
@@ -67,7 +67,7 @@ void Adwin::compress() {
 
 void Adwin::delete_oldest() {
   const size_t last = levels_.size() - 1;
-  const double n = std::ldexp(1.0, static_cast<int>(last));
+  const double n = static_cast<double>(uint64_t{1} << last);
   const double u = levels_[last].totals[0], v = levels_[last].variances[0];
   const double mu = u / n;
   width_ -= n;
@@ -105,7 +105,7 @@ bool Adwin::detect() {
       const double delta_prime = std::log(2.0 * std::log(width_) / delta_);
       const int64_t nlev = static_cast<int64_t>(levels_.size());
       for (int64_t h = nlev - 1; h >= 0 && !exit_flag && !reduce; --h) {
-        const double size = std::ldexp(1.0, static_cast<int>(h));
+        const double size = static_cast<double>(uint64_t{1} << h);
         const int64_t cnt = static_cast<int64_t>(levels_[h].totals.size());
         for (int64_t k = 0; k < cnt; ++k) {
           n0 += size;
