@@ -1,0 +1,446 @@
+#include "drift/feature_state.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "common/dtype.hpp"
+#include "common/errors.hpp"
+#include "common/thread_pool.hpp"
+#include "drift/two_sample.hpp"
+
+namespace fastml::drift {
+
+// ------------------------------------------------------------------ BinLookup
+
+BinLookup::BinLookup(const std::vector<double>& edges) : edges_(edges) {
+  FASTML_ASSERT(edges.size() >= 2);
+  nbins_ = static_cast<int64_t>(edges.size()) - 1;
+  lo_ = edges.front();
+  hi_ = edges.back();
+  // About 256 grid cells per bin (at least 4096, at most 2^16): equal-mass
+  // bins are narrow where data is dense, and only cells that hold an edge need
+  // the comparison loop (measured: ~12% of normal values at 64 cells per bin).
+  grid_ = std::min<int64_t>(1 << 16, std::max<int64_t>(4096, 256 * nbins_));
+  const double range = hi_ - lo_;
+  scale_ = range > 0 && std::isfinite(static_cast<double>(grid_) / range)
+               ? static_cast<double>(grid_) / range
+               : 0.0;
+  table_.resize(static_cast<size_t>(grid_));
+  // A cell is "clean" when every x that maps to it (given rounding in the
+  // index computation) lies in one bin: then the lookup needs no comparison.
+  // Cells are checked with a margin of one cell on each side.
+  int64_t b = 0;
+  for (int64_t c = 0; c < grid_; ++c) {
+    const double cell_lo = scale_ > 0 ? lo_ + static_cast<double>(c) / scale_ : lo_;
+    while (b + 1 < nbins_ && edges_[b + 1] <= cell_lo) ++b;
+    table_[c] = static_cast<int32_t>(b);
+  }
+  // A cell is "clean" when every x that maps to it lies in one bin, so the
+  // lookup needs no comparison. The index (x - lo) * scale is off by at most
+  // ~1e-12 cells (two roundings, grid <= 2^16), so a margin of 1e-6 of a cell
+  // on each side is safe.
+  const std::vector<int32_t> start = table_;
+  for (int64_t c = 0; c < grid_; ++c) {
+    if (!(scale_ > 0)) {
+      table_[c] = ~start[c];
+      continue;
+    }
+    const double a = lo_ + (static_cast<double>(c) - 1e-6) / scale_;
+    const double z = lo_ + (static_cast<double>(c) + 1.0 + 1e-6) / scale_;
+    const int64_t bin = start[c];
+    // The last bin is closed above and values past hi_ never reach the table.
+    const bool clean = edges_[bin] < a && (bin + 1 == nbins_ || edges_[bin + 1] > z);
+    table_[c] = clean ? start[c] : ~start[c];
+  }
+}
+
+// ------------------------------------------------------------------ NumericState
+
+NumericState::NumericState(std::vector<double> e, QuantileMode m, int sketch_k)
+    : edges(std::move(e)), mode(m) {
+  FASTML_CHECK_ARG(edges.size() >= 2, "edges", "must hold at least 2 values, got ", edges.size());
+  for (size_t i = 0; i < edges.size(); ++i) {
+    FASTML_CHECK_ARG(std::isfinite(edges[i]), "edges", "must be finite, got ", edges[i]);
+    if (i) {
+      FASTML_CHECK_ARG(edges[i] > edges[i - 1] || (edges.size() == 2 && edges[1] == edges[0]),
+                       "edges", "must increase strictly, got ", edges[i - 1], " then ", edges[i]);
+    }
+  }
+  hist.assign(edges.size() + 1, 0.0);
+  if (mode == QuantileMode::Sketch) sketch = std::make_unique<QuantileSketch>(sketch_k);
+  rebuild_lookup();
+}
+
+NumericState::NumericState(const NumericState& o)
+    : count(o.count),
+      missing(o.missing),
+      nonfinite(o.nonfinite),
+      mean(o.mean),
+      m2(o.m2),
+      min(o.min),
+      max(o.max),
+      edges(o.edges),
+      hist(o.hist),
+      mode(o.mode),
+      values(o.values),
+      sorted(o.sorted),
+      sketch(o.sketch ? std::make_unique<QuantileSketch>(*o.sketch) : nullptr),
+      lookup(o.lookup) {}
+
+void NumericState::rebuild_lookup() {
+  lookup = std::make_shared<const BinLookup>(edges);
+}
+
+void NumericState::add_moments(double n, double mu, double m2b, double mn, double mx) {
+  if (n <= 0) return;
+  if (count <= 0) {
+    count = n;
+    mean = mu;
+    m2 = m2b;
+    min = mn;
+    max = mx;
+    return;
+  }
+  // Chan, Golub and LeVeque's pairwise update.
+  const double total = count + n;
+  const double delta = mu - mean;
+  mean += delta * (n / total);
+  m2 += m2b + delta * delta * (count * n / total);
+  count = total;
+  min = std::min(min, mn);
+  max = std::max(max, mx);
+}
+
+namespace {
+
+// One pass per chunk with every accumulator in a register: no calls inside
+// the loop (exact values go to a pre-sized buffer, sketch updates are batched
+// after the chunk), so the compiler keeps x, the sums and the extremes out of
+// memory. 4096 values per chunk keep the chunk's sketch buffer in L1.
+template <typename T, QuantileMode Mode>
+void ingest_typed(NumericState& s, const char* base, int64_t n, int64_t stride) {
+  const BinLookup& lk = *s.lookup;
+  const int64_t slots = lk.nbins() + 2;
+  constexpr int64_t kChunk = 4096;
+  std::vector<uint32_t> local(static_cast<size_t>(4 * slots));
+  std::vector<double> sketch_buf(Mode == QuantileMode::Sketch ? kChunk : 0);
+  size_t nvalues = s.values.size();
+  if (Mode == QuantileMode::Exact) s.values.resize(nvalues + static_cast<size_t>(n));
+  double missing = 0, nonfinite = 0;
+  for (int64_t start = 0; start < n; start += kChunk) {
+    const int64_t end = std::min(n, start + kChunk);
+    std::fill(local.begin(), local.end(), 0u);
+    uint32_t* hist = local.data();
+    double* out = Mode == QuantileMode::Exact ? s.values.data() + nvalues : sketch_buf.data();
+    // Shifted sums around a pivot near the mean keep the one-pass variance
+    // accurate; chunks are then merged with Chan's formula.
+    double pivot = s.count > 0 ? s.mean : 0.0;
+    if (s.count <= 0) {
+      for (int64_t i = start; i < end; ++i) {
+        const double x = load_as_double(*reinterpret_cast<const T*>(base + i * stride));
+        if (std::isfinite(x)) {
+          pivot = x;
+          break;
+        }
+      }
+    }
+    // Four independent accumulator lanes (named scalars, so they live in
+    // registers) and four sub-histograms break the loop-carried dependencies
+    // (add/min/max latency, store forwarding on a repeated bin) that bound a
+    // single-lane loop to ~4 cycles per value.
+    const double inf = std::numeric_limits<double>::infinity();
+    double s0 = 0, s1 = 0, s2 = 0, s3 = 0, q0 = 0, q1 = 0, q2 = 0, q3 = 0;
+    double mn0 = inf, mn1 = inf, mn2 = inf, mn3 = inf;
+    double mx0 = -inf, mx1 = -inf, mx2 = -inf, mx3 = -inf;
+    int64_t cnt = 0, nan_count = 0, inf_count = 0, kept = 0;
+    const double lo = lk.lo(), hi = lk.hi(), scale = lk.scale();
+    const int64_t grid = lk.grid(), overflow = lk.nbins() + 1;
+    const int32_t* table = lk.table();
+    uint32_t* h0 = hist;
+    uint32_t* h1 = hist + slots;
+    uint32_t* h2 = hist + 2 * slots;
+    uint32_t* h3 = hist + 3 * slots;
+    auto slot_of = [&](double x) -> int64_t {
+      if (x >= lo && x <= hi) {
+        int64_t c = static_cast<int64_t>((x - lo) * scale);
+        c = c >= grid ? grid - 1 : c;
+        const int32_t t = table[c];
+        return t >= 0 ? t + 1 : lk.search(x, ~t) + 1;
+      }
+      return x < lo ? 0 : overflow;
+    };
+#define FASTML_DRIFT_LANE(x, hj, sj, qj, mnj, mxj) \
+  do {                                             \
+    ++hj[slot_of(x)];                              \
+    const double d = (x) - pivot;                  \
+    sj += d;                                       \
+    qj += d * d;                                   \
+    mnj = (x) < mnj ? (x) : mnj;                   \
+    mxj = (x) > mxj ? (x) : mxj;                   \
+  } while (0)
+    auto one = [&](double x) {  // the careful path: lane 0, any value
+      if (std::isfinite(x)) {
+        FASTML_DRIFT_LANE(x, h0, s0, q0, mn0, mx0);
+        ++cnt;
+        if (Mode != QuantileMode::None) out[kept++] = x;
+      } else if (std::isnan(x)) {
+        ++nan_count;
+      } else {
+        ++inf_count;
+      }
+    };
+    int64_t i = start;
+    for (; i + 4 <= end; i += 4) {
+      const double x0 = load_as_double(*reinterpret_cast<const T*>(base + i * stride));
+      const double x1 = load_as_double(*reinterpret_cast<const T*>(base + (i + 1) * stride));
+      const double x2 = load_as_double(*reinterpret_cast<const T*>(base + (i + 2) * stride));
+      const double x3 = load_as_double(*reinterpret_cast<const T*>(base + (i + 3) * stride));
+      // x - x is 0 for finite x and NaN for NaN or inf.
+      if (((x0 - x0) + (x1 - x1)) + ((x2 - x2) + (x3 - x3)) == 0) {
+        FASTML_DRIFT_LANE(x0, h0, s0, q0, mn0, mx0);
+        FASTML_DRIFT_LANE(x1, h1, s1, q1, mn1, mx1);
+        FASTML_DRIFT_LANE(x2, h2, s0, q0, mn0, mx0);
+        FASTML_DRIFT_LANE(x3, h3, s1, q1, mn1, mx1);
+        cnt += 4;
+        if (Mode != QuantileMode::None) {
+          out[kept] = x0;
+          out[kept + 1] = x1;
+          out[kept + 2] = x2;
+          out[kept + 3] = x3;
+          kept += 4;
+        }
+      } else {
+        one(x0);
+        one(x1);
+        one(x2);
+        one(x3);
+      }
+    }
+#undef FASTML_DRIFT_LANE
+    for (; i < end; ++i) one(load_as_double(*reinterpret_cast<const T*>(base + i * stride)));
+    for (int64_t k = 0; k < slots; ++k) {
+      s.hist[k] += static_cast<double>(h0[k]) + h1[k] + h2[k] + h3[k];
+    }
+    const double total_sum = (s0 + s1) + (s2 + s3);
+    const double total_sq = (q0 + q1) + (q2 + q3);
+    const double chunk_min = std::min(std::min(mn0, mn1), std::min(mn2, mn3));
+    const double chunk_max = std::max(std::max(mx0, mx1), std::max(mx2, mx3));
+    missing += static_cast<double>(nan_count);
+    nonfinite += static_cast<double>(inf_count);
+    if (Mode == QuantileMode::Exact) nvalues += static_cast<size_t>(kept);
+    if (Mode == QuantileMode::Sketch) s.sketch->update_many(sketch_buf.data(), kept);
+    if (cnt > 0) {
+      const double dc = static_cast<double>(cnt);
+      const double mu = total_sum / dc;
+      s.add_moments(dc, pivot + mu, std::max(0.0, total_sq - total_sum * mu), chunk_min, chunk_max);
+    }
+  }
+  if (Mode == QuantileMode::Exact) {
+    s.values.resize(nvalues);
+    if (n > 0) s.sorted = false;
+  }
+  s.missing += missing;
+  s.nonfinite += nonfinite;
+}
+
+template <typename T>
+void ingest_dispatch(NumericState& s, const char* base, int64_t n, int64_t stride) {
+  switch (s.mode) {
+    case QuantileMode::None: return ingest_typed<T, QuantileMode::None>(s, base, n, stride);
+    case QuantileMode::Exact: return ingest_typed<T, QuantileMode::Exact>(s, base, n, stride);
+    case QuantileMode::Sketch: return ingest_typed<T, QuantileMode::Sketch>(s, base, n, stride);
+  }
+}
+
+}  // namespace
+
+void NumericState::ingest(const ArrayView& view, int64_t column) {
+  FASTML_ASSERT(view.ndim == 1 || view.ndim == 2);
+  const int64_t n = view.shape[0];
+  const char* base = static_cast<const char*>(view.data);
+  if (view.ndim == 2) base += column * view.strides[1];
+  const int64_t stride = view.strides[0];
+  dispatch_dtype(view.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    ingest_dispatch<T>(*this, base, n, stride);
+  });
+}
+
+void NumericState::ingest_values(const double* x, int64_t n) {
+  ingest_dispatch<double>(*this, reinterpret_cast<const char*>(x), n, sizeof(double));
+}
+
+void NumericState::merge(const NumericState& o) {
+  FASTML_CHECK_ARG(edges == o.edges, "profiles", "have different histogram edges (", edges.size(),
+                   " vs ", o.edges.size(), " edges); merge only profiles from one reference");
+  FASTML_CHECK_ARG(mode == o.mode, "profiles", "have different quantile modes");
+  add_moments(o.count, o.mean, o.m2, o.min, o.max);
+  missing += o.missing;
+  nonfinite += o.nonfinite;
+  for (size_t i = 0; i < hist.size(); ++i) hist[i] += o.hist[i];
+  if (mode == QuantileMode::Exact && !o.values.empty()) {
+    values.insert(values.end(), o.values.begin(), o.values.end());
+    sorted = false;
+  } else if (mode == QuantileMode::Sketch) {
+    sketch->merge(*o.sketch);
+  }
+}
+
+void NumericState::scale(double f) {
+  count *= f;
+  missing *= f;
+  nonfinite *= f;
+  m2 *= f;
+  for (double& h : hist) h *= f;
+}
+
+void NumericState::clear() {
+  count = missing = nonfinite = mean = m2 = min = max = 0;
+  std::fill(hist.begin(), hist.end(), 0.0);
+  values.clear();
+  values.shrink_to_fit();
+  sorted = true;
+  if (sketch) sketch->clear();
+}
+
+void NumericState::ensure_sorted() {
+  if (!sorted) {
+    sort_doubles(values.data(), static_cast<int64_t>(values.size()));
+    sorted = true;
+  }
+}
+
+// ------------------------------------------------------------------ CategoricalState
+
+void CategoricalState::add(const std::vector<std::string>& keys, const double* cnt,
+                           double missing_count) {
+  missing += missing_count;
+  for (size_t i = 0; i < keys.size(); ++i) {
+    const double c = cnt[i];
+    if (c <= 0) continue;
+    total += c;
+    auto it = counts.find(keys[i]);
+    if (it != counts.end()) {
+      it->second += c;
+      continue;
+    }
+    if (static_cast<int64_t>(counts.size()) < cap) {
+      counts.emplace(keys[i], c);
+      continue;
+    }
+    // Past the cap: a heavier newcomer evicts the lightest retained category.
+    auto smallest = counts.end();
+    for (auto jt = counts.begin(); jt != counts.end(); ++jt) {
+      if (smallest == counts.end() || jt->second < smallest->second ||
+          (jt->second == smallest->second && jt->first < smallest->first)) {
+        smallest = jt;
+      }
+    }
+    if (smallest != counts.end() && c > smallest->second) {
+      other += smallest->second;
+      counts.erase(smallest);
+      counts.emplace(keys[i], c);
+    } else {
+      other += c;
+    }
+  }
+}
+
+void CategoricalState::merge(const CategoricalState& o) {
+  // Sorted keys make the merge independent of hash order.
+  std::vector<std::pair<std::string, double>> items(o.counts.begin(), o.counts.end());
+  std::sort(items.begin(), items.end());
+  std::vector<std::string> keys;
+  std::vector<double> cnt;
+  for (auto& kv : items) {
+    keys.push_back(kv.first);
+    cnt.push_back(kv.second);
+  }
+  add(keys, cnt.data(), o.missing);
+  total += o.other;
+  other += o.other;
+}
+
+void CategoricalState::scale(double f) {
+  total *= f;
+  missing *= f;
+  other *= f;
+  for (auto& kv : counts) kv.second *= f;
+}
+
+void CategoricalState::clear() {
+  total = missing = other = 0;
+  counts.clear();
+}
+
+// ------------------------------------------------------------------ Feature / ProfileState
+
+Feature::Feature(const Feature& o) : name(o.name), kind(o.kind) {
+  if (o.num) num = std::make_unique<NumericState>(*o.num);
+  if (o.cat) cat = std::make_unique<CategoricalState>(*o.cat);
+}
+
+int64_t ProfileState::find(const std::string& name) const {
+  for (size_t i = 0; i < features.size(); ++i)
+    if (features[i].name == name) return static_cast<int64_t>(i);
+  return -1;
+}
+
+std::unique_ptr<ProfileState> ProfileState::empty_like() const {
+  auto p = std::make_unique<ProfileState>(*this);
+  p->clear();
+  return p;
+}
+
+void ProfileState::merge(const ProfileState& o) {
+  FASTML_CHECK_ARG(features.size() == o.features.size(), "profiles", "have different features (",
+                   features.size(), " vs ", o.features.size(), ")");
+  FASTML_CHECK_ARG(mode == o.mode && sketch_k == o.sketch_k, "profiles",
+                   "have different modes or sketch sizes");
+  for (size_t i = 0; i < features.size(); ++i) {
+    const Feature& b = o.features[i];
+    Feature& a = features[i];
+    FASTML_CHECK_ARG(a.name == b.name && a.kind == b.kind, "profiles",
+                     "have different features at position ", i, ": '", a.name, "' vs '", b.name,
+                     "'");
+  }
+  for (size_t i = 0; i < features.size(); ++i) {
+    if (features[i].num) features[i].num->merge(*o.features[i].num);
+    if (features[i].cat) features[i].cat->merge(*o.features[i].cat);
+  }
+  rows += o.rows;
+}
+
+void ProfileState::scale(double f) {
+  rows *= f;
+  for (auto& ft : features) {
+    if (ft.num) ft.num->scale(f);
+    if (ft.cat) ft.cat->scale(f);
+  }
+}
+
+void ProfileState::clear() {
+  rows = 0;
+  for (auto& ft : features) {
+    if (ft.num) ft.num->clear();
+    if (ft.cat) ft.cat->clear();
+  }
+}
+
+void ProfileState::ingest_matrix(const ArrayView& view, const std::vector<int64_t>& cols,
+                                 const std::vector<int64_t>& feature_idx) {
+  FASTML_ASSERT(cols.size() == feature_idx.size());
+  for (int64_t f : feature_idx) {
+    FASTML_ASSERT(f >= 0 && f < static_cast<int64_t>(features.size()) && features[f].num);
+  }
+  // Each task owns distinct features, so no two threads touch one state.
+  ThreadPool::global().parallel_for(0, static_cast<int64_t>(cols.size()), 1,
+                                    [&](int64_t b, int64_t e) {
+                                      for (int64_t i = b; i < e; ++i) {
+                                        features[feature_idx[i]].num->ingest(view, cols[i]);
+                                      }
+                                    });
+}
+
+}  // namespace fastml::drift

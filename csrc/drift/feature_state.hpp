@@ -1,0 +1,146 @@
+// Per-feature state of a drift profile: numeric (counts, extremes, parallel
+// moments, a histogram over fixed edges, exact values or a quantile sketch)
+// and categorical (capped exact counts with heavy hitters and "other").
+//
+// Counts are doubles so that exponentially decayed windows can scale them;
+// without decay they hold integers exactly (up to 2^53).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "common/array_view.hpp"
+#include "drift/quantile_sketch.hpp"
+
+namespace fastml::drift {
+
+enum class QuantileMode : uint8_t { None = 0, Exact = 1, Sketch = 2 };
+
+// Maps a finite value to its histogram bin in O(1) expected: a uniform grid
+// over [edges.front(), edges.back()] gives a starting bin, corrected by at
+// most a few comparisons. Bins follow numpy.histogram: [e_i, e_{i+1}) with
+// the last bin closed.
+class BinLookup {
+ public:
+  explicit BinLookup(const std::vector<double>& edges);
+  // 0 = underflow, 1..nbins = bins, nbins + 1 = overflow; x must be finite.
+  int64_t slot(double x) const {
+    if (!(x >= lo_)) return 0;
+    if (x > hi_) return nbins_ + 1;
+    int64_t c = static_cast<int64_t>((x - lo_) * scale_);
+    c = c >= grid_ ? grid_ - 1 : c;  // x >= lo_, so c >= 0
+    const int32_t t = table_[c];
+    if (t >= 0) return t + 1;  // no edge inside this cell: the bin is known
+    return search(x, ~t) + 1;
+  }
+  // Bin of x starting from bin b, when an edge falls inside x's grid cell.
+  int64_t search(double x, int64_t b) const {
+    const double* e = edges_.data();
+    while (b + 1 < nbins_ && x >= e[b + 1]) ++b;
+    while (b > 0 && x < e[b]) --b;
+    return b;
+  }
+  int64_t nbins() const { return nbins_; }
+  double lo() const { return lo_; }
+  double hi() const { return hi_; }
+  double scale() const { return scale_; }
+  int64_t grid() const { return grid_; }
+  const int32_t* table() const { return table_.data(); }
+
+ private:
+  std::vector<double> edges_;
+  std::vector<int32_t> table_;  // bin of the cell's start; ~bin when an edge is inside
+  double lo_, hi_, scale_;
+  int64_t nbins_, grid_;
+};
+
+struct NumericState {
+  double count = 0;      // finite values
+  double missing = 0;    // NaN
+  double nonfinite = 0;  // +-inf
+  double mean = 0, m2 = 0;
+  double min = 0, max = 0;  // meaningful when count > 0
+  std::vector<double> edges;
+  std::vector<double> hist;  // [underflow, bins..., overflow]
+  QuantileMode mode = QuantileMode::None;
+  std::vector<double> values;  // Exact: finite values (sorted when `sorted`)
+  bool sorted = true;
+  std::unique_ptr<QuantileSketch> sketch;
+  std::shared_ptr<const BinLookup> lookup;
+
+  NumericState() = default;
+  NumericState(std::vector<double> edges, QuantileMode mode, int sketch_k);
+  NumericState(const NumericState& o);
+  NumericState& operator=(const NumericState& o) = delete;
+
+  // Column of `n` values of `view` (1-D or one column of a 2-D view).
+  void ingest(const ArrayView& view, int64_t column);
+  void ingest_values(const double* x, int64_t n);  // contiguous doubles (tests, GPU results)
+  void merge(const NumericState& o);
+  void scale(double factor);  // exponential decay: counts, histogram, moments
+  void clear();
+  void ensure_sorted();
+  double variance() const { return count > 1 ? m2 / (count - 1) : 0.0; }
+  void add_moments(double n, double mean, double m2, double mn, double mx);
+  void rebuild_lookup();
+};
+
+struct CategoricalState {
+  int64_t cap = 1000;
+  double total = 0;    // every non-missing value
+  double missing = 0;  // None / NaN
+  double other = 0;    // values beyond the cap (evicted or not admitted)
+  std::unordered_map<std::string, double> counts;
+
+  // Adds pre-aggregated counts; past the cap a value replaces the smallest
+  // retained category when its batch count is larger (heavy hitters), else it
+  // goes to `other`.
+  void add(const std::vector<std::string>& keys, const double* cnt, double missing_count);
+  void merge(const CategoricalState& o);
+  void scale(double factor);
+  void clear();
+  bool overflowed() const { return other > 0; }
+};
+
+enum class FeatureKind : uint8_t { Numeric = 0, Categorical = 1 };
+
+struct Feature {
+  std::string name;
+  FeatureKind kind = FeatureKind::Numeric;
+  std::unique_ptr<NumericState> num;
+  std::unique_ptr<CategoricalState> cat;
+
+  Feature() = default;
+  Feature(const Feature& o);
+};
+
+// The ordered features of a profile plus the row count.
+class ProfileState {
+ public:
+  std::vector<Feature> features;
+  double rows = 0;
+  QuantileMode mode = QuantileMode::Exact;
+  int sketch_k = QuantileSketch::kDefaultK;
+
+  int64_t find(const std::string& name) const;  // -1 when absent
+  // A profile with the same features and edges and no data.
+  std::unique_ptr<ProfileState> empty_like() const;
+  void merge(const ProfileState& o);  // same features in the same order
+  void scale(double factor);
+  void clear();
+
+  // Ingests numeric columns of a 2-D (rows x cols) view: view column `cols[i]`
+  // into feature `features_idx[i]`, in parallel over features on the pool.
+  void ingest_matrix(const ArrayView& view, const std::vector<int64_t>& cols,
+                     const std::vector<int64_t>& feature_idx);
+
+  std::vector<uint8_t> to_bytes() const;
+  static std::unique_ptr<ProfileState> from_bytes(const uint8_t* data, size_t size);
+};
+
+uint32_t crc32(const uint8_t* data, size_t size);
+
+}  // namespace fastml::drift

@@ -1,0 +1,160 @@
+#include "drift/quantile_sketch.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+
+#include "common/errors.hpp"
+
+namespace fastml::drift {
+
+QuantileSketch::QuantileSketch(int k, uint64_t seed) : k_(k), rng_(seed) {
+  FASTML_CHECK_ARG(k >= kMinWidth && k <= 65536, "sketch_k", "must be in [8, 65536], got ", k);
+  levels_.emplace_back();
+  refresh_capacities();
+}
+
+void QuantileSketch::refresh_capacities() {
+  caps_.resize(levels_.size());
+  for (int h = 0; h < num_levels(); ++h) {
+    const int depth = num_levels() - 1 - h;
+    const double c = std::ceil(k_ * std::pow(2.0 / 3.0, depth));
+    caps_[h] = std::max<int64_t>(kMinWidth, static_cast<int64_t>(c));
+  }
+}
+
+int64_t QuantileSketch::capacity_bound(int k) {
+  // Worst case over the number of levels: sum of every level's capacity.
+  int64_t best = 0;
+  for (int levels = 1; levels <= kMaxLevels; ++levels) {
+    int64_t total = 0;
+    for (int depth = 0; depth < levels; ++depth) {
+      total += std::max<int64_t>(kMinWidth,
+                                 static_cast<int64_t>(std::ceil(k * std::pow(2.0 / 3.0, depth))));
+    }
+    best = std::max(best, total);
+  }
+  return best;
+}
+
+uint64_t QuantileSketch::next_random() {  // splitmix64: deterministic, seedable
+  uint64_t z = (rng_ += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+void QuantileSketch::update_many(const double* x, int64_t n) {
+  while (n > 0) {
+    const int64_t room = capacity(0) - static_cast<int64_t>(levels_[0].size());
+    const int64_t take = std::min(n, std::max<int64_t>(room, 1));
+    levels_[0].insert(levels_[0].end(), x, x + take);
+    n_ += static_cast<uint64_t>(take);
+    x += take;
+    n -= take;
+    if (static_cast<int64_t>(levels_[0].size()) >= capacity(0)) compress();
+  }
+}
+
+void QuantileSketch::compact_level(int h) {
+  if (h + 1 >= num_levels()) {
+    FASTML_ASSERT(num_levels() < kMaxLevels);
+    levels_.emplace_back();  // before taking references: this may reallocate
+    refresh_capacities();
+  }
+  auto& items = levels_[h];
+  auto& up = levels_[h + 1];
+  std::sort(items.begin(), items.end());
+  // An odd item stays behind so the compacted pairs keep the total weight.
+  const size_t pairs = items.size() / 2;
+  const size_t keep = items.size() - 2 * pairs;
+  const size_t offset = next_random() & 1u;
+  for (size_t p = 0; p < pairs; ++p) up.push_back(items[keep + 2 * p + offset]);
+  const double w = std::ldexp(1.0, h);
+  err_sum_ += w * w;
+  items.resize(keep);
+}
+
+void QuantileSketch::compress() {
+  // Repeat: compacting one level may overfill the next, and a new top level
+  // shrinks the capacities below it.
+  bool over = true;
+  while (over) {
+    over = false;
+    for (int h = 0; h < num_levels(); ++h) {
+      if (static_cast<int64_t>(levels_[h].size()) >= capacity(h)) {
+        compact_level(h);
+        over = true;
+      }
+    }
+  }
+}
+
+void QuantileSketch::merge(const QuantileSketch& other) {
+  FASTML_CHECK_ARG(other.k_ == k_, "other", "must be a sketch with k=", k_, ", got k=", other.k_);
+  while (num_levels() < other.num_levels()) levels_.emplace_back();
+  refresh_capacities();
+  for (int h = 0; h < other.num_levels(); ++h) {
+    levels_[h].insert(levels_[h].end(), other.levels_[h].begin(), other.levels_[h].end());
+  }
+  n_ += other.n_;
+  err_sum_ += other.err_sum_;
+  rng_ ^= other.rng_ * 0x2545f4914f6cdd1dull;
+  compress();
+}
+
+void QuantileSketch::clear() {
+  levels_.assign(1, {});
+  refresh_capacities();
+  n_ = 0;
+  err_sum_ = 0.0;
+}
+
+int64_t QuantileSketch::num_items() const {
+  int64_t t = 0;
+  for (const auto& l : levels_) t += static_cast<int64_t>(l.size());
+  return t;
+}
+
+double QuantileSketch::rank_error() const {
+  if (n_ == 0) return 0.0;
+  const double delta = 0.01;
+  return std::sqrt(2.0 * std::log(2.0 / delta) * err_sum_) / static_cast<double>(n_);
+}
+
+void QuantileSketch::sorted_items(std::vector<double>* items, std::vector<double>* weights) const {
+  std::vector<std::pair<double, double>> all;
+  all.reserve(static_cast<size_t>(num_items()));
+  for (int h = 0; h < num_levels(); ++h) {
+    const double w = std::ldexp(1.0, h);
+    for (double x : levels_[h]) all.emplace_back(x, w);
+  }
+  std::sort(all.begin(), all.end());
+  items->resize(all.size());
+  weights->resize(all.size());
+  for (size_t i = 0; i < all.size(); ++i) {
+    (*items)[i] = all[i].first;
+    (*weights)[i] = all[i].second;
+  }
+}
+
+void QuantileSketch::restore(uint64_t n, double err_sum, uint64_t rng,
+                             std::vector<std::vector<double>> levels) {
+  FASTML_CHECK_ARG(!levels.empty() && static_cast<int>(levels.size()) <= kMaxLevels, "data",
+                   "has a sketch with ", levels.size(), " levels; expected 1..", kMaxLevels);
+  levels_ = std::move(levels);
+  refresh_capacities();
+  uint64_t total = 0;
+  for (int h = 0; h < num_levels(); ++h) {
+    FASTML_CHECK_ARG(static_cast<int64_t>(levels_[h].size()) < capacity(h), "data",
+                     "has a sketch level over its capacity (corrupted)");
+    total += static_cast<uint64_t>(levels_[h].size()) << h;
+  }
+  FASTML_CHECK_ARG(total == n, "data", "has a sketch whose weights (", total,
+                   ") do not add up to its count (", n, ")");
+  n_ = n;
+  err_sum_ = err_sum;
+  rng_ = rng;
+}
+
+}  // namespace fastml::drift

@@ -1,0 +1,67 @@
+// A mergeable quantile sketch of fixed memory: a stack of compactors in the
+// style of KLL (Karnin, Lang and Liberty 2016), written for fastml.
+//
+// Level h holds items of weight 2^h. When a level reaches its capacity it is
+// sorted and every other item (starting at a random offset) moves up one
+// level. Capacities shrink geometrically (factor 2/3) below the top level, so
+// the sketch never holds more than capacity_bound(k) items whatever the stream
+// length (k = 400: at most 1616 doubles, 12.6 KB of items).
+//
+// Error bound: each compaction at level h shifts the rank of any fixed query
+// by +2^h, -2^h or 0, with mean zero, independently. The sketch tracks
+// S = sum over compactions of 4^h, so by Hoeffding the absolute rank error of a
+// query is at most sqrt(2 ln(2 / delta) S) with probability 1 - delta;
+// rank_error() reports this bound divided by n at delta = 0.01.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace fastml::drift {
+
+class QuantileSketch {
+ public:
+  static constexpr int kDefaultK = 400;
+  static constexpr int kMinWidth = 8;
+  static constexpr int kMaxLevels = 64;
+
+  explicit QuantileSketch(int k = kDefaultK, uint64_t seed = 0x9e3779b97f4a7c15ull);
+
+  void update(double x) { update_many(&x, 1); }
+  void update_many(const double* x, int64_t n);
+  void merge(const QuantileSketch& other);
+  void clear();
+
+  int k() const { return k_; }
+  uint64_t n() const { return n_; }
+  int num_levels() const { return static_cast<int>(levels_.size()); }
+  int64_t num_items() const;
+  // Normalised rank-error bound (fraction of n) at 99% confidence per query.
+  double rank_error() const;
+  // Items and weights, ascending by item.
+  void sorted_items(std::vector<double>* items, std::vector<double>* weights) const;
+  // The most items the sketch may ever hold with parameter k.
+  static int64_t capacity_bound(int k);
+
+  // Raw state, for serialisation.
+  const std::vector<std::vector<double>>& levels() const { return levels_; }
+  double error_sum() const { return err_sum_; }
+  uint64_t rng_state() const { return rng_; }
+  void restore(uint64_t n, double err_sum, uint64_t rng, std::vector<std::vector<double>> levels);
+
+ private:
+  int64_t capacity(int level) const { return caps_[level]; }
+  void refresh_capacities();
+  void compress();
+  void compact_level(int level);
+  uint64_t next_random();
+
+  int k_;
+  uint64_t n_ = 0;
+  double err_sum_ = 0.0;
+  uint64_t rng_;
+  std::vector<std::vector<double>> levels_;
+  std::vector<int64_t> caps_;  // capacity per level for the current height
+};
+
+}  // namespace fastml::drift

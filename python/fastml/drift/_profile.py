@@ -1,0 +1,239 @@
+"""Profile: mergeable, serialisable per-feature statistics of a data set."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from fastml import _core
+from fastml.drift._columns import _Column, category_counts, columns_of, numeric_data
+from fastml.drift._functions import _equal_mass_edges
+from fastml.drift._gpu import ingest_cuda, is_cuda_tensor
+
+#: Default number of equal-mass histogram bins per numeric feature.
+DEFAULT_BINS = 20
+#: Default quantile-sketch parameter k (at most ``sketch_bytes(k)`` bytes of items).
+DEFAULT_SKETCH_K = 400
+#: Default number of distinct categories counted exactly per categorical feature.
+DEFAULT_CATEGORY_CAP = 1000
+
+_MODES = ("exact", "sketch")
+
+
+def sketch_bytes(k: int = DEFAULT_SKETCH_K) -> int:
+    """Upper bound on the bytes one feature's quantile sketch holds, whatever the stream length.
+
+    Items (8 bytes each, at most ``capacity_bound(k)``) plus one vector header
+    per level (at most 64 levels) and the sketch object itself; 14.5 KB at the
+    default ``k = 400``.
+    """
+    return int(_core._drift_sketch_capacity_bound(k)) * 8 + 64 * 24 + 64
+
+
+class Profile:
+    """Per-feature statistics of a data set, mergeable across shards.
+
+    Numeric features hold counts (finite, missing NaN/None, non-finite ±inf),
+    min/max, mean and variance (merged with Chan's parallel formula), a
+    histogram over edges fixed from the reference (equal-mass, plus underflow
+    and overflow bins), and either every finite value (``mode="exact"``) or a
+    quantile sketch of fixed memory (``mode="sketch"``). Categorical features
+    hold exact counts of up to ``category_cap`` distinct values, then heavy
+    hitters with an "other" bucket.
+
+    Build one with :meth:`from_data`; build shards that merge with it with
+    :meth:`empty` and :meth:`update`.
+    """
+
+    __slots__ = ("_native",)
+
+    def __init__(self, native: Any) -> None:
+        if not isinstance(native, _core._DriftProfile):
+            raise TypeError("use Profile.from_data, Profile.from_bytes or Profile.empty")
+        self._native = native
+
+    # ------------------------------------------------------------ construction
+    @classmethod
+    def from_data(
+        cls,
+        reference: Any,
+        categorical: Iterable[str] | None = None,
+        mode: str = "exact",
+        *,
+        bins: int = DEFAULT_BINS,
+        sketch_k: int = DEFAULT_SKETCH_K,
+        category_cap: int = DEFAULT_CATEGORY_CAP,
+    ) -> Profile:
+        """Profile ``reference`` (2-D array, dict of columns, Arrow, pandas or polars).
+
+        ``categorical`` names columns to treat as categorical even when numeric
+        (strings, booleans and Arrow dictionaries always are). ``bins`` sets the
+        histogram resolution: edges are the reference's ``bins``-quantiles.
+        """
+        if mode not in _MODES:
+            raise ValueError(f"mode must be 'exact' or 'sketch', got {mode!r}")
+        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+            raise ValueError(f"bins must be a positive int, got {bins!r}")
+        cols, nrows = columns_of(reference, "reference")
+        forced = set(categorical or ())
+        unknown = forced - {c.name for c in cols}
+        if unknown:
+            raise ValueError(f"categorical names unknown columns: {sorted(unknown)}")
+        names, kinds, edges = [], [], []
+        for c in cols:
+            is_cat = c.categorical or c.name in forced
+            names.append(c.name)
+            kinds.append(1 if is_cat else 0)
+            if is_cat:
+                edges.append(np.array([0.0, 0.0]))
+            else:
+                values = np.asarray(numeric_data(c), dtype=np.float64)
+                edges.append(_equal_mass_edges(values, bins))
+        native = _core._DriftProfile.create(names, kinds, edges, mode, sketch_k, category_cap)
+        prof = cls(native)
+        prof._ingest(cols, nrows)
+        return prof
+
+    def empty(self) -> Profile:
+        """A profile with the same features, edges and settings, and no data."""
+        return Profile(self._native.empty_like())
+
+    def copy(self) -> Profile:
+        """A deep copy."""
+        return Profile(self._native.copy())
+
+    def update(self, batch: Any) -> None:
+        """Add a batch with this profile's columns (names must match)."""
+        cols, nrows = columns_of(batch, "batch")
+        self._ingest(self._align(cols), nrows)
+
+    # ------------------------------------------------------------ ingest
+    def _align(self, cols: list[_Column]) -> list[_Column]:
+        names = self.features
+        by_name = {c.name: c for c in cols}
+        if len(by_name) != len(cols):
+            raise ValueError("batch has duplicate column names")
+        unknown = [n for n in by_name if n not in set(names)]
+        missing = [n for n in names if n not in by_name]
+        if unknown or missing:
+            detail = []
+            if missing:
+                detail.append(f"missing {missing}")
+            if unknown:
+                detail.append(f"unknown {unknown}")
+            raise ValueError(
+                f"batch columns do not match the profile's {len(names)} features: "
+                + ", ".join(detail)
+            )
+        out = []
+        kinds = self._native.kinds
+        for name, kind in zip(names, kinds, strict=False):
+            c = by_name[name]
+            if kind == 0 and c.categorical:
+                raise TypeError(
+                    f"column '{name}' is numeric in the reference but the batch holds "
+                    f"non-numeric values (dtype {getattr(c.data, 'dtype', getattr(c.data, 'type', '?'))})"
+                )
+            out.append(c)
+        return out
+
+    def _ingest(self, cols: Sequence[_Column], nrows: int) -> None:
+        if nrows == 0:
+            return  # documented no-op
+        kinds = self._native.kinds
+        num_cols, num_idx, gpu_cols = [], [], []
+        for i, (c, kind) in enumerate(zip(cols, kinds, strict=False)):
+            if kind == 0 and is_cuda_tensor(c.data):
+                gpu_cols.append((i, c.data))
+            elif kind == 0:
+                num_cols.append(numeric_data(c))
+                num_idx.append(i)
+        # Validate categorical columns before any state changes.
+        cats = [
+            (i, category_counts(c))
+            for i, (c, kind) in enumerate(zip(cols, kinds, strict=False))
+            if kind == 1
+        ]
+        if num_cols:
+            self._native.ingest_columns(num_cols, num_idx, nrows)
+        for i, tensor in gpu_cols:
+            ingest_cuda(self._native, i, tensor)
+        for i, (keys, counts, missing) in cats:
+            self._native.ingest_categorical(i, keys, counts, missing)
+        self._native.add_rows(float(nrows))
+
+    # ------------------------------------------------------------ merge / bytes
+    @staticmethod
+    def merge(profiles: Iterable[Profile]) -> Profile:
+        """Merge profiles of disjoint shards (same reference): associative and commutative."""
+        profiles = list(profiles)
+        if not profiles:
+            raise ValueError("profiles must hold at least one Profile, got none")
+        for p in profiles:
+            if not isinstance(p, Profile):
+                raise TypeError(f"profiles must hold Profile objects, got {type(p).__name__}")
+        out = profiles[0].copy()
+        for p in profiles[1:]:
+            out._native.merge(p._native)
+        return out
+
+    def to_bytes(self) -> bytes:
+        """A versioned binary encoding (magic, version, length, CRC-32, payload)."""
+        return bytes(self._native.to_bytes())
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray | memoryview) -> Profile:
+        """Decode :meth:`to_bytes` output; raises ValueError on truncated, corrupted or foreign bytes."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"data must be bytes, got {type(data).__name__}")
+        return cls(_core._DriftProfile.from_bytes(bytes(data)))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Profile.from_bytes, (self.to_bytes(),))
+
+    # ------------------------------------------------------------ inspection
+    @property
+    def features(self) -> list[str]:
+        """Feature names, in order."""
+        return list(self._native.names)
+
+    @property
+    def kinds(self) -> dict[str, str]:
+        """``{name: "numeric" | "categorical"}``."""
+        return {
+            n: ("numeric" if k == 0 else "categorical")
+            for n, k in zip(self._native.names, self._native.kinds, strict=False)
+        }
+
+    @property
+    def mode(self) -> str:
+        """``"exact"`` or ``"sketch"``."""
+        return str(self._native.mode)
+
+    @property
+    def rows(self) -> float:
+        """Rows ingested (a float: decayed windows scale it)."""
+        return float(self._native.rows)
+
+    def _index(self, name: str) -> int:
+        try:
+            return self.features.index(name)
+        except ValueError:
+            raise KeyError(f"unknown feature {name!r}; features are {self.features}") from None
+
+    def summary(self, name: str) -> dict[str, Any]:
+        """The statistics held for one feature, as a dict."""
+        i = self._index(name)
+        if self._native.kinds[i] == 0:
+            return dict(self._native.numeric_summary(i))
+        return dict(self._native.categorical_summary(i))
+
+    def values(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """Sorted stored values and weights (empty weights: unit) of a numeric feature."""
+        items, weights = self._native.quantile_points(self._index(name))
+        return np.asarray(items), np.asarray(weights)
+
+    def __repr__(self) -> str:
+        return f"Profile(features={len(self.features)}, rows={self.rows:g}, mode={self.mode!r})"

@@ -1,0 +1,472 @@
+"""fastml.drift.Profile: ingest against NumPy, merge, serialisation, input forms."""
+
+from __future__ import annotations
+
+import itertools
+import pickle
+import threading
+
+import numpy as np
+import pytest
+from _drift_helpers import progress_during
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fastml
+from fastml import _core, drift
+
+# ------------------------------------------------------------------ helpers
+
+
+def _numeric_reference(values: np.ndarray, edges: np.ndarray) -> dict:
+    finite = values[np.isfinite(values)]
+    inner, _ = np.histogram(finite, bins=edges) if edges[0] < edges[-1] else (None, None)
+    if inner is None:  # degenerate [v, v] edges: one closed bin
+        inner = np.array([np.sum(finite == edges[0])])
+    under = np.sum(finite < edges[0])
+    over = np.sum(finite > edges[-1])
+    return {
+        "count": finite.size,
+        "missing": int(np.isnan(values).sum()),
+        "nonfinite": int(np.isinf(values).sum()),
+        "hist": np.r_[under, inner, over].astype(np.float64),
+        "mean": finite.mean() if finite.size else 0.0,
+        "m2": ((finite - finite.mean()) ** 2).sum() if finite.size else 0.0,
+    }
+
+
+@st.composite
+def columns(draw):
+    n = draw(st.integers(1, 3000))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    kind = draw(st.sampled_from(["normal", "ties", "heavy", "const"]))
+    if kind == "normal":
+        x = rng.normal(draw(st.floats(-1e3, 1e3)), draw(st.floats(1e-3, 1e3)), size=n)
+    elif kind == "ties":
+        x = rng.integers(-3, 4, size=n).astype(np.float64)
+    elif kind == "heavy":
+        x = rng.standard_cauchy(size=n)
+    else:
+        x = np.full(n, 2.5)
+    specials = draw(st.sampled_from(["none", "nan", "inf", "both"]))
+    if specials != "none":
+        idx = rng.choice(n, size=max(1, n // 10), replace=True)
+        if specials in ("nan", "both"):
+            x[idx[: len(idx) // 2 + 1]] = np.nan
+        if specials in ("inf", "both"):
+            x[idx[len(idx) // 2 + 1 :]] = rng.choice(
+                [np.inf, -np.inf], size=len(idx) - len(idx) // 2 - 1
+            )
+    return x
+
+
+# ------------------------------------------------------------------ numeric ingest
+
+
+@given(
+    columns(),
+    columns(),
+    st.sampled_from(["float32", "float64", "int32", "float16"]),
+    st.integers(1, 40),
+)
+def test_numeric_ingest_matches_numpy(ref_values, batch, dtype, bins):
+    ref = drift.Profile.from_data({"x": ref_values}, bins=bins)
+    edges = ref.summary("x")["edges"]
+    if np.dtype(dtype).kind == "i":
+        batch = np.nan_to_num(batch, nan=0, posinf=0, neginf=0).clip(-1e9, 1e9)
+    b = batch.astype(dtype)
+    cur = ref.empty()
+    cur.update({"x": b})
+    got = cur.summary("x")
+    want = _numeric_reference(b.astype(np.float64), edges)
+    assert got["count"] == want["count"]
+    assert got["missing"] == want["missing"]
+    assert got["nonfinite"] == want["nonfinite"]
+    np.testing.assert_array_equal(got["hist"], want["hist"])
+    if want["count"]:
+        finite = b.astype(np.float64)[np.isfinite(b.astype(np.float64))]
+        assert got["min"] == finite.min() and got["max"] == finite.max()
+        scale = max(1.0, abs(want["mean"]))
+        assert got["mean"] == pytest.approx(want["mean"], rel=1e-9, abs=1e-12 * scale)
+        assert got["m2"] == pytest.approx(want["m2"], rel=1e-8, abs=1e-9 * scale**2)
+
+
+def test_reference_edges_are_equal_mass_and_hist_matches_numpy_histogram():
+    rng = np.random.default_rng(0)
+    x = rng.exponential(size=100_000).astype(np.float32)
+    prof = drift.Profile.from_data({"x": x}, bins=25)
+    s = prof.summary("x")
+    np.testing.assert_array_equal(
+        s["edges"], np.unique(np.quantile(x.astype(np.float64), np.linspace(0, 1, 26)))
+    )
+    inner, _ = np.histogram(x.astype(np.float64), bins=s["edges"])
+    np.testing.assert_array_equal(s["hist"][1:-1], inner)
+    assert s["hist"][0] == s["hist"][-1] == 0
+    assert np.all(np.abs(inner - 4000) <= 2)  # equal mass
+
+
+def test_strided_and_fortran_input_and_all_dtypes():
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(4000, 6))
+    ref = drift.Profile.from_data(base)
+    for arr in (
+        np.asfortranarray(base),
+        base[::2],
+        base.astype(np.float32),
+        (base * 100).astype(np.int16),
+    ):
+        a = ref.empty()
+        a.update(arr)
+        b = ref.empty()
+        b.update({f"f{j}": np.ascontiguousarray(arr[:, j]) for j in range(6)})
+        for j in range(6):
+            sa, sb = a.summary(f"f{j}"), b.summary(f"f{j}")
+            np.testing.assert_array_equal(sa["hist"], sb["hist"])
+            assert sa["mean"] == sb["mean"] and sa["m2"] == sb["m2"]
+
+
+# ------------------------------------------------------------------ input forms
+
+
+def _frames():
+    rng = np.random.default_rng(2)
+    n = 500
+    num = rng.normal(size=n)
+    num[::17] = np.nan
+    cat = rng.choice(["a", "b", "c"], size=n).astype(object)
+    cat[::23] = None
+    return num, cat, rng.integers(0, 5, size=n)
+
+
+def test_input_forms_agree():
+    pd = pytest.importorskip("pandas")
+    pl = pytest.importorskip("polars")
+    pa = pytest.importorskip("pyarrow")
+    num, cat, codes = _frames()
+    as_dict = {"num": num, "cat": cat, "code": codes}
+    forms = {
+        "dict": as_dict,
+        "pandas": pd.DataFrame(as_dict),
+        "pandas_categorical": pd.DataFrame({"num": num, "cat": pd.Categorical(cat), "code": codes}),
+        "polars": pl.DataFrame({"num": num, "cat": list(cat), "code": codes}, strict=False),
+        "arrow": pa.table({"num": num, "cat": pa.array(list(cat)), "code": codes}),
+        "arrow_dict": pa.table(
+            {"num": num, "cat": pa.array(list(cat)).dictionary_encode(), "code": codes}
+        ),
+        "record_batch": pa.RecordBatch.from_pydict(
+            {"num": num, "cat": pa.array(list(cat)), "code": codes}
+        ),
+    }
+    results = {}
+    for name, frame in forms.items():
+        p = drift.Profile.from_data(frame, categorical=["code"])
+        assert p.kinds == {"num": "numeric", "cat": "categorical", "code": "categorical"}, name
+        results[name] = (p.summary("num"), p.summary("cat"), p.summary("code"))
+    base = results["dict"]
+    for name, (sn, sc, sk) in results.items():
+        np.testing.assert_array_equal(sn["hist"], base[0]["hist"], err_msg=name)
+        assert sn["missing"] == base[0]["missing"] == int(np.isnan(num).sum()), name
+        assert sc["counts"] == base[1]["counts"], name
+        assert sc["missing"] == base[1]["missing"] == sum(v is None for v in cat), name
+        assert sk["counts"] == base[2]["counts"], name
+
+
+def test_bare_array_names_and_bad_inputs():
+    ref = drift.Profile.from_data(np.zeros((10, 3)) + np.arange(3))
+    assert ref.features == ["f0", "f1", "f2"]
+    with pytest.raises(ValueError, match="missing \\['f2'\\]"):
+        ref.empty().update(np.zeros((4, 2)))
+    with pytest.raises(ValueError, match="unknown \\['zz'\\]"):
+        ref.empty().update({"f0": [1.0], "f1": [1.0], "f2": [1.0], "zz": [1.0]})
+    with pytest.raises(TypeError, match="column 'f1' is numeric in the reference"):
+        ref.empty().update({"f0": [1.0], "f1": ["a"], "f2": [1.0]})
+    with pytest.raises(ValueError, match="must be a 2-D"):
+        drift.Profile.from_data(np.zeros(5))
+    with pytest.raises(ValueError, match="columns differ in length"):
+        ref.empty().update({"f0": [1.0], "f1": [1.0, 2.0], "f2": [1.0]})
+    with pytest.raises(TypeError, match="must be a 2-D numpy array, a dict"):
+        drift.Profile.from_data([[1, 2]])
+    with pytest.raises(ValueError, match="mode must be"):
+        drift.Profile.from_data(np.zeros((3, 1)), mode="fast")
+    with pytest.raises(ValueError, match="categorical names unknown"):
+        drift.Profile.from_data(np.zeros((3, 1)), categorical=["nope"])
+    # An empty batch is a documented no-op.
+    p = ref.empty()
+    p.update(np.zeros((0, 3)))
+    assert p.rows == 0 and p.summary("f0")["count"] == 0
+
+
+# ------------------------------------------------------------------ categorical
+
+
+def test_categorical_cap_heavy_hitters_and_other():
+    ref = drift.Profile.from_data({"c": np.array(["a", "b"])}, category_cap=3)
+    p = ref.empty()
+    p.update({"c": np.array(["a"] * 5 + ["b"] * 4 + ["c"] * 3)})
+    p.update({"c": np.array(["d"] * 2 + ["e"] * 10)})
+    s = p.summary("c")
+    # 'd' (2) cannot displace the lightest (c: 3) and goes to other; 'e' (10) evicts 'c'.
+    assert s["counts"] == {"a": 5.0, "b": 4.0, "e": 10.0}
+    assert s["other"] == 5.0 and s["total"] == 24.0
+
+
+# ------------------------------------------------------------------ merge
+
+
+@given(
+    columns(),
+    st.lists(st.integers(0, 3000), min_size=1, max_size=4),
+    st.sampled_from(["exact", "sketch"]),
+)
+def test_merge_of_shards_equals_whole(values, cuts, mode):
+    ref = drift.Profile.from_data(
+        {"x": values, "c": (np.nan_to_num(values) > 0).astype(str)}, mode=mode
+    )
+    bounds = [0, *sorted(min(c, values.size) for c in cuts), values.size]
+    shards = []
+    for lo, hi in itertools.pairwise(bounds):
+        p = ref.empty()
+        p.update({"x": values[lo:hi], "c": (np.nan_to_num(values[lo:hi]) > 0).astype(str)})
+        shards.append(p)
+    whole = ref.empty()
+    whole.update({"x": values, "c": (np.nan_to_num(values) > 0).astype(str)})
+    for order in (shards, shards[::-1]):
+        merged = drift.Profile.merge(order)
+        a, b = merged.summary("x"), whole.summary("x")
+        for key in ("count", "missing", "nonfinite", "min", "max"):
+            assert a[key] == b[key]
+        np.testing.assert_array_equal(a["hist"], b["hist"])
+        scale = max(1.0, abs(b["mean"]))
+        assert a["mean"] == pytest.approx(b["mean"], rel=1e-12, abs=1e-12 * scale)
+        assert a["m2"] == pytest.approx(b["m2"], rel=1e-12, abs=1e-10 * scale**2)
+        assert merged.summary("c") == whole.summary("c")
+        assert merged.rows == whole.rows
+        va, _ = merged.values("x")
+        vb, _ = whole.values("x")
+        if mode == "exact":
+            np.testing.assert_array_equal(va, vb)
+
+
+def test_merge_is_associative_and_rejects_foreign_profiles():
+    rng = np.random.default_rng(4)
+    ref = drift.Profile.from_data(rng.normal(size=(1000, 2)))
+    parts = []
+    for _ in range(3):
+        p = ref.empty()
+        p.update(rng.normal(size=(700, 2)))
+        parts.append(p)
+    left = drift.Profile.merge([drift.Profile.merge(parts[:2]), parts[2]])
+    right = drift.Profile.merge([parts[0], drift.Profile.merge(parts[1:])])
+    for f in ref.features:
+        np.testing.assert_array_equal(left.summary(f)["hist"], right.summary(f)["hist"])
+        assert left.summary(f)["mean"] == pytest.approx(right.summary(f)["mean"], rel=1e-12)
+    other = drift.Profile.from_data(rng.normal(size=(1000, 2)))
+    with pytest.raises(ValueError, match="different histogram edges"):
+        drift.Profile.merge([ref, other])
+    with pytest.raises(ValueError, match="at least one"):
+        drift.Profile.merge([])
+
+
+# ------------------------------------------------------------------ sketch
+
+
+def test_sketch_memory_and_rank_error_bound():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=400_000)
+    p = drift.Profile.from_data({"x": x}, mode="sketch")
+    s = p.summary("x")
+    assert drift.sketch_bytes() <= 16 * 1024
+    assert s["sketch_bytes"] <= drift.sketch_bytes()
+    items, weights = p.values("x")
+    assert weights.sum() == x.size
+    # Empirical rank error at many quantiles stays within the reported bound.
+    xs = np.sort(x)
+    cdf_sketch = np.cumsum(weights) / weights.sum()
+    true_rank = np.searchsorted(xs, items, side="right") / x.size
+    assert np.max(np.abs(cdf_sketch - true_rank)) <= s["sketch_rank_error"]
+
+
+def test_sketch_ks_bound_covers_the_exact_statistic():
+    rng = np.random.default_rng(6)
+    a, b = rng.normal(size=50_000), rng.normal(0.05, size=60_000)
+    mon = drift.Monitor(drift.Profile.from_data({"x": a}, mode="sketch"), tests="ks")
+    mon.update({"x": b})
+    r = mon.report().features["x"]
+    exact = drift.ks_2samp(a, b).statistic
+    assert abs(r.statistic - exact) <= r.bound
+    assert r.status in ("drift", "inconclusive")
+
+
+# ------------------------------------------------------------------ serialisation
+
+
+@pytest.mark.parametrize("mode", ["exact", "sketch"])
+def test_bytes_round_trip_exactly(mode):
+    rng = np.random.default_rng(7)
+    data = {"x": rng.normal(size=3000), "c": rng.choice(["u", "v", "w"], size=3000)}
+    data["x"][::50] = np.nan
+    p = drift.Profile.from_data(data, mode=mode)
+    b = p.to_bytes()
+    q = drift.Profile.from_bytes(b)
+    assert q.to_bytes() == b
+    assert q.features == p.features and q.kinds == p.kinds and q.mode == mode
+    assert pickle.loads(pickle.dumps(p)).to_bytes() == b
+
+
+def _serialised() -> bytes:
+    rng = np.random.default_rng(8)
+    return drift.Profile.from_data(
+        {"x": rng.normal(size=300), "c": rng.choice(["u", "v"], size=300)}, mode="sketch"
+    ).to_bytes()
+
+
+_BLOB = _serialised()
+
+
+@given(
+    st.one_of(
+        st.integers(0, len(_BLOB) - 1).map(lambda n: ("truncate", n, 0)),
+        st.tuples(st.just("flip"), st.integers(0, len(_BLOB) - 1), st.integers(1, 255)),
+        st.tuples(st.just("append"), st.integers(1, 64), st.just(0)),
+    )
+)
+def test_from_bytes_rejects_corruption(change):
+    kind, at, value = change
+    data = bytearray(_BLOB)
+    if kind == "truncate":
+        data = data[:at]
+    elif kind == "flip":
+        data[at] ^= value
+    else:
+        data += bytes(at)
+    with pytest.raises(ValueError, match="fastml drift profile"):
+        drift.Profile.from_bytes(bytes(data))
+
+
+@given(st.binary(max_size=200))
+def test_from_bytes_rejects_foreign_bytes(data):
+    with pytest.raises(ValueError, match="fastml drift profile"):
+        drift.Profile.from_bytes(data)
+
+
+def test_from_bytes_rejects_consistent_but_invalid_payloads():
+    # A valid header and checksum around a broken payload must still fail cleanly.
+    import struct
+    import zlib
+
+    payload = bytes([1]) + struct.pack("<Id", 400, 10.0) + struct.pack("<I", 1_000_000)
+    header = b"FMLDRIFT" + struct.pack("<HHIQ", 1, 0, zlib.crc32(payload), len(payload))
+    with pytest.raises(ValueError, match="fastml drift profile"):
+        drift.Profile.from_bytes(header + payload)
+    with pytest.raises(ValueError, match="version 9"):
+        drift.Profile.from_bytes(b"FMLDRIFT" + struct.pack("<HHIQ", 9, 0, 0, 0))
+    with pytest.raises(TypeError, match="data must be bytes"):
+        drift.Profile.from_bytes("FMLDRIFT")
+
+
+# ------------------------------------------------------------------ threads
+
+
+def test_ingest_releases_the_gil_and_threads_agree():
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(2_000_000, 4)).astype(np.float32)
+    ref = drift.Profile.from_data(x[:10000], mode="sketch")
+    p = ref.empty()
+    assert progress_during(lambda: p.update(x)) > 1000
+    # Two threads updating one profile serialise on its lock: counts add up.
+    q = ref.empty()
+    threads = [threading.Thread(target=q.update, args=(x[:500_000],)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert q.summary("f0")["count"] == 1_000_000
+
+
+# ------------------------------------------------------------------ distributed
+
+
+def _profile_shard(ref_bytes: bytes, shard: np.ndarray) -> bytes:
+    from fastml import drift as d
+
+    p = d.Profile.from_bytes(ref_bytes).empty()
+    p.update(shard)
+    return p.to_bytes()
+
+
+@pytest.mark.slow
+def test_dask_local_cluster_merge_equals_one_process():
+    distributed = pytest.importorskip("distributed")
+    rng = np.random.default_rng(10)
+    data = rng.normal(size=(40_000, 3))
+    ref = drift.Profile.from_data(data[:5000])
+    shards = np.array_split(data, 4)
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        futures = [client.submit(_profile_shard, ref.to_bytes(), s, pure=False) for s in shards]
+        parts = [drift.Profile.from_bytes(b) for b in client.gather(futures)]
+    merged = drift.Profile.merge(parts)
+    whole = ref.empty()
+    whole.update(data)
+    for f in whole.features:
+        a, b = merged.summary(f), whole.summary(f)
+        np.testing.assert_array_equal(a["hist"], b["hist"])
+        assert a["count"] == b["count"] and a["min"] == b["min"] and a["max"] == b["max"]
+        assert a["mean"] == pytest.approx(b["mean"], rel=1e-12, abs=1e-15)
+        assert a["m2"] == pytest.approx(b["m2"], rel=1e-12)
+        np.testing.assert_array_equal(merged.values(f)[0], whole.values(f)[0])
+
+
+# ------------------------------------------------------------------ GPU ingest
+
+
+@given(
+    st.lists(st.floats(-1e6, 1e6), min_size=1, max_size=300),
+    st.lists(st.floats(-1e6, 1e6), min_size=2, max_size=50, unique=True),
+)
+def test_shared_histogram_slot_matches_numpy(values, edges):
+    # The FASTML_HD bin search the CUDA kernel runs, exercised on the CPU.
+    e = np.sort(np.asarray(edges))
+    v = np.asarray(values)
+    want = np.where(
+        v < e[0],
+        0,
+        np.where(v > e[-1], e.size, np.minimum(np.searchsorted(e, v, side="right"), e.size - 1)),
+    )
+    np.testing.assert_array_equal(_core._drift_bin_slots(v, e), want)
+
+
+def test_cuda_ingest_without_cuda_says_why():
+    if fastml.build_info()["cuda"]:
+        pytest.skip("built with CUDA")
+    with pytest.raises(RuntimeError, match="built without CUDA"):
+        _core._drift_ingest_cuda(0, 0, 1, 1, 0, 4, 0, 0, 1, 0.0, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["exact", "sketch"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_cuda_ingest_matches_cpu(mode, dtype):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(11)
+    x = rng.normal(3.0, 2.0, size=1_000_003).astype(dtype)
+    x[::97] = np.nan
+    x[::1013] = np.inf
+    ref = drift.Profile.from_data({"x": x[:50_000]}, mode=mode, bins=64)
+    cpu = ref.empty()
+    cpu.update({"x": x})
+    gpu = ref.empty()
+    gpu.update({"x": torch.as_tensor(x, device="cuda")})
+    a, b = gpu.summary("x"), cpu.summary("x")
+    np.testing.assert_array_equal(a["hist"], b["hist"])
+    for key in ("count", "missing", "nonfinite", "min", "max"):
+        assert a[key] == b[key]
+    assert a["mean"] == pytest.approx(b["mean"], rel=1e-12)
+    assert a["m2"] == pytest.approx(b["m2"], rel=1e-10)
+    if mode == "exact":
+        np.testing.assert_array_equal(gpu.values("x")[0], cpu.values("x")[0])
