@@ -49,6 +49,7 @@ std::shared_ptr<Forest> forest_from_spec(const py::dict& d) {
   s.accum_f64 = d["accum_f64"].cast<bool>();
   s.link = static_cast<infer::ForestLink>(d["link"].cast<int32_t>());
   s.divisor = d["divisor"].cast<double>();
+  s.divide_margin = d["divide_margin"].cast<bool>();
   s.cat_rule.lo = d["cat_lo"].cast<double>();
   s.cat_rule.hi = d["cat_hi"].cast<double>();
   s.objective = d["objective"].cast<std::string>();
@@ -79,6 +80,7 @@ py::dict spec_to_dict(const Forest& f) {
   d["accum_f64"] = s.accum_f64;
   d["link"] = static_cast<int32_t>(s.link);
   d["divisor"] = s.divisor;
+  d["divide_margin"] = s.divide_margin;
   d["cat_lo"] = s.cat_rule.lo;
   d["cat_hi"] = s.cat_rule.hi;
   d["objective"] = s.objective;

@@ -274,7 +274,7 @@ class Engine final : public ForestEngine {
 
   void finish(AccT* out, int64_t nrows, bool apply_link) const {
     const int32_t K = spec_.num_outputs;
-    if (spec_.divisor != 1.0) {
+    if (spec_.divisor != 1.0 && (apply_link || spec_.divide_margin)) {
       const AccT div = static_cast<AccT>(spec_.divisor);
       for (int64_t i = 0; i < nrows * K; ++i) out[i] /= div;
     }
@@ -589,6 +589,7 @@ std::vector<uint8_t> Forest::serialize() const {
   w.pod<uint8_t>(s.accum_f64);
   w.pod<int32_t>(static_cast<int32_t>(s.link));
   w.pod<double>(s.divisor);
+  w.pod<uint8_t>(s.divide_margin);
   w.pod<double>(s.cat_rule.lo);
   w.pod<double>(s.cat_rule.hi);
   w.vec(std::vector<char>(s.objective.begin(), s.objective.end()));
@@ -639,6 +640,7 @@ std::shared_ptr<Forest> Forest::deserialize(const uint8_t* data, size_t size) {
   s.accum_f64 = r.pod<uint8_t>("accum_f64") != 0;
   s.link = static_cast<ForestLink>(r.pod<int32_t>("link"));
   s.divisor = r.pod<double>("divisor");
+  s.divide_margin = r.pod<uint8_t>("divide_margin") != 0;
   s.cat_rule.lo = r.pod<double>("cat_lo");
   s.cat_rule.hi = r.pod<double>("cat_hi");
   auto obj = r.vec<char>("objective");

@@ -32,7 +32,8 @@ struct ForestSpec {
   bool threshold_f64 = false;  // compare in double (else float32)
   bool accum_f64 = false;      // accumulate and return double (else float32)
   ForestLink link = ForestLink::Identity;
-  double divisor = 1.0;  // margin = (base + sum of leaves) / divisor, per output
+  double divisor = 1.0;  // value = link((base + sum of leaves) / divisor)
+  bool divide_margin = true;  // margin divided too (sklearn forests); LightGBM rf: raw sum
   CategoricalRule cat_rule;
   std::string objective;
   std::string metadata;  // opaque to the core (the Python layer stores JSON here)

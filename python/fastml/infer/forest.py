@@ -98,6 +98,7 @@ class _SpecBuilder:
         accum_f64: bool,
         metadata: dict[str, Any],
         divisor: float = 1.0,
+        divide_margin: bool = True,
         cat_lo: float = 0.0,
         cat_hi: float = 2147483648.0,
     ) -> Any:
@@ -114,6 +115,7 @@ class _SpecBuilder:
             "accum_f64": accum_f64,
             "link": link,
             "divisor": float(divisor),
+            "divide_margin": bool(divide_margin),
             "cat_lo": float(cat_lo),
             "cat_hi": float(cat_hi),
             "objective": objective,
@@ -554,6 +556,7 @@ def _load_lightgbm(model: Any, num_iteration: int | None) -> Any:
         accum_f64=True,
         metadata={"source": "lightgbm", "task": task},
         divisor=float(n_iter) if average_output and n_iter else 1.0,
+        divide_margin=False,  # LightGBM's raw score of a random forest is the sum
         cat_lo=float(np.nextafter(-1.0, 0.0)),
         cat_hi=2147483648.0,
     )
@@ -686,21 +689,52 @@ def _load_sklearn_gb(est: Any, nf: int) -> Any:
     )
 
 
+def _hgb_categories(est: Any, nf: int) -> tuple[np.ndarray, list[np.ndarray | None], float]:
+    """Undo HistGradientBoosting's categorical preprocessing.
+
+    With categorical features, sklearn reorders columns (categorical first) and
+    ordinal-encodes raw category values (unknown ones become NaN). Returns the
+    input column of each internal feature, the raw categories (sorted, as the
+    encoder's codes) of each internal feature, and the bitset bound: raw values
+    at or above it are unknown categories.
+    """
+    pre = getattr(est, "_preprocessor", None)
+    if pre is None:
+        return np.arange(nf), [None] * nf, 256.0
+    is_cat = np.asarray(est.is_categorical_, dtype=bool)
+    out_to_in = np.concatenate([np.nonzero(is_cat)[0], np.nonzero(~is_cat)[0]])
+    encoder = pre.named_transformers_["encoder"]
+    raw: list[np.ndarray | None] = [None] * nf
+    hi = 0.0
+    for pos, cats in enumerate(encoder.categories_):
+        vals = np.asarray(cats)
+        if vals.dtype.kind not in "biuf":
+            raise ValueError(
+                f"unsupported {type(est).__name__}: non-numeric categories {vals[:3].tolist()}"
+            )
+        vals = vals.astype(np.float64)
+        vals = vals[~np.isnan(vals)]
+        if vals.size and (
+            np.any(vals < 0) or np.any(vals != np.floor(vals)) or vals.max() >= 1 << 16
+        ):
+            raise ValueError(
+                f"unsupported {type(est).__name__}: categories must be integers in [0, 65536)"
+            )
+        raw[pos] = vals
+        hi = max(hi, float(vals.max()) + 1 if vals.size else 0.0)
+    return out_to_in, raw, max(hi, 1.0)
+
+
 def _load_sklearn_hgb(est: Any, nf: int) -> Any:
-    name = type(est).__name__
-    if getattr(est, "_preprocessor", None) is not None:
-        raise ValueError(
-            f"unsupported {name}: fitted on a DataFrame with categorical dtypes "
-            "(its internal encoder is not part of the forest)"
-        )
     classifier = hasattr(est, "classes_")
     k = int(est.n_trees_per_iteration_)
     loss = type(est._loss).__name__
     link, task = _IDENTITY, "regression"
     if classifier:
         link, task = (_SIGMOID, "binary") if k == 1 else (_SOFTMAX, "multiclass")
-    elif loss in ("HalfPoissonLoss", "HalfGammaLoss", "HalfTweedieLoss", "HalfTweedieLossIdentity"):
-        link = _EXP if loss != "HalfTweedieLossIdentity" else _IDENTITY
+    elif loss in ("HalfPoissonLoss", "HalfGammaLoss", "HalfTweedieLoss"):
+        link = _EXP
+    out_to_in, raw_cats, cat_hi = _hgb_categories(est, nf)
     known, f_idx_map = (None, None)
     if est.is_categorical_ is not None and np.any(est.is_categorical_):
         known, f_idx_map = est._bin_mapper.make_known_categories_bitsets()
@@ -712,19 +746,28 @@ def _load_sklearn_hgb(est: Any, nf: int) -> Any:
             is_leaf = nodes["is_leaf"].astype(bool)
             left = np.where(is_leaf, -1, nodes["left"].astype(np.int64))
             right = np.where(is_leaf, -1, nodes["right"].astype(np.int64))
-            feature = np.where(is_leaf, -1, nodes["feature_idx"].astype(np.int64))
+            feat_out = nodes["feature_idx"].astype(np.int64)
+            feature = np.where(is_leaf, -1, out_to_in[np.where(is_leaf, 0, feat_out)])
             thr = np.where(is_leaf, 0.0, nodes["num_threshold"].astype(np.float64))
             mgl = nodes["missing_go_to_left"].astype(bool)
             flags = np.where(mgl, _DEFAULT_LEFT, 0).astype(np.uint64)
             cat_idx = np.full(n, -1, np.int64)
             is_cat = nodes["is_categorical"].astype(bool) & ~is_leaf
             for i in np.nonzero(is_cat)[0]:
-                # Categories 0..255: left set, known-and-not-left go right, unknown
-                # ones follow the missing direction (as sklearn's predictor does).
+                # sklearn: codes in the left bitset go left, other known codes go
+                # right, unknown values (and negatives) follow the missing direction.
+                f = int(feat_out[i])
                 left_bits = np.asarray(pred.raw_left_cat_bitsets[nodes["bitset_idx"][i]], np.uint32)
-                known_bits = np.asarray(known[f_idx_map[nodes["feature_idx"][i]]], np.uint32)
-                words = left_bits | (~known_bits if mgl[i] else np.uint32(0))
-                cat_idx[i] = sb.add_bitset(words.astype(np.uint32))
+                codes_left = np.nonzero(np.unpackbits(left_bits.view(np.uint8), bitorder="little"))[0]
+                cats = raw_cats[f]
+                if cats is None:
+                    raise ValueError("HistGradientBoosting model has a categorical split on a numeric feature")
+                raw_left = cats[codes_left[codes_left < len(cats)]].astype(np.int64)
+                members = set(raw_left.tolist())
+                if mgl[i]:
+                    known_raw = set(cats.astype(np.int64).tolist())
+                    members |= {v for v in range(int(cat_hi)) if v not in known_raw}
+                cat_idx[i] = sb.add_cat_set(sorted(members))
                 flags[i] |= _CATEGORICAL | _CAT_SET_LEFT | (_CAT_INVALID_LEFT if mgl[i] else 0)
             values = np.where(is_leaf, nodes["value"].astype(np.float64), 0.0)
             sb.add_tree(g, feature, thr, left, right, flags, values, cat_idx)
@@ -732,14 +775,14 @@ def _load_sklearn_hgb(est: Any, nf: int) -> Any:
     if base.size == 1 and k > 1:
         base = np.repeat(base, k)
     return sb.build(
-        objective=name,
+        objective=type(est).__name__,
         link=link,
         base_margin=base,
         threshold_f64=True,
         accum_f64=True,
         metadata={"source": "sklearn", "task": task, "classes": _classes_meta(est)},
         cat_lo=0.0,
-        cat_hi=256.0,
+        cat_hi=cat_hi,
     )
 
 
