@@ -52,6 +52,7 @@ std::shared_ptr<Forest> forest_from_spec(const py::dict& d) {
   s.divide_margin = d["divide_margin"].cast<bool>();
   s.cat_rule.lo = d["cat_lo"].cast<double>();
   s.cat_rule.hi = d["cat_hi"].cast<double>();
+  s.cat_rule.integral = d["cat_integral"].cast<bool>();
   s.objective = d["objective"].cast<std::string>();
   s.metadata = d["metadata"].cast<std::string>();
   s.tree_node_offsets = take<int64_t>(d, "tree_node_offsets", DType::I64);
@@ -83,6 +84,7 @@ py::dict spec_to_dict(const Forest& f) {
   d["divide_margin"] = s.divide_margin;
   d["cat_lo"] = s.cat_rule.lo;
   d["cat_hi"] = s.cat_rule.hi;
+  d["cat_integral"] = s.cat_rule.integral;
   d["objective"] = s.objective;
   d["metadata"] = s.metadata;
   d["tree_node_offsets"] = give(s.tree_node_offsets);
@@ -210,8 +212,9 @@ void register_forest(py::module_& m) {
       .def_property_readonly("num_outputs", &Forest::num_outputs)
       .def_property_readonly("num_trees", &Forest::num_trees)
       .def_property_readonly("max_depth", &Forest::max_depth)
-      .def_property_readonly("output_dtype",
-                             [](const Forest& f) { return std::string(dtype_name(f.output_dtype())); });
+      .def_property_readonly("output_dtype", [](const Forest& f) {
+        return std::string(dtype_name(f.output_dtype()));
+      });
   m.def("forest_cuda_compiled", &infer::forest_cuda_compiled);
   // XGBoost turns its intercept into a margin in float32 arithmetic with the C
   // library's logf; the same expression here reproduces it bit for bit.

@@ -72,9 +72,9 @@ class Engine final : public ForestEngine {
  public:
   using Node = ForestNode<ThrT>;
 
-  Engine(const ForestSpec& spec, const std::vector<int32_t>& root, const std::vector<int32_t>& depth,
-         const std::vector<int64_t>& value_shift, const std::vector<int64_t>& node_cat_offset,
-         const std::vector<uint32_t>& node_cat_words)
+  Engine(const ForestSpec& spec, const std::vector<int32_t>& root,
+         const std::vector<int32_t>& depth, const std::vector<int64_t>& value_shift,
+         const std::vector<int64_t>& node_cat_offset, const std::vector<uint32_t>& node_cat_words)
       : spec_(spec),
         root_(root),
         depth_(depth),
@@ -159,8 +159,9 @@ class Engine final : public ForestEngine {
     const ThrT x = row[f & kNodeFeatureMask];
     bool left;
     if (HasCat && (f & kNodeCategorical)) {
-      left = forest_go_left_categorical<ThrT>(x, f, cat_bits_.data() + cat_offset_[n],
-                                              cat_words_[n], cat_lo_, cat_hi_);
+      left =
+          forest_go_left_categorical<ThrT>(x, f, cat_bits_.data() + cat_offset_[n], cat_words_[n],
+                                           cat_lo_, cat_hi_, spec_.cat_rule.integral);
     } else if (HasZero) {
       left = forest_go_left_numeric<ThrT>(x, nd.threshold, f);
     } else {
@@ -349,13 +350,13 @@ void Forest::finish_build() {
   check_size(s.node_right, N, "node_right");
   check_size(s.node_flags, N, "node_flags");
   check_size(s.node_cat, N, "node_cat");
-  FASTML_CHECK_ARG(s.tree_node_offsets[0] == 0 && s.tree_node_offsets[T] == N,
-                   "tree_node_offsets", "must start at 0 and end at the node count ", N);
+  FASTML_CHECK_ARG(s.tree_node_offsets[0] == 0 && s.tree_node_offsets[T] == N, "tree_node_offsets",
+                   "must start at 0 and end at the node count ", N);
   if (s.cat_offsets.empty()) s.cat_offsets.push_back(0);
   const int64_t C = static_cast<int64_t>(s.cat_offsets.size()) - 1;
-  FASTML_CHECK_ARG(s.cat_offsets[0] == 0 &&
-                       s.cat_offsets[C] == static_cast<int64_t>(s.cat_bits.size()),
-                   "cat_offsets", "must start at 0 and end at the bitset length ", s.cat_bits.size());
+  FASTML_CHECK_ARG(
+      s.cat_offsets[0] == 0 && s.cat_offsets[C] == static_cast<int64_t>(s.cat_bits.size()),
+      "cat_offsets", "must start at 0 and end at the bitset length ", s.cat_bits.size());
   for (int64_t c = 0; c < C; ++c) {
     const int64_t words = s.cat_offsets[c + 1] - s.cat_offsets[c];
     FASTML_CHECK_ARG(words >= 0 && words < (int64_t{1} << 26), "cat_offsets",
@@ -420,8 +421,7 @@ void Forest::finish_build() {
       }
       for (int32_t c : {s.node_left[a], s.node_right[a]}) {
         if (seen[c])
-          fail<std::invalid_argument>("tree ", t, " is not a tree: node ", c,
-                                      " is reached twice");
+          fail<std::invalid_argument>("tree ", t, " is not a tree: node ", c, " is reached twice");
         seen[c] = 1;
         depth_of[c] = depth_of[i] + 1;
         if (depth_of[c] > kMaxTreeDepth)
@@ -440,8 +440,8 @@ void Forest::finish_build() {
   check_size(s.leaf_values, value_offset, "leaf_values");
 
   if (s.threshold_f64 && s.accum_f64)
-    engine_ = std::make_unique<Engine<double, double>>(s, tree_root_, tree_depth_, tree_value_shift_,
-                                                       node_cat_offset_, node_cat_words_);
+    engine_ = std::make_unique<Engine<double, double>>(
+        s, tree_root_, tree_depth_, tree_value_shift_, node_cat_offset_, node_cat_words_);
   else if (s.threshold_f64)
     engine_ = std::make_unique<Engine<double, float>>(s, tree_root_, tree_depth_, tree_value_shift_,
                                                       node_cat_offset_, node_cat_words_);
@@ -499,7 +499,8 @@ HandlerOutput Forest::run(const ArrayView& batch) {
   HandlerOutput out;
   out.dtype = output_dtype();
   const int64_t rows = X.shape[0];
-  out.buffer = Buffer::allocate(static_cast<size_t>(rows * spec_.num_outputs) * itemsize(out.dtype));
+  out.buffer =
+      Buffer::allocate(static_cast<size_t>(rows * spec_.num_outputs) * itemsize(out.dtype));
   engine_->predict(X, true, out.buffer->data());
   out.shape = {rows};
   if (spec_.num_outputs > 1) out.shape.push_back(spec_.num_outputs);
@@ -511,8 +512,8 @@ void Forest::check_input(const ArrayView& request, const char* name) const {
                     "must be float32 or float64, got ", request.describe());
   const int64_t width = request.ndim >= 1 ? request.shape[request.ndim - 1] : 0;
   FASTML_CHECK_ARG(request.ndim >= 1 && request.ndim <= 2 && width == spec_.num_features, name,
-                   "must be (", spec_.num_features, ",) or (rows, ", spec_.num_features,
-                   "), got ", request.describe());
+                   "must be (", spec_.num_features, ",) or (rows, ", spec_.num_features, "), got ",
+                   request.describe());
 }
 
 std::string Forest::handler_name() const {
@@ -592,6 +593,7 @@ std::vector<uint8_t> Forest::serialize() const {
   w.pod<uint8_t>(s.divide_margin);
   w.pod<double>(s.cat_rule.lo);
   w.pod<double>(s.cat_rule.hi);
+  w.pod<uint8_t>(s.cat_rule.integral);
   w.vec(std::vector<char>(s.objective.begin(), s.objective.end()));
   w.vec(std::vector<char>(s.metadata.begin(), s.metadata.end()));
   w.vec(s.tree_node_offsets);
@@ -643,6 +645,7 @@ std::shared_ptr<Forest> Forest::deserialize(const uint8_t* data, size_t size) {
   s.divide_margin = r.pod<uint8_t>("divide_margin") != 0;
   s.cat_rule.lo = r.pod<double>("cat_lo");
   s.cat_rule.hi = r.pod<double>("cat_hi");
+  s.cat_rule.integral = r.pod<uint8_t>("cat_integral") != 0;
   auto obj = r.vec<char>("objective");
   s.objective.assign(obj.begin(), obj.end());
   auto meta = r.vec<char>("metadata");

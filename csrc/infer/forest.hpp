@@ -32,7 +32,7 @@ struct ForestSpec {
   bool threshold_f64 = false;  // compare in double (else float32)
   bool accum_f64 = false;      // accumulate and return double (else float32)
   ForestLink link = ForestLink::Identity;
-  double divisor = 1.0;  // value = link((base + sum of leaves) / divisor)
+  double divisor = 1.0;       // value = link((base + sum of leaves) / divisor)
   bool divide_margin = true;  // margin divided too (sklearn forests); LightGBM rf: raw sum
   CategoricalRule cat_rule;
   std::string objective;
@@ -44,9 +44,9 @@ struct ForestSpec {
   std::vector<double> node_threshold;
   std::vector<int32_t> node_left;
   std::vector<int32_t> node_right;
-  std::vector<uint32_t> node_flags;        // kNode* flags (feature bits ignored)
-  std::vector<int32_t> node_cat;           // index into cat_offsets, -1 when numeric
-  std::vector<int64_t> cat_offsets;        // num_cat_sets + 1, into cat_bits
+  std::vector<uint32_t> node_flags;  // kNode* flags (feature bits ignored)
+  std::vector<int32_t> node_cat;     // index into cat_offsets, -1 when numeric
+  std::vector<int64_t> cat_offsets;  // num_cat_sets + 1, into cat_bits
   std::vector<uint32_t> cat_bits;
   std::vector<double> leaf_values;
   std::vector<double> base_margin;  // num_outputs

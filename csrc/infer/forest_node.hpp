@@ -14,10 +14,10 @@
 namespace fastml::infer {
 
 // Flags stored in the top bits of ForestNode::feature.
-inline constexpr uint32_t kNodeDefaultLeft = 1u << 31;  // missing values go left
-inline constexpr uint32_t kNodeCategorical = 1u << 30;  // a categorical (bitset) split
-inline constexpr uint32_t kNodeZeroMissing = 1u << 29;  // LightGBM: |x| <= 1e-35 is missing too
-inline constexpr uint32_t kNodeCatSetLeft = 1u << 28;   // categories in the set go left
+inline constexpr uint32_t kNodeDefaultLeft = 1u << 31;     // missing values go left
+inline constexpr uint32_t kNodeCategorical = 1u << 30;     // a categorical (bitset) split
+inline constexpr uint32_t kNodeZeroMissing = 1u << 29;     // LightGBM: |x| <= 1e-35 is missing too
+inline constexpr uint32_t kNodeCatSetLeft = 1u << 28;      // categories in the set go left
 inline constexpr uint32_t kNodeCatInvalidLeft = 1u << 27;  // invalid categories go left
 inline constexpr uint32_t kNodeFeatureMask = (1u << 27) - 1u;
 inline constexpr int32_t kMaxForestFeatures = 1 << 27;
@@ -41,6 +41,7 @@ struct ForestNode {
 struct CategoricalRule {
   double lo = 0.0;
   double hi = 2147483648.0;
+  bool integral = false;  // non-integer values are invalid (scikit-learn), else truncated
 };
 
 template <typename T>
@@ -57,10 +58,12 @@ FASTML_HD inline bool forest_go_left_numeric(T x, T threshold, uint32_t flags) {
 
 template <typename T>
 FASTML_HD inline bool forest_go_left_categorical(T x, uint32_t flags, const uint32_t* bits,
-                                                 uint32_t nwords, T cat_lo, T cat_hi) {
+                                                 uint32_t nwords, T cat_lo, T cat_hi,
+                                                 bool integral) {
   if (x != x) return (flags & kNodeDefaultLeft) != 0;
   if (!(x >= cat_lo) || !(x < cat_hi)) return (flags & kNodeCatInvalidLeft) != 0;
   const int64_t c = static_cast<int64_t>(x);  // truncation, as the libraries do
+  if (integral && static_cast<T>(c) != x) return (flags & kNodeCatInvalidLeft) != 0;
   bool in_set = false;
   if (c >= 0) {
     const uint64_t word = static_cast<uint64_t>(c) >> 5;

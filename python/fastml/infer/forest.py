@@ -55,7 +55,9 @@ class _SpecBuilder:
     def add_cat_set(self, categories: Sequence[int] | np.ndarray) -> int:
         cats = np.asarray(categories, dtype=np.int64)
         if cats.size and (cats.min() < 0 or cats.max() >= 1 << 31):
-            raise ValueError(f"category values must be in [0, 2^31), got {cats.min()}..{cats.max()}")
+            raise ValueError(
+                f"category values must be in [0, 2^31), got {cats.min()}..{cats.max()}"
+            )
         words = np.zeros(int(cats.max()) // 32 + 1 if cats.size else 1, dtype=np.uint32)
         for c in cats.tolist():
             words[c >> 5] |= np.uint32(1 << (c & 31))
@@ -101,6 +103,7 @@ class _SpecBuilder:
         divide_margin: bool = True,
         cat_lo: float = 0.0,
         cat_hi: float = 2147483648.0,
+        cat_integral: bool = False,
     ) -> Any:
         def cat(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
             return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
@@ -118,6 +121,7 @@ class _SpecBuilder:
             "divide_margin": bool(divide_margin),
             "cat_lo": float(cat_lo),
             "cat_hi": float(cat_hi),
+            "cat_integral": bool(cat_integral),
             "objective": objective,
             "metadata": json.dumps(metadata),
             "tree_node_offsets": np.asarray(self.offsets, dtype=np.int64),
@@ -157,7 +161,7 @@ def _f32_le_threshold_for_double(t: np.ndarray) -> np.ndarray:
 _XGB_LINKS = {
     "binary:logistic": (_SIGMOID, "logit", "binary"),
     "reg:logistic": (_SIGMOID, "logit", "regression"),
-    "binary:logitraw": (_IDENTITY, "logit", "binary"),
+    "binary:logitraw": (_IDENTITY, "identity", "binary"),
     "binary:hinge": (_HINGE, "identity", "binary"),
     "multi:softprob": (_SOFTMAX, "identity", "multiclass"),
     "multi:softmax": (_SOFTMAX, "identity", "multiclass"),
@@ -309,6 +313,7 @@ def _build_xgboost(j: dict[str, Any], iteration_range: tuple[int, int] | None) -
     if not 0 <= t_begin <= t_end <= len(trees):
         raise ValueError("XGBoost iteration_indptr is inconsistent with the trees")
 
+    base = _xgb_base_margin(lmp.get("base_score", "0.5"), base_kind, k)
     sb = _SpecBuilder(num_feature, k)
     for t in range(t_begin, t_end):
         tr = trees[t]
@@ -352,11 +357,14 @@ def _build_xgboost(j: dict[str, Any], iteration_range: tuple[int, int] | None) -
             if np.any(missing):
                 raise ValueError(f"XGBoost tree {t} has a categorical split without categories")
         values = np.where(is_leaf, cond, 0.0).astype(np.float32)
-        if weights is not None:
-            values = (values * np.float32(weights[t])).astype(np.float32)
         group = tree_info[t]
         if not 0 <= group < k:
             raise ValueError(f"XGBoost tree {t} has output group {group} of {k}")
+        if weights is not None:
+            # DART predicts each tree on top of the intercept, then adds
+            # (prediction - intercept) * weight, all in float32.
+            b32 = np.float32(base[group])
+            values = (((b32 + values) - b32) * np.float32(weights[t])).astype(np.float32)
         sb.add_tree(
             group,
             np.where(is_leaf, -1, feat),
@@ -367,7 +375,6 @@ def _build_xgboost(j: dict[str, Any], iteration_range: tuple[int, int] | None) -
             values.astype(np.float64),
             cat_idx,
         )
-    base = _xgb_base_margin(lmp.get("base_score", "0.5"), base_kind, k)
     return sb.build(
         objective=obj_name,
         link=link,
@@ -417,8 +424,7 @@ def _lgb_text(model: Any, num_iteration: int | None) -> tuple[str, int | None]:
     booster = getattr(model, "booster_", model)
     if not hasattr(booster, "model_to_string"):
         raise TypeError(
-            "model must be a path, a lightgbm.Booster or an LGBMModel, "
-            f"got {type(model).__name__}"
+            f"model must be a path, a lightgbm.Booster or an LGBMModel, got {type(model).__name__}"
         )
     # model_to_string(num_iteration=None) keeps the best iteration when there is one,
     # the same default as Booster.predict.
@@ -459,12 +465,16 @@ def _load_lightgbm(model: Any, num_iteration: int | None) -> Any:
     except (KeyError, ValueError) as e:
         raise ValueError(f"not a valid LightGBM model header: {e!r}") from None
     if k < 1 or k > 1 << 20 or max_feature_idx < 0:
-        raise ValueError(f"LightGBM header has num_tree_per_iteration={k}, max_feature_idx={max_feature_idx}")
+        raise ValueError(
+            f"LightGBM header has num_tree_per_iteration={k}, max_feature_idx={max_feature_idx}"
+        )
     objective = header.get("objective", "regression")
     obj_parts = objective.split()
     obj_name = obj_parts[0] if obj_parts else "regression"
     if obj_name not in _LGB_LINKS:
-        raise ValueError(f"unsupported LightGBM objective {obj_name!r}; supported: {sorted(_LGB_LINKS)}")
+        raise ValueError(
+            f"unsupported LightGBM objective {obj_name!r}; supported: {sorted(_LGB_LINKS)}"
+        )
     for part in obj_parts[1:]:
         if part.startswith("sigmoid:") and float(part.split(":", 1)[1]) != 1.0:
             raise ValueError(f"unsupported LightGBM objective parameter {part!r} (only sigmoid:1)")
@@ -512,7 +522,9 @@ def _load_lightgbm(model: Any, num_iteration: int | None) -> Any:
         right = np.full(n, -1, np.int64)
         left[:ni] = np.where(lc >= 0, lc, ni + ~lc)
         right[:ni] = np.where(rc >= 0, rc, ni + ~rc)
-        if ni and (left[:ni].min() < 0 or right[:ni].min() < 0 or max(left.max(), right.max()) >= n):
+        if ni and (
+            left[:ni].min() < 0 or right[:ni].min() < 0 or max(left.max(), right.max()) >= n
+        ):
             raise ValueError(f"LightGBM tree {t} has a child index out of range")
         feature = np.full(n, -1, np.int64)
         feature[:ni] = feat
@@ -613,7 +625,8 @@ def _load_sklearn(est: Any) -> Any:
     if isinstance(est, (GradientBoostingClassifier, GradientBoostingRegressor)):
         return _load_sklearn_gb(est, nf)
     if isinstance(
-        est, (RandomForestClassifier, RandomForestRegressor, ExtraTreesClassifier, ExtraTreesRegressor)
+        est,
+        (RandomForestClassifier, RandomForestRegressor, ExtraTreesClassifier, ExtraTreesRegressor),
     ):
         trees = list(est.estimators_)
     elif isinstance(est, BaseDecisionTree):
@@ -758,10 +771,14 @@ def _load_sklearn_hgb(est: Any, nf: int) -> Any:
                 # right, unknown values (and negatives) follow the missing direction.
                 f = int(feat_out[i])
                 left_bits = np.asarray(pred.raw_left_cat_bitsets[nodes["bitset_idx"][i]], np.uint32)
-                codes_left = np.nonzero(np.unpackbits(left_bits.view(np.uint8), bitorder="little"))[0]
+                codes_left = np.nonzero(np.unpackbits(left_bits.view(np.uint8), bitorder="little"))[
+                    0
+                ]
                 cats = raw_cats[f]
                 if cats is None:
-                    raise ValueError("HistGradientBoosting model has a categorical split on a numeric feature")
+                    raise ValueError(
+                        "HistGradientBoosting model has a categorical split on a numeric feature"
+                    )
                 raw_left = cats[codes_left[codes_left < len(cats)]].astype(np.int64)
                 members = set(raw_left.tolist())
                 if mgl[i]:
@@ -783,6 +800,7 @@ def _load_sklearn_hgb(est: Any, nf: int) -> Any:
         metadata={"source": "sklearn", "task": task, "classes": _classes_meta(est)},
         cat_lo=0.0,
         cat_hi=cat_hi,
+        cat_integral=True,  # the encoder treats non-integer values as unknown
     )
 
 
@@ -823,9 +841,11 @@ def _as_matrix(X: Any) -> Any:
             cols = []
             for col in X.columns:
                 if pa.types.is_dictionary(col.type):
-                    col = pa.chunked_array([c.indices for c in col.chunks]) if isinstance(
-                        col, pa.ChunkedArray
-                    ) else col.indices
+                    col = (
+                        pa.chunked_array([c.indices for c in col.chunks])
+                        if isinstance(col, pa.ChunkedArray)
+                        else col.indices
+                    )
                 arr = col.to_numpy(zero_copy_only=False)
                 cols.append(np.asarray(arr, dtype=np.float64))
             if not cols:
@@ -868,9 +888,7 @@ class Forest:
     # -------------------------------------------------------------- constructors
 
     @classmethod
-    def from_xgboost(
-        cls, model: Any, *, iteration_range: tuple[int, int] | None = None
-    ) -> Forest:
+    def from_xgboost(cls, model: Any, *, iteration_range: tuple[int, int] | None = None) -> Forest:
         """Load an XGBoost model: a JSON or UBJSON file path (or its bytes), a Booster or an XGBModel.
 
         ``iteration_range=(begin, end)`` keeps boosting rounds ``[begin, end)``, as
