@@ -60,7 +60,11 @@ def _xgb_thresholds(booster) -> dict[int, np.ndarray]:
     out: dict[int, list[float]] = {}
     for t in j["learner"]["gradient_booster"]["model"]["trees"]:
         for lc, f, c, st in zip(
-            t["left_children"], t["split_indices"], t["split_conditions"], t["split_type"]
+            t["left_children"],
+            t["split_indices"],
+            t["split_conditions"],
+            t["split_type"],
+            strict=False,
         ):
             if lc != -1 and st == 0:
                 out.setdefault(f, []).append(c)
@@ -84,7 +88,7 @@ def _sk_thresholds(trees) -> dict[int, np.ndarray]:
     out: dict[int, list[float]] = {}
     for tree in trees:
         t = tree.tree_
-        for f, thr, lc in zip(t.feature, t.threshold, t.children_left):
+        for f, thr, lc in zip(t.feature, t.threshold, t.children_left, strict=False):
             if lc >= 0:
                 out.setdefault(int(f), []).append(float(thr))
     return {f: np.array(v) for f, v in out.items()}
@@ -579,7 +583,7 @@ def test_input_kinds_give_the_same_answer(small_forest):
     import pyarrow as pa
     import torch
 
-    b, f = small_forest
+    _b, f = small_forest
     X = _edge_matrix({}, 257, seed=4)
     ref = f.predict(X)
     np.testing.assert_array_equal(f.predict(X.astype(np.float32)), ref)

@@ -347,7 +347,7 @@ def _build_xgboost(j: dict[str, Any], iteration_range: tuple[int, int] | None) -
             sizes = [int(c) for c in _as_list(tr["categories_sizes"])]
             if not len(nodes) == len(segs) == len(sizes):
                 raise ValueError(f"XGBoost tree {t} has inconsistent category arrays")
-            for nid, seg, size in zip(nodes, segs, sizes):
+            for nid, seg, size in zip(nodes, segs, sizes, strict=True):
                 if not (0 <= nid < n and 0 <= seg and seg + size <= len(cats)):
                     raise ValueError(f"XGBoost tree {t} has a category segment out of range")
                 # Categories in the set go right; invalid ones (negative or too large) go left.
@@ -748,9 +748,6 @@ def _load_sklearn_hgb(est: Any, nf: int) -> Any:
     elif loss in ("HalfPoissonLoss", "HalfGammaLoss", "HalfTweedieLoss"):
         link = _EXP
     out_to_in, raw_cats, cat_hi = _hgb_categories(est, nf)
-    known, f_idx_map = (None, None)
-    if est.is_categorical_ is not None and np.any(est.is_categorical_):
-        known, f_idx_map = est._bin_mapper.make_known_categories_bitsets()
     sb = _SpecBuilder(nf, k)
     for predictors in est._predictors:
         for g, pred in enumerate(predictors):
