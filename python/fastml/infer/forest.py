@@ -260,7 +260,7 @@ def _load_xgboost(model: Any, iteration_range: tuple[int, int] | None) -> Any:
     j, default_range = _xgb_model_json(model)
     try:
         return _build_xgboost(j, iteration_range if iteration_range is not None else default_range)
-    except (KeyError, IndexError, TypeError, AttributeError) as e:
+    except (KeyError, IndexError, TypeError, AttributeError, OverflowError) as e:
         raise ValueError(f"not a valid XGBoost model: missing or malformed {e!r}") from None
 
 
@@ -449,6 +449,13 @@ def _lgb_arr(fields: dict[str, str], key: str, dtype: Any, n: int) -> np.ndarray
 
 def _load_lightgbm(model: Any, num_iteration: int | None) -> Any:
     text, slice_iters = _lgb_text(model, num_iteration)
+    try:
+        return _build_lightgbm(text, slice_iters)
+    except (KeyError, IndexError, TypeError, OverflowError) as e:
+        raise ValueError(f"not a valid LightGBM model: malformed {e!r}") from None
+
+
+def _build_lightgbm(text: str, slice_iters: int | None) -> Any:
     if not text.startswith("tree\n") and not text.startswith("tree\r\n"):
         raise ValueError("not a LightGBM text model (it must start with 'tree')")
     blocks = text.split("\nTree=")
