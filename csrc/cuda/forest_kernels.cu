@@ -101,7 +101,7 @@ __global__ void forest_rows_kernel(const ForestNode<ThrT>* __restrict__ nodes,
       } else {
         left = forest_go_left_numeric<ThrT>(v, nd.threshold, f);
       }
-      n = left ? nd.left : nd.right;
+      n = nd.child[!left];
     }
     const int32_t g = tree_group[t];
     const int64_t shift = tree_value_shift[t];

@@ -94,16 +94,34 @@ class Engine final : public ForestEngine {
         if (spec.node_left[i] < 0) {  // leaf: loops on itself
           nd.threshold = ThrT(0);
           nd.feature = 0;
-          nd.left = nd.right = static_cast<int32_t>(i);
+          nd.child[0] = nd.child[1] = static_cast<int32_t>(i);
           continue;
         }
         const uint32_t flags = spec.node_flags[i] & ~kNodeFeatureMask;
         nd.feature = static_cast<uint32_t>(spec.node_feature[i]) | flags;
         nd.threshold = static_cast<ThrT>(spec.node_threshold[i]);
-        nd.left = static_cast<int32_t>(base + spec.node_left[i]);
-        nd.right = static_cast<int32_t>(base + spec.node_right[i]);
+        nd.child[0] = static_cast<int32_t>(base + spec.node_left[i]);
+        nd.child[1] = static_cast<int32_t>(base + spec.node_right[i]);
         has_cat_ |= (flags & kNodeCategorical) != 0;
         has_zero_missing_ |= (flags & kNodeZeroMissing) != 0;
+      }
+    }
+    // The fast path resolves missing values without a NaN test: each block
+    // row is stored twice, NaN -> -inf (read by default-left nodes) and
+    // NaN -> +inf (read by default-right nodes), so one "x <= threshold"
+    // decides every numeric node. It needs no +inf threshold (NaN -> +inf
+    // would then go left) and no categorical or zero-as-missing node.
+    fast_ = !has_cat_ && !has_zero_missing_ && 2 * int64_t{spec.num_features} * kBlockRows < (int64_t{1} << 31);
+    for (const Node& nd : nodes_) fast_ = fast_ && !(nd.threshold == std::numeric_limits<ThrT>::infinity());
+    if (fast_) {
+      const uint32_t F = static_cast<uint32_t>(spec.num_features);
+      for (int64_t i = 0; i < n; ++i) {
+        Node& nd = nodes_[i];
+        if (nd.child[0] == i) continue;  // leaf
+        const uint32_t f = nd.feature & kNodeFeatureMask;
+        // The block is stored feature-major (see rows_doubled): feature j of
+        // row r is at j * kBlockRows + r.
+        nd.feature = ((nd.feature & kNodeDefaultLeft) ? f : f + F) * static_cast<uint32_t>(kBlockRows);
       }
     }
     values_.resize(spec.leaf_values.size());
@@ -124,7 +142,9 @@ class Engine final : public ForestEngine {
     AccT* out = static_cast<AccT*>(out_ptr);
     const int64_t rows = X.shape[0];
     if (rows == 0) return;
-    if (has_cat_) {
+    if (fast_) {
+      dispatch<false, false>(X, apply_link, out);
+    } else if (has_cat_) {
       dispatch<true, true>(X, apply_link, out);
     } else if (has_zero_missing_) {
       dispatch<false, true>(X, apply_link, out);
@@ -156,7 +176,7 @@ class Engine final : public ForestEngine {
   inline int32_t step(int32_t n, const ThrT* row) const {
     const Node& nd = nodes_[n];
     const uint32_t f = nd.feature;
-    const ThrT x = row[f & kNodeFeatureMask];
+    const ThrT x = row[HasCat || HasZero ? (f & kNodeFeatureMask) : f];
     bool left;
     if (HasCat && (f & kNodeCategorical)) {
       left =
@@ -165,9 +185,11 @@ class Engine final : public ForestEngine {
     } else if (HasZero) {
       left = forest_go_left_numeric<ThrT>(x, nd.threshold, f);
     } else {
-      left = (x <= nd.threshold) | ((x != x) & ((f & kNodeDefaultLeft) != 0));
+      left = x <= nd.threshold;  // fast path: missing values were mapped to -inf / +inf
     }
-    return left ? nd.left : nd.right;
+    // Indexing by the decision keeps the step branch-free (a jump here would
+    // be mispredicted about half the time).
+    return nd.child[!left];
   }
 
   // Rows [r0, r1) of X as a dense ThrT matrix: a view when X already is
@@ -175,6 +197,7 @@ class Engine final : public ForestEngine {
   const ThrT* rows_as_thr(const ArrayView& X, int64_t r0, int64_t r1, int64_t* stride) const {
     const int64_t F = spec_.num_features;
     const size_t item = sizeof(ThrT);
+    if (fast_) return rows_doubled(X, r0, r1, stride);
     if (X.dtype == dtype_of<ThrT>::value && X.strides[1] == static_cast<int64_t>(item) &&
         X.strides[0] % static_cast<int64_t>(item) == 0) {
       *stride = X.strides[0] / static_cast<int64_t>(item);
@@ -196,6 +219,37 @@ class Engine final : public ForestEngine {
       }
     }
     *stride = F;
+    return buf.data();
+  }
+
+  // Rows [r0, r1) feature-major, twice: x with NaN -> -inf, then x with
+  // NaN -> +inf (see fast_). Feature-major lets the lanes of walk_tree share
+  // one base pointer (lane l reads at a constant offset l).
+  const ThrT* rows_doubled(const ArrayView& X, int64_t r0, int64_t r1, int64_t* stride) const {
+    const int64_t F = spec_.num_features;
+    thread_local std::vector<ThrT> buf;
+    const size_t need = static_cast<size_t>(2 * F * kBlockRows);
+    if (buf.size() < need) buf.resize(need);
+    const char* base = static_cast<const char*>(X.data);
+    const ThrT inf = std::numeric_limits<ThrT>::infinity();
+    for (int64_t r = r0; r < r1; ++r) {
+      ThrT* lo = buf.data() + (r - r0);
+      ThrT* hi = lo + F * kBlockRows;
+      const char* src = base + r * X.strides[0];
+      auto put = [&](int64_t j, ThrT v) {
+        const bool nan = v != v;
+        lo[j * kBlockRows] = nan ? -inf : v;
+        hi[j * kBlockRows] = nan ? inf : v;
+      };
+      if (X.dtype == DType::F32) {
+        for (int64_t j = 0; j < F; ++j)
+          put(j, static_cast<ThrT>(*reinterpret_cast<const float*>(src + j * X.strides[1])));
+      } else {
+        for (int64_t j = 0; j < F; ++j)
+          put(j, static_cast<ThrT>(*reinterpret_cast<const double*>(src + j * X.strides[1])));
+      }
+    }
+    *stride = 1;
     return buf.data();
   }
 
@@ -228,9 +282,15 @@ class Engine final : public ForestEngine {
     for (; r + kLanes <= nrows; r += kLanes) {
       int32_t idx[kLanes];
       for (int l = 0; l < kLanes; ++l) idx[l] = root;
-      for (int32_t d = 0; d < depth; ++d)
-        for (int l = 0; l < kLanes; ++l)
-          idx[l] = step<HasCat, HasZero>(idx[l], xs + (r + l) * stride);
+      if (fast_) {  // stride 1: lane l reads at constant offset l from one pointer
+        const ThrT* x0 = xs + r;
+        for (int32_t d = 0; d < depth; ++d)
+          for (int l = 0; l < kLanes; ++l) idx[l] = step<HasCat, HasZero>(idx[l], x0 + l);
+      } else {
+        for (int32_t d = 0; d < depth; ++d)
+          for (int l = 0; l < kLanes; ++l)
+            idx[l] = step<HasCat, HasZero>(idx[l], xs + (r + l) * stride);
+      }
       for (int l = 0; l < kLanes; ++l) add_leaf(out + (r + l) * K, group, shift, idx[l]);
     }
     for (; r < nrows; ++r) {
@@ -294,7 +354,7 @@ class Engine final : public ForestEngine {
   std::vector<AccT> base_;
   std::vector<uint32_t> cat_bits_;
   ThrT cat_lo_{}, cat_hi_{};
-  bool has_cat_ = false, has_zero_missing_ = false;
+  bool has_cat_ = false, has_zero_missing_ = false, fast_ = false;
 };
 
 }  // namespace

@@ -31,8 +31,7 @@ template <typename T>
 struct ForestNode {
   T threshold;       // numeric split: go left when x <= threshold
   uint32_t feature;  // feature index | flags
-  int32_t left;      // absolute node index
-  int32_t right;     // absolute node index
+  int32_t child[2];  // absolute node indices: [0] left, [1] right
 };
 
 // The categorical rule: NaN takes the default direction; values outside
