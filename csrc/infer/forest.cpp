@@ -143,18 +143,18 @@ class Engine final : public ForestEngine {
     const int64_t rows = X.shape[0];
     if (rows == 0) return;
     if (fast_) {
-      dispatch<false, false>(X, apply_link, out);
+      dispatch<true, false, false>(X, apply_link, out);
     } else if (has_cat_) {
-      dispatch<true, true>(X, apply_link, out);
+      dispatch<false, true, true>(X, apply_link, out);
     } else if (has_zero_missing_) {
-      dispatch<false, true>(X, apply_link, out);
+      dispatch<false, false, true>(X, apply_link, out);
     } else {
-      dispatch<false, false>(X, apply_link, out);
+      dispatch<false, false, false>(X, apply_link, out);
     }
   }
 
  private:
-  template <bool HasCat, bool HasZero>
+  template <bool Fast, bool HasCat, bool HasZero>
   void dispatch(const ArrayView& X, bool apply_link, AccT* out) const {
     const int64_t rows = X.shape[0];
     const int64_t nblocks = (rows + kBlockRows - 1) / kBlockRows;
@@ -162,7 +162,7 @@ class Engine final : public ForestEngine {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r0 = b * kBlockRows;
         const int64_t r1 = std::min(rows, r0 + kBlockRows);
-        predict_block<HasCat, HasZero>(X, r0, r1, apply_link, out);
+        predict_block<Fast, HasCat, HasZero>(X, r0, r1, apply_link, out);
       }
     };
     if (nblocks == 1) {
@@ -172,11 +172,11 @@ class Engine final : public ForestEngine {
     }
   }
 
-  template <bool HasCat, bool HasZero>
+  template <bool Fast, bool HasCat, bool HasZero>
   inline int32_t step(int32_t n, const ThrT* row) const {
     const Node& nd = nodes_[n];
     const uint32_t f = nd.feature;
-    const ThrT x = row[HasCat || HasZero ? (f & kNodeFeatureMask) : f];
+    const ThrT x = row[Fast ? f : (f & kNodeFeatureMask)];
     bool left;
     if (HasCat && (f & kNodeCategorical)) {
       left =
@@ -184,8 +184,10 @@ class Engine final : public ForestEngine {
                                            cat_lo_, cat_hi_, spec_.cat_rule.integral);
     } else if (HasZero) {
       left = forest_go_left_numeric<ThrT>(x, nd.threshold, f);
+    } else if (Fast) {
+      left = x <= nd.threshold;  // missing values were mapped to -inf / +inf (see fast_)
     } else {
-      left = x <= nd.threshold;  // fast path: missing values were mapped to -inf / +inf
+      left = (x <= nd.threshold) | ((x != x) & ((f & kNodeDefaultLeft) != 0));
     }
     // Indexing by the decision keeps the step branch-free (a jump here would
     // be mispredicted about half the time).
@@ -253,7 +255,7 @@ class Engine final : public ForestEngine {
     return buf.data();
   }
 
-  template <bool HasCat, bool HasZero>
+  template <bool Fast, bool HasCat, bool HasZero>
   void predict_block(const ArrayView& X, int64_t r0, int64_t r1, bool apply_link,
                      AccT* out_all) const {
     const int32_t K = spec_.num_outputs;
@@ -265,15 +267,15 @@ class Engine final : public ForestEngine {
       for (int32_t k = 0; k < K; ++k) out[r * K + k] = base_[k];
     const int64_t T = static_cast<int64_t>(root_.size());
     if (nrows == 1) {
-      walk_one_row<HasCat, HasZero>(xs, out);
+      walk_one_row<Fast, HasCat, HasZero>(xs, out);
     } else {
-      for (int64_t t = 0; t < T; ++t) walk_tree<HasCat, HasZero>(t, xs, stride, nrows, out);
+      for (int64_t t = 0; t < T; ++t) walk_tree<Fast, HasCat, HasZero>(t, xs, stride, nrows, out);
     }
     finish(out, nrows, apply_link);
   }
 
   // One tree over a block: kLanes rows walk together so their loads overlap.
-  template <bool HasCat, bool HasZero>
+  template <bool Fast, bool HasCat, bool HasZero>
   void walk_tree(int64_t t, const ThrT* xs, int64_t stride, int64_t nrows, AccT* out) const {
     const int32_t K = spec_.num_outputs;
     const int32_t root = root_[t], depth = depth_[t], group = group_[t];
@@ -282,26 +284,26 @@ class Engine final : public ForestEngine {
     for (; r + kLanes <= nrows; r += kLanes) {
       int32_t idx[kLanes];
       for (int l = 0; l < kLanes; ++l) idx[l] = root;
-      if (fast_) {  // stride 1: lane l reads at constant offset l from one pointer
+      if (Fast) {  // stride 1: lane l reads at constant offset l from one pointer
         const ThrT* x0 = xs + r;
         for (int32_t d = 0; d < depth; ++d)
-          for (int l = 0; l < kLanes; ++l) idx[l] = step<HasCat, HasZero>(idx[l], x0 + l);
+          for (int l = 0; l < kLanes; ++l) idx[l] = step<Fast, HasCat, HasZero>(idx[l], x0 + l);
       } else {
         for (int32_t d = 0; d < depth; ++d)
           for (int l = 0; l < kLanes; ++l)
-            idx[l] = step<HasCat, HasZero>(idx[l], xs + (r + l) * stride);
+            idx[l] = step<Fast, HasCat, HasZero>(idx[l], xs + (r + l) * stride);
       }
       for (int l = 0; l < kLanes; ++l) add_leaf(out + (r + l) * K, group, shift, idx[l]);
     }
     for (; r < nrows; ++r) {
       int32_t n = root;
-      for (int32_t d = 0; d < depth; ++d) n = step<HasCat, HasZero>(n, xs + r * stride);
+      for (int32_t d = 0; d < depth; ++d) n = step<Fast, HasCat, HasZero>(n, xs + r * stride);
       add_leaf(out + r * K, group, shift, n);
     }
   }
 
   // One row: kLanes trees walk together; leaves are added in tree order.
-  template <bool HasCat, bool HasZero>
+  template <bool Fast, bool HasCat, bool HasZero>
   void walk_one_row(const ThrT* x, AccT* out) const {
     const int64_t T = static_cast<int64_t>(root_.size());
     int64_t t = 0;
@@ -313,12 +315,12 @@ class Engine final : public ForestEngine {
         depth = std::max(depth, depth_[t + l]);
       }
       for (int32_t d = 0; d < depth; ++d)
-        for (int l = 0; l < kLanes; ++l) idx[l] = step<HasCat, HasZero>(idx[l], x);
+        for (int l = 0; l < kLanes; ++l) idx[l] = step<Fast, HasCat, HasZero>(idx[l], x);
       for (int l = 0; l < kLanes; ++l) add_leaf(out, group_[t + l], shift_[t + l], idx[l]);
     }
     for (; t < T; ++t) {
       int32_t n = root_[t];
-      for (int32_t d = 0; d < depth_[t]; ++d) n = step<HasCat, HasZero>(n, x);
+      for (int32_t d = 0; d < depth_[t]; ++d) n = step<Fast, HasCat, HasZero>(n, x);
       add_leaf(out, group_[t], shift_[t], n);
     }
   }
