@@ -830,3 +830,28 @@ def test_native_builder_validates():
     for msg, spec in bad.items():
         with pytest.raises(ValueError, match=msg):
             _core.ForestCore(spec)
+
+
+# ---------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(xgb_models, lgb_models):
+    import torch
+
+    X = _edge_matrix({}, 5000, seed=12)
+    for f in (
+        Forest.from_xgboost(xgb_models["multi:softprob"]),
+        Forest.from_lightgbm(lgb_models["regression_zero_missing"]),
+        Forest.from_lightgbm(lgb_models["binary"]),
+    ):
+        for dt in (np.float32, np.float64):
+            Xd = X.astype(dt)
+            np.testing.assert_array_equal(
+                f.predict(Xd, output="margin", device="cuda"), f.predict(Xd, output="margin")
+            )
+            np.testing.assert_allclose(f.predict(Xd, device="cuda"), f.predict(Xd), rtol=1e-5)
+            t = torch.from_numpy(Xd).cuda()
+            res = f.predict(t, output="margin", device="auto")
+            assert res.is_cuda
+            np.testing.assert_array_equal(res.cpu().numpy(), f.predict(Xd, output="margin"))

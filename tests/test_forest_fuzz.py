@@ -11,8 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastml import _core
-from fastml.infer import Forest
-from fastml.infer import _ubjson
+from fastml.infer import Forest, _ubjson
 
 xgb = pytest.importorskip("xgboost")
 lgb = pytest.importorskip("lightgbm")
@@ -27,9 +26,20 @@ def models():
     X = rng.normal(size=(300, 4))
     X[:, 3] = rng.integers(0, 6, 300)
     y = (X[:, 0] + np.isin(X[:, 3], [1, 4]) > 0.5).astype(float)
-    b = xgb.train({"objective": "binary:logistic", "max_depth": 3, "nthread": 1}, xgb.DMatrix(X, y), 3)
-    lb = lgb.train({"objective": "binary", "num_leaves": 6, "verbose": -1, "num_threads": 1,
-                    "min_data_per_group": 5}, lgb.Dataset(X, y, categorical_feature=[3]), 3)
+    b = xgb.train(
+        {"objective": "binary:logistic", "max_depth": 3, "nthread": 1}, xgb.DMatrix(X, y), 3
+    )
+    lb = lgb.train(
+        {
+            "objective": "binary",
+            "num_leaves": 6,
+            "verbose": -1,
+            "num_threads": 1,
+            "min_data_per_group": 5,
+        },
+        lgb.Dataset(X, y, categorical_feature=[3]),
+        3,
+    )
     f = Forest.from_xgboost(b)
     return {
         "json": bytes(b.save_raw("json")),
@@ -115,8 +125,14 @@ def test_fuzz_xgboost_model_bytes(models, edits, cut, which):
 
 
 def _json_mutations():
-    scalars = st.one_of(st.integers(-5, 5), st.integers(-(2**40), 2**40), st.floats(allow_nan=True),
-                        st.text(max_size=3), st.none(), st.just([]))
+    scalars = st.one_of(
+        st.integers(-5, 5),
+        st.integers(-(2**40), 2**40),
+        st.floats(allow_nan=True),
+        st.text(max_size=3),
+        st.none(),
+        st.just([]),
+    )
     return st.lists(st.tuples(st.integers(0, 10_000), scalars), min_size=1, max_size=6)
 
 
@@ -138,8 +154,12 @@ def test_fuzz_xgboost_json_structure(models, muts):
 
 
 @FUZZ
-@given(edits=st.lists(st.tuples(st.integers(0, 1 << 30), st.sampled_from(list(b"0123456789-= \n.x"))),
-                      max_size=8), cut=CUT)
+@given(
+    edits=st.lists(
+        st.tuples(st.integers(0, 1 << 30), st.sampled_from(list(b"0123456789-= \n.x"))), max_size=8
+    ),
+    cut=CUT,
+)
 def test_fuzz_lightgbm_text(models, tmp_path_factory, edits, cut):
     text = _mutate(models["lgb"].encode(), edits, cut)
     p = tmp_path_factory.mktemp("lgb") / "m.txt"
@@ -157,22 +177,39 @@ def test_fuzz_lightgbm_text(models, tmp_path_factory, edits, cut):
     left=st.lists(st.integers(-3, 10), min_size=9, max_size=9),
     right=st.lists(st.integers(-3, 10), min_size=9, max_size=9),
     feature=st.lists(st.integers(-2, 6), min_size=9, max_size=9),
-    flags=st.lists(st.sampled_from([0, 1 << 31, 1 << 30, 1 << 29, (1 << 30) | (1 << 28)]),
-                   min_size=9, max_size=9),
+    flags=st.lists(
+        st.sampled_from([0, 1 << 31, 1 << 30, 1 << 29, (1 << 30) | (1 << 28)]),
+        min_size=9,
+        max_size=9,
+    ),
     cat=st.lists(st.integers(-2, 2), min_size=9, max_size=9),
 )
 def test_fuzz_native_builder(n, left, right, feature, flags, cat):
     spec = {
-        "num_features": 4, "num_outputs": 1, "threshold_f64": False, "accum_f64": False, "link": 1,
-        "divisor": 1.0, "divide_margin": True, "cat_lo": 0.0, "cat_hi": 2.0**31, "cat_integral": False,
-        "objective": "fuzz", "metadata": "{}",
-        "tree_node_offsets": np.array([0, n], np.int64), "tree_group": np.array([0], np.int32),
+        "num_features": 4,
+        "num_outputs": 1,
+        "threshold_f64": False,
+        "accum_f64": False,
+        "link": 1,
+        "divisor": 1.0,
+        "divide_margin": True,
+        "cat_lo": 0.0,
+        "cat_hi": 2.0**31,
+        "cat_integral": False,
+        "objective": "fuzz",
+        "metadata": "{}",
+        "tree_node_offsets": np.array([0, n], np.int64),
+        "tree_group": np.array([0], np.int32),
         "node_feature": np.array(feature[:n], np.int32),
         "node_threshold": np.linspace(-1, 1, n),
-        "node_left": np.array(left[:n], np.int32), "node_right": np.array(right[:n], np.int32),
-        "node_flags": np.array(flags[:n], np.uint32), "node_cat": np.array(cat[:n], np.int32),
-        "cat_offsets": np.array([0, 1], np.int64), "cat_bits": np.array([0b1010], np.uint32),
-        "leaf_values": np.arange(n, dtype=np.float64), "base_margin": np.zeros(1),
+        "node_left": np.array(left[:n], np.int32),
+        "node_right": np.array(right[:n], np.int32),
+        "node_flags": np.array(flags[:n], np.uint32),
+        "node_cat": np.array(cat[:n], np.int32),
+        "cat_offsets": np.array([0, 1], np.int64),
+        "cat_bits": np.array([0b1010], np.uint32),
+        "leaf_values": np.arange(n, dtype=np.float64),
+        "base_margin": np.zeros(1),
     }
     try:
         core = _core.ForestCore(spec)

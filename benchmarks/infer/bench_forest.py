@@ -30,7 +30,9 @@ def make_data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     X = rng.normal(size=(n, NF)).astype(np.float32)
     w = rng.normal(size=NF)
-    y = (np.tanh(X @ w / 4) + 0.3 * np.sin(3 * X[:, 0]) + rng.normal(0, 0.3, n) > 0).astype(np.int32)
+    y = (np.tanh(X @ w / 4) + 0.3 * np.sin(3 * X[:, 0]) + rng.normal(0, 0.3, n) > 0).astype(
+        np.int32
+    )
     X[rng.random(X.shape) < 0.05] = np.nan
     return X, y
 
@@ -41,8 +43,14 @@ def xgb_model(trees: int):
     path = CACHE / f"xgb_{trees}.ubj"
     if not path.exists():
         X, y = make_data(20_000, 0)
-        params = {"objective": "binary:logistic", "max_depth": 8, "eta": 0.05, "nthread": 2,
-                  "tree_method": "hist", "min_child_weight": 0}
+        params = {
+            "objective": "binary:logistic",
+            "max_depth": 8,
+            "eta": 0.05,
+            "nthread": 2,
+            "tree_method": "hist",
+            "min_child_weight": 0,
+        }
         xgb.train(params, xgb.DMatrix(X, y), trees).save_model(str(path))
     b = xgb.Booster()
     b.load_model(str(path))
@@ -56,8 +64,15 @@ def lgb_model(trees: int):
     path = CACHE / f"lgb_{trees}.txt"
     if not path.exists():
         X, y = make_data(20_000, 0)
-        params = {"objective": "binary", "max_depth": 8, "num_leaves": 255, "learning_rate": 0.05,
-                  "num_threads": 2, "verbose": -1, "min_data_in_leaf": 5}
+        params = {
+            "objective": "binary",
+            "max_depth": 8,
+            "num_leaves": 255,
+            "learning_rate": 0.05,
+            "num_threads": 2,
+            "verbose": -1,
+            "min_data_in_leaf": 5,
+        }
         lgb.train(params, lgb.Dataset(X, y), trees).save_model(str(path))
     return lgb.Booster(model_file=str(path)), path
 
@@ -104,41 +119,75 @@ def main() -> None:
     if tl is not None:
         cands["treelite gtil.predict"] = lambda: tl(Xb)
     t = compare(cands, repeat=args.repeat, work=len(Xb), unit="rows")
-    print(table(t, baseline="xgboost inplace_predict",
-                title=f"XGBoost binary:logistic, {fx.num_trees} trees depth 8, batch 1024, 1 thread"))
+    print(
+        table(
+            t,
+            baseline="xgboost inplace_predict",
+            title=f"XGBoost binary:logistic, {fx.num_trees} trees depth 8, batch 1024, 1 thread",
+        )
+    )
     results["xgboost_batch"] = {k: v.to_dict() for k, v in t.items()}
-    results["xgboost_batch"]["speedup"] = ratio(t, "fastml Forest (xgboost model)", "xgboost inplace_predict")
+    results["xgboost_batch"]["speedup"] = ratio(
+        t, "fastml Forest (xgboost model)", "xgboost inplace_predict"
+    )
 
     t = compare(
-        {"fastml Forest, 1 row": lambda: fx.predict(X1),
-         "xgboost inplace_predict, 1 row": lambda: booster.inplace_predict(X1)},
-        repeat=args.repeat, number=200, work=1, unit="rows",
+        {
+            "fastml Forest, 1 row": lambda: fx.predict(X1),
+            "xgboost inplace_predict, 1 row": lambda: booster.inplace_predict(X1),
+        },
+        repeat=args.repeat,
+        number=200,
+        work=1,
+        unit="rows",
     )
     print()
-    print(table(t, baseline="xgboost inplace_predict, 1 row", title="single row from Python (latency)"))
+    print(
+        table(
+            t, baseline="xgboost inplace_predict, 1 row", title="single row from Python (latency)"
+        )
+    )
     results["xgboost_row"] = {k: v.to_dict() for k, v in t.items()}
 
     lb, _ = lgb_model(args.trees)
     fl = Forest.from_lightgbm(lb)
     Xb64 = Xb.astype(np.float64)
     np.testing.assert_allclose(
-        fl.predict(Xb64, output="margin"), lb.predict(Xb64, raw_score=True, num_threads=1), rtol=1e-12
+        fl.predict(Xb64, output="margin"),
+        lb.predict(Xb64, raw_score=True, num_threads=1),
+        rtol=1e-12,
     )
     t = compare(
-        {"fastml Forest (lightgbm model)": lambda: fl.predict(Xb64),
-         "lightgbm predict": lambda: lb.predict(Xb64, num_threads=1)},
-        repeat=args.repeat, work=len(Xb), unit="rows",
+        {
+            "fastml Forest (lightgbm model)": lambda: fl.predict(Xb64),
+            "lightgbm predict": lambda: lb.predict(Xb64, num_threads=1),
+        },
+        repeat=args.repeat,
+        work=len(Xb),
+        unit="rows",
     )
     print()
-    print(table(t, baseline="lightgbm predict",
-                title=f"LightGBM binary, {fl.num_trees} trees depth <= 8, batch 1024, 1 thread"))
+    print(
+        table(
+            t,
+            baseline="lightgbm predict",
+            title=f"LightGBM binary, {fl.num_trees} trees depth <= 8, batch 1024, 1 thread",
+        )
+    )
     results["lightgbm_batch"] = {k: v.to_dict() for k, v in t.items()}
-    results["lightgbm_batch"]["speedup"] = ratio(t, "fastml Forest (lightgbm model)", "lightgbm predict")
+    results["lightgbm_batch"]["speedup"] = ratio(
+        t, "fastml Forest (lightgbm model)", "lightgbm predict"
+    )
 
     t = compare(
-        {"fastml Forest, 1 row": lambda: fl.predict(Xb64[:1]),
-         "lightgbm predict, 1 row": lambda: lb.predict(Xb64[:1], num_threads=1)},
-        repeat=args.repeat, number=100, work=1, unit="rows",
+        {
+            "fastml Forest, 1 row": lambda: fl.predict(Xb64[:1]),
+            "lightgbm predict, 1 row": lambda: lb.predict(Xb64[:1], num_threads=1),
+        },
+        repeat=args.repeat,
+        number=100,
+        work=1,
+        unit="rows",
     )
     print()
     print(table(t, baseline="lightgbm predict, 1 row", title="single row from Python (latency)"))
@@ -147,8 +196,10 @@ def main() -> None:
     t0 = time.perf_counter()
     data = fx._core.to_bytes()
     Forest(type(fx._core).from_bytes(data))
-    print(f"\nForest.load of the {len(data) / 1e6:.1f} MB XGBoost forest: "
-          f"{(time.perf_counter() - t0) * 1e3:.1f} ms")
+    print(
+        f"\nForest.load of the {len(data) / 1e6:.1f} MB XGBoost forest: "
+        f"{(time.perf_counter() - t0) * 1e3:.1f} ms"
+    )
     results["machine"] = {"cpus": os.cpu_count(), "simd": fastml.build_info()["simd"]}
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=float))

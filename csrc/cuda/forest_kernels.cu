@@ -69,19 +69,14 @@ struct DeviceForest {
 };
 
 template <typename ThrT, typename AccT, typename XT>
-__global__ void forest_rows_kernel(const ForestNode<ThrT>* __restrict__ nodes,
-                                   const AccT* __restrict__ values,
-                                   const int32_t* __restrict__ tree_root,
-                                   const int32_t* __restrict__ tree_depth,
-                                   const int32_t* __restrict__ tree_group,
-                                   const int64_t* __restrict__ tree_value_shift,
-                                   const int64_t* __restrict__ node_cat_offset,
-                                   const uint32_t* __restrict__ node_cat_words,
-                                   const uint32_t* __restrict__ cat_bits,
-                                   const AccT* __restrict__ base, const XT* __restrict__ X,
-                                   int64_t rows, int32_t num_features, int32_t num_outputs,
-                                   int64_t num_trees, ThrT cat_lo, ThrT cat_hi, bool cat_integral,
-                                   AccT* __restrict__ out) {
+__global__ void forest_rows_kernel(
+    const ForestNode<ThrT>* __restrict__ nodes, const AccT* __restrict__ values,
+    const int32_t* __restrict__ tree_root, const int32_t* __restrict__ tree_depth,
+    const int32_t* __restrict__ tree_group, const int64_t* __restrict__ tree_value_shift,
+    const int64_t* __restrict__ node_cat_offset, const uint32_t* __restrict__ node_cat_words,
+    const uint32_t* __restrict__ cat_bits, const AccT* __restrict__ base, const XT* __restrict__ X,
+    int64_t rows, int32_t num_features, int32_t num_outputs, int64_t num_trees, ThrT cat_lo,
+    ThrT cat_hi, bool cat_integral, AccT* __restrict__ out) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r >= rows) return;
   const XT* x = X + r * num_features;
@@ -195,9 +190,9 @@ void launch(const Forest& f, DeviceForest& d, const void* X, DType xdt, int64_t 
     forest_rows_kernel<ThrT, AccT, XT><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
         static_cast<const ForestNode<ThrT>*>(d.nodes), static_cast<const AccT*>(d.values),
         d.tree_root, d.tree_depth, d.tree_group, d.tree_value_shift, d.node_cat_offset,
-        d.node_cat_words, d.cat_bits, static_cast<const AccT*>(d.base),
-        static_cast<const XT*>(X), rows, s.num_features, s.num_outputs, f.num_trees(), lo, hi,
-        s.cat_rule.integral, static_cast<AccT*>(out));
+        d.node_cat_words, d.cat_bits, static_cast<const AccT*>(d.base), static_cast<const XT*>(X),
+        rows, s.num_features, s.num_outputs, f.num_trees(), lo, hi, s.cat_rule.integral,
+        static_cast<AccT*>(out));
   };
   if (xdt == DType::F32)
     go(type_tag<float>{});

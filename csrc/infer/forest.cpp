@@ -111,8 +111,10 @@ class Engine final : public ForestEngine {
     // NaN -> +inf (read by default-right nodes), so one "x <= threshold"
     // decides every numeric node. It needs no +inf threshold (NaN -> +inf
     // would then go left) and no categorical or zero-as-missing node.
-    fast_ = !has_cat_ && !has_zero_missing_ && 2 * int64_t{spec.num_features} * kBlockRows < (int64_t{1} << 31);
-    for (const Node& nd : nodes_) fast_ = fast_ && !(nd.threshold == std::numeric_limits<ThrT>::infinity());
+    fast_ = !has_cat_ && !has_zero_missing_ &&
+            2 * int64_t{spec.num_features} * kBlockRows < (int64_t{1} << 31);
+    for (const Node& nd : nodes_)
+      fast_ = fast_ && !(nd.threshold == std::numeric_limits<ThrT>::infinity());
     if (fast_) {
       const uint32_t F = static_cast<uint32_t>(spec.num_features);
       for (int64_t i = 0; i < n; ++i) {
@@ -121,7 +123,8 @@ class Engine final : public ForestEngine {
         const uint32_t f = nd.feature & kNodeFeatureMask;
         // The block is stored feature-major (see rows_doubled): feature j of
         // row r is at j * kBlockRows + r.
-        nd.feature = ((nd.feature & kNodeDefaultLeft) ? f : f + F) * static_cast<uint32_t>(kBlockRows);
+        nd.feature =
+            ((nd.feature & kNodeDefaultLeft) ? f : f + F) * static_cast<uint32_t>(kBlockRows);
       }
     }
     values_.resize(spec.leaf_values.size());
