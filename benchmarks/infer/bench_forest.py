@@ -93,11 +93,33 @@ def treelite_predictor(xgb_path: Path):
     return predict
 
 
+def tl2cgen_predictor(xgb_path: Path):
+    """A TL2cgen-compiled shared library of the model (slow to build: opt-in)."""
+    try:
+        import tl2cgen
+        import treelite
+    except ImportError:
+        return None
+    model = treelite.frontend.load_xgboost_model(str(xgb_path))
+    libpath = CACHE / f"tl2cgen_{xgb_path.stem}.so"
+    if not libpath.exists():
+        tl2cgen.export_lib(
+            model, toolchain="gcc", libpath=str(libpath), nthread=1, params={"parallel_comp": 8}
+        )
+    predictor = tl2cgen.Predictor(str(libpath), nthread=1)
+
+    def predict(X):
+        return predictor.predict(tl2cgen.DMatrix(X, dtype="float32"))
+
+    return predict
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--trees", type=int, default=500)
     ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--tl2cgen", action="store_true", help="also compile the model with TL2cgen")
     args = ap.parse_args()
     CACHE.mkdir(exist_ok=True)
     fastml.set_num_threads(1)
@@ -118,6 +140,10 @@ def main() -> None:
     tl = treelite_predictor(xgb_path)
     if tl is not None:
         cands["treelite gtil.predict"] = lambda: tl(Xb)
+    if args.tl2cgen:
+        tc = tl2cgen_predictor(xgb_path)
+        if tc is not None:
+            cands["tl2cgen compiled"] = lambda: tc(Xb)
     t = compare(cands, repeat=args.repeat, work=len(Xb), unit="rows")
     print(
         table(

@@ -1027,9 +1027,13 @@ class Forest:
                 return self._core.predict(Xm, apply_link, out)
         if output == "class":
             res = self._to_class(res)
-            if out is not None:
-                np.copyto(out, res)
-                return out
+        if out is not None:
+            if type(res).__module__.startswith("torch"):
+                res = res.cpu().numpy()
+            if out.shape != res.shape:
+                raise ValueError(f"out must have shape {res.shape}, got {out.shape}")
+            np.copyto(out, res, casting="same_kind")
+            return out
         return res
 
     def _auto_cuda(self, X: Any) -> bool:
