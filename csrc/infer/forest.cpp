@@ -19,7 +19,7 @@ constexpr int32_t kMaxOutputs = 1 << 20;
 // cache, so the model streams through the cache once per block.
 constexpr int64_t kBlockRows = 128;
 // Independent walks interleaved in one loop, so their loads overlap.
-constexpr int kLanes = 8;
+constexpr int kLanes = 16;
 // Trees walked together for one row: more independent node loads in flight.
 constexpr int kRowLanes = 16;
 
