@@ -882,12 +882,14 @@ class Forest:
                 "Forest is built with Forest.from_xgboost / from_lightgbm / from_sklearn / load"
             )
         self._core = core
-        spec_meta = core.spec()["metadata"]
+        spec = core.spec()
         try:
-            self._meta: dict[str, Any] = json.loads(spec_meta) if spec_meta else {}
+            self._meta: dict[str, Any] = json.loads(spec["metadata"]) if spec["metadata"] else {}
         except json.JSONDecodeError:
             self._meta = {}
-        self._objective = str(core.spec()["objective"])
+        if not isinstance(self._meta, dict):
+            self._meta = {}
+        self._objective = str(spec["objective"])
 
     # -------------------------------------------------------------- constructors
 
