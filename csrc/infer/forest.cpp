@@ -118,6 +118,8 @@ class Engine final : public ForestEngine {
     for (const Node& nd : nodes_)
       fast_ = fast_ && !(nd.threshold == std::numeric_limits<ThrT>::infinity());
     if (fast_) {
+      // The CUDA kernel reads the general encoding (feature | flags).
+      if (forest_cuda_compiled()) general_nodes_ = nodes_;
       const uint32_t F = static_cast<uint32_t>(spec.num_features);
       for (int64_t i = 0; i < n; ++i) {
         Node& nd = nodes_[i];
@@ -138,8 +140,11 @@ class Engine final : public ForestEngine {
     cat_hi_ = static_cast<ThrT>(spec.cat_rule.hi);
   }
 
-  const void* nodes() const override { return nodes_.data(); }
-  size_t node_bytes() const override { return nodes_.size() * sizeof(Node); }
+  // The general encoding (see fast_), for the CUDA path.
+  const void* nodes() const override { return fast_ ? general_nodes_.data() : nodes_.data(); }
+  size_t node_bytes() const override {
+    return (fast_ ? general_nodes_.size() : nodes_.size()) * sizeof(Node);
+  }
   const void* values() const override { return values_.data(); }
   size_t value_bytes() const override { return values_.size() * sizeof(AccT); }
 
@@ -357,6 +362,7 @@ class Engine final : public ForestEngine {
   const std::vector<int64_t>& cat_offset_;
   const std::vector<uint32_t>& cat_words_;
   std::vector<Node> nodes_;
+  std::vector<Node> general_nodes_;  // copy before the fast-path rewrite (CUDA builds only)
   std::vector<AccT> values_;
   std::vector<AccT> base_;
   std::vector<uint32_t> cat_bits_;
