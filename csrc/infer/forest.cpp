@@ -114,6 +114,7 @@ class Engine final : public ForestEngine {
     // decides every numeric node. It needs no +inf threshold (NaN -> +inf
     // would then go left) and no categorical or zero-as-missing node.
     fast_ = !has_cat_ && !has_zero_missing_ &&
+            n * static_cast<int64_t>(sizeof(Node)) < (int64_t{1} << 31) &&
             2 * int64_t{spec.num_features} * kBlockRows < (int64_t{1} << 31);
     for (const Node& nd : nodes_)
       fast_ = fast_ && !(nd.threshold == std::numeric_limits<ThrT>::infinity());
@@ -123,10 +124,16 @@ class Engine final : public ForestEngine {
       const uint32_t F = static_cast<uint32_t>(spec.num_features);
       for (int64_t i = 0; i < n; ++i) {
         Node& nd = nodes_[i];
-        if (nd.child[0] == i) continue;  // leaf
+        if (nd.child[0] == i) {  // leaf: loops on itself (as a byte offset)
+          nd.child[0] = nd.child[1] = static_cast<int32_t>(i * static_cast<int64_t>(sizeof(Node)));
+          continue;
+        }
         const uint32_t f = nd.feature & kNodeFeatureMask;
         // The block is stored feature-major (see rows_doubled): feature j of
         // row r is at j * kBlockRows + r.
+        // Children as byte offsets: one add per step instead of a scale.
+        nd.child[0] *= static_cast<int32_t>(sizeof(Node));
+        nd.child[1] *= static_cast<int32_t>(sizeof(Node));
         nd.feature =
             ((nd.feature & kNodeDefaultLeft) ? f : f + F) * static_cast<uint32_t>(kBlockRows);
       }
@@ -184,7 +191,10 @@ class Engine final : public ForestEngine {
 
   template <bool Fast, bool HasCat, bool HasZero>
   inline int32_t step(int32_t n, const ThrT* row) const {
-    const Node& nd = nodes_[n];
+    const Node& nd =
+        Fast ? *reinterpret_cast<const Node*>(reinterpret_cast<const char*>(nodes_.data()) +
+                                              static_cast<uint32_t>(n))
+             : nodes_[n];
     const uint32_t f = nd.feature;
     const ThrT x = row[Fast ? f : (f & kNodeFeatureMask)];
     bool left;
@@ -293,7 +303,7 @@ class Engine final : public ForestEngine {
     int64_t r = 0;
     for (; r + kLanes <= nrows; r += kLanes) {
       int32_t idx[kLanes];
-      for (int l = 0; l < kLanes; ++l) idx[l] = root;
+      for (int l = 0; l < kLanes; ++l) idx[l] = handle<Fast>(root);
       if (Fast) {  // stride 1: lane l reads at constant offset l from one pointer
         const ThrT* x0 = xs + r;
         for (int32_t d = 0; d < depth; ++d)
@@ -303,12 +313,13 @@ class Engine final : public ForestEngine {
           for (int l = 0; l < kLanes; ++l)
             idx[l] = step<Fast, HasCat, HasZero>(idx[l], xs + (r + l) * stride);
       }
-      for (int l = 0; l < kLanes; ++l) add_leaf(out + (r + l) * K, group, shift, idx[l]);
+      for (int l = 0; l < kLanes; ++l)
+        add_leaf(out + (r + l) * K, group, shift, index<Fast>(idx[l]));
     }
     for (; r < nrows; ++r) {
-      int32_t n = root;
+      int32_t n = handle<Fast>(root);
       for (int32_t d = 0; d < depth; ++d) n = step<Fast, HasCat, HasZero>(n, xs + r * stride);
-      add_leaf(out + r * K, group, shift, n);
+      add_leaf(out + r * K, group, shift, index<Fast>(n));
     }
   }
 
@@ -321,18 +332,29 @@ class Engine final : public ForestEngine {
       int32_t idx[kRowLanes];
       int32_t depth = 0;
       for (int l = 0; l < kRowLanes; ++l) {
-        idx[l] = root_[t + l];
+        idx[l] = handle<Fast>(root_[t + l]);
         depth = std::max(depth, depth_[t + l]);
       }
       for (int32_t d = 0; d < depth; ++d)
         for (int l = 0; l < kRowLanes; ++l) idx[l] = step<Fast, HasCat, HasZero>(idx[l], x);
-      for (int l = 0; l < kRowLanes; ++l) add_leaf(out, group_[t + l], shift_[t + l], idx[l]);
+      for (int l = 0; l < kRowLanes; ++l)
+        add_leaf(out, group_[t + l], shift_[t + l], index<Fast>(idx[l]));
     }
     for (; t < T; ++t) {
-      int32_t n = root_[t];
+      int32_t n = handle<Fast>(root_[t]);
       for (int32_t d = 0; d < depth_[t]; ++d) n = step<Fast, HasCat, HasZero>(n, x);
-      add_leaf(out, group_[t], shift_[t], n);
+      add_leaf(out, group_[t], shift_[t], index<Fast>(n));
     }
+  }
+
+  // Node handles: byte offsets on the fast path, indices otherwise.
+  template <bool Fast>
+  static int32_t handle(int32_t node) {
+    return Fast ? node * static_cast<int32_t>(sizeof(Node)) : node;
+  }
+  template <bool Fast>
+  static int32_t index(int32_t h) {
+    return Fast ? static_cast<int32_t>(static_cast<uint32_t>(h) / sizeof(Node)) : h;
   }
 
   inline void add_leaf(AccT* row_out, int32_t group, int64_t shift, int32_t node) const {
