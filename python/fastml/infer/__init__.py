@@ -11,6 +11,7 @@ from fastml.infer.batcher import (
     export_prometheus,
     wait,
 )
+from fastml.infer.forest import Forest
 
 __all__ = [
     "ALL_COMPLETED",
@@ -18,6 +19,7 @@ __all__ = [
     "FIRST_EXCEPTION",
     "BatchFuture",
     "Batcher",
+    "Forest",
     "QueueFull",
     "as_completed",
     "export_prometheus",

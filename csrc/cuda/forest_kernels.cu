@@ -1,0 +1,277 @@
+// CUDA path of fastml.infer.Forest: one thread per row walks every tree with
+// the same per-node decisions as the CPU engine (infer/forest_node.hpp), and
+// accumulates in the same tree order and precision, so margins match the CPU
+// path bit for bit. The forest is copied to the device once (first use) and
+// kept with the Forest; input/output staging buffers grow and are reused, so
+// a call allocates only when a batch is larger than any before it.
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "common/errors.hpp"
+#include "infer/forest.hpp"
+#include "infer/forest_node.hpp"
+
+namespace fastml::infer {
+
+namespace {
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky error state where possible
+    fail<std::runtime_error>("CUDA error in Forest ", what, ": ", cudaGetErrorString(err));
+  }
+}
+
+template <typename T>
+T* upload(const T* host, size_t n, const char* what) {
+  T* dev = nullptr;
+  if (n == 0) return nullptr;
+  check(cudaMalloc(&dev, n * sizeof(T)), what);
+  check(cudaMemcpy(dev, host, n * sizeof(T), cudaMemcpyHostToDevice), what);
+  return dev;
+}
+
+struct DeviceForest {
+  int device = -1;
+  void* nodes = nullptr;
+  void* values = nullptr;
+  int32_t* tree_root = nullptr;
+  int32_t* tree_depth = nullptr;
+  int32_t* tree_group = nullptr;
+  int64_t* tree_value_shift = nullptr;
+  int64_t* node_cat_offset = nullptr;
+  uint32_t* node_cat_words = nullptr;
+  uint32_t* cat_bits = nullptr;
+  void* base = nullptr;
+  // staging for host inputs
+  std::mutex staging_mutex;
+  void* x_buf = nullptr;
+  size_t x_bytes = 0;
+  void* out_buf = nullptr;
+  size_t out_bytes = 0;
+
+  ~DeviceForest() {
+    int prev = 0;
+    cudaGetDevice(&prev);
+    cudaSetDevice(device);
+    for (void* p : {nodes, values, static_cast<void*>(tree_root), static_cast<void*>(tree_depth),
+                    static_cast<void*>(tree_group), static_cast<void*>(tree_value_shift),
+                    static_cast<void*>(node_cat_offset), static_cast<void*>(node_cat_words),
+                    static_cast<void*>(cat_bits), base, x_buf, out_buf})
+      if (p) cudaFree(p);
+    cudaSetDevice(prev);
+  }
+};
+
+template <typename ThrT, typename AccT, typename XT>
+__global__ void forest_rows_kernel(
+    const ForestNode<ThrT>* __restrict__ nodes, const AccT* __restrict__ values,
+    const int32_t* __restrict__ tree_root, const int32_t* __restrict__ tree_depth,
+    const int32_t* __restrict__ tree_group, const int64_t* __restrict__ tree_value_shift,
+    const int64_t* __restrict__ node_cat_offset, const uint32_t* __restrict__ node_cat_words,
+    const uint32_t* __restrict__ cat_bits, const AccT* __restrict__ base, const XT* __restrict__ X,
+    int64_t rows, int32_t num_features, int32_t num_outputs, int64_t num_trees, ThrT cat_lo,
+    ThrT cat_hi, bool cat_integral, AccT* __restrict__ out) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= rows) return;
+  const XT* x = X + r * num_features;
+  AccT* o = out + r * num_outputs;
+  for (int32_t k = 0; k < num_outputs; ++k) o[k] = base[k];
+  for (int64_t t = 0; t < num_trees; ++t) {
+    int32_t n = tree_root[t];
+    const int32_t depth = tree_depth[t];
+    for (int32_t d = 0; d < depth; ++d) {
+      const ForestNode<ThrT> nd = nodes[n];
+      const uint32_t f = nd.feature;
+      const ThrT v = static_cast<ThrT>(x[f & kNodeFeatureMask]);
+      bool left;
+      if (f & kNodeCategorical) {
+        left = forest_go_left_categorical<ThrT>(v, f, cat_bits + node_cat_offset[n],
+                                                node_cat_words[n], cat_lo, cat_hi, cat_integral);
+      } else {
+        left = forest_go_left_numeric<ThrT>(v, nd.threshold, f);
+      }
+      n = nd.child[!left];
+    }
+    const int32_t g = tree_group[t];
+    const int64_t shift = tree_value_shift[t];
+    if (g >= 0) {
+      o[g] += values[shift + n];
+    } else {
+      const AccT* v = values + shift + static_cast<int64_t>(n) * num_outputs;
+      for (int32_t k = 0; k < num_outputs; ++k) o[k] += v[k];
+    }
+  }
+}
+
+// Divisor and link per row (output="value"); 0 = identity.
+template <typename T>
+__global__ void forest_finish_kernel(T* out, int64_t rows, int32_t k, double divisor,
+                                     int32_t link) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= rows) return;
+  T* o = out + r * k;
+  if (divisor != 1.0)
+    for (int32_t j = 0; j < k; ++j) o[j] /= static_cast<T>(divisor);
+  switch (static_cast<ForestLink>(link)) {
+    case ForestLink::Identity: break;
+    case ForestLink::Sigmoid:
+      for (int32_t j = 0; j < k; ++j) o[j] = T(1) / (T(1) + exp(-o[j]));
+      break;
+    case ForestLink::Exp:
+      for (int32_t j = 0; j < k; ++j) o[j] = exp(o[j]);
+      break;
+    case ForestLink::Hinge:
+      for (int32_t j = 0; j < k; ++j) o[j] = o[j] > T(0) ? T(1) : T(0);
+      break;
+    case ForestLink::Softmax: {
+      T mx = o[0];
+      for (int32_t j = 1; j < k; ++j) mx = o[j] > mx ? o[j] : mx;
+      T sum = 0;
+      for (int32_t j = 0; j < k; ++j) {
+        o[j] = exp(o[j] - mx);
+        sum += o[j];
+      }
+      for (int32_t j = 0; j < k; ++j) o[j] /= sum;
+      break;
+    }
+  }
+}
+
+DeviceForest& device_forest(const Forest& f) {
+  int device = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  std::lock_guard<std::mutex> lock(f.device_mutex());
+  auto& slot = f.device_slot();
+  if (slot) {
+    auto* d = static_cast<DeviceForest*>(slot.get());
+    if (d->device == device) return *d;
+    slot.reset();
+  }
+  auto d = std::make_shared<DeviceForest>();
+  d->device = device;
+  const Forest::Flat fl = f.flat();
+  const int64_t T = f.num_trees();
+  d->nodes = upload(static_cast<const char*>(fl.nodes), fl.node_bytes, "upload nodes");
+  d->values = upload(static_cast<const char*>(fl.values), fl.value_bytes, "upload values");
+  d->tree_root = upload(fl.tree_root, T, "upload trees");
+  d->tree_depth = upload(fl.tree_depth, T, "upload trees");
+  d->tree_group = upload(fl.tree_group, T, "upload trees");
+  d->tree_value_shift = upload(fl.tree_value_shift, T, "upload trees");
+  d->node_cat_offset = upload(fl.node_cat_offset, fl.num_nodes, "upload categories");
+  d->node_cat_words = upload(fl.node_cat_words, fl.num_nodes, "upload categories");
+  d->cat_bits = upload(fl.cat_bits, fl.num_cat_bits, "upload categories");
+  const auto& bm = f.spec().base_margin;
+  if (f.spec().accum_f64) {
+    d->base = upload(bm.data(), bm.size(), "upload base");
+  } else {
+    std::vector<float> b32(bm.begin(), bm.end());
+    d->base = upload(b32.data(), b32.size(), "upload base");
+  }
+  slot = d;
+  return *d;
+}
+
+template <typename ThrT, typename AccT>
+void launch(const Forest& f, DeviceForest& d, const void* X, DType xdt, int64_t rows, void* out,
+            cudaStream_t stream) {
+  const auto& s = f.spec();
+  const int threads = 128;
+  const int64_t blocks = (rows + threads - 1) / threads;
+  FASTML_CHECK_ARG(blocks < (int64_t{1} << 31), "X", "has too many rows for one launch: ", rows);
+  const ThrT lo = static_cast<ThrT>(s.cat_rule.lo), hi = static_cast<ThrT>(s.cat_rule.hi);
+  auto go = [&](auto tag) {
+    using XT = typename decltype(tag)::type;
+    forest_rows_kernel<ThrT, AccT, XT><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+        static_cast<const ForestNode<ThrT>*>(d.nodes), static_cast<const AccT*>(d.values),
+        d.tree_root, d.tree_depth, d.tree_group, d.tree_value_shift, d.node_cat_offset,
+        d.node_cat_words, d.cat_bits, static_cast<const AccT*>(d.base), static_cast<const XT*>(X),
+        rows, s.num_features, s.num_outputs, f.num_trees(), lo, hi, s.cat_rule.integral,
+        static_cast<AccT*>(out));
+  };
+  if (xdt == DType::F32)
+    go(type_tag<float>{});
+  else
+    go(type_tag<double>{});
+  check(cudaGetLastError(), "kernel launch");
+}
+
+}  // namespace
+
+bool forest_cuda_compiled() {
+  return true;
+}
+
+void forest_predict_cuda(const Forest& f, const ArrayView& X, bool x_on_device, bool apply_link,
+                         void* out, bool out_on_device, uintptr_t stream_handle) {
+  const int64_t rows = X.shape[0];
+  const int32_t K = f.num_outputs();
+  const size_t out_item = itemsize(f.output_dtype());
+  const size_t out_bytes = static_cast<size_t>(rows * K) * out_item;
+  if (rows == 0) return;
+  DeviceForest& d = device_forest(f);
+  auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  const size_t x_bytes = static_cast<size_t>(X.nbytes());
+  std::unique_lock<std::mutex> staging(d.staging_mutex, std::defer_lock);
+  const void* x_dev = X.data;
+  void* out_dev = out;
+  if (!x_on_device || !out_on_device) staging.lock();
+  if (!x_on_device) {
+    FASTML_CHECK_ARG(X.is_c_contiguous(), "X", "must be C-contiguous for the CUDA path, got ",
+                     X.describe());
+    if (d.x_bytes < x_bytes) {
+      if (d.x_buf) cudaFree(d.x_buf);
+      d.x_buf = nullptr;
+      d.x_bytes = 0;
+      check(cudaMalloc(&d.x_buf, x_bytes), "cudaMalloc(X)");
+      d.x_bytes = x_bytes;
+    }
+    check(cudaMemcpyAsync(d.x_buf, X.data, x_bytes, cudaMemcpyHostToDevice, stream), "copy X");
+    x_dev = d.x_buf;
+  }
+  if (!out_on_device) {
+    if (d.out_bytes < out_bytes) {
+      if (d.out_buf) cudaFree(d.out_buf);
+      d.out_buf = nullptr;
+      d.out_bytes = 0;
+      check(cudaMalloc(&d.out_buf, out_bytes), "cudaMalloc(out)");
+      d.out_bytes = out_bytes;
+    }
+    out_dev = d.out_buf;
+  }
+  const auto& s = f.spec();
+  if (s.threshold_f64 && s.accum_f64)
+    launch<double, double>(f, d, x_dev, X.dtype, rows, out_dev, stream);
+  else if (s.threshold_f64)
+    launch<double, float>(f, d, x_dev, X.dtype, rows, out_dev, stream);
+  else if (s.accum_f64)
+    launch<float, double>(f, d, x_dev, X.dtype, rows, out_dev, stream);
+  else
+    launch<float, float>(f, d, x_dev, X.dtype, rows, out_dev, stream);
+  const bool divide = s.divisor != 1.0 && (apply_link || s.divide_margin);
+  if (divide || apply_link) {
+    const int threads = 128;
+    const auto blocks = static_cast<unsigned>((rows + threads - 1) / threads);
+    const int32_t link = apply_link ? static_cast<int32_t>(s.link) : 0;
+    if (out_item == 4)
+      forest_finish_kernel<float><<<blocks, threads, 0, stream>>>(
+          static_cast<float*>(out_dev), rows, K, divide ? s.divisor : 1.0, link);
+    else
+      forest_finish_kernel<double><<<blocks, threads, 0, stream>>>(
+          static_cast<double*>(out_dev), rows, K, divide ? s.divisor : 1.0, link);
+    check(cudaGetLastError(), "finish kernel launch");
+  }
+  if (!out_on_device) {
+    check(cudaMemcpyAsync(out, out_dev, out_bytes, cudaMemcpyDeviceToHost, stream), "copy out");
+  }
+  // Host staging buffers are reused by the next call: finish before returning.
+  // Device outputs stay asynchronous on the caller's stream.
+  if (!x_on_device || !out_on_device) check(cudaStreamSynchronize(stream), "synchronize");
+}
+
+}  // namespace fastml::infer

@@ -1,0 +1,857 @@
+"""fastml.infer.Forest against XGBoost, LightGBM and scikit-learn's own predictors.
+
+Models are small (few trees, small data) so the whole file stays fast; inputs
+include values exactly at split thresholds and one ULP either side, NaN, ±inf,
+-0.0, unseen and negative categories.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+import fastml
+from fastml import _core
+from fastml.infer import Forest
+
+xgb = pytest.importorskip("xgboost")
+lgb = pytest.importorskip("lightgbm")
+
+RNG = np.random.default_rng(1234)
+NF = 6
+
+
+def _train_data(n=600, nan_frac=0.05, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, NF))
+    X[:, 2] = rng.integers(0, 8, n)  # a small-integer column (categorical in some models)
+    X[rng.random(X.shape) < nan_frac] = np.nan
+    score = np.nan_to_num(X[:, 0]) + np.isin(X[:, 2], [1, 3, 6]) - 0.5 * np.nan_to_num(X[:, 1])
+    return X, score
+
+
+def _edge_matrix(thresholds: dict[int, np.ndarray], n: int, seed: int, dtype=np.float64):
+    """Rows whose values sit on split thresholds, one ULP either side, and at special values."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, NF)).astype(dtype)
+    special = np.array([np.nan, np.inf, -np.inf, -0.0, 0.0, 1e-36, -1e-36], dtype=dtype)
+    for f in range(NF):
+        t = np.asarray(thresholds.get(f, np.zeros(0)), dtype=dtype)
+        if t.size:
+            cand = np.concatenate(
+                [t, np.nextafter(t, dtype(np.inf)), np.nextafter(t, dtype(-np.inf)), special]
+            )
+        else:
+            cand = special
+        mask = rng.random(n) < 0.6
+        X[mask, f] = rng.choice(cand, int(mask.sum()))
+    # categorical-ish column: seen, unseen, negative, fractional, huge
+    cats = np.array([0, 1, 2, 3, 6, 7, 9, 11, 40, -1, -0.5, 0.5, 2.5, 1e10, np.nan], dtype=dtype)
+    mask = rng.random(n) < 0.7
+    X[mask, 2] = rng.choice(cats, int(mask.sum()))
+    return X
+
+
+def _xgb_thresholds(booster) -> dict[int, np.ndarray]:
+    j = json.loads(bytes(booster.save_raw("json")))
+    out: dict[int, list[float]] = {}
+    for t in j["learner"]["gradient_booster"]["model"]["trees"]:
+        for lc, f, c, st in zip(
+            t["left_children"],
+            t["split_indices"],
+            t["split_conditions"],
+            t["split_type"],
+            strict=False,
+        ):
+            if lc != -1 and st == 0:
+                out.setdefault(f, []).append(c)
+    return {f: np.array(v, dtype=np.float32) for f, v in out.items()}
+
+
+def _lgb_thresholds(booster) -> dict[int, np.ndarray]:
+    out: dict[int, list[float]] = {}
+    for tree in booster.dump_model()["tree_info"]:
+        stack = [tree["tree_structure"]]
+        while stack:
+            node = stack.pop()
+            if "split_feature" in node:
+                if node["decision_type"] == "<=":
+                    out.setdefault(node["split_feature"], []).append(node["threshold"])
+                stack += [node["left_child"], node["right_child"]]
+    return {f: np.array(v) for f, v in out.items()}
+
+
+def _sk_thresholds(trees) -> dict[int, np.ndarray]:
+    out: dict[int, list[float]] = {}
+    for tree in trees:
+        t = tree.tree_
+        for f, thr, lc in zip(t.feature, t.threshold, t.children_left, strict=False):
+            if lc >= 0:
+                out.setdefault(int(f), []).append(float(thr))
+    return {f: np.array(v) for f, v in out.items()}
+
+
+# ---------------------------------------------------------------------------- XGBoost
+
+XGB_CASES = {
+    "binary:logistic": {},
+    "binary:logitraw": {},
+    "binary:hinge": {},
+    "reg:logistic": {},
+    "multi:softprob": {"num_class": 3},
+    "multi:softmax": {"num_class": 3},
+    "reg:squarederror": {},
+    "reg:absoluteerror": {},
+    "count:poisson": {},
+    "reg:gamma": {},
+    "reg:tweedie": {},
+    "rank:pairwise": {},
+}
+
+
+def _xgb_label(obj, score, rng):
+    if obj.startswith("multi"):
+        return np.digitize(score, [-0.3, 0.7])
+    if obj in ("binary:logistic", "binary:logitraw", "binary:hinge", "reg:logistic"):
+        return (score > 0.3).astype(float)
+    if obj in ("count:poisson",):
+        return rng.poisson(np.exp(np.clip(score, -2, 2)))
+    if obj in ("reg:gamma", "reg:tweedie"):
+        return np.exp(np.clip(score, -2, 2)) + 0.1
+    if obj.startswith("rank"):
+        return np.digitize(score, [0, 1])
+    return score
+
+
+@pytest.fixture(scope="module")
+def xgb_models():
+    X, score = _train_data()
+    rng = np.random.default_rng(5)
+    models = {}
+    for obj, extra in XGB_CASES.items():
+        y = _xgb_label(obj, score, rng)
+        d = xgb.DMatrix(X, y)
+        if obj.startswith("rank"):
+            d.set_group([100] * 6)
+        params = {"objective": obj, "max_depth": 4, "eta": 0.3, "nthread": 1, **extra}
+        models[obj] = xgb.train(params, d, 8)
+    return models
+
+
+def _check_xgb(booster, forest, X32):
+    m = booster.inplace_predict(X32, predict_type="margin")
+    fm = forest.predict(X32, output="margin")
+    assert fm.dtype == np.float32
+    np.testing.assert_array_equal(fm, m.reshape(fm.shape))  # bit-identical
+    # float64 input is rounded to float32 first, as XGBoost does
+    np.testing.assert_array_equal(forest.predict(X32.astype(np.float64), output="margin"), fm)
+    return m, fm
+
+
+@pytest.mark.parametrize("obj", list(XGB_CASES))
+def test_xgboost_margins_bit_identical_and_values(xgb_models, obj, tmp_path):
+    b = xgb_models[obj]
+    f = Forest.from_xgboost(b)
+    X = _edge_matrix(_xgb_thresholds(b), 700, seed=len(obj)).astype(np.float32)
+    _check_xgb(b, f, X)
+    v = b.inplace_predict(X)
+    fv = f.predict(X)
+    if obj == "multi:softmax":
+        np.testing.assert_array_equal(f.predict(X, output="class"), v.astype(np.int64))
+        assert fv.shape == (len(X), 3)
+        np.testing.assert_allclose(fv.sum(axis=1), 1.0, rtol=1e-5)
+    else:
+        np.testing.assert_allclose(fv, v.reshape(fv.shape), rtol=2e-6, atol=1e-7)
+    if obj == "binary:logistic":
+        np.testing.assert_array_equal(f.predict(X, output="class"), (v > 0.5).astype(np.int64))
+    # JSON and UBJSON files give the same forest
+    for ext in ("json", "ubj"):
+        p = tmp_path / f"m.{ext}"
+        b.save_model(str(p))
+        f2 = Forest.from_xgboost(str(p))
+        np.testing.assert_array_equal(f2.predict(X, output="margin"), f.predict(X, output="margin"))
+    assert f.objective == obj
+    assert f.num_features == NF
+    assert f.num_outputs == (3 if obj.startswith("multi") else 1)
+
+
+def test_xgboost_parallel_trees_iteration_range_and_dart():
+    X, score = _train_data(seed=3)
+    y = (score > 0.3).astype(float)
+    Xt = _edge_matrix({}, 400, seed=9).astype(np.float32)
+    b = xgb.train(
+        {
+            "objective": "binary:logistic",
+            "num_parallel_tree": 3,
+            "subsample": 0.7,
+            "colsample_bynode": 0.7,
+            "max_depth": 3,
+            "nthread": 1,
+        },
+        xgb.DMatrix(X, y),
+        5,
+    )
+    f = Forest.from_xgboost(b)
+    assert f.num_trees == 15
+    _check_xgb(b, f, Xt)
+    f = Forest.from_xgboost(b, iteration_range=(1, 4))
+    assert f.num_trees == 9
+    np.testing.assert_array_equal(
+        f.predict(Xt, output="margin"),
+        b.inplace_predict(Xt, predict_type="margin", iteration_range=(1, 4)),
+    )
+    with pytest.raises(ValueError, match="iteration_range"):
+        Forest.from_xgboost(b, iteration_range=(3, 9))
+    # multi-class with iteration_range
+    y3 = np.digitize(score, [-0.3, 0.7])
+    b3 = xgb.train(
+        {"objective": "multi:softprob", "num_class": 3, "max_depth": 3, "nthread": 1},
+        xgb.DMatrix(X, y3),
+        6,
+    )
+    f3 = Forest.from_xgboost(b3, iteration_range=(2, 5))
+    np.testing.assert_array_equal(
+        f3.predict(Xt, output="margin"),
+        b3.inplace_predict(Xt, predict_type="margin", iteration_range=(2, 5)),
+    )
+    # dart: tree weights
+    bd = xgb.train(
+        {
+            "booster": "dart",
+            "objective": "reg:squarederror",
+            "rate_drop": 0.3,
+            "max_depth": 3,
+            "nthread": 1,
+        },
+        xgb.DMatrix(X, score),
+        6,
+    )
+    _check_xgb(bd, Forest.from_xgboost(bd), Xt)
+
+
+def test_xgboost_sklearn_wrapper_best_iteration():
+    X, score = _train_data(seed=4)
+    y = (score > 0.3).astype(int)
+    clf = xgb.XGBClassifier(
+        n_estimators=40, max_depth=3, early_stopping_rounds=3, n_jobs=1, learning_rate=0.8
+    )
+    clf.fit(X[:400], y[:400], eval_set=[(X[400:], y[400:])], verbose=False)
+    assert clf.best_iteration < 39
+    f = Forest.from_xgboost(clf)
+    Xt = _edge_matrix({}, 300, seed=2).astype(np.float32)
+    assert f.num_trees == clf.best_iteration + 1
+    np.testing.assert_array_equal(
+        f.predict(Xt, output="margin"), clf.predict(Xt, output_margin=True)
+    )
+    np.testing.assert_array_equal(f.predict(Xt, output="class"), clf.predict(Xt))
+    np.testing.assert_allclose(f.predict(Xt), clf.predict_proba(Xt)[:, 1], rtol=2e-6)
+
+
+def test_xgboost_categorical_splits():
+    rng = np.random.default_rng(7)
+    n = 800
+    c = rng.integers(0, 12, n)
+    x = rng.random(n)
+    y = np.isin(c, [1, 3, 5, 8]) * 2.0 + x + rng.normal(0, 0.1, n)
+    X = np.stack([c.astype(float), x], 1)
+    X[rng.random(n) < 0.05, 0] = np.nan
+    d = xgb.DMatrix(X, y, enable_categorical=True, feature_types=["c", "q"])
+    b = xgb.train({"max_depth": 3, "max_cat_to_onehot": 1, "nthread": 1}, d, 6)
+    f = Forest.from_xgboost(b)
+    vals = np.array(
+        [
+            -1,
+            -0.5,
+            -0.0,
+            0,
+            0.5,
+            1,
+            1.5,
+            3,
+            11,
+            12,
+            13,
+            40,
+            2**24,
+            2**31,
+            1e30,
+            np.inf,
+            -np.inf,
+            np.nan,
+        ],
+        dtype=np.float32,
+    )
+    Xt = np.stack(
+        [np.repeat(vals, 5), np.tile(np.linspace(0, 1, 5, dtype=np.float32), len(vals))], 1
+    )
+    _check_xgb(b, f, Xt)
+
+
+def test_xgboost_base_score_variants():
+    X, score = _train_data(seed=8)
+    Xt = _edge_matrix({}, 300, seed=3).astype(np.float32)
+    for bs in (0.3, 0.77, 0.123456):
+        b = xgb.train(
+            {"objective": "binary:logistic", "base_score": bs, "max_depth": 2, "nthread": 1},
+            xgb.DMatrix(X, (score > 0).astype(float)),
+            3,
+        )
+        _check_xgb(b, Forest.from_xgboost(b), Xt)
+
+
+def test_xgboost_unsupported_and_corrupt(tmp_path):
+    X, score = _train_data(seed=2)
+    b = xgb.train({"booster": "gblinear", "nthread": 1}, xgb.DMatrix(X, score), 2)
+    with pytest.raises(ValueError, match="gblinear"):
+        Forest.from_xgboost(b)
+    b = xgb.train(
+        {"objective": "reg:quantileerror", "quantile_alpha": 0.5, "nthread": 1},
+        xgb.DMatrix(X, score),
+        2,
+    )
+    with pytest.raises(ValueError, match="unsupported XGBoost objective 'reg:quantileerror'"):
+        Forest.from_xgboost(b)
+    p = tmp_path / "bad.json"
+    p.write_text('{"learner": {"objective": {"name": "binary:logistic"}}}')
+    with pytest.raises(ValueError, match="not a valid XGBoost model"):
+        Forest.from_xgboost(str(p))
+    p.write_bytes(b"binf\x00\x01garbage")
+    with pytest.raises(ValueError, match="not an XGBoost JSON or UBJSON model"):
+        Forest.from_xgboost(str(p))
+    with pytest.raises(TypeError, match="model must be"):
+        Forest.from_xgboost(3.5)
+    with pytest.raises(FileNotFoundError):
+        Forest.from_xgboost(str(tmp_path / "missing.json"))
+
+
+# ---------------------------------------------------------------------------- LightGBM
+
+LGB_CASES = {
+    "binary": {"objective": "binary"},
+    "multiclass": {"objective": "multiclass", "num_class": 3},
+    "multiclassova": {"objective": "multiclassova", "num_class": 3},
+    "regression_zero_missing": {"objective": "regression", "zero_as_missing": True},
+    "regression_no_missing": {"objective": "regression", "use_missing": False},
+    "poisson": {"objective": "poisson"},
+    "gamma": {"objective": "gamma"},
+    "tweedie": {"objective": "tweedie"},
+    "rf": {"objective": "binary", "boosting": "rf", "bagging_fraction": 0.6, "bagging_freq": 1},
+    "lambdarank": {"objective": "lambdarank"},
+    "cross_entropy": {"objective": "cross_entropy"},
+}
+
+
+@pytest.fixture(scope="module")
+def lgb_models():
+    X, score = _train_data(n=900)
+    X[np.random.default_rng(3).random(len(X)) < 0.2, 4] = 0.0
+    models = {}
+    for name, params in LGB_CASES.items():
+        obj = params["objective"]
+        if obj.startswith("multi"):
+            y = np.digitize(score, [-0.3, 0.7])
+        elif obj in ("binary", "cross_entropy"):
+            y = (score > 0.3).astype(float)
+        elif obj in ("poisson", "gamma", "tweedie"):
+            y = np.exp(np.clip(score, -2, 2)) + 0.1
+        elif obj == "lambdarank":
+            y = np.digitize(score, [0, 1])
+        else:
+            y = score
+        ds = lgb.Dataset(
+            X, y, categorical_feature=[2], group=[150] * 6 if obj == "lambdarank" else None
+        )
+        models[name] = lgb.train(
+            {
+                **params,
+                "verbose": -1,
+                "num_leaves": 12,
+                "min_data_per_group": 5,
+                "cat_smooth": 1,
+                "num_threads": 1,
+                "min_data_in_leaf": 5,
+            },
+            ds,
+            8,
+        )
+    return models
+
+
+@pytest.mark.parametrize("name", list(LGB_CASES))
+def test_lightgbm_raw_scores_and_values(lgb_models, name, tmp_path):
+    b = lgb_models[name]
+    f = Forest.from_lightgbm(b)
+    for dtype in (np.float64, np.float32):
+        X = _edge_matrix(_lgb_thresholds(b), 700, seed=len(name), dtype=dtype)
+        X[::7, 4] = np.array([0.0, -0.0, 1e-36, -1e-36, 1e-30, np.nan, 5.0] * 100, dtype=dtype)[
+            : len(X[::7])
+        ]
+        m = b.predict(X, raw_score=True)
+        fm = f.predict(X, output="margin")
+        assert fm.dtype == np.float64
+        np.testing.assert_allclose(fm, m.reshape(fm.shape), rtol=1e-12, atol=1e-300)
+        v = b.predict(X)
+        np.testing.assert_allclose(f.predict(X), v.reshape(fm.shape), rtol=1e-12, atol=1e-15)
+    p = tmp_path / "model.txt"
+    b.save_model(str(p))
+    np.testing.assert_array_equal(Forest.from_lightgbm(str(p)).predict(X, output="margin"), fm)
+
+
+def test_lightgbm_sklearn_wrapper_and_num_iteration():
+    X, score = _train_data(seed=6)
+    y = (score > 0.3).astype(int)
+    clf = lgb.LGBMClassifier(n_estimators=30, num_leaves=8, verbose=-1, n_jobs=1, learning_rate=0.5)
+    clf.fit(
+        X[:400],
+        y[:400],
+        eval_X=(X[400:],),
+        eval_y=(y[400:],),
+        callbacks=[lgb.early_stopping(2, verbose=False)],
+    )
+    f = Forest.from_lightgbm(clf)
+    Xt = _edge_matrix({}, 300, seed=1)
+    np.testing.assert_allclose(
+        f.predict(Xt, output="margin"), clf.predict(Xt, raw_score=True), rtol=1e-12
+    )
+    np.testing.assert_array_equal(f.predict(Xt, output="class"), clf.predict(Xt))
+    f5 = Forest.from_lightgbm(clf.booster_, num_iteration=5)
+    assert f5.num_trees == 5
+    np.testing.assert_allclose(
+        f5.predict(Xt, output="margin"),
+        clf.booster_.predict(Xt, raw_score=True, num_iteration=5),
+        rtol=1e-12,
+    )
+
+
+def test_lightgbm_unsupported_and_corrupt(tmp_path):
+    X, score = _train_data(seed=2)
+    b = lgb.train(
+        {"objective": "regression", "linear_tree": True, "verbose": -1, "num_threads": 1},
+        lgb.Dataset(np.nan_to_num(X), score),
+        2,
+    )
+    with pytest.raises(ValueError, match="linear trees"):
+        Forest.from_lightgbm(b)
+    p = tmp_path / "m.txt"
+    p.write_text("not a model")
+    with pytest.raises(ValueError, match="not a LightGBM text model"):
+        Forest.from_lightgbm(str(p))
+    b = lgb.train(
+        {"objective": "binary", "verbose": -1, "num_threads": 1},
+        lgb.Dataset(np.nan_to_num(X), (score > 0).astype(float)),
+        2,
+    )
+    text = b.model_to_string()
+    p.write_text(text.replace("objective=binary sigmoid:1", "objective=custom_thing"))
+    with pytest.raises(ValueError, match="unsupported LightGBM objective 'custom_thing'"):
+        Forest.from_lightgbm(str(p))
+    p.write_text(text.replace("left_child=", "left_child=99 ", 1))
+    with pytest.raises(ValueError):
+        Forest.from_lightgbm(str(p))
+    with pytest.raises(TypeError, match="model must be"):
+        Forest.from_lightgbm(object())
+
+
+# ---------------------------------------------------------------------------- scikit-learn
+
+
+def _sk_cases():
+    from sklearn import ensemble, tree
+
+    return [
+        (
+            "rf_clf_nan",
+            ensemble.RandomForestClassifier(8, max_depth=6, random_state=0),
+            "bin",
+            True,
+        ),
+        (
+            "rf_clf_multi",
+            ensemble.RandomForestClassifier(8, max_depth=6, random_state=0),
+            "multi",
+            False,
+        ),
+        ("rf_reg_nan", ensemble.RandomForestRegressor(8, max_depth=6, random_state=0), "reg", True),
+        (
+            "et_reg_2out",
+            ensemble.ExtraTreesRegressor(8, max_depth=6, random_state=0),
+            "reg2",
+            False,
+        ),
+        ("et_clf", ensemble.ExtraTreesClassifier(8, random_state=0), "bin", False),
+        (
+            "gb_clf",
+            ensemble.GradientBoostingClassifier(n_estimators=10, random_state=0),
+            "bin",
+            False,
+        ),
+        (
+            "gb_clf_multi",
+            ensemble.GradientBoostingClassifier(n_estimators=10, random_state=0),
+            "multi",
+            False,
+        ),
+        (
+            "gb_reg",
+            ensemble.GradientBoostingRegressor(n_estimators=10, random_state=0),
+            "reg",
+            False,
+        ),
+        (
+            "hgb_clf_cat",
+            ensemble.HistGradientBoostingClassifier(max_iter=10, categorical_features=[2]),
+            "bin",
+            True,
+        ),
+        (
+            "hgb_clf_multi_cat",
+            ensemble.HistGradientBoostingClassifier(max_iter=10, categorical_features=[2]),
+            "multi",
+            True,
+        ),
+        ("hgb_reg", ensemble.HistGradientBoostingRegressor(max_iter=10), "reg", True),
+        (
+            "hgb_poisson",
+            ensemble.HistGradientBoostingRegressor(max_iter=10, loss="poisson"),
+            "pos",
+            True,
+        ),
+        ("tree_reg", tree.DecisionTreeRegressor(max_depth=5), "reg", False),
+    ]
+
+
+@pytest.mark.parametrize("case", _sk_cases(), ids=lambda c: c[0])
+def test_sklearn_predictions(case):
+    name, est, target, nan = case
+    X, score = _train_data(n=500, nan_frac=0.05 if nan else 0.0, seed=11)
+    y = {
+        "bin": (score > 0.3).astype(int),
+        "multi": np.digitize(score, [-0.3, 0.7]),
+        "reg": score,
+        "reg2": np.stack([score, -2 * score], 1),
+        "pos": np.exp(np.clip(score, -2, 2)),
+    }[target]
+    est.fit(X, y)
+    f = Forest.from_sklearn(est)
+    trees = getattr(est, "estimators_", [est])
+    trees = list(np.ravel(trees)) if not hasattr(est, "_predictors") else []
+    Xt = _edge_matrix(_sk_thresholds(trees), 600, seed=3)
+    if not nan:
+        Xt = np.where(np.isfinite(Xt), Xt, 0.5)
+    else:
+        Xt = np.where(np.isinf(Xt), 1e30, Xt)  # sklearn rejects inf
+    if name.startswith(("gb_", "rf_", "et_", "tree")):
+        Xt = np.clip(Xt, -1e30, 1e30)
+    if hasattr(est, "predict_proba"):
+        p = est.predict_proba(Xt)
+        fv = f.predict(Xt)
+        np.testing.assert_allclose(fv, p if fv.ndim == 2 else p[:, 1], rtol=1e-6, atol=1e-12)
+        np.testing.assert_array_equal(f.predict(Xt, output="class"), est.predict(Xt))
+    else:
+        np.testing.assert_allclose(
+            f.predict(Xt),
+            est.predict(Xt).reshape(-1, f.num_outputs).squeeze(),
+            rtol=1e-6,
+            atol=1e-12,
+        )
+
+
+def test_sklearn_rejects_unsupported():
+    from sklearn.ensemble import RandomForestRegressor
+    from sklearn.linear_model import LinearRegression
+
+    X, score = _train_data(n=100, nan_frac=0, seed=1)
+    with pytest.raises(TypeError, match="estimator must be"):
+        Forest.from_sklearn(LinearRegression().fit(X, score))
+    with pytest.raises(ValueError, match="not fitted"):
+        Forest.from_sklearn(RandomForestRegressor())
+
+
+# ---------------------------------------------------------------------------- inputs and API
+
+
+@pytest.fixture(scope="module")
+def small_forest(xgb_models):
+    return xgb_models["multi:softprob"], Forest.from_xgboost(xgb_models["multi:softprob"])
+
+
+def test_input_kinds_give_the_same_answer(small_forest):
+    import pandas as pd
+    import pyarrow as pa
+    import torch
+
+    _b, f = small_forest
+    X = _edge_matrix({}, 257, seed=4)
+    ref = f.predict(X)
+    np.testing.assert_array_equal(f.predict(X.astype(np.float32)), ref)
+    np.testing.assert_array_equal(f.predict(torch.from_numpy(X)), ref)
+    df = pd.DataFrame(X, columns=[f"c{i}" for i in range(NF)])
+    np.testing.assert_array_equal(f.predict(df), ref)
+    np.testing.assert_array_equal(f.predict(pa.Table.from_pandas(df)), ref)
+    # strided (non-contiguous) views
+    big = np.zeros((257, 2 * NF))
+    big[:, ::2] = X
+    np.testing.assert_array_equal(f.predict(big[:, ::2]), ref)
+    np.testing.assert_array_equal(f.predict(np.asfortranarray(X)), ref)
+    # integer input is converted
+    Xi = np.arange(4 * NF).reshape(4, NF)
+    np.testing.assert_array_equal(f.predict(Xi), f.predict(Xi.astype(np.float64)))
+    # one row == the same row in a batch; zero rows
+    for i in (0, 5, 256):
+        np.testing.assert_array_equal(f.predict(X[i : i + 1]), ref[i : i + 1])
+    assert f.predict(X[:0]).shape == (0, 3)
+
+
+def test_out_parameter_and_shapes(small_forest):
+    _, f = small_forest
+    X = _edge_matrix({}, 50, seed=5).astype(np.float32)
+    out = np.empty((50, 3), np.float32)
+    res = f.predict(X, output="margin", out=out)
+    assert res is out
+    np.testing.assert_array_equal(out, f.predict(X, output="margin"))
+    with pytest.raises(ValueError, match="out must have shape"):
+        f.predict(X, out=np.empty((49, 3), np.float32))
+    with pytest.raises(TypeError, match="out must be float32"):
+        f.predict(X, out=np.empty((50, 3), np.float64))
+    cls = np.empty(50, np.int64)
+    assert f.predict(X, output="class", out=cls) is cls
+
+
+def test_bad_inputs_name_the_argument(small_forest):
+    _, f = small_forest
+    with pytest.raises(
+        ValueError, match=r"X must have 6 features \(columns\), got 2-D float64 \(3, 5\)"
+    ):
+        f.predict(np.zeros((3, 5)))
+    with pytest.raises(ValueError, match="X must be 2-D"):
+        f.predict(np.zeros(6))
+    with pytest.raises(TypeError, match="X must be numeric"):
+        f.predict(np.array([["a"] * 6]))
+    with pytest.raises(ValueError, match="output must be"):
+        f.predict(np.zeros((1, 6)), output="proba")
+    with pytest.raises(ValueError, match="device must be"):
+        f.predict(np.zeros((1, 6)), device="tpu")
+    reg = Forest.from_xgboost(
+        xgb.train({"nthread": 1}, xgb.DMatrix(np.zeros((4, 6)), np.arange(4.0)), 1)
+    )
+    with pytest.raises(ValueError, match="output='class' needs a classification model"):
+        reg.predict(np.zeros((1, 6)), output="class")
+    with pytest.raises(TypeError, match="Forest is built with"):
+        Forest(object())
+
+
+@pytest.mark.skipif(_core.forest_cuda_compiled(), reason="checks the CPU-only build's message")
+def test_cuda_device_without_cuda_build(small_forest):
+    _, f = small_forest
+    with pytest.raises(RuntimeError, match="needs fastml built with CUDA"):
+        f.predict(np.zeros((2, 6)), device="cuda")
+    # auto falls back to the CPU
+    np.testing.assert_array_equal(
+        f.predict(np.zeros((2, 6)), device="auto"), f.predict(np.zeros((2, 6)))
+    )
+
+
+def test_native_handler(small_forest):
+    _, f = small_forest
+    h = f._fastml_native_handler()
+    assert isinstance(h, _core.NativeHandler)
+    assert "multi:softprob" in h.handler_name and "24 trees" in h.handler_name
+
+
+def test_predict_releases_the_gil_and_is_thread_safe(xgb_models):
+    b = xgb_models["binary:logistic"]
+    f = Forest.from_xgboost(b)
+    X = _edge_matrix({}, 200_000, seed=6).astype(np.float32)
+    ref = f.predict(X[:1000])
+    ticks = []
+    done = threading.Event()
+
+    def ticker():
+        while not done.is_set():
+            ticks.append(1)
+
+    t = threading.Thread(target=ticker)
+    t.start()
+    try:
+        before = len(ticks)
+        res = f.predict(X)
+        during = len(ticks) - before
+    finally:
+        done.set()
+        t.join()
+    np.testing.assert_array_equal(res[:1000], ref)
+    assert during > 0  # the Python thread ran while the native predict held no GIL
+
+    results = {}
+
+    def work(i):
+        results[i] = f.predict(X[i * 1000 : (i + 1) * 1000])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    full = f.predict(X[:4000])
+    for i in range(4):
+        np.testing.assert_array_equal(results[i], full[i * 1000 : (i + 1) * 1000])
+
+
+def test_threads_do_not_change_results(xgb_models, lgb_models):
+    X = _edge_matrix({}, 3000, seed=8)
+    f1 = Forest.from_xgboost(xgb_models["multi:softprob"])
+    f2 = Forest.from_lightgbm(lgb_models["multiclass"])
+    old = fastml.get_num_threads()
+    try:
+        fastml.set_num_threads(1)
+        a1, a2 = f1.predict(X, output="margin"), f2.predict(X, output="margin")
+        fastml.set_num_threads(3)
+        np.testing.assert_array_equal(f1.predict(X, output="margin"), a1)
+        np.testing.assert_array_equal(f2.predict(X, output="margin"), a2)
+    finally:
+        fastml.set_num_threads(old)
+
+
+# ---------------------------------------------------------------------------- save / load
+
+
+def test_save_load_roundtrip(xgb_models, lgb_models, tmp_path):
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    X, score = _train_data(n=300, seed=1)
+    hgb = HistGradientBoostingClassifier(max_iter=5, categorical_features=[2]).fit(X, score > 0.3)
+    Xt = _edge_matrix({}, 400, seed=9)
+    for f in (
+        Forest.from_xgboost(xgb_models["binary:logistic"]),
+        Forest.from_lightgbm(lgb_models["multiclass"]),
+        Forest.from_sklearn(hgb),
+    ):
+        p = tmp_path / "f.fmlf"
+        f.save(p)
+        g = Forest.load(p)
+        assert (g.num_trees, g.num_features, g.num_outputs, g.objective) == (
+            f.num_trees,
+            f.num_features,
+            f.num_outputs,
+            f.objective,
+        )
+        for out in ("margin", "value", "class"):
+            np.testing.assert_array_equal(g.predict(Xt, output=out), f.predict(Xt, output=out))
+
+
+def test_load_rejects_corrupt_files(xgb_models, tmp_path):
+    f = Forest.from_xgboost(xgb_models["binary:logistic"])
+    data = f._core.to_bytes()
+    p = tmp_path / "f.fmlf"
+    cases = {
+        "bad magic": b"XXXXXXXX" + data[8:],
+        "unsupported fastml forest format version": data[:8] + b"\x09\x00\x00\x00" + data[12:],
+        "truncated": data[: len(data) // 2],
+        "checksum": data[:-9] + bytes([data[-9] ^ 0xFF]) + data[-8:],
+    }
+    for msg, blob in cases.items():
+        p.write_bytes(blob)
+        with pytest.raises(OSError, match=msg):
+            Forest.load(p)
+    with pytest.raises(FileNotFoundError):
+        Forest.load(tmp_path / "nope.fmlf")
+
+
+# ---------------------------------------------------------------------------- native validation
+
+
+def _tiny_spec(**over):
+    spec = {
+        "num_features": 2,
+        "num_outputs": 1,
+        "threshold_f64": False,
+        "accum_f64": False,
+        "link": 0,
+        "divisor": 1.0,
+        "divide_margin": True,
+        "cat_lo": 0.0,
+        "cat_hi": 2.0**31,
+        "cat_integral": False,
+        "objective": "t",
+        "metadata": "{}",
+        "tree_node_offsets": np.array([0, 3], np.int64),
+        "tree_group": np.array([0], np.int32),
+        "node_feature": np.array([1, -1, -1], np.int32),
+        "node_threshold": np.array([0.5, 0, 0], np.float64),
+        "node_left": np.array([1, -1, -1], np.int32),
+        "node_right": np.array([2, -1, -1], np.int32),
+        "node_flags": np.array([1 << 31, 0, 0], np.uint32),
+        "node_cat": np.array([-1, -1, -1], np.int32),
+        "cat_offsets": np.array([0], np.int64),
+        "cat_bits": np.zeros(0, np.uint32),
+        "leaf_values": np.array([0, -1.0, 2.0], np.float64),
+        "base_margin": np.array([0.25], np.float64),
+    }
+    spec.update(over)
+    return spec
+
+
+def test_native_builder_validates():
+    core = _core.ForestCore(_tiny_spec())
+    X = np.array(
+        [[0, 0.5], [0, np.nextafter(np.float32(0.5), np.float32(1))], [0, np.nan], [0, -np.inf]],
+        np.float32,
+    )
+    np.testing.assert_array_equal(
+        core.predict(X, False), np.array([-0.75, 2.25, -0.75, -0.75], np.float32)
+    )
+    bad = {
+        "feature 7": _tiny_spec(node_feature=np.array([7, -1, -1], np.int32)),
+        "outside the tree": _tiny_spec(node_left=np.array([5, -1, -1], np.int32)),
+        "one child only": _tiny_spec(node_right=np.array([-1, -1, -1], np.int32)),
+        "reached twice": _tiny_spec(
+            tree_node_offsets=np.array([0, 5], np.int64),
+            node_feature=np.array([0, 0, -1, -1, -1], np.int32),
+            node_threshold=np.zeros(5),
+            node_left=np.array([1, 2, -1, -1, -1], np.int32),
+            node_right=np.array([2, 3, -1, -1, -1], np.int32),
+            node_flags=np.zeros(5, np.uint32),
+            node_cat=np.full(5, -1, np.int32),
+            leaf_values=np.zeros(5),
+        ),
+        "NaN threshold": _tiny_spec(node_threshold=np.array([np.nan, 0, 0])),
+        "group 3": _tiny_spec(tree_group=np.array([3], np.int32)),
+        "leaf_values must have 3": _tiny_spec(leaf_values=np.zeros(2)),
+        "category set 0": _tiny_spec(
+            node_flags=np.array([1 << 30, 0, 0], np.uint32),
+            node_cat=np.array([0, -1, -1], np.int32),
+        ),
+        "num_features": _tiny_spec(num_features=0),
+        "base_margin": _tiny_spec(base_margin=np.zeros(2)),
+    }
+    for msg, spec in bad.items():
+        with pytest.raises(ValueError, match=msg):
+            _core.ForestCore(spec)
+
+
+# ---------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(xgb_models, lgb_models):
+    import torch
+
+    X = _edge_matrix({}, 5000, seed=12)
+    for f in (
+        Forest.from_xgboost(xgb_models["multi:softprob"]),
+        Forest.from_lightgbm(lgb_models["regression_zero_missing"]),
+        Forest.from_lightgbm(lgb_models["binary"]),
+    ):
+        for dt in (np.float32, np.float64):
+            Xd = X.astype(dt)
+            np.testing.assert_array_equal(
+                f.predict(Xd, output="margin", device="cuda"), f.predict(Xd, output="margin")
+            )
+            np.testing.assert_allclose(f.predict(Xd, device="cuda"), f.predict(Xd), rtol=1e-5)
+            t = torch.from_numpy(Xd).cuda()
+            res = f.predict(t, output="margin", device="auto")
+            assert res.is_cuda
+            np.testing.assert_array_equal(res.cpu().numpy(), f.predict(Xd, output="margin"))

@@ -1,0 +1,220 @@
+"""Fuzzing fastml.infer.Forest's parsers and loader: corrupt inputs raise clean
+Python errors (ValueError / TypeError / OSError), never crash or hang."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fastml import _core
+from fastml.infer import Forest, _ubjson
+
+xgb = pytest.importorskip("xgboost")
+lgb = pytest.importorskip("lightgbm")
+
+CLEAN_ERRORS = (ValueError, TypeError, OSError)
+_X = np.random.default_rng(0).normal(size=(64, 4))
+
+
+@pytest.fixture(scope="module")
+def models():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 4))
+    X[:, 3] = rng.integers(0, 6, 300)
+    y = (X[:, 0] + np.isin(X[:, 3], [1, 4]) > 0.5).astype(float)
+    b = xgb.train(
+        {"objective": "binary:logistic", "max_depth": 3, "nthread": 1}, xgb.DMatrix(X, y), 3
+    )
+    lb = lgb.train(
+        {
+            "objective": "binary",
+            "num_leaves": 6,
+            "verbose": -1,
+            "num_threads": 1,
+            "min_data_per_group": 5,
+        },
+        lgb.Dataset(X, y, categorical_feature=[3]),
+        3,
+    )
+    f = Forest.from_xgboost(b)
+    return {
+        "json": bytes(b.save_raw("json")),
+        "ubj": bytes(b.save_raw("ubj")),
+        "lgb": lb.model_to_string(),
+        "forest": f._core.to_bytes(),
+    }
+
+
+def _predict_ok(f: Forest) -> None:
+    # A forest that loaded must predict without crashing (values may be anything).
+    if f.num_features == 4:
+        f.predict(_X, output="margin")
+
+
+def _mutate(data: bytes, edits: list[tuple[int, int]], cut: int | None) -> bytes:
+    b = bytearray(data)
+    for pos, val in edits:
+        b[pos % len(b)] = val
+    if cut is not None:
+        b = b[: cut % (len(b) + 1)]
+    return bytes(b)
+
+
+EDITS = st.lists(st.tuples(st.integers(0, 1 << 30), st.integers(0, 255)), max_size=8)
+CUT = st.none() | st.integers(0, 1 << 30)
+FUZZ = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@FUZZ
+@given(edits=EDITS, cut=CUT)
+def test_fuzz_forest_load_bytes(models, edits, cut):
+    data = _mutate(models["forest"], edits, cut)
+    try:
+        core = _core.ForestCore.from_bytes(data)
+    except OSError:
+        return
+    _predict_ok(Forest(core))
+
+
+@FUZZ
+@given(edits=EDITS, cut=CUT)
+def test_fuzz_forest_payload_past_the_checksum(models, edits, cut):
+    """Mutate the payload and fix the checksum, so the validator itself is exercised."""
+    raw = bytearray(_mutate(models["forest"][32:], edits, cut))
+    h = 1469598103934665603
+    for byte in raw:
+        h = ((h ^ byte) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
+    header = bytearray(models["forest"][:32])
+    header[16:24] = len(raw).to_bytes(8, "little")
+    header[24:32] = h.to_bytes(8, "little")
+    try:
+        core = _core.ForestCore.from_bytes(bytes(header + raw))
+    except OSError:
+        return
+    _predict_ok(Forest(core))
+
+
+@FUZZ
+@given(data=st.binary(max_size=200))
+def test_fuzz_random_bytes_everywhere(data):
+    with pytest.raises(OSError):
+        _core.ForestCore.from_bytes(data)
+    try:
+        _ubjson.loads(data)
+    except ValueError:
+        pass
+    try:
+        Forest.from_xgboost(data)
+    except CLEAN_ERRORS:
+        pass
+
+
+@FUZZ
+@given(edits=EDITS, cut=CUT, which=st.sampled_from(["json", "ubj"]))
+def test_fuzz_xgboost_model_bytes(models, edits, cut, which):
+    data = _mutate(models[which], edits, cut)
+    try:
+        f = Forest.from_xgboost(data)
+    except CLEAN_ERRORS:
+        return
+    _predict_ok(f)
+
+
+def _json_mutations():
+    scalars = st.one_of(
+        st.integers(-5, 5),
+        st.integers(-(2**40), 2**40),
+        st.floats(allow_nan=True),
+        st.text(max_size=3),
+        st.none(),
+        st.just([]),
+    )
+    return st.lists(st.tuples(st.integers(0, 10_000), scalars), min_size=1, max_size=6)
+
+
+@FUZZ
+@given(muts=_json_mutations())
+def test_fuzz_xgboost_json_structure(models, muts):
+    """Replace values inside the parsed model (indices, sizes, categories) with junk."""
+    doc = json.loads(models["json"])
+    tree = doc["learner"]["gradient_booster"]["model"]["trees"][0]
+    keys = sorted(k for k, v in tree.items() if isinstance(v, list) and v)
+    for pos, val in muts:
+        arr = tree[keys[pos % len(keys)]]
+        arr[pos % len(arr)] = val
+    try:
+        f = Forest.from_xgboost(json.dumps(doc).encode())
+    except CLEAN_ERRORS:
+        return
+    _predict_ok(f)
+
+
+@FUZZ
+@given(
+    edits=st.lists(
+        st.tuples(st.integers(0, 1 << 30), st.sampled_from(list(b"0123456789-= \n.x"))), max_size=8
+    ),
+    cut=CUT,
+)
+def test_fuzz_lightgbm_text(models, tmp_path_factory, edits, cut):
+    text = _mutate(models["lgb"].encode(), edits, cut)
+    p = tmp_path_factory.mktemp("lgb") / "m.txt"
+    p.write_bytes(text)
+    try:
+        f = Forest.from_lightgbm(str(p))
+    except CLEAN_ERRORS:
+        return
+    _predict_ok(f)
+
+
+@FUZZ
+@given(
+    n=st.integers(1, 9),
+    left=st.lists(st.integers(-3, 10), min_size=9, max_size=9),
+    right=st.lists(st.integers(-3, 10), min_size=9, max_size=9),
+    feature=st.lists(st.integers(-2, 6), min_size=9, max_size=9),
+    flags=st.lists(
+        st.sampled_from([0, 1 << 31, 1 << 30, 1 << 29, (1 << 30) | (1 << 28)]),
+        min_size=9,
+        max_size=9,
+    ),
+    cat=st.lists(st.integers(-2, 2), min_size=9, max_size=9),
+)
+def test_fuzz_native_builder(n, left, right, feature, flags, cat):
+    spec = {
+        "num_features": 4,
+        "num_outputs": 1,
+        "threshold_f64": False,
+        "accum_f64": False,
+        "link": 1,
+        "divisor": 1.0,
+        "divide_margin": True,
+        "cat_lo": 0.0,
+        "cat_hi": 2.0**31,
+        "cat_integral": False,
+        "objective": "fuzz",
+        "metadata": "{}",
+        "tree_node_offsets": np.array([0, n], np.int64),
+        "tree_group": np.array([0], np.int32),
+        "node_feature": np.array(feature[:n], np.int32),
+        "node_threshold": np.linspace(-1, 1, n),
+        "node_left": np.array(left[:n], np.int32),
+        "node_right": np.array(right[:n], np.int32),
+        "node_flags": np.array(flags[:n], np.uint32),
+        "node_cat": np.array(cat[:n], np.int32),
+        "cat_offsets": np.array([0, 1], np.int64),
+        "cat_bits": np.array([0b1010], np.uint32),
+        "leaf_values": np.arange(n, dtype=np.float64),
+        "base_margin": np.zeros(1),
+    }
+    try:
+        core = _core.ForestCore(spec)
+    except ValueError:
+        return
+    res = core.predict(np.array([[0.5, np.nan, 3.0, -1.0], [1.0, 2.0, np.inf, 5.0]]), False)
+    assert res.shape == (2,)
+    assert np.all(np.isin(res, np.arange(n)))  # every walk ends on a leaf of this tree
