@@ -1,0 +1,88 @@
+#include "data/gather.hpp"
+
+#include <cstring>
+#include <limits>
+
+#include "common/errors.hpp"
+
+namespace fastml::data {
+
+namespace {
+
+void check_indices(const int64_t* indices, int64_t n, int64_t rows) {
+  for (int64_t k = 0; k < n; ++k) {
+    if (static_cast<uint64_t>(indices[k]) >= static_cast<uint64_t>(rows)) {
+      fail<std::out_of_range>("row index ", indices[k], " out of range for ", rows, " rows");
+    }
+  }
+}
+
+// Plain copy: one memcpy per row, with fixed sizes for the common widths so
+// the compiler emits straight loads and stores.
+template <size_t W>
+void copy_fixed(const char* src, const int64_t* idx, int64_t n, char* dst) {
+  for (int64_t k = 0; k < n; ++k) std::memcpy(dst + k * W, src + idx[k] * W, W);
+}
+
+void copy_rows(const char* src, int64_t row_bytes, const int64_t* idx, int64_t n, char* dst) {
+  switch (row_bytes) {
+    case 1: return copy_fixed<1>(src, idx, n, dst);
+    case 2: return copy_fixed<2>(src, idx, n, dst);
+    case 4: return copy_fixed<4>(src, idx, n, dst);
+    case 8: return copy_fixed<8>(src, idx, n, dst);
+    case 16: return copy_fixed<16>(src, idx, n, dst);
+    case 32: return copy_fixed<32>(src, idx, n, dst);
+    case 64: return copy_fixed<64>(src, idx, n, dst);
+    case 128: return copy_fixed<128>(src, idx, n, dst);
+    default:
+      for (int64_t k = 0; k < n; ++k) {
+        std::memcpy(dst + k * row_bytes, src + idx[k] * row_bytes, static_cast<size_t>(row_bytes));
+      }
+  }
+}
+
+template <typename In, typename Out>
+void transform_rows(const GatherColumn& col, const int64_t* idx, int64_t n, Out* dst) {
+  const int64_t m = col.src.row_elements();
+  const In* src = static_cast<const In*>(col.src.data);
+  const auto& ops = col.plan.ops;
+  for (int64_t k = 0; k < n; ++k) {
+    const In* row = src + idx[k] * m;
+    Out* out = dst + k * m;
+    for (int64_t e = 0; e < m; ++e) {
+      double x = load_as_double(row[e]);
+      for (const TransformOp& op : ops) {
+        switch (op.kind) {
+          case OpKind::FillNa: x = fill_na(x, op.a); break;
+          case OpKind::Standardize: {
+            const size_t j = op.mean.size() == 1 ? 0 : static_cast<size_t>(e);
+            x = standardize(x, op.mean[j], op.scale[j]);
+            break;
+          }
+          case OpKind::Clip: x = clip(x, op.a, op.b); break;
+        }
+      }
+      out[e] = store_as<Out>(x);
+    }
+  }
+}
+
+}  // namespace
+
+void gather_rows(const GatherColumn& col, const int64_t* indices, int64_t n, void* dst) {
+  check_indices(indices, n, col.src.shape[0]);
+  if (col.plan.empty() && col.out_dtype == col.src.dtype) {
+    copy_rows(static_cast<const char*>(col.src.data), col.src.row_bytes(), indices, n,
+              static_cast<char*>(dst));
+    return;
+  }
+  dispatch_dtype(col.src.dtype, [&](auto in_tag) {
+    using In = typename decltype(in_tag)::type;
+    dispatch_dtype(col.out_dtype, [&](auto out_tag) {
+      using Out = typename decltype(out_tag)::type;
+      transform_rows<In, Out>(col, indices, n, static_cast<Out*>(dst));
+    });
+  });
+}
+
+}  // namespace fastml::data

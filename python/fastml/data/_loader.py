@@ -1,0 +1,590 @@
+"""The Loader: batches of a Dataset, in a deterministic, resumable, sharded order."""
+
+from __future__ import annotations
+
+import json
+import queue
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fastml import _core
+from fastml.data._sources import arrow_column, open_parquet
+from fastml.data._transforms import column_plan
+
+if TYPE_CHECKING:
+    from fastml.data import Dataset
+
+_STATE_VERSION = 1
+
+
+def _check_int(name: str, value: Any, lo: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {value}")
+    return int(value)
+
+
+def _distributed_defaults() -> tuple[int, int]:
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return int(dist.get_rank()), int(dist.get_world_size())
+    return 0, 1
+
+
+class Loader:
+    """Shuffled, batched, prefetched batches of a :class:`~fastml.data.Dataset`.
+
+    Parameters
+    ----------
+    dataset: the columns to load.
+    batch_size: rows per batch (the last one may be smaller unless ``drop_last``).
+    shuffle: a new random order every epoch (full permutation for random-access
+        data, block shuffle for Parquet); ``False`` reads rows in order.
+    seed: with the epoch, determines the order.
+    drop_last: drop the final incomplete batch.
+    num_threads: at most this many batches are gathered at once on fastml's shared
+        pool (default: the pool's size). Never changes the batches.
+    prefetch: batches gathered ahead of the consumer (>= 1).
+    rank, world_size: this process's shard; default to torch.distributed's when it
+        is initialised, else 0 and 1.
+    device: ``"cpu"`` or ``"cuda"``/``"cuda:N"`` (torch CUDA tensors, copied from
+        pinned staging buffers on a dedicated stream).
+    output: ``"numpy"`` (dict of NumPy arrays) or ``"torch"`` (dict of tensors).
+    transforms: ``{column: [FillNa(...), Standardize(...), Clip(...), Cast(...)]}``,
+        applied in the native gather.
+    shuffle_buffer: Parquet only: rows shuffled together (whole row groups are
+        added until this many are buffered; default ``max(65536, 8 * batch_size)``).
+
+    Iterating yields the remaining batches of the current epoch; when an epoch is
+    exhausted the loader moves to the next one. ``state_dict()`` records the
+    position, ``load_state_dict()`` resumes at the next batch.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int = 1024,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        num_threads: int | None = None,
+        prefetch: int = 4,
+        rank: int | None = None,
+        world_size: int | None = None,
+        device: str = "cpu",
+        output: str = "numpy",
+        transforms: Mapping[str, Any] | None = None,
+        shuffle_buffer: int | None = None,
+    ) -> None:
+        from fastml.data import Dataset
+
+        if not isinstance(dataset, Dataset):
+            raise TypeError(f"dataset must be a fastml.data.Dataset, got {type(dataset).__name__}")
+        self._dataset = dataset
+        self._batch_size = _check_int("batch_size", batch_size, 1)
+        self._shuffle = bool(shuffle)
+        self._seed = _check_int("seed", seed, 0)
+        self._drop_last = bool(drop_last)
+        pool = _core.get_num_threads()
+        self._max_running = (
+            pool if num_threads is None else _check_int("num_threads", num_threads, 1)
+        )
+        self._prefetch = _check_int("prefetch", prefetch, 1)
+        d_rank, d_world = _distributed_defaults()
+        self._world_size = (
+            d_world if world_size is None else _check_int("world_size", world_size, 1)
+        )
+        self._rank = (
+            (d_rank if world_size is None else 0) if rank is None else _check_int("rank", rank, 0)
+        )
+        if self._rank >= self._world_size:
+            raise ValueError(
+                f"rank must be in [0, world_size={self._world_size}), got {self._rank}"
+            )
+        if output not in ("numpy", "torch"):
+            raise ValueError(f"output must be 'numpy' or 'torch', got {output!r}")
+        self._output = output
+        self._device = self._check_device(device)
+        if transforms is None:
+            transforms = {}
+        if not isinstance(transforms, Mapping):
+            raise TypeError(f"transforms must be a dict of lists, got {type(transforms).__name__}")
+        unknown = [c for c in transforms if c not in dataset.schema]
+        if unknown:
+            raise KeyError(
+                f"transforms name unknown columns {unknown} (dataset has {dataset.columns})"
+            )
+        specs = [
+            column_plan(n, info.dtype, info.shape, transforms.get(n))
+            for n, info in dataset.schema.items()
+        ]
+        self._out_schema = {s[0]: (np.dtype(s[3]), tuple(s[2])) for s in specs}
+        if shuffle_buffer is None:
+            shuffle_buffer = max(65536, 8 * self._batch_size)
+        self._shuffle_buffer = _check_int("shuffle_buffer", shuffle_buffer, 1)
+        # Buffers in use by the consumer are never recycled; the pool only
+        # remembers this many per column for reuse.
+        self._plan = _core.DataGatherPlan(specs, self._prefetch + 4)
+        self._engine: Any = None
+        if not dataset.is_streamed:
+            arrays = [a for _, a in dataset._iter_columns()]
+            self._engine = _core.DataEngine(
+                self._plan, arrays, self._batch_size, self._prefetch, self._max_running
+            )
+        self._stager: Any = None
+        if self._device != "cpu":
+            self._stager = _CudaStager(self._device, self._prefetch)
+        self._epoch = 0
+        self._position = 0  # batches of the current epoch handed out
+        self._active: _Stream | None = None
+        self._closed = False
+        self._py_stats = {
+            "wait_seconds": 0.0,
+            "worker_seconds": 0.0,
+            "batches": 0,
+            "rows": 0,
+            "bytes": 0,
+        }
+
+    # ------------------------------------------------------------ configuration
+
+    def _check_device(self, device: Any) -> str:
+        dev = str(device)
+        if dev == "cpu":
+            return dev
+        if dev == "cuda" or dev.startswith("cuda:"):
+            if not _core.build_info()["cuda"]:
+                raise RuntimeError(
+                    f"device={dev!r} needs fastml built with CUDA (FASTML_CUDA=ON); this build is CPU-only"
+                )
+            import torch
+
+            if not torch.cuda.is_available():
+                raise RuntimeError(f"device={dev!r} but torch sees no CUDA device")
+            return dev
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+    @property
+    def dataset(self) -> Dataset:
+        """The dataset this loader reads."""
+        return self._dataset
+
+    @property
+    def batch_size(self) -> int:
+        """Rows per batch."""
+        return self._batch_size
+
+    @property
+    def epoch(self) -> int:
+        """The epoch that iteration continues in."""
+        return self._epoch
+
+    def rows_per_rank(self) -> int:
+        """Rows this rank reads per epoch (after padding or truncation to the world size)."""
+        n, w = len(self._dataset), self._world_size
+        return (n // w) if self._drop_last else -(-n // w)
+
+    def __len__(self) -> int:
+        """Batches in one epoch for this rank (the same on every rank)."""
+        rows, b = self.rows_per_rank(), self._batch_size
+        return rows // b if self._drop_last else -(-rows // b)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch ``epoch`` from its first batch at the next iteration."""
+        self._epoch = _check_int("epoch", epoch, 0)
+        self._position = 0
+        self._stop_active()
+
+    # ------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position as a small JSON-serialisable dict (continue with load_state_dict)."""
+        return {
+            "version": _STATE_VERSION,
+            "epoch": self._epoch,
+            "batches_consumed": self._position,
+            "seed": self._seed,
+            "shuffle": self._shuffle,
+            "batch_size": self._batch_size,
+            "drop_last": self._drop_last,
+            "rank": self._rank,
+            "world_size": self._world_size,
+            "num_rows": len(self._dataset),
+            "shuffle_buffer": self._shuffle_buffer if self._dataset.is_streamed else None,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from ``state_dict()``: the next batch is the one after those consumed.
+
+        The loader must be configured as the one that produced ``state`` (same
+        dataset size, seed, shuffle, batch_size, drop_last, rank, world_size);
+        ValueError names the first setting that differs.
+        """
+        if isinstance(state, (str, bytes)):
+            state = json.loads(state)
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(
+                f"state has version {state.get('version')!r}, expected {_STATE_VERSION}"
+            )
+        mine = self.state_dict()
+        for key in (
+            "seed",
+            "shuffle",
+            "batch_size",
+            "drop_last",
+            "rank",
+            "world_size",
+            "num_rows",
+            "shuffle_buffer",
+        ):
+            if state.get(key) != mine[key]:
+                raise ValueError(
+                    f"state {key}={state.get(key)!r} does not match this loader's {key}={mine[key]!r}"
+                )
+        epoch = _check_int("state['epoch']", state.get("epoch"), 0)
+        pos = _check_int("state['batches_consumed']", state.get("batches_consumed"), 0)
+        if pos > len(self):
+            raise ValueError(f"state['batches_consumed'] must be <= {len(self)}, got {pos}")
+        self._stop_active()
+        self._epoch, self._position = epoch, pos
+
+    # ------------------------------------------------------------ iteration
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self._closed:
+            raise RuntimeError("the loader is closed")
+        self._stop_active()
+        if self._position >= len(self):
+            self._epoch += 1
+            self._position = 0
+        stream = self._open_stream()
+        self._active = stream
+        return self._run(stream)
+
+    def _open_stream(self) -> _Stream:
+        if self._engine is not None:
+            return _EngineStream(self)
+        return _ParquetStream(self)
+
+    def _run(self, stream: _Stream) -> Iterator[dict[str, Any]]:
+        try:
+            convert = self._convert
+            while True:
+                batch = stream.next()
+                if batch is None:
+                    break
+                self._position += 1
+                yield batch if convert is None else convert(batch)
+            if self._active is stream:
+                self._epoch += 1
+                self._position = 0
+        finally:
+            stream.close()
+            if self._active is stream:
+                self._active = None
+
+    @property
+    def _convert(self) -> Any:
+        if self._stager is not None:
+            return self._stager.to_device
+        if self._output == "torch":
+            import torch
+
+            return lambda b: {k: torch.from_numpy(v) for k, v in b.items()}
+        return None
+
+    def _stop_active(self) -> None:
+        if self._active is not None:
+            self._active.close()
+            self._active = None
+
+    def stats(self) -> dict[str, Any]:
+        """Batches, rows and bytes produced; seconds the consumer waited for batches
+        (``wait_seconds``: high means loader-bound) and seconds workers spent
+        producing them (``worker_seconds``); buffer allocations and reuses."""
+        if self._engine is not None:
+            s = dict(self._engine.stats())
+        else:
+            s = dict(self._py_stats)
+            s["buffers_allocated"] = self._plan.buffers_allocated()
+            s["buffers_reused"] = self._plan.buffers_reused()
+        s["epoch"] = self._epoch
+        s["batches_consumed"] = self._position
+        if self._stager is not None:
+            s.update(self._stager.stats())
+        return s
+
+    def close(self) -> None:
+        """Stop the workers and free the batch buffers (batches still referenced stay valid)."""
+        self._stop_active()
+        if self._stager is not None:
+            self._stager.close()
+        self._closed = True
+
+    def __enter__(self) -> Loader:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self._stop_active()
+        except Exception:
+            pass
+
+
+class _Stream:
+    def next(self) -> dict[str, np.ndarray] | None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class _EngineStream(_Stream):
+    """Random-access datasets: the native engine does everything."""
+
+    def __init__(self, loader: Loader) -> None:
+        self._engine = loader._engine
+        self._engine.start(
+            loader._shuffle,
+            loader._seed,
+            loader._epoch,
+            loader._rank,
+            loader._world_size,
+            loader._drop_last,
+            loader._position,
+        )
+        self.next = self._engine.next  # type: ignore[method-assign]
+
+    def close(self) -> None:
+        self._engine.stop()
+
+
+class _ParquetStream(_Stream):
+    """Parquet: a producer thread decodes row groups (pyarrow releases the GIL
+    while decoding), shuffles them in windows and gathers batches natively.
+
+    A dedicated thread is the design here: decoding is pyarrow's work, driven
+    from Python, and must overlap with the consumer.
+    """
+
+    _DONE = object()
+
+    def __init__(self, loader: Loader) -> None:
+        self._loader = loader
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=loader._prefetch)
+        self._stop = threading.Event()
+        self._stats = loader._py_stats
+        self._thread = threading.Thread(
+            target=self._produce, name="fastml-data-parquet", daemon=True
+        )
+        self._thread.start()
+
+    def next(self) -> dict[str, np.ndarray] | None:
+        t0 = time.perf_counter()
+        item = self._queue.get()
+        self._stats["wait_seconds"] += time.perf_counter() - t0
+        if item is self._DONE:
+            self._queue.put(self._DONE)
+            return None
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        self._stats["batches"] += 1
+        n = next(iter(item.values())).shape[0]
+        self._stats["rows"] += n
+        self._stats["bytes"] += sum(v.nbytes for v in item.values())
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self._thread.join()
+        while not self._queue.empty():
+            self._queue.get_nowait()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        try:
+            t0 = time.perf_counter()
+            spent = [0.0]
+            for batch in _parquet_batches(self._loader, self._stop, spent):
+                self._stats["worker_seconds"] += time.perf_counter() - t0 - spent[0]
+                if not self._put(batch):
+                    return
+                t0 = time.perf_counter()
+                spent[0] = 0.0
+            self._put(self._DONE)
+        except BaseException as e:
+            self._put(e)
+
+
+def parquet_epoch_layout(
+    row_counts: list[int], shuffle: bool, seed: int, epoch: int, buffer_rows: int
+) -> list[list[int]]:
+    """Windows of an epoch: lists of row-group numbers whose rows are shuffled together.
+
+    Row groups are visited in a permuted order (stream 1 of the epoch's generator)
+    and grouped consecutively until each window holds at least ``buffer_rows`` rows.
+    """
+    order = (
+        _core.data_permutation(len(row_counts), seed, epoch, 1)
+        if shuffle
+        else range(len(row_counts))
+    )
+    windows: list[list[int]] = []
+    cur: list[int] = []
+    rows = 0
+    for g in order:
+        cur.append(int(g))
+        rows += row_counts[int(g)]
+        if rows >= buffer_rows:
+            windows.append(cur)
+            cur, rows = [], 0
+    if cur:
+        windows.append(cur)
+    return windows
+
+
+def _parquet_batches(
+    loader: Loader, stop: threading.Event, spent: list[float]
+) -> Iterator[dict[str, np.ndarray]]:
+    """Yields this rank's batches of the current epoch from the current position."""
+    ds = loader._dataset
+    rgs = ds._row_groups
+    n = len(ds)
+    w, r, bsz = loader._world_size, loader._rank, loader._batch_size
+    total = (n // w) * w if loader._drop_last else -(-n // w) * w  # positions incl. padding
+    per_rank = total // w
+    num_batches = len(loader)
+    if loader._position >= num_batches:
+        return
+    windows = parquet_epoch_layout(
+        [g.rows for g in rgs], loader._shuffle, loader._seed, loader._epoch, loader._shuffle_buffer
+    )
+    starts = np.cumsum([0] + [sum(rgs[g].rows for g in win) for win in windows])
+    plan = loader._plan
+    names = list(ds.schema)
+    files: dict[int, Any] = {}
+    # This rank reads stream entries [first, last) of positions r, r + w, ...
+    first = loader._position * bsz
+    last = min(num_batches * bsz, per_rank)
+
+    def window_rows(wi: int) -> tuple[list[np.ndarray], np.ndarray]:
+        import pyarrow as pa
+
+        tables = []
+        for g in windows[wi]:
+            rg = rgs[g]
+            path = ds._files[rg.file]
+            if rg.file not in files:
+                files[rg.file] = open_parquet(path)
+            try:
+                tables.append(
+                    files[rg.file].read_row_group(rg.index, columns=names, use_threads=True)
+                )
+            except (pa.ArrowException, OSError) as e:
+                raise OSError(f"{path!r}: cannot read row group {rg.index}: {e}") from None
+        table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        arrays = [arrow_column(c, table.column(c)) for c in names]
+        for c, a in zip(names, arrays):
+            if a.shape[1:] != ds.schema[c].shape or a.dtype != ds.schema[c].dtype:
+                raise OSError(f"{ds._files[rgs[windows[wi][0]].file]!r}: column '{c}' changed type")
+        m = int(starts[wi + 1] - starts[wi])
+        perm = (
+            _core.data_permutation(m, loader._seed, loader._epoch, 2 + wi)
+            if loader._shuffle
+            else np.arange(m, dtype=np.int64)
+        )
+        return arrays, perm
+
+    outs: list[np.ndarray] | None = None
+    filled = 0
+    emitted = loader._position
+
+    def flush(rows: int) -> dict[str, np.ndarray]:
+        assert outs is not None
+        return {c: o[:rows] for c, o in zip(names, outs)}
+
+    # Stream entry k is global position p = r + k * w; positions >= n wrap to p - n (padding).
+    k = first
+    while k < last and not stop.is_set():
+        p = r + k * w
+        q = p % n
+        wi = int(np.searchsorted(starts, q, side="right") - 1)
+        arrays, perm = window_rows(wi)
+        lo, hi = int(starts[wi]), int(starts[wi + 1])
+        # Entries k..k_end-1 fall in this window (for wrapped positions, only up to the pad end).
+        base = p - q  # 0, or n for padding
+        k_end = min(last, (base + hi - r + w - 1) // w)
+        ks = np.arange(k, k_end, dtype=np.int64)
+        local = (r + ks * w) - base - lo
+        idx = perm[local]
+        pos = 0
+        while pos < idx.size:
+            if outs is None:
+                outs = plan.acquire(bsz)
+                filled = 0
+            take = min(bsz - filled, idx.size - pos)
+            plan.gather(arrays, idx[pos : pos + take], outs, filled)
+            filled += take
+            pos += take
+            if filled == bsz:
+                batch = flush(bsz)
+                outs = None
+                emitted += 1
+                yield batch
+                if stop.is_set():
+                    return
+        k = k_end
+    if outs is not None and filled and emitted < num_batches:
+        yield flush(filled)
+
+
+class _CudaStager:
+    """Copies CPU batches to the GPU: pinned staging, a dedicated stream, events."""
+
+    def __init__(self, device: str, slots: int) -> None:
+        import torch
+
+        self._torch = torch
+        self._device = torch.device(device)
+        self._native = _core.DataCudaStager(self._device.index or 0, slots + 2)
+
+    def to_device(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        torch = self._torch
+        outs = {
+            k: torch.empty(v.shape, dtype=getattr(torch, v.dtype.name), device=self._device)
+            for k, v in batch.items()
+        }
+        stream = torch.cuda.current_stream(self._device).cuda_stream
+        self._native.copy(list(batch.values()), [t.data_ptr() for t in outs.values()], stream)
+        return outs
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self._native.stats())
+
+    def close(self) -> None:
+        self._native.close()
