@@ -40,6 +40,21 @@ FASTML_HD inline double clip(double x, double lo, double hi) {
   return x < lo ? lo : (x > hi ? hi : x);
 }
 
+// double -> float rounded to odd: an inexact result gets an odd last bit.
+// float's 13 spare bits then make float -> half round exactly as a direct
+// double -> half rounding would (no double-rounding error).
+FASTML_HD inline float round_to_odd_float(double x) {
+  float f = static_cast<float>(x);
+  if (static_cast<double>(f) == x || x != x) return f;
+  uint32_t bits = f32_bits(f);
+  if ((bits & 1u) == 0) {
+    // Step one ulp toward x: up in magnitude when |f| < |x|, down otherwise.
+    const bool below = (bits >> 31) ? (static_cast<double>(f) > x) : (static_cast<double>(f) < x);
+    bits = below ? bits + 1 : bits - 1;
+  }
+  return f32_from_bits(bits);
+}
+
 // Stores a double as T: floats round to nearest (as NumPy's astype); integers
 // truncate toward zero, saturating at T's range, with NaN stored as 0.
 template <typename T>
@@ -47,7 +62,7 @@ FASTML_HD inline T store_as(double x) {
   if constexpr (std::is_same_v<T, bool>) {
     return x != 0.0;
   } else if constexpr (std::is_same_v<T, float16>) {
-    return float16(static_cast<float>(x));
+    return float16(round_to_odd_float(x));
   } else if constexpr (std::is_floating_point_v<T>) {
     return static_cast<T>(x);
   } else {

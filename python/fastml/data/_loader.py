@@ -509,7 +509,7 @@ def _parquet_batches(
                 raise OSError(f"{path!r}: cannot read row group {rg.index}: {e}") from None
         table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
         arrays = [arrow_column(c, table.column(c)) for c in names]
-        for c, a in zip(names, arrays):
+        for c, a in zip(names, arrays, strict=True):
             if a.shape[1:] != ds.schema[c].shape or a.dtype != ds.schema[c].dtype:
                 raise OSError(f"{ds._files[rgs[windows[wi][0]].file]!r}: column '{c}' changed type")
         m = int(starts[wi + 1] - starts[wi])
@@ -526,7 +526,7 @@ def _parquet_batches(
 
     def flush(rows: int) -> dict[str, np.ndarray]:
         assert outs is not None
-        return {c: o[:rows] for c, o in zip(names, outs)}
+        return {c: o[:rows] for c, o in zip(names, outs, strict=True)}
 
     # Stream entry k is global position p = r + k * w; positions >= n wrap to p - n (padding).
     k = first
