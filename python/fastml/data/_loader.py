@@ -145,6 +145,7 @@ class Loader:
         self._active: _Stream | None = None
         self._closed = False
         self._py_stats = {
+            "row_groups_read": 0,
             "wait_seconds": 0.0,
             "worker_seconds": 0.0,
             "batches": 0,
@@ -505,6 +506,7 @@ def _parquet_batches(
                 tables.append(
                     files[rg.file].read_row_group(rg.index, columns=names, use_threads=True)
                 )
+                loader._py_stats["row_groups_read"] += 1
             except (pa.ArrowException, OSError) as e:
                 raise OSError(f"{path!r}: cannot read row group {rg.index}: {e}") from None
         table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
