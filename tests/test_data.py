@@ -614,12 +614,20 @@ def test_cuda_device_without_cuda_build_is_a_clear_error():
         data.Loader(_arange_dataset(10), device="cuda")
 
 
-def test_worker_errors_surface_in_the_consumer_thread():
-    # A gather fails on a pool thread (index out of range in the native plan);
-    # the error is raised by next() on the calling thread and stops the epoch.
+def test_native_gather_errors_are_clear():
     plan = _core.DataGatherPlan([("x", "float32", [], "float32", [])], 4)
-    outs = plan.acquire(4)
-    with pytest.raises(IndexError, match=r"row index 10 out of range for 3 rows"):
-        plan.gather([np.zeros(3, np.float32)], np.array([0, 10], np.int64), outs, 0)
-    with pytest.raises(ValueError, match=r"offset"):
-        plan.gather([np.zeros(3, np.float32)], np.array([0, 1], np.int64), outs, 3)
+    src = plan.bind([np.zeros(3, np.float32)])
+    batch = _core.DataBatch(plan, 4)
+    with pytest.raises(IndexError, match="row index 10 out of range for 3 rows"):
+        batch.fill(src, np.array([0, 10], np.int64), 0)
+    with pytest.raises(ValueError, match="offset"):
+        batch.fill(src, np.array([0, 1], np.int64), 3)
+    with pytest.raises(ValueError, match="x must have 3 rows"):
+        _core.DataGatherPlan(
+            [("x", "float32", [], "float32", []), ("y", "int8", [], "int8", [])], 2
+        ).bind([np.zeros(3, np.float32), np.zeros(4, np.int8)])
+    other = _core.DataGatherPlan([("x", "float64", [2], "float64", [])], 4).bind([np.zeros((3, 2))])
+    with pytest.raises(ValueError, match="sources"):
+        batch.fill(other, np.array([0], np.int64), 0)
+    batch.fill(src, np.array([2, 0, 1], np.int64), 1)
+    assert batch.finish(4)["x"].shape == (4,)

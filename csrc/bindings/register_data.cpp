@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <deque>
 #include <memory>
 #include <string>
 #include <vector>
@@ -13,6 +14,7 @@
 #include "bindings/registry.hpp"
 #include "common/errors.hpp"
 #include "common/thread_pool.hpp"
+#include "cuda/data_copy.hpp"
 #include "data/loader.hpp"
 #include "data/shuffle.hpp"
 
@@ -94,6 +96,7 @@ class GatherPlan {
       cols_.push_back(std::move(c));
     }
     allocator_ = std::make_shared<data::PoolAllocator>(cols_.size(), pool_capacity);
+    cache_python_objects();
   }
 
   const std::vector<ColumnPlan>& columns() const { return cols_; }
@@ -131,20 +134,21 @@ class GatherPlan {
   }
 
   // Batch b as a dict of NumPy arrays sharing the batch's buffers.
-  py::dict to_dict(const data::Batch& b, int64_t row_offset = 0) const {
+  py::dict to_dict(const data::Batch& b) const {
     py::dict d;
     for (size_t c = 0; c < cols_.size(); ++c) {
-      std::vector<int64_t> shape{b.rows};
-      shape.insert(shape.end(), cols_[c].row_shape.begin(), cols_[c].row_shape.end());
-      d[py::str(cols_[c].name)] = to_numpy(b.buffers[c], cols_[c].out_dtype, shape);
+      const ColumnPlan& col = cols_[c];
+      std::vector<py::ssize_t> shape{static_cast<py::ssize_t>(b.rows)};
+      shape.insert(shape.end(), col.row_shape.begin(), col.row_shape.end());
+      auto* holder = new BufferPtr(b.buffers[c]);
+      py::capsule owner(holder, [](void* p) { delete static_cast<BufferPtr*>(p); });
+      d[names_[c]] = py::array(dtypes_[c], shape, (*holder)->data(), owner);
     }
     return d;
   }
 
-  // A batch with room for `capacity` rows, as a list of writable arrays.
-  py::list acquire(int64_t capacity) const {
-    FASTML_CHECK_ARG(capacity > 0, "capacity", "must be > 0, got ", capacity);
-    data::Batch b;
+  // Row shapes and output dtypes, for allocating batches outside the engine.
+  std::vector<GatherColumn> out_shapes() const {
     std::vector<GatherColumn> shapes(cols_.size());
     for (size_t c = 0; c < cols_.size(); ++c) {
       shapes[c].src.ndim = static_cast<int>(cols_[c].row_shape.size()) + 1;
@@ -152,55 +156,88 @@ class GatherPlan {
         shapes[c].src.shape[d + 1] = cols_[c].row_shape[d];
       shapes[c].out_dtype = cols_[c].out_dtype;
     }
-    allocator_->acquire(b, shapes, capacity);
-    b.rows = capacity;
-    py::list out;
-    py::dict d = to_dict(b);
-    for (const auto& c : cols_) out.append(d[py::str(c.name)]);
-    return out;
+    return shapes;
   }
 
-  // outs[c][offset : offset + len(indices)] = transform(arrays[c][indices]).
-  void gather(const py::list& arrays, const py::handle& indices, const py::list& outs,
-              int64_t offset) const {
-    std::vector<BoundArray> keep;
-    int64_t n = 0;
-    auto srcs = bind_sources(arrays, keep, &n);
+  void cache_python_objects() {
+    for (const auto& c : cols_) {
+      names_.push_back(py::str(c.name));
+      dtypes_.push_back(numpy_dtype(c.out_dtype));
+    }
+  }
+
+ private:
+  std::vector<ColumnPlan> cols_;
+  std::vector<py::str> names_;  // cached: building a batch dict costs no lookups
+  std::vector<py::dtype> dtypes_;
+  std::shared_ptr<data::PoolAllocator> allocator_;
+};
+
+// Source columns bound once (e.g. one Parquet shuffle window), for many gathers.
+struct DataSources {
+  std::vector<BoundArray> keep;
+  std::vector<GatherColumn> cols;
+  int64_t num_rows = 0;
+};
+
+// A batch being filled outside the engine (the Parquet reader): pooled
+// buffers, filled by gathers from one or more DataSources, then handed out.
+class DataBatch {
+ public:
+  DataBatch(std::shared_ptr<GatherPlan> plan, int64_t capacity) : plan_(std::move(plan)) {
+    FASTML_CHECK_ARG(capacity > 0, "capacity", "must be > 0, got ", capacity);
+    plan_->allocator()->acquire(batch_, plan_->out_shapes(), capacity);
+    capacity_ = capacity;
+  }
+
+  int64_t capacity() const { return capacity_; }
+
+  // Rows [offset, offset + len(indices)) <- transform(sources rows `indices`).
+  void fill(const DataSources& src, const py::handle& indices, int64_t offset) {
     ArraySpec ispec;
     ispec.ndim = 1;
     ispec.dtypes = {DType::I64};
     BoundArray idx = bind_array(indices, "indices", ispec);
     const int64_t k = idx.view.shape[0];
-    FASTML_CHECK_ARG(outs.size() == cols_.size(), "outs", "must hold ", cols_.size(),
-                     " arrays, got ", outs.size());
-    std::vector<BoundArray> dsts;
-    std::vector<char*> ptrs;
-    for (size_t c = 0; c < cols_.size(); ++c) {
-      ArraySpec ospec;
-      ospec.ndim = static_cast<int>(cols_[c].row_shape.size()) + 1;
-      ospec.dtypes = {cols_[c].out_dtype};
-      ospec.layout = Layout::Contiguous;
-      ospec.writable = true;
-      dsts.push_back(bind_array(outs[c], "outs", ospec));
-      const ArrayView& v = dsts.back().view;
-      FASTML_CHECK_ARG(offset >= 0 && offset + k <= v.shape[0], "offset", "must leave room for ", k,
-                       " rows in a batch of ", v.shape[0], ", got ", offset);
-      ptrs.push_back(static_cast<char*>(v.data) + offset * srcs[c].out_row_bytes());
-    }
+    FASTML_CHECK_ARG(offset >= 0 && offset + k <= capacity_, "offset", "must leave room for ", k,
+                     " rows in a batch of ", capacity_, ", got ", offset);
     const int64_t* ip = idx.view.as<int64_t>();
-    // Every Python object is converted and kept alive by `keep`, `idx` and
-    // `dsts`; the gather touches only raw memory, so the GIL can go.
+    const auto& cols = src.cols;
+    FASTML_CHECK_ARG(cols.size() == batch_.ptrs.size(), "sources", "must hold ", batch_.ptrs.size(),
+                     " columns, got ", cols.size());
+    for (size_t c = 0; c < cols.size(); ++c) {
+      FASTML_CHECK_ARG(
+          static_cast<size_t>(cols[c].out_row_bytes() * capacity_) <= batch_.buffers[c]->nbytes(),
+          "sources", "must come from this batch's plan (column ", c, " does not fit)");
+    }
+    auto& ptrs = batch_.ptrs;
+    // `src` and `idx` keep every array alive; the gather touches only raw
+    // memory, so the GIL can go while the pool works.
     py::gil_scoped_release release;
-    ThreadPool::global().parallel_for(0, static_cast<int64_t>(srcs.size()), 1,
-                                      [&](int64_t lo, int64_t hi) {
-                                        for (int64_t c = lo; c < hi; ++c)
-                                          data::gather_rows(srcs[c], ip, k, ptrs[c]);
-                                      });
+    ThreadPool::global().parallel_for(
+        0, static_cast<int64_t>(cols.size()), 1, [&](int64_t lo, int64_t hi) {
+          for (int64_t c = lo; c < hi; ++c) {
+            char* dst = static_cast<char*>(ptrs[c]) + offset * cols[c].out_row_bytes();
+            data::gather_rows(cols[c], ip, k, dst);
+          }
+        });
+  }
+
+  // The first `rows` rows as a dict of NumPy arrays (the batch is handed over).
+  py::dict finish(int64_t rows) {
+    FASTML_CHECK_ARG(rows >= 0 && rows <= capacity_, "rows", "must be in [0, ", capacity_,
+                     "], got ", rows);
+    batch_.rows = rows;
+    py::dict d = plan_->to_dict(batch_);
+    batch_ = data::Batch();
+    capacity_ = 0;
+    return d;
   }
 
  private:
-  std::vector<ColumnPlan> cols_;
-  std::shared_ptr<data::PoolAllocator> allocator_;
+  std::shared_ptr<GatherPlan> plan_;
+  data::Batch batch_;
+  int64_t capacity_ = 0;
 };
 
 // The prefetching engine over in-memory columns (NumPy, .npy maps, Arrow).
@@ -268,6 +305,140 @@ class DataEngine {
   std::unique_ptr<data::Engine> engine_;
 };
 
+// device="cuda": batches gathered into page-locked pool buffers are copied to
+// device memory on a dedicated stream, ordered after the consumer stream's
+// earlier work and before its later work, with an event per copy so a
+// staging buffer is recycled only after its copy has finished.
+class CudaStager {
+ public:
+  CudaStager(std::shared_ptr<GatherPlan> plan, int device, int max_inflight)
+      : device_(device), max_inflight_(max_inflight) {
+    FASTML_CHECK_ARG(max_inflight >= 1, "max_inflight", "must be >= 1, got ", max_inflight);
+    stream_ = cuda::stream_create(device);
+    plan->allocator()->set_allocate([](size_t nbytes) {
+      auto* b = new Buffer(nbytes);
+      try {
+        cuda::host_register(b->data(), b->nbytes());
+      } catch (...) {
+        delete b;
+        throw;
+      }
+      return BufferPtr(b, [](Buffer* p) {
+        cuda::host_unregister(p->data());
+        delete p;
+      });
+    });
+  }
+  ~CudaStager() {
+    try {
+      close();
+    } catch (...) {
+      // Destructors never throw; close() reported errors to callers that asked.
+    }
+  }
+
+  // dsts[i] (device pointers) <- arrays[i] (pinned batch columns).
+  void copy(const py::list& arrays, const std::vector<uintptr_t>& dsts, uintptr_t consumer_stream) {
+    FASTML_CHECK_ARG(!closed_, "stager", "is closed");
+    FASTML_CHECK_ARG(arrays.size() == dsts.size(), "dsts", "must hold ", arrays.size(),
+                     " pointers, got ", dsts.size());
+    std::vector<BoundArray> srcs;
+    for (py::handle a : arrays) {
+      ArraySpec spec;
+      spec.layout = Layout::Contiguous;
+      srcs.push_back(bind_array(a, "arrays", spec));
+    }
+    reap();
+    auto* consumer = reinterpret_cast<void*>(consumer_stream);
+    InFlight f;
+    f.ready = take_event();
+    f.done = take_event();
+    // Our stream starts after the consumer's earlier work (the destination
+    // memory may have been freed and reused on that stream).
+    cuda::event_record(f.ready, consumer);
+    cuda::stream_wait_event(stream_, f.ready);
+    for (size_t i = 0; i < srcs.size(); ++i) {
+      const auto nbytes = static_cast<size_t>(srcs[i].view.nbytes());
+      cuda::memcpy_h2d_async(reinterpret_cast<void*>(dsts[i]), srcs[i].view.data, nbytes, stream_);
+      bytes_ += static_cast<int64_t>(nbytes);
+    }
+    cuda::event_record(f.done, stream_);
+    cuda::stream_wait_event(consumer, f.done);
+    f.hold = arrays;  // the staging buffers stay referenced until the copy ends
+    inflight_.push_back(std::move(f));
+    ++copies_;
+    while (static_cast<int>(inflight_.size()) > max_inflight_) {
+      void* ev = inflight_.front().done;
+      {
+        py::gil_scoped_release release;  // waits on the GPU only
+        cuda::event_synchronize(ev);
+      }
+      ++waits_;
+      retire_front();
+    }
+  }
+
+  py::dict stats() {
+    py::dict d;
+    d["h2d_copies"] = copies_;
+    d["h2d_bytes"] = bytes_;
+    d["h2d_waits"] = waits_;
+    d["h2d_inflight"] = static_cast<int64_t>(inflight_.size());
+    return d;
+  }
+
+  void close() {
+    if (closed_) return;
+    closed_ = true;
+    while (!inflight_.empty()) {
+      {
+        py::gil_scoped_release release;
+        cuda::event_synchronize(inflight_.front().done);
+      }
+      retire_front();
+    }
+    for (void* e : free_events_) cuda::event_destroy(e);
+    free_events_.clear();
+    cuda::stream_destroy(stream_);
+    stream_ = nullptr;
+  }
+
+ private:
+  struct InFlight {
+    void* ready = nullptr;
+    void* done = nullptr;
+    py::object hold;
+  };
+
+  void* take_event() {
+    if (!free_events_.empty()) {
+      void* e = free_events_.back();
+      free_events_.pop_back();
+      return e;
+    }
+    return cuda::event_create(device_);
+  }
+
+  void retire_front() {
+    InFlight& f = inflight_.front();
+    free_events_.push_back(f.ready);
+    free_events_.push_back(f.done);
+    inflight_.pop_front();  // drops `hold`: the pool may now reuse those buffers
+  }
+
+  void reap() {
+    while (!inflight_.empty() && cuda::event_query(inflight_.front().done)) retire_front();
+  }
+
+  int device_;
+  int max_inflight_;
+  void* stream_ = nullptr;
+  bool closed_ = false;
+  std::deque<InFlight> inflight_;
+  std::vector<void*> free_events_;
+  int64_t copies_ = 0, bytes_ = 0, waits_ = 0;
+};
+
 }  // namespace
 
 void register_data(py::module_& m) {
@@ -293,11 +464,32 @@ void register_data(py::module_& m) {
 
   py::class_<GatherPlan, std::shared_ptr<GatherPlan>>(m, "DataGatherPlan")
       .def(py::init<const py::list&, size_t>(), py::arg("columns"), py::arg("pool_capacity"))
-      .def("acquire", &GatherPlan::acquire, py::arg("capacity"))
-      .def("gather", &GatherPlan::gather, py::arg("arrays"), py::arg("indices"), py::arg("outs"),
-           py::arg("offset"))
+      .def(
+          "bind",
+          [](const GatherPlan& p, const py::list& arrays) {
+            auto s = std::make_unique<DataSources>();
+            s->cols = p.bind_sources(arrays, s->keep, &s->num_rows);
+            return s;
+          },
+          py::arg("arrays"))
       .def("buffers_allocated", [](const GatherPlan& p) { return p.allocator()->allocated(); })
       .def("buffers_reused", [](const GatherPlan& p) { return p.allocator()->reused(); });
+
+  py::class_<DataSources>(m, "DataSources")
+      .def_property_readonly("num_rows", [](const DataSources& s) { return s.num_rows; });
+
+  py::class_<DataBatch>(m, "DataBatch")
+      .def(py::init<std::shared_ptr<GatherPlan>, int64_t>(), py::arg("plan"), py::arg("capacity"))
+      .def_property_readonly("capacity", &DataBatch::capacity)
+      .def("fill", &DataBatch::fill, py::arg("sources"), py::arg("indices"), py::arg("offset"))
+      .def("finish", &DataBatch::finish, py::arg("rows"));
+
+  py::class_<CudaStager>(m, "DataCudaStager")
+      .def(py::init<std::shared_ptr<GatherPlan>, int, int>(), py::arg("plan"), py::arg("device"),
+           py::arg("max_inflight"))
+      .def("copy", &CudaStager::copy, py::arg("arrays"), py::arg("dsts"), py::arg("stream"))
+      .def("stats", &CudaStager::stats)
+      .def("close", &CudaStager::close);
 
   py::class_<DataEngine>(m, "DataEngine")
       .def(py::init<std::shared_ptr<GatherPlan>, const py::list&, int64_t, int, int>(),

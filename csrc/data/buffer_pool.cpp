@@ -17,8 +17,7 @@ BufferPtr BufferPool::acquire(size_t nbytes) {
       return b;
     }
   }
-  auto fresh = Buffer::allocate(nbytes);
-  if (on_allocate_) on_allocate_(*fresh);
+  BufferPtr fresh = allocate_ ? allocate_(nbytes) : Buffer::allocate(nbytes);
   ++allocated_;
   if (buffers_.size() < capacity_) {
     buffers_.push_back(fresh);
@@ -32,6 +31,12 @@ BufferPtr BufferPool::acquire(size_t nbytes) {
     }
   }
   return fresh;
+}
+
+void BufferPool::set_allocate(std::function<BufferPtr(size_t)> fn) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  allocate_ = std::move(fn);
+  buffers_.clear();  // made the old way: not reused from here on
 }
 
 void BufferPool::clear() {

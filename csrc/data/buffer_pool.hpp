@@ -28,8 +28,9 @@ class BufferPool {
   // Forgets every pooled buffer (those still in use live on with their users).
   void clear();
 
-  // Called once per newly allocated buffer (e.g. to page-lock it for CUDA).
-  void set_on_allocate(std::function<void(Buffer&)> fn) { on_allocate_ = std::move(fn); }
+  // Replaces how new buffers are made (e.g. page-locked for CUDA copies,
+  // with a deleter that unlocks them).
+  void set_allocate(std::function<BufferPtr(size_t)> fn);
 
   int64_t allocated() const { return allocated_; }
   int64_t reused() const { return reused_; }
@@ -38,7 +39,7 @@ class BufferPool {
   std::mutex mutex_;
   size_t capacity_;
   std::vector<BufferPtr> buffers_;
-  std::function<void(Buffer&)> on_allocate_;
+  std::function<BufferPtr(size_t)> allocate_;
   int64_t allocated_ = 0, reused_ = 0;
 };
 

@@ -31,6 +31,10 @@ int64_t PoolAllocator::allocated() const {
   return n;
 }
 
+void PoolAllocator::set_allocate(const std::function<BufferPtr(size_t)>& fn) {
+  for (auto& p : pools_) p->set_allocate(fn);
+}
+
 int64_t PoolAllocator::reused() const {
   int64_t n = 0;
   for (const auto& p : pools_) n += p->reused();

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <deque>
 #include <exception>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -50,6 +51,7 @@ class PoolAllocator : public BatchAllocator {
   void acquire(Batch& b, const std::vector<GatherColumn>& cols, int64_t rows_capacity) override;
   int64_t allocated() const;
   int64_t reused() const;
+  void set_allocate(const std::function<BufferPtr(size_t)>& fn);
 
  private:
   std::vector<std::unique_ptr<BufferPool>> pools_;

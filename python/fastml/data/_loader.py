@@ -139,7 +139,7 @@ class Loader:
             )
         self._stager: Any = None
         if self._device != "cpu":
-            self._stager = _CudaStager(self._device, self._prefetch)
+            self._stager = _CudaStager(self._device, self._plan)
         self._epoch = 0
         self._position = 0  # batches of the current epoch handed out
         self._active: _Stream | None = None
@@ -520,15 +520,11 @@ def _parquet_batches(
             if loader._shuffle
             else np.arange(m, dtype=np.int64)
         )
-        return arrays, perm
+        return plan.bind(arrays), perm
 
-    outs: list[np.ndarray] | None = None
+    batch: Any = None  # the DataBatch being filled
     filled = 0
     emitted = loader._position
-
-    def flush(rows: int) -> dict[str, np.ndarray]:
-        assert outs is not None
-        return {c: o[:rows] for c, o in zip(names, outs, strict=True)}
 
     # Stream entry k is global position p = r + k * w; positions >= n wrap to p - n (padding).
     k = first
@@ -536,49 +532,59 @@ def _parquet_batches(
         p = r + k * w
         q = p % n
         wi = int(np.searchsorted(starts, q, side="right") - 1)
-        arrays, perm = window_rows(wi)
+        sources, perm = window_rows(wi)
         lo, hi = int(starts[wi]), int(starts[wi + 1])
         # Entries k..k_end-1 fall in this window (for wrapped positions, only up to the pad end).
         base = p - q  # 0, or n for padding
         k_end = min(last, (base + hi - r + w - 1) // w)
         ks = np.arange(k, k_end, dtype=np.int64)
-        local = (r + ks * w) - base - lo
-        idx = perm[local]
+        idx = perm[(r + ks * w) - base - lo]
         pos = 0
         while pos < idx.size:
-            if outs is None:
-                outs = plan.acquire(bsz)
+            if batch is None:
+                batch = _core.DataBatch(plan, bsz)
                 filled = 0
             take = min(bsz - filled, idx.size - pos)
-            plan.gather(arrays, idx[pos : pos + take], outs, filled)
+            batch.fill(sources, idx[pos : pos + take], filled)
             filled += take
             pos += take
             if filled == bsz:
-                batch = flush(bsz)
-                outs = None
+                out = batch.finish(bsz)
+                batch = None
                 emitted += 1
-                yield batch
+                yield out
                 if stop.is_set():
                     return
         k = k_end
-    if outs is not None and filled and emitted < num_batches:
-        yield flush(filled)
+    if batch is not None and filled and emitted < num_batches:
+        yield batch.finish(filled)
 
 
 class _CudaStager:
-    """Copies CPU batches to the GPU: pinned staging, a dedicated stream, events."""
+    """device="cuda": batches are gathered into page-locked pool buffers and copied
+    with asynchronous host-to-device copies on a dedicated stream, ordered with
+    torch's current stream by events (see DataCudaStager in register_data.cpp)."""
 
-    def __init__(self, device: str, slots: int) -> None:
+    def __init__(self, device: str, plan: Any, max_inflight: int = 2) -> None:
         import torch
 
         self._torch = torch
-        self._device = torch.device(device)
-        self._native = _core.DataCudaStager(self._device.index or 0, slots + 2)
+        dev = torch.device(device)
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        self._device = torch.device("cuda", index)
+        self._dtypes: dict[str, Any] = {}
+        self._native = _core.DataCudaStager(plan, index, max_inflight)
+
+    def _dtype(self, np_dtype: np.dtype) -> Any:
+        name = np_dtype.name
+        if name not in self._dtypes:
+            self._dtypes[name] = getattr(self._torch, name)
+        return self._dtypes[name]
 
     def to_device(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         torch = self._torch
         outs = {
-            k: torch.empty(v.shape, dtype=getattr(torch, v.dtype.name), device=self._device)
+            k: torch.empty(v.shape, dtype=self._dtype(v.dtype), device=self._device)
             for k, v in batch.items()
         }
         stream = torch.cuda.current_stream(self._device).cuda_stream
