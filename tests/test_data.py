@@ -622,7 +622,7 @@ def test_native_gather_errors_are_clear():
         batch.fill(src, np.array([0, 10], np.int64), 0)
     with pytest.raises(ValueError, match="offset"):
         batch.fill(src, np.array([0, 1], np.int64), 3)
-    with pytest.raises(ValueError, match="x must have 3 rows"):
+    with pytest.raises(ValueError, match="y must have 3 rows, got 4"):
         _core.DataGatherPlan(
             [("x", "float32", [], "float32", []), ("y", "int8", [], "int8", [])], 2
         ).bind([np.zeros(3, np.float32), np.zeros(4, np.int8)])
