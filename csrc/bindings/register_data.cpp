@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include <deque>
+#include <future>
 #include <memory>
 #include <string>
 #include <vector>
@@ -256,13 +257,35 @@ class DataEngine {
 
   int64_t start(bool shuffle, uint64_t seed, uint64_t epoch, int64_t rank, int64_t world_size,
                 bool drop_last, int64_t first_batch) {
-    std::shared_ptr<const std::vector<int64_t>> rows;
+    const RowsKey key{shuffle, seed, epoch, rank, world_size, drop_last};
     {
       // Pure computation on native memory (and waiting for old gathers).
       py::gil_scoped_release release;
-      rows = std::make_shared<const std::vector<int64_t>>(
-          data::epoch_rows(num_rows_, shuffle, seed, epoch, rank, world_size, drop_last));
+      std::shared_ptr<const std::vector<int64_t>> rows;
+      if (ahead_.valid() && ahead_key_ == key) {
+        rows = ahead_.get();
+      } else {
+        rows = std::make_shared<const std::vector<int64_t>>(
+            data::epoch_rows(num_rows_, shuffle, seed, epoch, rank, world_size, drop_last));
+      }
+      ahead_ = {};
       engine_->start(rows, drop_last, first_batch);
+      // The next epoch's order is computed on the pool while this one runs,
+      // so an epoch boundary does not stall the consumer.
+      RowsKey next = key;
+      next.epoch = epoch + 1;
+      ahead_key_ = next;
+      auto promise = std::make_shared<std::promise<RowsPtr>>();
+      ahead_ = promise->get_future().share();
+      const int64_t n = num_rows_;
+      ThreadPool::global().submit([promise, next, n] {
+        try {
+          promise->set_value(std::make_shared<const std::vector<int64_t>>(data::epoch_rows(
+              n, next.shuffle, next.seed, next.epoch, next.rank, next.world_size, next.drop_last)));
+        } catch (...) {
+          promise->set_exception(std::current_exception());
+        }
+      });
     }
     return engine_->num_batches();
   }
@@ -303,6 +326,20 @@ class DataEngine {
   std::vector<BoundArray> keep_;  // the source arrays, alive while gathers run
   int64_t num_rows_ = 0;
   std::unique_ptr<data::Engine> engine_;
+
+  using RowsPtr = std::shared_ptr<const std::vector<int64_t>>;
+  struct RowsKey {
+    bool shuffle;
+    uint64_t seed, epoch;
+    int64_t rank, world_size;
+    bool drop_last;
+    bool operator==(const RowsKey& o) const {
+      return shuffle == o.shuffle && seed == o.seed && epoch == o.epoch && rank == o.rank &&
+             world_size == o.world_size && drop_last == o.drop_last;
+    }
+  };
+  RowsKey ahead_key_{};
+  std::shared_future<RowsPtr> ahead_;  // the order of the epoch after the current one
 };
 
 // device="cuda": batches gathered into page-locked pool buffers are copied to
