@@ -631,3 +631,21 @@ def test_native_gather_errors_are_clear():
         batch.fill(other, np.array([0], np.int64), 0)
     batch.fill(src, np.array([2, 0, 1], np.int64), 1)
     assert batch.finish(4)["x"].shape == (4,)
+
+
+def test_a_newer_iteration_supersedes_an_older_one():
+    ds = _arange_dataset(100)
+    loader = data.Loader(ds, batch_size=10, seed=4)
+    full = [b["i"].copy() for b in data.Loader(ds, batch_size=10, seed=4)]
+    it1 = iter(loader)
+    assert np.array_equal(next(it1)["i"], full[0])
+    it2 = iter(loader)  # continues the epoch from batch 1
+    assert np.array_equal(next(it2)["i"], full[1])
+    assert next(it1, None) is None  # the old iterator is finished, it steals nothing
+    del it1
+    gc.collect()
+    rest = [b["i"] for b in it2]  # and dropping it does not stop the new one
+    assert len(rest) == 8
+    for a, b in zip(rest, full[2:], strict=True):
+        assert np.array_equal(a, b)
+    assert loader.epoch == 1

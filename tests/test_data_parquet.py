@@ -213,3 +213,19 @@ def test_closing_mid_epoch_joins_the_reader(files):
         if k == 5:
             break
     assert threading.active_count() == before
+
+
+def test_a_newer_parquet_iteration_supersedes_an_older_one(files):
+    ds = data.Dataset.from_parquet(files / "a.parquet")
+    full = [b["i"].copy() for b in data.Loader(ds, batch_size=100, seed=1)]
+    loader = data.Loader(ds, batch_size=100, seed=1)
+    it1 = iter(loader)
+    assert np.array_equal(next(it1)["i"], full[0])
+    it2 = iter(loader)
+    assert np.array_equal(next(it2)["i"], full[1])
+    assert next(it1, None) is None  # finished, never blocks
+    del it1
+    rest = [b["i"] for b in it2]
+    assert len(rest) == len(full) - 2
+    for a, b in zip(rest, full[2:], strict=True):
+        assert np.array_equal(a, b)

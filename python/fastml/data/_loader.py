@@ -352,10 +352,13 @@ class _Stream:
 
 
 class _EngineStream(_Stream):
-    """Random-access datasets: the native engine does everything."""
+    """Random-access datasets: the native engine does everything. One stream per
+    iteration; a stream that was superseded (a newer iter()) yields nothing more
+    and never touches the engine again."""
 
     def __init__(self, loader: Loader) -> None:
         self._engine = loader._engine
+        self._closed = False
         self._engine.start(
             loader._shuffle,
             loader._seed,
@@ -365,10 +368,16 @@ class _EngineStream(_Stream):
             loader._drop_last,
             loader._position,
         )
-        self.next = self._engine.next  # type: ignore[method-assign]
+
+    def next(self) -> dict[str, np.ndarray] | None:
+        if self._closed:
+            return None
+        return self._engine.next()
 
     def close(self) -> None:
-        self._engine.stop()
+        if not self._closed:
+            self._closed = True
+            self._engine.stop()
 
 
 class _ParquetStream(_Stream):
@@ -392,6 +401,8 @@ class _ParquetStream(_Stream):
         self._thread.start()
 
     def next(self) -> dict[str, np.ndarray] | None:
+        if self._stop.is_set():  # closed or superseded by a newer iteration
+            return None
         t0 = time.perf_counter()
         item = self._queue.get()
         self._stats["wait_seconds"] += time.perf_counter() - t0
