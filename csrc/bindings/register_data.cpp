@@ -143,7 +143,7 @@ class GatherPlan {
       shape.insert(shape.end(), col.row_shape.begin(), col.row_shape.end());
       auto* holder = new BufferPtr(b.buffers[c]);
       py::capsule owner(holder, [](void* p) { delete static_cast<BufferPtr*>(p); });
-      d[names_[c]] = py::array(dtypes_[c], shape, (*holder)->data(), owner);
+      d[names_[c]] = py::array(dtypes_[c], shape, b.ptrs[c], owner);
     }
     return d;
   }
@@ -352,19 +352,29 @@ class CudaStager {
       : device_(device), max_inflight_(max_inflight) {
     FASTML_CHECK_ARG(max_inflight >= 1, "max_inflight", "must be >= 1, got ", max_inflight);
     stream_ = cuda::stream_create(device);
-    plan->allocator()->set_allocate([](size_t nbytes) {
-      auto* b = new Buffer(nbytes);
-      try {
-        cuda::host_register(b->data(), b->nbytes());
-      } catch (...) {
-        delete b;
-        throw;
-      }
-      return BufferPtr(b, [](Buffer* p) {
-        cuda::host_unregister(p->data());
-        delete p;
-      });
-    });
+    // Pinned buffers: the allocator pads every buffer to whole pages of its
+    // own and starts the rows on a page boundary; exactly those pages are
+    // registered, so no two registrations share a page.
+    constexpr size_t kPage = 4096;
+    plan->allocator()->set_allocate(
+        [](size_t nbytes) {
+          auto* b = new Buffer(nbytes);
+          const auto addr = reinterpret_cast<uintptr_t>(b->data());
+          const uintptr_t lo = (addr + kPage - 1) / kPage * kPage;
+          const uintptr_t hi = (addr + nbytes) / kPage * kPage;
+          void* pinned = reinterpret_cast<void*>(lo);
+          try {
+            cuda::host_register(pinned, hi - lo);
+          } catch (...) {
+            delete b;
+            throw;
+          }
+          return BufferPtr(b, [pinned](Buffer* p) {
+            cuda::host_unregister(pinned);
+            delete p;
+          });
+        },
+        kPage);
   }
   ~CudaStager() {
     try {

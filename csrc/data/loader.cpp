@@ -20,8 +20,17 @@ void PoolAllocator::acquire(Batch& b, const std::vector<GatherColumn>& cols,
   b.buffers.resize(cols.size());
   b.ptrs.resize(cols.size());
   for (size_t c = 0; c < cols.size(); ++c) {
-    b.buffers[c] = pools_[c]->acquire(static_cast<size_t>(cols[c].out_row_bytes() * rows_capacity));
-    b.ptrs[c] = b.buffers[c]->data();
+    auto need = static_cast<size_t>(cols[c].out_row_bytes() * rows_capacity);
+    if (page_align_ == 0) {
+      b.buffers[c] = pools_[c]->acquire(need);
+      b.ptrs[c] = b.buffers[c]->data();
+    } else {
+      // Whole pages of their own, so page-locking one buffer never touches another's pages.
+      need = (need + page_align_ - 1) / page_align_ * page_align_ + page_align_;
+      b.buffers[c] = pools_[c]->acquire(need);
+      const auto addr = reinterpret_cast<uintptr_t>(b.buffers[c]->data());
+      b.ptrs[c] = reinterpret_cast<void*>((addr + page_align_ - 1) / page_align_ * page_align_);
+    }
   }
 }
 
@@ -31,7 +40,8 @@ int64_t PoolAllocator::allocated() const {
   return n;
 }
 
-void PoolAllocator::set_allocate(const std::function<BufferPtr(size_t)>& fn) {
+void PoolAllocator::set_allocate(const std::function<BufferPtr(size_t)>& fn, size_t page_align) {
+  page_align_ = page_align;
   for (auto& p : pools_) p->set_allocate(fn);
 }
 

@@ -51,10 +51,13 @@ class PoolAllocator : public BatchAllocator {
   void acquire(Batch& b, const std::vector<GatherColumn>& cols, int64_t rows_capacity) override;
   int64_t allocated() const;
   int64_t reused() const;
-  void set_allocate(const std::function<BufferPtr(size_t)>& fn);
+  // New buffers come from `fn`. With page_align > 0, each column's rows start
+  // on a page boundary inside a buffer padded to whole pages of its own.
+  void set_allocate(const std::function<BufferPtr(size_t)>& fn, size_t page_align);
 
  private:
   std::vector<std::unique_ptr<BufferPool>> pools_;
+  size_t page_align_ = 0;
 };
 
 struct LoaderStats {
