@@ -115,17 +115,37 @@ class GatherPlan {
       spec.ndim = static_cast<int>(cols_[c].row_shape.size()) + 1;
       spec.dtypes = {cols_[c].src_dtype};
       spec.layout = Layout::MakeContiguous;
-      keep.push_back(bind_array(arrays[c], cols_[c].name.c_str(), spec));
-      const ArrayView& v = keep.back().view;
-      for (size_t d = 0; d < cols_[c].row_shape.size(); ++d) {
-        FASTML_CHECK_ARG(v.shape[d + 1] == cols_[c].row_shape[d], cols_[c].name.c_str(),
-                         "must have rows of the planned shape, got ", v.describe());
-      }
-      if (n < 0) n = v.shape[0];
-      FASTML_CHECK_ARG(v.shape[0] == n, cols_[c].name.c_str(), "must have ", n, " rows, got ",
-                       v.shape[0]);
+      const char* name = cols_[c].name.c_str();
       GatherColumn g;
-      g.src = v;
+      // A column is one array, or a list of chunks used in place (Arrow record batches).
+      const bool chunked = py::isinstance<py::list>(arrays[c]);
+      py::list parts = chunked ? py::reinterpret_borrow<py::list>(arrays[c]) : py::list();
+      if (!chunked) parts.append(arrays[c]);
+      FASTML_CHECK_ARG(parts.size() > 0, name, "must have at least one chunk, got none");
+      int64_t rows = 0;
+      for (py::handle part : parts) {
+        keep.push_back(bind_array(part, name, spec));
+        const ArrayView& v = keep.back().view;
+        for (size_t d = 0; d < cols_[c].row_shape.size(); ++d) {
+          FASTML_CHECK_ARG(v.shape[d + 1] == cols_[c].row_shape[d], name,
+                           "must have rows of the planned shape, got ", v.describe());
+        }
+        if (chunked) {
+          g.chunks.push_back(static_cast<const char*>(v.data));
+          g.chunk_starts.push_back(rows);
+        } else {
+          g.src = v;
+        }
+        rows += v.shape[0];
+      }
+      if (chunked) {
+        g.chunk_starts.push_back(rows);
+        g.src = keep.back().view;  // dtype and row shape
+        g.src.shape[0] = rows;
+        g.src.data = nullptr;
+      }
+      if (n < 0) n = rows;
+      FASTML_CHECK_ARG(rows == n, name, "must have ", n, " rows, got ", rows);
       g.plan = cols_[c].plan;
       g.out_dtype = cols_[c].out_dtype;
       out.push_back(std::move(g));

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "common/array_view.hpp"
 #include "data/transform.hpp"
@@ -10,9 +11,14 @@
 namespace fastml::data {
 
 // A column the loader reads: C-contiguous rows along dim 0, and how to store
-// them (transforms, then the output dtype).
+// them (transforms, then the output dtype). `src` describes the whole column
+// (shape[0] = all rows); its rows live in `src.data`, or, for a column in
+// several chunks (Arrow record batches, used without combining them), chunk j
+// holds rows [chunk_starts[j], chunk_starts[j + 1]) at chunks[j].
 struct GatherColumn {
   ArrayView src;
+  std::vector<const char*> chunks;
+  std::vector<int64_t> chunk_starts;  // chunks.size() + 1 entries, from 0 to src.shape[0]
   TransformPlan plan;
   DType out_dtype = DType::F32;
   int64_t out_row_bytes() const {

@@ -30,6 +30,7 @@ from fastml.data._sources import (
     check_array,
     check_columns,
     check_dtype,
+    first_chunk,
     open_parquet,
     parquet_paths,
     read_npy,
@@ -165,7 +166,10 @@ class Dataset:
         ds = cls._new()
         ds._num_rows = check_columns(arrays)
         ds._arrays = arrays
-        ds._schema = {n: ColumnInfo(a.dtype, tuple(a.shape[1:])) for n, a in arrays.items()}
+        ds._schema = {
+            n: ColumnInfo(first_chunk(a).dtype, tuple(first_chunk(a).shape[1:]))
+            for n, a in arrays.items()
+        }
         return ds
 
     # ------------------------------------------------------------ properties

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fastml import _core
-from fastml.data._sources import arrow_column, open_parquet
+from fastml.data._sources import arrow_column, first_chunk, open_parquet
 from fastml.data._transforms import column_plan
 
 if TYPE_CHECKING:
@@ -523,7 +523,8 @@ def _parquet_batches(
         table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
         arrays = [arrow_column(c, table.column(c)) for c in names]
         for c, a in zip(names, arrays, strict=True):
-            if a.shape[1:] != ds.schema[c].shape or a.dtype != ds.schema[c].dtype:
+            f = first_chunk(a)
+            if f.shape[1:] != ds.schema[c].shape or f.dtype != ds.schema[c].dtype:
                 raise OSError(f"{ds._files[rgs[windows[wi][0]].file]!r}: column '{c}' changed type")
         m = int(starts[wi + 1] - starts[wi])
         perm = (

@@ -62,11 +62,12 @@ def check_columns(arrays: Mapping[str, np.ndarray]) -> int:
         raise ValueError("a dataset needs at least one column, got none")
     first, n = None, -1
     for name, a in arrays.items():
+        rows = column_rows(a)
         if first is None:
-            first, n = name, a.shape[0]
-        elif a.shape[0] != n:
+            first, n = name, rows
+        elif rows != n:
             raise ValueError(
-                f"column '{name}' has {a.shape[0]} rows but column '{first}' has {n}; "
+                f"column '{name}' has {rows} rows but column '{first}' has {n}; "
                 "all columns must share the first dimension"
             )
     if n == 0:
@@ -151,21 +152,27 @@ def read_npy(path: str | os.PathLike[str], name: str) -> np.ndarray:
 # ------------------------------------------------------------------ Arrow
 
 
-def arrow_column(name: str, col: Any) -> np.ndarray:
-    """An Arrow (chunked) array as a NumPy array, zero-copy when it is one
-    chunk of a fixed-width type without nulls."""
+def arrow_column(name: str, col: Any) -> np.ndarray | list[np.ndarray]:
+    """An Arrow (chunked) array as NumPy: one array, or one per chunk when it has
+    several (used in place by the loader, never combined). Chunks of fixed-width
+    types without nulls are zero-copy."""
+    import pyarrow as pa
+
+    if isinstance(col, pa.ChunkedArray):
+        chunks = [c for c in col.chunks if len(c)]
+        if len(chunks) > 1:
+            return [_arrow_chunk(name, c) for c in chunks]
+        col = chunks[0] if chunks else pa.array([], type=col.type)
+    return _arrow_chunk(name, col)
+
+
+def _arrow_chunk(name: str, col: Any) -> np.ndarray:
     import pyarrow as pa
 
     t = col.type
     if pa.types.is_dictionary(t):
-        if isinstance(col, pa.ChunkedArray):
-            # Chunks may carry different dictionaries; their codes are what we load.
-            col = pa.chunked_array([c.indices for c in col.chunks], type=t.index_type)
-        else:
-            col = col.indices
+        col = col.indices  # the codes; each chunk may carry its own dictionary
         t = col.type
-    if isinstance(col, pa.ChunkedArray):
-        col = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
     row_shape: list[int] = []
     while pa.types.is_fixed_size_list(t):
         if col.null_count:
@@ -189,6 +196,16 @@ def arrow_column(name: str, col: Any) -> np.ndarray:
     if row_shape:
         arr = arr.reshape(-1, *row_shape)
     return arr
+
+
+def column_rows(a: np.ndarray | list[np.ndarray]) -> int:
+    """Rows of a column given as one array or a list of chunks."""
+    return sum(c.shape[0] for c in a) if isinstance(a, list) else a.shape[0]
+
+
+def first_chunk(a: np.ndarray | list[np.ndarray]) -> np.ndarray:
+    """The array that describes a column's dtype and row shape."""
+    return a[0] if isinstance(a, list) else a
 
 
 def arrow_table(obj: Any) -> Any:
