@@ -32,7 +32,7 @@ int main() {
     ids[i] = i;
     for (int j = 0; j < 4; ++j) x[i * 4 + j] = static_cast<float>(i * 4 + j);
   }
-  std::vector<data::GatherColumn> cols(2);
+  std::vector<data::GatherColumn> cols(3);
   cols[0].src = ArrayView::contiguous(ids.data(), DType::I64, {n});
   cols[0].out_dtype = DType::I64;
   cols[1].src = ArrayView::contiguous(x.data(), DType::F32, {n, 4});
@@ -42,8 +42,16 @@ int main() {
   clip.a = 0;
   clip.b = 1e9;
   cols[1].plan.ops.push_back(clip);
+  // The ids again, as three chunks used in place.
+  cols[2].src = ArrayView::contiguous(nullptr, DType::I64, {n});
+  cols[2].out_dtype = DType::I64;
+  for (int64_t s : {int64_t{0}, int64_t{7000}, int64_t{7001}}) {
+    cols[2].chunks.push_back(reinterpret_cast<const char*>(ids.data() + s));
+    cols[2].chunk_starts.push_back(s);
+  }
+  cols[2].chunk_starts.push_back(n);
 
-  auto alloc = std::make_shared<data::PoolAllocator>(2, 8);
+  auto alloc = std::make_shared<data::PoolAllocator>(3, 8);
   data::Engine engine(cols, 97, 4, 2, alloc);
   std::vector<data::Batch> kept;
   for (uint64_t epoch = 0; epoch < 6; ++epoch) {
@@ -58,6 +66,7 @@ int main() {
       for (int64_t k = 0; k < b.rows; ++k) {
         check(i[k] == (*rows)[seen + k], "row order");
         check(v[k * 4 + 3] == static_cast<float>(i[k] * 4 + 3), "row contents");
+        check(static_cast<const int64_t*>(b.ptrs[2])[k] == i[k], "chunked column");
       }
       seen += b.rows;
       if (got % 7 == 0) kept.push_back(b);   // keep some batches alive
@@ -86,7 +95,7 @@ int main() {
   }
   // Two engines consumed from two threads at once, sharing the pool.
   std::thread t([&] {
-    data::Engine e2(cols, 50, 3, 2, std::make_shared<data::PoolAllocator>(2, 6));
+    data::Engine e2(cols, 50, 3, 2, std::make_shared<data::PoolAllocator>(3, 6));
     e2.start(
         std::make_shared<const std::vector<int64_t>>(data::epoch_rows(n, true, 9, 0, 0, 1, true)),
         true, 0);
