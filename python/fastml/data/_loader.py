@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -439,10 +440,10 @@ class _ParquetStream(_Stream):
         return False
 
     def _produce(self) -> None:
+        batches = _parquet_batches(self._loader, self._stop, spent := [0.0])
         try:
             t0 = time.perf_counter()
-            spent = [0.0]
-            for batch in _parquet_batches(self._loader, self._stop, spent):
+            for batch in batches:
                 self._stats["worker_seconds"] += time.perf_counter() - t0 - spent[0]
                 if not self._put(batch):
                     return
@@ -451,6 +452,8 @@ class _ParquetStream(_Stream):
             self._put(self._DONE)
         except BaseException as e:
             self._put(e)
+        finally:
+            batches.close()  # joins the read-ahead thread
 
 
 def parquet_epoch_layout(
@@ -487,7 +490,7 @@ def _parquet_batches(
     ds = loader._dataset
     rgs = ds._row_groups
     n = len(ds)
-    w, r, bsz = loader._world_size, loader._rank, loader._batch_size
+    w, bsz = loader._world_size, loader._batch_size
     total = (n // w) * w if loader._drop_last else -(-n // w) * w  # positions incl. padding
     per_rank = total // w
     num_batches = len(loader)
@@ -504,22 +507,25 @@ def _parquet_batches(
     first = loader._position * bsz
     last = min(num_batches * bsz, per_rank)
 
-    def window_rows(wi: int) -> tuple[list[np.ndarray], np.ndarray]:
+    read_lock = threading.Lock()  # one reader of the ParquetFile objects at a time
+
+    def load_window(wi: int) -> tuple[Any, np.ndarray]:
         import pyarrow as pa
 
         tables = []
-        for g in windows[wi]:
-            rg = rgs[g]
-            path = ds._files[rg.file]
-            if rg.file not in files:
-                files[rg.file] = open_parquet(path)
-            try:
-                tables.append(
-                    files[rg.file].read_row_group(rg.index, columns=names, use_threads=True)
-                )
-                loader._py_stats["row_groups_read"] += 1
-            except (pa.ArrowException, OSError) as e:
-                raise OSError(f"{path!r}: cannot read row group {rg.index}: {e}") from None
+        with read_lock:
+            for g in windows[wi]:
+                rg = rgs[g]
+                path = ds._files[rg.file]
+                if rg.file not in files:
+                    files[rg.file] = open_parquet(path)
+                try:
+                    tables.append(
+                        files[rg.file].read_row_group(rg.index, columns=names, use_threads=True)
+                    )
+                    loader._py_stats["row_groups_read"] += 1
+                except (pa.ArrowException, OSError) as e:
+                    raise OSError(f"{path!r}: cannot read row group {rg.index}: {e}") from None
         table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
         arrays = [arrow_column(c, table.column(c)) for c in names]
         for c, a in zip(names, arrays, strict=True):
@@ -534,6 +540,42 @@ def _parquet_batches(
         )
         return plan.bind(arrays), perm
 
+    # Read-ahead: the next window is decoded on a second thread (pyarrow
+    # releases the GIL) while this one's batches are gathered.
+    ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastml-data-parquet-read")
+    futures: dict[int, Future[Any]] = {}
+
+    def window_rows(wi: int) -> tuple[Any, np.ndarray]:
+        fut = futures.pop(wi, None)
+        result = fut.result() if fut is not None else load_window(wi)
+        nxt = wi + 1
+        if nxt < len(windows) and nxt not in futures and not stop.is_set():
+            futures[nxt] = ahead.submit(load_window, nxt)
+        return result
+
+    try:
+        yield from _parquet_stream(
+            loader, stop, window_rows, starts, plan, first, last, num_batches
+        )
+    finally:
+        for f in futures.values():
+            f.cancel()
+        ahead.shutdown(wait=True)
+
+
+def _parquet_stream(
+    loader: Loader,
+    stop: threading.Event,
+    window_rows: Any,
+    starts: np.ndarray,
+    plan: Any,
+    first: int,
+    last: int,
+    num_batches: int,
+) -> Iterator[dict[str, np.ndarray]]:
+    """The batches of entries [first, last) of this rank's stream (see _parquet_batches)."""
+    n = len(loader._dataset)
+    w, r, bsz = loader._world_size, loader._rank, loader._batch_size
     batch: Any = None  # the DataBatch being filled
     filled = 0
     emitted = loader._position
