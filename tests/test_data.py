@@ -700,3 +700,12 @@ def test_a_newer_iteration_supersedes_an_older_one():
     for a, b in zip(rest, full[2:], strict=True):
         assert np.array_equal(a, b)
     assert loader.epoch == 1
+
+
+def test_from_numpy_accepts_cpu_torch_tensors():
+    torch = pytest.importorskip("torch")
+    t = torch.arange(20, dtype=torch.float32).reshape(10, 2)
+    ds = data.Dataset.from_numpy({"t": t, "i": torch.arange(10)})
+    assert np.shares_memory(dict(ds._iter_columns())["t"], t.numpy())
+    b = next(iter(data.Loader(ds, batch_size=10, shuffle=False, output="torch")))
+    assert torch.equal(b["t"], t) and torch.equal(b["i"], torch.arange(10))

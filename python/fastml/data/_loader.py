@@ -125,7 +125,6 @@ class Loader:
             column_plan(n, info.dtype, info.shape, transforms.get(n))
             for n, info in dataset.schema.items()
         ]
-        self._out_schema = {s[0]: (np.dtype(s[3]), tuple(s[2])) for s in specs}
         if shuffle_buffer is None:
             shuffle_buffer = max(65536, 8 * self._batch_size)
         self._shuffle_buffer = _check_int("shuffle_buffer", shuffle_buffer, 1)
