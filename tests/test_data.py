@@ -8,6 +8,7 @@ import mmap
 import os
 import threading
 import time
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -709,3 +710,24 @@ def test_from_numpy_accepts_cpu_torch_tensors():
     assert np.shares_memory(dict(ds._iter_columns())["t"], t.numpy())
     b = next(iter(data.Loader(ds, batch_size=10, shuffle=False, output="torch")))
     assert torch.equal(b["t"], t) and torch.equal(b["i"], torch.arange(10))
+
+
+@pytest.mark.timeout(60)
+def test_a_forked_child_does_not_wait_for_the_parents_gathers():
+    n = 200_000
+    ds = _arange_dataset(n, x=np.ones((n, 16), np.float32))
+    loader = data.Loader(ds, batch_size=1000, prefetch=8)
+    it = iter(loader)
+    next(it)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork of a threaded process
+        pid = os.fork()
+    if pid == 0:  # the child drops the loader mid-epoch and exits
+        try:
+            del it
+            loader.close()
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert len([b for b in it]) == len(loader) - 1  # the parent is unaffected

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import queue
 import sys
 import threading
@@ -359,6 +360,7 @@ class _EngineStream(_Stream):
     def __init__(self, loader: Loader) -> None:
         self._engine = loader._engine
         self._closed = False
+        self._pid = os.getpid()
         self._engine.start(
             loader._shuffle,
             loader._seed,
@@ -377,7 +379,10 @@ class _EngineStream(_Stream):
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._engine.stop()
+            # A forked child (e.g. a DataLoader worker) inherits this object but
+            # not the pool threads whose gathers it would wait for.
+            if os.getpid() == self._pid:
+                self._engine.stop()
 
 
 class _ParquetStream(_Stream):
