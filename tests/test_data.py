@@ -6,6 +6,7 @@ import gc
 import json
 import mmap
 import os
+import signal
 import threading
 import time
 import warnings
@@ -714,15 +715,17 @@ def test_from_numpy_accepts_cpu_torch_tensors():
 
 @pytest.mark.timeout(60)
 def test_a_forked_child_does_not_wait_for_the_parents_gathers():
-    n = 200_000
-    ds = _arange_dataset(n, x=np.ones((n, 16), np.float32))
-    loader = data.Loader(ds, batch_size=1000, prefetch=8)
+    # Large batches, so gathers are still running on the pool at the fork.
+    n = 400_000
+    ds = _arange_dataset(n, x=np.ones((n, 64), np.float32))
+    loader = data.Loader(ds, batch_size=100_000, prefetch=3, num_threads=1)
     it = iter(loader)
     next(it)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # fork of a threaded process
         pid = os.fork()
     if pid == 0:  # the child drops the loader mid-epoch and exits
+        signal.alarm(10)  # a child that hangs dies (and fails the test) instead of lingering
         try:
             del it
             loader.close()
