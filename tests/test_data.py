@@ -725,7 +725,11 @@ def test_a_forked_child_does_not_wait_for_the_parents_gathers():
         warnings.simplefilter("ignore", DeprecationWarning)  # fork of a threaded process
         pid = os.fork()
     if pid == 0:  # the child drops the loader mid-epoch and exits
-        signal.alarm(10)  # a child that hangs dies (and fails the test) instead of lingering
+        # A child that hangs dies (and fails the test) instead of lingering; the
+        # default action, since a Python-level handler (pytest-timeout's) could
+        # not run while the child waits in native code.
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.alarm(10)
         try:
             del it
             loader.close()
