@@ -1,12 +1,573 @@
-// Bindings of the data area (filled in by its issue).
+// Bindings of the data area: the epoch order, the gather plan (columns,
+// transforms, batch buffers) and the prefetching engine behind
+// fastml.data.Loader.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include <deque>
+#include <future>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "bindings/array.hpp"
 #include "bindings/registry.hpp"
+#include "common/errors.hpp"
+#include "common/thread_pool.hpp"
+#include "cuda/data_copy.hpp"
+#include "data/loader.hpp"
+#include "data/shuffle.hpp"
 
 namespace py = pybind11;
 
 namespace fastml::bind {
 
-void register_data(py::module_& m) {}
+namespace {
+
+using data::GatherColumn;
+using data::OpKind;
+using data::TransformOp;
+
+py::array_t<int64_t> vector_to_numpy(std::vector<int64_t>&& v) {
+  auto buf = Buffer::allocate(v.size() * sizeof(int64_t));
+  if (!v.empty()) std::memcpy(buf->data(), v.data(), v.size() * sizeof(int64_t));
+  return to_numpy(buf, DType::I64, {static_cast<int64_t>(v.size())});
+}
+
+std::vector<double> as_doubles(py::handle obj, const char* name) {
+  py::array_t<double, py::array::c_style | py::array::forcecast> a =
+      py::module_::import("numpy").attr("asarray")(obj, "float64");
+  return std::vector<double>(a.data(), a.data() + a.size());
+}
+
+// One output column: name, source dtype and row shape, transforms, output dtype.
+struct ColumnPlan {
+  std::string name;
+  DType src_dtype;
+  std::vector<int64_t> row_shape;
+  data::TransformPlan plan;
+  DType out_dtype;
+  int64_t row_elements() const {
+    int64_t n = 1;
+    for (auto s : row_shape) n *= s;
+    return n;
+  }
+};
+
+// The columns of a loader and a pool of batch buffers for them.
+class GatherPlan {
+ public:
+  GatherPlan(const py::list& specs, size_t pool_capacity) {
+    for (py::handle h : specs) {
+      auto t = h.cast<py::tuple>();
+      ColumnPlan c;
+      c.name = t[0].cast<std::string>();
+      c.src_dtype = dtype_from_name(t[1].cast<std::string>());
+      c.row_shape = t[2].cast<std::vector<int64_t>>();
+      c.out_dtype = dtype_from_name(t[3].cast<std::string>());
+      for (py::handle oh : t[4].cast<py::list>()) {
+        auto o = oh.cast<py::tuple>();
+        const std::string kind = o[0].cast<std::string>();
+        TransformOp op;
+        if (kind == "fillna") {
+          op.kind = OpKind::FillNa;
+          op.a = o[1].cast<double>();
+        } else if (kind == "clip") {
+          op.kind = OpKind::Clip;
+          op.a = o[1].cast<double>();
+          op.b = o[2].cast<double>();
+        } else if (kind == "standardize") {
+          op.kind = OpKind::Standardize;
+          op.mean = as_doubles(o[1], "mean");
+          op.scale = as_doubles(o[2], "std");
+          const auto m = static_cast<size_t>(c.row_elements());
+          FASTML_CHECK_ARG(op.mean.size() == 1 || op.mean.size() == m, "mean",
+                           "must be a scalar or have one value per row element (", m,
+                           ") of column '", c.name, "', got ", op.mean.size());
+          FASTML_CHECK_ARG(op.scale.size() == op.mean.size(), "std",
+                           "must have the same size as mean (", op.mean.size(), ") for column '",
+                           c.name, "', got ", op.scale.size());
+        } else {
+          fail<std::invalid_argument>("transform kind must be fillna/clip/standardize, got '", kind,
+                                      "'");
+        }
+        c.plan.ops.push_back(std::move(op));
+      }
+      cols_.push_back(std::move(c));
+    }
+    allocator_ = std::make_shared<data::PoolAllocator>(cols_.size(), pool_capacity);
+    cache_python_objects();
+  }
+
+  const std::vector<ColumnPlan>& columns() const { return cols_; }
+  std::shared_ptr<data::PoolAllocator> allocator() const { return allocator_; }
+
+  // Views `arrays` (one per column, in order) as gather sources.
+  std::vector<GatherColumn> bind_sources(const py::list& arrays, std::vector<BoundArray>& keep,
+                                         int64_t* num_rows) const {
+    FASTML_CHECK_ARG(arrays.size() == cols_.size(), "arrays", "must hold ", cols_.size(),
+                     " columns, got ", arrays.size());
+    std::vector<GatherColumn> out;
+    int64_t n = -1;
+    for (size_t c = 0; c < cols_.size(); ++c) {
+      ArraySpec spec;
+      spec.ndim = static_cast<int>(cols_[c].row_shape.size()) + 1;
+      spec.dtypes = {cols_[c].src_dtype};
+      spec.layout = Layout::MakeContiguous;
+      const char* name = cols_[c].name.c_str();
+      GatherColumn g;
+      // A column is one array, or a list of chunks used in place (Arrow record batches).
+      const bool chunked = py::isinstance<py::list>(arrays[c]);
+      py::list parts = chunked ? py::reinterpret_borrow<py::list>(arrays[c]) : py::list();
+      if (!chunked) parts.append(arrays[c]);
+      FASTML_CHECK_ARG(parts.size() > 0, name, "must have at least one chunk, got none");
+      int64_t rows = 0;
+      for (py::handle part : parts) {
+        keep.push_back(bind_array(part, name, spec));
+        const ArrayView& v = keep.back().view;
+        for (size_t d = 0; d < cols_[c].row_shape.size(); ++d) {
+          FASTML_CHECK_ARG(v.shape[d + 1] == cols_[c].row_shape[d], name,
+                           "must have rows of the planned shape, got ", v.describe());
+        }
+        if (chunked) {
+          g.chunks.push_back(static_cast<const char*>(v.data));
+          g.chunk_starts.push_back(rows);
+        } else {
+          g.src = v;
+        }
+        rows += v.shape[0];
+      }
+      if (chunked) {
+        g.chunk_starts.push_back(rows);
+        g.src = keep.back().view;  // dtype and row shape
+        g.src.shape[0] = rows;
+        g.src.data = nullptr;
+      }
+      if (n < 0) n = rows;
+      FASTML_CHECK_ARG(rows == n, name, "must have ", n, " rows, got ", rows);
+      g.plan = cols_[c].plan;
+      g.out_dtype = cols_[c].out_dtype;
+      out.push_back(std::move(g));
+    }
+    if (num_rows) *num_rows = n;
+    return out;
+  }
+
+  // Batch b as a dict of NumPy arrays sharing the batch's buffers.
+  py::dict to_dict(const data::Batch& b) const {
+    py::dict d;
+    for (size_t c = 0; c < cols_.size(); ++c) {
+      const ColumnPlan& col = cols_[c];
+      std::vector<py::ssize_t> shape{static_cast<py::ssize_t>(b.rows)};
+      shape.insert(shape.end(), col.row_shape.begin(), col.row_shape.end());
+      auto* holder = new BufferPtr(b.buffers[c]);
+      py::capsule owner(holder, [](void* p) { delete static_cast<BufferPtr*>(p); });
+      d[names_[c]] = py::array(dtypes_[c], shape, b.ptrs[c], owner);
+    }
+    return d;
+  }
+
+  // Row shapes and output dtypes, for allocating batches outside the engine.
+  std::vector<GatherColumn> out_shapes() const {
+    std::vector<GatherColumn> shapes(cols_.size());
+    for (size_t c = 0; c < cols_.size(); ++c) {
+      shapes[c].src.ndim = static_cast<int>(cols_[c].row_shape.size()) + 1;
+      for (size_t d = 0; d < cols_[c].row_shape.size(); ++d)
+        shapes[c].src.shape[d + 1] = cols_[c].row_shape[d];
+      shapes[c].out_dtype = cols_[c].out_dtype;
+    }
+    return shapes;
+  }
+
+  void cache_python_objects() {
+    for (const auto& c : cols_) {
+      names_.push_back(py::str(c.name));
+      dtypes_.push_back(numpy_dtype(c.out_dtype));
+    }
+  }
+
+ private:
+  std::vector<ColumnPlan> cols_;
+  std::vector<py::str> names_;  // cached: building a batch dict costs no lookups
+  std::vector<py::dtype> dtypes_;
+  std::shared_ptr<data::PoolAllocator> allocator_;
+};
+
+// Source columns bound once (e.g. one Parquet shuffle window), for many gathers.
+struct DataSources {
+  std::vector<BoundArray> keep;
+  std::vector<GatherColumn> cols;
+  int64_t num_rows = 0;
+};
+
+// A batch being filled outside the engine (the Parquet reader): pooled
+// buffers, filled by gathers from one or more DataSources, then handed out.
+class DataBatch {
+ public:
+  DataBatch(std::shared_ptr<GatherPlan> plan, int64_t capacity) : plan_(std::move(plan)) {
+    FASTML_CHECK_ARG(capacity > 0, "capacity", "must be > 0, got ", capacity);
+    plan_->allocator()->acquire(batch_, plan_->out_shapes(), capacity);
+    capacity_ = capacity;
+  }
+
+  int64_t capacity() const { return capacity_; }
+
+  // Rows [offset, offset + len(indices)) <- transform(sources rows `indices`).
+  void fill(const DataSources& src, const py::handle& indices, int64_t offset) {
+    ArraySpec ispec;
+    ispec.ndim = 1;
+    ispec.dtypes = {DType::I64};
+    BoundArray idx = bind_array(indices, "indices", ispec);
+    const int64_t k = idx.view.shape[0];
+    FASTML_CHECK_ARG(offset >= 0 && offset + k <= capacity_, "offset", "must leave room for ", k,
+                     " rows in a batch of ", capacity_, ", got ", offset);
+    const int64_t* ip = idx.view.as<int64_t>();
+    const auto& cols = src.cols;
+    FASTML_CHECK_ARG(cols.size() == batch_.ptrs.size(), "sources", "must hold ", batch_.ptrs.size(),
+                     " columns, got ", cols.size());
+    for (size_t c = 0; c < cols.size(); ++c) {
+      FASTML_CHECK_ARG(
+          static_cast<size_t>(cols[c].out_row_bytes() * capacity_) <= batch_.buffers[c]->nbytes(),
+          "sources", "must come from this batch's plan (column ", c, " does not fit)");
+    }
+    auto& ptrs = batch_.ptrs;
+    // `src` and `idx` keep every array alive; the gather touches only raw
+    // memory, so the GIL can go while the pool works.
+    py::gil_scoped_release release;
+    ThreadPool::global().parallel_for(
+        0, static_cast<int64_t>(cols.size()), 1, [&](int64_t lo, int64_t hi) {
+          for (int64_t c = lo; c < hi; ++c) {
+            char* dst = static_cast<char*>(ptrs[c]) + offset * cols[c].out_row_bytes();
+            data::gather_rows(cols[c], ip, k, dst);
+          }
+        });
+  }
+
+  // The first `rows` rows as a dict of NumPy arrays (the batch is handed over).
+  py::dict finish(int64_t rows) {
+    FASTML_CHECK_ARG(rows >= 0 && rows <= capacity_, "rows", "must be in [0, ", capacity_,
+                     "], got ", rows);
+    batch_.rows = rows;
+    py::dict d = plan_->to_dict(batch_);
+    batch_ = data::Batch();
+    capacity_ = 0;
+    return d;
+  }
+
+ private:
+  std::shared_ptr<GatherPlan> plan_;
+  data::Batch batch_;
+  int64_t capacity_ = 0;
+};
+
+// The prefetching engine over in-memory columns (NumPy, .npy maps, Arrow).
+class DataEngine {
+ public:
+  DataEngine(std::shared_ptr<GatherPlan> plan, const py::list& arrays, int64_t batch_size,
+             int prefetch, int max_running)
+      : plan_(std::move(plan)) {
+    auto srcs = plan_->bind_sources(arrays, keep_, &num_rows_);
+    FASTML_CHECK_ARG(num_rows_ > 0, "dataset", "must have at least one row, got ", num_rows_);
+    engine_ = std::make_unique<data::Engine>(std::move(srcs), batch_size, prefetch, max_running,
+                                             plan_->allocator());
+  }
+
+  int64_t num_rows() const { return num_rows_; }
+
+  int64_t start(bool shuffle, uint64_t seed, uint64_t epoch, int64_t rank, int64_t world_size,
+                bool drop_last, int64_t first_batch) {
+    const RowsKey key{shuffle, seed, epoch, rank, world_size, drop_last};
+    {
+      // Pure computation on native memory (and waiting for old gathers).
+      py::gil_scoped_release release;
+      std::shared_ptr<const std::vector<int64_t>> rows;
+      if (ahead_.valid() && ahead_key_ == key) {
+        rows = ahead_.get();
+      } else {
+        rows = std::make_shared<const std::vector<int64_t>>(
+            data::epoch_rows(num_rows_, shuffle, seed, epoch, rank, world_size, drop_last));
+      }
+      ahead_ = {};
+      engine_->start(rows, drop_last, first_batch);
+      // The next epoch's order is computed on the pool while this one runs,
+      // so an epoch boundary does not stall the consumer.
+      RowsKey next = key;
+      next.epoch = epoch + 1;
+      ahead_key_ = next;
+      auto promise = std::make_shared<std::promise<RowsPtr>>();
+      ahead_ = promise->get_future().share();
+      const int64_t n = num_rows_;
+      ThreadPool::global().submit([promise, next, n] {
+        try {
+          promise->set_value(std::make_shared<const std::vector<int64_t>>(data::epoch_rows(
+              n, next.shuffle, next.seed, next.epoch, next.rank, next.world_size, next.drop_last)));
+        } catch (...) {
+          promise->set_exception(std::current_exception());
+        }
+      });
+    }
+    return engine_->num_batches();
+  }
+
+  py::object next() {
+    data::Batch b;
+    bool ok;
+    {
+      // Waiting touches only the engine's own state; workers never need the GIL.
+      py::gil_scoped_release release;
+      ok = engine_->next(b);
+    }
+    if (!ok) return py::none();
+    return plan_->to_dict(b);
+  }
+
+  void stop() {
+    py::gil_scoped_release release;  // waits for native gathers only
+    engine_->stop();
+  }
+
+  py::dict stats() const {
+    auto s = engine_->stats();
+    py::dict d;
+    d["batches"] = s.batches;
+    d["rows"] = s.rows;
+    d["bytes"] = s.bytes;
+    d["wait_seconds"] = s.wait_seconds;
+    d["worker_seconds"] = s.worker_seconds;
+    d["batches_gathered"] = s.gathered;
+    d["buffers_allocated"] = plan_->allocator()->allocated();
+    d["buffers_reused"] = plan_->allocator()->reused();
+    return d;
+  }
+
+ private:
+  std::shared_ptr<GatherPlan> plan_;
+  std::vector<BoundArray> keep_;  // the source arrays, alive while gathers run
+  int64_t num_rows_ = 0;
+  std::unique_ptr<data::Engine> engine_;
+
+  using RowsPtr = std::shared_ptr<const std::vector<int64_t>>;
+  struct RowsKey {
+    bool shuffle;
+    uint64_t seed, epoch;
+    int64_t rank, world_size;
+    bool drop_last;
+    bool operator==(const RowsKey& o) const {
+      return shuffle == o.shuffle && seed == o.seed && epoch == o.epoch && rank == o.rank &&
+             world_size == o.world_size && drop_last == o.drop_last;
+    }
+  };
+  RowsKey ahead_key_{};
+  std::shared_future<RowsPtr> ahead_;  // the order of the epoch after the current one
+};
+
+// device="cuda": batches gathered into page-locked pool buffers are copied to
+// device memory on a dedicated stream, ordered after the consumer stream's
+// earlier work and before its later work, with an event per copy so a
+// staging buffer is recycled only after its copy has finished.
+class CudaStager {
+ public:
+  CudaStager(std::shared_ptr<GatherPlan> plan, int device, int max_inflight)
+      : device_(device), max_inflight_(max_inflight) {
+    FASTML_CHECK_ARG(max_inflight >= 1, "max_inflight", "must be >= 1, got ", max_inflight);
+    stream_ = cuda::stream_create(device);
+    // Pinned buffers: the allocator pads every buffer to whole pages of its
+    // own and starts the rows on a page boundary; exactly those pages are
+    // registered, so no two registrations share a page.
+    constexpr size_t kPage = 4096;
+    plan->allocator()->set_allocate(
+        [](size_t nbytes) {
+          auto* b = new Buffer(nbytes);
+          const auto addr = reinterpret_cast<uintptr_t>(b->data());
+          const uintptr_t lo = (addr + kPage - 1) / kPage * kPage;
+          const uintptr_t hi = (addr + nbytes) / kPage * kPage;
+          void* pinned = reinterpret_cast<void*>(lo);
+          try {
+            cuda::host_register(pinned, hi - lo);
+          } catch (...) {
+            delete b;
+            throw;
+          }
+          return BufferPtr(b, [pinned](Buffer* p) {
+            cuda::host_unregister(pinned);
+            delete p;
+          });
+        },
+        kPage);
+  }
+  ~CudaStager() {
+    try {
+      close();
+    } catch (...) {
+      // Destructors never throw; close() reported errors to callers that asked.
+    }
+  }
+
+  // dsts[i] (device pointers) <- arrays[i] (pinned batch columns).
+  void copy(const py::list& arrays, const std::vector<uintptr_t>& dsts, uintptr_t consumer_stream) {
+    FASTML_CHECK_ARG(!closed_, "stager", "is closed");
+    FASTML_CHECK_ARG(arrays.size() == dsts.size(), "dsts", "must hold ", arrays.size(),
+                     " pointers, got ", dsts.size());
+    std::vector<BoundArray> srcs;
+    for (py::handle a : arrays) {
+      ArraySpec spec;
+      spec.layout = Layout::Contiguous;
+      srcs.push_back(bind_array(a, "arrays", spec));
+    }
+    reap();
+    auto* consumer = reinterpret_cast<void*>(consumer_stream);
+    InFlight f;
+    f.ready = take_event();
+    f.done = take_event();
+    // Our stream starts after the consumer's earlier work (the destination
+    // memory may have been freed and reused on that stream).
+    cuda::event_record(f.ready, consumer);
+    cuda::stream_wait_event(stream_, f.ready);
+    for (size_t i = 0; i < srcs.size(); ++i) {
+      const auto nbytes = static_cast<size_t>(srcs[i].view.nbytes());
+      cuda::memcpy_h2d_async(reinterpret_cast<void*>(dsts[i]), srcs[i].view.data, nbytes, stream_);
+      bytes_ += static_cast<int64_t>(nbytes);
+    }
+    cuda::event_record(f.done, stream_);
+    cuda::stream_wait_event(consumer, f.done);
+    f.hold = arrays;  // the staging buffers stay referenced until the copy ends
+    inflight_.push_back(std::move(f));
+    ++copies_;
+    while (static_cast<int>(inflight_.size()) > max_inflight_) {
+      void* ev = inflight_.front().done;
+      {
+        py::gil_scoped_release release;  // waits on the GPU only
+        cuda::event_synchronize(ev);
+      }
+      ++waits_;
+      retire_front();
+    }
+  }
+
+  py::dict stats() {
+    py::dict d;
+    d["h2d_copies"] = copies_;
+    d["h2d_bytes"] = bytes_;
+    d["h2d_waits"] = waits_;
+    d["h2d_inflight"] = static_cast<int64_t>(inflight_.size());
+    return d;
+  }
+
+  void close() {
+    if (closed_) return;
+    closed_ = true;
+    while (!inflight_.empty()) {
+      {
+        py::gil_scoped_release release;
+        cuda::event_synchronize(inflight_.front().done);
+      }
+      retire_front();
+    }
+    for (void* e : free_events_) cuda::event_destroy(e);
+    free_events_.clear();
+    cuda::stream_destroy(stream_);
+    stream_ = nullptr;
+  }
+
+ private:
+  struct InFlight {
+    void* ready = nullptr;
+    void* done = nullptr;
+    py::object hold;
+  };
+
+  void* take_event() {
+    if (!free_events_.empty()) {
+      void* e = free_events_.back();
+      free_events_.pop_back();
+      return e;
+    }
+    return cuda::event_create(device_);
+  }
+
+  void retire_front() {
+    InFlight& f = inflight_.front();
+    free_events_.push_back(f.ready);
+    free_events_.push_back(f.done);
+    inflight_.pop_front();  // drops `hold`: the pool may now reuse those buffers
+  }
+
+  void reap() {
+    while (!inflight_.empty() && cuda::event_query(inflight_.front().done)) retire_front();
+  }
+
+  int device_;
+  int max_inflight_;
+  void* stream_ = nullptr;
+  bool closed_ = false;
+  std::deque<InFlight> inflight_;
+  std::vector<void*> free_events_;
+  int64_t copies_ = 0, bytes_ = 0, waits_ = 0;
+};
+
+}  // namespace
+
+void register_data(py::module_& m) {
+  m.def(
+      "data_permutation",
+      [](int64_t n, uint64_t seed, uint64_t epoch, uint64_t stream) {
+        FASTML_CHECK_ARG(n >= 0, "n", "must be >= 0, got ", n);
+        std::vector<int64_t> out(static_cast<size_t>(n));
+        data::permutation(n, seed, epoch, stream, out.data());
+        return vector_to_numpy(std::move(out));
+      },
+      py::arg("n"), py::arg("seed"), py::arg("epoch"), py::arg("stream") = 0,
+      "A permutation of range(n): SplitMix64 Fisher-Yates on (seed, epoch, stream).");
+  m.def(
+      "data_epoch_rows",
+      [](int64_t n, bool shuffle, uint64_t seed, uint64_t epoch, int64_t rank, int64_t world_size,
+         bool drop_last) {
+        return vector_to_numpy(
+            data::epoch_rows(n, shuffle, seed, epoch, rank, world_size, drop_last));
+      },
+      py::arg("n"), py::arg("shuffle"), py::arg("seed"), py::arg("epoch"), py::arg("rank"),
+      py::arg("world_size"), py::arg("drop_last"), "The rows one rank reads in an epoch.");
+
+  py::class_<GatherPlan, std::shared_ptr<GatherPlan>>(m, "DataGatherPlan")
+      .def(py::init<const py::list&, size_t>(), py::arg("columns"), py::arg("pool_capacity"))
+      .def(
+          "bind",
+          [](const GatherPlan& p, const py::list& arrays) {
+            auto s = std::make_unique<DataSources>();
+            s->cols = p.bind_sources(arrays, s->keep, &s->num_rows);
+            return s;
+          },
+          py::arg("arrays"))
+      .def("buffers_allocated", [](const GatherPlan& p) { return p.allocator()->allocated(); })
+      .def("buffers_reused", [](const GatherPlan& p) { return p.allocator()->reused(); });
+
+  py::class_<DataSources>(m, "DataSources")
+      .def_property_readonly("num_rows", [](const DataSources& s) { return s.num_rows; });
+
+  py::class_<DataBatch>(m, "DataBatch")
+      .def(py::init<std::shared_ptr<GatherPlan>, int64_t>(), py::arg("plan"), py::arg("capacity"))
+      .def_property_readonly("capacity", &DataBatch::capacity)
+      .def("fill", &DataBatch::fill, py::arg("sources"), py::arg("indices"), py::arg("offset"))
+      .def("finish", &DataBatch::finish, py::arg("rows"));
+
+  py::class_<CudaStager>(m, "DataCudaStager")
+      .def(py::init<std::shared_ptr<GatherPlan>, int, int>(), py::arg("plan"), py::arg("device"),
+           py::arg("max_inflight"))
+      .def("copy", &CudaStager::copy, py::arg("arrays"), py::arg("dsts"), py::arg("stream"))
+      .def("stats", &CudaStager::stats)
+      .def("close", &CudaStager::close);
+
+  py::class_<DataEngine>(m, "DataEngine")
+      .def(py::init<std::shared_ptr<GatherPlan>, const py::list&, int64_t, int, int>(),
+           py::arg("plan"), py::arg("arrays"), py::arg("batch_size"), py::arg("prefetch"),
+           py::arg("max_running"))
+      .def_property_readonly("num_rows", &DataEngine::num_rows)
+      .def("start", &DataEngine::start, py::arg("shuffle"), py::arg("seed"), py::arg("epoch"),
+           py::arg("rank"), py::arg("world_size"), py::arg("drop_last"), py::arg("first_batch"))
+      .def("next", &DataEngine::next)
+      .def("stop", &DataEngine::stop)
+      .def("stats", &DataEngine::stats);
+}
 
 }  // namespace fastml::bind

@@ -1,1 +1,222 @@
-"""fastml.data: columnar data into shuffled, batched, prefetched batches (see issue #3)."""
+"""fastml.data: columnar data into shuffled, batched, prefetched batches.
+
+A :class:`Dataset` names columns that share their first dimension (rows); a
+:class:`Loader` turns it into batches, gathered by native threads on fastml's
+shared pool with the GIL released::
+
+    from fastml import data
+    ds = data.Dataset.from_numpy({"x": X, "y": y})
+    loader = data.Loader(ds, batch_size=1024, shuffle=True, seed=0)
+    for batch in loader:
+        batch["x"], batch["y"]
+
+See docs/data.md for the semantics (shuffling, determinism, resume, sharding).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from fastml.data._loader import Loader
+from fastml.data._sources import (
+    ColumnInfo,
+    RowGroup,
+    arrow_column,
+    arrow_table,
+    check_array,
+    check_columns,
+    check_dtype,
+    first_chunk,
+    open_parquet,
+    parquet_paths,
+    read_npy,
+)
+from fastml.data._transforms import Cast, Clip, FillNa, Standardize, Transform
+
+__all__ = [
+    "Cast",
+    "Clip",
+    "ColumnInfo",
+    "Dataset",
+    "FillNa",
+    "Loader",
+    "Standardize",
+    "Transform",
+]
+
+
+class Dataset:
+    """Named columns that share their first dimension (one row per sample).
+
+    Build one with :meth:`from_numpy`, :meth:`from_npy`, :meth:`from_arrow` or
+    :meth:`from_parquet`. In-memory, memory-mapped and Arrow datasets are
+    randomly accessible (full shuffles); Parquet datasets are streamed by row
+    group (block shuffles).
+    """
+
+    def __init__(self) -> None:
+        raise TypeError("use Dataset.from_numpy/from_npy/from_arrow/from_parquet")
+
+    @classmethod
+    def _new(cls) -> Dataset:
+        self = object.__new__(cls)
+        self._arrays: dict[str, np.ndarray] | None = None
+        self._owners: list[Any] = []
+        self._files: list[str] = []
+        self._row_groups: list[RowGroup] = []
+        self._schema: dict[str, ColumnInfo] = {}
+        self._num_rows = 0
+        return self
+
+    # ------------------------------------------------------------ constructors
+
+    @classmethod
+    def from_numpy(cls, arrays: Mapping[str, Any]) -> Dataset:
+        """A dataset over a dict of arrays (NumPy, CPU torch, anything NumPy views).
+
+        C-contiguous native-order arrays are used in place; others are copied once.
+        """
+        if not isinstance(arrays, Mapping):
+            raise TypeError(f"arrays must be a dict of arrays, got {type(arrays).__name__}")
+        return cls._from_arrays({name: check_array(name, a) for name, a in arrays.items()})
+
+    @classmethod
+    def from_npy(cls, paths: Mapping[str, str | os.PathLike[str]]) -> Dataset:
+        """A dataset over .npy files, memory-mapped read-only (not read into RAM).
+
+        Headers are validated strictly: a missing file raises FileNotFoundError,
+        a truncated or corrupt one OSError/ValueError naming the file.
+        """
+        if not isinstance(paths, Mapping):
+            raise TypeError(f"paths must be a dict of .npy paths, got {type(paths).__name__}")
+        return cls._from_arrays({name: read_npy(p, name) for name, p in paths.items()})
+
+    @classmethod
+    def from_arrow(cls, source: Any, columns: Sequence[str] | None = None) -> Dataset:
+        """A dataset over a pyarrow Table/RecordBatch, a Feather (Arrow IPC) file
+        (memory-mapped), or a pandas/polars DataFrame (through Arrow).
+
+        Single-chunk fixed-width columns without nulls are used zero-copy;
+        dictionary columns load as their integer codes; fixed-size lists become
+        per-row tensors; nulls in floating columns become NaN (one copy).
+        """
+        table = arrow_table(source)
+        names = list(table.column_names) if columns is None else list(columns)
+        missing = [c for c in names if c not in table.column_names]
+        if missing:
+            raise KeyError(f"columns {missing} are not in the table (has {table.column_names})")
+        ds = cls._from_arrays({n: arrow_column(n, table.column(n)) for n in names})
+        ds._owners.append(table)
+        return ds
+
+    @classmethod
+    def from_parquet(
+        cls,
+        paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+        columns: Sequence[str] | None = None,
+    ) -> Dataset:
+        """A dataset over Parquet files (one path, a list or a glob), streamed by row group.
+
+        Only the metadata is read here; a Loader decodes row groups with pyarrow
+        in a background thread.
+        """
+        files = parquet_paths(paths)
+        ds = cls._new()
+        ds._files = files
+        schema0 = None
+        for fi, path in enumerate(files):
+            pf = open_parquet(path)
+            arrow_schema = pf.schema_arrow
+            if schema0 is None:
+                schema0 = arrow_schema
+                names = list(arrow_schema.names) if columns is None else list(columns)
+                for n in names:
+                    if n not in arrow_schema.names:
+                        raise KeyError(
+                            f"column '{n}' is not in {path!r} (has {arrow_schema.names})"
+                        )
+                    ds._schema[n] = _arrow_type_info(n, arrow_schema.field(n).type)
+            else:
+                for n, info in ds._schema.items():
+                    if (
+                        n not in arrow_schema.names
+                        or _arrow_type_info(n, arrow_schema.field(n).type) != info
+                    ):
+                        raise ValueError(
+                            f"{path!r} does not match the schema of {files[0]!r} for column '{n}'"
+                        )
+            md = pf.metadata
+            for rg in range(md.num_row_groups):
+                rows = md.row_group(rg).num_rows
+                if rows:
+                    ds._row_groups.append(RowGroup(fi, rg, rows))
+        ds._num_rows = sum(rg.rows for rg in ds._row_groups)
+        if not ds._schema:
+            raise ValueError("a dataset needs at least one column, got none")
+        if ds._num_rows == 0:
+            raise ValueError(f"the dataset is empty (0 rows in {files})")
+        return ds
+
+    @classmethod
+    def _from_arrays(cls, arrays: dict[str, np.ndarray]) -> Dataset:
+        ds = cls._new()
+        ds._num_rows = check_columns(arrays)
+        ds._arrays = arrays
+        ds._schema = {
+            n: ColumnInfo(first_chunk(a).dtype, tuple(first_chunk(a).shape[1:]))
+            for n, a in arrays.items()
+        }
+        return ds
+
+    # ------------------------------------------------------------ properties
+
+    def __len__(self) -> int:
+        return self._num_rows
+
+    @property
+    def columns(self) -> list[str]:
+        """Column names, in order."""
+        return list(self._schema)
+
+    @property
+    def schema(self) -> dict[str, ColumnInfo]:
+        """Per column: element dtype and per-row shape."""
+        return dict(self._schema)
+
+    @property
+    def is_streamed(self) -> bool:
+        """True for Parquet datasets (block shuffle), False for random-access ones."""
+        return self._arrays is None
+
+    def __repr__(self) -> str:
+        kind = f"parquet, {len(self._files)} file(s)" if self.is_streamed else "in memory"
+        cols = ", ".join(
+            f"{n}: {c.dtype}{list(c.shape) if c.shape else ''}" for n, c in self._schema.items()
+        )
+        return f"Dataset({self._num_rows} rows, {kind}; {cols})"
+
+    def _iter_columns(self) -> Iterator[tuple[str, np.ndarray]]:
+        assert self._arrays is not None
+        yield from self._arrays.items()
+
+
+def _arrow_type_info(name: str, t: Any) -> ColumnInfo:
+    import pyarrow as pa
+
+    shape: list[int] = []
+    if pa.types.is_dictionary(t):
+        t = t.index_type
+    while pa.types.is_fixed_size_list(t):
+        shape.append(t.list_size)
+        t = t.value_type
+    if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
+        raise TypeError(
+            f"column '{name}' has Arrow type {t}; only fixed-width numeric, boolean, dictionary "
+            "and fixed-size-list columns are supported (variable-length columns such as strings "
+            "and lists are not)"
+        )
+    return ColumnInfo(check_dtype(name, np.dtype(t.to_pandas_dtype())), tuple(shape))

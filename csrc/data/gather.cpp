@@ -1,0 +1,126 @@
+#include "data/gather.hpp"
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+
+#include "common/errors.hpp"
+
+namespace fastml::data {
+
+namespace {
+
+void check_indices(const int64_t* indices, int64_t n, int64_t rows) {
+  for (int64_t k = 0; k < n; ++k) {
+    if (static_cast<uint64_t>(indices[k]) >= static_cast<uint64_t>(rows)) {
+      fail<std::out_of_range>("row index ", indices[k], " out of range for ", rows, " rows");
+    }
+  }
+}
+
+// Where row i starts: one contiguous array, or a list of chunks.
+struct Contiguous {
+  const char* base;
+  int64_t row_bytes;
+  const char* operator()(int64_t i) const { return base + i * row_bytes; }
+};
+
+struct Chunked {
+  const GatherColumn* col;
+  int64_t row_bytes;
+  const char* operator()(int64_t i) const {
+    const auto& starts = col->chunk_starts;
+    // The last start <= i (starts[0] == 0 and i < starts.back()).
+    const auto j =
+        static_cast<size_t>(std::upper_bound(starts.begin(), starts.end(), i) - starts.begin() - 1);
+    return col->chunks[j] + (i - starts[j]) * row_bytes;
+  }
+};
+
+// Rows are read in random order from arrays far larger than the caches:
+// touching the row kPrefetch ahead hides most of the memory latency.
+constexpr int64_t kPrefetch = 8;
+
+template <size_t W, typename Rows>
+void copy_fixed(const Rows& rows, const int64_t* idx, int64_t n, char* dst) {
+  int64_t k = 0;
+  for (; k + kPrefetch < n; ++k) {
+    __builtin_prefetch(rows(idx[k + kPrefetch]));
+    std::memcpy(dst + k * W, rows(idx[k]), W);
+  }
+  for (; k < n; ++k) std::memcpy(dst + k * W, rows(idx[k]), W);
+}
+
+template <typename Rows>
+void copy_rows(const Rows& rows, int64_t row_bytes, const int64_t* idx, int64_t n, char* dst) {
+  switch (row_bytes) {
+    case 1: return copy_fixed<1>(rows, idx, n, dst);
+    case 2: return copy_fixed<2>(rows, idx, n, dst);
+    case 4: return copy_fixed<4>(rows, idx, n, dst);
+    case 8: return copy_fixed<8>(rows, idx, n, dst);
+    case 16: return copy_fixed<16>(rows, idx, n, dst);
+    case 32: return copy_fixed<32>(rows, idx, n, dst);
+    case 64: return copy_fixed<64>(rows, idx, n, dst);
+    case 128: return copy_fixed<128>(rows, idx, n, dst);
+    default:
+      for (int64_t k = 0; k < n; ++k) {
+        std::memcpy(dst + k * row_bytes, rows(idx[k]), static_cast<size_t>(row_bytes));
+      }
+  }
+}
+
+template <typename In, typename Out, typename Rows>
+void transform_rows(const GatherColumn& col, const Rows& rows, const int64_t* idx, int64_t n,
+                    Out* dst) {
+  const int64_t m = col.src.row_elements();
+  const auto& ops = col.plan.ops;
+  for (int64_t k = 0; k < n; ++k) {
+    const In* row = reinterpret_cast<const In*>(rows(idx[k]));
+    Out* out = dst + k * m;
+    for (int64_t e = 0; e < m; ++e) {
+      double x = load_as_double(row[e]);
+      for (const TransformOp& op : ops) {
+        switch (op.kind) {
+          case OpKind::FillNa: x = fill_na(x, op.a); break;
+          case OpKind::Standardize: {
+            const size_t j = op.mean.size() == 1 ? 0 : static_cast<size_t>(e);
+            x = standardize(x, op.mean[j], op.scale[j]);
+            break;
+          }
+          case OpKind::Clip: x = clip(x, op.a, op.b); break;
+        }
+      }
+      out[e] = store_as<Out>(x);
+    }
+  }
+}
+
+template <typename Rows>
+void gather_with(const GatherColumn& col, const Rows& rows, const int64_t* indices, int64_t n,
+                 void* dst) {
+  if (col.plan.empty() && col.out_dtype == col.src.dtype) {
+    copy_rows(rows, col.src.row_bytes(), indices, n, static_cast<char*>(dst));
+    return;
+  }
+  dispatch_dtype(col.src.dtype, [&](auto in_tag) {
+    using In = typename decltype(in_tag)::type;
+    dispatch_dtype(col.out_dtype, [&](auto out_tag) {
+      using Out = typename decltype(out_tag)::type;
+      transform_rows<In, Out>(col, rows, indices, n, static_cast<Out*>(dst));
+    });
+  });
+}
+
+}  // namespace
+
+void gather_rows(const GatherColumn& col, const int64_t* indices, int64_t n, void* dst) {
+  check_indices(indices, n, col.src.shape[0]);
+  if (col.chunks.empty()) {
+    gather_with(col, Contiguous{static_cast<const char*>(col.src.data), col.src.row_bytes()},
+                indices, n, dst);
+  } else {
+    gather_with(col, Chunked{&col, col.src.row_bytes()}, indices, n, dst);
+  }
+}
+
+}  // namespace fastml::data

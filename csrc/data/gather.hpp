@@ -1,0 +1,33 @@
+// The loader's gather: rows by index from a column into a batch buffer, with
+// the column's transforms fused into the same pass over memory.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "common/array_view.hpp"
+#include "data/transform.hpp"
+
+namespace fastml::data {
+
+// A column the loader reads: C-contiguous rows along dim 0, and how to store
+// them (transforms, then the output dtype). `src` describes the whole column
+// (shape[0] = all rows); its rows live in `src.data`, or, for a column in
+// several chunks (Arrow record batches, used without combining them), chunk j
+// holds rows [chunk_starts[j], chunk_starts[j + 1]) at chunks[j].
+struct GatherColumn {
+  ArrayView src;
+  std::vector<const char*> chunks;
+  std::vector<int64_t> chunk_starts;  // chunks.size() + 1 entries, from 0 to src.shape[0]
+  TransformPlan plan;
+  DType out_dtype = DType::F32;
+  int64_t out_row_bytes() const {
+    return src.row_elements() * static_cast<int64_t>(itemsize(out_dtype));
+  }
+};
+
+// dst row k = transform(src row indices[k]) for k in [0, n). Indices must be
+// in [0, src.shape[0]) (checked; std::out_of_range otherwise).
+void gather_rows(const GatherColumn& col, const int64_t* indices, int64_t n, void* dst);
+
+}  // namespace fastml::data

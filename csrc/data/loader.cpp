@@ -1,0 +1,204 @@
+#include "data/loader.hpp"
+
+#include "common/errors.hpp"
+#include "common/thread_pool.hpp"
+
+namespace fastml::data {
+
+namespace {
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+}  // namespace
+
+PoolAllocator::PoolAllocator(size_t num_columns, size_t capacity) {
+  for (size_t c = 0; c < num_columns; ++c) pools_.push_back(std::make_unique<BufferPool>(capacity));
+}
+
+void PoolAllocator::acquire(Batch& b, const std::vector<GatherColumn>& cols,
+                            int64_t rows_capacity) {
+  b.buffers.resize(cols.size());
+  b.ptrs.resize(cols.size());
+  for (size_t c = 0; c < cols.size(); ++c) {
+    auto need = static_cast<size_t>(cols[c].out_row_bytes() * rows_capacity);
+    if (page_align_ == 0) {
+      b.buffers[c] = pools_[c]->acquire(need);
+      b.ptrs[c] = b.buffers[c]->data();
+    } else {
+      // Whole pages of their own, so page-locking one buffer never touches another's pages.
+      need = (need + page_align_ - 1) / page_align_ * page_align_ + page_align_;
+      b.buffers[c] = pools_[c]->acquire(need);
+      const auto addr = reinterpret_cast<uintptr_t>(b.buffers[c]->data());
+      b.ptrs[c] = reinterpret_cast<void*>((addr + page_align_ - 1) / page_align_ * page_align_);
+    }
+  }
+}
+
+int64_t PoolAllocator::allocated() const {
+  int64_t n = 0;
+  for (const auto& p : pools_) n += p->allocated();
+  return n;
+}
+
+void PoolAllocator::set_allocate(const std::function<BufferPtr(size_t)>& fn, size_t page_align) {
+  page_align_ = page_align;
+  for (auto& p : pools_) p->set_allocate(fn);
+}
+
+int64_t PoolAllocator::reused() const {
+  int64_t n = 0;
+  for (const auto& p : pools_) n += p->reused();
+  return n;
+}
+
+struct Engine::State : std::enable_shared_from_this<Engine::State> {
+  struct Slot {
+    Batch batch;
+    bool done = false;
+    std::exception_ptr error;
+  };
+
+  std::vector<GatherColumn> cols;
+  int64_t batch_size;
+  int prefetch, max_running;
+  std::shared_ptr<BatchAllocator> allocator;
+
+  std::mutex m;
+  std::condition_variable cv;
+  std::shared_ptr<const std::vector<int64_t>> rows;
+  int64_t num_batches = 0, next_submit = 0;
+  uint64_t generation = 0;  // bumped by stop(): tasks of an old epoch do nothing
+  int running = 0;
+  std::deque<std::shared_ptr<Slot>> window;  // submitted, not yet consumed, in order
+  LoaderStats stats;
+
+  // Submits gathers while the window and the running limit allow. Holds m.
+  void pump() {
+    while (next_submit < num_batches && static_cast<int>(window.size()) < prefetch &&
+           running < max_running) {
+      auto slot = std::make_shared<Slot>();
+      slot->batch.index = next_submit++;
+      window.push_back(slot);
+      ++running;
+      ThreadPool::global().submit([self = shared_from_this(), slot, gen = generation,
+                                   rows_ref = rows] { self->run(slot, gen, rows_ref); });
+    }
+  }
+
+  void run(const std::shared_ptr<Slot>& slot, uint64_t gen,
+           const std::shared_ptr<const std::vector<int64_t>>& rows_ref) {
+    bool cancelled;
+    {
+      std::lock_guard<std::mutex> lock(m);
+      cancelled = gen != generation;
+    }
+    double spent = 0;
+    if (!cancelled) {
+      const auto t0 = std::chrono::steady_clock::now();
+      try {
+        Batch& b = slot->batch;
+        const int64_t lo = b.index * batch_size;
+        const int64_t hi =
+            std::min<int64_t>(lo + batch_size, static_cast<int64_t>(rows_ref->size()));
+        b.rows = hi - lo;
+        allocator->acquire(b, cols, batch_size);
+        const int64_t* idx = rows_ref->data() + lo;
+        for (size_t c = 0; c < cols.size(); ++c) gather_rows(cols[c], idx, b.rows, b.ptrs[c]);
+      } catch (...) {
+        slot->error = std::current_exception();
+      }
+      spent = seconds_since(t0);
+    }
+    std::lock_guard<std::mutex> lock(m);
+    slot->done = true;
+    --running;
+    stats.worker_seconds += spent;
+    if (!cancelled) ++stats.gathered;
+    if (gen == generation) pump();
+    cv.notify_all();
+  }
+
+  void stop_locked(std::unique_lock<std::mutex>& lock) {
+    ++generation;
+    num_batches = next_submit = 0;
+    cv.wait(lock, [&] { return running == 0; });
+    for (auto& s : window) allocator->discard(s->batch);
+    window.clear();
+    rows.reset();
+  }
+};
+
+Engine::Engine(std::vector<GatherColumn> cols, int64_t batch_size, int prefetch, int max_running,
+               std::shared_ptr<BatchAllocator> allocator)
+    : state_(std::make_shared<State>()) {
+  FASTML_CHECK_ARG(batch_size > 0, "batch_size", "must be > 0, got ", batch_size);
+  FASTML_CHECK_ARG(prefetch >= 1, "prefetch", "must be >= 1, got ", prefetch);
+  FASTML_CHECK_ARG(max_running >= 1, "num_threads", "must be >= 1, got ", max_running);
+  state_->cols = std::move(cols);
+  state_->batch_size = batch_size;
+  state_->prefetch = prefetch;
+  state_->max_running = max_running;
+  state_->allocator = std::move(allocator);
+}
+
+Engine::~Engine() {
+  stop();
+}
+
+void Engine::start(std::shared_ptr<const std::vector<int64_t>> rows, bool drop_last,
+                   int64_t first_batch) {
+  std::unique_lock<std::mutex> lock(state_->m);
+  state_->stop_locked(lock);
+  const int64_t n = batch_count(static_cast<int64_t>(rows->size()), state_->batch_size, drop_last);
+  FASTML_CHECK_ARG(first_batch >= 0 && first_batch <= n, "first_batch", "must be in [0, ", n,
+                   "], got ", first_batch);
+  state_->rows = std::move(rows);
+  state_->num_batches = n;
+  state_->next_submit = first_batch;
+  state_->pump();
+}
+
+int64_t Engine::num_batches() const {
+  std::lock_guard<std::mutex> lock(state_->m);
+  return state_->num_batches;
+}
+
+bool Engine::next(Batch& out) {
+  State& s = *state_;
+  std::unique_lock<std::mutex> lock(s.m);
+  if (s.window.empty()) {
+    s.pump();
+    if (s.window.empty()) return false;
+  }
+  auto slot = s.window.front();
+  const auto t0 = std::chrono::steady_clock::now();
+  s.cv.wait(lock, [&] { return slot->done; });
+  s.stats.wait_seconds += seconds_since(t0);
+  s.window.pop_front();
+  if (slot->error) {
+    s.stop_locked(lock);
+    std::rethrow_exception(slot->error);
+  }
+  out = std::move(slot->batch);
+  s.stats.batches += 1;
+  s.stats.rows += out.rows;
+  for (const auto& c : s.cols) s.stats.bytes += c.out_row_bytes() * out.rows;
+  s.pump();
+  return true;
+}
+
+void Engine::stop() {
+  std::unique_lock<std::mutex> lock(state_->m);
+  state_->stop_locked(lock);
+}
+
+LoaderStats Engine::stats() const {
+  std::lock_guard<std::mutex> lock(state_->m);
+  return state_->stats;
+}
+
+const std::vector<GatherColumn>& Engine::columns() const {
+  return state_->cols;
+}
+
+}  // namespace fastml::data

@@ -1,0 +1,656 @@
+"""The Loader: batches of a Dataset, in a deterministic, resumable, sharded order."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fastml import _core
+from fastml.data._sources import arrow_column, first_chunk, open_parquet
+from fastml.data._transforms import column_plan
+
+if TYPE_CHECKING:
+    from fastml.data import Dataset
+
+_STATE_VERSION = 1
+
+
+def _check_int(name: str, value: Any, lo: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {value}")
+    return int(value)
+
+
+def _distributed_defaults() -> tuple[int, int]:
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return int(dist.get_rank()), int(dist.get_world_size())
+    return 0, 1
+
+
+class Loader:
+    """Shuffled, batched, prefetched batches of a :class:`~fastml.data.Dataset`.
+
+    Parameters
+    ----------
+    dataset: the columns to load.
+    batch_size: rows per batch (the last one may be smaller unless ``drop_last``).
+    shuffle: a new random order every epoch (full permutation for random-access
+        data, block shuffle for Parquet); ``False`` reads rows in order.
+    seed: with the epoch, determines the order.
+    drop_last: drop the final incomplete batch.
+    num_threads: at most this many batches are gathered at once on fastml's shared
+        pool (default: the pool's size). Never changes the batches.
+    prefetch: batches gathered ahead of the consumer (>= 1).
+    rank, world_size: this process's shard; default to torch.distributed's when it
+        is initialised, else 0 and 1.
+    device: ``"cpu"`` or ``"cuda"``/``"cuda:N"`` (torch CUDA tensors, copied from
+        pinned staging buffers on a dedicated stream).
+    output: ``"numpy"`` (dict of NumPy arrays) or ``"torch"`` (dict of tensors).
+    transforms: ``{column: [FillNa(...), Standardize(...), Clip(...), Cast(...)]}``,
+        applied in the native gather.
+    shuffle_buffer: Parquet only: rows shuffled together (whole row groups are
+        added until this many are buffered; default ``max(65536, 8 * batch_size)``).
+
+    Iterating yields the remaining batches of the current epoch; when an epoch is
+    exhausted the loader moves to the next one. ``state_dict()`` records the
+    position, ``load_state_dict()`` resumes at the next batch.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int = 1024,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        num_threads: int | None = None,
+        prefetch: int = 4,
+        rank: int | None = None,
+        world_size: int | None = None,
+        device: str = "cpu",
+        output: str = "numpy",
+        transforms: Mapping[str, Any] | None = None,
+        shuffle_buffer: int | None = None,
+    ) -> None:
+        from fastml.data import Dataset
+
+        if not isinstance(dataset, Dataset):
+            raise TypeError(f"dataset must be a fastml.data.Dataset, got {type(dataset).__name__}")
+        self._dataset = dataset
+        self._batch_size = _check_int("batch_size", batch_size, 1)
+        self._shuffle = bool(shuffle)
+        self._seed = _check_int("seed", seed, 0)
+        self._drop_last = bool(drop_last)
+        pool = _core.get_num_threads()
+        self._max_running = (
+            pool if num_threads is None else _check_int("num_threads", num_threads, 1)
+        )
+        self._prefetch = _check_int("prefetch", prefetch, 1)
+        d_rank, d_world = _distributed_defaults()
+        self._world_size = (
+            d_world if world_size is None else _check_int("world_size", world_size, 1)
+        )
+        self._rank = (
+            (d_rank if world_size is None else 0) if rank is None else _check_int("rank", rank, 0)
+        )
+        if self._rank >= self._world_size:
+            raise ValueError(
+                f"rank must be in [0, world_size={self._world_size}), got {self._rank}"
+            )
+        if output not in ("numpy", "torch"):
+            raise ValueError(f"output must be 'numpy' or 'torch', got {output!r}")
+        self._output = output
+        self._device = self._check_device(device)
+        if transforms is None:
+            transforms = {}
+        if not isinstance(transforms, Mapping):
+            raise TypeError(f"transforms must be a dict of lists, got {type(transforms).__name__}")
+        unknown = [c for c in transforms if c not in dataset.schema]
+        if unknown:
+            raise KeyError(
+                f"transforms name unknown columns {unknown} (dataset has {dataset.columns})"
+            )
+        specs = [
+            column_plan(n, info.dtype, info.shape, transforms.get(n))
+            for n, info in dataset.schema.items()
+        ]
+        if shuffle_buffer is None:
+            shuffle_buffer = max(65536, 8 * self._batch_size)
+        self._shuffle_buffer = _check_int("shuffle_buffer", shuffle_buffer, 1)
+        # Buffers in use by the consumer are never recycled; the pool only
+        # remembers this many per column for reuse.
+        self._plan = _core.DataGatherPlan(specs, self._prefetch + 4)
+        self._engine: Any = None
+        if not dataset.is_streamed:
+            arrays = [a for _, a in dataset._iter_columns()]
+            self._engine = _core.DataEngine(
+                self._plan, arrays, self._batch_size, self._prefetch, self._max_running
+            )
+        self._stager: Any = None
+        if self._device != "cpu":
+            self._stager = _CudaStager(self._device, self._plan)
+        self._epoch = 0
+        self._position = 0  # batches of the current epoch handed out
+        self._active: _Stream | None = None
+        self._closed = False
+        self._py_stats = {
+            "row_groups_read": 0,
+            "wait_seconds": 0.0,
+            "worker_seconds": 0.0,
+            "batches": 0,
+            "rows": 0,
+            "bytes": 0,
+        }
+
+    # ------------------------------------------------------------ configuration
+
+    def _check_device(self, device: Any) -> str:
+        dev = str(device)
+        if dev == "cpu":
+            return dev
+        if dev == "cuda" or dev.startswith("cuda:"):
+            if not _core.build_info()["cuda"]:
+                raise RuntimeError(
+                    f"device={dev!r} needs fastml built with CUDA (FASTML_CUDA=ON); this build is CPU-only"
+                )
+            import torch
+
+            if not torch.cuda.is_available():
+                raise RuntimeError(f"device={dev!r} but torch sees no CUDA device")
+            return dev
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+    @property
+    def dataset(self) -> Dataset:
+        """The dataset this loader reads."""
+        return self._dataset
+
+    @property
+    def batch_size(self) -> int:
+        """Rows per batch."""
+        return self._batch_size
+
+    @property
+    def epoch(self) -> int:
+        """The epoch that iteration continues in."""
+        return self._epoch
+
+    def rows_per_rank(self) -> int:
+        """Rows this rank reads per epoch (after padding or truncation to the world size)."""
+        n, w = len(self._dataset), self._world_size
+        return (n // w) if self._drop_last else -(-n // w)
+
+    def __len__(self) -> int:
+        """Batches in one epoch for this rank (the same on every rank)."""
+        rows, b = self.rows_per_rank(), self._batch_size
+        return rows // b if self._drop_last else -(-rows // b)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch ``epoch`` from its first batch at the next iteration."""
+        self._epoch = _check_int("epoch", epoch, 0)
+        self._position = 0
+        self._stop_active()
+
+    # ------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position as a small JSON-serialisable dict (continue with load_state_dict)."""
+        return {
+            "version": _STATE_VERSION,
+            "epoch": self._epoch,
+            "batches_consumed": self._position,
+            "seed": self._seed,
+            "shuffle": self._shuffle,
+            "batch_size": self._batch_size,
+            "drop_last": self._drop_last,
+            "rank": self._rank,
+            "world_size": self._world_size,
+            "num_rows": len(self._dataset),
+            "shuffle_buffer": self._shuffle_buffer if self._dataset.is_streamed else None,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from ``state_dict()``: the next batch is the one after those consumed.
+
+        The loader must be configured as the one that produced ``state`` (same
+        dataset size, seed, shuffle, batch_size, drop_last, rank, world_size);
+        ValueError names the first setting that differs.
+        """
+        if isinstance(state, (str, bytes)):
+            state = json.loads(state)
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(
+                f"state has version {state.get('version')!r}, expected {_STATE_VERSION}"
+            )
+        mine = self.state_dict()
+        for key in (
+            "seed",
+            "shuffle",
+            "batch_size",
+            "drop_last",
+            "rank",
+            "world_size",
+            "num_rows",
+            "shuffle_buffer",
+        ):
+            if state.get(key) != mine[key]:
+                raise ValueError(
+                    f"state {key}={state.get(key)!r} does not match this loader's {key}={mine[key]!r}"
+                )
+        epoch = _check_int("state['epoch']", state.get("epoch"), 0)
+        pos = _check_int("state['batches_consumed']", state.get("batches_consumed"), 0)
+        if pos > len(self):
+            raise ValueError(f"state['batches_consumed'] must be <= {len(self)}, got {pos}")
+        self._stop_active()
+        self._epoch, self._position = epoch, pos
+
+    # ------------------------------------------------------------ iteration
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self._closed:
+            raise RuntimeError("the loader is closed")
+        self._stop_active()
+        if self._position >= len(self):
+            self._epoch += 1
+            self._position = 0
+        stream = self._open_stream()
+        self._active = stream
+        return self._run(stream)
+
+    def _open_stream(self) -> _Stream:
+        if self._engine is not None:
+            return _EngineStream(self)
+        return _ParquetStream(self)
+
+    def _run(self, stream: _Stream) -> Iterator[dict[str, Any]]:
+        try:
+            convert = self._convert
+            while True:
+                batch = stream.next()
+                if batch is None:
+                    break
+                self._position += 1
+                yield batch if convert is None else convert(batch)
+            if self._active is stream:
+                self._epoch += 1
+                self._position = 0
+        finally:
+            stream.close()
+            if self._active is stream:
+                self._active = None
+
+    @property
+    def _convert(self) -> Any:
+        if self._stager is not None:
+            return self._stager.to_device
+        if self._output == "torch":
+            import torch
+
+            return lambda b: {k: torch.from_numpy(v) for k, v in b.items()}
+        return None
+
+    def _stop_active(self) -> None:
+        if self._active is not None:
+            self._active.close()
+            self._active = None
+
+    def stats(self) -> dict[str, Any]:
+        """Batches, rows and bytes produced; seconds the consumer waited for batches
+        (``wait_seconds``: high means loader-bound) and seconds workers spent
+        producing them (``worker_seconds``); buffer allocations and reuses."""
+        if self._engine is not None:
+            s = dict(self._engine.stats())
+        else:
+            s = dict(self._py_stats)
+            s["buffers_allocated"] = self._plan.buffers_allocated()
+            s["buffers_reused"] = self._plan.buffers_reused()
+        s["epoch"] = self._epoch
+        s["batches_consumed"] = self._position
+        if self._stager is not None:
+            s.update(self._stager.stats())
+        return s
+
+    def close(self) -> None:
+        """Stop the workers and free the batch buffers (batches still referenced stay valid)."""
+        self._stop_active()
+        if self._stager is not None:
+            self._stager.close()
+        self._closed = True
+
+    def __enter__(self) -> Loader:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self._stop_active()
+        except Exception:
+            pass
+
+
+class _Stream:
+    def next(self) -> dict[str, np.ndarray] | None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class _EngineStream(_Stream):
+    """Random-access datasets: the native engine does everything. One stream per
+    iteration; a stream that was superseded (a newer iter()) yields nothing more
+    and never touches the engine again."""
+
+    def __init__(self, loader: Loader) -> None:
+        self._engine = loader._engine
+        self._closed = False
+        self._pid = os.getpid()
+        self._engine.start(
+            loader._shuffle,
+            loader._seed,
+            loader._epoch,
+            loader._rank,
+            loader._world_size,
+            loader._drop_last,
+            loader._position,
+        )
+
+    def next(self) -> dict[str, np.ndarray] | None:
+        if self._closed:
+            return None
+        return self._engine.next()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            # A forked child (e.g. a DataLoader worker) inherits this object but
+            # not the pool threads whose gathers it would wait for.
+            if os.getpid() == self._pid:
+                self._engine.stop()
+
+
+class _ParquetStream(_Stream):
+    """Parquet: a producer thread decodes row groups (pyarrow releases the GIL
+    while decoding), shuffles them in windows and gathers batches natively.
+
+    A dedicated thread is the design here: decoding is pyarrow's work, driven
+    from Python, and must overlap with the consumer.
+    """
+
+    _DONE = object()
+
+    def __init__(self, loader: Loader) -> None:
+        self._loader = loader
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=loader._prefetch)
+        self._stop = threading.Event()
+        self._stats = loader._py_stats
+        self._thread = threading.Thread(
+            target=self._produce, name="fastml-data-parquet", daemon=True
+        )
+        self._thread.start()
+
+    def next(self) -> dict[str, np.ndarray] | None:
+        if self._stop.is_set():  # closed or superseded by a newer iteration
+            return None
+        t0 = time.perf_counter()
+        item = self._queue.get()
+        self._stats["wait_seconds"] += time.perf_counter() - t0
+        if item is self._DONE:
+            self._queue.put(self._DONE)
+            return None
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        self._stats["batches"] += 1
+        n = next(iter(item.values())).shape[0]
+        self._stats["rows"] += n
+        self._stats["bytes"] += sum(v.nbytes for v in item.values())
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self._thread.join()
+        while not self._queue.empty():
+            self._queue.get_nowait()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        batches = _parquet_batches(self._loader, self._stop, spent := [0.0])
+        try:
+            t0 = time.perf_counter()
+            for batch in batches:
+                self._stats["worker_seconds"] += time.perf_counter() - t0 - spent[0]
+                if not self._put(batch):
+                    return
+                t0 = time.perf_counter()
+                spent[0] = 0.0
+            self._put(self._DONE)
+        except BaseException as e:
+            self._put(e)
+        finally:
+            batches.close()  # joins the read-ahead thread
+
+
+def parquet_epoch_layout(
+    row_counts: list[int], shuffle: bool, seed: int, epoch: int, buffer_rows: int
+) -> list[list[int]]:
+    """Windows of an epoch: lists of row-group numbers whose rows are shuffled together.
+
+    Row groups are visited in a permuted order (stream 1 of the epoch's generator)
+    and grouped consecutively until each window holds at least ``buffer_rows`` rows.
+    """
+    order = (
+        _core.data_permutation(len(row_counts), seed, epoch, 1)
+        if shuffle
+        else range(len(row_counts))
+    )
+    windows: list[list[int]] = []
+    cur: list[int] = []
+    rows = 0
+    for g in order:
+        cur.append(int(g))
+        rows += row_counts[int(g)]
+        if rows >= buffer_rows:
+            windows.append(cur)
+            cur, rows = [], 0
+    if cur:
+        windows.append(cur)
+    return windows
+
+
+def _parquet_batches(
+    loader: Loader, stop: threading.Event, spent: list[float]
+) -> Iterator[dict[str, np.ndarray]]:
+    """Yields this rank's batches of the current epoch from the current position."""
+    ds = loader._dataset
+    rgs = ds._row_groups
+    n = len(ds)
+    w, bsz = loader._world_size, loader._batch_size
+    total = (n // w) * w if loader._drop_last else -(-n // w) * w  # positions incl. padding
+    per_rank = total // w
+    num_batches = len(loader)
+    if loader._position >= num_batches:
+        return
+    windows = parquet_epoch_layout(
+        [g.rows for g in rgs], loader._shuffle, loader._seed, loader._epoch, loader._shuffle_buffer
+    )
+    starts = np.cumsum([0] + [sum(rgs[g].rows for g in win) for win in windows])
+    plan = loader._plan
+    names = list(ds.schema)
+    files: dict[int, Any] = {}
+    # This rank reads stream entries [first, last) of positions r, r + w, ...
+    first = loader._position * bsz
+    last = min(num_batches * bsz, per_rank)
+
+    read_lock = threading.Lock()  # one reader of the ParquetFile objects at a time
+
+    def load_window(wi: int) -> tuple[Any, np.ndarray]:
+        import pyarrow as pa
+
+        tables = []
+        with read_lock:
+            for g in windows[wi]:
+                rg = rgs[g]
+                path = ds._files[rg.file]
+                if rg.file not in files:
+                    files[rg.file] = open_parquet(path)
+                try:
+                    tables.append(
+                        files[rg.file].read_row_group(rg.index, columns=names, use_threads=True)
+                    )
+                    loader._py_stats["row_groups_read"] += 1
+                except (pa.ArrowException, OSError) as e:
+                    raise OSError(f"{path!r}: cannot read row group {rg.index}: {e}") from None
+        table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        arrays = [arrow_column(c, table.column(c)) for c in names]
+        for c, a in zip(names, arrays, strict=True):
+            f = first_chunk(a)
+            if f.shape[1:] != ds.schema[c].shape or f.dtype != ds.schema[c].dtype:
+                raise OSError(f"{ds._files[rgs[windows[wi][0]].file]!r}: column '{c}' changed type")
+        m = int(starts[wi + 1] - starts[wi])
+        perm = (
+            _core.data_permutation(m, loader._seed, loader._epoch, 2 + wi)
+            if loader._shuffle
+            else np.arange(m, dtype=np.int64)
+        )
+        return plan.bind(arrays), perm
+
+    # Read-ahead: the next window is decoded on a second thread (pyarrow
+    # releases the GIL) while this one's batches are gathered.
+    ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastml-data-parquet-read")
+    futures: dict[int, Future[Any]] = {}
+
+    def window_rows(wi: int) -> tuple[Any, np.ndarray]:
+        fut = futures.pop(wi, None)
+        result = fut.result() if fut is not None else load_window(wi)
+        nxt = wi + 1
+        if nxt < len(windows) and nxt not in futures and not stop.is_set():
+            futures[nxt] = ahead.submit(load_window, nxt)
+        return result
+
+    try:
+        yield from _parquet_stream(
+            loader, stop, window_rows, starts, plan, first, last, num_batches
+        )
+    finally:
+        for f in futures.values():
+            f.cancel()
+        ahead.shutdown(wait=True)
+
+
+def _parquet_stream(
+    loader: Loader,
+    stop: threading.Event,
+    window_rows: Any,
+    starts: np.ndarray,
+    plan: Any,
+    first: int,
+    last: int,
+    num_batches: int,
+) -> Iterator[dict[str, np.ndarray]]:
+    """The batches of entries [first, last) of this rank's stream (see _parquet_batches)."""
+    n = len(loader._dataset)
+    w, r, bsz = loader._world_size, loader._rank, loader._batch_size
+    batch: Any = None  # the DataBatch being filled
+    filled = 0
+    emitted = loader._position
+
+    # Stream entry k is global position p = r + k * w; positions >= n wrap to p - n (padding).
+    k = first
+    while k < last and not stop.is_set():
+        p = r + k * w
+        q = p % n
+        wi = int(np.searchsorted(starts, q, side="right") - 1)
+        sources, perm = window_rows(wi)
+        lo, hi = int(starts[wi]), int(starts[wi + 1])
+        # Entries k..k_end-1 fall in this window (for wrapped positions, only up to the pad end).
+        base = p - q  # 0, or n for padding
+        k_end = min(last, (base + hi - r + w - 1) // w)
+        ks = np.arange(k, k_end, dtype=np.int64)
+        idx = perm[(r + ks * w) - base - lo]
+        pos = 0
+        while pos < idx.size:
+            if batch is None:
+                batch = _core.DataBatch(plan, bsz)
+                filled = 0
+            take = min(bsz - filled, idx.size - pos)
+            batch.fill(sources, idx[pos : pos + take], filled)
+            filled += take
+            pos += take
+            if filled == bsz:
+                out = batch.finish(bsz)
+                batch = None
+                emitted += 1
+                yield out
+                if stop.is_set():
+                    return
+        k = k_end
+    if batch is not None and filled and emitted < num_batches:
+        yield batch.finish(filled)
+
+
+class _CudaStager:
+    """device="cuda": batches are gathered into page-locked pool buffers and copied
+    with asynchronous host-to-device copies on a dedicated stream, ordered with
+    torch's current stream by events (see DataCudaStager in register_data.cpp)."""
+
+    def __init__(self, device: str, plan: Any, max_inflight: int = 2) -> None:
+        import torch
+
+        self._torch = torch
+        dev = torch.device(device)
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        self._device = torch.device("cuda", index)
+        self._dtypes: dict[str, Any] = {}
+        self._native = _core.DataCudaStager(plan, index, max_inflight)
+
+    def _dtype(self, np_dtype: np.dtype) -> Any:
+        name = np_dtype.name
+        if name not in self._dtypes:
+            self._dtypes[name] = getattr(self._torch, name)
+        return self._dtypes[name]
+
+    def to_device(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        torch = self._torch
+        outs = {
+            k: torch.empty(v.shape, dtype=self._dtype(v.dtype), device=self._device)
+            for k, v in batch.items()
+        }
+        stream = torch.cuda.current_stream(self._device).cuda_stream
+        self._native.copy(list(batch.values()), [t.data_ptr() for t in outs.values()], stream)
+        return outs
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self._native.stats())
+
+    def close(self) -> None:
+        self._native.close()

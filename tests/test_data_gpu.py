@@ -1,0 +1,75 @@
+"""fastml.data with device="cuda": pinned staging, async copies, events (needs a GPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fastml import data
+
+pytestmark = pytest.mark.gpu
+
+
+def _dataset(n: int = 5000) -> tuple[data.Dataset, np.ndarray]:
+    x = np.random.default_rng(0).random((n, 32), np.float32)
+    return data.Dataset.from_numpy({"i": np.arange(n), "x": x}), x
+
+
+def test_cuda_batches_match_cpu_batches():
+    torch = pytest.importorskip("torch")
+    ds, _x = _dataset()
+    cpu = [b for b in data.Loader(ds, batch_size=300, seed=4)]
+    gpu_loader = data.Loader(ds, batch_size=300, seed=4, device="cuda")
+    kept = []
+    for c, g in zip(cpu, gpu_loader, strict=True):
+        assert g["x"].is_cuda and g["x"].dtype == torch.float32
+        torch.testing.assert_close(g["x"].cpu(), torch.from_numpy(c["x"]), rtol=0, atol=0)
+        assert torch.equal(g["i"].cpu(), torch.from_numpy(c["i"]))
+        kept.append((g, c["x"].copy()))
+    torch.cuda.synchronize()
+    for g, c in kept:  # staging buffers were recycled; device batches never change
+        assert np.array_equal(g["x"].cpu().numpy(), c)
+    s = gpu_loader.stats()
+    assert s["h2d_copies"] == len(cpu) and s["h2d_bytes"] == 5000 * (32 * 4 + 8)
+    gpu_loader.close()
+
+
+def test_cuda_copies_are_ordered_with_the_current_stream():
+    torch = pytest.importorskip("torch")
+    ds, x = _dataset(20000)
+    side = torch.cuda.Stream()
+    loader = data.Loader(ds, batch_size=4096, shuffle=False, device="cuda")
+    with torch.cuda.stream(side):
+        sums = [b["x"].sum(dim=0) for b in loader]  # consumed on the side stream, no sync
+    torch.cuda.synchronize()
+    ref = [x[k : k + 4096].sum(axis=0) for k in range(0, 20000, 4096)]
+    for s, r in zip(sums, ref, strict=True):
+        np.testing.assert_allclose(s.cpu().numpy(), r, rtol=1e-4)
+    loader.close()
+
+
+def test_cuda_parquet_and_transforms(tmp_path):
+    torch = pytest.importorskip("torch")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(
+        pa.table({"i": np.arange(3000), "v": np.arange(3000, dtype=np.float64)}),
+        tmp_path / "d.parquet",
+        row_group_size=500,
+    )
+    ds = data.Dataset.from_parquet(tmp_path / "d.parquet")
+    loader = data.Loader(
+        ds,
+        batch_size=256,
+        device="cuda",
+        transforms={"v": [data.Standardize(1500.0, 10.0), data.Cast("float16")]},
+    )
+    seen = []
+    for b in loader:
+        ref = ((b["i"].cpu().numpy() - 1500.0) / 10.0).astype(np.float16)
+        assert b["v"].dtype == torch.float16
+        np.testing.assert_array_equal(b["v"].cpu().numpy(), ref)
+        seen.append(b["i"].cpu().numpy())
+    assert np.array_equal(np.sort(np.concatenate(seen)), np.arange(3000))
+    loader.close()
