@@ -1,10 +1,8 @@
 // ThreadSanitizer stress of the data loader's engine, without Python (TSan
-// and the CPython of this machine do not start together). Build against a
-// core built with -DFASTML_SANITIZE=thread:
-//   g++ -std=c++17 -fsanitize=thread -g -O1 -Icsrc tests/native/data_engine_stress.cpp \
-//       build/tsan/libfastml_core.a -lpthread -o /tmp/data_engine_stress && /tmp/data_engine_stress
-// It runs epochs with consumers that keep some batches, stop early, restart
-// and hit gather errors, and checks every row it receives.
+// and the CPython of this machine do not start together). Built by
+// -DFASTML_NATIVE_TESTS=ON and run by .ci/run under TSan and ASan/UBSan (see
+// docs/development.md). It runs epochs with consumers that keep some batches,
+// stop early, restart and hit gather errors, and checks every row it receives.
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
