@@ -137,6 +137,20 @@ def test_on_drift_fires_once_when_a_feature_starts_to_drift():
     assert len(calls) == n  # still drifting: no new call
 
 
+def test_on_drift_with_tumbling_windows_judges_closed_windows_only():
+    calls = []
+    mon = drift.Monitor(
+        drift.Profile.from_data(_data(500)),
+        window=300,
+        on_drift=lambda n, r: calls.append(n),
+    )
+    mon.update(_data(100, shift=3.0, seed=8))  # a partial window: no verdict yet
+    assert calls == []
+    mon.update(_data(200, shift=3.0, seed=9))  # closes the window of 300 drifted rows
+    assert "num" in calls
+    assert len(mon.windows) == 1 and mon.windows[0].features["num"].drifted
+
+
 def test_bad_batches_raise_clear_errors():
     mon = drift.Monitor(drift.Profile.from_data(_data(100)))
     with pytest.raises(ValueError, match="missing \\['cat'\\]"):

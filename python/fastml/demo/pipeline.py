@@ -532,7 +532,8 @@ def run_demo(
         result.stages["serve"] = {**result.stages.pop("serve_model"), **serve_stats}
 
         # 4. monitor drift on the served traffic
-        window_rows = max(n_serve // 10, 200)
+        # Whole chunks per window, at least 1,000 rows: smaller windows judge noise.
+        window_rows = max(n_serve // 10 // 1000, 1) * 1000
         mon = _monitor(train_cols, traffic_cols, window_rows, out_dir, prog)
         result.stages["drift"] = {k: v for k, v in mon.items() if k not in ("html", "json")}
         result.drifted_features = sorted(mon["first_drift_row"])
@@ -603,10 +604,16 @@ def format_summary(result: DemoResult) -> str:
     d = s["drift"]
     lines.append(f"  drift      {d['values_per_s']:,.0f} values/s through fastml.drift.Monitor")
     if result.drifted_features:
+        at = "?" if result.drift_detected_at_row is None else f"{result.drift_detected_at_row:,}"
         lines.append(
-            f"             drift injected at row {result.drift_injected_at_row:,}, first detected at row "
-            f"{result.drift_detected_at_row:,}: " + ", ".join(result.drifted_features)
+            f"             drift injected at row {result.drift_injected_at_row:,}, detected at the window "
+            f"ending at row {at}: " + ", ".join(result.drifted_features)
         )
+        if d.get("transient_alarms"):
+            lines.append(
+                "             transient alarms (not drifting at the end): "
+                + ", ".join(d["transient_alarms"])
+            )
     else:
         lines.append("             no drift detected (one was injected: check the report)")
     lines.append(f"  reports    {result.reports['html']}")

@@ -61,7 +61,8 @@ class Monitor:
 
     ``window``: None (grow until :meth:`rollover`), an int (tumbling windows
     of that many rows) or a :class:`Window`. ``on_drift(name, result)`` is
-    called after an update in which a feature starts to drift.
+    called when a feature starts to drift: as each tumbling window closes, or,
+    for growing and decayed windows, after each update.
     """
 
     def __init__(
@@ -192,7 +193,9 @@ class Monitor:
                 self._cur._native.scale(0.5 ** (nrows / w.half_life))
             self._cur._ingest(cols, nrows)
             self._rows_in_window += nrows
-        if self._on_drift is not None and self._rows_in_window > 0:
+        # Tumbling windows are judged when they close (in rollover): a verdict
+        # on a partly filled window would flag noise from a handful of rows.
+        if self._on_drift is not None and w.rows is None and self._rows_in_window > 0:
             self._check(self.report())
 
     def _check(self, rep: Report) -> None:
