@@ -29,13 +29,17 @@ def _free_port() -> int:
 @pytest.fixture
 def server():
     port = _free_port()
-    env = {"PYTHONPATH": f"{ROOT / 'python'}:{ROOT}", "FASTML_MAX_DELAY_US": "2000"}
+    # fastml itself comes from wherever this test imports it (installed, or the
+    # source tree through the inherited PYTHONPATH); --app-dir finds the example.
+    env = {"FASTML_MAX_DELAY_US": "2000"}
     proc = subprocess.Popen(
         [
             sys.executable,
             "-m",
             "uvicorn",
-            "examples.fastapi_batcher:app",
+            "--app-dir",
+            str(ROOT / "examples"),
+            "fastapi_batcher:app",
             "--host",
             "127.0.0.1",
             "--port",
