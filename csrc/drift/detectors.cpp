@@ -3,6 +3,11 @@
 #include <cmath>
 #include <limits>
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
+
+#include "common/cpu_features.hpp"
 #include "common/errors.hpp"
 
 namespace fastml::drift {
@@ -14,7 +19,8 @@ Adwin::Adwin(double delta, int clock, int max_buckets, int min_window_length, in
       clock_(clock),
       max_buckets_(max_buckets),
       min_window_(min_window_length),
-      grace_(grace_period) {
+      grace_(grace_period),
+      use_avx2_(cpu_features().avx2) {
   FASTML_CHECK_ARG(delta > 0 && delta < 1, "delta", "must be in (0, 1), got ", delta);
   FASTML_CHECK_ARG(clock >= 1, "clock", "must be >= 1, got ", clock);
   FASTML_CHECK_ARG(max_buckets >= 2, "max_buckets", "must be >= 2, got ", max_buckets);
@@ -27,6 +33,7 @@ Adwin::Adwin(double delta, int clock, int max_buckets, int min_window_length, in
 void Adwin::reset() {
   total_ = variance_ = width_ = 0;
   tick_ = 0;
+  until_check_ = clock_;
   detected_ = false;
   levels_.assign(1, Level{});
 }
@@ -42,7 +49,7 @@ void Adwin::insert(double value) {
   }
   variance_ += inc;
   total_ += value;
-  compress();
+  if (static_cast<int>(levels_[0].totals.size()) == max_buckets_ + 1) compress();
 }
 
 void Adwin::compress() {
@@ -59,8 +66,14 @@ void Adwin::compress() {
     up.totals.push_back(total12);
     up.variances.push_back(v12);
     Level& cur = levels_[h];  // `lv` may dangle after emplace_back
-    cur.totals.erase(cur.totals.begin(), cur.totals.begin() + 2);
-    cur.variances.erase(cur.variances.begin(), cur.variances.begin() + 2);
+    // Drop the two oldest (a few elements: a plain loop beats a memmove call).
+    const size_t len = cur.totals.size();
+    for (size_t k = 2; k < len; ++k) {
+      cur.totals[k - 2] = cur.totals[k];
+      cur.variances[k - 2] = cur.variances[k];
+    }
+    cur.totals.resize(len - 2);
+    cur.variances.resize(len - 2);
     if (static_cast<int>(levels_[h + 1].totals.size()) <= max_buckets_) break;
   }
 }
@@ -93,40 +106,119 @@ bool Adwin::cut(double n0, double n1, double delta_mean, double delta_prime) con
   return dm > eps;
 }
 
+namespace {
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTML_ADWIN_AVX 1
+// First j in [from, m) whose split cuts, else m: both parts hold at least
+// `mw` values and |u0/n0 - u1/n1| > sqrt(2 m (var/width) delta') + linear,
+// with m = 1/(n0 - mw + 1) + 1/(n1 - mw + 1) and linear = (2/3 delta') m.
+// Four splits per step with the same IEEE operations, in the same order, as
+// Adwin::cut (division and square root are correctly rounded in AVX too, and
+// there is no FMA in this target, so nothing is contracted): the result is
+// bit for bit the scalar decision. The caller re-checks the split it returns.
+__attribute__((target("avx2"))) int64_t adwin_first_candidate(const double* n0, const double* n1,
+                                                              const double* u0, const double* u1,
+                                                              int64_t from, int64_t m, double mw,
+                                                              double lin_coef, double var_w,
+                                                              double delta_prime) {
+  const __m256d vmw = _mm256_set1_pd(mw), vone = _mm256_set1_pd(1.0);
+  const __m256d vc = _mm256_set1_pd(lin_coef);
+  const __m256d sign = _mm256_set1_pd(-0.0), vtwo = _mm256_set1_pd(2.0);
+  const __m256d vvar = _mm256_set1_pd(var_w), vdp = _mm256_set1_pd(delta_prime);
+  int64_t j = from;
+  for (; j + 4 <= m; j += 4) {
+    const __m256d a = _mm256_loadu_pd(n0 + j), b = _mm256_loadu_pd(n1 + j);
+    const __m256d dmean = _mm256_sub_pd(_mm256_div_pd(_mm256_loadu_pd(u0 + j), a),
+                                        _mm256_div_pd(_mm256_loadu_pd(u1 + j), b));
+    const __m256d m_recip =
+        _mm256_add_pd(_mm256_div_pd(vone, _mm256_add_pd(_mm256_sub_pd(a, vmw), vone)),
+                      _mm256_div_pd(vone, _mm256_add_pd(_mm256_sub_pd(b, vmw), vone)));
+    const __m256d linear = _mm256_mul_pd(vc, m_recip);
+    const __m256d eps = _mm256_add_pd(
+        _mm256_sqrt_pd(_mm256_mul_pd(_mm256_mul_pd(_mm256_mul_pd(vtwo, m_recip), vvar), vdp)),
+        linear);
+    const __m256d ok = _mm256_and_pd(
+        _mm256_and_pd(_mm256_cmp_pd(b, vmw, _CMP_GE_OQ), _mm256_cmp_pd(a, vmw, _CMP_GE_OQ)),
+        _mm256_cmp_pd(_mm256_andnot_pd(sign, dmean), eps, _CMP_GT_OQ));
+    const int bits = _mm256_movemask_pd(ok);
+    if (bits) return j + __builtin_ctz(static_cast<unsigned>(bits));
+  }
+  for (; j < m; ++j) {
+    if (!(n1[j] >= mw && n0[j] >= mw)) continue;
+    const double dmean = (u0[j] / n0[j]) - (u1[j] / n1[j]);
+    const double m_recip = 1.0 / (n0[j] - mw + 1.0) + 1.0 / (n1[j] - mw + 1.0);
+    const double linear = lin_coef * m_recip;
+    if (!(std::abs(dmean) > linear)) continue;
+    if (std::abs(dmean) > std::sqrt(2.0 * m_recip * var_w * delta_prime) + linear) return j;
+  }
+  return m;
+}
+#endif
+
+}  // namespace
+
 bool Adwin::detect() {
   bool change = false;
   ++tick_;
-  if (tick_ % clock_ == 0 && width_ > grace_) {
+  // tick_ % clock_ == 0, without a division per value.
+  if (--until_check_ != 0) return false;
+  until_check_ = clock_;
+  if (width_ > grace_) {
     bool reduce = true;
     while (reduce) {
       reduce = false;
-      bool exit_flag = false;
+      // The splits in River's order (largest buckets, i.e. oldest, first),
+      // with the running sizes and sums accumulated exactly as River does;
+      // River stops before the newest bucket of level 0.
+      size_t nb = 0;
+      for (const Level& lv : levels_) nb += lv.totals.size();
+      if (n0_.size() < nb) {
+        n0_.resize(nb);
+        n1_.resize(nb);
+        u0_.resize(nb);
+        u1_.resize(nb);
+      }
       double n0 = 0, n1 = width_, u0 = 0, u1 = total_;
-      const double delta_prime = std::log(2.0 * std::log(width_) / delta_);
       const int64_t nlev = static_cast<int64_t>(levels_.size());
-      for (int64_t h = nlev - 1; h >= 0 && !exit_flag && !reduce; --h) {
+      size_t w = 0;
+      for (int64_t h = nlev - 1; h >= 0; --h) {
         const double size = static_cast<double>(uint64_t{1} << h);
-        const int64_t cnt = static_cast<int64_t>(levels_[h].totals.size());
-        for (int64_t k = 0; k < cnt; ++k) {
+        const std::vector<double>& totals = levels_[h].totals;
+        for (double t : totals) {
           n0 += size;
           n1 -= size;
-          const double t = levels_[h].totals[k];
           u0 += t;
           u1 -= t;
-          if (h == 0 && k == cnt - 1) {
-            exit_flag = true;
-            break;
-          }
-          const double delta_mean = (u0 / n0) - (u1 / n1);
-          if (n1 >= min_window_ && n0 >= min_window_ && cut(n0, n1, delta_mean, delta_prime)) {
-            reduce = true;
-            change = true;
-            if (width_ > 0) {
-              delete_oldest();
-              break;
-            }
-          }
+          n0_[w] = n0;
+          n1_[w] = n1;
+          u0_[w] = u0;
+          u1_[w] = u1;
+          ++w;
         }
+      }
+      int64_t m = static_cast<int64_t>(nb);
+      if (!levels_[0].totals.empty()) --m;  // River's exit before the newest bucket
+      const double delta_prime = std::log(2.0 * std::log(width_) / delta_);
+      const double lin_coef = 2.0 / 3.0 * delta_prime;
+      int64_t j = 0;
+      while (j < m) {
+#ifdef FASTML_ADWIN_AVX
+        if (use_avx2_) {
+          j = adwin_first_candidate(n0_.data(), n1_.data(), u0_.data(), u1_.data(), j, m,
+                                    min_window_, lin_coef, variance_ / width_, delta_prime);
+          if (j >= m) break;
+        }
+#endif
+        const double delta_mean = (u0_[j] / n0_[j]) - (u1_[j] / n1_[j]);
+        if (n1_[j] >= min_window_ && n0_[j] >= min_window_ &&
+            cut(n0_[j], n1_[j], delta_mean, delta_prime)) {
+          reduce = true;
+          change = true;
+          if (width_ > 0) delete_oldest();
+          break;
+        }
+        ++j;
       }
     }
   }

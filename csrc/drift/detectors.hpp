@@ -37,8 +37,13 @@ class Adwin {
   double min_window_, grace_;
   double total_ = 0, variance_ = 0, width_ = 0;
   int64_t tick_ = 0, n_detections_ = 0;
+  int64_t until_check_ = 1;  // values until the next clock tick
   bool detected_ = false;
+  bool use_avx2_ = false;
   std::vector<Level> levels_;
+  // Scratch for one detection pass (kept to avoid per-pass allocation): the
+  // running split sizes and sums after each bucket, oldest bucket first.
+  std::vector<double> n0_, n1_, u0_, u1_;
 };
 
 // Page-Hinkley test on the running mean.
