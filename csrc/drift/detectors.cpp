@@ -1,5 +1,6 @@
 #include "drift/detectors.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -35,12 +36,19 @@ void Adwin::reset() {
   tick_ = 0;
   until_check_ = clock_;
   detected_ = false;
-  levels_.assign(1, Level{});
+  cap_ = max_buckets_ + 1;
+  if (tot_.size() != static_cast<size_t>(kMaxLevels * cap_)) {
+    tot_.assign(static_cast<size_t>(kMaxLevels * cap_), 0.0);
+    var_.assign(static_cast<size_t>(kMaxLevels * cap_), 0.0);
+  }
+  cnt_.fill(0);
+  nlev_ = 1;
 }
 
 void Adwin::insert(double value) {
-  levels_[0].totals.push_back(value);
-  levels_[0].variances.push_back(0.0);
+  tot_[cnt_[0]] = value;
+  var_[cnt_[0]] = 0.0;
+  ++cnt_[0];
   width_ += 1.0;
   double inc = 0.0;
   if (width_ > 1.0) {
@@ -49,48 +57,56 @@ void Adwin::insert(double value) {
   }
   variance_ += inc;
   total_ += value;
-  if (static_cast<int>(levels_[0].totals.size()) == max_buckets_ + 1) compress();
+  if (cnt_[0] == cap_) compress();
 }
 
 void Adwin::compress() {
-  for (size_t h = 0; h < levels_.size(); ++h) {
-    Level& lv = levels_[h];
-    if (static_cast<int>(lv.totals.size()) != max_buckets_ + 1) break;
+  for (int h = 0; h < nlev_; ++h) {
+    if (cnt_[h] != cap_) break;
+    double* t = tot_.data() + h * cap_;
+    double* v = var_.data() + h * cap_;
     const double n1 = static_cast<double>(uint64_t{1} << h);
-    const double mu1 = lv.totals[0] / n1, mu2 = lv.totals[1] / n1;
-    const double total12 = lv.totals[0] + lv.totals[1];
+    const double mu1 = t[0] / n1, mu2 = t[1] / n1;
+    const double total12 = t[0] + t[1];
     const double temp = n1 * 0.5 * (mu1 - mu2) * (mu1 - mu2);
-    const double v12 = lv.variances[0] + lv.variances[1] + temp;
-    if (h + 1 >= levels_.size()) levels_.emplace_back();
-    Level& up = levels_[h + 1];
-    up.totals.push_back(total12);
-    up.variances.push_back(v12);
-    Level& cur = levels_[h];  // `lv` may dangle after emplace_back
-    // Drop the two oldest (a few elements: a plain loop beats a memmove call).
-    const size_t len = cur.totals.size();
-    for (size_t k = 2; k < len; ++k) {
-      cur.totals[k - 2] = cur.totals[k];
-      cur.variances[k - 2] = cur.variances[k];
+    const double v12 = v[0] + v[1] + temp;
+    FASTML_ASSERT(h + 1 < kMaxLevels);
+    if (h + 1 >= nlev_) {
+      nlev_ = h + 2;
+      cnt_[h + 1] = 0;
     }
-    cur.totals.resize(len - 2);
-    cur.variances.resize(len - 2);
-    if (static_cast<int>(levels_[h + 1].totals.size()) <= max_buckets_) break;
+    const int up = (h + 1) * cap_ + cnt_[h + 1];
+    tot_[up] = total12;
+    var_[up] = v12;
+    ++cnt_[h + 1];
+    // Drop the two oldest of level h.
+    for (int k = 2; k < cap_; ++k) {
+      t[k - 2] = t[k];
+      v[k - 2] = v[k];
+    }
+    cnt_[h] -= 2;
+    if (cnt_[h + 1] <= max_buckets_) break;
   }
 }
 
 void Adwin::delete_oldest() {
-  const size_t last = levels_.size() - 1;
+  const int last = nlev_ - 1;
+  double* t = tot_.data() + last * cap_;
+  double* v = var_.data() + last * cap_;
   const double n = static_cast<double>(uint64_t{1} << last);
-  const double u = levels_[last].totals[0], v = levels_[last].variances[0];
+  const double u = t[0], vv = v[0];
   const double mu = u / n;
   width_ -= n;
   total_ -= u;
   const double mu_window = total_ / width_;
-  const double inc = v + n * width_ * (mu - mu_window) * (mu - mu_window) / (n + width_);
+  const double inc = vv + n * width_ * (mu - mu_window) * (mu - mu_window) / (n + width_);
   variance_ -= inc;
-  levels_[last].totals.erase(levels_[last].totals.begin());
-  levels_[last].variances.erase(levels_[last].variances.begin());
-  if (levels_[last].totals.empty() && last > 0) levels_.pop_back();
+  for (int k = 1; k < cnt_[last]; ++k) {
+    t[k - 1] = t[k];
+    v[k - 1] = v[k];
+  }
+  --cnt_[last];
+  if (cnt_[last] == 0 && last > 0) --nlev_;
 }
 
 bool Adwin::cut(double n0, double n1, double delta_mean, double delta_prime) const {
@@ -154,6 +170,34 @@ __attribute__((target("avx2"))) int64_t adwin_first_candidate(const double* n0, 
   }
   return m;
 }
+
+constexpr int64_t kIncBlock = 64;
+
+// inc[k] = w > 1 ? (w - 1) d d / w : 0 with d = x - prev / (w - 1), w = wk[k],
+// prev = prev[k]: insert()'s variance increment, same operations in the same
+// order (no FMA in this target), four values per step.
+__attribute__((target("avx2"))) void adwin_increments(const double* x, const double* prev,
+                                                      const double* wk, double* inc, int64_t len) {
+  const __m256d one = _mm256_set1_pd(1.0), zero = _mm256_setzero_pd();
+  int64_t k = 0;
+  for (; k + 4 <= len; k += 4) {
+    const __m256d w = _mm256_load_pd(wk + k);
+    const __m256d wm1 = _mm256_sub_pd(w, one);
+    const __m256d d =
+        _mm256_sub_pd(_mm256_loadu_pd(x + k), _mm256_div_pd(_mm256_load_pd(prev + k), wm1));
+    const __m256d v = _mm256_div_pd(_mm256_mul_pd(_mm256_mul_pd(wm1, d), d), w);
+    _mm256_store_pd(inc + k, _mm256_blendv_pd(zero, v, _mm256_cmp_pd(w, one, _CMP_GT_OQ)));
+  }
+  for (; k < len; ++k) {
+    const double w = wk[k];
+    double v = 0.0;
+    if (w > 1.0) {
+      const double d = x[k] - prev[k] / (w - 1.0);
+      v = (w - 1.0) * d * d / w;
+    }
+    inc[k] = v;
+  }
+}
 #endif
 
 }  // namespace
@@ -172,7 +216,7 @@ bool Adwin::detect() {
       // with the running sizes and sums accumulated exactly as River does;
       // River stops before the newest bucket of level 0.
       size_t nb = 0;
-      for (const Level& lv : levels_) nb += lv.totals.size();
+      for (int h = 0; h < nlev_; ++h) nb += static_cast<size_t>(cnt_[h]);
       if (n0_.size() < nb) {
         n0_.resize(nb);
         n1_.resize(nb);
@@ -180,12 +224,12 @@ bool Adwin::detect() {
         u1_.resize(nb);
       }
       double n0 = 0, n1 = width_, u0 = 0, u1 = total_;
-      const int64_t nlev = static_cast<int64_t>(levels_.size());
       size_t w = 0;
-      for (int64_t h = nlev - 1; h >= 0; --h) {
+      for (int h = nlev_ - 1; h >= 0; --h) {
         const double size = static_cast<double>(uint64_t{1} << h);
-        const std::vector<double>& totals = levels_[h].totals;
-        for (double t : totals) {
+        const double* totals = tot_.data() + h * cap_;
+        for (int k = 0; k < cnt_[h]; ++k) {
+          const double t = totals[k];
           n0 += size;
           n1 -= size;
           u0 += t;
@@ -198,7 +242,7 @@ bool Adwin::detect() {
         }
       }
       int64_t m = static_cast<int64_t>(nb);
-      if (!levels_[0].totals.empty()) --m;  // River's exit before the newest bucket
+      if (cnt_[0] > 0) --m;  // River's exit before the newest bucket
       const double delta_prime = std::log(2.0 * std::log(width_) / delta_);
       const double lin_coef = 2.0 / 3.0 * delta_prime;
       int64_t j = 0;
@@ -235,8 +279,63 @@ bool Adwin::step(double x) {
 
 std::vector<int64_t> Adwin::update(const double* x, int64_t n) {
   std::vector<int64_t> out;
-  for (int64_t i = 0; i < n; ++i)
-    if (step(x[i])) out.push_back(i);
+  int64_t i = 0;
+  while (i < n) {
+    if (detected_) reset();
+    // The values before the next clock tick only insert (no check can
+    // fire): run them with the window sums in registers, with the same
+    // arithmetic as insert(); compress() does not read the sums.
+    const int64_t run = std::min<int64_t>(n - i, until_check_ - 1);
+    if (run <= 0) {
+      if (step(x[i])) out.push_back(i);
+      ++i;
+      continue;
+    }
+    double w = width_, tot = total_, var = variance_;
+    for (int64_t k = i; k < i + run; ++k) {
+      tot_[cnt_[0]] = x[k];
+      var_[cnt_[0]] = 0.0;
+      ++cnt_[0];
+      if (cnt_[0] == cap_) compress();
+    }
+#ifdef FASTML_ADWIN_AVX
+    if (use_avx2_) {
+      // The two divisions per value do not depend on the previous value's
+      // variance: compute them four at a time, then add in order.
+      for (int64_t b = i; b < i + run; b += kIncBlock) {
+        const int64_t len = std::min<int64_t>(kIncBlock, i + run - b);
+        alignas(32) double prev[kIncBlock], wk[kIncBlock], inc[kIncBlock];
+        for (int64_t k = 0; k < len; ++k) {
+          prev[k] = tot;
+          w += 1.0;
+          wk[k] = w;
+          tot += x[b + k];
+        }
+        adwin_increments(x + b, prev, wk, inc, len);
+        for (int64_t k = 0; k < len; ++k) var += inc[k];
+      }
+    } else
+#endif
+    {
+      for (int64_t k = i; k < i + run; ++k) {
+        const double value = x[k];
+        w += 1.0;
+        double inc = 0.0;
+        if (w > 1.0) {
+          const double d = value - tot / (w - 1.0);
+          inc = (w - 1.0) * d * d / w;
+        }
+        var += inc;
+        tot += value;
+      }
+    }
+    width_ = w;
+    total_ = tot;
+    variance_ = var;
+    tick_ += run;
+    until_check_ -= run;
+    i += run;
+  }
   return out;
 }
 

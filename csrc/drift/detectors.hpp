@@ -3,6 +3,7 @@
 // that both detect at the same indices (tests compare them).
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <vector>
 
@@ -22,9 +23,6 @@ class Adwin {
   int64_t n_detections() const { return n_detections_; }
 
  private:
-  struct Level {
-    std::vector<double> totals, variances;  // oldest first, at most max_buckets + 1
-  };
   bool step(double x);
   void insert(double value);
   void compress();
@@ -40,7 +38,13 @@ class Adwin {
   int64_t until_check_ = 1;  // values until the next clock tick
   bool detected_ = false;
   bool use_avx2_ = false;
-  std::vector<Level> levels_;
+  // Bucket rows as fixed arrays: level h (buckets of 2^h values) holds
+  // cnt_[h] buckets, oldest first, at tot_/var_[h * cap_ ...], cap_ =
+  // max_buckets + 1; nlev_ levels are in use.
+  static constexpr int kMaxLevels = 64;
+  int cap_ = 0, nlev_ = 1;
+  std::array<int, kMaxLevels> cnt_{};
+  std::vector<double> tot_, var_;
   // Scratch for one detection pass (kept to avoid per-pass allocation): the
   // running split sizes and sums after each bucket, oldest bucket first.
   std::vector<double> n0_, n1_, u0_, u1_;
