@@ -42,13 +42,12 @@ void Adwin::reset() {
     var_.assign(static_cast<size_t>(kMaxLevels * cap_), 0.0);
   }
   cnt_.fill(0);
+  head_.fill(0);
   nlev_ = 1;
 }
 
 void Adwin::insert(double value) {
-  tot_[cnt_[0]] = value;
-  var_[cnt_[0]] = 0.0;
-  ++cnt_[0];
+  push_newest(0, value, 0.0);
   width_ += 1.0;
   double inc = 0.0;
   if (width_ > 1.0) {
@@ -63,27 +62,26 @@ void Adwin::insert(double value) {
 void Adwin::compress() {
   for (int h = 0; h < nlev_; ++h) {
     if (cnt_[h] != cap_) break;
-    double* t = tot_.data() + h * cap_;
-    double* v = var_.data() + h * cap_;
+    const double* t = tot_.data() + h * cap_;
+    const double* v = var_.data() + h * cap_;
+    const int i0 = head_[h], i1 = i0 + 1 == cap_ ? 0 : i0 + 1;  // the two oldest
     const double n1 = static_cast<double>(uint64_t{1} << h);
-    const double mu1 = t[0] / n1, mu2 = t[1] / n1;
-    const double total12 = t[0] + t[1];
+    // n1 is a power of two: x / n1 and x * (1 / n1) are the same correctly
+    // rounded x 2^-h, and the multiplication is far cheaper.
+    const double inv_n1 = 1.0 / n1;
+    const double mu1 = t[i0] * inv_n1, mu2 = t[i1] * inv_n1;
+    const double total12 = t[i0] + t[i1];
     const double temp = n1 * 0.5 * (mu1 - mu2) * (mu1 - mu2);
-    const double v12 = v[0] + v[1] + temp;
+    const double v12 = v[i0] + v[i1] + temp;
     FASTML_ASSERT(h + 1 < kMaxLevels);
     if (h + 1 >= nlev_) {
       nlev_ = h + 2;
       cnt_[h + 1] = 0;
+      head_[h + 1] = 0;
     }
-    const int up = (h + 1) * cap_ + cnt_[h + 1];
-    tot_[up] = total12;
-    var_[up] = v12;
-    ++cnt_[h + 1];
+    push_newest(h + 1, total12, v12);
     // Drop the two oldest of level h.
-    for (int k = 2; k < cap_; ++k) {
-      t[k - 2] = t[k];
-      v[k - 2] = v[k];
-    }
+    head_[h] = i1 + 1 == cap_ ? 0 : i1 + 1;
     cnt_[h] -= 2;
     if (cnt_[h + 1] <= max_buckets_) break;
   }
@@ -91,20 +89,16 @@ void Adwin::compress() {
 
 void Adwin::delete_oldest() {
   const int last = nlev_ - 1;
-  double* t = tot_.data() + last * cap_;
-  double* v = var_.data() + last * cap_;
+  const int i0 = last * cap_ + head_[last];
   const double n = static_cast<double>(uint64_t{1} << last);
-  const double u = t[0], vv = v[0];
+  const double u = tot_[i0], vv = var_[i0];
   const double mu = u / n;
   width_ -= n;
   total_ -= u;
   const double mu_window = total_ / width_;
   const double inc = vv + n * width_ * (mu - mu_window) * (mu - mu_window) / (n + width_);
   variance_ -= inc;
-  for (int k = 1; k < cnt_[last]; ++k) {
-    t[k - 1] = t[k];
-    v[k - 1] = v[k];
-  }
+  head_[last] = head_[last] + 1 == cap_ ? 0 : head_[last] + 1;
   --cnt_[last];
   if (cnt_[last] == 0 && last > 0) --nlev_;
 }
@@ -228,8 +222,8 @@ bool Adwin::detect() {
       for (int h = nlev_ - 1; h >= 0; --h) {
         const double size = static_cast<double>(uint64_t{1} << h);
         const double* totals = tot_.data() + h * cap_;
-        for (int k = 0; k < cnt_[h]; ++k) {
-          const double t = totals[k];
+        for (int k = 0, j = head_[h]; k < cnt_[h]; ++k, j = j + 1 == cap_ ? 0 : j + 1) {
+          const double t = totals[j];
           n0 += size;
           n1 -= size;
           u0 += t;
@@ -293,9 +287,7 @@ std::vector<int64_t> Adwin::update(const double* x, int64_t n) {
     }
     double w = width_, tot = total_, var = variance_;
     for (int64_t k = i; k < i + run; ++k) {
-      tot_[cnt_[0]] = x[k];
-      var_[cnt_[0]] = 0.0;
-      ++cnt_[0];
+      push_newest(0, x[k], 0.0);
       if (cnt_[0] == cap_) compress();
     }
 #ifdef FASTML_ADWIN_AVX

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <array>
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -38,12 +39,19 @@ class Adwin {
   int64_t until_check_ = 1;  // values until the next clock tick
   bool detected_ = false;
   bool use_avx2_ = false;
-  // Bucket rows as fixed arrays: level h (buckets of 2^h values) holds
-  // cnt_[h] buckets, oldest first, at tot_/var_[h * cap_ ...], cap_ =
-  // max_buckets + 1; nlev_ levels are in use.
+  // Bucket rows as fixed ring buffers: level h (buckets of 2^h values)
+  // holds cnt_[h] buckets at tot_/var_[h * cap_ ...], cap_ = max_buckets + 1,
+  // the oldest at slot head_[h]; nlev_ levels are in use.
   static constexpr int kMaxLevels = 64;
   int cap_ = 0, nlev_ = 1;
-  std::array<int, kMaxLevels> cnt_{};
+  std::array<int, kMaxLevels> cnt_{}, head_{};
+  void push_newest(int h, double total, double var) {
+    int j = head_[h] + cnt_[h];
+    j = j >= cap_ ? j - cap_ : j;
+    tot_[static_cast<std::size_t>(h * cap_ + j)] = total;
+    var_[static_cast<std::size_t>(h * cap_ + j)] = var;
+    ++cnt_[h];
+  }
   std::vector<double> tot_, var_;
   // Scratch for one detection pass (kept to avoid per-pass allocation): the
   // running split sizes and sums after each bucket, oldest bucket first.
