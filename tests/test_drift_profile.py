@@ -470,3 +470,38 @@ def test_cuda_ingest_matches_cpu(mode, dtype):
     assert a["m2"] == pytest.approx(b["m2"], rel=1e-10)
     if mode == "exact":
         np.testing.assert_array_equal(gpu.values("x")[0], cpu.values("x")[0])
+
+
+@pytest.mark.parametrize("stride", [1, 3])
+def test_float32_vector_path_edges_nonfinite_and_tails(stride):
+    # float32 columns take an AVX2 path (8 values per step) where the CPU has
+    # it: values exactly on and next to edges (cells holding an edge),
+    # non-finite values inside 8-value groups, and lengths that leave tails.
+    rng = np.random.default_rng(7)
+    ref = drift.Profile.from_data({"x": rng.normal(size=5000).astype(np.float32)}, bins=17)
+    edges = np.asarray(ref.summary("x")["edges"])
+    e32 = edges.astype(np.float32)
+    near = np.concatenate([e32, np.nextafter(e32, np.float32(-np.inf)), np.nextafter(e32, np.inf)])
+    for n in (0, 5, 8, 13, 64, 1027, 20_003):
+        x = rng.normal(0.1, 1.3, size=n).astype(np.float32)
+        if n:
+            x[rng.integers(0, n, size=max(1, n // 10))] = rng.choice(near, size=max(1, n // 10))
+            x[rng.integers(0, n, size=max(1, n // 50))] = np.nan
+            x[rng.integers(0, n, size=max(1, n // 70))] = np.inf
+            x[rng.integers(0, n, size=max(1, n // 90))] = -np.inf
+            x[rng.integers(0, n, size=max(1, n // 40))] = np.float32(1e30)
+        buf = np.empty(n * stride, np.float32)
+        buf[::stride] = x
+        col = buf[::stride]
+        cur = ref.empty()
+        cur.update({"x": col})
+        got = cur.summary("x")
+        want = _numeric_reference(x.astype(np.float64), edges)
+        assert got["count"] == want["count"]
+        assert got["missing"] == want["missing"]
+        assert got["nonfinite"] == want["nonfinite"]
+        np.testing.assert_array_equal(got["hist"], want["hist"])
+        if want["count"]:
+            finite = x.astype(np.float64)[np.isfinite(x)]
+            assert got["min"] == finite.min() and got["max"] == finite.max()
+            assert got["mean"] == pytest.approx(want["mean"], rel=1e-9, abs=1e-12)

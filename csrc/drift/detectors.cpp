@@ -1,8 +1,14 @@
 #include "drift/detectors.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
+
+#include "common/cpu_features.hpp"
 #include "common/errors.hpp"
 
 namespace fastml::drift {
@@ -14,7 +20,8 @@ Adwin::Adwin(double delta, int clock, int max_buckets, int min_window_length, in
       clock_(clock),
       max_buckets_(max_buckets),
       min_window_(min_window_length),
-      grace_(grace_period) {
+      grace_(grace_period),
+      use_avx2_(cpu_features().avx2) {
   FASTML_CHECK_ARG(delta > 0 && delta < 1, "delta", "must be in (0, 1), got ", delta);
   FASTML_CHECK_ARG(clock >= 1, "clock", "must be >= 1, got ", clock);
   FASTML_CHECK_ARG(max_buckets >= 2, "max_buckets", "must be >= 2, got ", max_buckets);
@@ -27,13 +34,20 @@ Adwin::Adwin(double delta, int clock, int max_buckets, int min_window_length, in
 void Adwin::reset() {
   total_ = variance_ = width_ = 0;
   tick_ = 0;
+  until_check_ = clock_;
   detected_ = false;
-  levels_.assign(1, Level{});
+  cap_ = max_buckets_ + 1;
+  if (tot_.size() != static_cast<size_t>(kMaxLevels * cap_)) {
+    tot_.assign(static_cast<size_t>(kMaxLevels * cap_), 0.0);
+    var_.assign(static_cast<size_t>(kMaxLevels * cap_), 0.0);
+  }
+  cnt_.fill(0);
+  head_.fill(0);
+  nlev_ = 1;
 }
 
 void Adwin::insert(double value) {
-  levels_[0].totals.push_back(value);
-  levels_[0].variances.push_back(0.0);
+  push_newest(0, value, 0.0);
   width_ += 1.0;
   double inc = 0.0;
   if (width_ > 1.0) {
@@ -42,42 +56,51 @@ void Adwin::insert(double value) {
   }
   variance_ += inc;
   total_ += value;
-  compress();
+  if (cnt_[0] == cap_) compress();
 }
 
 void Adwin::compress() {
-  for (size_t h = 0; h < levels_.size(); ++h) {
-    Level& lv = levels_[h];
-    if (static_cast<int>(lv.totals.size()) != max_buckets_ + 1) break;
+  for (int h = 0; h < nlev_; ++h) {
+    if (cnt_[h] != cap_) break;
+    const double* t = tot_.data() + h * cap_;
+    const double* v = var_.data() + h * cap_;
+    const int i0 = head_[h], i1 = i0 + 1 == cap_ ? 0 : i0 + 1;  // the two oldest
     const double n1 = static_cast<double>(uint64_t{1} << h);
-    const double mu1 = lv.totals[0] / n1, mu2 = lv.totals[1] / n1;
-    const double total12 = lv.totals[0] + lv.totals[1];
+    // n1 is a power of two: x / n1 and x * (1 / n1) are the same correctly
+    // rounded x 2^-h, and the multiplication is far cheaper.
+    const double inv_n1 = 1.0 / n1;
+    const double mu1 = t[i0] * inv_n1, mu2 = t[i1] * inv_n1;
+    const double total12 = t[i0] + t[i1];
     const double temp = n1 * 0.5 * (mu1 - mu2) * (mu1 - mu2);
-    const double v12 = lv.variances[0] + lv.variances[1] + temp;
-    if (h + 1 >= levels_.size()) levels_.emplace_back();
-    Level& up = levels_[h + 1];
-    up.totals.push_back(total12);
-    up.variances.push_back(v12);
-    Level& cur = levels_[h];  // `lv` may dangle after emplace_back
-    cur.totals.erase(cur.totals.begin(), cur.totals.begin() + 2);
-    cur.variances.erase(cur.variances.begin(), cur.variances.begin() + 2);
-    if (static_cast<int>(levels_[h + 1].totals.size()) <= max_buckets_) break;
+    const double v12 = v[i0] + v[i1] + temp;
+    FASTML_ASSERT(h + 1 < kMaxLevels);
+    if (h + 1 >= nlev_) {
+      nlev_ = h + 2;
+      cnt_[h + 1] = 0;
+      head_[h + 1] = 0;
+    }
+    push_newest(h + 1, total12, v12);
+    // Drop the two oldest of level h.
+    head_[h] = i1 + 1 == cap_ ? 0 : i1 + 1;
+    cnt_[h] -= 2;
+    if (cnt_[h + 1] <= max_buckets_) break;
   }
 }
 
 void Adwin::delete_oldest() {
-  const size_t last = levels_.size() - 1;
+  const int last = nlev_ - 1;
+  const int i0 = last * cap_ + head_[last];
   const double n = static_cast<double>(uint64_t{1} << last);
-  const double u = levels_[last].totals[0], v = levels_[last].variances[0];
+  const double u = tot_[i0], vv = var_[i0];
   const double mu = u / n;
   width_ -= n;
   total_ -= u;
   const double mu_window = total_ / width_;
-  const double inc = v + n * width_ * (mu - mu_window) * (mu - mu_window) / (n + width_);
+  const double inc = vv + n * width_ * (mu - mu_window) * (mu - mu_window) / (n + width_);
   variance_ -= inc;
-  levels_[last].totals.erase(levels_[last].totals.begin());
-  levels_[last].variances.erase(levels_[last].variances.begin());
-  if (levels_[last].totals.empty() && last > 0) levels_.pop_back();
+  head_[last] = head_[last] + 1 == cap_ ? 0 : head_[last] + 1;
+  --cnt_[last];
+  if (cnt_[last] == 0 && last > 0) --nlev_;
 }
 
 bool Adwin::cut(double n0, double n1, double delta_mean, double delta_prime) const {
@@ -93,40 +116,147 @@ bool Adwin::cut(double n0, double n1, double delta_mean, double delta_prime) con
   return dm > eps;
 }
 
+namespace {
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTML_ADWIN_AVX 1
+// First j in [from, m) whose split cuts, else m: both parts hold at least
+// `mw` values and |u0/n0 - u1/n1| > sqrt(2 m (var/width) delta') + linear,
+// with m = 1/(n0 - mw + 1) + 1/(n1 - mw + 1) and linear = (2/3 delta') m.
+// Four splits per step with the same IEEE operations, in the same order, as
+// Adwin::cut (division and square root are correctly rounded in AVX too, and
+// there is no FMA in this target, so nothing is contracted): the result is
+// bit for bit the scalar decision. The caller re-checks the split it returns.
+__attribute__((target("avx2"))) int64_t adwin_first_candidate(const double* n0, const double* n1,
+                                                              const double* u0, const double* u1,
+                                                              int64_t from, int64_t m, double mw,
+                                                              double lin_coef, double var_w,
+                                                              double delta_prime) {
+  const __m256d vmw = _mm256_set1_pd(mw), vone = _mm256_set1_pd(1.0);
+  const __m256d vc = _mm256_set1_pd(lin_coef);
+  const __m256d sign = _mm256_set1_pd(-0.0), vtwo = _mm256_set1_pd(2.0);
+  const __m256d vvar = _mm256_set1_pd(var_w), vdp = _mm256_set1_pd(delta_prime);
+  int64_t j = from;
+  for (; j + 4 <= m; j += 4) {
+    const __m256d a = _mm256_loadu_pd(n0 + j), b = _mm256_loadu_pd(n1 + j);
+    const __m256d dmean = _mm256_sub_pd(_mm256_div_pd(_mm256_loadu_pd(u0 + j), a),
+                                        _mm256_div_pd(_mm256_loadu_pd(u1 + j), b));
+    const __m256d m_recip =
+        _mm256_add_pd(_mm256_div_pd(vone, _mm256_add_pd(_mm256_sub_pd(a, vmw), vone)),
+                      _mm256_div_pd(vone, _mm256_add_pd(_mm256_sub_pd(b, vmw), vone)));
+    const __m256d linear = _mm256_mul_pd(vc, m_recip);
+    const __m256d eps = _mm256_add_pd(
+        _mm256_sqrt_pd(_mm256_mul_pd(_mm256_mul_pd(_mm256_mul_pd(vtwo, m_recip), vvar), vdp)),
+        linear);
+    const __m256d ok = _mm256_and_pd(
+        _mm256_and_pd(_mm256_cmp_pd(b, vmw, _CMP_GE_OQ), _mm256_cmp_pd(a, vmw, _CMP_GE_OQ)),
+        _mm256_cmp_pd(_mm256_andnot_pd(sign, dmean), eps, _CMP_GT_OQ));
+    const int bits = _mm256_movemask_pd(ok);
+    if (bits) return j + __builtin_ctz(static_cast<unsigned>(bits));
+  }
+  for (; j < m; ++j) {
+    if (!(n1[j] >= mw && n0[j] >= mw)) continue;
+    const double dmean = (u0[j] / n0[j]) - (u1[j] / n1[j]);
+    const double m_recip = 1.0 / (n0[j] - mw + 1.0) + 1.0 / (n1[j] - mw + 1.0);
+    const double linear = lin_coef * m_recip;
+    if (!(std::abs(dmean) > linear)) continue;
+    if (std::abs(dmean) > std::sqrt(2.0 * m_recip * var_w * delta_prime) + linear) return j;
+  }
+  return m;
+}
+
+constexpr int64_t kIncBlock = 64;
+
+// inc[k] = w > 1 ? (w - 1) d d / w : 0 with d = x - prev / (w - 1), w = wk[k],
+// prev = prev[k]: insert()'s variance increment, same operations in the same
+// order (no FMA in this target), four values per step.
+__attribute__((target("avx2"))) void adwin_increments(const double* x, const double* prev,
+                                                      const double* wk, double* inc, int64_t len) {
+  const __m256d one = _mm256_set1_pd(1.0), zero = _mm256_setzero_pd();
+  int64_t k = 0;
+  for (; k + 4 <= len; k += 4) {
+    const __m256d w = _mm256_load_pd(wk + k);
+    const __m256d wm1 = _mm256_sub_pd(w, one);
+    const __m256d d =
+        _mm256_sub_pd(_mm256_loadu_pd(x + k), _mm256_div_pd(_mm256_load_pd(prev + k), wm1));
+    const __m256d v = _mm256_div_pd(_mm256_mul_pd(_mm256_mul_pd(wm1, d), d), w);
+    _mm256_store_pd(inc + k, _mm256_blendv_pd(zero, v, _mm256_cmp_pd(w, one, _CMP_GT_OQ)));
+  }
+  for (; k < len; ++k) {
+    const double w = wk[k];
+    double v = 0.0;
+    if (w > 1.0) {
+      const double d = x[k] - prev[k] / (w - 1.0);
+      v = (w - 1.0) * d * d / w;
+    }
+    inc[k] = v;
+  }
+}
+#endif
+
+}  // namespace
+
 bool Adwin::detect() {
   bool change = false;
   ++tick_;
-  if (tick_ % clock_ == 0 && width_ > grace_) {
+  // tick_ % clock_ == 0, without a division per value.
+  if (--until_check_ != 0) return false;
+  until_check_ = clock_;
+  if (width_ > grace_) {
     bool reduce = true;
     while (reduce) {
       reduce = false;
-      bool exit_flag = false;
+      // The splits in River's order (largest buckets, i.e. oldest, first),
+      // with the running sizes and sums accumulated exactly as River does;
+      // River stops before the newest bucket of level 0.
+      size_t nb = 0;
+      for (int h = 0; h < nlev_; ++h) nb += static_cast<size_t>(cnt_[h]);
+      if (n0_.size() < nb) {
+        n0_.resize(nb);
+        n1_.resize(nb);
+        u0_.resize(nb);
+        u1_.resize(nb);
+      }
       double n0 = 0, n1 = width_, u0 = 0, u1 = total_;
-      const double delta_prime = std::log(2.0 * std::log(width_) / delta_);
-      const int64_t nlev = static_cast<int64_t>(levels_.size());
-      for (int64_t h = nlev - 1; h >= 0 && !exit_flag && !reduce; --h) {
+      size_t w = 0;
+      for (int h = nlev_ - 1; h >= 0; --h) {
         const double size = static_cast<double>(uint64_t{1} << h);
-        const int64_t cnt = static_cast<int64_t>(levels_[h].totals.size());
-        for (int64_t k = 0; k < cnt; ++k) {
+        const double* totals = tot_.data() + h * cap_;
+        for (int k = 0, j = head_[h]; k < cnt_[h]; ++k, j = j + 1 == cap_ ? 0 : j + 1) {
+          const double t = totals[j];
           n0 += size;
           n1 -= size;
-          const double t = levels_[h].totals[k];
           u0 += t;
           u1 -= t;
-          if (h == 0 && k == cnt - 1) {
-            exit_flag = true;
-            break;
-          }
-          const double delta_mean = (u0 / n0) - (u1 / n1);
-          if (n1 >= min_window_ && n0 >= min_window_ && cut(n0, n1, delta_mean, delta_prime)) {
-            reduce = true;
-            change = true;
-            if (width_ > 0) {
-              delete_oldest();
-              break;
-            }
-          }
+          n0_[w] = n0;
+          n1_[w] = n1;
+          u0_[w] = u0;
+          u1_[w] = u1;
+          ++w;
         }
+      }
+      int64_t m = static_cast<int64_t>(nb);
+      if (cnt_[0] > 0) --m;  // River's exit before the newest bucket
+      const double delta_prime = std::log(2.0 * std::log(width_) / delta_);
+      const double lin_coef = 2.0 / 3.0 * delta_prime;
+      int64_t j = 0;
+      while (j < m) {
+#ifdef FASTML_ADWIN_AVX
+        if (use_avx2_) {
+          j = adwin_first_candidate(n0_.data(), n1_.data(), u0_.data(), u1_.data(), j, m,
+                                    min_window_, lin_coef, variance_ / width_, delta_prime);
+          if (j >= m) break;
+        }
+#endif
+        const double delta_mean = (u0_[j] / n0_[j]) - (u1_[j] / n1_[j]);
+        if (n1_[j] >= min_window_ && n0_[j] >= min_window_ &&
+            cut(n0_[j], n1_[j], delta_mean, delta_prime)) {
+          reduce = true;
+          change = true;
+          if (width_ > 0) delete_oldest();
+          break;
+        }
+        ++j;
       }
     }
   }
@@ -143,8 +273,61 @@ bool Adwin::step(double x) {
 
 std::vector<int64_t> Adwin::update(const double* x, int64_t n) {
   std::vector<int64_t> out;
-  for (int64_t i = 0; i < n; ++i)
-    if (step(x[i])) out.push_back(i);
+  int64_t i = 0;
+  while (i < n) {
+    if (detected_) reset();
+    // The values before the next clock tick only insert (no check can
+    // fire): run them with the window sums in registers, with the same
+    // arithmetic as insert(); compress() does not read the sums.
+    const int64_t run = std::min<int64_t>(n - i, until_check_ - 1);
+    if (run <= 0) {
+      if (step(x[i])) out.push_back(i);
+      ++i;
+      continue;
+    }
+    double w = width_, tot = total_, var = variance_;
+    for (int64_t k = i; k < i + run; ++k) {
+      push_newest(0, x[k], 0.0);
+      if (cnt_[0] == cap_) compress();
+    }
+#ifdef FASTML_ADWIN_AVX
+    if (use_avx2_) {
+      // The two divisions per value do not depend on the previous value's
+      // variance: compute them four at a time, then add in order.
+      for (int64_t b = i; b < i + run; b += kIncBlock) {
+        const int64_t len = std::min<int64_t>(kIncBlock, i + run - b);
+        alignas(32) double prev[kIncBlock], wk[kIncBlock], inc[kIncBlock];
+        for (int64_t k = 0; k < len; ++k) {
+          prev[k] = tot;
+          w += 1.0;
+          wk[k] = w;
+          tot += x[b + k];
+        }
+        adwin_increments(x + b, prev, wk, inc, len);
+        for (int64_t k = 0; k < len; ++k) var += inc[k];
+      }
+    } else
+#endif
+    {
+      for (int64_t k = i; k < i + run; ++k) {
+        const double value = x[k];
+        w += 1.0;
+        double inc = 0.0;
+        if (w > 1.0) {
+          const double d = value - tot / (w - 1.0);
+          inc = (w - 1.0) * d * d / w;
+        }
+        var += inc;
+        tot += value;
+      }
+    }
+    width_ = w;
+    total_ = tot;
+    variance_ = var;
+    tick_ += run;
+    until_check_ -= run;
+    i += run;
+  }
   return out;
 }
 

@@ -3,6 +3,8 @@
 // that both detect at the same indices (tests compare them).
 #pragma once
 
+#include <array>
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -22,9 +24,6 @@ class Adwin {
   int64_t n_detections() const { return n_detections_; }
 
  private:
-  struct Level {
-    std::vector<double> totals, variances;  // oldest first, at most max_buckets + 1
-  };
   bool step(double x);
   void insert(double value);
   void compress();
@@ -37,8 +36,26 @@ class Adwin {
   double min_window_, grace_;
   double total_ = 0, variance_ = 0, width_ = 0;
   int64_t tick_ = 0, n_detections_ = 0;
+  int64_t until_check_ = 1;  // values until the next clock tick
   bool detected_ = false;
-  std::vector<Level> levels_;
+  bool use_avx2_ = false;
+  // Bucket rows as fixed ring buffers: level h (buckets of 2^h values)
+  // holds cnt_[h] buckets at tot_/var_[h * cap_ ...], cap_ = max_buckets + 1,
+  // the oldest at slot head_[h]; nlev_ levels are in use.
+  static constexpr int kMaxLevels = 64;
+  int cap_ = 0, nlev_ = 1;
+  std::array<int, kMaxLevels> cnt_{}, head_{};
+  void push_newest(int h, double total, double var) {
+    int j = head_[h] + cnt_[h];
+    j = j >= cap_ ? j - cap_ : j;
+    tot_[static_cast<std::size_t>(h * cap_ + j)] = total;
+    var_[static_cast<std::size_t>(h * cap_ + j)] = var;
+    ++cnt_[h];
+  }
+  std::vector<double> tot_, var_;
+  // Scratch for one detection pass (kept to avoid per-pass allocation): the
+  // running split sizes and sums after each bucket, oldest bucket first.
+  std::vector<double> n0_, n1_, u0_, u1_;
 };
 
 // Page-Hinkley test on the running mean.

@@ -49,10 +49,15 @@ class BinLookup {
   double scale() const { return scale_; }
   int64_t grid() const { return grid_; }
   const int32_t* table() const { return table_.data(); }
+  // The table with underflow in front and overflow behind, entries already
+  // slots: ext[0] = 0, ext[c + 1] = table[c] + 1 for a clean cell (a negative
+  // entry ~bin marks a cell holding an edge), ext[grid + 1] = nbins + 1.
+  const int32_t* ext_table() const { return ext_.data(); }
 
  private:
   std::vector<double> edges_;
   std::vector<int32_t> table_;  // bin of the cell's start; ~bin when an edge is inside
+  std::vector<int32_t> ext_;    // see ext_table()
   double lo_, hi_, scale_;
   int64_t nbins_, grid_;
 };

@@ -7,6 +7,8 @@
 #include <numeric>
 #include <vector>
 
+#include "common/thread_pool.hpp"
+
 namespace fastml::drift {
 
 namespace {
@@ -186,6 +188,20 @@ double kolmogn_pelz_good_cdf(int64_t n, double x) {
   return sum;
 }
 
+// log Gamma without touching the global `signgam` (std::lgamma may write it:
+// a data race when two threads compute p-values).
+long double log_gamma(long double z) {
+#if defined(__GLIBC__)
+  int sign;
+  return ::lgammal_r(z, &sign);
+#else
+  return std::lgamma(z);
+#endif
+}
+
+// Below this many terms the Smirnov sum runs directly from v = 0.
+constexpr int64_t kSmirnovDirectTerms = 1 << 15;
+
 // One-sided Smirnov survival function Pr(D_n^+ >= x) (scipy.special.smirnov),
 // by the exact Birnbaum-Tingey sum in extended precision.
 double smirnov_sf(int64_t n, double x) {
@@ -213,18 +229,92 @@ double smirnov_sf(int64_t n, double x) {
   }
   const int64_t last = n - nxfl - 1;
   const long double ln = static_cast<long double>(n), lx = x;
-  long double log_binom = 0.0L, sum = 0.0L;
-  for (int64_t v = 0; v <= last; ++v) {
-    const long double lv = static_cast<long double>(v);
-    const long double left = (ln - lv) / ln - lx;  // 1 - x - v/n
-    const long double right = lv / ln + lx;        // x + v/n
-    const long double log_term =
-        log_binom + (ln - lv) * std::log(left) + (lv - 1.0L) * std::log(right);
-    const long double term = std::exp(log_term);
-    sum += term;
-    if (v > n / 2 && term < 1e-30L * sum) break;
-    log_binom += std::log((ln - lv) / (lv + 1.0L));
+  if (last < kSmirnovDirectTerms) {
+    long double log_binom = 0.0L, sum = 0.0L;
+    for (int64_t v = 0; v <= last; ++v) {
+      const long double lv = static_cast<long double>(v);
+      const long double left = (ln - lv) / ln - lx;  // 1 - x - v/n
+      const long double right = lv / ln + lx;        // x + v/n
+      const long double log_term =
+          log_binom + (ln - lv) * std::log(left) + (lv - 1.0L) * std::log(right);
+      const long double term = std::exp(log_term);
+      sum += term;
+      if (v > n / 2 && term < 1e-30L * sum) break;
+      log_binom += std::log((ln - lv) / (lv + 1.0L));
+    }
+    return clip01(static_cast<double>(lx * sum));
   }
+  // Large n (the asymptotic two-sample p-value at 1M vs 1M lands here with
+  // n = 500,000): hundreds of thousands of extended-precision log/exp calls.
+  // The summands are unimodal in v, so only the v whose log-term is within
+  // 50 of the peak's matter: each other term is below e^-50 times the peak,
+  // so together they add < n e^-50 relative to the sum (< 2e-16: n <= 1e6
+  // here, larger n take the asymptotic branch above): a ternary search finds the peak, binary
+  // searches the ends, and the range is summed in fixed blocks on the shared
+  // pool (each block starts its log-binomial from log-gamma; the partial sums
+  // are added in block order, so the result does not depend on the threads).
+  auto log_term_at = [&](int64_t v) {
+    const long double lv = static_cast<long double>(v);
+    const long double left = (ln - lv) / ln - lx, right = lv / ln + lx;
+    return log_gamma(ln + 1.0L) - log_gamma(lv + 1.0L) - log_gamma(ln - lv + 1.0L) +
+           (ln - lv) * std::log(left) + (lv - 1.0L) * std::log(right);
+  };
+  int64_t a = 0, b = last;
+  while (b - a > 2) {
+    const int64_t m1 = a + (b - a) / 3, m2 = b - (b - a) / 3;
+    if (log_term_at(m1) < log_term_at(m2)) {
+      a = m1 + 1;
+    } else {
+      b = m2;
+    }
+  }
+  int64_t peak_v = a;
+  for (int64_t v = a + 1; v <= b; ++v)
+    if (log_term_at(v) > log_term_at(peak_v)) peak_v = v;
+  const long double floor_log = log_term_at(peak_v) - 50.0L;
+  int64_t lo = 0, hi = peak_v;  // first v in [0, peak] above the floor
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (log_term_at(mid) > floor_log) {
+      hi = mid;
+    } else {
+      lo = mid + 1;
+    }
+  }
+  const int64_t v0 = lo > 64 ? lo - 64 : 0;
+  lo = peak_v;
+  hi = last;  // last v in [peak, last] above the floor
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo + 1) / 2;
+    if (log_term_at(mid) > floor_log) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  const int64_t v1 = std::min(last, lo + 64);
+  constexpr int64_t kBlocks = 64;
+  const int64_t span = v1 - v0 + 1, per = (span + kBlocks - 1) / kBlocks;
+  std::vector<long double> partial(kBlocks, 0.0L);
+  ThreadPool::global().parallel_for(0, kBlocks, 1, [&](int64_t kb, int64_t ke) {
+    for (int64_t k = kb; k < ke; ++k) {
+      const int64_t vb = v0 + k * per, ve = std::min(v1 + 1, vb + per);
+      if (vb >= ve) continue;
+      const long double lvb = static_cast<long double>(vb);
+      long double log_binom =
+          log_gamma(ln + 1.0L) - log_gamma(lvb + 1.0L) - log_gamma(ln - lvb + 1.0L);
+      long double sum = 0.0L;
+      for (int64_t v = vb; v < ve; ++v) {
+        const long double lv = static_cast<long double>(v);
+        const long double left = (ln - lv) / ln - lx, right = lv / ln + lx;
+        sum += std::exp(log_binom + (ln - lv) * std::log(left) + (lv - 1.0L) * std::log(right));
+        log_binom += std::log((ln - lv) / (lv + 1.0L));
+      }
+      partial[k] = sum;
+    }
+  });
+  long double sum = 0.0L;
+  for (long double p : partial) sum += p;
   return clip01(static_cast<double>(lx * sum));
 }
 
