@@ -55,5 +55,8 @@ def test_batcher_forest_from_many_threads(forest_and_booster):
 
 def test_batcher_forest_rejects_wrong_width(forest_and_booster):
     forest, _, _ = forest_and_booster
-    with infer.Batcher(forest) as b, pytest.raises(ValueError, match=r"x must be \(6,\) or \(rows, 6\)"):
+    with (
+        infer.Batcher(forest) as b,
+        pytest.raises(ValueError, match=r"x must be \(6,\) or \(rows, 6\)"),
+    ):
         b.submit(np.zeros((1, 5), dtype=np.float32))
