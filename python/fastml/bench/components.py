@@ -111,6 +111,9 @@ def bench_data(ctx: BenchContext) -> list[Figure]:
         )
     )
 
+    if ctx.device == "cuda":
+        figures.append(_loader_h2d(ctx, X, y, batch, repeat))
+
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -155,6 +158,55 @@ def bench_data(ctx: BenchContext) -> list[Figure]:
         )
     )
     return figures
+
+
+def _loader_h2d(ctx: BenchContext, X: np.ndarray, y: np.ndarray, batch: int, repeat: int) -> Figure:
+    """device="cuda" loader bandwidth against a pinned host-to-device copy of the same bytes."""
+    import torch
+
+    from fastml import data
+
+    ctx.progress("data: loader to CUDA vs pinned host-to-device copy")
+    rows = X.shape[0]
+    nbytes = X.nbytes + y.nbytes
+    loader = data.Loader(
+        data.Dataset.from_numpy({"x": X, "y": y}),
+        batch_size=batch,
+        shuffle=True,
+        seed=0,
+        device="cuda",
+    )
+    pinned_x = torch.from_numpy(X[: batch * 64]).pin_memory()
+    reps = max(rows // (batch * 64), 1)
+
+    def fastml_cuda_epoch() -> None:
+        for _ in loader:
+            pass
+        torch.cuda.synchronize()
+
+    def pinned_copy() -> None:
+        for _ in range(reps):
+            pinned_x.to("cuda", non_blocking=True)
+        torch.cuda.synchronize()
+
+    t = compare(
+        {"fastml Loader(device=cuda)": fastml_cuda_epoch, "pinned H2D copy": pinned_copy},
+        repeat=repeat,
+    )
+    loader.close()
+    ours = nbytes / t["fastml Loader(device=cuda)"].median / 1e9
+    peer = pinned_x.numel() * 4 * reps / t["pinned H2D copy"].median / 1e9
+    return Figure(
+        "data",
+        "loader_cuda_h2d",
+        "GB/s",
+        Measured(
+            "fastml Loader(device=cuda)", ours, t["fastml Loader(device=cuda)"].spread, repeat
+        ),
+        Measured("pinned H2D copy (torch)", peer, t["pinned H2D copy"].spread, repeat),
+        goal=0.9,
+        note="shuffled gather + pinned staging + async copies vs a plain pinned copy",
+    )
 
 
 # ------------------------------------------------------------------ drift
