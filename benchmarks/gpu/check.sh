@@ -31,6 +31,7 @@ for b in benchmarks/gpu/bench_*.py; do
   [ -e "$b" ] || continue
   step "$(basename "$b" .py)" python3 "$b" --json "$out/$(basename "$b" .py).json"
 done
+step fastml-bench python3 -m fastml bench --quick --device cuda --out "$out/bench-gpu.json"
 
 echo
 echo "== fastml GPU check summary"
