@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 import queue
@@ -344,12 +345,16 @@ class Loader:
             pass
 
 
-class _Stream:
-    def next(self) -> dict[str, np.ndarray] | None:
-        raise NotImplementedError
+class _Stream(abc.ABC):
+    """One epoch's source of batches (native engine or Parquet reader)."""
 
+    @abc.abstractmethod
+    def next(self) -> dict[str, np.ndarray] | None:
+        """The next batch, or None at the end of the epoch."""
+
+    @abc.abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Stop producing and release what the stream holds."""
 
 
 class _EngineStream(_Stream):

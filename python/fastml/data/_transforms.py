@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,11 +12,12 @@ import numpy as np
 from fastml.data._sources import check_dtype
 
 
-class Transform:
+class Transform(abc.ABC):
     """Base of the fused transforms; applied in order, per element, in float64."""
 
+    @abc.abstractmethod
     def _op(self, name: str, row_elements: int) -> tuple[Any, ...]:
-        raise NotImplementedError
+        """The native plan entry for column `name` with `row_elements` values per row."""
 
 
 @dataclass(frozen=True)
