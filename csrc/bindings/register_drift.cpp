@@ -77,10 +77,16 @@ void quantile_points(drift::NumericState& s, std::vector<double>* items,
   if (s.mode == QuantileMode::Exact) {
     s.ensure_sorted();
     *items = s.values;
-    weights->clear();
+    *weights = s.value_weights();  // empty: every value weighs 1
   } else if (s.mode == QuantileMode::Sketch) {
     s.sketch->sorted_items(items, weights);
   }
+}
+
+// The sample size a p-value uses: the count, or for a decayed window Kish's
+// effective size count^2 / sum of squared weights (at least 1).
+int64_t effective_n(const drift::NumericState& s) {
+  return std::max<int64_t>(1, static_cast<int64_t>(std::llround(s.effective_count())));
 }
 
 py::dict compare_numeric(NativeProfile& a, int64_t i, NativeProfile& b, int64_t j) {
@@ -104,7 +110,7 @@ py::dict compare_numeric(NativeProfile& a, int64_t i, NativeProfile& b, int64_t 
     if (sa.mode == QuantileMode::Exact && sb.mode == QuantileMode::Exact) {
       sa.ensure_sorted();
       sb.ensure_sorted();
-      if (!sa.values.empty() && !sb.values.empty()) {
+      if (!sa.values.empty() && !sb.values.empty() && !sa.decayed && !sb.decayed) {
         const auto r = drift::ks_2samp_sorted(sa.values.data(), sa.values.size(), sb.values.data(),
                                               sb.values.size());
         ks = r.statistic;
@@ -112,6 +118,18 @@ py::dict compare_numeric(NativeProfile& a, int64_t i, NativeProfile& b, int64_t 
         exact = r.exact;
         w = drift::wasserstein_sorted(sa.values.data(), nullptr, sa.values.size(), sb.values.data(),
                                       nullptr, sb.values.size());
+        have = true;
+      } else if (!sa.values.empty() && !sb.values.empty()) {
+        // A decayed window: weighted ECDFs; the p-value at Kish's effective
+        // sample sizes (asymptotic: no exact null distribution for weights).
+        std::vector<double> wa = sa.value_weights(), wb = sb.value_weights();
+        if (wa.empty()) wa.assign(sa.values.size(), 1.0);
+        if (wb.empty()) wb.assign(sb.values.size(), 1.0);
+        ks = drift::ks_statistic_weighted(sa.values.data(), wa.data(), sa.values.size(),
+                                          sb.values.data(), wb.data(), sb.values.size());
+        w = drift::wasserstein_sorted(sa.values.data(), wa.data(), sa.values.size(),
+                                      sb.values.data(), wb.data(), sb.values.size());
+        p = p_lo = p_hi = drift::ks_pvalue(ks, effective_n(sa), effective_n(sb));
         have = true;
       }
     } else if (sa.mode == QuantileMode::Sketch && sb.mode == QuantileMode::Sketch) {
@@ -126,8 +144,7 @@ py::dict compare_numeric(NativeProfile& a, int64_t i, NativeProfile& b, int64_t 
         ks_bound = sa.sketch->rank_error() + sb.sketch->rank_error();
         const double range = std::max(sa.max, sb.max) - std::min(sa.min, sb.min);
         w_bound = ks_bound * range;
-        const auto n1 = static_cast<int64_t>(std::llround(sa.count));
-        const auto n2 = static_cast<int64_t>(std::llround(sb.count));
+        const int64_t n1 = effective_n(sa), n2 = effective_n(sb);
         p = drift::ks_pvalue(ks, n1, n2);
         p_lo = drift::ks_pvalue(std::min(1.0, ks + ks_bound), n1, n2);
         p_hi = drift::ks_pvalue(std::max(0.0, ks - ks_bound), n1, n2);
@@ -322,6 +339,7 @@ void register_drift(py::module_& m) {
              d["hist"] = vec_to_numpy(s.hist);
              d["mode"] = mode_name(s.mode);
              d["n_values"] = static_cast<int64_t>(s.values.size());
+             d["effective_count"] = s.effective_count();
              if (s.sketch) {
                d["sketch_n"] = s.sketch->n();
                d["sketch_items"] = s.sketch->num_items();
@@ -373,6 +391,7 @@ void register_drift(py::module_& m) {
             FASTML_CHECK_ARG(count >= 0 && missing >= 0 && nonfinite >= 0 && m2 >= 0, "summary",
                              "counts and m2 must be non-negative");
             s.add_moments(count, mean, m2, mn, mx);
+            s.count_sq += count;  // new values weigh 1
             s.missing += missing;
             s.nonfinite += nonfinite;
             for (size_t i = 0; i < h.size(); ++i) s.hist[i] += h[i];
@@ -387,13 +406,7 @@ void register_drift(py::module_& m) {
             std::vector<double> v = to_vector(values, "values");
             for (double x : v) FASTML_CHECK_ARG(std::isfinite(x), "values", "must be finite");
             std::lock_guard<std::mutex> g(p.mutex);
-            drift::NumericState& s = *p.state->features[f].num;
-            if (s.mode == QuantileMode::Exact) {
-              s.values.insert(s.values.end(), v.begin(), v.end());
-              if (!v.empty()) s.sorted = false;
-            } else if (s.mode == QuantileMode::Sketch) {
-              s.sketch->update_many(v.data(), static_cast<int64_t>(v.size()));
-            }
+            p.state->features[f].num->add_quantile_values(v.data(), static_cast<int64_t>(v.size()));
           },
           py::arg("feature"), py::arg("values"))
       .def("compare_numeric", &compare_numeric, py::arg("feature"), py::arg("other"),

@@ -86,6 +86,7 @@ NumericState::NumericState(std::vector<double> e, QuantileMode m, int sketch_k)
 
 NumericState::NumericState(const NumericState& o)
     : count(o.count),
+      count_sq(o.count_sq),
       missing(o.missing),
       nonfinite(o.nonfinite),
       mean(o.mean),
@@ -97,6 +98,10 @@ NumericState::NumericState(const NumericState& o)
       mode(o.mode),
       values(o.values),
       sorted(o.sorted),
+      decayed(o.decayed),
+      decay_exp(o.decay_exp),
+      pruned_at(o.pruned_at),
+      vexp(o.vexp),
       sketch(o.sketch ? std::make_unique<QuantileSketch>(*o.sketch) : nullptr),
       lookup(o.lookup) {}
 
@@ -396,6 +401,7 @@ void ingest_typed(NumericState& s, const char* base, int64_t n, int64_t stride) 
     if (Mode == QuantileMode::Sketch) s.sketch->update_many(sketch_buf.data(), kept);
     if (cnt > 0) {
       const double dc = static_cast<double>(cnt);
+      s.count_sq += dc;  // new values weigh 1
       const double mu = total_sum / dc;
       s.add_moments(dc, pivot + mu, std::max(0.0, total_sq - total_sum * mu), chunk_min, chunk_max);
     }
@@ -429,10 +435,23 @@ void NumericState::ingest(const ArrayView& view, int64_t column) {
     using T = typename decltype(tag)::type;
     ingest_dispatch<T>(*this, base, n, stride);
   });
+  if (decayed) vexp.resize(values.size(), decay_exp);  // the new values weigh 1
 }
 
 void NumericState::ingest_values(const double* x, int64_t n) {
   ingest_dispatch<double>(*this, reinterpret_cast<const char*>(x), n, sizeof(double));
+  if (decayed) vexp.resize(values.size(), decay_exp);
+}
+
+void NumericState::add_quantile_values(const double* x, int64_t n) {
+  if (n <= 0) return;
+  if (mode == QuantileMode::Exact) {
+    values.insert(values.end(), x, x + n);
+    sorted = false;
+    if (decayed) vexp.resize(values.size(), decay_exp);
+  } else if (mode == QuantileMode::Sketch) {
+    sketch->update_many(x, n);
+  }
 }
 
 void NumericState::merge(const NumericState& o) {
@@ -440,11 +459,25 @@ void NumericState::merge(const NumericState& o) {
                    " vs ", o.edges.size(), " edges); merge only profiles from one reference");
   FASTML_CHECK_ARG(mode == o.mode, "profiles", "have different quantile modes");
   add_moments(o.count, o.mean, o.m2, o.min, o.max);
+  count_sq += o.count_sq;
   missing += o.missing;
   nonfinite += o.nonfinite;
   for (size_t i = 0; i < hist.size(); ++i) hist[i] += o.hist[i];
   if (mode == QuantileMode::Exact && !o.values.empty()) {
+    if (o.decayed && !decayed) {  // weigh this side's values 1 in this frame
+      decayed = true;
+      pruned_at = decay_exp;
+      vexp.assign(values.size(), decay_exp);
+    }
     values.insert(values.end(), o.values.begin(), o.values.end());
+    if (decayed) {
+      // o's value weighs 2^(e - o.decay_exp) = 2^((e - o.decay_exp + decay_exp) - decay_exp)
+      if (o.decayed) {
+        for (double e : o.vexp) vexp.push_back(e - o.decay_exp + decay_exp);
+      } else {
+        vexp.resize(values.size(), decay_exp);
+      }
+    }
     sorted = false;
   } else if (mode == QuantileMode::Sketch) {
     sketch->merge(*o.sketch);
@@ -452,27 +485,79 @@ void NumericState::merge(const NumericState& o) {
 }
 
 void NumericState::scale(double f) {
+  FASTML_CHECK_ARG(f >= 0 && f <= 1, "factor", "must be in [0, 1], got ", f);
+  if (f == 1.0) return;
+  if (f == 0.0) {  // everything decayed away (a batch of many half-lives)
+    clear();
+    return;
+  }
   count *= f;
+  count_sq *= f * f;
   missing *= f;
   nonfinite *= f;
   m2 *= f;
   for (double& h : hist) h *= f;
+  if (mode == QuantileMode::Exact) {
+    if (!decayed) {
+      decayed = true;
+      pruned_at = decay_exp;
+      vexp.assign(values.size(), decay_exp);
+    }
+    decay_exp -= std::log2(f);
+    if (decay_exp - pruned_at >= 4.0) {
+      // Drop values lighter than 2^-kDropExp; order (and so sortedness) kept.
+      size_t out = 0;
+      for (size_t i = 0; i < values.size(); ++i) {
+        if (decay_exp - vexp[i] <= kDropExp) {
+          values[out] = values[i];
+          vexp[out] = vexp[i];
+          ++out;
+        }
+      }
+      values.resize(out);
+      vexp.resize(out);
+      pruned_at = decay_exp;
+    }
+  } else if (mode == QuantileMode::Sketch) {
+    sketch->thin(f);
+  }
 }
 
 void NumericState::clear() {
-  count = missing = nonfinite = mean = m2 = min = max = 0;
+  count = count_sq = missing = nonfinite = mean = m2 = min = max = 0;
   std::fill(hist.begin(), hist.end(), 0.0);
   values.clear();
   values.shrink_to_fit();
   sorted = true;
+  decayed = false;
+  decay_exp = pruned_at = 0;
+  vexp.clear();
+  vexp.shrink_to_fit();
   if (sketch) sketch->clear();
 }
 
 void NumericState::ensure_sorted() {
-  if (!sorted) {
+  if (sorted) return;
+  if (!decayed) {
     sort_doubles(values.data(), static_cast<int64_t>(values.size()));
-    sorted = true;
+  } else {
+    std::vector<std::pair<double, double>> pairs(values.size());
+    for (size_t i = 0; i < values.size(); ++i) pairs[i] = {values[i], vexp[i]};
+    std::sort(pairs.begin(), pairs.end());
+    for (size_t i = 0; i < pairs.size(); ++i) {
+      values[i] = pairs[i].first;
+      vexp[i] = pairs[i].second;
+    }
   }
+  sorted = true;
+}
+
+std::vector<double> NumericState::value_weights() const {
+  std::vector<double> w;
+  if (!decayed) return w;
+  w.resize(values.size());
+  for (size_t i = 0; i < values.size(); ++i) w[i] = std::exp2(vexp[i] - decay_exp);
+  return w;
 }
 
 // ------------------------------------------------------------------ CategoricalState

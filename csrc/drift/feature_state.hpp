@@ -63,7 +63,8 @@ class BinLookup {
 };
 
 struct NumericState {
-  double count = 0;      // finite values
+  double count = 0;      // finite values (sum of their weights once decayed)
+  double count_sq = 0;   // sum of the finite values' squared weights (= count undecayed)
   double missing = 0;    // NaN
   double nonfinite = 0;  // +-inf
   double mean = 0, m2 = 0;
@@ -73,6 +74,15 @@ struct NumericState {
   QuantileMode mode = QuantileMode::None;
   std::vector<double> values;  // Exact: finite values (sorted when `sorted`)
   bool sorted = true;
+  // Exact values under exponential decay (after the first scale(f < 1)):
+  // value i weighs 2^(vexp[i] - decay_exp); vexp is parallel to `values`.
+  // Values lighter than 2^-kDropExp are dropped, so a decayed window keeps at
+  // most ~kDropExp half-lives of values.
+  static constexpr double kDropExp = 32.0;
+  bool decayed = false;
+  double decay_exp = 0;
+  double pruned_at = 0;  // decay_exp at the last drop pass
+  std::vector<double> vexp;
   std::unique_ptr<QuantileSketch> sketch;
   std::shared_ptr<const BinLookup> lookup;
 
@@ -84,11 +94,18 @@ struct NumericState {
   // Column of `n` values of `view` (1-D or one column of a 2-D view).
   void ingest(const ArrayView& view, int64_t column);
   void ingest_values(const double* x, int64_t n);  // contiguous doubles (tests, GPU results)
+  // Appends finite values to the exact values or the sketch (weight 1 each);
+  // counts and moments are not touched.
+  void add_quantile_values(const double* x, int64_t n);
   void merge(const NumericState& o);
   void scale(double factor);  // exponential decay: counts, histogram, moments
   void clear();
   void ensure_sorted();
   double variance() const { return count > 1 ? m2 / (count - 1) : 0.0; }
+  // Kish's effective sample size count^2 / count_sq (= count undecayed).
+  double effective_count() const { return count_sq > 0 ? count * count / count_sq : 0.0; }
+  // Exact mode: the weight of each (sorted) value; empty when undecayed.
+  std::vector<double> value_weights() const;
   void add_moments(double n, double mean, double m2, double mn, double mx);
   void rebuild_lookup();
 };

@@ -99,6 +99,7 @@ void QuantileSketch::merge(const QuantileSketch& other) {
   }
   n_ += other.n_;
   err_sum_ += other.err_sum_;
+  thin_var_ += other.thin_var_;
   rng_ ^= other.rng_ * 0x2545f4914f6cdd1dull;
   compress();
 }
@@ -108,6 +109,44 @@ void QuantileSketch::clear() {
   refresh_capacities();
   n_ = 0;
   err_sum_ = 0.0;
+  thin_var_ = 0.0;
+}
+
+void QuantileSketch::thin(double f) {
+  FASTML_CHECK_ARG(f >= 0 && f <= 1, "factor", "must be in [0, 1], got ", f);
+  if (f == 1.0 || n_ == 0) return;
+  if (f == 0.0) {
+    clear();
+    return;
+  }
+  // Systematic sampling per level: sort the level, draw u in [0, 1), keep
+  // item i when floor((i + 1) f + u) > floor(i f + u). Of the first j items
+  // floor(j f + u) survive: the error of any rank is below one item, has
+  // mean zero and variance frac(j f)(1 - frac(j f)) <= min(1/4, j f (1 - f)).
+  double var = 0.0;
+  uint64_t total = 0;
+  for (int h = 0; h < num_levels(); ++h) {
+    auto& items = levels_[h];
+    if (items.empty()) continue;
+    const double w = std::ldexp(1.0, h);
+    const double m = static_cast<double>(items.size());
+    var += w * w * std::min(0.25, m * f * (1.0 - f));
+    std::sort(items.begin(), items.end());
+    const double u = static_cast<double>(next_random() >> 11) * 0x1p-53;
+    size_t out = 0;
+    double prev = std::floor(u);
+    for (size_t i = 0; i < items.size(); ++i) {
+      const double next = std::floor(static_cast<double>(i + 1) * f + u);
+      if (next > prev) items[out++] = items[i];
+      prev = next;
+    }
+    items.resize(out);
+    total += static_cast<uint64_t>(out) << h;
+  }
+  // Earlier errors (in weight units) shrink with the weights.
+  err_sum_ *= f * f;
+  thin_var_ = f * f * thin_var_ + var;
+  n_ = total;
 }
 
 int64_t QuantileSketch::num_items() const {
@@ -118,8 +157,18 @@ int64_t QuantileSketch::num_items() const {
 
 double QuantileSketch::rank_error() const {
   if (n_ == 0) return 0.0;
-  const double delta = 0.01;
-  return std::sqrt(2.0 * std::log(2.0 / delta) * err_sum_) / static_cast<double>(n_);
+  const double delta = 0.01, L = std::log(2.0 / delta);
+  const double compaction = std::sqrt(2.0 * L * err_sum_);
+  if (thin_var_ <= 0.0) return compaction / static_cast<double>(n_);
+  // Bernstein for the thinning terms (zero mean, total variance at most
+  // thin_var_, each below the heaviest item's weight), once for the query's
+  // weight and once for the normalising total.
+  int top = 0;
+  for (int h = 0; h < num_levels(); ++h)
+    if (!levels_[h].empty()) top = h;
+  const double a = L * std::ldexp(1.0, top) / 3.0;
+  const double thinning = a + std::sqrt(a * a + 2.0 * L * thin_var_);
+  return (compaction + 2.0 * thinning) / static_cast<double>(n_);
 }
 
 void QuantileSketch::sorted_items(std::vector<double>* items, std::vector<double>* weights) const {
@@ -138,7 +187,7 @@ void QuantileSketch::sorted_items(std::vector<double>* items, std::vector<double
   }
 }
 
-void QuantileSketch::restore(uint64_t n, double err_sum, uint64_t rng,
+void QuantileSketch::restore(uint64_t n, double err_sum, double thin_var, uint64_t rng,
                              std::vector<std::vector<double>> levels) {
   FASTML_CHECK_ARG(!levels.empty() && static_cast<int>(levels.size()) <= kMaxLevels, "data",
                    "has a sketch with ", levels.size(), " levels; expected 1..", kMaxLevels);
@@ -152,8 +201,11 @@ void QuantileSketch::restore(uint64_t n, double err_sum, uint64_t rng,
   }
   FASTML_CHECK_ARG(total == n, "data", "has a sketch whose weights (", total,
                    ") do not add up to its count (", n, ")");
+  FASTML_CHECK_ARG(thin_var >= 0 && std::isfinite(thin_var), "data",
+                   "has a sketch with a bad thinning variance (corrupted)");
   n_ = n;
   err_sum_ = err_sum;
+  thin_var_ = thin_var;
   rng_ = rng;
 }
 

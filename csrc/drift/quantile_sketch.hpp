@@ -12,6 +12,14 @@
 // S = sum over compactions of 4^h, so by Hoeffding the absolute rank error of a
 // query is at most sqrt(2 ln(2 / delta) S) with probability 1 - delta;
 // rank_error() reports this bound divided by n at delta = 0.01.
+//
+// Exponential decay (thin): each level keeps a systematic sample of a
+// fraction f of its sorted items (random offset), so the retained weight
+// below any query is an unbiased estimate of the decayed weight f * (weight
+// below it), off by less than one item per level. Earlier error terms shrink
+// by f. rank_error() adds a Bernstein bound over the thinning terms (at
+// delta = 0.01) twice: once for the query's weight and once for the (now
+// random) normalising total. Decayed sketches are noisier than undecayed ones.
 #pragma once
 
 #include <cstdint>
@@ -31,6 +39,8 @@ class QuantileSketch {
   void update_many(const double* x, int64_t n);
   void merge(const QuantileSketch& other);
   void clear();
+  // Exponential decay by factor f in (0, 1] (see the header comment).
+  void thin(double f);
 
   int k() const { return k_; }
   uint64_t n() const { return n_; }
@@ -46,8 +56,10 @@ class QuantileSketch {
   // Raw state, for serialisation.
   const std::vector<std::vector<double>>& levels() const { return levels_; }
   double error_sum() const { return err_sum_; }
+  double thin_variance() const { return thin_var_; }
   uint64_t rng_state() const { return rng_; }
-  void restore(uint64_t n, double err_sum, uint64_t rng, std::vector<std::vector<double>> levels);
+  void restore(uint64_t n, double err_sum, double thin_var, uint64_t rng,
+               std::vector<std::vector<double>> levels);
 
  private:
   int64_t capacity(int level) const { return caps_[level]; }
@@ -59,6 +71,7 @@ class QuantileSketch {
   int k_;
   uint64_t n_ = 0;
   double err_sum_ = 0.0;
+  double thin_var_ = 0.0;  // variance of the thinning terms (see rank_error)
   uint64_t rng_;
   std::vector<std::vector<double>> levels_;
   std::vector<int64_t> caps_;  // capacity per level for the current height

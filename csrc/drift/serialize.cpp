@@ -2,7 +2,7 @@
 //
 //   offset  size  field
 //   0       8     magic "FMLDRIFT"
-//   8       2     format version (1)
+//   8       2     format version (2; version 1, without decay state, still reads)
 //   10      2     reserved, 0
 //   12      4     CRC-32 (IEEE) of the payload
 //   16      8     payload length in bytes
@@ -27,7 +27,7 @@ namespace fastml::drift {
 namespace {
 
 constexpr char kMagic[8] = {'F', 'M', 'L', 'D', 'R', 'I', 'F', 'T'};
-constexpr uint16_t kVersion = 1;
+constexpr uint16_t kVersion = 2;
 constexpr size_t kHeader = 24;
 
 struct Writer {
@@ -95,6 +95,7 @@ struct Reader {
 
 void write_numeric(Writer& w, const NumericState& s) {
   for (double v : {s.count, s.missing, s.nonfinite, s.mean, s.m2, s.min, s.max}) w.put<double>(v);
+  w.put<double>(s.count_sq);  // v2
   w.put<uint32_t>(static_cast<uint32_t>(s.edges.size()));
   w.put_doubles(s.edges);
   w.put_doubles(s.hist);
@@ -103,11 +104,18 @@ void write_numeric(Writer& w, const NumericState& s) {
     w.put<uint64_t>(s.values.size());
     w.put<uint8_t>(s.sorted ? 1 : 0);
     w.put_doubles(s.values);
+    w.put<uint8_t>(s.decayed ? 1 : 0);  // v2: decay state
+    if (s.decayed) {
+      w.put<double>(s.decay_exp);
+      w.put<double>(s.pruned_at);
+      w.put_doubles(s.vexp);
+    }
   } else if (s.mode == QuantileMode::Sketch) {
     const QuantileSketch& q = *s.sketch;
     w.put<uint32_t>(static_cast<uint32_t>(q.k()));
     w.put<uint64_t>(q.n());
     w.put<double>(q.error_sum());
+    w.put<double>(q.thin_variance());  // v2
     w.put<uint64_t>(q.rng_state());
     w.put<uint32_t>(static_cast<uint32_t>(q.num_levels()));
     for (const auto& level : q.levels()) {
@@ -117,8 +125,9 @@ void write_numeric(Writer& w, const NumericState& s) {
   }
 }
 
-std::unique_ptr<NumericState> read_numeric(Reader& r, QuantileMode profile_mode, int sketch_k) {
-  double f[7];
+std::unique_ptr<NumericState> read_numeric(Reader& r, QuantileMode profile_mode, int sketch_k,
+                                           uint16_t version) {
+  double f[8];
   f[0] = r.get_count();
   f[1] = r.get_count();
   f[2] = r.get_count();
@@ -126,6 +135,7 @@ std::unique_ptr<NumericState> read_numeric(Reader& r, QuantileMode profile_mode,
   f[4] = r.get_count();
   f[5] = r.get_finite();
   f[6] = r.get_finite();
+  f[7] = version >= 2 ? r.get_count() : f[0];  // undecayed v1: squared weights sum = count
   const uint32_t nedges = r.get<uint32_t>();
   if (nedges < 2) r.corrupt("fewer than 2 histogram edges");
   std::vector<double> edges = r.get_doubles(nedges);
@@ -144,6 +154,7 @@ std::unique_ptr<NumericState> read_numeric(Reader& r, QuantileMode profile_mode,
   s->m2 = f[4];
   s->min = f[5];
   s->max = f[6];
+  s->count_sq = f[7];
   s->hist = r.get_doubles(nedges + 1);
   for (double h : s->hist)
     if (!(h >= 0 && std::isfinite(h))) r.corrupt("negative or non-finite histogram count");
@@ -157,11 +168,23 @@ std::unique_ptr<NumericState> read_numeric(Reader& r, QuantileMode profile_mode,
     for (double v : s->values)
       if (!std::isfinite(v)) r.corrupt("non-finite stored value");
     s->sorted = sorted == 1 && std::is_sorted(s->values.begin(), s->values.end());
+    const uint8_t decayed = version >= 2 ? r.get<uint8_t>() : 0;
+    if (decayed > 1) r.corrupt("bad flag");
+    if (decayed) {
+      s->decayed = true;
+      s->decay_exp = r.get_finite();
+      s->pruned_at = r.get_finite();
+      s->vexp = r.get_doubles(n);
+      for (double e : s->vexp)
+        if (!std::isfinite(e) || e > s->decay_exp) r.corrupt("bad value weight");
+      if (s->pruned_at > s->decay_exp) r.corrupt("bad decay state");
+    }
   } else if (mode == QuantileMode::Sketch) {
     const uint32_t k = r.get<uint32_t>();
     if (static_cast<int>(k) != sketch_k) r.corrupt("sketch size differs from the profile's");
     const uint64_t n = r.get<uint64_t>();
     const double err = r.get_count();
+    const double thin = version >= 2 ? r.get_count() : 0.0;
     const uint64_t rng = r.get<uint64_t>();
     const uint32_t nlevels = r.get<uint32_t>();
     if (nlevels < 1 || nlevels > static_cast<uint32_t>(QuantileSketch::kMaxLevels)) {
@@ -175,7 +198,7 @@ std::unique_ptr<NumericState> read_numeric(Reader& r, QuantileMode profile_mode,
         if (!std::isfinite(v)) r.corrupt("non-finite sketch item");
     }
     try {
-      s->sketch->restore(n, err, rng, std::move(levels));
+      s->sketch->restore(n, err, thin, rng, std::move(levels));
     } catch (const std::invalid_argument&) {
       r.corrupt("inconsistent sketch");
     }
@@ -255,9 +278,9 @@ std::unique_ptr<ProfileState> ProfileState::from_bytes(const uint8_t* data, size
   std::memcpy(&reserved, data + 10, 2);
   std::memcpy(&crc, data + 12, 4);
   std::memcpy(&len, data + 16, 8);
-  if (version != kVersion || reserved != 0) {
+  if (version < 1 || version > kVersion || reserved != 0) {
     fail<std::invalid_argument>("data is a fastml drift profile of format version ", version,
-                                "; this fastml reads version ", kVersion);
+                                "; this fastml reads versions 1 to ", kVersion);
   }
   if (len != size - kHeader) {
     fail<std::invalid_argument>("data is not a valid fastml drift profile: the header says ", len,
@@ -286,7 +309,7 @@ std::unique_ptr<ProfileState> ProfileState::from_bytes(const uint8_t* data, size
     const uint8_t kind = r.get<uint8_t>();
     if (kind == 0) {
       f.kind = FeatureKind::Numeric;
-      f.num = read_numeric(r, p->mode, p->sketch_k);
+      f.num = read_numeric(r, p->mode, p->sketch_k, version);
     } else if (kind == 1) {
       f.kind = FeatureKind::Categorical;
       f.cat = std::make_unique<CategoricalState>();
