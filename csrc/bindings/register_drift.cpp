@@ -417,19 +417,25 @@ void register_drift(py::module_& m) {
   m.def(
       "_drift_ks_2samp",
       [](const py::handle& a, const py::handle& b) {
-        std::vector<double> x = to_vector(a, "a"), y = to_vector(b, "b");
+        const ArraySpec spec{1, 0, {DType::F64}, Layout::MakeContiguous};
+        BoundArray ba = bind_array(a, "a", spec), bb = bind_array(b, "b", spec);
+        const int64_t n1 = ba.view.shape[0], n2 = bb.view.shape[0];
+        BufferPtr x = Buffer::allocate(static_cast<size_t>(n1) * sizeof(double));
+        BufferPtr y = Buffer::allocate(static_cast<size_t>(n2) * sizeof(double));
         drift::KsResult r;
         {
-          // Safe without the GIL: the inputs are private copies.
+          // Safe without the GIL: the bound arrays are kept alive and only
+          // read; the sorted copies are private.
           py::gil_scoped_release release;
           // The two sorts are independent: run them on the shared pool.
-          ThreadPool::global().parallel_for(0, 2, 1, [&](int64_t b, int64_t e) {
-            for (int64_t k = b; k < e; ++k) {
-              auto& v = k == 0 ? x : y;
-              drift::sort_doubles(v.data(), static_cast<int64_t>(v.size()));
+          ThreadPool::global().parallel_for(0, 2, 1, [&](int64_t lo, int64_t hi) {
+            for (int64_t k = lo; k < hi; ++k) {
+              const BoundArray& in = k == 0 ? ba : bb;
+              drift::sort_doubles_into(in.view.as<double>(), k == 0 ? n1 : n2,
+                                       (k == 0 ? x : y)->as<double>());
             }
           });
-          r = drift::ks_2samp_sorted(x.data(), x.size(), y.data(), y.size());
+          r = drift::ks_2samp_sorted(x->as<double>(), n1, y->as<double>(), n2);
         }
         return py::make_tuple(r.statistic, r.pvalue, r.exact);
       },

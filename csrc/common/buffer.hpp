@@ -7,16 +7,30 @@
 #include <memory>
 #include <new>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 namespace fastml {
 
 inline constexpr size_t kBufferAlignment = 64;
 
+// Buffers of at least this size are 2 MiB aligned and advised to use
+// transparent huge pages (Linux): a fresh 8 MB buffer then costs 4 page
+// faults instead of 2048 (measured: a third of KS's time at 1M values).
+inline constexpr size_t kHugeBufferBytes = size_t{4} << 20;
+inline constexpr size_t kHugePageBytes = size_t{2} << 20;
+
 class Buffer {
  public:
   explicit Buffer(size_t nbytes) : nbytes_(nbytes) {
-    const size_t rounded = (nbytes + kBufferAlignment - 1) / kBufferAlignment * kBufferAlignment;
-    data_ = rounded ? std::aligned_alloc(kBufferAlignment, rounded) : nullptr;
+    const size_t align = nbytes >= kHugeBufferBytes ? kHugePageBytes : kBufferAlignment;
+    const size_t rounded = (nbytes + align - 1) / align * align;
+    data_ = rounded ? std::aligned_alloc(align, rounded) : nullptr;
     if (rounded && !data_) throw std::bad_alloc();
+#ifdef __linux__
+    if (align == kHugePageBytes) madvise(data_, rounded, MADV_HUGEPAGE);  // a hint; may fail
+#endif
   }
   ~Buffer() { std::free(data_); }
   Buffer(const Buffer&) = delete;

@@ -59,8 +59,49 @@ void Adwin::insert(double value) {
   if (cnt_[0] == cap_) compress();
 }
 
+// The bucket side of insert() for `n` values (the window sums are the
+// caller's): level 0 is kept in registers, and the merge of its two oldest
+// buckets -- the most frequent compression, every other value -- is done
+// inline with compress()'s arithmetic at h = 0, where the sizes are 1 and the
+// variances 0: mu = t, temp = 1 * 0.5 * (t0 - t1) * (t0 - t1), v = 0 + 0 + temp.
+// Level-0 variances are never read as anything but 0, so they are not written.
+void Adwin::insert_run(const double* x, int64_t n) {
+  double* t0 = tot_.data();
+  int c0 = cnt_[0], h0 = head_[0];
+  const int cap = cap_;
+  for (int64_t k = 0; k < n; ++k) {
+    int j = h0 + c0;
+    j = j >= cap ? j - cap : j;
+    t0[j] = x[k];
+    if (++c0 < cap) continue;
+    const int i0 = h0, i1 = i0 + 1 == cap ? 0 : i0 + 1;
+    const double d = t0[i0] - t0[i1];
+    const double temp = 1.0 * 0.5 * d * d;
+    const double total12 = t0[i0] + t0[i1];
+    h0 = i1 + 1 == cap ? 0 : i1 + 1;
+    c0 -= 2;
+    if (nlev_ < 2) {
+      nlev_ = 2;
+      cnt_[1] = 0;
+      head_[1] = 0;
+    }
+    push_newest(1, total12, 0.0 + 0.0 + temp);
+    if (cnt_[1] == cap) {
+      cnt_[0] = c0;
+      head_[0] = h0;
+      compress_from(1);
+    }
+  }
+  cnt_[0] = c0;
+  head_[0] = h0;
+}
+
 void Adwin::compress() {
-  for (int h = 0; h < nlev_; ++h) {
+  compress_from(0);
+}
+
+void Adwin::compress_from(int h0) {
+  for (int h = h0; h < nlev_; ++h) {
     if (cnt_[h] != cap_) break;
     const double* t = tot_.data() + h * cap_;
     const double* v = var_.data() + h * cap_;
@@ -120,37 +161,45 @@ namespace {
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FASTML_ADWIN_AVX 1
-// First j in [from, m) whose split cuts, else m: both parts hold at least
+// First j in [from, m) whose split may cut, else m: both parts hold at least
 // `mw` values and |u0/n0 - u1/n1| > sqrt(2 m (var/width) delta') + linear,
 // with m = 1/(n0 - mw + 1) + 1/(n1 - mw + 1) and linear = (2/3 delta') m.
-// Four splits per step with the same IEEE operations, in the same order, as
-// Adwin::cut (division and square root are correctly rounded in AVX too, and
-// there is no FMA in this target, so nothing is contracted): the result is
-// bit for bit the scalar decision. The caller re-checks the split it returns.
+// A conservative filter, four splits per step, with no division or square
+// root: with A = n0 - mw + 1, B = n1 - mw + 1, R = A B, N = n0 n1, the test
+// multiplied by N R > 0 reads P = |u0 n1 - u1 n0| R - (2/3 delta') (A + B) N
+// > 0 and P^2 > N^2 2 (var/width) delta' (A + B) R. P is given a slack of
+// 1e-9 times the magnitudes it is made of, and the square test a relative
+// 1e-9: far more than the few-ulp rounding of this and of the scalar test,
+// so a split the filter rejects never cuts. The caller decides every split
+// the filter returns with the scalar Adwin::cut, so decisions are River's.
 __attribute__((target("avx2"))) int64_t adwin_first_candidate(const double* n0, const double* n1,
                                                               const double* u0, const double* u1,
                                                               int64_t from, int64_t m, double mw,
                                                               double lin_coef, double var_w,
                                                               double delta_prime) {
-  const __m256d vmw = _mm256_set1_pd(mw), vone = _mm256_set1_pd(1.0);
-  const __m256d vc = _mm256_set1_pd(lin_coef);
-  const __m256d sign = _mm256_set1_pd(-0.0), vtwo = _mm256_set1_pd(2.0);
-  const __m256d vvar = _mm256_set1_pd(var_w), vdp = _mm256_set1_pd(delta_prime);
+  const __m256d vmw = _mm256_set1_pd(mw), vmw1 = _mm256_set1_pd(mw - 1.0);
+  const __m256d vc = _mm256_set1_pd(lin_coef), zero = _mm256_setzero_pd();
+  const __m256d sign = _mm256_set1_pd(-0.0), tiny = _mm256_set1_pd(1e-9);
+  const __m256d vq = _mm256_set1_pd(2.0 * var_w * delta_prime * (1.0 - 1e-9));
   int64_t j = from;
   for (; j + 4 <= m; j += 4) {
     const __m256d a = _mm256_loadu_pd(n0 + j), b = _mm256_loadu_pd(n1 + j);
-    const __m256d dmean = _mm256_sub_pd(_mm256_div_pd(_mm256_loadu_pd(u0 + j), a),
-                                        _mm256_div_pd(_mm256_loadu_pd(u1 + j), b));
-    const __m256d m_recip =
-        _mm256_add_pd(_mm256_div_pd(vone, _mm256_add_pd(_mm256_sub_pd(a, vmw), vone)),
-                      _mm256_div_pd(vone, _mm256_add_pd(_mm256_sub_pd(b, vmw), vone)));
-    const __m256d linear = _mm256_mul_pd(vc, m_recip);
-    const __m256d eps = _mm256_add_pd(
-        _mm256_sqrt_pd(_mm256_mul_pd(_mm256_mul_pd(_mm256_mul_pd(vtwo, m_recip), vvar), vdp)),
-        linear);
+    const __m256d x0 = _mm256_loadu_pd(u0 + j), x1 = _mm256_loadu_pd(u1 + j);
+    const __m256d cross = _mm256_sub_pd(_mm256_mul_pd(x0, b), _mm256_mul_pd(x1, a));
+    const __m256d mag = _mm256_add_pd(_mm256_mul_pd(_mm256_andnot_pd(sign, x0), b),
+                                      _mm256_mul_pd(_mm256_andnot_pd(sign, x1), a));
+    const __m256d A = _mm256_sub_pd(a, vmw1), B = _mm256_sub_pd(b, vmw1);
+    const __m256d S = _mm256_add_pd(A, B), R = _mm256_mul_pd(A, B), N = _mm256_mul_pd(a, b);
+    const __m256d lhs = _mm256_mul_pd(_mm256_andnot_pd(sign, cross), R);
+    const __m256d lin = _mm256_mul_pd(_mm256_mul_pd(vc, S), N);
+    const __m256d slack = _mm256_mul_pd(
+        tiny, _mm256_add_pd(_mm256_add_pd(lhs, lin), _mm256_mul_pd(_mm256_add_pd(mag, lin), R)));
+    const __m256d P = _mm256_add_pd(_mm256_sub_pd(lhs, lin), slack);
+    const __m256d Y = _mm256_mul_pd(_mm256_mul_pd(_mm256_mul_pd(N, N), vq), _mm256_mul_pd(S, R));
     const __m256d ok = _mm256_and_pd(
         _mm256_and_pd(_mm256_cmp_pd(b, vmw, _CMP_GE_OQ), _mm256_cmp_pd(a, vmw, _CMP_GE_OQ)),
-        _mm256_cmp_pd(_mm256_andnot_pd(sign, dmean), eps, _CMP_GT_OQ));
+        _mm256_and_pd(_mm256_cmp_pd(P, zero, _CMP_GT_OQ),
+                      _mm256_cmp_pd(_mm256_mul_pd(P, P), Y, _CMP_GE_OQ)));
     const int bits = _mm256_movemask_pd(ok);
     if (bits) return j + __builtin_ctz(static_cast<unsigned>(bits));
   }
@@ -286,23 +335,21 @@ std::vector<int64_t> Adwin::update(const double* x, int64_t n) {
       continue;
     }
     double w = width_, tot = total_, var = variance_;
-    for (int64_t k = i; k < i + run; ++k) {
-      push_newest(0, x[k], 0.0);
-      if (cnt_[0] == cap_) compress();
-    }
+    insert_run(x + i, run);
 #ifdef FASTML_ADWIN_AVX
     if (use_avx2_) {
       // The two divisions per value do not depend on the previous value's
-      // variance: compute them four at a time, then add in order.
+      // variance: compute them four at a time, then add in order. The width
+      // before value k is w + k exactly (integers), so only the sum chains.
       for (int64_t b = i; b < i + run; b += kIncBlock) {
         const int64_t len = std::min<int64_t>(kIncBlock, i + run - b);
         alignas(32) double prev[kIncBlock], wk[kIncBlock], inc[kIncBlock];
         for (int64_t k = 0; k < len; ++k) {
           prev[k] = tot;
-          w += 1.0;
-          wk[k] = w;
+          wk[k] = w + static_cast<double>(k + 1);
           tot += x[b + k];
         }
+        w += static_cast<double>(len);
         adwin_increments(x + b, prev, wk, inc, len);
         for (int64_t k = 0; k < len; ++k) var += inc[k];
       }

@@ -27,6 +27,8 @@ class Adwin {
   bool step(double x);
   void insert(double value);
   void compress();
+  void compress_from(int h);
+  void insert_run(const double* x, int64_t n);
   bool detect();
   bool cut(double n0, double n1, double delta_mean, double delta_prime) const;
   void delete_oldest();

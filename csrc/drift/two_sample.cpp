@@ -7,6 +7,7 @@
 #include <numeric>
 #include <vector>
 
+#include "common/buffer.hpp"
 #include "common/thread_pool.hpp"
 
 namespace fastml::drift {
@@ -334,21 +335,26 @@ double from_order_key(uint64_t u) {
 }  // namespace
 
 void sort_doubles(double* x, int64_t n) {
+  sort_doubles_into(x, n, x);
+}
+
+void sort_doubles_into(const double* in, int64_t n, double* out) {
   if (n < 4096) {
-    std::sort(x, x + n);
+    if (out != in) std::copy(in, in + n, out);
+    std::sort(out, out + n);
     return;
   }
-  // 6 passes of 11 bits; counting all digits in one read, skipping passes
-  // where every key has the same digit.
+  // 6 passes of 11 bits over order keys, counting all digits in one read and
+  // skipping passes where every key has the same digit. The keys live in
+  // `out` (reading in[i] before writing key i, so in == out works) and one
+  // scratch buffer (a Buffer: large ones are backed by huge pages).
   constexpr int kBits = 11, kPasses = 6, kBuckets = 1 << kBits;
-  // Uninitialised scratch: every slot is written before it is read.
-  std::unique_ptr<uint64_t[]> a_buf(new uint64_t[static_cast<size_t>(n)]);
-  std::unique_ptr<uint64_t[]> b_buf(new uint64_t[static_cast<size_t>(n)]);
-  uint64_t* a = a_buf.get();
-  uint64_t* b = b_buf.get();
+  BufferPtr scratch = Buffer::allocate(static_cast<size_t>(n) * sizeof(uint64_t));
+  uint64_t* a = reinterpret_cast<uint64_t*>(out);
+  uint64_t* b = scratch->as<uint64_t>();
   std::vector<uint32_t> counts(static_cast<size_t>(kPasses) * kBuckets, 0u);
   for (int64_t i = 0; i < n; ++i) {
-    const uint64_t k = order_key(x[i]);
+    const uint64_t k = order_key(in[i]);
     a[i] = k;
     for (int p = 0; p < kPasses; ++p)
       ++counts[p * kBuckets + ((k >> (p * kBits)) & (kBuckets - 1))];
@@ -369,7 +375,7 @@ void sort_doubles(double* x, int64_t n) {
     }
     std::swap(a, b);
   }
-  for (int64_t i = 0; i < n; ++i) x[i] = from_order_key(a[i]);
+  for (int64_t i = 0; i < n; ++i) out[i] = from_order_key(a[i]);
 }
 
 double kstwo_sf(int64_t n, double x) {

@@ -37,6 +37,8 @@ double wasserstein_sorted(const double* a, const double* wa, int64_t n1, const d
 // Sorts finite (NaN-free) doubles ascending: LSD radix sort on the order-
 // preserving integer image of the bits for large inputs, std::sort for small.
 void sort_doubles(double* x, int64_t n);
+// Sorted copy of in[0, n) into out (in == out sorts in place).
+void sort_doubles_into(const double* in, int64_t n, double* out);
 
 // Regularised upper incomplete gamma Q(a, x); chi2.sf(x, k) = Q(k / 2, x / 2).
 double gamma_q(double a, double x);
