@@ -507,3 +507,27 @@ def test_float32_vector_path_edges_nonfinite_and_tails(stride):
             finite = x.astype(np.float64)[np.isfinite(x)]
             assert got["min"] == finite.min() and got["max"] == finite.max()
             assert got["mean"] == pytest.approx(want["mean"], rel=1e-9, abs=1e-12)
+
+
+def test_float32_vector_path_at_lo_and_hi_over_many_scales():
+    # The vector path clamps the grid cell instead of comparing with lo/hi:
+    # values on, just inside and just outside the outer edges, at offsets and
+    # widths from 1e-3 to 1e6, must still land in underflow / first / last /
+    # overflow exactly as numpy.histogram (plus the outer counts) puts them.
+    rng = np.random.default_rng(11)
+    for _ in range(150):
+        lo = float(rng.normal() * 10.0 ** rng.integers(-3, 7))
+        width = float(10 ** rng.uniform(-3, 3))
+        edges = np.unique(np.concatenate([[lo, lo + width], lo + width * rng.random(12)]))
+        e32 = edges.astype(np.float32)
+        near = np.concatenate(
+            [e32, np.nextafter(e32, np.float32(np.inf)), np.nextafter(e32, np.float32(-np.inf))]
+        )
+        x = np.concatenate(
+            [rng.choice(near, 300), rng.uniform(lo - 0.2 * width, lo + 1.2 * width, 300)]
+        ).astype(np.float32)
+        native = _core._DriftProfile.create(["x"], [0], [edges], "none", 400, 1000)
+        prof = drift.Profile(native)
+        prof.update({"x": x})
+        want = _numeric_reference(x.astype(np.float64), edges)
+        np.testing.assert_array_equal(prof.summary("x")["hist"], want["hist"])
