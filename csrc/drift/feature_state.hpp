@@ -49,9 +49,11 @@ class BinLookup {
   double scale() const { return scale_; }
   int64_t grid() const { return grid_; }
   const int32_t* table() const { return table_.data(); }
-  // The table with underflow in front and overflow behind, entries already
+  // The table with underflow in front and two slots behind, entries already
   // slots: ext[0] = 0, ext[c + 1] = table[c] + 1 for a clean cell (a negative
-  // entry ~bin marks a cell holding an edge), ext[grid + 1] = nbins + 1.
+  // entry ~bin marks a cell holding an edge: use slot()), ext[grid + 1] dirty
+  // (at or just past hi), ext[grid + 2] = nbins + 1 (overflow). The cells at
+  // lo and hi are always dirty.
   const int32_t* ext_table() const { return ext_.data(); }
 
  private:
