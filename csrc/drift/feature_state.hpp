@@ -32,8 +32,8 @@ class BinLookup {
     if (x > hi_) return nbins_ + 1;
     int64_t c = static_cast<int64_t>((x - lo_) * scale_);
     c = c >= grid_ ? grid_ - 1 : c;  // x >= lo_, so c >= 0
-    const int32_t t = table_[c];
-    if (t >= 0) return t + 1;  // no edge inside this cell: the bin is known
+    const int32_t t = ext_[static_cast<size_t>(c) + 1];
+    if (t >= 0) return t;  // no edge inside this cell: the slot is known
     return search(x, ~t) + 1;
   }
   // Bin of x starting from bin b, when an edge falls inside x's grid cell.
@@ -48,18 +48,17 @@ class BinLookup {
   double hi() const { return hi_; }
   double scale() const { return scale_; }
   int64_t grid() const { return grid_; }
-  const int32_t* table() const { return table_.data(); }
-  // The table with underflow in front and two slots behind, entries already
-  // slots: ext[0] = 0, ext[c + 1] = table[c] + 1 for a clean cell (a negative
-  // entry ~bin marks a cell holding an edge: use slot()), ext[grid + 1] dirty
-  // (at or just past hi), ext[grid + 2] = nbins + 1 (overflow). The cells at
-  // lo and hi are always dirty.
+  // The cell table with underflow in front and two slots behind, entries
+  // already slots: ext[0] = 0; ext[c + 1] = the slot of cell c when it is
+  // clean, or ~bin (negative; bin = the bin of the cell's start) when it holds
+  // an edge and needs search(); ext[grid + 1] dirty (at or just past hi);
+  // ext[grid + 2] = nbins + 1 (overflow). The cells at lo and hi are always
+  // dirty.
   const int32_t* ext_table() const { return ext_.data(); }
 
  private:
   std::vector<double> edges_;
-  std::vector<int32_t> table_;  // bin of the cell's start; ~bin when an edge is inside
-  std::vector<int32_t> ext_;    // see ext_table()
+  std::vector<int32_t> ext_;  // see ext_table()
   double lo_, hi_, scale_;
   int64_t nbins_, grid_;
 };
