@@ -1,0 +1,167 @@
+// Native checks of the drift core, meant for AddressSanitizer/UBSan (and
+// ThreadSanitizer, for the pool-parallel p-value sum and ingest): ADWIN over
+// long streams with every bucket shape, exponential decay of exact values
+// and sketches, merge, the profile byte format under random corruption, the
+// radix sort and the Smirnov tail. The Python tests compare the numbers with
+// SciPy and River; these make sure the native code paths stay memory-safe.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <stdexcept>
+#include <vector>
+
+#include "common/thread_pool.hpp"
+#include "drift/detectors.hpp"
+#include "drift/feature_state.hpp"
+#include "drift/quantile_sketch.hpp"
+#include "drift/two_sample.hpp"
+#include "tests/native/check.hpp"
+
+using namespace fastml;
+using namespace fastml::drift;
+
+namespace {
+
+std::unique_ptr<ProfileState> make_profile(QuantileMode mode) {
+  auto p = std::make_unique<ProfileState>();
+  p->mode = mode;
+  Feature f;
+  f.name = "x";
+  f.kind = FeatureKind::Numeric;
+  std::vector<double> edges;
+  for (int i = 0; i <= 20; ++i) edges.push_back(-3.0 + 0.3 * i);
+  f.num = std::make_unique<NumericState>(edges, mode, QuantileSketch::kDefaultK);
+  p->features.push_back(std::move(f));
+  Feature c;
+  c.name = "c";
+  c.kind = FeatureKind::Categorical;
+  c.cat = std::make_unique<CategoricalState>();
+  c.cat->cap = 4;
+  p->features.push_back(std::move(c));
+  return p;
+}
+
+void feed(ProfileState& p, std::mt19937_64& rng, int n, double shift) {
+  std::normal_distribution<double> d(shift, 1.0);
+  std::vector<float> x(static_cast<size_t>(n));
+  for (auto& v : x) v = static_cast<float>(d(rng));
+  if (n > 3) {
+    x[1] = std::numeric_limits<float>::quiet_NaN();
+    x[2] = std::numeric_limits<float>::infinity();
+  }
+  ArrayView view;
+  view.data = x.data();
+  view.dtype = DType::F32;
+  view.ndim = 1;
+  view.shape[0] = n;
+  view.strides[0] = sizeof(float);
+  p.features[0].num->ingest(view, 0);
+  std::vector<std::string> keys = {"a", "b", std::to_string(rng() % 9)};
+  std::vector<double> counts = {1.0, 2.0, 3.0};
+  p.features[1].cat->add(keys, counts.data(), 0.0);
+  p.rows += n;
+}
+
+void check_adwin() {
+  std::mt19937_64 rng(1);
+  for (int max_buckets : {2, 3, 5, 9}) {
+    for (int clock : {1, 4, 32}) {
+      Adwin a(0.002, clock, max_buckets, 5, 10);
+      std::normal_distribution<double> d(0.0, 1.0);
+      std::vector<double> x(60000);
+      for (size_t i = 0; i < x.size(); ++i) x[i] = d(rng) + (i > 30000 ? 1.0 : 0.0);
+      const auto idx = a.update(x.data(), static_cast<int64_t>(x.size()));
+      NATIVE_CHECK(!idx.empty());  // the shift at 30,000 is found
+      NATIVE_CHECK(idx.front() > 30000 && idx.front() < 31000);
+      // values far from zero with a tiny spread, in odd-sized pieces
+      std::vector<double> y(5003);
+      for (auto& v : y) v = 1e6 + 1e-3 * d(rng);
+      for (int off = 0; off < 5003; off += 997)
+        a.update(y.data() + off, std::min<int64_t>(997, 5003 - off));
+      NATIVE_CHECK(a.width() >= 0);
+    }
+  }
+}
+
+void check_decay_merge_bytes(QuantileMode mode) {
+  std::mt19937_64 rng(2);
+  auto a = make_profile(mode);
+  auto b = make_profile(mode);
+  for (int i = 0; i < 40; ++i) {
+    a->scale(std::pow(0.5, 300.0 / 1000.0));
+    feed(*a, rng, 300, i % 3);
+    feed(*b, rng, 77, 0.0);
+  }
+  a->scale(0.0);  // everything decays away
+  feed(*a, rng, 50, 1.0);
+  for (int i = 0; i < 300; ++i) {  // past kDropExp half-lives: values are dropped
+    a->scale(0.5);
+    feed(*a, rng, 20, 0.0);
+  }
+  NumericState& na = *a->features[0].num;
+  if (mode == QuantileMode::Exact) {
+    NATIVE_CHECK(na.decayed && na.vexp.size() == na.values.size());
+    NATIVE_CHECK(na.values.size() <= static_cast<size_t>(20 * (NumericState::kDropExp + 6)));
+    na.ensure_sorted();
+    NATIVE_CHECK(std::is_sorted(na.values.begin(), na.values.end()));
+    const auto w = na.value_weights();
+    NATIVE_CHECK(w.size() == na.values.size());
+  } else {
+    NATIVE_CHECK(na.sketch->rank_error() > 0 && na.sketch->rank_error() < 1);
+  }
+  a->merge(*b);
+  b->merge(*a);
+  const std::vector<uint8_t> bytes = a->to_bytes();
+  auto back = ProfileState::from_bytes(bytes.data(), bytes.size());
+  NATIVE_CHECK(back->to_bytes() == bytes);
+  // Random corruption: a clean exception or a valid profile, never a crash.
+  int rejected = 0;
+  for (int i = 0; i < 3000; ++i) {
+    std::vector<uint8_t> bad = bytes;
+    const int flips = 1 + static_cast<int>(rng() % 4);
+    for (int f = 0; f < flips; ++f)
+      bad[rng() % bad.size()] ^= static_cast<uint8_t>(1 + rng() % 255);
+    if (i % 3 == 0) bad.resize(rng() % bad.size());
+    try {
+      auto p = ProfileState::from_bytes(bad.data(), bad.size());
+      (void)p->to_bytes();
+    } catch (const std::invalid_argument&) {
+      ++rejected;
+    }
+  }
+  NATIVE_CHECK(rejected > 2900);  // the checksum catches nearly all of them
+}
+
+void check_two_sample() {
+  std::mt19937_64 rng(3);
+  std::normal_distribution<double> d(0.0, 1.0);
+  for (int64_t n : {int64_t{0}, int64_t{1}, int64_t{4095}, int64_t{4096}, int64_t{70001}}) {
+    std::vector<double> x(static_cast<size_t>(n)), out(static_cast<size_t>(n));
+    for (auto& v : x) v = d(rng);
+    if (n > 10) x[3] = -0.0, x[4] = 0.0, x[5] = x[6];
+    sort_doubles_into(x.data(), n, out.data());
+    std::vector<double> ref = x;
+    std::sort(ref.begin(), ref.end());
+    NATIVE_CHECK(out == ref);
+    sort_doubles(x.data(), n);
+    NATIVE_CHECK(x == ref);
+  }
+  ThreadPool::global().set_num_threads(3);
+  for (int64_t n : {int64_t{40000}, int64_t{500000}}) {
+    for (double x : {0.002, 0.005458, 0.03}) {
+      const double p = kstwo_sf(n, x);
+      NATIVE_CHECK(p >= 0.0 && p <= 1.0);
+    }
+  }
+}
+
+}  // namespace
+
+int main() {
+  check_adwin();
+  check_decay_merge_bytes(QuantileMode::Exact);
+  check_decay_merge_bytes(QuantileMode::Sketch);
+  check_two_sample();
+  return 0;
+}
