@@ -55,7 +55,7 @@ def restore_threads():
 # ------------------------------------------------------------------ the epoch order
 
 
-@pytest.mark.parametrize("n", [0, 1, 2, 7, 1000, 65535, 65536, 200_001])
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 1000, 65535, 65536, 262_143, 262_144, 300_001])
 def test_permutation_is_a_permutation_and_deterministic(n):
     p = _core.data_permutation(n, 5, 3, 0)
     assert p.dtype == np.int64 and p.shape == (n,)
@@ -76,7 +76,7 @@ def test_permutation_does_not_depend_on_thread_count(n, restore_threads):
     assert np.array_equal(a, b)
 
 
-@pytest.mark.parametrize("n", [10, 70_000])
+@pytest.mark.parametrize("n", [10, 70_000, 300_000])
 def test_permutation_is_roughly_uniform(n):
     # Where do rows 0 and n-1 land over many epochs? Uniform within tolerance of
     # a chi-square test at 10 bins (critical value 27.9 at p = 0.001, 9 dof).

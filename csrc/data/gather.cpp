@@ -113,14 +113,35 @@ void gather_with(const GatherColumn& col, const Rows& rows, const int64_t* indic
 
 }  // namespace
 
-void gather_rows(const GatherColumn& col, const int64_t* indices, int64_t n, void* dst) {
-  check_indices(indices, n, col.src.shape[0]);
+void gather_rows(const GatherColumn& col, const int64_t* indices, int64_t n, void* dst,
+                 bool check) {
+  if (check) check_indices(indices, n, col.src.shape[0]);
   if (col.chunks.empty()) {
     gather_with(col, Contiguous{static_cast<const char*>(col.src.data), col.src.row_bytes()},
                 indices, n, dst);
   } else {
     gather_with(col, Chunked{&col, col.src.row_bytes()}, indices, n, dst);
   }
+}
+
+bool warm_column(const GatherColumn& col, int64_t max_bytes) {
+  const int64_t nbytes = col.src.shape[0] * col.src.row_bytes();
+  if (nbytes > max_bytes) return false;
+  auto touch = [](const char* p, int64_t n) {
+    // volatile: the loads are the point, and must not be optimised away.
+    unsigned char acc = 0;
+    for (int64_t i = 0; i < n; i += 64) acc ^= static_cast<const volatile unsigned char*>(
+                                            static_cast<const void*>(p))[i];
+    static_cast<void>(acc);
+  };
+  if (col.chunks.empty()) {
+    touch(static_cast<const char*>(col.src.data), nbytes);
+  } else {
+    const int64_t rb = col.src.row_bytes();
+    for (size_t j = 0; j < col.chunks.size(); ++j)
+      touch(col.chunks[j], (col.chunk_starts[j + 1] - col.chunk_starts[j]) * rb);
+  }
+  return true;
 }
 
 }  // namespace fastml::data

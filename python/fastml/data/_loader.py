@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import collections
 import json
 import os
 import queue
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from fastml.data import Dataset
 
 _STATE_VERSION = 1
+_DECODE_THREADS = os.environ.get("FASTML_DT", "1") == "1"
 
 
 def _check_int(name: str, value: Any, lo: int) -> int:
@@ -131,8 +133,12 @@ class Loader:
             shuffle_buffer = max(65536, 8 * self._batch_size)
         self._shuffle_buffer = _check_int("shuffle_buffer", shuffle_buffer, 1)
         # Buffers in use by the consumer are never recycled; the pool only
-        # remembers this many per column for reuse.
-        self._plan = _core.DataGatherPlan(specs, self._prefetch + 4)
+        # remembers this many per column for reuse. The Parquet reader has up to
+        # three chunks of batches in flight (being consumed, queued, being made).
+        capacity = self._prefetch + 4
+        if dataset.is_streamed:
+            capacity += 3 * _chunk_batches(self._prefetch, self._batch_size)
+        self._plan = _core.DataGatherPlan(specs, capacity)
         self._engine: Any = None
         if not dataset.is_streamed:
             arrays = [a for _, a in dataset._iter_columns()]
@@ -402,7 +408,13 @@ class _ParquetStream(_Stream):
 
     def __init__(self, loader: Loader) -> None:
         self._loader = loader
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=loader._prefetch)
+        # Batches travel in chunks (all the batches one native call completed,
+        # at most _chunk_batches(prefetch)), so the hand-off costs one queue
+        # operation per chunk rather than per batch.
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=1)
+        self._ready: collections.deque[dict[str, np.ndarray]] = collections.deque()
+        self._chunk_rows = 0
+        self._row_bytes = loader._plan.out_row_bytes
         self._stop = threading.Event()
         self._stats = loader._py_stats
         self._thread = threading.Thread(
@@ -413,20 +425,25 @@ class _ParquetStream(_Stream):
     def next(self) -> dict[str, np.ndarray] | None:
         if self._stop.is_set():  # closed or superseded by a newer iteration
             return None
-        t0 = time.perf_counter()
-        item = self._queue.get()
-        self._stats["wait_seconds"] += time.perf_counter() - t0
-        if item is self._DONE:
-            self._queue.put(self._DONE)
-            return None
-        if isinstance(item, BaseException):
-            self.close()
-            raise item
-        self._stats["batches"] += 1
-        n = next(iter(item.values())).shape[0]
-        self._stats["rows"] += n
-        self._stats["bytes"] += sum(v.nbytes for v in item.values())
-        return item
+        ready = self._ready
+        if not ready:
+            t0 = time.perf_counter()
+            item = self._queue.get()
+            self._stats["wait_seconds"] += time.perf_counter() - t0
+            if item is self._DONE:
+                self._queue.put(self._DONE)
+                return None
+            if isinstance(item, BaseException):
+                self.close()
+                raise item
+            batches, rows = item
+            ready.extend(batches)
+            self._chunk_rows = rows
+        stats = self._stats
+        stats["batches"] += 1
+        stats["rows"] += self._chunk_rows
+        stats["bytes"] += self._chunk_rows * self._row_bytes
+        return ready.popleft()
 
     def close(self) -> None:
         self._stop.set()
@@ -438,6 +455,7 @@ class _ParquetStream(_Stream):
         self._thread.join()
         while not self._queue.empty():
             self._queue.get_nowait()
+        self._ready.clear()
 
     def _put(self, item: Any) -> bool:
         while not self._stop.is_set():
@@ -452,9 +470,9 @@ class _ParquetStream(_Stream):
         batches = _parquet_batches(self._loader, self._stop, spent := [0.0])
         try:
             t0 = time.perf_counter()
-            for batch in batches:
+            for chunk in batches:
                 self._stats["worker_seconds"] += time.perf_counter() - t0 - spent[0]
-                if not self._put(batch):
+                if not self._put(chunk):
                     return
                 t0 = time.perf_counter()
                 spent[0] = 0.0
@@ -494,8 +512,9 @@ def parquet_epoch_layout(
 
 def _parquet_batches(
     loader: Loader, stop: threading.Event, spent: list[float]
-) -> Iterator[dict[str, np.ndarray]]:
-    """Yields this rank's batches of the current epoch from the current position."""
+) -> Iterator[tuple[list[dict[str, np.ndarray]], int]]:
+    """Yields this rank's batches of the current epoch from the current position,
+    in chunks: (batches, rows of each)."""
     ds = loader._dataset
     rgs = ds._row_groups
     n = len(ds)
@@ -518,24 +537,42 @@ def _parquet_batches(
 
     read_lock = threading.Lock()  # one reader of the ParquetFile objects at a time
 
-    def load_window(wi: int) -> tuple[Any, np.ndarray]:
+    def read_groups(groups: list[int]) -> Any:
+        """The rows of `groups` (in that order) as one Table: each run of groups
+        from one file is decoded by one pyarrow call (columns and row groups in
+        parallel on Arrow's threads, the GIL released)."""
         import pyarrow as pa
 
         tables = []
         with read_lock:
-            for g in windows[wi]:
-                rg = rgs[g]
-                path = ds._files[rg.file]
-                if rg.file not in files:
-                    files[rg.file] = open_parquet(path)
+            i = 0
+            while i < len(groups):
+                f = rgs[groups[i]].file
+                j = i
+                while j < len(groups) and rgs[groups[j]].file == f:
+                    j += 1
+                if f not in files:
+                    files[f] = open_parquet(ds._files[f])
+                pf = files[f]
+                run = [rgs[g].index for g in groups[i:j]]
                 try:
-                    tables.append(
-                        files[rg.file].read_row_group(rg.index, columns=names, use_threads=True)
-                    )
-                    loader._py_stats["row_groups_read"] += 1
-                except (pa.ArrowException, OSError) as e:
-                    raise OSError(f"{path!r}: cannot read row group {rg.index}: {e}") from None
-        table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+                    tables.append(pf.read_row_groups(run, columns=names, use_threads=_DECODE_THREADS))
+                except (pa.ArrowException, OSError):
+                    # Find the failing row group; the others are read.
+                    for g in run:
+                        try:
+                            pf.read_row_group(g, columns=names, use_threads=True)
+                        except (pa.ArrowException, OSError) as e:
+                            raise OSError(
+                                f"{ds._files[f]!r}: cannot read row group {g}: {e}"
+                            ) from None
+                    raise
+                loader._py_stats["row_groups_read"] += j - i
+                i = j
+        return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+    def load_window(wi: int) -> tuple[Any, np.ndarray]:
+        table = read_groups(windows[wi])
         arrays = [arrow_column(c, table.column(c)) for c in names]
         for c, a in zip(names, arrays, strict=True):
             f = first_chunk(a)
@@ -581,12 +618,12 @@ def _parquet_stream(
     first: int,
     last: int,
     num_batches: int,
-) -> Iterator[dict[str, np.ndarray]]:
+) -> Iterator[tuple[list[dict[str, np.ndarray]], int]]:
     """The batches of entries [first, last) of this rank's stream (see _parquet_batches)."""
     n = len(loader._dataset)
     w, r, bsz = loader._world_size, loader._rank, loader._batch_size
-    batch: Any = None  # the DataBatch being filled
-    filled = 0
+    batcher = _core.DataBatcher(plan, bsz)
+    chunk_rows = _chunk_batches(loader._prefetch, bsz) * bsz
     emitted = loader._position
 
     # Stream entry k is global position p = r + k * w; positions >= n wrap to p - n (padding).
@@ -600,27 +637,28 @@ def _parquet_stream(
         # Entries k..k_end-1 fall in this window (for wrapped positions, only up to the pad end).
         base = p - q  # 0, or n for padding
         k_end = min(last, (base + hi - r + w - 1) // w)
-        ks = np.arange(k, k_end, dtype=np.int64)
-        idx = perm[(r + ks * w) - base - lo]
-        pos = 0
-        while pos < idx.size:
-            if batch is None:
-                batch = _core.DataBatch(plan, bsz)
-                filled = 0
-            take = min(bsz - filled, idx.size - pos)
-            batch.fill(sources, idx[pos : pos + take], filled)
-            filled += take
-            pos += take
-            if filled == bsz:
-                out = batch.finish(bsz)
-                batch = None
-                emitted += 1
-                yield out
+        if w == 1:
+            idx = perm[k - base - lo : k_end - base - lo]
+        else:
+            idx = perm[(r + np.arange(k, k_end, dtype=np.int64) * w) - base - lo]
+        for pos in range(0, idx.size, chunk_rows):
+            done = batcher.feed(sources, idx[pos : pos + chunk_rows])
+            if done:
+                emitted += len(done)
+                yield done, bsz
                 if stop.is_set():
                     return
         k = k_end
-    if batch is not None and filled and emitted < num_batches:
-        yield batch.finish(filled)
+    if batcher.pending and emitted < num_batches:
+        rows = batcher.pending
+        yield [batcher.flush()], rows
+
+
+def _chunk_batches(prefetch: int, batch_size: int) -> int:
+    """Batches the Parquet reader gathers in one native call and hands over as
+    one chunk (at most): 4 x prefetch, or enough for 65,536 rows (a window of
+    the default size, so each source column is read in one pass), at most 256."""
+    return min(256, max(4 * prefetch, -(-65536 // batch_size)))
 
 
 class _CudaStager:
