@@ -158,12 +158,15 @@ class GatherPlan {
   // Batch b as a dict of NumPy arrays sharing the batch's buffers.
   py::dict to_dict(const data::Batch& b) const {
     py::dict d;
+    // One owner for all columns of the batch: its buffers go back to the pool
+    // when the last array (or view) of the batch is gone.
+    auto* holder = new std::vector<BufferPtr>(b.buffers);
+    py::capsule owner(holder, [](void* p) { delete static_cast<std::vector<BufferPtr>*>(p); });
+    std::vector<py::ssize_t> shape;
     for (size_t c = 0; c < cols_.size(); ++c) {
       const ColumnPlan& col = cols_[c];
-      std::vector<py::ssize_t> shape{static_cast<py::ssize_t>(b.rows)};
+      shape.assign(1, static_cast<py::ssize_t>(b.rows));
       shape.insert(shape.end(), col.row_shape.begin(), col.row_shape.end());
-      auto* holder = new BufferPtr(b.buffers[c]);
-      py::capsule owner(holder, [](void* p) { delete static_cast<BufferPtr*>(p); });
       d[names_[c]] = py::array(dtypes_[c], shape, b.ptrs[c], owner);
     }
     return d;
@@ -351,11 +354,11 @@ class DataBatcher {
           const auto c = static_cast<size_t>(t / parts);
           const int64_t s0 = (t % parts) * per_part;
           const int64_t s1 = std::min(num_segs, s0 + per_part);
-          if (parts == 1) data::warm_column(cols[c], kWarmBytes);
+          const bool cached = parts == 1 && data::warm_column(cols[c], kWarmBytes);
           for (int64_t si = s0; si < s1; ++si) {
             const Segment& s = segs[static_cast<size_t>(si)];
             char* dst = static_cast<char*>(s.batch->ptrs[c]) + s.offset * cols[c].out_row_bytes();
-            data::gather_rows(cols[c], ip + s.start, s.len, dst, false);
+            data::gather_rows(cols[c], ip + s.start, s.len, dst, false, cached);
           }
         }
       });

@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from fastml.data import Dataset
 
 _STATE_VERSION = 1
-_DECODE_THREADS = os.environ.get("FASTML_DT", "1") == "1"
 
 
 def _check_int(name: str, value: Any, lo: int) -> int:
@@ -556,7 +555,7 @@ def _parquet_batches(
                 pf = files[f]
                 run = [rgs[g].index for g in groups[i:j]]
                 try:
-                    tables.append(pf.read_row_groups(run, columns=names, use_threads=_DECODE_THREADS))
+                    tables.append(pf.read_row_groups(run, columns=names, use_threads=True))
                 except (pa.ArrowException, OSError):
                     # Find the failing row group; the others are read.
                     for g in run:
