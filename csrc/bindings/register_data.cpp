@@ -307,8 +307,8 @@ class DataBatcher {
       py::gil_scoped_release release;
       for (int64_t j = 0; j < k; ++j) {
         if (static_cast<uint64_t>(ip[j]) >= static_cast<uint64_t>(src.num_rows)) {
-          fail<std::out_of_range>("indices: row index ", ip[j], " out of range for ",
-                                  src.num_rows, " rows");
+          fail<std::out_of_range>("indices: row index ", ip[j], " out of range for ", src.num_rows,
+                                  " rows");
         }
       }
       // Segments: (batch, first row in it, first index, rows).
@@ -696,8 +696,7 @@ void register_data(py::module_& m) {
       .def("finish", &DataBatch::finish, py::arg("rows"));
 
   py::class_<DataBatcher>(m, "DataBatcher")
-      .def(py::init<std::shared_ptr<GatherPlan>, int64_t>(), py::arg("plan"),
-           py::arg("batch_size"))
+      .def(py::init<std::shared_ptr<GatherPlan>, int64_t>(), py::arg("plan"), py::arg("batch_size"))
       .def_property_readonly("batch_size", &DataBatcher::batch_size)
       .def_property_readonly("pending", &DataBatcher::pending)
       .def("feed", &DataBatcher::feed, py::arg("sources"), py::arg("indices"))

@@ -130,8 +130,8 @@ void gather_with(const GatherColumn& col, const Rows& rows, const int64_t* indic
 
 }  // namespace
 
-void gather_rows(const GatherColumn& col, const int64_t* indices, int64_t n, void* dst,
-                 bool check, bool cached) {
+void gather_rows(const GatherColumn& col, const int64_t* indices, int64_t n, void* dst, bool check,
+                 bool cached) {
   if (check) check_indices(indices, n, col.src.shape[0]);
   if (cached && col.chunks.empty() && col.plan.empty() && col.out_dtype == col.src.dtype) {
     const auto* base = static_cast<const char*>(col.src.data);
@@ -158,8 +158,8 @@ bool warm_column(const GatherColumn& col, int64_t max_bytes) {
   auto touch = [](const char* p, int64_t n) {
     // volatile: the loads are the point, and must not be optimised away.
     unsigned char acc = 0;
-    for (int64_t i = 0; i < n; i += 64) acc ^= static_cast<const volatile unsigned char*>(
-                                            static_cast<const void*>(p))[i];
+    for (int64_t i = 0; i < n; i += 64)
+      acc ^= static_cast<const volatile unsigned char*>(static_cast<const void*>(p))[i];
     static_cast<void>(acc);
   };
   if (col.chunks.empty()) {

@@ -530,9 +530,11 @@ def _parquet_batches(
     plan = loader._plan
     names = list(ds.schema)
     files: dict[int, Any] = {}
-    # This rank reads stream entries [first, last) of positions r, r + w, ...
+    # This rank reads entries [first, last) of its range of the epoch's positions
+    # (see parquet_rank_segments).
     first = loader._position * bsz
     last = min(num_batches * bsz, per_rank)
+    segments = parquet_rank_segments(starts, n, loader._rank * per_rank, first, last)
 
     read_lock = threading.Lock()  # one reader of the ParquetFile objects at a time
 
@@ -585,69 +587,80 @@ def _parquet_batches(
         )
         return plan.bind(arrays), perm
 
-    # Read-ahead: the next window is decoded on a second thread (pyarrow
-    # releases the GIL) while this one's batches are gathered.
+    # Read-ahead: the next window this rank needs is decoded on a second thread
+    # (pyarrow releases the GIL) while this one's batches are gathered.
     ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastml-data-parquet-read")
     futures: dict[int, Future[Any]] = {}
+    current: list[Any] = [None, None]  # [window, (sources, perm)]
 
-    def window_rows(wi: int) -> tuple[Any, np.ndarray]:
-        fut = futures.pop(wi, None)
-        result = fut.result() if fut is not None else load_window(wi)
-        nxt = wi + 1
-        if nxt < len(windows) and nxt not in futures and not stop.is_set():
+    def window_rows(si: int) -> tuple[Any, np.ndarray]:
+        wi = segments[si][0]
+        if current[0] != wi:
+            fut = futures.pop(wi, None)
+            current[1] = None  # drop the previous window before holding a third
+            current[1] = fut.result() if fut is not None else load_window(wi)
+            current[0] = wi
+        nxt = next((seg[0] for seg in segments[si + 1 :] if seg[0] != wi), None)
+        if nxt is not None and nxt not in futures and not stop.is_set():
             futures[nxt] = ahead.submit(load_window, nxt)
-        return result
+        return current[1]
 
     try:
-        yield from _parquet_stream(
-            loader, stop, window_rows, starts, plan, first, last, num_batches
-        )
+        yield from _parquet_stream(loader, stop, window_rows, segments, plan, num_batches)
     finally:
         for f in futures.values():
             f.cancel()
         ahead.shutdown(wait=True)
 
 
+def parquet_rank_segments(
+    starts: np.ndarray, n: int, rank_start: int, first: int, last: int
+) -> list[tuple[int, int, int]]:
+    """Where a rank's entries [first, last) lie: (window, lo, hi) row ranges of the
+    permuted windows, in order.
+
+    The epoch's positions 0..n-1 are the windows' permuted rows one window after
+    another (``starts`` holds the windows' first positions); rank r owns the
+    contiguous positions ``rank_start + k`` for its entries k, and positions >= n
+    (padding, drop_last=False) wrap around to ``p - n``. So each rank decodes only
+    the windows its range touches.
+    """
+    out: list[tuple[int, int, int]] = []
+    p, end = rank_start + first, rank_start + last
+    while p < end:
+        q = p % n
+        wi = int(np.searchsorted(starts, q, side="right") - 1)
+        lo, hi = int(starts[wi]), int(starts[wi + 1])
+        take = min(end - p, hi - q)
+        out.append((wi, q - lo, q - lo + take))
+        p += take
+    return out
+
+
 def _parquet_stream(
     loader: Loader,
     stop: threading.Event,
     window_rows: Any,
-    starts: np.ndarray,
+    segments: list[tuple[int, int, int]],
     plan: Any,
-    first: int,
-    last: int,
     num_batches: int,
 ) -> Iterator[tuple[list[dict[str, np.ndarray]], int]]:
-    """The batches of entries [first, last) of this rank's stream (see _parquet_batches)."""
-    n = len(loader._dataset)
-    w, r, bsz = loader._world_size, loader._rank, loader._batch_size
+    """The batches of this rank's segments (see _parquet_batches), in chunks."""
+    bsz = loader._batch_size
     batcher = _core.DataBatcher(plan, bsz)
     chunk_rows = _chunk_batches(loader._prefetch, bsz) * bsz
     emitted = loader._position
-
-    # Stream entry k is global position p = r + k * w; positions >= n wrap to p - n (padding).
-    k = first
-    while k < last and not stop.is_set():
-        p = r + k * w
-        q = p % n
-        wi = int(np.searchsorted(starts, q, side="right") - 1)
-        sources, perm = window_rows(wi)
-        lo, hi = int(starts[wi]), int(starts[wi + 1])
-        # Entries k..k_end-1 fall in this window (for wrapped positions, only up to the pad end).
-        base = p - q  # 0, or n for padding
-        k_end = min(last, (base + hi - r + w - 1) // w)
-        if w == 1:
-            idx = perm[k - base - lo : k_end - base - lo]
-        else:
-            idx = perm[(r + np.arange(k, k_end, dtype=np.int64) * w) - base - lo]
-        for pos in range(0, idx.size, chunk_rows):
-            done = batcher.feed(sources, idx[pos : pos + chunk_rows])
+    for si, (_, lo, hi) in enumerate(segments):
+        if stop.is_set():
+            return
+        sources, perm = window_rows(si)
+        for pos in range(lo, hi, chunk_rows):
+            done = batcher.feed(sources, perm[pos : min(hi, pos + chunk_rows)])
             if done:
                 emitted += len(done)
                 yield done, bsz
                 if stop.is_set():
                     return
-        k = k_end
     if batcher.pending and emitted < num_batches:
         rows = batcher.pending
         yield [batcher.flush()], rows
