@@ -447,6 +447,49 @@ def test_gil_is_released_while_waiting_for_batches():
     assert inside > 0
 
 
+def test_batcher_releases_the_gil_and_runs_from_two_threads():
+    # Two threads feed their own batchers from shared sources at once (the
+    # Parquet reader and a second loader, say); a third Python thread keeps
+    # running while they are inside feed(); both results are exact.
+    n = 400_000
+    x = np.arange(n * 8, dtype=np.float32).reshape(n, 8)
+    plan = _core.DataGatherPlan([("x", "float32", [8], "float32", [])], 4)
+    src = plan.bind([x])
+    idx = [np.random.default_rng(s).permutation(n) for s in (1, 2)]
+    stamps: list[float] = []
+    stop = threading.Event()
+    spans: list[tuple[float, float]] = []
+    results: list[np.ndarray | None] = [None, None]
+
+    def ticker():
+        while not stop.is_set():
+            stamps.append(time.perf_counter())
+            time.sleep(0)
+
+    def feeder(k: int) -> None:
+        batcher = _core.DataBatcher(plan, 4096)
+        t0 = time.perf_counter()
+        out = batcher.feed(src, idx[k])
+        spans.append((t0, time.perf_counter()))
+        tail = batcher.flush()
+        results[k] = np.concatenate([b["x"] for b in out + ([tail] if tail else [])])
+
+    t = threading.Thread(target=ticker)
+    t.start()
+    try:
+        workers = [threading.Thread(target=feeder, args=(k,)) for k in (0, 1)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    finally:
+        stop.set()
+        t.join()
+    for k in (0, 1):
+        np.testing.assert_array_equal(results[k], x[idx[k]])
+    assert sum(1 for s in stamps for a, b in spans if a < s < b) > 0
+
+
 # ------------------------------------------------------------------ sources
 
 
@@ -676,20 +719,62 @@ def test_cuda_device_without_cuda_is_a_clear_error():
 def test_native_gather_errors_are_clear():
     plan = _core.DataGatherPlan([("x", "float32", [], "float32", [])], 4)
     src = plan.bind([np.zeros(3, np.float32)])
-    batch = _core.DataBatch(plan, 4)
-    with pytest.raises(IndexError, match="row index 10 out of range for 3 rows"):
-        batch.fill(src, np.array([0, 10], np.int64), 0)
-    with pytest.raises(ValueError, match="offset"):
-        batch.fill(src, np.array([0, 1], np.int64), 3)
+    batcher = _core.DataBatcher(plan, 4)
+    with pytest.raises(IndexError, match="indices: row index 10 out of range for 3 rows"):
+        batcher.feed(src, np.array([0, 10], np.int64))
+    assert batcher.pending == 0  # a failed feed adds nothing
+    with pytest.raises(ValueError, match="batch_size must be > 0"):
+        _core.DataBatcher(plan, 0)
     with pytest.raises(ValueError, match="y must have 3 rows, got 4"):
         _core.DataGatherPlan(
             [("x", "float32", [], "float32", []), ("y", "int8", [], "int8", [])], 2
         ).bind([np.zeros(3, np.float32), np.zeros(4, np.int8)])
     other = _core.DataGatherPlan([("x", "float64", [2], "float64", [])], 4).bind([np.zeros((3, 2))])
     with pytest.raises(ValueError, match="sources"):
-        batch.fill(other, np.array([0], np.int64), 0)
-    batch.fill(src, np.array([2, 0, 1], np.int64), 1)
-    assert batch.finish(4)["x"].shape == (4,)
+        batcher.feed(other, np.array([0], np.int64))
+    with pytest.raises(TypeError, match="indices"):
+        batcher.feed(src, np.array([0.5]))
+    assert batcher.feed(src, np.array([2, 0, 1], np.int64)) == []
+    assert batcher.pending == 3
+    assert batcher.flush()["x"].shape == (3,)
+    assert batcher.flush() is None
+
+
+@given(
+    n=st.integers(1, 300),
+    batch_size=st.integers(1, 70),
+    cuts=st.lists(st.integers(0, 400), max_size=6),
+    seed=st.integers(0, 2**32 - 1),
+    chunked=st.booleans(),
+)
+def test_batcher_matches_numpy_take(n, batch_size, cuts, seed, chunked):
+    # Rows fed in arbitrary pieces come out as consecutive batches equal to
+    # NumPy's take, whatever the piece boundaries (a piece may complete many
+    # batches, or none), for a small (cache-warmed) and a chunked column.
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 3)).astype(np.float32)
+    y = rng.integers(-100, 100, n).astype(np.int16)
+    plan = _core.DataGatherPlan(
+        [("x", "float32", [3], "float32", []), ("y", "int16", [], "int16", [])], 4
+    )
+    arrays = [x, y]
+    if chunked and n > 1:
+        k = n // 2
+        arrays = [[x[:k], x[k:]], [y[:k], y[k:]]]
+    src = plan.bind(arrays)
+    idx = rng.integers(0, n, 400).astype(np.int64)
+    bounds = sorted({0, 400, *cuts})
+    batcher = _core.DataBatcher(plan, batch_size)
+    out = []
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        out += batcher.feed(src, idx[lo:hi])
+    assert all(len(b["y"]) == batch_size for b in out)
+    tail = batcher.flush()
+    if tail is not None:
+        out.append(tail)
+    assert len(out) == -(-400 // batch_size)
+    np.testing.assert_array_equal(np.concatenate([b["x"] for b in out]), x[idx])
+    np.testing.assert_array_equal(np.concatenate([b["y"] for b in out]), y[idx])
 
 
 def test_a_newer_iteration_supersedes_an_older_one():

@@ -205,66 +205,6 @@ struct DataSources {
   int64_t num_rows = 0;
 };
 
-// A batch being filled outside the engine (the Parquet reader): pooled
-// buffers, filled by gathers from one or more DataSources, then handed out.
-class DataBatch {
- public:
-  DataBatch(std::shared_ptr<GatherPlan> plan, int64_t capacity) : plan_(std::move(plan)) {
-    FASTML_CHECK_ARG(capacity > 0, "capacity", "must be > 0, got ", capacity);
-    plan_->allocator()->acquire(batch_, plan_->out_shapes(), capacity);
-    capacity_ = capacity;
-  }
-
-  int64_t capacity() const { return capacity_; }
-
-  // Rows [offset, offset + len(indices)) <- transform(sources rows `indices`).
-  void fill(const DataSources& src, const py::handle& indices, int64_t offset) {
-    ArraySpec ispec;
-    ispec.ndim = 1;
-    ispec.dtypes = {DType::I64};
-    BoundArray idx = bind_array(indices, "indices", ispec);
-    const int64_t k = idx.view.shape[0];
-    FASTML_CHECK_ARG(offset >= 0 && offset + k <= capacity_, "offset", "must leave room for ", k,
-                     " rows in a batch of ", capacity_, ", got ", offset);
-    const int64_t* ip = idx.view.as<int64_t>();
-    const auto& cols = src.cols;
-    FASTML_CHECK_ARG(cols.size() == batch_.ptrs.size(), "sources", "must hold ", batch_.ptrs.size(),
-                     " columns, got ", cols.size());
-    for (size_t c = 0; c < cols.size(); ++c) {
-      FASTML_CHECK_ARG(
-          static_cast<size_t>(cols[c].out_row_bytes() * capacity_) <= batch_.buffers[c]->nbytes(),
-          "sources", "must come from this batch's plan (column ", c, " does not fit)");
-    }
-    auto& ptrs = batch_.ptrs;
-    // `src` and `idx` keep every array alive; the gather touches only raw
-    // memory, so the GIL can go while the pool works.
-    py::gil_scoped_release release;
-    ThreadPool::global().parallel_for(
-        0, static_cast<int64_t>(cols.size()), 1, [&](int64_t lo, int64_t hi) {
-          for (int64_t c = lo; c < hi; ++c) {
-            char* dst = static_cast<char*>(ptrs[c]) + offset * cols[c].out_row_bytes();
-            data::gather_rows(cols[c], ip, k, dst);
-          }
-        });
-  }
-
-  // The first `rows` rows as a dict of NumPy arrays (the batch is handed over).
-  py::dict finish(int64_t rows) {
-    FASTML_CHECK_ARG(rows >= 0 && rows <= capacity_, "rows", "must be in [0, ", capacity_,
-                     "], got ", rows);
-    batch_.rows = rows;
-    py::dict d = plan_->to_dict(batch_);
-    batch_ = data::Batch();
-    capacity_ = 0;
-    return d;
-  }
-
- private:
-  std::shared_ptr<GatherPlan> plan_;
-  data::Batch batch_;
-  int64_t capacity_ = 0;
-};
-
 // The Parquet reader's batch assembly: the rows of a decoded window, in the
 // order given by an index array, are appended to a stream of batches of
 // `batch_size` rows. One call gathers every batch a slice of the window
@@ -688,12 +628,6 @@ void register_data(py::module_& m) {
 
   py::class_<DataSources>(m, "DataSources")
       .def_property_readonly("num_rows", [](const DataSources& s) { return s.num_rows; });
-
-  py::class_<DataBatch>(m, "DataBatch")
-      .def(py::init<std::shared_ptr<GatherPlan>, int64_t>(), py::arg("plan"), py::arg("capacity"))
-      .def_property_readonly("capacity", &DataBatch::capacity)
-      .def("fill", &DataBatch::fill, py::arg("sources"), py::arg("indices"), py::arg("offset"))
-      .def("finish", &DataBatch::finish, py::arg("rows"));
 
   py::class_<DataBatcher>(m, "DataBatcher")
       .def(py::init<std::shared_ptr<GatherPlan>, int64_t>(), py::arg("plan"), py::arg("batch_size"))
