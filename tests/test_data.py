@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import mmap
 import os
@@ -766,7 +767,7 @@ def test_batcher_matches_numpy_take(n, batch_size, cuts, seed, chunked):
     bounds = sorted({0, 400, *cuts})
     batcher = _core.DataBatcher(plan, batch_size)
     out = []
-    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+    for lo, hi in itertools.pairwise(bounds):
         out += batcher.feed(src, idx[lo:hi])
     assert all(len(b["y"]) == batch_size for b in out)
     tail = batcher.flush()
