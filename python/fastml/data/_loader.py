@@ -23,7 +23,10 @@ from fastml.data._transforms import column_plan
 if TYPE_CHECKING:
     from fastml.data import Dataset
 
-_STATE_VERSION = 1
+# 2: permutations below 262,144 rows are Fisher-Yates, and Parquet ranks take
+# contiguous shares of the epoch order; a version-1 position would resume into
+# a different order, so it is refused.
+_STATE_VERSION = 2
 
 
 def _check_int(name: str, value: Any, lo: int) -> int:
@@ -240,7 +243,8 @@ class Loader:
             raise TypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")
         if state.get("version") != _STATE_VERSION:
             raise ValueError(
-                f"state has version {state.get('version')!r}, expected {_STATE_VERSION}"
+                f"state has version {state.get('version')!r}, expected {_STATE_VERSION} "
+                "(the epoch order changed between versions; start the epoch afresh)"
             )
         mine = self.state_dict()
         for key in (
