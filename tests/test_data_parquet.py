@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -212,6 +213,10 @@ def test_closing_mid_epoch_joins_the_reader(files):
     assert threading.active_count() >= before + 1  # the reader (and its read-ahead)
     loader.close()
     assert threading.active_count() == before
+    # The files stay mapped across epochs while the loader lives; close() unmaps them.
+    if os.path.exists("/proc/self/maps"):
+        with open("/proc/self/maps") as fh:
+            assert str(files / "a.parquet") not in fh.read()
     loader2 = data.Loader(ds, batch_size=10, prefetch=2)
     for k, _ in enumerate(loader2):
         if k == 5:

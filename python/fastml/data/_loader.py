@@ -142,6 +142,8 @@ class Loader:
             capacity += 3 * _chunk_batches(self._prefetch, self._batch_size)
         self._plan = _core.DataGatherPlan(specs, capacity)
         self._engine: Any = None
+        self._parquet_files: dict[int, Any] = {}  # open ParquetFile objects by file number
+        self._parquet_lock = threading.Lock()
         if not dataset.is_streamed:
             arrays = [a for _, a in dataset._iter_columns()]
             self._engine = _core.DataEngine(
@@ -339,6 +341,10 @@ class Loader:
         self._stop_active()
         if self._stager is not None:
             self._stager.close()
+        with self._parquet_lock:
+            for f in self._parquet_files.values():
+                f.close()
+            self._parquet_files.clear()
         self._closed = True
 
     def __enter__(self) -> Loader:
@@ -533,14 +539,16 @@ def _parquet_batches(
     starts = np.cumsum([0] + [sum(rgs[g].rows for g in win) for win in windows])
     plan = loader._plan
     names = list(ds.schema)
-    files: dict[int, Any] = {}
+    # The open (memory-mapped) files stay open across epochs: mapping them anew
+    # every epoch costs a page fault per few pages of the file again.
+    files = loader._parquet_files
     # This rank reads entries [first, last) of its range of the epoch's positions
     # (see parquet_rank_segments).
     first = loader._position * bsz
     last = min(num_batches * bsz, per_rank)
     segments = parquet_rank_segments(starts, n, loader._rank * per_rank, first, last)
 
-    read_lock = threading.Lock()  # one reader of the ParquetFile objects at a time
+    read_lock = loader._parquet_lock  # one reader of the ParquetFile objects at a time
 
     def read_groups(groups: list[int]) -> Any:
         """The rows of `groups` (in that order) as one Table: each run of groups
