@@ -591,9 +591,14 @@ void register_data(py::module_& m) {
       "data_permutation",
       [](int64_t n, uint64_t seed, uint64_t epoch, uint64_t stream) {
         FASTML_CHECK_ARG(n >= 0, "n", "must be >= 0, got ", n);
-        std::vector<int64_t> out(static_cast<size_t>(n));
-        data::permutation(n, seed, epoch, stream, out.data());
-        return vector_to_numpy(std::move(out));
+        auto buf = Buffer::allocate(static_cast<size_t>(n) * sizeof(int64_t));
+        {
+          // Pure computation into memory no Python object refers to yet (the
+          // Parquet read-ahead calls this while the consumer runs).
+          py::gil_scoped_release release;
+          data::permutation(n, seed, epoch, stream, static_cast<int64_t*>(buf->data()));
+        }
+        return to_numpy(buf, DType::I64, {n});
       },
       py::arg("n"), py::arg("seed"), py::arg("epoch"), py::arg("stream") = 0,
       "A permutation of range(n): SplitMix64 Fisher-Yates on (seed, epoch, stream).");
