@@ -662,9 +662,13 @@ def _parquet_stream(
     batcher = _core.DataBatcher(plan, bsz)
     chunk_rows = _chunk_batches(loader._prefetch, bsz) * bsz
     emitted = loader._position
+    sources = perm = None
     for si, (_, lo, hi) in enumerate(segments):
         if stop.is_set():
             return
+        # Drop our references to the previous window first, so that window_rows
+        # frees it before the next read-ahead starts (at most two windows live).
+        sources = perm = None
         sources, perm = window_rows(si)
         for pos in range(lo, hi, chunk_rows):
             done = batcher.feed(sources, perm[pos : min(hi, pos + chunk_rows)])
