@@ -9,6 +9,7 @@
 #include <deque>
 #include <future>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -223,7 +224,11 @@ class DataBatcher {
   }
 
   int64_t batch_size() const { return batch_size_; }
-  int64_t pending() const { return filled_; }
+  int64_t pending() {
+    py::gil_scoped_release release;  // mutex_ is only ever taken without the GIL
+    std::lock_guard<std::mutex> lock(mutex_);
+    return filled_;
+  }
 
   // Appends transform(src rows `indices`); returns the batches this completes.
   py::list feed(const DataSources& src, const py::handle& indices) {
@@ -244,7 +249,11 @@ class DataBatcher {
     {
       // `src` and `idx` keep every array alive; the gathers touch only raw
       // memory and pooled buffers, so the GIL can go while the pool works.
+      // mutex_ serialises feeds on one batcher (its open batch); it is taken
+      // and dropped without the GIL, so it never waits on a thread that
+      // waits for the GIL.
       py::gil_scoped_release release;
+      std::lock_guard<std::mutex> lock(mutex_);
       for (int64_t j = 0; j < k; ++j) {
         if (static_cast<uint64_t>(ip[j]) >= static_cast<uint64_t>(src.num_rows)) {
           fail<std::out_of_range>("indices: row index ", ip[j], " out of range for ", src.num_rows,
@@ -323,18 +332,26 @@ class DataBatcher {
 
   // The incomplete batch, if any (None otherwise); the stream starts afresh.
   py::object flush() {
-    if (filled_ == 0) return py::none();
-    current_.rows = filled_;
-    py::dict d = plan_->to_dict(current_);
-    current_ = data::Batch();
-    filled_ = 0;
-    return d;
+    data::Batch b;
+    {
+      py::gil_scoped_release release;  // see feed()
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (filled_ > 0) {
+        current_.rows = filled_;
+        b = std::move(current_);
+        current_ = data::Batch();
+        filled_ = 0;
+      }
+    }
+    if (b.rows == 0) return py::none();
+    return plan_->to_dict(b);
   }
 
  private:
   std::shared_ptr<GatherPlan> plan_;
   int64_t batch_size_;
   std::vector<GatherColumn> shapes_;
+  std::mutex mutex_;
   data::Batch current_;  // rows [0, filled_) gathered
   int64_t filled_ = 0;
 };
