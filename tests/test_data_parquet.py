@@ -144,6 +144,22 @@ def test_parquet_sharding(files, world, drop_last):
     assert sum(reads) <= 11 + 3 * world
 
 
+@pytest.mark.parametrize(("rank", "consumed"), [(0, 5), (1, 0), (2, 9)])
+def test_parquet_resume_on_a_rank(files, rank, consumed):
+    ds = data.Dataset.from_parquet([files / "a.parquet", files / "b.parquet"])
+    kw = dict(batch_size=61, seed=8, rank=rank, world_size=3, shuffle_buffer=700)
+    full = _order(data.Loader(ds, **kw))
+    loader = data.Loader(ds, **kw)
+    it = iter(loader)
+    first = [next(it)["i"].copy() for _ in range(consumed)]
+    state = loader.state_dict()
+    loader.close()
+    resumed = data.Loader(ds, **kw)
+    resumed.load_state_dict(state)
+    rest = _order(resumed)
+    assert np.array_equal(np.concatenate([*first, rest]), full)
+
+
 def test_parquet_transforms(files):
     ds = data.Dataset.from_parquet(files / "b.parquet", columns=["i", "x"])
     loader = data.Loader(

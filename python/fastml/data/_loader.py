@@ -570,8 +570,8 @@ def _parquet_batches(
                 run = [rgs[g].index for g in groups[i:j]]
                 try:
                     tables.append(pf.read_row_groups(run, columns=names, use_threads=True))
-                except (pa.ArrowException, OSError):
-                    # Find the failing row group; the others are read.
+                except (pa.ArrowException, OSError) as err:
+                    # Name the failing row group (read them one by one to find it).
                     for g in run:
                         try:
                             pf.read_row_group(g, columns=names, use_threads=True)
@@ -579,7 +579,9 @@ def _parquet_batches(
                             raise OSError(
                                 f"{ds._files[f]!r}: cannot read row group {g}: {e}"
                             ) from None
-                    raise
+                    raise OSError(
+                        f"{ds._files[f]!r}: cannot read row groups {run}: {err}"
+                    ) from None
                 loader._py_stats["row_groups_read"] += j - i
                 i = j
         return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
