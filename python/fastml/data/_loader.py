@@ -57,7 +57,10 @@ class Loader:
     drop_last: drop the final incomplete batch.
     num_threads: at most this many batches are gathered at once on fastml's shared
         pool (default: the pool's size). Never changes the batches.
-    prefetch: batches gathered ahead of the consumer (>= 1).
+    prefetch: batches gathered ahead of the consumer (>= 1). Parquet batches are
+        made and handed over in chunks of up to
+        ``min(256, max(4 * prefetch, ceil(65536 / batch_size)))`` batches, so up
+        to about three chunks can be ahead there.
     rank, world_size: this process's shard; default to torch.distributed's when it
         is initialised, else 0 and 1.
     device: ``"cpu"`` or ``"cuda"``/``"cuda:N"`` (torch CUDA tensors, copied from
