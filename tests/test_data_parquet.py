@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -116,20 +117,14 @@ def test_resume_does_not_reread_consumed_windows(files):
 @pytest.mark.parametrize(("world", "drop_last"), [(2, False), (3, False), (3, True), (4, False)])
 def test_parquet_sharding(files, world, drop_last):
     ds = data.Dataset.from_parquet([files / "a.parquet", files / "b.parquet"])
-    orders = []
+    kw = dict(batch_size=97, seed=3, drop_last=drop_last, shuffle_buffer=900)
+    orders, reads = [], []
     for r in range(world):
-        loader = data.Loader(
-            ds,
-            batch_size=97,
-            seed=3,
-            rank=r,
-            world_size=world,
-            drop_last=drop_last,
-            shuffle_buffer=900,
-        )
+        loader = data.Loader(ds, rank=r, world_size=world, **kw)
         o = _order(loader)
         assert loader.stats()["batches"] == len(loader)
         orders.append(o)
+        reads.append(loader.stats()["row_groups_read"])
     assert len({len(o) for o in orders}) == 1
     allrows = np.concatenate(orders)
     if drop_last:
@@ -137,6 +132,32 @@ def test_parquet_sharding(files, world, drop_last):
     else:
         assert set(allrows.tolist()) == set(range(3801))
         assert len(allrows) - 3801 == (-3801) % world
+    # Rank r holds the r-th contiguous share of the single-process epoch order
+    # (positions past the end wrap around: padding).
+    whole = _order(data.Loader(ds, batch_size=97, seed=3, shuffle_buffer=900))
+    per_rank = 3801 // world if drop_last else -(-3801 // world)
+    padded = np.concatenate([whole, whole])
+    for r, o in enumerate(orders):
+        assert np.array_equal(o, padded[r * per_rank : r * per_rank + len(o)])
+    # Each rank decodes only the windows its share touches (11 row groups, at
+    # most 3 per window): far fewer than every rank reading all of them.
+    assert sum(reads) <= 11 + 3 * world
+
+
+@pytest.mark.parametrize(("rank", "consumed"), [(0, 5), (1, 0), (2, 9)])
+def test_parquet_resume_on_a_rank(files, rank, consumed):
+    ds = data.Dataset.from_parquet([files / "a.parquet", files / "b.parquet"])
+    kw = dict(batch_size=61, seed=8, rank=rank, world_size=3, shuffle_buffer=700)
+    full = _order(data.Loader(ds, **kw))
+    loader = data.Loader(ds, **kw)
+    it = iter(loader)
+    first = [next(it)["i"].copy() for _ in range(consumed)]
+    state = loader.state_dict()
+    loader.close()
+    resumed = data.Loader(ds, **kw)
+    resumed.load_state_dict(state)
+    rest = _order(resumed)
+    assert np.array_equal(np.concatenate([*first, rest]), full)
 
 
 def test_parquet_transforms(files):
@@ -208,6 +229,10 @@ def test_closing_mid_epoch_joins_the_reader(files):
     assert threading.active_count() >= before + 1  # the reader (and its read-ahead)
     loader.close()
     assert threading.active_count() == before
+    # The files stay mapped across epochs while the loader lives; close() unmaps them.
+    if os.path.exists("/proc/self/maps"):
+        with open("/proc/self/maps") as fh:
+            assert str(files / "a.parquet") not in fh.read()
     loader2 = data.Loader(ds, batch_size=10, prefetch=2)
     for k, _ in enumerate(loader2):
         if k == 5:

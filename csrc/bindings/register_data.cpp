@@ -5,9 +5,11 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <deque>
 #include <future>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -157,12 +159,15 @@ class GatherPlan {
   // Batch b as a dict of NumPy arrays sharing the batch's buffers.
   py::dict to_dict(const data::Batch& b) const {
     py::dict d;
+    // One owner for all columns of the batch: its buffers go back to the pool
+    // when the last array (or view) of the batch is gone.
+    auto* holder = new std::vector<BufferPtr>(b.buffers);
+    py::capsule owner(holder, [](void* p) { delete static_cast<std::vector<BufferPtr>*>(p); });
+    std::vector<py::ssize_t> shape;
     for (size_t c = 0; c < cols_.size(); ++c) {
       const ColumnPlan& col = cols_[c];
-      std::vector<py::ssize_t> shape{static_cast<py::ssize_t>(b.rows)};
+      shape.assign(1, static_cast<py::ssize_t>(b.rows));
       shape.insert(shape.end(), col.row_shape.begin(), col.row_shape.end());
-      auto* holder = new BufferPtr(b.buffers[c]);
-      py::capsule owner(holder, [](void* p) { delete static_cast<BufferPtr*>(p); });
       d[names_[c]] = py::array(dtypes_[c], shape, b.ptrs[c], owner);
     }
     return d;
@@ -201,64 +206,154 @@ struct DataSources {
   int64_t num_rows = 0;
 };
 
-// A batch being filled outside the engine (the Parquet reader): pooled
-// buffers, filled by gathers from one or more DataSources, then handed out.
-class DataBatch {
+// The Parquet reader's batch assembly: the rows of a decoded window, in the
+// order given by an index array, are appended to a stream of batches of
+// `batch_size` rows. One call gathers every batch a slice of the window
+// completes (one GIL release, one parallel_for over columns x batches), so
+// no Python runs per batch; the last incomplete batch waits for the next
+// call (it may continue from another window) or for flush().
+class DataBatcher {
+  // Source columns up to this size are read sequentially before their random
+  // gathers (about half of a core's L2 on the machines we measured).
+  static constexpr int64_t kWarmBytes = int64_t{512} << 10;
+
  public:
-  DataBatch(std::shared_ptr<GatherPlan> plan, int64_t capacity) : plan_(std::move(plan)) {
-    FASTML_CHECK_ARG(capacity > 0, "capacity", "must be > 0, got ", capacity);
-    plan_->allocator()->acquire(batch_, plan_->out_shapes(), capacity);
-    capacity_ = capacity;
+  DataBatcher(std::shared_ptr<GatherPlan> plan, int64_t batch_size)
+      : plan_(std::move(plan)), batch_size_(batch_size), shapes_(plan_->out_shapes()) {
+    FASTML_CHECK_ARG(batch_size > 0, "batch_size", "must be > 0, got ", batch_size);
   }
 
-  int64_t capacity() const { return capacity_; }
+  int64_t batch_size() const { return batch_size_; }
+  int64_t pending() {
+    py::gil_scoped_release release;  // mutex_ is only ever taken without the GIL
+    std::lock_guard<std::mutex> lock(mutex_);
+    return filled_;
+  }
 
-  // Rows [offset, offset + len(indices)) <- transform(sources rows `indices`).
-  void fill(const DataSources& src, const py::handle& indices, int64_t offset) {
+  // Appends transform(src rows `indices`); returns the batches this completes.
+  py::list feed(const DataSources& src, const py::handle& indices) {
     ArraySpec ispec;
     ispec.ndim = 1;
     ispec.dtypes = {DType::I64};
     BoundArray idx = bind_array(indices, "indices", ispec);
     const int64_t k = idx.view.shape[0];
-    FASTML_CHECK_ARG(offset >= 0 && offset + k <= capacity_, "offset", "must leave room for ", k,
-                     " rows in a batch of ", capacity_, ", got ", offset);
     const int64_t* ip = idx.view.as<int64_t>();
     const auto& cols = src.cols;
-    FASTML_CHECK_ARG(cols.size() == batch_.ptrs.size(), "sources", "must hold ", batch_.ptrs.size(),
+    FASTML_CHECK_ARG(cols.size() == shapes_.size(), "sources", "must hold ", shapes_.size(),
                      " columns, got ", cols.size());
     for (size_t c = 0; c < cols.size(); ++c) {
-      FASTML_CHECK_ARG(
-          static_cast<size_t>(cols[c].out_row_bytes() * capacity_) <= batch_.buffers[c]->nbytes(),
-          "sources", "must come from this batch's plan (column ", c, " does not fit)");
+      FASTML_CHECK_ARG(cols[c].out_row_bytes() == shapes_[c].out_row_bytes(), "sources",
+                       "must come from this batcher's plan (column ", c, " differs)");
     }
-    auto& ptrs = batch_.ptrs;
-    // `src` and `idx` keep every array alive; the gather touches only raw
-    // memory, so the GIL can go while the pool works.
-    py::gil_scoped_release release;
-    ThreadPool::global().parallel_for(
-        0, static_cast<int64_t>(cols.size()), 1, [&](int64_t lo, int64_t hi) {
-          for (int64_t c = lo; c < hi; ++c) {
-            char* dst = static_cast<char*>(ptrs[c]) + offset * cols[c].out_row_bytes();
-            data::gather_rows(cols[c], ip, k, dst);
+    std::vector<data::Batch> done;
+    {
+      // `src` and `idx` keep every array alive; the gathers touch only raw
+      // memory and pooled buffers, so the GIL can go while the pool works.
+      // mutex_ serialises feeds on one batcher (its open batch); it is taken
+      // and dropped without the GIL, so it never waits on a thread that
+      // waits for the GIL.
+      py::gil_scoped_release release;
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (int64_t j = 0; j < k; ++j) {
+        if (static_cast<uint64_t>(ip[j]) >= static_cast<uint64_t>(src.num_rows)) {
+          fail<std::out_of_range>("indices: row index ", ip[j], " out of range for ", src.num_rows,
+                                  " rows");
+        }
+      }
+      // Segments: (batch, first row in it, first index, rows).
+      struct Segment {
+        data::Batch* batch;
+        int64_t offset, start, len;
+      };
+      std::vector<data::Batch> fresh;
+      fresh.reserve(static_cast<size_t>(k / batch_size_ + 2));  // Segments point into it
+      std::vector<Segment> segs;
+      int64_t pos = 0;
+      bool use_current = filled_ > 0;
+      while (pos < k) {
+        data::Batch* b;
+        int64_t offset;
+        if (use_current) {
+          b = &current_;
+          offset = filled_;
+          use_current = false;
+        } else {
+          fresh.emplace_back();
+          plan_->allocator()->acquire(fresh.back(), shapes_, batch_size_);
+          b = &fresh.back();
+          offset = 0;
+        }
+        const int64_t take = std::min(batch_size_ - offset, k - pos);
+        segs.push_back({b, offset, pos, take});
+        pos += take;
+      }
+      const auto num_segs = static_cast<int64_t>(segs.size());
+      const auto num_cols = static_cast<int64_t>(cols.size());
+      // Tasks are (column, run of segments), column-major: a task reads one
+      // source column, which is first pulled into this core's cache by a
+      // sequential pass when it is small enough to stay there; the random
+      // reads of the gathers then hit the cache. Columns are split into
+      // several runs only when there are too few columns to keep the pool busy.
+      const int64_t threads = ThreadPool::global().num_threads();
+      const int64_t parts = std::clamp<int64_t>((2 * threads + num_cols - 1) / num_cols, 1,
+                                                std::max<int64_t>(num_segs, 1));
+      const int64_t per_part = (num_segs + parts - 1) / parts;
+      ThreadPool::global().parallel_for(0, num_cols * parts, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t t = lo; t < hi; ++t) {
+          const auto c = static_cast<size_t>(t / parts);
+          const int64_t s0 = (t % parts) * per_part;
+          const int64_t s1 = std::min(num_segs, s0 + per_part);
+          const bool cached = parts == 1 && data::warm_column(cols[c], kWarmBytes);
+          for (int64_t si = s0; si < s1; ++si) {
+            const Segment& s = segs[static_cast<size_t>(si)];
+            char* dst = static_cast<char*>(s.batch->ptrs[c]) + s.offset * cols[c].out_row_bytes();
+            data::gather_rows(cols[c], ip + s.start, s.len, dst, false, cached);
           }
-        });
+        }
+      });
+      // Completed batches in order; the last segment's batch may stay open.
+      for (const Segment& s : segs) {
+        const int64_t end = s.offset + s.len;
+        if (end == batch_size_) {
+          s.batch->rows = batch_size_;
+          done.push_back(std::move(*s.batch));
+          if (s.batch == &current_) current_ = data::Batch();
+          filled_ = 0;
+        } else {
+          if (s.batch != &current_) current_ = std::move(*s.batch);
+          filled_ = end;
+        }
+      }
+    }
+    py::list out;
+    for (const auto& b : done) out.append(plan_->to_dict(b));
+    return out;
   }
 
-  // The first `rows` rows as a dict of NumPy arrays (the batch is handed over).
-  py::dict finish(int64_t rows) {
-    FASTML_CHECK_ARG(rows >= 0 && rows <= capacity_, "rows", "must be in [0, ", capacity_,
-                     "], got ", rows);
-    batch_.rows = rows;
-    py::dict d = plan_->to_dict(batch_);
-    batch_ = data::Batch();
-    capacity_ = 0;
-    return d;
+  // The incomplete batch, if any (None otherwise); the stream starts afresh.
+  py::object flush() {
+    data::Batch b;
+    {
+      py::gil_scoped_release release;  // see feed()
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (filled_ > 0) {
+        current_.rows = filled_;
+        b = std::move(current_);
+        current_ = data::Batch();
+        filled_ = 0;
+      }
+    }
+    if (b.rows == 0) return py::none();
+    return plan_->to_dict(b);
   }
 
  private:
   std::shared_ptr<GatherPlan> plan_;
-  data::Batch batch_;
-  int64_t capacity_ = 0;
+  int64_t batch_size_;
+  std::vector<GatherColumn> shapes_;
+  std::mutex mutex_;
+  data::Batch current_;  // rows [0, filled_) gathered
+  int64_t filled_ = 0;
 };
 
 // The prefetching engine over in-memory columns (NumPy, .npy maps, Arrow).
@@ -513,9 +608,14 @@ void register_data(py::module_& m) {
       "data_permutation",
       [](int64_t n, uint64_t seed, uint64_t epoch, uint64_t stream) {
         FASTML_CHECK_ARG(n >= 0, "n", "must be >= 0, got ", n);
-        std::vector<int64_t> out(static_cast<size_t>(n));
-        data::permutation(n, seed, epoch, stream, out.data());
-        return vector_to_numpy(std::move(out));
+        auto buf = Buffer::allocate(static_cast<size_t>(n) * sizeof(int64_t));
+        {
+          // Pure computation into memory no Python object refers to yet (the
+          // Parquet read-ahead calls this while the consumer runs).
+          py::gil_scoped_release release;
+          data::permutation(n, seed, epoch, stream, static_cast<int64_t*>(buf->data()));
+        }
+        return to_numpy(buf, DType::I64, {n});
       },
       py::arg("n"), py::arg("seed"), py::arg("epoch"), py::arg("stream") = 0,
       "A permutation of range(n): SplitMix64 Fisher-Yates on (seed, epoch, stream).");
@@ -539,17 +639,24 @@ void register_data(py::module_& m) {
             return s;
           },
           py::arg("arrays"))
+      .def_property_readonly("out_row_bytes",
+                             [](const GatherPlan& p) {
+                               int64_t n = 0;
+                               for (const auto& c : p.out_shapes()) n += c.out_row_bytes();
+                               return n;
+                             })
       .def("buffers_allocated", [](const GatherPlan& p) { return p.allocator()->allocated(); })
       .def("buffers_reused", [](const GatherPlan& p) { return p.allocator()->reused(); });
 
   py::class_<DataSources>(m, "DataSources")
       .def_property_readonly("num_rows", [](const DataSources& s) { return s.num_rows; });
 
-  py::class_<DataBatch>(m, "DataBatch")
-      .def(py::init<std::shared_ptr<GatherPlan>, int64_t>(), py::arg("plan"), py::arg("capacity"))
-      .def_property_readonly("capacity", &DataBatch::capacity)
-      .def("fill", &DataBatch::fill, py::arg("sources"), py::arg("indices"), py::arg("offset"))
-      .def("finish", &DataBatch::finish, py::arg("rows"));
+  py::class_<DataBatcher>(m, "DataBatcher")
+      .def(py::init<std::shared_ptr<GatherPlan>, int64_t>(), py::arg("plan"), py::arg("batch_size"))
+      .def_property_readonly("batch_size", &DataBatcher::batch_size)
+      .def_property_readonly("pending", &DataBatcher::pending)
+      .def("feed", &DataBatcher::feed, py::arg("sources"), py::arg("indices"))
+      .def("flush", &DataBatcher::flush);
 
   py::class_<CudaStager>(m, "DataCudaStager")
       .def(py::init<std::shared_ptr<GatherPlan>, int, int>(), py::arg("plan"), py::arg("device"),

@@ -6,7 +6,12 @@ namespace fastml::data {
 
 BufferPtr BufferPool::acquire(size_t nbytes) {
   std::lock_guard<std::mutex> lock(mutex_);
-  for (auto& b : buffers_) {
+  // Batches are mostly released in the order they were handed out, so the
+  // scan starts after the buffer handed out last: the next one is usually free.
+  const size_t m = buffers_.size();
+  for (size_t k = 0; k < m; ++k) {
+    const size_t i = (next_ + k) % m;
+    BufferPtr& b = buffers_[i];
     // use_count() == 1: only this pool holds the buffer, and only under this
     // lock can a new holder appear, so nobody can start using it meanwhile.
     if (b.use_count() == 1 && b->nbytes() == nbytes) {
@@ -14,6 +19,7 @@ BufferPtr BufferPool::acquire(size_t nbytes) {
       // the old batch happen before our writes of the new one.
       std::atomic_thread_fence(std::memory_order_acquire);
       ++reused_;
+      next_ = i + 1;
       return b;
     }
   }

@@ -39,6 +39,7 @@ class BufferPool {
   std::mutex mutex_;
   size_t capacity_;
   std::vector<BufferPtr> buffers_;
+  size_t next_ = 0;  // where the next scan starts
   std::function<BufferPtr(size_t)> allocate_;
   int64_t allocated_ = 0, reused_ = 0;
 };

@@ -51,6 +51,23 @@ void copy_fixed(const Rows& rows, const int64_t* idx, int64_t n, char* dst) {
   for (; k < n; ++k) std::memcpy(dst + k * W, rows(idx[k]), W);
 }
 
+// A column already in the cache (see warm_column): plain typed loads, no
+// prefetches (they would only cost load slots).
+template <typename T>
+void copy_cached(const char* base, const int64_t* idx, int64_t n, char* dst) {
+  const T* src = reinterpret_cast<const T*>(base);
+  T* out = reinterpret_cast<T*>(dst);
+  int64_t k = 0;
+  for (; k + 4 <= n; k += 4) {
+    const T a = src[idx[k]], b = src[idx[k + 1]], c = src[idx[k + 2]], d = src[idx[k + 3]];
+    out[k] = a;
+    out[k + 1] = b;
+    out[k + 2] = c;
+    out[k + 3] = d;
+  }
+  for (; k < n; ++k) out[k] = src[idx[k]];
+}
+
 template <typename Rows>
 void copy_rows(const Rows& rows, int64_t row_bytes, const int64_t* idx, int64_t n, char* dst) {
   switch (row_bytes) {
@@ -113,14 +130,46 @@ void gather_with(const GatherColumn& col, const Rows& rows, const int64_t* indic
 
 }  // namespace
 
-void gather_rows(const GatherColumn& col, const int64_t* indices, int64_t n, void* dst) {
-  check_indices(indices, n, col.src.shape[0]);
+void gather_rows(const GatherColumn& col, const int64_t* indices, int64_t n, void* dst, bool check,
+                 bool cached) {
+  if (check) check_indices(indices, n, col.src.shape[0]);
+  if (cached && col.chunks.empty() && col.plan.empty() && col.out_dtype == col.src.dtype) {
+    const auto* base = static_cast<const char*>(col.src.data);
+    auto* out = static_cast<char*>(dst);
+    switch (col.src.row_bytes()) {
+      case 1: return copy_cached<uint8_t>(base, indices, n, out);
+      case 2: return copy_cached<uint16_t>(base, indices, n, out);
+      case 4: return copy_cached<uint32_t>(base, indices, n, out);
+      case 8: return copy_cached<uint64_t>(base, indices, n, out);
+      default: break;
+    }
+  }
   if (col.chunks.empty()) {
     gather_with(col, Contiguous{static_cast<const char*>(col.src.data), col.src.row_bytes()},
                 indices, n, dst);
   } else {
     gather_with(col, Chunked{&col, col.src.row_bytes()}, indices, n, dst);
   }
+}
+
+bool warm_column(const GatherColumn& col, int64_t max_bytes) {
+  const int64_t nbytes = col.src.shape[0] * col.src.row_bytes();
+  if (nbytes > max_bytes) return false;
+  auto touch = [](const char* p, int64_t n) {
+    // volatile: the loads are the point, and must not be optimised away.
+    unsigned char acc = 0;
+    for (int64_t i = 0; i < n; i += 64)
+      acc ^= static_cast<const volatile unsigned char*>(static_cast<const void*>(p))[i];
+    static_cast<void>(acc);
+  };
+  if (col.chunks.empty()) {
+    touch(static_cast<const char*>(col.src.data), nbytes);
+  } else {
+    const int64_t rb = col.src.row_bytes();
+    for (size_t j = 0; j < col.chunks.size(); ++j)
+      touch(col.chunks[j], (col.chunk_starts[j + 1] - col.chunk_starts[j]) * rb);
+  }
+  return true;
 }
 
 }  // namespace fastml::data

@@ -27,7 +27,16 @@ struct GatherColumn {
 };
 
 // dst row k = transform(src row indices[k]) for k in [0, n). Indices must be
-// in [0, src.shape[0]) (checked; std::out_of_range otherwise).
-void gather_rows(const GatherColumn& col, const int64_t* indices, int64_t n, void* dst);
+// in [0, src.shape[0]) (checked; std::out_of_range otherwise). `check = false`
+// skips that check for callers that validated the indices once for many
+// columns; `cached = true` says the column is in the cache (warm_column), so
+// rows are read without prefetching.
+void gather_rows(const GatherColumn& col, const int64_t* indices, int64_t n, void* dst,
+                 bool check = true, bool cached = false);
+
+// Reads one byte per cache line of the column when it holds at most
+// `max_bytes`, so that random gathers that follow find it in the cache
+// instead of missing on nearly every row. Returns whether it did.
+bool warm_column(const GatherColumn& col, int64_t max_bytes);
 
 }  // namespace fastml::data

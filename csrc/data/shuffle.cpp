@@ -49,7 +49,9 @@ void fisher_yates(int64_t* a, int64_t n, SplitMix64& rng) {
 
 // Above this size the scatter shuffle runs: its passes touch memory in
 // cache-sized pieces and run in parallel (45 ms -> about 10 ms for 1e6 rows).
-constexpr int64_t kScatterMin = int64_t{1} << 16;
+// Below it Fisher-Yates is faster (its array fits in L2; 65,536 rows: 0.3 ms
+// against 1.2 ms for the scatter, which matters for Parquet windows).
+constexpr int64_t kScatterMin = int64_t{1} << 18;
 constexpr int kBucketBits = 10;
 constexpr int64_t kBuckets = int64_t{1} << kBucketBits;
 constexpr int64_t kChunks = 64;  // fixed, so the result never depends on the thread count

@@ -31,8 +31,8 @@ class SplitMix64 {
 // are mixed through SplitMix64 so nearby seeds/epochs give unrelated streams.
 SplitMix64 epoch_stream(uint64_t seed, uint64_t epoch, uint64_t stream);
 
-// out[0..n) = a uniformly random permutation of 0..n-1. Below 65536 rows:
-// Fisher-Yates (j = below(i + 1) for i = n-1 down to 1). From 65536 rows:
+// out[0..n) = a uniformly random permutation of 0..n-1. Below 262144 rows:
+// Fisher-Yates (j = below(i + 1) for i = n-1 down to 1). From 262144 rows:
 // Sanders' scatter shuffle over 1024 buckets, run on the shared pool in a
 // fixed number of pieces, so the result is the same for any thread count.
 void permutation(int64_t n, uint64_t seed, uint64_t epoch, uint64_t stream, int64_t* out);

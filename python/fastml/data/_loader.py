@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import collections
 import json
 import os
 import queue
@@ -22,7 +23,10 @@ from fastml.data._transforms import column_plan
 if TYPE_CHECKING:
     from fastml.data import Dataset
 
-_STATE_VERSION = 1
+# 2: permutations below 262,144 rows are Fisher-Yates, and Parquet ranks take
+# contiguous shares of the epoch order; a version-1 position would resume into
+# a different order, so it is refused.
+_STATE_VERSION = 2
 
 
 def _check_int(name: str, value: Any, lo: int) -> int:
@@ -53,7 +57,10 @@ class Loader:
     drop_last: drop the final incomplete batch.
     num_threads: at most this many batches are gathered at once on fastml's shared
         pool (default: the pool's size). Never changes the batches.
-    prefetch: batches gathered ahead of the consumer (>= 1).
+    prefetch: batches gathered ahead of the consumer (>= 1). Parquet batches are
+        made and handed over in chunks of up to
+        ``min(256, max(4 * prefetch, ceil(65536 / batch_size)))`` batches, so up
+        to about three chunks can be ahead there.
     rank, world_size: this process's shard; default to torch.distributed's when it
         is initialised, else 0 and 1.
     device: ``"cpu"`` or ``"cuda"``/``"cuda:N"`` (torch CUDA tensors, copied from
@@ -131,9 +138,15 @@ class Loader:
             shuffle_buffer = max(65536, 8 * self._batch_size)
         self._shuffle_buffer = _check_int("shuffle_buffer", shuffle_buffer, 1)
         # Buffers in use by the consumer are never recycled; the pool only
-        # remembers this many per column for reuse.
-        self._plan = _core.DataGatherPlan(specs, self._prefetch + 4)
+        # remembers this many per column for reuse. The Parquet reader has up to
+        # three chunks of batches in flight (being consumed, queued, being made).
+        capacity = self._prefetch + 4
+        if dataset.is_streamed:
+            capacity += 3 * _chunk_batches(self._prefetch, self._batch_size)
+        self._plan = _core.DataGatherPlan(specs, capacity)
         self._engine: Any = None
+        self._parquet_files: dict[int, Any] = {}  # open ParquetFile objects by file number
+        self._parquet_lock = threading.Lock()
         if not dataset.is_streamed:
             arrays = [a for _, a in dataset._iter_columns()]
             self._engine = _core.DataEngine(
@@ -235,7 +248,8 @@ class Loader:
             raise TypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")
         if state.get("version") != _STATE_VERSION:
             raise ValueError(
-                f"state has version {state.get('version')!r}, expected {_STATE_VERSION}"
+                f"state has version {state.get('version')!r}, expected {_STATE_VERSION} "
+                "(the epoch order changed between versions; start the epoch afresh)"
             )
         mine = self.state_dict()
         for key in (
@@ -330,6 +344,10 @@ class Loader:
         self._stop_active()
         if self._stager is not None:
             self._stager.close()
+        with self._parquet_lock:
+            for f in self._parquet_files.values():
+                f.close()
+            self._parquet_files.clear()
         self._closed = True
 
     def __enter__(self) -> Loader:
@@ -402,7 +420,13 @@ class _ParquetStream(_Stream):
 
     def __init__(self, loader: Loader) -> None:
         self._loader = loader
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=loader._prefetch)
+        # Batches travel in chunks (all the batches one native call completed,
+        # at most _chunk_batches(prefetch)), so the hand-off costs one queue
+        # operation per chunk rather than per batch.
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=1)
+        self._ready: collections.deque[dict[str, np.ndarray]] = collections.deque()
+        self._chunk_rows = 0
+        self._row_bytes = loader._plan.out_row_bytes
         self._stop = threading.Event()
         self._stats = loader._py_stats
         self._thread = threading.Thread(
@@ -413,20 +437,25 @@ class _ParquetStream(_Stream):
     def next(self) -> dict[str, np.ndarray] | None:
         if self._stop.is_set():  # closed or superseded by a newer iteration
             return None
-        t0 = time.perf_counter()
-        item = self._queue.get()
-        self._stats["wait_seconds"] += time.perf_counter() - t0
-        if item is self._DONE:
-            self._queue.put(self._DONE)
-            return None
-        if isinstance(item, BaseException):
-            self.close()
-            raise item
-        self._stats["batches"] += 1
-        n = next(iter(item.values())).shape[0]
-        self._stats["rows"] += n
-        self._stats["bytes"] += sum(v.nbytes for v in item.values())
-        return item
+        ready = self._ready
+        if not ready:
+            t0 = time.perf_counter()
+            item = self._queue.get()
+            self._stats["wait_seconds"] += time.perf_counter() - t0
+            if item is self._DONE:
+                self._queue.put(self._DONE)
+                return None
+            if isinstance(item, BaseException):
+                self.close()
+                raise item
+            batches, rows = item
+            ready.extend(batches)
+            self._chunk_rows = rows
+        stats = self._stats
+        stats["batches"] += 1
+        stats["rows"] += self._chunk_rows
+        stats["bytes"] += self._chunk_rows * self._row_bytes
+        return ready.popleft()
 
     def close(self) -> None:
         self._stop.set()
@@ -438,6 +467,7 @@ class _ParquetStream(_Stream):
         self._thread.join()
         while not self._queue.empty():
             self._queue.get_nowait()
+        self._ready.clear()
 
     def _put(self, item: Any) -> bool:
         while not self._stop.is_set():
@@ -452,9 +482,9 @@ class _ParquetStream(_Stream):
         batches = _parquet_batches(self._loader, self._stop, spent := [0.0])
         try:
             t0 = time.perf_counter()
-            for batch in batches:
+            for chunk in batches:
                 self._stats["worker_seconds"] += time.perf_counter() - t0 - spent[0]
-                if not self._put(batch):
+                if not self._put(chunk):
                     return
                 t0 = time.perf_counter()
                 spent[0] = 0.0
@@ -494,8 +524,9 @@ def parquet_epoch_layout(
 
 def _parquet_batches(
     loader: Loader, stop: threading.Event, spent: list[float]
-) -> Iterator[dict[str, np.ndarray]]:
-    """Yields this rank's batches of the current epoch from the current position."""
+) -> Iterator[tuple[list[dict[str, np.ndarray]], int]]:
+    """Yields this rank's batches of the current epoch from the current position,
+    in chunks: (batches, rows of each)."""
     ds = loader._dataset
     rgs = ds._row_groups
     n = len(ds)
@@ -511,31 +542,55 @@ def _parquet_batches(
     starts = np.cumsum([0] + [sum(rgs[g].rows for g in win) for win in windows])
     plan = loader._plan
     names = list(ds.schema)
-    files: dict[int, Any] = {}
-    # This rank reads stream entries [first, last) of positions r, r + w, ...
+    # The open (memory-mapped) files stay open across epochs: mapping them anew
+    # every epoch costs a page fault per few pages of the file again.
+    files = loader._parquet_files
+    # This rank reads entries [first, last) of its range of the epoch's positions
+    # (see parquet_rank_segments).
     first = loader._position * bsz
     last = min(num_batches * bsz, per_rank)
+    segments = parquet_rank_segments(starts, n, loader._rank * per_rank, first, last)
 
-    read_lock = threading.Lock()  # one reader of the ParquetFile objects at a time
+    read_lock = loader._parquet_lock  # one reader of the ParquetFile objects at a time
 
-    def load_window(wi: int) -> tuple[Any, np.ndarray]:
+    def read_groups(groups: list[int]) -> Any:
+        """The rows of `groups` (in that order) as one Table: each run of groups
+        from one file is decoded by one pyarrow call (columns and row groups in
+        parallel on Arrow's threads, the GIL released)."""
         import pyarrow as pa
 
         tables = []
         with read_lock:
-            for g in windows[wi]:
-                rg = rgs[g]
-                path = ds._files[rg.file]
-                if rg.file not in files:
-                    files[rg.file] = open_parquet(path)
+            i = 0
+            while i < len(groups):
+                f = rgs[groups[i]].file
+                j = i
+                while j < len(groups) and rgs[groups[j]].file == f:
+                    j += 1
+                if f not in files:
+                    files[f] = open_parquet(ds._files[f])
+                pf = files[f]
+                run = [rgs[g].index for g in groups[i:j]]
                 try:
-                    tables.append(
-                        files[rg.file].read_row_group(rg.index, columns=names, use_threads=True)
-                    )
-                    loader._py_stats["row_groups_read"] += 1
-                except (pa.ArrowException, OSError) as e:
-                    raise OSError(f"{path!r}: cannot read row group {rg.index}: {e}") from None
-        table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+                    tables.append(pf.read_row_groups(run, columns=names, use_threads=True))
+                except (pa.ArrowException, OSError) as err:
+                    # Name the failing row group (read them one by one to find it).
+                    for g in run:
+                        try:
+                            pf.read_row_group(g, columns=names, use_threads=True)
+                        except (pa.ArrowException, OSError) as e:
+                            raise OSError(
+                                f"{ds._files[f]!r}: cannot read row group {g}: {e}"
+                            ) from None
+                    raise OSError(
+                        f"{ds._files[f]!r}: cannot read row groups {run}: {err}"
+                    ) from None
+                loader._py_stats["row_groups_read"] += j - i
+                i = j
+        return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+    def load_window(wi: int) -> tuple[Any, np.ndarray]:
+        table = read_groups(windows[wi])
         arrays = [arrow_column(c, table.column(c)) for c in names]
         for c, a in zip(names, arrays, strict=True):
             f = first_chunk(a)
@@ -549,78 +604,94 @@ def _parquet_batches(
         )
         return plan.bind(arrays), perm
 
-    # Read-ahead: the next window is decoded on a second thread (pyarrow
-    # releases the GIL) while this one's batches are gathered.
+    # Read-ahead: the next window this rank needs is decoded on a second thread
+    # (pyarrow releases the GIL) while this one's batches are gathered.
     ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastml-data-parquet-read")
     futures: dict[int, Future[Any]] = {}
+    current: list[Any] = [None, None]  # [window, (sources, perm)]
 
-    def window_rows(wi: int) -> tuple[Any, np.ndarray]:
-        fut = futures.pop(wi, None)
-        result = fut.result() if fut is not None else load_window(wi)
-        nxt = wi + 1
-        if nxt < len(windows) and nxt not in futures and not stop.is_set():
+    def window_rows(si: int) -> tuple[Any, np.ndarray]:
+        wi = segments[si][0]
+        if current[0] != wi:
+            fut = futures.pop(wi, None)
+            current[1] = None  # drop the previous window before holding a third
+            current[1] = fut.result() if fut is not None else load_window(wi)
+            current[0] = wi
+        nxt = next((seg[0] for seg in segments[si + 1 :] if seg[0] != wi), None)
+        if nxt is not None and nxt not in futures and not stop.is_set():
             futures[nxt] = ahead.submit(load_window, nxt)
-        return result
+        return current[1]
 
     try:
-        yield from _parquet_stream(
-            loader, stop, window_rows, starts, plan, first, last, num_batches
-        )
+        yield from _parquet_stream(loader, stop, window_rows, segments, plan, num_batches)
     finally:
         for f in futures.values():
             f.cancel()
         ahead.shutdown(wait=True)
 
 
+def parquet_rank_segments(
+    starts: np.ndarray, n: int, rank_start: int, first: int, last: int
+) -> list[tuple[int, int, int]]:
+    """Where a rank's entries [first, last) lie: (window, lo, hi) row ranges of the
+    permuted windows, in order.
+
+    The epoch's positions 0..n-1 are the windows' permuted rows one window after
+    another (``starts`` holds the windows' first positions); rank r owns the
+    contiguous positions ``rank_start + k`` for its entries k, and positions >= n
+    (padding, drop_last=False) wrap around to ``p - n``. So each rank decodes only
+    the windows its range touches.
+    """
+    out: list[tuple[int, int, int]] = []
+    p, end = rank_start + first, rank_start + last
+    while p < end:
+        q = p % n
+        wi = int(np.searchsorted(starts, q, side="right") - 1)
+        lo, hi = int(starts[wi]), int(starts[wi + 1])
+        take = min(end - p, hi - q)
+        out.append((wi, q - lo, q - lo + take))
+        p += take
+    return out
+
+
 def _parquet_stream(
     loader: Loader,
     stop: threading.Event,
     window_rows: Any,
-    starts: np.ndarray,
+    segments: list[tuple[int, int, int]],
     plan: Any,
-    first: int,
-    last: int,
     num_batches: int,
-) -> Iterator[dict[str, np.ndarray]]:
-    """The batches of entries [first, last) of this rank's stream (see _parquet_batches)."""
-    n = len(loader._dataset)
-    w, r, bsz = loader._world_size, loader._rank, loader._batch_size
-    batch: Any = None  # the DataBatch being filled
-    filled = 0
+) -> Iterator[tuple[list[dict[str, np.ndarray]], int]]:
+    """The batches of this rank's segments (see _parquet_batches), in chunks."""
+    bsz = loader._batch_size
+    batcher = _core.DataBatcher(plan, bsz)
+    chunk_rows = _chunk_batches(loader._prefetch, bsz) * bsz
     emitted = loader._position
-
-    # Stream entry k is global position p = r + k * w; positions >= n wrap to p - n (padding).
-    k = first
-    while k < last and not stop.is_set():
-        p = r + k * w
-        q = p % n
-        wi = int(np.searchsorted(starts, q, side="right") - 1)
-        sources, perm = window_rows(wi)
-        lo, hi = int(starts[wi]), int(starts[wi + 1])
-        # Entries k..k_end-1 fall in this window (for wrapped positions, only up to the pad end).
-        base = p - q  # 0, or n for padding
-        k_end = min(last, (base + hi - r + w - 1) // w)
-        ks = np.arange(k, k_end, dtype=np.int64)
-        idx = perm[(r + ks * w) - base - lo]
-        pos = 0
-        while pos < idx.size:
-            if batch is None:
-                batch = _core.DataBatch(plan, bsz)
-                filled = 0
-            take = min(bsz - filled, idx.size - pos)
-            batch.fill(sources, idx[pos : pos + take], filled)
-            filled += take
-            pos += take
-            if filled == bsz:
-                out = batch.finish(bsz)
-                batch = None
-                emitted += 1
-                yield out
+    sources = perm = None
+    for si, (_, lo, hi) in enumerate(segments):
+        if stop.is_set():
+            return
+        # Drop our references to the previous window first, so that window_rows
+        # frees it before the next read-ahead starts (at most two windows live).
+        sources = perm = None
+        sources, perm = window_rows(si)
+        for pos in range(lo, hi, chunk_rows):
+            done = batcher.feed(sources, perm[pos : min(hi, pos + chunk_rows)])
+            if done:
+                emitted += len(done)
+                yield done, bsz
                 if stop.is_set():
                     return
-        k = k_end
-    if batch is not None and filled and emitted < num_batches:
-        yield batch.finish(filled)
+    if batcher.pending and emitted < num_batches:
+        rows = batcher.pending
+        yield [batcher.flush()], rows
+
+
+def _chunk_batches(prefetch: int, batch_size: int) -> int:
+    """Batches the Parquet reader gathers in one native call and hands over as
+    one chunk (at most): 4 x prefetch, or enough for 65,536 rows (a window of
+    the default size, so each source column is read in one pass), at most 256."""
+    return min(256, max(4 * prefetch, -(-65536 // batch_size)))
 
 
 class _CudaStager:
