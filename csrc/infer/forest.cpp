@@ -1,11 +1,20 @@
 #include "infer/forest.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <type_traits>
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define FASTML_FOREST_X86 1
+#else
+#define FASTML_FOREST_X86 0
+#endif
+
+#include "common/cpu_features.hpp"
 #include "common/errors.hpp"
 #include "common/thread_pool.hpp"
 
@@ -22,10 +31,113 @@ constexpr int64_t kBlockRows = 128;
 constexpr int kLanes = 16;
 // Trees walked together for one row: more independent node loads in flight.
 constexpr int kRowLanes = 16;
+// Rows per block on the binned path (see BinNode): 2 * features * kBinRows
+// uint16 bins per block.
+constexpr int64_t kBinRows = 256;
+// Bin value of a missing input in the copy read by default-right nodes, and
+// the threshold bin of a leaf (every bin is <= it, so a leaf stays put).
+constexpr uint16_t kBinTop = 0xFFFF;
+// At most this many distinct thresholds per feature on the binned path (real
+// bins are 0..count, so count + 1 < kBinTop).
+constexpr int64_t kMaxBinCuts = 65534;
+
+// A node of the binned path: "go left when bin(x) <= thr", where bin(x) is
+// the number of the feature's distinct thresholds below x, so the integer
+// compare decides exactly as "x <= threshold" does. Children are adjacent
+// (right = left + 1); a leaf has thr = kBinTop and left = itself.
+struct BinNode {
+  uint16_t thr;  // index of the threshold among the feature's sorted distinct ones
+  uint16_t col;  // feature, + num_features when missing values go right
+  int32_t left;  // absolute index of the left child
+};
+static_assert(sizeof(BinNode) == 8, "BinNode is 8 bytes");
+
+// Perfect layout of the binned path: every tree padded to a complete tree of
+// its depth D, stored level by level, so the children of local node i are
+// 2i+1 and 2i+2 and a node is one uint32: threshold bin (low 16 bits) |
+// column (high 16 bits). A leaf above depth D becomes a node that always
+// goes left (threshold kBinTop) over copies of itself. Used while the padding
+// costs at most kPerfectSlack times the real node count.
+constexpr int32_t kMaxPerfectDepth = 16;
+#ifndef FASTML_PERFECT_LANES
+#define FASTML_PERFECT_LANES 8
+#endif
+constexpr int kPerfectLanes = FASTML_PERFECT_LANES;
+// The scalar walk's lanes are independent scalar chains; GCC's partial
+// vectorisation of their index updates costs more than it saves (measured).
+#if defined(__GNUC__) && !defined(__clang__)
+#define FASTML_FOREST_NO_VECTORIZE __attribute__((optimize("no-tree-vectorize")))
+#else
+#define FASTML_FOREST_NO_VECTORIZE
+#endif
+constexpr int64_t kPerfectSlack = 4;
+
+#if FASTML_FOREST_X86
+// AVX2: eight rows per step with gathers. Walks rows [0, nrows) of a block
+// (nrows a multiple of 8) through one perfect tree of depth D and writes each
+// row's leaf slot to leaf[r]. bins: the block, column stride kBinRows, with
+// one spare uint16 after it (the gather reads 32 bits).
+__attribute__((target("avx2"))) void perfect_walk_avx2(const uint32_t* nodes, int32_t D,
+                                                       const uint16_t* bins, int64_t nrows,
+                                                       int32_t* leaf) {
+  static_assert(kBinRows == 256, "the column shift below is log2(kBinRows)");
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i low16 = _mm256_set1_epi32(0xFFFF);
+  const __m256i one = _mm256_set1_epi32(1);
+  const __m256i first_leaf = _mm256_set1_epi32((1 << D) - 1);
+  const int* nd_base = reinterpret_cast<const int*>(nodes);
+  const int* bin_base = reinterpret_cast<const int*>(bins);
+  int64_t r = 0;
+  // Four groups of eight rows in flight: the gathers' latencies overlap.
+  for (; r + 32 <= nrows; r += 32) {
+    __m256i i0 = _mm256_setzero_si256(), i1 = i0, i2 = i0, i3 = i0;
+    const __m256i o0 = _mm256_add_epi32(lane, _mm256_set1_epi32(static_cast<int>(r)));
+    const __m256i o1 = _mm256_add_epi32(o0, _mm256_set1_epi32(8));
+    const __m256i o2 = _mm256_add_epi32(o0, _mm256_set1_epi32(16));
+    const __m256i o3 = _mm256_add_epi32(o0, _mm256_set1_epi32(24));
+    for (int32_t d = 0; d < D; ++d) {
+#define FASTML_PERFECT_STEP(I, O)                                                            \
+  {                                                                                          \
+    const __m256i nd = _mm256_i32gather_epi32(nd_base, I, 4);                                \
+    const __m256i at = _mm256_add_epi32(_mm256_slli_epi32(_mm256_srli_epi32(nd, 16), 8), O); \
+    const __m256i b = _mm256_and_si256(_mm256_i32gather_epi32(bin_base, at, 2), low16);      \
+    const __m256i right = _mm256_cmpgt_epi32(b, _mm256_and_si256(nd, low16));                \
+    I = _mm256_sub_epi32(_mm256_add_epi32(_mm256_add_epi32(I, I), one), right);              \
+  }
+      FASTML_PERFECT_STEP(i0, o0)
+      FASTML_PERFECT_STEP(i1, o1)
+      FASTML_PERFECT_STEP(i2, o2)
+      FASTML_PERFECT_STEP(i3, o3)
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(leaf + r), _mm256_sub_epi32(i0, first_leaf));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(leaf + r + 8), _mm256_sub_epi32(i1, first_leaf));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(leaf + r + 16),
+                        _mm256_sub_epi32(i2, first_leaf));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(leaf + r + 24),
+                        _mm256_sub_epi32(i3, first_leaf));
+  }
+  for (; r + 8 <= nrows; r += 8) {
+    __m256i i0 = _mm256_setzero_si256();
+    const __m256i o0 = _mm256_add_epi32(lane, _mm256_set1_epi32(static_cast<int>(r)));
+    for (int32_t d = 0; d < D; ++d) FASTML_PERFECT_STEP(i0, o0)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(leaf + r), _mm256_sub_epi32(i0, first_leaf));
+  }
+#undef FASTML_PERFECT_STEP
+}
+#endif
 
 }  // namespace
 
 // ------------------------------------------------------------------ engine
+
+namespace {
+std::atomic<bool> g_forest_simd{true};
+}  // namespace
+
+bool forest_simd(int enable) {
+  if (enable >= 0) g_forest_simd.store(enable != 0, std::memory_order_relaxed);
+  return g_forest_simd.load(std::memory_order_relaxed) && cpu_features().avx2 && FASTML_FOREST_X86;
+}
 
 class ForestEngine {
  public:
@@ -108,12 +220,17 @@ class Engine final : public ForestEngine {
         has_zero_missing_ |= (flags & kNodeZeroMissing) != 0;
       }
     }
-    // The fast path resolves missing values without a NaN test: each block
-    // row is stored twice, NaN -> -inf (read by default-left nodes) and
-    // NaN -> +inf (read by default-right nodes), so one "x <= threshold"
-    // decides every numeric node. It needs no +inf threshold (NaN -> +inf
-    // would then go left) and no categorical or zero-as-missing node.
-    fast_ = !has_cat_ && !has_zero_missing_ &&
+    // The float fast path (forests the binned path cannot take, e.g. with
+    // more than kMaxBinCuts thresholds on a feature) resolves missing values without a NaN test:
+    // each block row is stored twice, NaN -> -inf (read by default-left nodes) and NaN -> +inf
+    // (read by default-right nodes), so one "x <= threshold" decides every numeric node. It needs
+    // no +inf threshold (NaN -> +inf would then go left) and no categorical or zero-as-missing
+    // node.
+    values_.resize(spec.leaf_values.size());
+    for (size_t i = 0; i < values_.size(); ++i) values_[i] = static_cast<AccT>(spec.leaf_values[i]);
+    // The binned path (see BinNode) serves every forest it can.
+    binned_ = !has_cat_ && !has_zero_missing_ && build_binned(spec);
+    fast_ = !binned_ && !has_cat_ && !has_zero_missing_ &&
             n * static_cast<int64_t>(sizeof(Node)) < (int64_t{1} << 31) &&
             2 * int64_t{spec.num_features} * kBlockRows < (int64_t{1} << 31);
     for (const Node& nd : nodes_)
@@ -138,13 +255,154 @@ class Engine final : public ForestEngine {
             ((nd.feature & kNodeDefaultLeft) ? f : f + F) * static_cast<uint32_t>(kBlockRows);
       }
     }
-    values_.resize(spec.leaf_values.size());
-    for (size_t i = 0; i < values_.size(); ++i) values_[i] = static_cast<AccT>(spec.leaf_values[i]);
     base_.resize(spec.base_margin.size());
     for (size_t i = 0; i < base_.size(); ++i) base_[i] = static_cast<AccT>(spec.base_margin[i]);
     cat_bits_ = spec.cat_bits;
     cat_lo_ = static_cast<ThrT>(spec.cat_rule.lo);
     cat_hi_ = static_cast<ThrT>(spec.cat_rule.hi);
+    if (binned_) {
+      // Leaf values in the binned node order (same per-tree shift).
+      bin_values_.resize(values_.size());
+      for (int64_t t = 0; t < spec.num_trees(); ++t) {
+        const int64_t base = spec.tree_node_offsets[t];
+        const int64_t end = spec.tree_node_offsets[t + 1];
+        const int64_t width = group_[t] >= 0 ? 1 : spec.num_outputs;
+        for (int64_t i = base; i < end; ++i) {
+          const int64_t to = shift_[t] + bin_order_[i] * width;
+          const int64_t from = shift_[t] + i * width;
+          for (int64_t k = 0; k < width; ++k) bin_values_[to + k] = values_[from + k];
+        }
+      }
+      build_perfect(spec);
+      if (perfect_) {  // the perfect layout serves every batch size
+        std::vector<BinNode>().swap(bin_nodes_);
+        std::vector<AccT>().swap(bin_values_);
+      }
+      std::vector<int64_t>().swap(bin_order_);
+      // The general nodes serve only the CUDA path now.
+      if (!forest_cuda_compiled()) std::vector<Node>().swap(nodes_);
+    }
+  }
+
+  // The binned path (BinNode): every node numeric (no categorical or
+  // zero-as-missing split), at most kMaxBinCuts distinct thresholds per
+  // feature and fewer than 32768 features. Builds cuts_/cut_offset_ (the
+  // sorted distinct thresholds of each feature), bin_nodes_ (each tree
+  // breadth-first from its root, so the two children of a node are adjacent)
+  // and bin_order_ (old absolute index -> new absolute index). Returns false, building
+  // nothing, when the forest does not qualify.
+  bool build_binned(const ForestSpec& spec) {
+    const int64_t F = spec.num_features;
+    const int64_t n = spec.num_nodes();
+    if (2 * F > kBinTop || 2 * F * kBinRows * int64_t{sizeof(uint16_t)} > (int64_t{64} << 20))
+      return false;
+    std::vector<std::vector<ThrT>> per(static_cast<size_t>(F));
+    for (int64_t i = 0; i < n; ++i) {
+      if (spec.node_left[i] < 0) continue;
+      per[spec.node_feature[i]].push_back(static_cast<ThrT>(spec.node_threshold[i]));
+    }
+    std::vector<int32_t> offset(static_cast<size_t>(F + 1), 0);
+    for (int64_t f = 0; f < F; ++f) {
+      auto& v = per[f];
+      std::sort(v.begin(), v.end());
+      // Equal under "<" (0.0 and -0.0) is the same cut: one compare decides both.
+      v.erase(std::unique(v.begin(), v.end(), [](ThrT a, ThrT b) { return !(a < b); }), v.end());
+      if (static_cast<int64_t>(v.size()) > kMaxBinCuts) return false;
+      offset[f + 1] = offset[f] + static_cast<int32_t>(v.size());
+    }
+    cuts_.clear();
+    cuts_.reserve(offset[F]);
+    for (auto& v : per) cuts_.insert(cuts_.end(), v.begin(), v.end());
+    cut_offset_ = std::move(offset);
+
+    bin_nodes_.assign(static_cast<size_t>(n), BinNode{kBinTop, 0, 0});
+    bin_order_.assign(static_cast<size_t>(n), 0);
+    std::vector<int32_t> queue;
+    for (int64_t t = 0; t < spec.num_trees(); ++t) {
+      const int64_t base = spec.tree_node_offsets[t];
+      // Breadth-first: node queue[q] gets new index base + q; children are
+      // appended as a pair. Build validated that this is a tree.
+      queue.assign(1, 0);
+      for (size_t q = 0; q < queue.size(); ++q) {
+        const int64_t old = base + queue[q];
+        const int64_t now = base + static_cast<int64_t>(q);
+        bin_order_[old] = now;
+        BinNode& nd = bin_nodes_[now];
+        if (spec.node_left[old] < 0) {
+          nd = BinNode{kBinTop, 0, static_cast<int32_t>(now)};
+          continue;
+        }
+        const int32_t f = spec.node_feature[old];
+        const ThrT thr = static_cast<ThrT>(spec.node_threshold[old]);
+        const ThrT* c0 = cuts_.data() + cut_offset_[f];
+        const ThrT* c1 = cuts_.data() + cut_offset_[f + 1];
+        const int64_t k = std::lower_bound(c0, c1, thr) - c0;
+        const bool default_left = (spec.node_flags[old] & kNodeDefaultLeft) != 0;
+        nd.thr = static_cast<uint16_t>(k);
+        nd.col = static_cast<uint16_t>(default_left ? f : f + F);
+        nd.left = static_cast<int32_t>(base + static_cast<int64_t>(queue.size()));
+        queue.push_back(spec.node_left[old]);
+        queue.push_back(spec.node_right[old]);
+      }
+    }
+    return true;
+  }
+
+  // The perfect layout (see kMaxPerfectDepth), when the padding is cheap.
+  void build_perfect(const ForestSpec& spec) {
+    const int64_t T = spec.num_trees();
+    int64_t padded = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      if (depth_[t] > kMaxPerfectDepth) return;
+      padded += int64_t{1} << depth_[t];
+    }
+    if (padded > kPerfectSlack * spec.num_nodes() + 1024) return;
+    const int32_t K = spec.num_outputs;
+    p_node_off_.assign(static_cast<size_t>(T + 1), 0);
+    p_leaf_off_.assign(static_cast<size_t>(T + 1), 0);
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t width = group_[t] >= 0 ? 1 : K;
+      p_node_off_[t + 1] = p_node_off_[t] + (int64_t{1} << depth_[t]) - 1;
+      p_leaf_off_[t + 1] = p_leaf_off_[t] + (int64_t{1} << depth_[t]) * width;
+    }
+    p_nodes_.assign(static_cast<size_t>(p_node_off_[T]) + 1, 0);  // + 1: never empty
+    p_values_.assign(static_cast<size_t>(p_leaf_off_[T]), AccT(0));
+    struct Item {
+      int32_t node;  // local index in the spec's tree
+      int64_t pos;   // level-order position in the perfect tree
+      int32_t level;
+    };
+    std::vector<Item> stack;
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t base = spec.tree_node_offsets[t];
+      const int32_t D = depth_[t];
+      const int64_t width = group_[t] >= 0 ? 1 : K;
+      uint32_t* nodes = p_nodes_.data() + p_node_off_[t];
+      AccT* leaves = p_values_.data() + p_leaf_off_[t];
+      stack.assign(1, Item{0, 0, 0});
+      while (!stack.empty()) {
+        const Item it = stack.back();
+        stack.pop_back();
+        const int64_t a = base + it.node;
+        if (it.level == D) {  // a leaf slot
+          const int64_t slot = it.pos - ((int64_t{1} << D) - 1);
+          for (int64_t k = 0; k < width; ++k)
+            leaves[slot * width + k] = values_[shift_[t] + a * width + k];
+          continue;
+        }
+        if (spec.node_left[a] < 0) {  // a shallow leaf: always left, over copies of itself
+          nodes[it.pos] = kBinTop;
+          stack.push_back(Item{it.node, 2 * it.pos + 1, it.level + 1});
+          stack.push_back(Item{it.node, 2 * it.pos + 2, it.level + 1});
+          continue;
+        }
+        const BinNode& bn = bin_nodes_[bin_order_[a]];
+        nodes[it.pos] = static_cast<uint32_t>(bn.thr) | (static_cast<uint32_t>(bn.col) << 16);
+        stack.push_back(Item{spec.node_left[a], 2 * it.pos + 1, it.level + 1});
+        stack.push_back(Item{spec.node_right[a], 2 * it.pos + 2, it.level + 1});
+      }
+    }
+    perfect_ = true;
   }
 
   // The general encoding (see fast_), for the CUDA path.
@@ -159,7 +417,9 @@ class Engine final : public ForestEngine {
     AccT* out = static_cast<AccT*>(out_ptr);
     const int64_t rows = X.shape[0];
     if (rows == 0) return;
-    if (fast_) {
+    if (binned_) {
+      dispatch_binned(X, apply_link, out);
+    } else if (fast_) {
       dispatch<true, false, false>(X, apply_link, out);
     } else if (has_cat_) {
       dispatch<false, true, true>(X, apply_link, out);
@@ -188,6 +448,242 @@ class Engine final : public ForestEngine {
       ThreadPool::global().parallel_for(0, nblocks, 1, run_blocks);
     }
   }
+
+  // ---------------------------------------------------------------- binned path
+
+  void dispatch_binned(const ArrayView& X, bool apply_link, AccT* out) const {
+    const int64_t rows = X.shape[0];
+    const int64_t nblocks = (rows + kBinRows - 1) / kBinRows;
+    auto run_blocks = [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t r0 = b * kBinRows;
+        const int64_t r1 = std::min(rows, r0 + kBinRows);
+        binned_block(X, r0, r1, apply_link, out);
+      }
+    };
+    if (nblocks == 1) {
+      run_blocks(0, 1);  // one block (e.g. one row): no pool hand-off
+    } else {
+      ThreadPool::global().parallel_for(0, nblocks, 1, run_blocks);
+    }
+  }
+
+  // The number of cuts below x (NaN handled by the caller), branch-free:
+  // the loop runs log2(count) times whatever x is.
+  static inline uint16_t bin_of(const ThrT* cuts, int32_t count, ThrT x) {
+    if (count == 0) return 0;
+    const ThrT* b = cuts;
+    int32_t len = count;
+    while (len > 1) {
+      const int32_t half = len / 2;
+      b = (b[half] < x) ? b + half : b;
+      len -= half;
+    }
+    return static_cast<uint16_t>((b - cuts) + (*b < x ? 1 : 0));
+  }
+
+  // Rows [r0, r1) of X as bins, feature-major with row stride `S`: column f
+  // (read by default-left nodes) has missing -> 0, column F + f
+  // (default-right nodes) missing -> kBinTop; other values are the same
+  // bin in both. Inputs are first rounded to ThrT, as the comparisons do.
+  template <typename XT>
+  void bin_rows(const ArrayView& X, int64_t r0, int64_t r1, int64_t S, uint16_t* bins) const {
+    const int64_t F = spec_.num_features;
+    const char* base = static_cast<const char*>(X.data);
+    const int64_t rs = X.strides[0], cs = X.strides[1];
+    for (int64_t j = 0; j < F; ++j) {
+      const ThrT* cuts = cuts_.data() + cut_offset_[j];
+      const int32_t count = cut_offset_[j + 1] - cut_offset_[j];
+      uint16_t* lo = bins + j * S;
+      uint16_t* hi = bins + (F + j) * S;
+      const char* src = base + j * cs;
+      for (int64_t r = r0; r < r1; ++r) {
+        const ThrT x = static_cast<ThrT>(*reinterpret_cast<const XT*>(src + r * rs));
+        const uint16_t b = bin_of(cuts, count, x);
+        const bool nan = x != x;
+        lo[r - r0] = nan ? uint16_t{0} : b;
+        hi[r - r0] = nan ? kBinTop : b;
+      }
+    }
+  }
+
+  inline int32_t bin_step(int32_t n, const uint16_t* bins, int64_t S) const {
+    const BinNode nd = bin_nodes_[n];
+    // Indexing by the decision keeps the step branch-free.
+    return nd.left + (bins[nd.col * S] > nd.thr ? 1 : 0);
+  }
+
+  void binned_block(const ArrayView& X, int64_t r0, int64_t r1, bool apply_link,
+                    AccT* out_all) const {
+    const int32_t K = spec_.num_outputs;
+    const int64_t F = spec_.num_features;
+    const int64_t nrows = r1 - r0;
+    // One row is stored with stride 1 (2F bins); blocks with kBinRows.
+    const int64_t S = nrows == 1 ? 1 : kBinRows;
+    thread_local std::vector<uint16_t> buf;
+    const size_t need = static_cast<size_t>(2 * F * S) + 2;  // + 2: see perfect_walk_avx2
+    if (buf.size() < need) buf.resize(need);
+    if (X.dtype == DType::F32)
+      bin_rows<float>(X, r0, r1, S, buf.data());
+    else
+      bin_rows<double>(X, r0, r1, S, buf.data());
+    AccT* out = out_all + r0 * K;
+    for (int64_t r = 0; r < nrows; ++r)
+      for (int32_t k = 0; k < K; ++k) out[r * K + k] = base_[k];
+    const int64_t T = static_cast<int64_t>(root_.size());
+    if (perfect_ && nrows == 1) {
+      perfect_one_row(buf.data(), out);
+    } else if (perfect_) {
+      perfect_block(buf.data(), nrows, out);
+    } else if (nrows == 1) {
+      binned_one_row(buf.data(), out);
+    } else {
+      for (int64_t t = 0; t < T; ++t) binned_tree(t, buf.data(), nrows, out);
+    }
+    finish(out, nrows, apply_link);
+  }
+
+  void perfect_block(const uint16_t* bins, int64_t nrows, AccT* out) const {
+    const int32_t K = spec_.num_outputs;
+    const int64_t T = static_cast<int64_t>(root_.size());
+    thread_local std::vector<int32_t> leaf_buf;
+    if (leaf_buf.size() < static_cast<size_t>(kBinRows)) leaf_buf.resize(kBinRows);
+    int32_t* leaf = leaf_buf.data();
+    const int64_t nvec = forest_simd(-1) ? nrows / 8 * 8 : 0;
+    for (int64_t t = 0; t < T; ++t) {
+      const uint32_t* nodes = p_nodes_.data() + p_node_off_[t];
+      const int32_t D = depth_[t];
+#if FASTML_FOREST_X86
+      if (nvec) perfect_walk_avx2(nodes, D, bins, nvec, leaf);
+#endif
+      perfect_walk_scalar(nodes, D, bins, nvec, nrows, leaf);
+      const AccT* values = p_values_.data() + p_leaf_off_[t];
+      const int32_t group = group_[t];
+      if (group >= 0) {
+        AccT* o = out + group;
+        for (int64_t r = 0; r < nrows; ++r) o[r * K] += values[leaf[r]];
+      } else {
+        for (int64_t r = 0; r < nrows; ++r)
+          for (int32_t k = 0; k < K; ++k) out[r * K + k] += values[leaf[r] * K + k];
+      }
+    }
+  }
+
+  // One row (bins with stride 1): kRowLanes trees walk together; leaves are
+  // added in tree order.
+  void perfect_one_row(const uint16_t* bins, AccT* out) const {
+    const int32_t K = spec_.num_outputs;
+    const int64_t T = static_cast<int64_t>(root_.size());
+    auto add = [&](int64_t t, uint32_t i) {
+      const int64_t slot = static_cast<int64_t>(i) - ((int64_t{1} << depth_[t]) - 1);
+      const AccT* values = p_values_.data() + p_leaf_off_[t];
+      if (group_[t] >= 0) {
+        out[group_[t]] += values[slot];
+      } else {
+        for (int32_t k = 0; k < K; ++k) out[k] += values[slot * K + k];
+      }
+    };
+    int64_t t = 0;
+    for (; t + kRowLanes <= T; t += kRowLanes) {
+      uint32_t idx[kRowLanes] = {};
+      const uint32_t* nodes[kRowLanes];
+      int32_t depth = 0;
+      for (int l = 0; l < kRowLanes; ++l) {
+        nodes[l] = p_nodes_.data() + p_node_off_[t + l];
+        depth = std::max(depth, depth_[t + l]);
+      }
+      for (int32_t d = 0; d < depth; ++d)
+        for (int l = 0; l < kRowLanes; ++l) {
+          if (d >= depth_[t + l]) continue;  // a shallower tree is done
+          const uint32_t nd = nodes[l][idx[l]];
+          idx[l] = 2 * idx[l] + 1 + (bins[nd >> 16] > (nd & 0xFFFFu) ? 1u : 0u);
+        }
+      for (int l = 0; l < kRowLanes; ++l) add(t + l, idx[l]);
+    }
+    for (; t < T; ++t) {
+      const uint32_t* nodes = p_nodes_.data() + p_node_off_[t];
+      uint32_t i = 0;
+      for (int32_t d = 0; d < depth_[t]; ++d) {
+        const uint32_t nd = nodes[i];
+        i = 2 * i + 1 + (bins[nd >> 16] > (nd & 0xFFFFu) ? 1u : 0u);
+      }
+      add(t, i);
+    }
+  }
+
+  // Rows [r0, r1) of a block through one perfect tree; leaf slots to leaf[r].
+  FASTML_FOREST_NO_VECTORIZE
+  static void perfect_walk_scalar(const uint32_t* nodes, int32_t D, const uint16_t* bins,
+                                  int64_t r0, int64_t r1, int32_t* leaf) {
+    const uint32_t first_leaf = (uint32_t{1} << D) - 1u;
+    int64_t r = r0;
+    for (; r + kPerfectLanes <= r1; r += kPerfectLanes) {
+      uint32_t idx[kPerfectLanes] = {};
+      const uint16_t* x0 = bins + r;  // lane l reads at constant offset l
+      for (int32_t d = 0; d < D; ++d)
+        for (int l = 0; l < kPerfectLanes; ++l) {
+          const uint32_t nd = nodes[idx[l]];
+          idx[l] = 2 * idx[l] + 1 + (x0[l + (nd >> 16) * kBinRows] > (nd & 0xFFFFu) ? 1u : 0u);
+        }
+      for (int l = 0; l < kPerfectLanes; ++l)
+        leaf[r + l] = static_cast<int32_t>(idx[l] - first_leaf);
+    }
+    for (; r < r1; ++r) {
+      uint32_t i = 0;
+      for (int32_t d = 0; d < D; ++d) {
+        const uint32_t nd = nodes[i];
+        i = 2 * i + 1 + (bins[r + (nd >> 16) * kBinRows] > (nd & 0xFFFFu) ? 1u : 0u);
+      }
+      leaf[r] = static_cast<int32_t>(i - first_leaf);
+    }
+  }
+
+  // One tree over a block: kLanes rows walk together so their loads overlap.
+  void binned_tree(int64_t t, const uint16_t* bins, int64_t nrows, AccT* out) const {
+    const int32_t K = spec_.num_outputs;
+    const int32_t root = root_[t], depth = depth_[t], group = group_[t];
+    const int64_t shift = shift_[t];
+    int64_t r = 0;
+    for (; r + kLanes <= nrows; r += kLanes) {
+      int32_t idx[kLanes];
+      for (int l = 0; l < kLanes; ++l) idx[l] = root;
+      const uint16_t* x0 = bins + r;  // lane l reads at constant offset l
+      for (int32_t d = 0; d < depth; ++d)
+        for (int l = 0; l < kLanes; ++l) idx[l] = bin_step(idx[l], x0 + l, kBinRows);
+      for (int l = 0; l < kLanes; ++l)
+        add_leaf(bin_values_, out + (r + l) * K, group, shift, idx[l]);
+    }
+    for (; r < nrows; ++r) {
+      int32_t n = root;
+      for (int32_t d = 0; d < depth; ++d) n = bin_step(n, bins + r, kBinRows);
+      add_leaf(bin_values_, out + r * K, group, shift, n);
+    }
+  }
+
+  // One row: kRowLanes trees walk together; leaves are added in tree order.
+  void binned_one_row(const uint16_t* bins, AccT* out) const {
+    const int64_t T = static_cast<int64_t>(root_.size());
+    int64_t t = 0;
+    for (; t + kRowLanes <= T; t += kRowLanes) {
+      int32_t idx[kRowLanes];
+      int32_t depth = 0;
+      for (int l = 0; l < kRowLanes; ++l) {
+        idx[l] = root_[t + l];
+        depth = std::max(depth, depth_[t + l]);
+      }
+      for (int32_t d = 0; d < depth; ++d)
+        for (int l = 0; l < kRowLanes; ++l) idx[l] = bin_step(idx[l], bins, 1);
+      for (int l = 0; l < kRowLanes; ++l)
+        add_leaf(bin_values_, out, group_[t + l], shift_[t + l], idx[l]);
+    }
+    for (; t < T; ++t) {
+      int32_t n = root_[t];
+      for (int32_t d = 0; d < depth_[t]; ++d) n = bin_step(n, bins, 1);
+      add_leaf(bin_values_, out, group_[t], shift_[t], n);
+    }
+  }
+
+  // ---------------------------------------------------------------- float paths
 
   template <bool Fast, bool HasCat, bool HasZero>
   inline int32_t step(int32_t n, const ThrT* row) const {
@@ -358,11 +854,15 @@ class Engine final : public ForestEngine {
   }
 
   inline void add_leaf(AccT* row_out, int32_t group, int64_t shift, int32_t node) const {
+    add_leaf(values_, row_out, group, shift, node);
+  }
+  inline void add_leaf(const std::vector<AccT>& values, AccT* row_out, int32_t group, int64_t shift,
+                       int32_t node) const {
     if (group >= 0) {
-      row_out[group] += values_[shift + node];
+      row_out[group] += values[shift + node];
     } else {
       const int32_t K = spec_.num_outputs;
-      const AccT* v = values_.data() + shift + static_cast<int64_t>(node) * K;
+      const AccT* v = values.data() + shift + static_cast<int64_t>(node) * K;
       for (int32_t k = 0; k < K; ++k) row_out[k] += v[k];
     }
   }
@@ -389,7 +889,17 @@ class Engine final : public ForestEngine {
   std::vector<AccT> base_;
   std::vector<uint32_t> cat_bits_;
   ThrT cat_lo_{}, cat_hi_{};
-  bool has_cat_ = false, has_zero_missing_ = false, fast_ = false;
+  // Binned path (see build_binned).
+  std::vector<ThrT> cuts_;
+  std::vector<int32_t> cut_offset_;
+  std::vector<BinNode> bin_nodes_;
+  std::vector<int64_t> bin_order_;  // construction only
+  std::vector<AccT> bin_values_;
+  bool perfect_ = false;
+  std::vector<uint32_t> p_nodes_;
+  std::vector<int64_t> p_node_off_, p_leaf_off_;
+  std::vector<AccT> p_values_;
+  bool has_cat_ = false, has_zero_missing_ = false, fast_ = false, binned_ = false;
 };
 
 }  // namespace

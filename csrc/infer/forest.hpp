@@ -126,6 +126,11 @@ class Forest : public NativeHandler, public std::enable_shared_from_this<Forest>
   mutable std::shared_ptr<void> device_;
 };
 
+// Whether the CPU engine walks rows with AVX2 (runtime-detected). `enable`
+// 0 or 1 switches it off or on for the process (tests compare both paths);
+// -1 only asks. Returns the state in effect (false without AVX2).
+bool forest_simd(int enable = -1);
+
 // Applies the link in place to rows x k margins.
 void forest_apply_link(ForestLink link, int32_t k, int64_t rows, float* data);
 void forest_apply_link(ForestLink link, int32_t k, int64_t rows, double* data);
