@@ -34,19 +34,25 @@ constexpr int kRowLanes = 16;
 // Rows per block on the binned path (see BinNode): 2 * features * kBinRows
 // uint16 bins per block.
 constexpr int64_t kBinRows = 256;
-// Bin value of a missing input in the copy read by default-right nodes, and
-// the threshold bin of a leaf (every bin is <= it, so a leaf stays put).
-constexpr uint16_t kBinTop = 0xFFFF;
+// Bins are stored biased, as int16 (bin - 32768), so that SIMD compares them
+// with signed 16-bit compares.
+using Bin = int16_t;
+constexpr int32_t kBinBias = 32768;
+// Bin of a missing input in the copy read by default-left nodes (bin 0).
+constexpr Bin kBinBottom = -32768;
+// Bin of a missing input in the copy read by default-right nodes, and the
+// threshold of a leaf (every bin is <= it, so a leaf stays put).
+constexpr Bin kBinTop = 32767;
 // At most this many distinct thresholds per feature on the binned path (real
-// bins are 0..count, so count + 1 < kBinTop).
-constexpr int64_t kMaxBinCuts = 65534;
+// bins are 0..count, so count + 1 < 65535, the unbiased kBinTop).
+constexpr int64_t kMaxBinCuts = 65533;
 
 // A node of the binned path: "go left when bin(x) <= thr", where bin(x) is
 // the number of the feature's distinct thresholds below x, so the integer
 // compare decides exactly as "x <= threshold" does. Children are adjacent
 // (right = left + 1); a leaf has thr = kBinTop and left = itself.
 struct BinNode {
-  uint16_t thr;  // index of the threshold among the feature's sorted distinct ones
+  Bin thr;       // index of the threshold among the feature's sorted distinct ones, biased
   uint16_t col;  // feature, + num_features when missing values go right
   int32_t left;  // absolute index of the left child
 };
@@ -72,57 +78,54 @@ constexpr int kPerfectLanes = FASTML_PERFECT_LANES;
 #endif
 constexpr int64_t kPerfectSlack = 4;
 
+// A perfect-layout node: biased threshold bin (low 16 bits) | column (high).
+inline uint32_t pack_perfect(Bin thr, uint16_t col) {
+  return static_cast<uint32_t>(static_cast<uint16_t>(thr)) | (static_cast<uint32_t>(col) << 16);
+}
+inline Bin perfect_thr(uint32_t nd) {
+  return static_cast<Bin>(static_cast<uint16_t>(nd & 0xFFFFu));
+}
+
+// Levels walked with SIMD across rows (AVX2, see perfect_top_avx2): level d
+// compares all 2^d candidate nodes of the level for 16 rows at once, which
+// beats 16 scalar steps while 2^d is small. Measured on the development
+// machine (AMD EPYC, Zen 3): 4 levels pay; gathering nodes and bins per row
+// (8 rows per step with vpgatherdd) was slower than the scalar walk.
+#ifndef FASTML_SIMD_LEVELS
+#define FASTML_SIMD_LEVELS 4
+#endif
+constexpr int32_t kSimdLevels = FASTML_SIMD_LEVELS;
+
 #if FASTML_FOREST_X86
-// AVX2: eight rows per step with gathers. Walks rows [0, nrows) of a block
-// (nrows a multiple of 8) through one perfect tree of depth D and writes each
-// row's leaf slot to leaf[r]. bins: the block, column stride kBinRows, with
-// one spare uint16 after it (the gather reads 32 bits).
-__attribute__((target("avx2"))) void perfect_walk_avx2(const uint32_t* nodes, int32_t D,
-                                                       const uint16_t* bins, int64_t nrows,
-                                                       int32_t* leaf) {
-  static_assert(kBinRows == 256, "the column shift below is log2(kBinRows)");
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i low16 = _mm256_set1_epi32(0xFFFF);
-  const __m256i one = _mm256_set1_epi32(1);
-  const __m256i first_leaf = _mm256_set1_epi32((1 << D) - 1);
-  const int* nd_base = reinterpret_cast<const int*>(nodes);
-  const int* bin_base = reinterpret_cast<const int*>(bins);
-  int64_t r = 0;
-  // Four groups of eight rows in flight: the gathers' latencies overlap.
-  for (; r + 32 <= nrows; r += 32) {
-    __m256i i0 = _mm256_setzero_si256(), i1 = i0, i2 = i0, i3 = i0;
-    const __m256i o0 = _mm256_add_epi32(lane, _mm256_set1_epi32(static_cast<int>(r)));
-    const __m256i o1 = _mm256_add_epi32(o0, _mm256_set1_epi32(8));
-    const __m256i o2 = _mm256_add_epi32(o0, _mm256_set1_epi32(16));
-    const __m256i o3 = _mm256_add_epi32(o0, _mm256_set1_epi32(24));
-    for (int32_t d = 0; d < D; ++d) {
-#define FASTML_PERFECT_STEP(I, O)                                                            \
-  {                                                                                          \
-    const __m256i nd = _mm256_i32gather_epi32(nd_base, I, 4);                                \
-    const __m256i at = _mm256_add_epi32(_mm256_slli_epi32(_mm256_srli_epi32(nd, 16), 8), O); \
-    const __m256i b = _mm256_and_si256(_mm256_i32gather_epi32(bin_base, at, 2), low16);      \
-    const __m256i right = _mm256_cmpgt_epi32(b, _mm256_and_si256(nd, low16));                \
-    I = _mm256_sub_epi32(_mm256_add_epi32(_mm256_add_epi32(I, I), one), right);              \
-  }
-      FASTML_PERFECT_STEP(i0, o0)
-      FASTML_PERFECT_STEP(i1, o1)
-      FASTML_PERFECT_STEP(i2, o2)
-      FASTML_PERFECT_STEP(i3, o3)
+// The first L (<= kSimdLevels) levels of one perfect tree for rows [0, nrows)
+// of a block (nrows a multiple of 16; bins with column stride kBinRows):
+// writes each row's local node index at depth L to idx[r].
+__attribute__((target("avx2"))) void perfect_top_avx2(const uint32_t* nodes, int32_t L,
+                                                      const Bin* bins, int64_t nrows,
+                                                      uint32_t* idx) {
+  const __m256i one = _mm256_set1_epi16(1);
+  for (int64_t r = 0; r < nrows; r += 16) {
+    __m256i i = _mm256_setzero_si256();  // 16-bit node indices (< 2^kSimdLevels)
+    for (int32_t d = 0; d < L; ++d) {
+      const int32_t c0 = (1 << d) - 1;
+      __m256i right = _mm256_setzero_si256();
+      __m256i cv = _mm256_set1_epi16(static_cast<int16_t>(c0));
+      for (int32_t c = c0; c <= 2 * c0; ++c) {
+        const uint32_t nd = nodes[c];
+        const __m256i x = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(bins + static_cast<int64_t>(nd >> 16) * kBinRows + r));
+        // Signed compare of biased bins: "bin > threshold" sends the row right.
+        const __m256i gt = _mm256_cmpgt_epi16(x, _mm256_set1_epi16(perfect_thr(nd)));
+        right = _mm256_or_si256(right, _mm256_and_si256(gt, _mm256_cmpeq_epi16(i, cv)));
+        cv = _mm256_add_epi16(cv, one);
+      }
+      i = _mm256_sub_epi16(_mm256_add_epi16(_mm256_add_epi16(i, i), one), right);  // right = -1
     }
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(leaf + r), _mm256_sub_epi32(i0, first_leaf));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(leaf + r + 8), _mm256_sub_epi32(i1, first_leaf));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(leaf + r + 16),
-                        _mm256_sub_epi32(i2, first_leaf));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(leaf + r + 24),
-                        _mm256_sub_epi32(i3, first_leaf));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + r),
+                        _mm256_cvtepu16_epi32(_mm256_castsi256_si128(i)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + r + 8),
+                        _mm256_cvtepu16_epi32(_mm256_extracti128_si256(i, 1)));
   }
-  for (; r + 8 <= nrows; r += 8) {
-    __m256i i0 = _mm256_setzero_si256();
-    const __m256i o0 = _mm256_add_epi32(lane, _mm256_set1_epi32(static_cast<int>(r)));
-    for (int32_t d = 0; d < D; ++d) FASTML_PERFECT_STEP(i0, o0)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(leaf + r), _mm256_sub_epi32(i0, first_leaf));
-  }
-#undef FASTML_PERFECT_STEP
 }
 #endif
 
@@ -147,6 +150,7 @@ class ForestEngine {
   virtual size_t node_bytes() const = 0;
   virtual const void* values() const = 0;
   virtual size_t value_bytes() const = 0;
+  virtual const char* name() const = 0;
 };
 
 namespace {
@@ -294,7 +298,7 @@ class Engine final : public ForestEngine {
   bool build_binned(const ForestSpec& spec) {
     const int64_t F = spec.num_features;
     const int64_t n = spec.num_nodes();
-    if (2 * F > kBinTop || 2 * F * kBinRows * int64_t{sizeof(uint16_t)} > (int64_t{64} << 20))
+    if (2 * F > 65535 || 2 * F * kBinRows * int64_t{sizeof(Bin)} > (int64_t{16} << 20))
       return false;
     std::vector<std::vector<ThrT>> per(static_cast<size_t>(F));
     for (int64_t i = 0; i < n; ++i) {
@@ -338,7 +342,7 @@ class Engine final : public ForestEngine {
         const ThrT* c1 = cuts_.data() + cut_offset_[f + 1];
         const int64_t k = std::lower_bound(c0, c1, thr) - c0;
         const bool default_left = (spec.node_flags[old] & kNodeDefaultLeft) != 0;
-        nd.thr = static_cast<uint16_t>(k);
+        nd.thr = static_cast<Bin>(k - kBinBias);
         nd.col = static_cast<uint16_t>(default_left ? f : f + F);
         nd.left = static_cast<int32_t>(base + static_cast<int64_t>(queue.size()));
         queue.push_back(spec.node_left[old]);
@@ -391,13 +395,13 @@ class Engine final : public ForestEngine {
           continue;
         }
         if (spec.node_left[a] < 0) {  // a shallow leaf: always left, over copies of itself
-          nodes[it.pos] = kBinTop;
+          nodes[it.pos] = pack_perfect(kBinTop, 0);
           stack.push_back(Item{it.node, 2 * it.pos + 1, it.level + 1});
           stack.push_back(Item{it.node, 2 * it.pos + 2, it.level + 1});
           continue;
         }
         const BinNode& bn = bin_nodes_[bin_order_[a]];
-        nodes[it.pos] = static_cast<uint32_t>(bn.thr) | (static_cast<uint32_t>(bn.col) << 16);
+        nodes[it.pos] = pack_perfect(bn.thr, bn.col);
         stack.push_back(Item{spec.node_left[a], 2 * it.pos + 1, it.level + 1});
         stack.push_back(Item{spec.node_right[a], 2 * it.pos + 2, it.level + 1});
       }
@@ -411,6 +415,12 @@ class Engine final : public ForestEngine {
     return (fast_ ? general_nodes_.size() : nodes_.size()) * sizeof(Node);
   }
   const void* values() const override { return values_.data(); }
+  const char* name() const override {
+    if (perfect_) return "binned-perfect";
+    if (binned_) return "binned";
+    if (fast_) return "float";
+    return "general";
+  }
   size_t value_bytes() const override { return values_.size() * sizeof(AccT); }
 
   void predict(const ArrayView& X, bool apply_link, void* out_ptr) const override {
@@ -470,8 +480,8 @@ class Engine final : public ForestEngine {
 
   // The number of cuts below x (NaN handled by the caller), branch-free:
   // the loop runs log2(count) times whatever x is.
-  static inline uint16_t bin_of(const ThrT* cuts, int32_t count, ThrT x) {
-    if (count == 0) return 0;
+  static inline Bin bin_of(const ThrT* cuts, int32_t count, ThrT x) {
+    if (count == 0) return kBinBottom;
     const ThrT* b = cuts;
     int32_t len = count;
     while (len > 1) {
@@ -479,7 +489,7 @@ class Engine final : public ForestEngine {
       b = (b[half] < x) ? b + half : b;
       len -= half;
     }
-    return static_cast<uint16_t>((b - cuts) + (*b < x ? 1 : 0));
+    return static_cast<Bin>((b - cuts) + (*b < x ? 1 : 0) - kBinBias);
   }
 
   // Rows [r0, r1) of X as bins, feature-major with row stride `S`: column f
@@ -487,27 +497,27 @@ class Engine final : public ForestEngine {
   // (default-right nodes) missing -> kBinTop; other values are the same
   // bin in both. Inputs are first rounded to ThrT, as the comparisons do.
   template <typename XT>
-  void bin_rows(const ArrayView& X, int64_t r0, int64_t r1, int64_t S, uint16_t* bins) const {
+  void bin_rows(const ArrayView& X, int64_t r0, int64_t r1, int64_t S, Bin* bins) const {
     const int64_t F = spec_.num_features;
     const char* base = static_cast<const char*>(X.data);
     const int64_t rs = X.strides[0], cs = X.strides[1];
     for (int64_t j = 0; j < F; ++j) {
       const ThrT* cuts = cuts_.data() + cut_offset_[j];
       const int32_t count = cut_offset_[j + 1] - cut_offset_[j];
-      uint16_t* lo = bins + j * S;
-      uint16_t* hi = bins + (F + j) * S;
+      Bin* lo = bins + j * S;
+      Bin* hi = bins + (F + j) * S;
       const char* src = base + j * cs;
       for (int64_t r = r0; r < r1; ++r) {
         const ThrT x = static_cast<ThrT>(*reinterpret_cast<const XT*>(src + r * rs));
-        const uint16_t b = bin_of(cuts, count, x);
+        const Bin b = bin_of(cuts, count, x);
         const bool nan = x != x;
-        lo[r - r0] = nan ? uint16_t{0} : b;
+        lo[r - r0] = nan ? kBinBottom : b;
         hi[r - r0] = nan ? kBinTop : b;
       }
     }
   }
 
-  inline int32_t bin_step(int32_t n, const uint16_t* bins, int64_t S) const {
+  inline int32_t bin_step(int32_t n, const Bin* bins, int64_t S) const {
     const BinNode nd = bin_nodes_[n];
     // Indexing by the decision keeps the step branch-free.
     return nd.left + (bins[nd.col * S] > nd.thr ? 1 : 0);
@@ -520,8 +530,8 @@ class Engine final : public ForestEngine {
     const int64_t nrows = r1 - r0;
     // One row is stored with stride 1 (2F bins); blocks with kBinRows.
     const int64_t S = nrows == 1 ? 1 : kBinRows;
-    thread_local std::vector<uint16_t> buf;
-    const size_t need = static_cast<size_t>(2 * F * S) + 2;  // + 2: see perfect_walk_avx2
+    thread_local std::vector<Bin> buf;
+    const size_t need = static_cast<size_t>(2 * F * S);
     if (buf.size() < need) buf.resize(need);
     if (X.dtype == DType::F32)
       bin_rows<float>(X, r0, r1, S, buf.data());
@@ -543,35 +553,39 @@ class Engine final : public ForestEngine {
     finish(out, nrows, apply_link);
   }
 
-  void perfect_block(const uint16_t* bins, int64_t nrows, AccT* out) const {
+  void perfect_block(const Bin* bins, int64_t nrows, AccT* out) const {
     const int32_t K = spec_.num_outputs;
     const int64_t T = static_cast<int64_t>(root_.size());
-    thread_local std::vector<int32_t> leaf_buf;
-    if (leaf_buf.size() < static_cast<size_t>(kBinRows)) leaf_buf.resize(kBinRows);
-    int32_t* leaf = leaf_buf.data();
-    const int64_t nvec = forest_simd(-1) ? nrows / 8 * 8 : 0;
+    thread_local std::vector<uint32_t> idx_buf;
+    if (idx_buf.size() < static_cast<size_t>(kBinRows)) idx_buf.resize(kBinRows);
+    uint32_t* idx = idx_buf.data();
+    const int64_t nvec = forest_simd(-1) ? nrows / 16 * 16 : 0;
     for (int64_t t = 0; t < T; ++t) {
       const uint32_t* nodes = p_nodes_.data() + p_node_off_[t];
       const int32_t D = depth_[t];
+      const int32_t L = nvec ? std::min(D, kSimdLevels) : 0;
 #if FASTML_FOREST_X86
-      if (nvec) perfect_walk_avx2(nodes, D, bins, nvec, leaf);
+      if (L > 0) perfect_top_avx2(nodes, L, bins, nvec, idx);
 #endif
-      perfect_walk_scalar(nodes, D, bins, nvec, nrows, leaf);
+      perfect_walk_scalar(nodes, L, D, bins, 0, L > 0 ? nvec : 0, idx);
+      perfect_walk_scalar(nodes, 0, D, bins, L > 0 ? nvec : 0, nrows, idx);
       const AccT* values = p_values_.data() + p_leaf_off_[t];
+      const uint32_t first_leaf = (uint32_t{1} << D) - 1u;
       const int32_t group = group_[t];
       if (group >= 0) {
         AccT* o = out + group;
-        for (int64_t r = 0; r < nrows; ++r) o[r * K] += values[leaf[r]];
+        for (int64_t r = 0; r < nrows; ++r) o[r * K] += values[idx[r] - first_leaf];
       } else {
         for (int64_t r = 0; r < nrows; ++r)
-          for (int32_t k = 0; k < K; ++k) out[r * K + k] += values[leaf[r] * K + k];
+          for (int32_t k = 0; k < K; ++k)
+            out[r * K + k] += values[static_cast<int64_t>(idx[r] - first_leaf) * K + k];
       }
     }
   }
 
   // One row (bins with stride 1): kRowLanes trees walk together; leaves are
   // added in tree order.
-  void perfect_one_row(const uint16_t* bins, AccT* out) const {
+  void perfect_one_row(const Bin* bins, AccT* out) const {
     const int32_t K = spec_.num_outputs;
     const int64_t T = static_cast<int64_t>(root_.size());
     auto add = [&](int64_t t, uint32_t i) {
@@ -596,7 +610,7 @@ class Engine final : public ForestEngine {
         for (int l = 0; l < kRowLanes; ++l) {
           if (d >= depth_[t + l]) continue;  // a shallower tree is done
           const uint32_t nd = nodes[l][idx[l]];
-          idx[l] = 2 * idx[l] + 1 + (bins[nd >> 16] > (nd & 0xFFFFu) ? 1u : 0u);
+          idx[l] = 2 * idx[l] + 1 + (bins[nd >> 16] > perfect_thr(nd) ? 1u : 0u);
         }
       for (int l = 0; l < kRowLanes; ++l) add(t + l, idx[l]);
     }
@@ -605,41 +619,45 @@ class Engine final : public ForestEngine {
       uint32_t i = 0;
       for (int32_t d = 0; d < depth_[t]; ++d) {
         const uint32_t nd = nodes[i];
-        i = 2 * i + 1 + (bins[nd >> 16] > (nd & 0xFFFFu) ? 1u : 0u);
+        i = 2 * i + 1 + (bins[nd >> 16] > perfect_thr(nd) ? 1u : 0u);
       }
       add(t, i);
     }
   }
 
   // Rows [r0, r1) of a block through one perfect tree; leaf slots to leaf[r].
+  // Rows [r0, r1) of a block through levels [d0, D) of one perfect tree:
+  // idx[r] is the row's local node at depth d0 (ignored and taken as the
+  // root when d0 is 0) and becomes its node at depth D.
   FASTML_FOREST_NO_VECTORIZE
-  static void perfect_walk_scalar(const uint32_t* nodes, int32_t D, const uint16_t* bins,
-                                  int64_t r0, int64_t r1, int32_t* leaf) {
-    const uint32_t first_leaf = (uint32_t{1} << D) - 1u;
+  static void perfect_walk_scalar(const uint32_t* nodes, int32_t d0, int32_t D, const Bin* bins,
+                                  int64_t r0, int64_t r1, uint32_t* idx) {
+    if (d0 == 0)
+      for (int64_t r = r0; r < r1; ++r) idx[r] = 0;
     int64_t r = r0;
     for (; r + kPerfectLanes <= r1; r += kPerfectLanes) {
-      uint32_t idx[kPerfectLanes] = {};
-      const uint16_t* x0 = bins + r;  // lane l reads at constant offset l
-      for (int32_t d = 0; d < D; ++d)
+      uint32_t i[kPerfectLanes];
+      for (int l = 0; l < kPerfectLanes; ++l) i[l] = idx[r + l];
+      const Bin* x0 = bins + r;  // lane l reads at constant offset l
+      for (int32_t d = d0; d < D; ++d)
         for (int l = 0; l < kPerfectLanes; ++l) {
-          const uint32_t nd = nodes[idx[l]];
-          idx[l] = 2 * idx[l] + 1 + (x0[l + (nd >> 16) * kBinRows] > (nd & 0xFFFFu) ? 1u : 0u);
+          const uint32_t nd = nodes[i[l]];
+          i[l] = 2 * i[l] + 1 + (x0[l + (nd >> 16) * kBinRows] > perfect_thr(nd) ? 1u : 0u);
         }
-      for (int l = 0; l < kPerfectLanes; ++l)
-        leaf[r + l] = static_cast<int32_t>(idx[l] - first_leaf);
+      for (int l = 0; l < kPerfectLanes; ++l) idx[r + l] = i[l];
     }
     for (; r < r1; ++r) {
-      uint32_t i = 0;
-      for (int32_t d = 0; d < D; ++d) {
+      uint32_t i = idx[r];
+      for (int32_t d = d0; d < D; ++d) {
         const uint32_t nd = nodes[i];
-        i = 2 * i + 1 + (bins[r + (nd >> 16) * kBinRows] > (nd & 0xFFFFu) ? 1u : 0u);
+        i = 2 * i + 1 + (bins[r + (nd >> 16) * kBinRows] > perfect_thr(nd) ? 1u : 0u);
       }
-      leaf[r] = static_cast<int32_t>(i - first_leaf);
+      idx[r] = i;
     }
   }
 
   // One tree over a block: kLanes rows walk together so their loads overlap.
-  void binned_tree(int64_t t, const uint16_t* bins, int64_t nrows, AccT* out) const {
+  void binned_tree(int64_t t, const Bin* bins, int64_t nrows, AccT* out) const {
     const int32_t K = spec_.num_outputs;
     const int32_t root = root_[t], depth = depth_[t], group = group_[t];
     const int64_t shift = shift_[t];
@@ -647,7 +665,7 @@ class Engine final : public ForestEngine {
     for (; r + kLanes <= nrows; r += kLanes) {
       int32_t idx[kLanes];
       for (int l = 0; l < kLanes; ++l) idx[l] = root;
-      const uint16_t* x0 = bins + r;  // lane l reads at constant offset l
+      const Bin* x0 = bins + r;  // lane l reads at constant offset l
       for (int32_t d = 0; d < depth; ++d)
         for (int l = 0; l < kLanes; ++l) idx[l] = bin_step(idx[l], x0 + l, kBinRows);
       for (int l = 0; l < kLanes; ++l)
@@ -661,7 +679,7 @@ class Engine final : public ForestEngine {
   }
 
   // One row: kRowLanes trees walk together; leaves are added in tree order.
-  void binned_one_row(const uint16_t* bins, AccT* out) const {
+  void binned_one_row(const Bin* bins, AccT* out) const {
     const int64_t T = static_cast<int64_t>(root_.size());
     int64_t t = 0;
     for (; t + kRowLanes <= T; t += kRowLanes) {
@@ -1056,6 +1074,10 @@ void Forest::finish_build() {
   else
     engine_ = std::make_unique<Engine<float, float>>(s, tree_root_, tree_depth_, tree_value_shift_,
                                                      node_cat_offset_, node_cat_words_);
+}
+
+const char* Forest::engine_name() const {
+  return engine_->name();
 }
 
 Forest::Flat Forest::flat() const {

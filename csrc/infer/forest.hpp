@@ -89,6 +89,10 @@ class Forest : public NativeHandler, public std::enable_shared_from_this<Forest>
   // Checks X's dtype, rank and width; names `name` in the message.
   void check_matrix(const ArrayView& X, const char* name) const;
 
+  // The CPU traversal chosen at build time: "binned-perfect", "binned",
+  // "float" or "general" (see forest.cpp; tests check each is exercised).
+  const char* engine_name() const;
+
   // Flat engine arrays for the CUDA path (cuda/forest_kernels.cu).
   struct Flat {
     const void* nodes = nullptr;  // ForestNode<float or double>[num_nodes]
