@@ -265,91 +265,100 @@ class Engine final : public ForestEngine {
     cat_lo_ = static_cast<ThrT>(spec.cat_rule.lo);
     cat_hi_ = static_cast<ThrT>(spec.cat_rule.hi);
     if (binned_) {
-      // Leaf values in the binned node order (same per-tree shift).
-      bin_values_.resize(values_.size());
-      for (int64_t t = 0; t < spec.num_trees(); ++t) {
-        const int64_t base = spec.tree_node_offsets[t];
-        const int64_t end = spec.tree_node_offsets[t + 1];
-        const int64_t width = group_[t] >= 0 ? 1 : spec.num_outputs;
-        for (int64_t i = base; i < end; ++i) {
-          const int64_t to = shift_[t] + bin_order_[i] * width;
-          const int64_t from = shift_[t] + i * width;
-          for (int64_t k = 0; k < width; ++k) bin_values_[to + k] = values_[from + k];
-        }
-      }
       build_perfect(spec);
-      if (perfect_) {  // the perfect layout serves every batch size
-        std::vector<BinNode>().swap(bin_nodes_);
-        std::vector<AccT>().swap(bin_values_);
-      }
-      std::vector<int64_t>().swap(bin_order_);
+      if (!perfect_) build_explicit(spec);
+      std::vector<uint32_t>().swap(node_word_);
       // The general nodes serve only the CUDA path now.
       if (!forest_cuda_compiled()) std::vector<Node>().swap(nodes_);
     }
   }
 
-  // The binned path (BinNode): every node numeric (no categorical or
-  // zero-as-missing split), at most kMaxBinCuts distinct thresholds per
-  // feature and fewer than 32768 features. Builds cuts_/cut_offset_ (the
-  // sorted distinct thresholds of each feature), bin_nodes_ (each tree
-  // breadth-first from its root, so the two children of a node are adjacent)
-  // and bin_order_ (old absolute index -> new absolute index). Returns false, building
-  // nothing, when the forest does not qualify.
+  // The binned path: every node numeric (no categorical or zero-as-missing
+  // split), at most kMaxBinCuts distinct thresholds per feature and at most
+  // 16384 features (the block of bins stays under 16 MB). Builds cuts_ and
+  // cut_offset_ (the sorted distinct thresholds of each feature) and
+  // node_word_ (each spec node as pack_perfect(threshold bin, column)), from
+  // which build_perfect or build_explicit lay out the trees. Returns false,
+  // keeping nothing, when the forest does not qualify.
   bool build_binned(const ForestSpec& spec) {
     const int64_t F = spec.num_features;
     const int64_t n = spec.num_nodes();
     if (2 * F > 65535 || 2 * F * kBinRows * int64_t{sizeof(Bin)} > (int64_t{16} << 20))
       return false;
-    std::vector<std::vector<ThrT>> per(static_cast<size_t>(F));
-    for (int64_t i = 0; i < n; ++i) {
-      if (spec.node_left[i] < 0) continue;
-      per[spec.node_feature[i]].push_back(static_cast<ThrT>(spec.node_threshold[i]));
-    }
+    // Internal nodes bucketed by feature (counting sort), then each bucket
+    // sorted by threshold: the distinct thresholds become the cuts and each
+    // node's rank among them its threshold bin, with no search per node.
     std::vector<int32_t> offset(static_cast<size_t>(F + 1), 0);
-    for (int64_t f = 0; f < F; ++f) {
-      auto& v = per[f];
-      std::sort(v.begin(), v.end());
-      // Equal under "<" (0.0 and -0.0) is the same cut: one compare decides both.
-      v.erase(std::unique(v.begin(), v.end(), [](ThrT a, ThrT b) { return !(a < b); }), v.end());
-      if (static_cast<int64_t>(v.size()) > kMaxBinCuts) return false;
-      offset[f + 1] = offset[f] + static_cast<int32_t>(v.size());
+    for (int64_t i = 0; i < n; ++i)
+      if (spec.node_left[i] >= 0) ++offset[spec.node_feature[i] + 1];
+    for (int64_t f = 0; f < F; ++f) offset[f + 1] += offset[f];
+    std::vector<std::pair<ThrT, int32_t>> items(static_cast<size_t>(offset[F]));
+    {
+      std::vector<int32_t> fill(offset.begin(), offset.end() - 1);
+      for (int64_t i = 0; i < n; ++i)
+        if (spec.node_left[i] >= 0)
+          items[fill[spec.node_feature[i]]++] = {static_cast<ThrT>(spec.node_threshold[i]),
+                                                 static_cast<int32_t>(i)};
     }
+    node_word_.assign(static_cast<size_t>(n), pack_perfect(kBinTop, 0));  // leaves: always left
     cuts_.clear();
-    cuts_.reserve(offset[F]);
-    for (auto& v : per) cuts_.insert(cuts_.end(), v.begin(), v.end());
-    cut_offset_ = std::move(offset);
+    cut_offset_.assign(static_cast<size_t>(F + 1), 0);
+    for (int64_t f = 0; f < F; ++f) {
+      auto* first = items.data() + offset[f];
+      auto* last = items.data() + offset[f + 1];
+      std::sort(first, last, [](const auto& x, const auto& y) { return x.first < y.first; });
+      int64_t count = 0;
+      for (auto* it = first; it != last; ++it) {
+        // Equal under "<" (0.0 and -0.0) is the same cut: one compare decides both.
+        if (it == first || cuts_.back() < it->first) {
+          if (++count > kMaxBinCuts) {
+            std::vector<ThrT>().swap(cuts_);
+            std::vector<uint32_t>().swap(node_word_);
+            return false;
+          }
+          cuts_.push_back(it->first);
+        }
+        const int32_t i = it->second;
+        const bool default_left = (spec.node_flags[i] & kNodeDefaultLeft) != 0;
+        node_word_[i] = pack_perfect(static_cast<Bin>(count - 1 - kBinBias),
+                                     static_cast<uint16_t>(default_left ? f : f + F));
+      }
+      cut_offset_[f + 1] = static_cast<int32_t>(cuts_.size());
+    }
+    return true;
+  }
 
+  // The explicit-children layout (BinNode) of the binned path, for forests
+  // the perfect layout does not take: each tree breadth-first from its root,
+  // so the two children of a node are adjacent; leaf values in that order.
+  void build_explicit(const ForestSpec& spec) {
+    const int64_t n = spec.num_nodes();
     bin_nodes_.assign(static_cast<size_t>(n), BinNode{kBinTop, 0, 0});
-    bin_order_.assign(static_cast<size_t>(n), 0);
+    bin_values_.resize(values_.size());
     std::vector<int32_t> queue;
     for (int64_t t = 0; t < spec.num_trees(); ++t) {
       const int64_t base = spec.tree_node_offsets[t];
-      // Breadth-first: node queue[q] gets new index base + q; children are
-      // appended as a pair. Build validated that this is a tree.
+      const int64_t width = group_[t] >= 0 ? 1 : spec.num_outputs;
+      // Node queue[q] gets index base + q; children are appended as a pair.
+      // Build validated that this is a tree.
       queue.assign(1, 0);
       for (size_t q = 0; q < queue.size(); ++q) {
         const int64_t old = base + queue[q];
         const int64_t now = base + static_cast<int64_t>(q);
-        bin_order_[old] = now;
+        for (int64_t k = 0; k < width; ++k)
+          bin_values_[shift_[t] + now * width + k] = values_[shift_[t] + old * width + k];
         BinNode& nd = bin_nodes_[now];
         if (spec.node_left[old] < 0) {
           nd = BinNode{kBinTop, 0, static_cast<int32_t>(now)};
           continue;
         }
-        const int32_t f = spec.node_feature[old];
-        const ThrT thr = static_cast<ThrT>(spec.node_threshold[old]);
-        const ThrT* c0 = cuts_.data() + cut_offset_[f];
-        const ThrT* c1 = cuts_.data() + cut_offset_[f + 1];
-        const int64_t k = std::lower_bound(c0, c1, thr) - c0;
-        const bool default_left = (spec.node_flags[old] & kNodeDefaultLeft) != 0;
-        nd.thr = static_cast<Bin>(k - kBinBias);
-        nd.col = static_cast<uint16_t>(default_left ? f : f + F);
+        nd.thr = perfect_thr(node_word_[old]);
+        nd.col = static_cast<uint16_t>(node_word_[old] >> 16);
         nd.left = static_cast<int32_t>(base + static_cast<int64_t>(queue.size()));
         queue.push_back(spec.node_left[old]);
         queue.push_back(spec.node_right[old]);
       }
     }
-    return true;
   }
 
   // The perfect layout (see kMaxPerfectDepth), when the padding is cheap.
@@ -377,6 +386,7 @@ class Engine final : public ForestEngine {
       int32_t level;
     };
     std::vector<Item> stack;
+    stack.reserve(static_cast<size_t>(2 * kMaxPerfectDepth + 2));
     for (int64_t t = 0; t < T; ++t) {
       const int64_t base = spec.tree_node_offsets[t];
       const int32_t D = depth_[t];
@@ -400,8 +410,7 @@ class Engine final : public ForestEngine {
           stack.push_back(Item{it.node, 2 * it.pos + 2, it.level + 1});
           continue;
         }
-        const BinNode& bn = bin_nodes_[bin_order_[a]];
-        nodes[it.pos] = pack_perfect(bn.thr, bn.col);
+        nodes[it.pos] = node_word_[a];
         stack.push_back(Item{spec.node_left[a], 2 * it.pos + 1, it.level + 1});
         stack.push_back(Item{spec.node_right[a], 2 * it.pos + 2, it.level + 1});
       }
@@ -911,7 +920,7 @@ class Engine final : public ForestEngine {
   std::vector<ThrT> cuts_;
   std::vector<int32_t> cut_offset_;
   std::vector<BinNode> bin_nodes_;
-  std::vector<int64_t> bin_order_;  // construction only
+  std::vector<uint32_t> node_word_;  // construction only: pack_perfect per spec node
   std::vector<AccT> bin_values_;
   bool perfect_ = false;
   std::vector<uint32_t> p_nodes_;
