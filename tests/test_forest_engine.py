@@ -40,7 +40,7 @@ def _simd(enabled: bool):
         _core.forest_simd(before)
 
 
-def _random_tree(rng, max_depth: int, chain: bool, pool: np.ndarray, nf: int):
+def _random_tree(rng, max_depth: int, chain: bool, pool: np.ndarray, nf: int, p_stop: float = 0.2):
     """One tree as local arrays (feature, threshold, left, right, flags)."""
     feature, thr, left, right, flags = [], [], [], [], []
 
@@ -53,7 +53,7 @@ def _random_tree(rng, max_depth: int, chain: bool, pool: np.ndarray, nf: int):
         flags.append(0)
         # A chain tree grows one side deep (the explicit-children layout);
         # otherwise leaves appear at random depths (padding on the perfect layout).
-        stop = depth >= max_depth or (not chain and depth > 0 and rng.random() < 0.2)
+        stop = depth >= max_depth or (not chain and depth > 0 and rng.random() < p_stop)
         if stop:
             return i
         feature[i] = int(rng.integers(0, nf))
@@ -189,7 +189,7 @@ def _check_all_paths(spec, X: np.ndarray) -> None:
         with _simd(simd):
             np.testing.assert_array_equal(core.predict(X, False), ref)
     # Rows one at a time take the single-row walk.
-    for i in range(0, len(X), max(1, len(X) // 7)):
+    for i in range(0, len(X), max(1, len(X) // 9)):
         np.testing.assert_array_equal(core.predict(X[i : i + 1], False), ref[i : i + 1])
 
 
@@ -228,6 +228,20 @@ def test_each_path_is_taken_and_exact():
     spec = _spec(trees, 3, 1, [0] * 40, False, False, rng)
     assert _core.ForestCore(spec).engine == "binned-perfect"
     _check_all_paths(spec, _edge_inputs(spec, 700, rng, np.float32))
+
+    # Deeper perfect trees (9..16 levels): the single-row layout's blocks of
+    # four levels, with a partial last block, and several of them.
+    for depth in (9, 11, 13, 16):
+        trees = [_random_tree(rng, depth, False, pool32, 3, p_stop=0.01) for _ in range(3)]
+        trees.append(_random_tree(rng, 3, False, pool32, 3))  # mixed depths in a lane group
+        spec = _spec(trees, 3, 2, [0, 1, -1, 0], False, True, rng)
+        core = _core.ForestCore(spec)
+        assert core.engine == "binned-perfect"
+        assert core.max_depth == depth
+        _check_all_paths(spec, _edge_inputs(spec, 90, rng, np.float32))
+    trees = [_random_tree(rng, 8, False, pool32, 3, p_stop=0.0) for _ in range(37)]
+    spec = _spec(trees, 3, 1, [0] * 37, False, False, rng)  # equal depths: the common row walk
+    _check_all_paths(spec, _edge_inputs(spec, 64, rng, np.float32))
 
     # One side 30 deep: padding to a complete tree would not pay.
     trees = [_random_tree(rng, 30, True, pool32, 3) for _ in range(5)]

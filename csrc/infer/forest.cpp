@@ -375,11 +375,20 @@ class Engine final : public ForestEngine {
       p_leaf_off_[t + 1] = p_leaf_off_[t] + (int64_t{1} << depth_[t]) * width;
     }
     p_nodes_.assign(static_cast<size_t>(p_node_off_[T]) + 1, 0);  // + 1: never empty
+    // The single-row copy: blocks of four levels, each block one 64-byte
+    // line (see row_pos), trees aligned to lines.
+    r_node_off_.assign(static_cast<size_t>(T + 1), 0);
+    for (int64_t t = 0; t < T; ++t)
+      r_node_off_[t + 1] = r_node_off_[t] + (row_tree_size(depth_[t]) + 15) / 16 * 16;
+    r_nodes_.assign(static_cast<size_t>(r_node_off_[T]) + 16, pack_perfect(kBinTop, 0));
+    r_align_ = static_cast<int64_t>((64 - reinterpret_cast<uintptr_t>(r_nodes_.data()) % 64) % 64 /
+                                    sizeof(uint32_t));
     p_values_.assign(static_cast<size_t>(p_leaf_off_[T]), AccT(0));
     struct Item {
       int32_t node;  // local index in the spec's tree
       int64_t pos;   // level-order position in the perfect tree
       int32_t level;
+      int64_t path;  // the branches taken from the root, as bits (1 = right)
     };
     std::vector<Item> stack;
     stack.reserve(static_cast<size_t>(2 * kMaxPerfectDepth + 2));
@@ -388,8 +397,9 @@ class Engine final : public ForestEngine {
       const int32_t D = depth_[t];
       const int64_t width = group_[t] >= 0 ? 1 : K;
       uint32_t* nodes = p_nodes_.data() + p_node_off_[t];
+      uint32_t* rnodes = r_nodes_.data() + r_align_ + r_node_off_[t];
       AccT* leaves = p_values_.data() + p_leaf_off_[t];
-      stack.assign(1, Item{0, 0, 0});
+      stack.assign(1, Item{0, 0, 0, 0});
       while (!stack.empty()) {
         const Item it = stack.back();
         stack.pop_back();
@@ -400,18 +410,43 @@ class Engine final : public ForestEngine {
             leaves[slot * width + k] = values_[shift_[t] + a * width + k];
           continue;
         }
-        if (spec.node_left[a] < 0) {  // a shallow leaf: always left, over copies of itself
-          nodes[it.pos] = pack_perfect(kBinTop, 0);
-          stack.push_back(Item{it.node, 2 * it.pos + 1, it.level + 1});
-          stack.push_back(Item{it.node, 2 * it.pos + 2, it.level + 1});
-          continue;
-        }
-        nodes[it.pos] = node_word_[a];
-        stack.push_back(Item{spec.node_left[a], 2 * it.pos + 1, it.level + 1});
-        stack.push_back(Item{spec.node_right[a], 2 * it.pos + 2, it.level + 1});
+        const bool leaf = spec.node_left[a] < 0;  // a shallow leaf: always left, over copies
+        const uint32_t word = leaf ? pack_perfect(kBinTop, 0) : node_word_[a];
+        nodes[it.pos] = word;
+        rnodes[row_pos(D, it.level, it.path)] = word;
+        const int32_t l = leaf ? it.node : spec.node_left[a];
+        const int32_t r = leaf ? it.node : spec.node_right[a];
+        stack.push_back(Item{l, 2 * it.pos + 1, it.level + 1, 2 * it.path});
+        stack.push_back(Item{r, 2 * it.pos + 2, it.level + 1, 2 * it.path + 1});
       }
     }
     perfect_ = true;
+  }
+
+  // The single-row layout of a perfect tree of depth D: levels in super-levels
+  // of four (the last one m = D mod 4 levels, or four); super-level s holds
+  // 16^s blocks, each the 2^m - 1 nodes of a complete subtree in level order
+  // padded to 2^m slots (16 slots = one 64-byte line), so a walk touches one
+  // line per four levels instead of one per level. All super-levels before
+  // the last are full, so super-level s starts at 16 * (16^s - 1) / 15.
+  static int64_t row_tree_size(int32_t D) {
+    int64_t total = 0, blocks = 1;
+    for (int32_t d = 0; d < D; d += 4) {
+      const int32_t m = std::min(4, D - d);
+      total += blocks << m;
+      blocks <<= m;
+    }
+    return total;
+  }
+  static int64_t row_level_start(int32_t s) { return 16 * (((int64_t{1} << (4 * s)) - 1) / 15); }
+  // The slot of the node reached from the root by `path` (d branches, most
+  // significant first).
+  static int64_t row_pos(int32_t D, int32_t d, int64_t path) {
+    const int32_t s = d / 4, q = d % 4;
+    const int32_t m = std::min(4, D - 4 * s);
+    const int64_t block = path >> q;
+    const int64_t j = ((int64_t{1} << q) - 1) + (path & ((int64_t{1} << q) - 1));
+    return row_level_start(s) + (block << m) + j;
   }
 
   // The general encoding (see fast_), for the CUDA path.
@@ -588,45 +623,67 @@ class Engine final : public ForestEngine {
     }
   }
 
-  // One row (bins with stride 1): kRowLanes trees walk together; leaves are
-  // added in tree order.
+  // One row (bins with stride 1) on the single-row layout (row_pos):
+  // kRowLanes trees walk together; leaves are added in tree order.
   void perfect_one_row(const Bin* bins, AccT* out) const {
     const int32_t K = spec_.num_outputs;
     const int64_t T = static_cast<int64_t>(root_.size());
-    auto add = [&](int64_t t, uint32_t i) {
-      const int64_t slot = static_cast<int64_t>(i) - ((int64_t{1} << depth_[t]) - 1);
+    const uint32_t* rn = r_nodes_.data() + r_align_;
+    auto add = [&](int64_t t, uint32_t slot) {
       const AccT* values = p_values_.data() + p_leaf_off_[t];
       if (group_[t] >= 0) {
         out[group_[t]] += values[slot];
       } else {
-        for (int32_t k = 0; k < K; ++k) out[k] += values[slot * K + k];
+        for (int32_t k = 0; k < K; ++k) out[k] += values[static_cast<int64_t>(slot) * K + k];
       }
     };
-    int64_t t = 0;
-    for (; t + kRowLanes <= T; t += kRowLanes) {
-      uint32_t idx[kRowLanes] = {};
+    for (int64_t t = 0; t < T; t += kRowLanes) {
+      const int n = static_cast<int>(std::min<int64_t>(kRowLanes, T - t));
+      uint32_t block[kRowLanes], j[kRowLanes];
       const uint32_t* nodes[kRowLanes];
       int32_t depth = 0;
-      for (int l = 0; l < kRowLanes; ++l) {
-        nodes[l] = p_nodes_.data() + p_node_off_[t + l];
+      for (int l = 0; l < n; ++l) {
+        nodes[l] = rn + r_node_off_[t + l];
+        block[l] = j[l] = 0;
         depth = std::max(depth, depth_[t + l]);
       }
-      for (int32_t d = 0; d < depth; ++d)
-        for (int l = 0; l < kRowLanes; ++l) {
-          if (d >= depth_[t + l]) continue;  // a shallower tree is done
-          const uint32_t nd = nodes[l][idx[l]];
-          idx[l] = 2 * idx[l] + 1 + (bins[nd >> 16] > perfect_thr(nd) ? 1u : 0u);
+      bool same = n == kRowLanes;
+      for (int l = 0; l < n; ++l) same = same && depth_[t + l] == depth;
+      if (same) {  // the common case: one shape for all lanes, no per-lane tests
+        for (int32_t d = 0; d < depth; d += 4) {
+          const int32_t m = std::min(4, depth - d);
+          const int64_t start = row_level_start(d / 4);
+          const uint32_t* blk[kRowLanes];
+          for (int l = 0; l < kRowLanes; ++l) {
+            blk[l] = nodes[l] + start + (static_cast<int64_t>(block[l]) << m);
+            j[l] = 0;
+          }
+          for (int32_t q = 0; q < m; ++q)
+            for (int l = 0; l < kRowLanes; ++l) {
+              const uint32_t nd = blk[l][j[l]];
+              j[l] = 2 * j[l] + 1 + (bins[nd >> 16] > perfect_thr(nd) ? 1u : 0u);
+            }
+          for (int l = 0; l < kRowLanes; ++l) block[l] = (block[l] << m) + j[l] - ((1u << m) - 1u);
         }
-      for (int l = 0; l < kRowLanes; ++l) add(t + l, idx[l]);
-    }
-    for (; t < T; ++t) {
-      const uint32_t* nodes = p_nodes_.data() + p_node_off_[t];
-      uint32_t i = 0;
-      for (int32_t d = 0; d < depth_[t]; ++d) {
-        const uint32_t nd = nodes[i];
-        i = 2 * i + 1 + (bins[nd >> 16] > perfect_thr(nd) ? 1u : 0u);
+        for (int l = 0; l < kRowLanes; ++l) add(t + l, block[l]);
+        continue;
       }
-      add(t, i);
+      for (int32_t d = 0; d < depth; ++d) {
+        const int32_t s = d / 4, q = d % 4;
+        const int64_t start = row_level_start(s);
+        for (int l = 0; l < n; ++l) {
+          const int32_t D = depth_[t + l];
+          if (d >= D) continue;  // a shallower tree is done
+          const int32_t m = std::min(4, D - 4 * s);
+          const uint32_t nd = nodes[l][start + (static_cast<int64_t>(block[l]) << m) + j[l]];
+          j[l] = 2 * j[l] + 1 + (bins[nd >> 16] > perfect_thr(nd) ? 1u : 0u);
+          if (q == m - 1) {  // leaving the block: the exit picks the next one
+            block[l] = (block[l] << m) + j[l] - ((1u << m) - 1u);
+            j[l] = 0;
+          }
+        }
+      }
+      for (int l = 0; l < n; ++l) add(t + l, block[l]);
     }
   }
 
@@ -920,6 +977,9 @@ class Engine final : public ForestEngine {
   std::vector<AccT> bin_values_;
   bool perfect_ = false;
   std::vector<uint32_t> p_nodes_;
+  std::vector<uint32_t> r_nodes_;  // the single-row layout (row_pos)
+  std::vector<int64_t> r_node_off_;
+  int64_t r_align_ = 0;  // r_nodes_.data() + r_align_ is 64-byte aligned
   std::vector<int64_t> p_node_off_, p_leaf_off_;
   std::vector<AccT> p_values_;
   bool has_cat_ = false, has_zero_missing_ = false, fast_ = false, binned_ = false;
