@@ -220,16 +220,17 @@ class Engine final : public ForestEngine {
         has_zero_missing_ |= (flags & kNodeZeroMissing) != 0;
       }
     }
-    // The float fast path (forests the binned path cannot take, e.g. with
-    // more than kMaxBinCuts thresholds on a feature) resolves missing values without a NaN test:
-    // each block row is stored twice, NaN -> -inf (read by default-left nodes) and NaN -> +inf
-    // (read by default-right nodes), so one "x <= threshold" decides every numeric node. It needs
-    // no +inf threshold (NaN -> +inf would then go left) and no categorical or zero-as-missing
-    // node.
     values_.resize(spec.leaf_values.size());
     for (size_t i = 0; i < values_.size(); ++i) values_[i] = static_cast<AccT>(spec.leaf_values[i]);
     // The binned path (see BinNode) serves every forest it can.
     binned_ = !has_cat_ && !has_zero_missing_ && build_binned(spec);
+    // The float fast path (forests the binned path cannot take, e.g. with
+    // more than kMaxBinCuts thresholds on a feature) resolves missing values
+    // without a NaN test: each block row is stored twice, NaN -> -inf (read
+    // by default-left nodes) and NaN -> +inf (read by default-right nodes),
+    // so one "x <= threshold" decides every numeric node. It needs no +inf
+    // threshold (NaN -> +inf would then go left) and no categorical or
+    // zero-as-missing node.
     fast_ = !binned_ && !has_cat_ && !has_zero_missing_ &&
             n * static_cast<int64_t>(sizeof(Node)) < (int64_t{1} << 31) &&
             2 * int64_t{spec.num_features} * kBlockRows < (int64_t{1} << 31);
@@ -264,8 +265,11 @@ class Engine final : public ForestEngine {
       build_perfect(spec);
       if (!perfect_) build_explicit(spec);
       std::vector<uint32_t>().swap(node_word_);
-      // The general nodes serve only the CUDA path now.
-      if (!forest_cuda_compiled()) std::vector<Node>().swap(nodes_);
+      // The general nodes and values serve only the CUDA path now.
+      if (!forest_cuda_compiled()) {
+        std::vector<Node>().swap(nodes_);
+        std::vector<AccT>().swap(values_);
+      }
     }
   }
 
