@@ -119,7 +119,8 @@ def scalar_walk(fn):
     from fastml import _core
 
     def run():
-        before = _core.forest_simd(False)
+        before = _core.forest_simd()
+        _core.forest_simd(False)
         try:
             return fn()
         finally:
