@@ -114,6 +114,21 @@ def tl2cgen_predictor(xgb_path: Path):
     return predict
 
 
+def scalar_walk(fn):
+    """fn with the engine's AVX2 levels switched off (the scalar walk alone)."""
+    from fastml import _core
+
+    def run():
+        before = _core.forest_simd()
+        _core.forest_simd(False)
+        try:
+            return fn()
+        finally:
+            _core.forest_simd(before)
+
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--json", help="write results here")
@@ -136,6 +151,7 @@ def main() -> None:
     cands = {
         "fastml Forest (xgboost model)": lambda: fx.predict(Xb),
         "xgboost inplace_predict": lambda: booster.inplace_predict(Xb),
+        "fastml Forest, scalar walk": scalar_walk(lambda: fx.predict(Xb)),
     }
     tl = treelite_predictor(xgb_path)
     if tl is not None:
@@ -187,6 +203,7 @@ def main() -> None:
         {
             "fastml Forest (lightgbm model)": lambda: fl.predict(Xb64),
             "lightgbm predict": lambda: lb.predict(Xb64, num_threads=1),
+            "fastml Forest, scalar walk": scalar_walk(lambda: fl.predict(Xb64)),
         },
         repeat=args.repeat,
         work=len(Xb),
@@ -226,7 +243,11 @@ def main() -> None:
         f"\nForest.load of the {len(data) / 1e6:.1f} MB XGBoost forest: "
         f"{(time.perf_counter() - t0) * 1e3:.1f} ms"
     )
-    results["machine"] = {"cpus": os.cpu_count(), "simd": fastml.build_info()["simd"]}
+    results["machine"] = {
+        "cpus": os.cpu_count(),
+        "simd": fastml.build_info()["simd"],
+        "engine": fx._core.engine,
+    }
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=float))
 

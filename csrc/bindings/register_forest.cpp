@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "bindings/array.hpp"
@@ -212,10 +213,16 @@ void register_forest(py::module_& m) {
       .def_property_readonly("num_outputs", &Forest::num_outputs)
       .def_property_readonly("num_trees", &Forest::num_trees)
       .def_property_readonly("max_depth", &Forest::max_depth)
+      .def_property_readonly("engine", [](const Forest& f) { return std::string(f.engine_name()); })
       .def_property_readonly("output_dtype", [](const Forest& f) {
         return std::string(dtype_name(f.output_dtype()));
       });
   m.def("forest_cuda_compiled", &infer::forest_cuda_compiled);
+  // Tests and benchmarks compare the AVX2 and scalar CPU walks.
+  m.def(
+      "forest_simd",
+      [](std::optional<bool> enable) { return infer::forest_simd(enable ? *enable : -1); },
+      py::arg("enable") = py::none());
   // XGBoost turns its intercept into a margin in float32 arithmetic with the C
   // library's logf; the same expression here reproduces it bit for bit.
   m.def(

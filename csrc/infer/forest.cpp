@@ -1,11 +1,20 @@
 #include "infer/forest.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <type_traits>
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define FASTML_FOREST_X86 1
+#else
+#define FASTML_FOREST_X86 0
+#endif
+
+#include "common/cpu_features.hpp"
 #include "common/errors.hpp"
 #include "common/thread_pool.hpp"
 
@@ -22,10 +31,112 @@ constexpr int64_t kBlockRows = 128;
 constexpr int kLanes = 16;
 // Trees walked together for one row: more independent node loads in flight.
 constexpr int kRowLanes = 16;
+// Rows per block on the binned path (see BinNode): 2 * features * kBinRows
+// uint16 bins per block.
+constexpr int64_t kBinRows = 256;
+// Bins are stored biased, as int16 (bin - 32768), so that SIMD compares them
+// with signed 16-bit compares.
+using Bin = int16_t;
+constexpr int32_t kBinBias = 32768;
+// Bin of a missing input in the copy read by default-left nodes (bin 0).
+constexpr Bin kBinBottom = -32768;
+// Bin of a missing input in the copy read by default-right nodes, and the
+// threshold of a leaf (every bin is <= it, so a leaf stays put).
+constexpr Bin kBinTop = 32767;
+// At most this many distinct thresholds per feature on the binned path (real
+// bins are 0..count, so count + 1 < 65535, the unbiased kBinTop).
+constexpr int64_t kMaxBinCuts = 65533;
+
+// A node of the binned path: "go left when bin(x) <= thr", where bin(x) is
+// the number of the feature's distinct thresholds below x, so the integer
+// compare decides exactly as "x <= threshold" does. Children are adjacent
+// (right = left + 1); a leaf has thr = kBinTop and left = itself.
+struct BinNode {
+  Bin thr;       // index of the threshold among the feature's sorted distinct ones, biased
+  uint16_t col;  // feature, + num_features when missing values go right
+  int32_t left;  // absolute index of the left child
+};
+static_assert(sizeof(BinNode) == 8, "BinNode is 8 bytes");
+
+// Perfect layout of the binned path: every tree padded to a complete tree of
+// its depth D, stored level by level, so the children of local node i are
+// 2i+1 and 2i+2 and a node is one uint32: threshold bin (low 16 bits) |
+// column (high 16 bits). A leaf above depth D becomes a node that always
+// goes left (threshold kBinTop) over copies of itself. Used while the padding
+// costs at most kPerfectSlack times the real node count.
+constexpr int32_t kMaxPerfectDepth = 16;
+// Rows walked together by the scalar walk of the perfect layout (8, 12 and 16
+// measured the same on the development machine).
+constexpr int kPerfectLanes = 8;
+// The scalar walk's lanes are independent scalar chains; GCC's partial
+// vectorisation of their index updates costs more than it saves (measured).
+#if defined(__GNUC__) && !defined(__clang__)
+#define FASTML_FOREST_NO_VECTORIZE __attribute__((optimize("no-tree-vectorize")))
+#else
+#define FASTML_FOREST_NO_VECTORIZE
+#endif
+constexpr int64_t kPerfectSlack = 4;
+
+// A perfect-layout node: biased threshold bin (low 16 bits) | column (high).
+inline uint32_t pack_perfect(Bin thr, uint16_t col) {
+  return static_cast<uint32_t>(static_cast<uint16_t>(thr)) | (static_cast<uint32_t>(col) << 16);
+}
+inline Bin perfect_thr(uint32_t nd) {
+  return static_cast<Bin>(static_cast<uint16_t>(nd & 0xFFFFu));
+}
+
+// Levels walked with SIMD across rows (AVX2, see perfect_top_avx2): level d
+// compares all 2^d candidate nodes of the level for 16 rows at once, which
+// beats 16 scalar steps while 2^d is small. Measured on the development
+// machine (AMD EPYC, Zen 3): 4 levels pay; gathering nodes and bins per row
+// (8 rows per step with vpgatherdd) was slower than the scalar walk.
+constexpr int32_t kSimdLevels = 4;
+
+#if FASTML_FOREST_X86
+// The first L (<= kSimdLevels) levels of one perfect tree for rows [0, nrows)
+// of a block (nrows a multiple of 16; bins with column stride kBinRows):
+// writes each row's local node index at depth L to idx[r].
+__attribute__((target("avx2"))) void perfect_top_avx2(const uint32_t* nodes, int32_t L,
+                                                      const Bin* bins, int64_t nrows,
+                                                      uint32_t* idx) {
+  const __m256i one = _mm256_set1_epi16(1);
+  for (int64_t r = 0; r < nrows; r += 16) {
+    __m256i i = _mm256_setzero_si256();  // 16-bit node indices (< 2^kSimdLevels)
+    for (int32_t d = 0; d < L; ++d) {
+      const int32_t c0 = (1 << d) - 1;
+      __m256i right = _mm256_setzero_si256();
+      __m256i cv = _mm256_set1_epi16(static_cast<int16_t>(c0));
+      for (int32_t c = c0; c <= 2 * c0; ++c) {
+        const uint32_t nd = nodes[c];
+        const __m256i x = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(bins + static_cast<int64_t>(nd >> 16) * kBinRows + r));
+        // Signed compare of biased bins: "bin > threshold" sends the row right.
+        const __m256i gt = _mm256_cmpgt_epi16(x, _mm256_set1_epi16(perfect_thr(nd)));
+        right = _mm256_or_si256(right, _mm256_and_si256(gt, _mm256_cmpeq_epi16(i, cv)));
+        cv = _mm256_add_epi16(cv, one);
+      }
+      i = _mm256_sub_epi16(_mm256_add_epi16(_mm256_add_epi16(i, i), one), right);  // right = -1
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + r),
+                        _mm256_cvtepu16_epi32(_mm256_castsi256_si128(i)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + r + 8),
+                        _mm256_cvtepu16_epi32(_mm256_extracti128_si256(i, 1)));
+  }
+}
+#endif
 
 }  // namespace
 
 // ------------------------------------------------------------------ engine
+
+namespace {
+std::atomic<bool> g_forest_simd{true};
+}  // namespace
+
+bool forest_simd(int enable) {
+  if (enable >= 0) g_forest_simd.store(enable != 0, std::memory_order_relaxed);
+  return g_forest_simd.load(std::memory_order_relaxed) && cpu_features().avx2 && FASTML_FOREST_X86;
+}
 
 class ForestEngine {
  public:
@@ -35,6 +146,7 @@ class ForestEngine {
   virtual size_t node_bytes() const = 0;
   virtual const void* values() const = 0;
   virtual size_t value_bytes() const = 0;
+  virtual const char* name() const = 0;
 };
 
 namespace {
@@ -108,12 +220,18 @@ class Engine final : public ForestEngine {
         has_zero_missing_ |= (flags & kNodeZeroMissing) != 0;
       }
     }
-    // The fast path resolves missing values without a NaN test: each block
-    // row is stored twice, NaN -> -inf (read by default-left nodes) and
-    // NaN -> +inf (read by default-right nodes), so one "x <= threshold"
-    // decides every numeric node. It needs no +inf threshold (NaN -> +inf
-    // would then go left) and no categorical or zero-as-missing node.
-    fast_ = !has_cat_ && !has_zero_missing_ &&
+    values_.resize(spec.leaf_values.size());
+    for (size_t i = 0; i < values_.size(); ++i) values_[i] = static_cast<AccT>(spec.leaf_values[i]);
+    // The binned path (see BinNode) serves every forest it can.
+    binned_ = !has_cat_ && !has_zero_missing_ && build_binned(spec);
+    // The float fast path (forests the binned path cannot take, e.g. with
+    // more than kMaxBinCuts thresholds on a feature) resolves missing values
+    // without a NaN test: each block row is stored twice, NaN -> -inf (read
+    // by default-left nodes) and NaN -> +inf (read by default-right nodes),
+    // so one "x <= threshold" decides every numeric node. It needs no +inf
+    // threshold (NaN -> +inf would then go left) and no categorical or
+    // zero-as-missing node.
+    fast_ = !binned_ && !has_cat_ && !has_zero_missing_ &&
             n * static_cast<int64_t>(sizeof(Node)) < (int64_t{1} << 31) &&
             2 * int64_t{spec.num_features} * kBlockRows < (int64_t{1} << 31);
     for (const Node& nd : nodes_)
@@ -138,13 +256,201 @@ class Engine final : public ForestEngine {
             ((nd.feature & kNodeDefaultLeft) ? f : f + F) * static_cast<uint32_t>(kBlockRows);
       }
     }
-    values_.resize(spec.leaf_values.size());
-    for (size_t i = 0; i < values_.size(); ++i) values_[i] = static_cast<AccT>(spec.leaf_values[i]);
     base_.resize(spec.base_margin.size());
     for (size_t i = 0; i < base_.size(); ++i) base_[i] = static_cast<AccT>(spec.base_margin[i]);
     cat_bits_ = spec.cat_bits;
     cat_lo_ = static_cast<ThrT>(spec.cat_rule.lo);
     cat_hi_ = static_cast<ThrT>(spec.cat_rule.hi);
+    if (binned_) {
+      build_perfect(spec);
+      if (!perfect_) build_explicit(spec);
+      std::vector<uint32_t>().swap(node_word_);
+      // The general nodes and values serve only the CUDA path now.
+      if (!forest_cuda_compiled()) {
+        std::vector<Node>().swap(nodes_);
+        std::vector<AccT>().swap(values_);
+      }
+    }
+  }
+
+  // The binned path: every node numeric (no categorical or zero-as-missing
+  // split), at most kMaxBinCuts distinct thresholds per feature and at most
+  // 16384 features (the block of bins stays under 16 MB). Builds cuts_ and
+  // cut_offset_ (the sorted distinct thresholds of each feature) and
+  // node_word_ (each spec node as pack_perfect(threshold bin, column)), from
+  // which build_perfect or build_explicit lay out the trees. Returns false,
+  // keeping nothing, when the forest does not qualify.
+  bool build_binned(const ForestSpec& spec) {
+    const int64_t F = spec.num_features;
+    const int64_t n = spec.num_nodes();
+    if (2 * F > 65535 || 2 * F * kBinRows * int64_t{sizeof(Bin)} > (int64_t{16} << 20))
+      return false;
+    // Internal nodes bucketed by feature (counting sort), then each bucket
+    // sorted by threshold: the distinct thresholds become the cuts and each
+    // node's rank among them its threshold bin, with no search per node.
+    std::vector<int32_t> offset(static_cast<size_t>(F + 1), 0);
+    for (int64_t i = 0; i < n; ++i)
+      if (spec.node_left[i] >= 0) ++offset[spec.node_feature[i] + 1];
+    for (int64_t f = 0; f < F; ++f) offset[f + 1] += offset[f];
+    std::vector<std::pair<ThrT, int32_t>> items(static_cast<size_t>(offset[F]));
+    {
+      std::vector<int32_t> fill(offset.begin(), offset.end() - 1);
+      for (int64_t i = 0; i < n; ++i)
+        if (spec.node_left[i] >= 0)
+          items[fill[spec.node_feature[i]]++] = {static_cast<ThrT>(spec.node_threshold[i]),
+                                                 static_cast<int32_t>(i)};
+    }
+    node_word_.assign(static_cast<size_t>(n), pack_perfect(kBinTop, 0));  // leaves: always left
+    cuts_.clear();
+    cut_offset_.assign(static_cast<size_t>(F + 1), 0);
+    for (int64_t f = 0; f < F; ++f) {
+      auto* first = items.data() + offset[f];
+      auto* last = items.data() + offset[f + 1];
+      std::sort(first, last, [](const auto& x, const auto& y) { return x.first < y.first; });
+      int64_t count = 0;
+      for (auto* it = first; it != last; ++it) {
+        // Equal under "<" (0.0 and -0.0) is the same cut: one compare decides both.
+        if (it == first || cuts_.back() < it->first) {
+          if (++count > kMaxBinCuts) {
+            std::vector<ThrT>().swap(cuts_);
+            std::vector<uint32_t>().swap(node_word_);
+            return false;
+          }
+          cuts_.push_back(it->first);
+        }
+        const int32_t i = it->second;
+        const bool default_left = (spec.node_flags[i] & kNodeDefaultLeft) != 0;
+        node_word_[i] = pack_perfect(static_cast<Bin>(count - 1 - kBinBias),
+                                     static_cast<uint16_t>(default_left ? f : f + F));
+      }
+      cut_offset_[f + 1] = static_cast<int32_t>(cuts_.size());
+    }
+    return true;
+  }
+
+  // The explicit-children layout (BinNode) of the binned path, for forests
+  // the perfect layout does not take: each tree breadth-first from its root,
+  // so the two children of a node are adjacent; leaf values in that order.
+  void build_explicit(const ForestSpec& spec) {
+    const int64_t n = spec.num_nodes();
+    bin_nodes_.assign(static_cast<size_t>(n), BinNode{kBinTop, 0, 0});
+    bin_values_.resize(values_.size());
+    std::vector<int32_t> queue;
+    for (int64_t t = 0; t < spec.num_trees(); ++t) {
+      const int64_t base = spec.tree_node_offsets[t];
+      const int64_t width = group_[t] >= 0 ? 1 : spec.num_outputs;
+      // Node queue[q] gets index base + q; children are appended as a pair.
+      // Build validated that this is a tree.
+      queue.assign(1, 0);
+      for (size_t q = 0; q < queue.size(); ++q) {
+        const int64_t old = base + queue[q];
+        const int64_t now = base + static_cast<int64_t>(q);
+        for (int64_t k = 0; k < width; ++k)
+          bin_values_[shift_[t] + now * width + k] = values_[shift_[t] + old * width + k];
+        BinNode& nd = bin_nodes_[now];
+        if (spec.node_left[old] < 0) {
+          nd = BinNode{kBinTop, 0, static_cast<int32_t>(now)};
+          continue;
+        }
+        nd.thr = perfect_thr(node_word_[old]);
+        nd.col = static_cast<uint16_t>(node_word_[old] >> 16);
+        nd.left = static_cast<int32_t>(base + static_cast<int64_t>(queue.size()));
+        queue.push_back(spec.node_left[old]);
+        queue.push_back(spec.node_right[old]);
+      }
+    }
+  }
+
+  // The perfect layout (see kMaxPerfectDepth), when the padding is cheap.
+  void build_perfect(const ForestSpec& spec) {
+    const int64_t T = spec.num_trees();
+    int64_t padded = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      if (depth_[t] > kMaxPerfectDepth) return;
+      padded += int64_t{1} << depth_[t];
+    }
+    if (padded > kPerfectSlack * spec.num_nodes() + 1024) return;
+    const int32_t K = spec.num_outputs;
+    p_node_off_.assign(static_cast<size_t>(T + 1), 0);
+    p_leaf_off_.assign(static_cast<size_t>(T + 1), 0);
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t width = group_[t] >= 0 ? 1 : K;
+      p_node_off_[t + 1] = p_node_off_[t] + (int64_t{1} << depth_[t]) - 1;
+      p_leaf_off_[t + 1] = p_leaf_off_[t] + (int64_t{1} << depth_[t]) * width;
+    }
+    p_nodes_.assign(static_cast<size_t>(p_node_off_[T]) + 1, 0);  // + 1: never empty
+    // The single-row copy: blocks of four levels, each block one 64-byte
+    // line (see row_pos), trees aligned to lines.
+    r_node_off_.assign(static_cast<size_t>(T + 1), 0);
+    for (int64_t t = 0; t < T; ++t)
+      r_node_off_[t + 1] = r_node_off_[t] + (row_tree_size(depth_[t]) + 15) / 16 * 16;
+    r_nodes_.assign(static_cast<size_t>(r_node_off_[T]) + 16, pack_perfect(kBinTop, 0));
+    r_align_ = static_cast<int64_t>((64 - reinterpret_cast<uintptr_t>(r_nodes_.data()) % 64) % 64 /
+                                    sizeof(uint32_t));
+    p_values_.assign(static_cast<size_t>(p_leaf_off_[T]), AccT(0));
+    struct Item {
+      int32_t node;  // local index in the spec's tree
+      int64_t pos;   // level-order position in the perfect tree
+      int32_t level;
+      int64_t path;  // the branches taken from the root, as bits (1 = right)
+    };
+    std::vector<Item> stack;
+    stack.reserve(static_cast<size_t>(2 * kMaxPerfectDepth + 2));
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t base = spec.tree_node_offsets[t];
+      const int32_t D = depth_[t];
+      const int64_t width = group_[t] >= 0 ? 1 : K;
+      uint32_t* nodes = p_nodes_.data() + p_node_off_[t];
+      uint32_t* rnodes = r_nodes_.data() + r_align_ + r_node_off_[t];
+      AccT* leaves = p_values_.data() + p_leaf_off_[t];
+      stack.assign(1, Item{0, 0, 0, 0});
+      while (!stack.empty()) {
+        const Item it = stack.back();
+        stack.pop_back();
+        const int64_t a = base + it.node;
+        if (it.level == D) {  // a leaf slot
+          const int64_t slot = it.pos - ((int64_t{1} << D) - 1);
+          for (int64_t k = 0; k < width; ++k)
+            leaves[slot * width + k] = values_[shift_[t] + a * width + k];
+          continue;
+        }
+        const bool leaf = spec.node_left[a] < 0;  // a shallow leaf: always left, over copies
+        const uint32_t word = leaf ? pack_perfect(kBinTop, 0) : node_word_[a];
+        nodes[it.pos] = word;
+        rnodes[row_pos(D, it.level, it.path)] = word;
+        const int32_t l = leaf ? it.node : spec.node_left[a];
+        const int32_t r = leaf ? it.node : spec.node_right[a];
+        stack.push_back(Item{l, 2 * it.pos + 1, it.level + 1, 2 * it.path});
+        stack.push_back(Item{r, 2 * it.pos + 2, it.level + 1, 2 * it.path + 1});
+      }
+    }
+    perfect_ = true;
+  }
+
+  // The single-row layout of a perfect tree of depth D: levels in super-levels
+  // of four (the last one m = D mod 4 levels, or four); super-level s holds
+  // 16^s blocks, each the 2^m - 1 nodes of a complete subtree in level order
+  // padded to 2^m slots (16 slots = one 64-byte line), so a walk touches one
+  // line per four levels instead of one per level. All super-levels before
+  // the last are full, so super-level s starts at 16 * (16^s - 1) / 15.
+  static int64_t row_tree_size(int32_t D) {
+    int64_t total = 0, blocks = 1;
+    for (int32_t d = 0; d < D; d += 4) {
+      const int32_t m = std::min(4, D - d);
+      total += blocks << m;
+      blocks <<= m;
+    }
+    return total;
+  }
+  static int64_t row_level_start(int32_t s) { return 16 * (((int64_t{1} << (4 * s)) - 1) / 15); }
+  // The slot of the node reached from the root by `path` (d branches, most
+  // significant first).
+  static int64_t row_pos(int32_t D, int32_t d, int64_t path) {
+    const int32_t s = d / 4, q = d % 4;
+    const int32_t m = std::min(4, D - 4 * s);
+    const int64_t block = path >> q;
+    const int64_t j = ((int64_t{1} << q) - 1) + (path & ((int64_t{1} << q) - 1));
+    return row_level_start(s) + (block << m) + j;
   }
 
   // The general encoding (see fast_), for the CUDA path.
@@ -153,13 +459,21 @@ class Engine final : public ForestEngine {
     return (fast_ ? general_nodes_.size() : nodes_.size()) * sizeof(Node);
   }
   const void* values() const override { return values_.data(); }
+  const char* name() const override {
+    if (perfect_) return "binned-perfect";
+    if (binned_) return "binned";
+    if (fast_) return "float";
+    return "general";
+  }
   size_t value_bytes() const override { return values_.size() * sizeof(AccT); }
 
   void predict(const ArrayView& X, bool apply_link, void* out_ptr) const override {
     AccT* out = static_cast<AccT*>(out_ptr);
     const int64_t rows = X.shape[0];
     if (rows == 0) return;
-    if (fast_) {
+    if (binned_) {
+      dispatch_binned(X, apply_link, out);
+    } else if (fast_) {
       dispatch<true, false, false>(X, apply_link, out);
     } else if (has_cat_) {
       dispatch<false, true, true>(X, apply_link, out);
@@ -188,6 +502,272 @@ class Engine final : public ForestEngine {
       ThreadPool::global().parallel_for(0, nblocks, 1, run_blocks);
     }
   }
+
+  // ---------------------------------------------------------------- binned path
+
+  void dispatch_binned(const ArrayView& X, bool apply_link, AccT* out) const {
+    const int64_t rows = X.shape[0];
+    const int64_t nblocks = (rows + kBinRows - 1) / kBinRows;
+    auto run_blocks = [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t r0 = b * kBinRows;
+        const int64_t r1 = std::min(rows, r0 + kBinRows);
+        binned_block(X, r0, r1, apply_link, out);
+      }
+    };
+    if (nblocks == 1) {
+      run_blocks(0, 1);  // one block (e.g. one row): no pool hand-off
+    } else {
+      ThreadPool::global().parallel_for(0, nblocks, 1, run_blocks);
+    }
+  }
+
+  // The number of cuts below x (NaN handled by the caller), branch-free:
+  // the loop runs log2(count) times whatever x is.
+  static inline Bin bin_of(const ThrT* cuts, int32_t count, ThrT x) {
+    if (count == 0) return kBinBottom;
+    const ThrT* b = cuts;
+    int32_t len = count;
+    while (len > 1) {
+      const int32_t half = len / 2;
+      b = (b[half] < x) ? b + half : b;
+      len -= half;
+    }
+    return static_cast<Bin>((b - cuts) + (*b < x ? 1 : 0) - kBinBias);
+  }
+
+  // Rows [r0, r1) of X as bins, feature-major with row stride `S`: column f
+  // (read by default-left nodes) has missing -> 0, column F + f
+  // (default-right nodes) missing -> kBinTop; other values are the same
+  // bin in both. Inputs are first rounded to ThrT, as the comparisons do.
+  template <typename XT>
+  void bin_rows(const ArrayView& X, int64_t r0, int64_t r1, int64_t S, Bin* bins) const {
+    const int64_t F = spec_.num_features;
+    const char* base = static_cast<const char*>(X.data);
+    const int64_t rs = X.strides[0], cs = X.strides[1];
+    for (int64_t j = 0; j < F; ++j) {
+      const ThrT* cuts = cuts_.data() + cut_offset_[j];
+      const int32_t count = cut_offset_[j + 1] - cut_offset_[j];
+      Bin* lo = bins + j * S;
+      Bin* hi = bins + (F + j) * S;
+      const char* src = base + j * cs;
+      for (int64_t r = r0; r < r1; ++r) {
+        const ThrT x = static_cast<ThrT>(*reinterpret_cast<const XT*>(src + r * rs));
+        const Bin b = bin_of(cuts, count, x);
+        const bool nan = x != x;
+        lo[r - r0] = nan ? kBinBottom : b;
+        hi[r - r0] = nan ? kBinTop : b;
+      }
+    }
+  }
+
+  inline int32_t bin_step(int32_t n, const Bin* bins, int64_t S) const {
+    const BinNode nd = bin_nodes_[n];
+    // Indexing by the decision keeps the step branch-free.
+    return nd.left + (bins[nd.col * S] > nd.thr ? 1 : 0);
+  }
+
+  void binned_block(const ArrayView& X, int64_t r0, int64_t r1, bool apply_link,
+                    AccT* out_all) const {
+    const int32_t K = spec_.num_outputs;
+    const int64_t F = spec_.num_features;
+    const int64_t nrows = r1 - r0;
+    // One row is stored with stride 1 (2F bins); blocks with kBinRows.
+    const int64_t S = nrows == 1 ? 1 : kBinRows;
+    thread_local std::vector<Bin> buf;
+    const size_t need = static_cast<size_t>(2 * F * S);
+    if (buf.size() < need) buf.resize(need);
+    if (X.dtype == DType::F32)
+      bin_rows<float>(X, r0, r1, S, buf.data());
+    else
+      bin_rows<double>(X, r0, r1, S, buf.data());
+    AccT* out = out_all + r0 * K;
+    for (int64_t r = 0; r < nrows; ++r)
+      for (int32_t k = 0; k < K; ++k) out[r * K + k] = base_[k];
+    const int64_t T = static_cast<int64_t>(root_.size());
+    if (perfect_ && nrows == 1) {
+      perfect_one_row(buf.data(), out);
+    } else if (perfect_) {
+      perfect_block(buf.data(), nrows, out);
+    } else if (nrows == 1) {
+      binned_one_row(buf.data(), out);
+    } else {
+      for (int64_t t = 0; t < T; ++t) binned_tree(t, buf.data(), nrows, out);
+    }
+    finish(out, nrows, apply_link);
+  }
+
+  void perfect_block(const Bin* bins, int64_t nrows, AccT* out) const {
+    const int32_t K = spec_.num_outputs;
+    const int64_t T = static_cast<int64_t>(root_.size());
+    thread_local std::vector<uint32_t> idx_buf;
+    if (idx_buf.size() < static_cast<size_t>(kBinRows)) idx_buf.resize(kBinRows);
+    uint32_t* idx = idx_buf.data();
+    const int64_t nvec = forest_simd(-1) ? nrows / 16 * 16 : 0;
+    for (int64_t t = 0; t < T; ++t) {
+      const uint32_t* nodes = p_nodes_.data() + p_node_off_[t];
+      const int32_t D = depth_[t];
+      const int32_t L = nvec ? std::min(D, kSimdLevels) : 0;
+#if FASTML_FOREST_X86
+      if (L > 0) perfect_top_avx2(nodes, L, bins, nvec, idx);
+#endif
+      perfect_walk_scalar(nodes, L, D, bins, 0, L > 0 ? nvec : 0, idx);
+      perfect_walk_scalar(nodes, 0, D, bins, L > 0 ? nvec : 0, nrows, idx);
+      const AccT* values = p_values_.data() + p_leaf_off_[t];
+      const uint32_t first_leaf = (uint32_t{1} << D) - 1u;
+      const int32_t group = group_[t];
+      if (group >= 0) {
+        AccT* o = out + group;
+        for (int64_t r = 0; r < nrows; ++r) o[r * K] += values[idx[r] - first_leaf];
+      } else {
+        for (int64_t r = 0; r < nrows; ++r)
+          for (int32_t k = 0; k < K; ++k)
+            out[r * K + k] += values[static_cast<int64_t>(idx[r] - first_leaf) * K + k];
+      }
+    }
+  }
+
+  // One row (bins with stride 1) on the single-row layout (row_pos):
+  // kRowLanes trees walk together; leaves are added in tree order.
+  void perfect_one_row(const Bin* bins, AccT* out) const {
+    const int32_t K = spec_.num_outputs;
+    const int64_t T = static_cast<int64_t>(root_.size());
+    const uint32_t* rn = r_nodes_.data() + r_align_;
+    auto add = [&](int64_t t, uint32_t slot) {
+      const AccT* values = p_values_.data() + p_leaf_off_[t];
+      if (group_[t] >= 0) {
+        out[group_[t]] += values[slot];
+      } else {
+        for (int32_t k = 0; k < K; ++k) out[k] += values[static_cast<int64_t>(slot) * K + k];
+      }
+    };
+    for (int64_t t = 0; t < T; t += kRowLanes) {
+      const int n = static_cast<int>(std::min<int64_t>(kRowLanes, T - t));
+      uint32_t block[kRowLanes], j[kRowLanes];
+      const uint32_t* nodes[kRowLanes];
+      int32_t depth = 0;
+      for (int l = 0; l < n; ++l) {
+        nodes[l] = rn + r_node_off_[t + l];
+        block[l] = j[l] = 0;
+        depth = std::max(depth, depth_[t + l]);
+      }
+      bool same = n == kRowLanes;
+      for (int l = 0; l < n; ++l) same = same && depth_[t + l] == depth;
+      if (same) {  // the common case: one shape for all lanes, no per-lane tests
+        for (int32_t d = 0; d < depth; d += 4) {
+          const int32_t m = std::min(4, depth - d);
+          const int64_t start = row_level_start(d / 4);
+          const uint32_t* blk[kRowLanes];
+          for (int l = 0; l < kRowLanes; ++l) {
+            blk[l] = nodes[l] + start + (static_cast<int64_t>(block[l]) << m);
+            j[l] = 0;
+          }
+          for (int32_t q = 0; q < m; ++q)
+            for (int l = 0; l < kRowLanes; ++l) {
+              const uint32_t nd = blk[l][j[l]];
+              j[l] = 2 * j[l] + 1 + (bins[nd >> 16] > perfect_thr(nd) ? 1u : 0u);
+            }
+          for (int l = 0; l < kRowLanes; ++l) block[l] = (block[l] << m) + j[l] - ((1u << m) - 1u);
+        }
+        for (int l = 0; l < kRowLanes; ++l) add(t + l, block[l]);
+        continue;
+      }
+      for (int32_t d = 0; d < depth; ++d) {
+        const int32_t s = d / 4, q = d % 4;
+        const int64_t start = row_level_start(s);
+        for (int l = 0; l < n; ++l) {
+          const int32_t D = depth_[t + l];
+          if (d >= D) continue;  // a shallower tree is done
+          const int32_t m = std::min(4, D - 4 * s);
+          const uint32_t nd = nodes[l][start + (static_cast<int64_t>(block[l]) << m) + j[l]];
+          j[l] = 2 * j[l] + 1 + (bins[nd >> 16] > perfect_thr(nd) ? 1u : 0u);
+          if (q == m - 1) {  // leaving the block: the exit picks the next one
+            block[l] = (block[l] << m) + j[l] - ((1u << m) - 1u);
+            j[l] = 0;
+          }
+        }
+      }
+      for (int l = 0; l < n; ++l) add(t + l, block[l]);
+    }
+  }
+
+  // Rows [r0, r1) of a block through one perfect tree; leaf slots to leaf[r].
+  // Rows [r0, r1) of a block through levels [d0, D) of one perfect tree:
+  // idx[r] is the row's local node at depth d0 (ignored and taken as the
+  // root when d0 is 0) and becomes its node at depth D.
+  FASTML_FOREST_NO_VECTORIZE
+  static void perfect_walk_scalar(const uint32_t* nodes, int32_t d0, int32_t D, const Bin* bins,
+                                  int64_t r0, int64_t r1, uint32_t* idx) {
+    if (d0 == 0)
+      for (int64_t r = r0; r < r1; ++r) idx[r] = 0;
+    int64_t r = r0;
+    for (; r + kPerfectLanes <= r1; r += kPerfectLanes) {
+      uint32_t i[kPerfectLanes];
+      for (int l = 0; l < kPerfectLanes; ++l) i[l] = idx[r + l];
+      const Bin* x0 = bins + r;  // lane l reads at constant offset l
+      for (int32_t d = d0; d < D; ++d)
+        for (int l = 0; l < kPerfectLanes; ++l) {
+          const uint32_t nd = nodes[i[l]];
+          i[l] = 2 * i[l] + 1 + (x0[l + (nd >> 16) * kBinRows] > perfect_thr(nd) ? 1u : 0u);
+        }
+      for (int l = 0; l < kPerfectLanes; ++l) idx[r + l] = i[l];
+    }
+    for (; r < r1; ++r) {
+      uint32_t i = idx[r];
+      for (int32_t d = d0; d < D; ++d) {
+        const uint32_t nd = nodes[i];
+        i = 2 * i + 1 + (bins[r + (nd >> 16) * kBinRows] > perfect_thr(nd) ? 1u : 0u);
+      }
+      idx[r] = i;
+    }
+  }
+
+  // One tree over a block: kLanes rows walk together so their loads overlap.
+  void binned_tree(int64_t t, const Bin* bins, int64_t nrows, AccT* out) const {
+    const int32_t K = spec_.num_outputs;
+    const int32_t root = root_[t], depth = depth_[t], group = group_[t];
+    const int64_t shift = shift_[t];
+    int64_t r = 0;
+    for (; r + kLanes <= nrows; r += kLanes) {
+      int32_t idx[kLanes];
+      for (int l = 0; l < kLanes; ++l) idx[l] = root;
+      const Bin* x0 = bins + r;  // lane l reads at constant offset l
+      for (int32_t d = 0; d < depth; ++d)
+        for (int l = 0; l < kLanes; ++l) idx[l] = bin_step(idx[l], x0 + l, kBinRows);
+      for (int l = 0; l < kLanes; ++l)
+        add_leaf(bin_values_, out + (r + l) * K, group, shift, idx[l]);
+    }
+    for (; r < nrows; ++r) {
+      int32_t n = root;
+      for (int32_t d = 0; d < depth; ++d) n = bin_step(n, bins + r, kBinRows);
+      add_leaf(bin_values_, out + r * K, group, shift, n);
+    }
+  }
+
+  // One row: kRowLanes trees walk together; leaves are added in tree order.
+  void binned_one_row(const Bin* bins, AccT* out) const {
+    const int64_t T = static_cast<int64_t>(root_.size());
+    int64_t t = 0;
+    for (; t + kRowLanes <= T; t += kRowLanes) {
+      int32_t idx[kRowLanes];
+      int32_t depth = 0;
+      for (int l = 0; l < kRowLanes; ++l) {
+        idx[l] = root_[t + l];
+        depth = std::max(depth, depth_[t + l]);
+      }
+      for (int32_t d = 0; d < depth; ++d)
+        for (int l = 0; l < kRowLanes; ++l) idx[l] = bin_step(idx[l], bins, 1);
+      for (int l = 0; l < kRowLanes; ++l)
+        add_leaf(bin_values_, out, group_[t + l], shift_[t + l], idx[l]);
+    }
+    for (; t < T; ++t) {
+      int32_t n = root_[t];
+      for (int32_t d = 0; d < depth_[t]; ++d) n = bin_step(n, bins, 1);
+      add_leaf(bin_values_, out, group_[t], shift_[t], n);
+    }
+  }
+
+  // ---------------------------------------------------------------- float paths
 
   template <bool Fast, bool HasCat, bool HasZero>
   inline int32_t step(int32_t n, const ThrT* row) const {
@@ -358,11 +938,15 @@ class Engine final : public ForestEngine {
   }
 
   inline void add_leaf(AccT* row_out, int32_t group, int64_t shift, int32_t node) const {
+    add_leaf(values_, row_out, group, shift, node);
+  }
+  inline void add_leaf(const std::vector<AccT>& values, AccT* row_out, int32_t group, int64_t shift,
+                       int32_t node) const {
     if (group >= 0) {
-      row_out[group] += values_[shift + node];
+      row_out[group] += values[shift + node];
     } else {
       const int32_t K = spec_.num_outputs;
-      const AccT* v = values_.data() + shift + static_cast<int64_t>(node) * K;
+      const AccT* v = values.data() + shift + static_cast<int64_t>(node) * K;
       for (int32_t k = 0; k < K; ++k) row_out[k] += v[k];
     }
   }
@@ -389,7 +973,20 @@ class Engine final : public ForestEngine {
   std::vector<AccT> base_;
   std::vector<uint32_t> cat_bits_;
   ThrT cat_lo_{}, cat_hi_{};
-  bool has_cat_ = false, has_zero_missing_ = false, fast_ = false;
+  // Binned path (see build_binned).
+  std::vector<ThrT> cuts_;
+  std::vector<int32_t> cut_offset_;
+  std::vector<BinNode> bin_nodes_;
+  std::vector<uint32_t> node_word_;  // construction only: pack_perfect per spec node
+  std::vector<AccT> bin_values_;
+  bool perfect_ = false;
+  std::vector<uint32_t> p_nodes_;
+  std::vector<uint32_t> r_nodes_;  // the single-row layout (row_pos)
+  std::vector<int64_t> r_node_off_;
+  int64_t r_align_ = 0;  // r_nodes_.data() + r_align_ is 64-byte aligned
+  std::vector<int64_t> p_node_off_, p_leaf_off_;
+  std::vector<AccT> p_values_;
+  bool has_cat_ = false, has_zero_missing_ = false, fast_ = false, binned_ = false;
 };
 
 }  // namespace
@@ -546,6 +1143,10 @@ void Forest::finish_build() {
   else
     engine_ = std::make_unique<Engine<float, float>>(s, tree_root_, tree_depth_, tree_value_shift_,
                                                      node_cat_offset_, node_cat_words_);
+}
+
+const char* Forest::engine_name() const {
+  return engine_->name();
 }
 
 Forest::Flat Forest::flat() const {

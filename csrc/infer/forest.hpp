@@ -89,6 +89,10 @@ class Forest : public NativeHandler, public std::enable_shared_from_this<Forest>
   // Checks X's dtype, rank and width; names `name` in the message.
   void check_matrix(const ArrayView& X, const char* name) const;
 
+  // The CPU traversal chosen at build time: "binned-perfect", "binned",
+  // "float" or "general" (see forest.cpp; tests check each is exercised).
+  const char* engine_name() const;
+
   // Flat engine arrays for the CUDA path (cuda/forest_kernels.cu).
   struct Flat {
     const void* nodes = nullptr;  // ForestNode<float or double>[num_nodes]
@@ -125,6 +129,11 @@ class Forest : public NativeHandler, public std::enable_shared_from_this<Forest>
   mutable std::mutex device_mutex_;
   mutable std::shared_ptr<void> device_;
 };
+
+// Whether the CPU engine walks rows with AVX2 (runtime-detected). `enable`
+// 0 or 1 switches it off or on for the process (tests compare both paths);
+// -1 only asks. Returns the state in effect (false without AVX2).
+bool forest_simd(int enable = -1);
 
 // Applies the link in place to rows x k margins.
 void forest_apply_link(ForestLink link, int32_t k, int64_t rows, float* data);
