@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <random>
 #include <stdexcept>
 #include <vector>
@@ -163,5 +164,6 @@ int main() {
   check_decay_merge_bytes(QuantileMode::Exact);
   check_decay_merge_bytes(QuantileMode::Sketch);
   check_two_sample();
+  std::printf("test_drift: ok\n");
   return 0;
 }
