@@ -485,16 +485,12 @@ class Engine final : public ForestEngine {
   }
 
  private:
-  template <bool Fast, bool HasCat, bool HasZero>
-  void dispatch(const ArrayView& X, bool apply_link, AccT* out) const {
-    const int64_t rows = X.shape[0];
-    const int64_t nblocks = (rows + kBlockRows - 1) / kBlockRows;
+  // fn(r0, r1) for each block of `block` rows, on the shared pool.
+  template <typename F>
+  static void for_row_blocks(int64_t rows, int64_t block, const F& fn) {
+    const int64_t nblocks = (rows + block - 1) / block;
     auto run_blocks = [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t r0 = b * kBlockRows;
-        const int64_t r1 = std::min(rows, r0 + kBlockRows);
-        predict_block<Fast, HasCat, HasZero>(X, r0, r1, apply_link, out);
-      }
+      for (int64_t b = b0; b < b1; ++b) fn(b * block, std::min(rows, b * block + block));
     };
     if (nblocks == 1) {
       run_blocks(0, 1);  // one block (e.g. one row): no pool hand-off
@@ -503,23 +499,18 @@ class Engine final : public ForestEngine {
     }
   }
 
+  template <bool Fast, bool HasCat, bool HasZero>
+  void dispatch(const ArrayView& X, bool apply_link, AccT* out) const {
+    for_row_blocks(X.shape[0], kBlockRows, [&](int64_t r0, int64_t r1) {
+      predict_block<Fast, HasCat, HasZero>(X, r0, r1, apply_link, out);
+    });
+  }
+
   // ---------------------------------------------------------------- binned path
 
   void dispatch_binned(const ArrayView& X, bool apply_link, AccT* out) const {
-    const int64_t rows = X.shape[0];
-    const int64_t nblocks = (rows + kBinRows - 1) / kBinRows;
-    auto run_blocks = [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t r0 = b * kBinRows;
-        const int64_t r1 = std::min(rows, r0 + kBinRows);
-        binned_block(X, r0, r1, apply_link, out);
-      }
-    };
-    if (nblocks == 1) {
-      run_blocks(0, 1);  // one block (e.g. one row): no pool hand-off
-    } else {
-      ThreadPool::global().parallel_for(0, nblocks, 1, run_blocks);
-    }
+    for_row_blocks(X.shape[0], kBinRows,
+                   [&](int64_t r0, int64_t r1) { binned_block(X, r0, r1, apply_link, out); });
   }
 
   // The number of cuts below x (NaN handled by the caller), branch-free:
