@@ -752,7 +752,8 @@ def test_load_rejects_corrupt_files(xgb_models, tmp_path):
     data = f._core.to_bytes()
     p = tmp_path / "f.fmlf"
     cases = {
-        "bad magic": b"XXXXXXXX" + data[8:],
+        # a foreign 8-byte magic in place of b"FMLFRST1"
+        "bad magic": b"NOTFMLF!" + data[8:],
         "unsupported fastml forest format version": data[:8] + b"\x09\x00\x00\x00" + data[12:],
         "truncated": data[: len(data) // 2],
         "checksum": data[:-9] + bytes([data[-9] ^ 0xFF]) + data[-8:],
