@@ -16,9 +16,11 @@
 #include "bindings/array.hpp"
 #include "bindings/registry.hpp"
 #include "common/errors.hpp"
+#include "common/mapped_file.hpp"
 #include "common/thread_pool.hpp"
 #include "cuda/data_copy.hpp"
 #include "data/loader.hpp"
+#include "data/parquet.hpp"
 #include "data/shuffle.hpp"
 
 namespace py = pybind11;
@@ -601,6 +603,88 @@ class CudaStager {
   int64_t copies_ = 0, bytes_ = 0, waits_ = 0;
 };
 
+// The Parquet reader's decode step: column chunks of memory-mapped files into
+// caller-owned arrays, all chunks in one parallel_for with the GIL released.
+// `chunks` rows: (file, offset, size, physical_type, codec, num_values,
+// max_def_level, max_rep_level); outs[i] receives chunk i. Returns one
+// (status, message) per chunk: 0 decoded, 1 unsupported here (the caller
+// reads it with pyarrow), 2 corrupt, 3 nulls in a column without NaN.
+py::list parquet_decode(const std::vector<std::shared_ptr<MappedFile>>& files,
+                        const py::handle& chunks, const py::list& outs) {
+  ArraySpec cspec;
+  cspec.ndim = 2;
+  cspec.dtypes = {DType::I64};
+  BoundArray c = bind_array(chunks, "chunks", cspec);
+  FASTML_CHECK_ARG(c.view.shape[1] == 8, "chunks", "must have 8 columns, got ", c.view.shape[1]);
+  const int64_t k = c.view.shape[0];
+  FASTML_CHECK_ARG(static_cast<int64_t>(outs.size()) == k, "outs",
+                   "must hold one array per chunk (", k, "), got ", outs.size());
+  const int64_t* t = c.view.as<int64_t>();
+  std::vector<BoundArray> keep;
+  std::vector<data::parquet::ChunkSpec> specs(static_cast<size_t>(k));
+  std::vector<void*> dst(static_cast<size_t>(k));
+  ArraySpec ospec;
+  ospec.ndim = 1;
+  ospec.layout = Layout::Contiguous;
+  ospec.writable = true;
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t* r = t + i * 8;
+    FASTML_CHECK_ARG(r[0] >= 0 && r[0] < static_cast<int64_t>(files.size()), "chunks", "row ", i,
+                     " names file ", r[0], " of ", files.size());
+    const MappedFile& f = *files[static_cast<size_t>(r[0])];
+    if (r[1] < 0 || r[2] < 0 || r[1] > f.size() || r[2] > f.size() - r[1]) {
+      fail<IOError>("'", f.path(), "': column chunk at bytes ", r[1], "..", r[1] + r[2],
+                    " lies outside the file (", f.size(), " bytes)");
+    }
+    auto& s = specs[static_cast<size_t>(i)];
+    s.data = f.data() + r[1];
+    s.size = r[2];
+    s.physical_type = static_cast<int>(r[3]);
+    s.codec = static_cast<int>(r[4]);
+    s.num_values = r[5];
+    s.max_def_level = static_cast<int>(r[6]);
+    s.max_rep_level = static_cast<int>(r[7]);
+    keep.push_back(bind_array(outs[static_cast<size_t>(i)], "outs", ospec));
+    const ArrayView& v = keep.back().view;
+    int size = 0;
+    try {
+      size = data::parquet::value_size(s.physical_type);
+    } catch (const data::parquet::Unsupported&) {
+    }
+    FASTML_CHECK_ARG(size == 0 || v.nbytes() == s.num_values * size, "outs", "[", i, "] has ",
+                     v.nbytes(), " bytes, the chunk decodes to ", s.num_values * size);
+    dst[static_cast<size_t>(i)] = v.data;
+  }
+  std::vector<int> status(static_cast<size_t>(k), 0);
+  std::vector<std::string> message(static_cast<size_t>(k));
+  {
+    py::gil_scoped_release release;  // `files` and `keep` hold the memory
+    ThreadPool::global().parallel_for(0, k, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        const auto u = static_cast<size_t>(i);
+        try {
+          data::parquet::decode_column_chunk(specs[u], dst[u]);
+        } catch (const data::parquet::Unsupported& e) {
+          status[u] = 1;
+          message[u] = e.what();
+        } catch (const IOError& e) {
+          status[u] = 2;
+          message[u] = e.what();
+        } catch (const data::parquet::NullValues& e) {
+          status[u] = 3;
+          message[u] = e.what();
+        }
+      }
+    });
+  }
+  py::list out;
+  for (int64_t i = 0; i < k; ++i) {
+    const auto u = static_cast<size_t>(i);
+    out.append(py::make_tuple(status[u], message[u]));
+  }
+  return out;
+}
+
 }  // namespace
 
 void register_data(py::module_& m) {
@@ -650,6 +734,13 @@ void register_data(py::module_& m) {
 
   py::class_<DataSources>(m, "DataSources")
       .def_property_readonly("num_rows", [](const DataSources& s) { return s.num_rows; });
+
+  py::class_<MappedFile, std::shared_ptr<MappedFile>>(m, "MappedFile")
+      .def(py::init<const std::string&>(), py::arg("path"))
+      .def_property_readonly("size", &MappedFile::size)
+      .def_property_readonly("path", &MappedFile::path);
+  m.def("parquet_decode", &parquet_decode, py::arg("files"), py::arg("chunks"), py::arg("outs"),
+        "Decodes Parquet column chunks of mapped files into arrays (see fastml.data).");
 
   py::class_<DataBatcher>(m, "DataBatcher")
       .def(py::init<std::shared_ptr<GatherPlan>, int64_t>(), py::arg("plan"), py::arg("batch_size"))

@@ -68,6 +68,7 @@ class Dataset:
         self._owners: list[Any] = []
         self._files: list[str] = []
         self._row_groups: list[RowGroup] = []
+        self._parquet_chunks: dict[int, np.ndarray] = {}  # native decoder layout per file
         self._schema: dict[str, ColumnInfo] = {}
         self._num_rows = 0
         return self

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fastml import _core
-from fastml.data._sources import arrow_column, first_chunk, open_parquet
+from fastml.data._sources import arrow_column, first_chunk, open_parquet, parquet_chunk_table
 from fastml.data._transforms import column_plan
 
 if TYPE_CHECKING:
@@ -146,6 +146,7 @@ class Loader:
         self._plan = _core.DataGatherPlan(specs, capacity)
         self._engine: Any = None
         self._parquet_files: dict[int, Any] = {}  # open ParquetFile objects by file number
+        self._parquet_maps: dict[int, Any] = {}  # the same files memory-mapped (native decoder)
         self._parquet_lock = threading.Lock()
         if not dataset.is_streamed:
             arrays = [a for _, a in dataset._iter_columns()]
@@ -348,6 +349,7 @@ class Loader:
             for f in self._parquet_files.values():
                 f.close()
             self._parquet_files.clear()
+            self._parquet_maps.clear()  # unmapped once no decode holds them
         self._closed = True
 
     def __enter__(self) -> Loader:
@@ -545,6 +547,7 @@ def _parquet_batches(
     # The open (memory-mapped) files stay open across epochs: mapping them anew
     # every epoch costs a page fault per few pages of the file again.
     files = loader._parquet_files
+    maps = loader._parquet_maps  # the same files, memory-mapped for the native decoder
     # This rank reads entries [first, last) of its range of the epoch's positions
     # (see parquet_rank_segments).
     first = loader._position * bsz
@@ -553,7 +556,7 @@ def _parquet_batches(
 
     read_lock = loader._parquet_lock  # one reader of the ParquetFile objects at a time
 
-    def read_groups(groups: list[int]) -> Any:
+    def read_groups(groups: list[int], columns: list[str]) -> Any:
         """The rows of `groups` (in that order) as one Table: each run of groups
         from one file is decoded by one pyarrow call (columns and row groups in
         parallel on Arrow's threads, the GIL released)."""
@@ -572,12 +575,12 @@ def _parquet_batches(
                 pf = files[f]
                 run = [rgs[g].index for g in groups[i:j]]
                 try:
-                    tables.append(pf.read_row_groups(run, columns=names, use_threads=True))
+                    tables.append(pf.read_row_groups(run, columns=columns, use_threads=True))
                 except (pa.ArrowException, OSError) as err:
                     # Name the failing row group (read them one by one to find it).
                     for g in run:
                         try:
-                            pf.read_row_group(g, columns=names, use_threads=True)
+                            pf.read_row_group(g, columns=columns, use_threads=True)
                         except (pa.ArrowException, OSError) as e:
                             raise OSError(
                                 f"{ds._files[f]!r}: cannot read row group {g}: {e}"
@@ -589,34 +592,153 @@ def _parquet_batches(
                 i = j
         return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
 
-    def load_window(wi: int) -> tuple[Any, np.ndarray]:
-        table = read_groups(windows[wi])
-        arrays = [arrow_column(c, table.column(c)) for c in names]
-        for c, a in zip(names, arrays, strict=True):
-            f = first_chunk(a)
-            if f.shape[1:] != ds.schema[c].shape or f.dtype != ds.schema[c].dtype:
-                raise OSError(f"{ds._files[rgs[windows[wi][0]].file]!r}: column '{c}' changed type")
+    # Native decoding: columns fastml's decoder reads (see parquet_chunk_table)
+    # are decoded straight into window buffers that are reused from window to
+    # window (at most two windows live: the one being gathered and the one
+    # read ahead), so a value is decoded once, with no Arrow arrays and no
+    # fresh pages per window. Other columns, or a chunk the decoder reports as
+    # unsupported, go through pyarrow.
+    col_info = [ds.schema[c] for c in names]
+    free_buffers: list[dict[str, np.ndarray]] = []
+    buffers_lock = threading.Lock()
+    window_cap = int(np.max(np.diff(starts))) if len(starts) > 1 else 0
+
+    def chunk_table(f: int) -> np.ndarray:
+        table = ds._parquet_chunks.get(f)
+        if table is None:
+            table = ds._parquet_chunks[f] = parquet_chunk_table(files[f], names)
+        return table
+
+    def take_buffers() -> dict[str, np.ndarray]:
+        with buffers_lock:
+            if free_buffers:
+                return free_buffers.pop()
+        return {
+            c: np.empty((window_cap, *info.shape), dtype=info.dtype)
+            for c, info in zip(names, col_info, strict=True)
+        }
+
+    def give_buffers(bufs: dict[str, np.ndarray] | None) -> None:
+        if bufs is not None:
+            with buffers_lock:
+                free_buffers.append(bufs)
+
+    def native_decode(groups: list[int]) -> tuple[dict[str, np.ndarray], list[Any]] | None:
+        """Decodes the window's chunks natively where possible; None when no
+        chunk of the window can be (the pyarrow path then reads it all)."""
+        with read_lock:
+            tables = []
+            for g in groups:
+                f = rgs[g].file
+                if f not in files:
+                    files[f] = open_parquet(ds._files[f])
+                tables.append(chunk_table(f)[rgs[g].index])
+            if not any((t[:, 2] >= 0).any() for t in tables):
+                return None
+            for g in groups:
+                f = rgs[g].file
+                if f not in maps:
+                    maps[f] = _core.MappedFile(ds._files[f])
+        bufs = take_buffers()
+        try:
+            file_ix: dict[int, int] = {}
+            mapped: list[Any] = []
+            rows: list[Any] = []
+            outs: list[np.ndarray] = []
+            where: list[tuple[int, int]] = []  # (group, column) of each native chunk
+            fallback: dict[int, list[int]] = {}  # group -> columns read by pyarrow
+            row0 = 0
+            for g, t in zip(groups, tables, strict=True):
+                f, n_g = rgs[g].file, rgs[g].rows
+                for j, c in enumerate(names):
+                    if t[j, 2] < 0:
+                        fallback.setdefault(g, []).append(j)
+                        continue
+                    if f not in file_ix:
+                        file_ix[f] = len(mapped)
+                        mapped.append(maps[f])
+                    rows.append((file_ix[f], *t[j]))
+                    outs.append(bufs[c][row0 : row0 + n_g].reshape(-1))
+                    where.append((g, j))
+                row0 += n_g
+            results = _core.parquet_decode(mapped, np.array(rows, dtype=np.int64), outs)
+            for (g, j), (status, msg) in zip(where, results, strict=True):
+                if status == 0:
+                    continue
+                path = ds._files[rgs[g].file]
+                if status == 1:
+                    fallback.setdefault(g, []).append(j)
+                elif status == 3:
+                    raise ValueError(
+                        f"column '{names[j]}' {msg} ({path!r}, row group {rgs[g].index})"
+                    )
+                else:
+                    raise OSError(
+                        f"{path!r}: cannot read row group {rgs[g].index}, "
+                        f"column '{names[j]}': {msg}"
+                    )
+            row0 = 0
+            for g in groups:
+                cols = fallback.get(g)
+                if cols:
+                    part = read_groups([g], [names[j] for j in sorted(cols)])
+                    for j in cols:
+                        a = arrow_column(names[j], part.column(names[j]))
+                        a = np.concatenate(a) if isinstance(a, list) else a
+                        check_chunk(g, names[j], a)
+                        bufs[names[j]][row0 : row0 + rgs[g].rows] = a
+                else:
+                    loader._py_stats["row_groups_read"] += 1
+                row0 += rgs[g].rows
+            return bufs, [bufs[c][:row0] for c in names]
+        except BaseException:
+            give_buffers(bufs)
+            raise
+
+    def check_chunk(g: int, c: str, a: np.ndarray) -> None:
+        if a.shape[1:] != ds.schema[c].shape or a.dtype != ds.schema[c].dtype:
+            raise OSError(f"{ds._files[rgs[g].file]!r}: column '{c}' changed type")
+
+    def load_window(wi: int) -> tuple[Any, np.ndarray, dict[str, np.ndarray] | None]:
+        decoded = native_decode(windows[wi])
+        if decoded is not None:
+            bufs, arrays = decoded
+        else:
+            bufs = None
+            table = read_groups(windows[wi], names)
+            arrays = [arrow_column(c, table.column(c)) for c in names]
+            for c, a in zip(names, arrays, strict=True):
+                check_chunk(windows[wi][0], c, first_chunk(a))
         m = int(starts[wi + 1] - starts[wi])
         perm = (
             _core.data_permutation(m, loader._seed, loader._epoch, 2 + wi)
             if loader._shuffle
             else np.arange(m, dtype=np.int64)
         )
-        return plan.bind(arrays), perm
+        try:
+            return plan.bind(arrays), perm, bufs
+        except BaseException:
+            give_buffers(bufs)
+            raise
 
     # Read-ahead: the next window this rank needs is decoded on a second thread
     # (pyarrow releases the GIL) while this one's batches are gathered.
     ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastml-data-parquet-read")
     futures: dict[int, Future[Any]] = {}
-    current: list[Any] = [None, None]  # [window, (sources, perm)]
+    current: list[Any] = [None, None, None]  # [window, (sources, perm), its buffers]
 
     def window_rows(si: int) -> tuple[Any, np.ndarray]:
         wi = segments[si][0]
         if current[0] != wi:
             fut = futures.pop(wi, None)
-            current[1] = None  # drop the previous window before holding a third
-            current[1] = fut.result() if fut is not None else load_window(wi)
-            current[0] = wi
+            # Drop the previous window before holding a third; the caller holds
+            # no reference to its sources any more and the batcher copied its
+            # rows, so its buffers can take the next window read ahead.
+            current[1] = None
+            give_buffers(current[2])
+            current[2] = None
+            sources, perm, bufs = fut.result() if fut is not None else load_window(wi)
+            current[:] = [wi, (sources, perm), bufs]
         nxt = next((seg[0] for seg in segments[si + 1 :] if seg[0] != wi), None)
         if nxt is not None and nxt not in futures and not stop.is_set():
             futures[nxt] = ahead.submit(load_window, nxt)

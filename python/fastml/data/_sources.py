@@ -290,3 +290,62 @@ def open_parquet(path: str) -> Any:
         return pq.ParquetFile(path, memory_map=True)
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
         raise OSError(f"{path!r} is not a readable Parquet file: {e}") from None
+
+
+# Parquet physical types and codecs fastml's native decoder reads (csrc/data/parquet.hpp).
+_PARQUET_PHYSICAL = {"INT32": 1, "INT64": 2, "FLOAT": 4, "DOUBLE": 5}
+_PARQUET_CODECS = {"UNCOMPRESSED": 0, "SNAPPY": 1}
+_ARROW_TO_PHYSICAL = {
+    "int32": "INT32",
+    "uint32": "INT32",
+    "int64": "INT64",
+    "uint64": "INT64",
+    "float": "FLOAT",
+    "double": "DOUBLE",
+}
+
+
+def parquet_chunk_table(pf: Any, names: list[str]) -> np.ndarray:
+    """Where the native decoder finds each column chunk of a Parquet file.
+
+    Returns an int64 array (row groups, len(names), 7) of (offset, size,
+    physical type, codec, values, max definition level, max repetition level);
+    the physical type is -1 for a chunk the native decoder cannot read (a
+    nested, boolean, narrow-integer, float16, dictionary-typed or timestamp-like
+    column, another codec, ...), which the loader then reads with pyarrow.
+    """
+    md = pf.metadata
+    arrow_schema = pf.schema_arrow
+    pschema = md.schema
+    leaves: dict[str, list[int]] = {}
+    for i in range(md.num_columns):
+        leaves.setdefault(pschema.column(i).path, []).append(i)
+    out = np.full((md.num_row_groups, len(names), 7), -1, dtype=np.int64)
+    for j, name in enumerate(names):
+        found = leaves.get(name, [])
+        if len(found) != 1 or arrow_schema.get_field_index(name) < 0:
+            continue
+        i = found[0]
+        col = pschema.column(i)
+        physical = _ARROW_TO_PHYSICAL.get(str(arrow_schema.field(name).type))
+        if physical is None or col.physical_type != physical or col.max_repetition_level != 0:
+            continue
+        for g in range(md.num_row_groups):
+            rg = md.row_group(g)
+            cc = rg.column(i)
+            codec = _PARQUET_CODECS.get(cc.compression)
+            if codec is None or cc.num_values != rg.num_rows:
+                continue
+            start = cc.data_page_offset
+            if cc.has_dictionary_page and 4 <= (cc.dictionary_page_offset or 0) < start:
+                start = cc.dictionary_page_offset
+            out[g, j] = (
+                start,
+                cc.total_compressed_size,
+                _PARQUET_PHYSICAL[physical],
+                codec,
+                cc.num_values,
+                col.max_definition_level,
+                col.max_repetition_level,
+            )
+    return out

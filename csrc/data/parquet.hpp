@@ -1,0 +1,68 @@
+// A Parquet column-chunk decoder for the loader's hot path: flat (non-nested)
+// columns of fixed-width physical types (INT32, INT64, FLOAT, DOUBLE), PLAIN,
+// dictionary (RLE_DICTIONARY / PLAIN_DICTIONARY) and BYTE_STREAM_SPLIT
+// encodings, data pages v1 and v2, uncompressed or Snappy-compressed.
+//
+// It decodes one column chunk straight into a caller-owned buffer (the
+// loader's reused window buffers), so a shuffled epoch decodes each value once
+// with no intermediate Arrow arrays. Everything else (other codecs, nested or
+// boolean columns, DELTA encodings, ...) is reported as Unsupported and the
+// loader reads that chunk with pyarrow instead. The file footer (schema, row
+// groups, chunk offsets) is read by pyarrow; only pages are parsed here.
+//
+// Every length and offset read from the file is checked against the bytes
+// available: a corrupt or truncated chunk raises IOError, never reads or
+// writes out of bounds (the native test fuzzes this under ASan/UBSan).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "common/errors.hpp"
+
+namespace fastml::data::parquet {
+
+// Parquet's enums (parquet.thrift).
+enum PhysicalType : int { kInt32 = 1, kInt64 = 2, kFloat = 4, kDouble = 5 };
+enum Codec : int { kUncompressed = 0, kSnappy = 1 };
+
+// A chunk this decoder does not handle; the caller falls back to another reader.
+struct Unsupported : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Null values in a column whose type has no NaN to stand for them.
+struct NullValues : std::invalid_argument {
+  using std::invalid_argument::invalid_argument;
+};
+
+// One column chunk, as described by the file's metadata.
+struct ChunkSpec {
+  const uint8_t* data = nullptr;  // the chunk's bytes, from its first page
+  int64_t size = 0;               // bytes available at `data`
+  int physical_type = 0;          // PhysicalType
+  int codec = 0;                  // Codec
+  int64_t num_values = 0;         // values in the chunk (= rows for flat columns)
+  int max_def_level = 0;          // 0: required column, 1: optional
+  int max_rep_level = 0;          // must be 0 (flat)
+};
+
+// Bytes per value of a supported physical type (Unsupported otherwise).
+int value_size(int physical_type);
+
+// Decodes the chunk's num_values values into `out` (num_values * value_size
+// bytes, little-endian, as NumPy stores them). Nulls become NaN in FLOAT and
+// DOUBLE columns; in integer columns they throw NullValues. Throws IOError
+// for corrupt data and Unsupported for features outside this decoder (when it
+// throws, `out` may be partly written).
+void decode_column_chunk(const ChunkSpec& spec, void* out);
+
+// Snappy (raw format, as Parquet uses it). The length the stream says it
+// decompresses to, and the decompression into exactly that many bytes
+// (IOError on a malformed stream or a length other than `out_size`).
+uint64_t snappy_length(const uint8_t* in, size_t in_size);
+void snappy_decompress(const uint8_t* in, size_t in_size, uint8_t* out, size_t out_size);
+
+}  // namespace fastml::data::parquet
