@@ -305,3 +305,30 @@ def test_decode_argument_errors(tmp_path):
         _core.MappedFile(str(tmp_path / "missing.parquet"))
     with pytest.raises(OSError, match="not a regular file"):
         _core.MappedFile(str(tmp_path))
+
+
+def test_chunks_the_decoder_rejects_are_read_by_pyarrow(tmp_path, monkeypatch):
+    """A chunk reported corrupt or unsupported is retried with pyarrow; the
+    loader fails only when pyarrow fails too (it is never stricter)."""
+    rng = np.random.default_rng(2)
+    n = 4000
+    table = pa.table({"i": rng.integers(0, 99, n), "x": rng.random(n).astype(np.float32)})
+    path = tmp_path / "ok.parquet"
+    pq.write_table(table, path, row_group_size=1000)
+    real = _core.parquet_decode
+    calls = []
+
+    def flaky(files, chunks, outs):
+        res = real(files, chunks, outs)
+        calls.append(len(res))
+        # Every other chunk "fails": alternately corrupt and unsupported.
+        return [(2 if k % 4 == 0 else 1, "injected") if k % 2 == 0 else r for k, r in enumerate(res)]
+
+    monkeypatch.setattr(_core, "parquet_decode", flaky)
+    loader = data.Loader(data.Dataset.from_parquet(path), batch_size=300, shuffle=False,
+                         shuffle_buffer=1000)
+    got = list(loader)
+    assert calls
+    np.testing.assert_array_equal(np.concatenate([b["i"] for b in got]), table["i"].to_numpy())
+    np.testing.assert_array_equal(np.concatenate([b["x"] for b in got]), table["x"].to_numpy())
+    assert loader.stats()["row_groups_read"] == 4

@@ -651,8 +651,10 @@ py::list parquet_decode(const std::vector<std::shared_ptr<MappedFile>>& files,
       size = data::parquet::value_size(s.physical_type);
     } catch (const data::parquet::Unsupported&) {
     }
-    FASTML_CHECK_ARG(size == 0 || v.nbytes() == s.num_values * size, "outs", "[", i, "] has ",
-                     v.nbytes(), " bytes, the chunk decodes to ", s.num_values * size);
+    FASTML_CHECK_ARG(size == 0 || (s.num_values >= 0 && s.num_values <= v.nbytes() / size &&
+                                   v.nbytes() == s.num_values * size),
+                     "outs", "[", i, "] has ", v.nbytes(), " bytes for a chunk of ", s.num_values,
+                     " values of ", size, " bytes");
     dst[static_cast<size_t>(i)] = v.data;
   }
   std::vector<int> status(static_cast<size_t>(k), 0);
@@ -690,8 +692,24 @@ py::list parquet_decode(const std::vector<std::shared_ptr<MappedFile>>& files,
 void register_data(py::module_& m) {
   m.def(
       "data_permutation",
-      [](int64_t n, uint64_t seed, uint64_t epoch, uint64_t stream) {
+      [](int64_t n, uint64_t seed, uint64_t epoch, uint64_t stream, const py::object& out) {
         FASTML_CHECK_ARG(n >= 0, "n", "must be >= 0, got ", n);
+        if (!out.is_none()) {
+          // Into the caller's array (the Parquet reader reuses one per window).
+          ArraySpec spec;
+          spec.ndim = 1;
+          spec.dtypes = {DType::I64};
+          spec.layout = Layout::Contiguous;
+          spec.writable = true;
+          BoundArray o = bind_array(out, "out", spec);
+          FASTML_CHECK_ARG(o.view.shape[0] == n, "out", "must hold n = ", n, " entries, got ",
+                           o.view.shape[0]);
+          {
+            py::gil_scoped_release release;
+            data::permutation(n, seed, epoch, stream, o.view.as<int64_t>());
+          }
+          return py::object(o.owner);
+        }
         auto buf = Buffer::allocate(static_cast<size_t>(n) * sizeof(int64_t));
         {
           // Pure computation into memory no Python object refers to yet (the
@@ -699,10 +717,12 @@ void register_data(py::module_& m) {
           py::gil_scoped_release release;
           data::permutation(n, seed, epoch, stream, static_cast<int64_t*>(buf->data()));
         }
-        return to_numpy(buf, DType::I64, {n});
+        return py::object(to_numpy(buf, DType::I64, {n}));
       },
       py::arg("n"), py::arg("seed"), py::arg("epoch"), py::arg("stream") = 0,
-      "A permutation of range(n): SplitMix64 Fisher-Yates on (seed, epoch, stream).");
+      py::arg("out") = py::none(),
+      "A permutation of range(n): SplitMix64 Fisher-Yates on (seed, epoch, stream), into `out` "
+      "when given.");
   m.def(
       "data_epoch_rows",
       [](int64_t n, bool shuffle, uint64_t seed, uint64_t epoch, int64_t rank, int64_t world_size,

@@ -20,11 +20,14 @@ MappedFile::MappedFile(const std::string& path) : path_(path) {
     fail<IOError>("cannot open '", path, "': ", std::strerror(err));
   }
   struct stat st{};
-  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+  if (::fstat(fd, &st) != 0) {
     const int err = errno;
     ::close(fd);
-    fail<IOError>("cannot map '", path,
-                  "': ", S_ISREG(st.st_mode) ? std::strerror(err) : "not a regular file");
+    fail<IOError>("cannot map '", path, "': ", std::strerror(err));
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    fail<IOError>("cannot map '", path, "': not a regular file");
   }
   size_ = static_cast<int64_t>(st.st_size);
   if (size_ > 0) {

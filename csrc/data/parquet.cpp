@@ -239,6 +239,13 @@ class Hybrid {
     const uint64_t header = varint();
     if (header & 1) {  // bit-packed: (header >> 1) groups of 8 values, bw bytes each
       const uint64_t groups = header >> 1;
+      if (bw_ == 0) {  // zero-width values take no bytes (parquet-java writes these)
+        if (groups > static_cast<uint64_t>(std::numeric_limits<int64_t>::max() / 8)) {
+          corrupt("bit-packed run too long");
+        }
+        r = {false, 0, p_, static_cast<int64_t>(groups * 8)};
+        return true;
+      }
       if (groups > left(p_, end_) ||
           (bw_ > 0 && groups * static_cast<uint64_t>(bw_) > left(p_, end_))) {
         // A bit-packed run may be cut short at the end of the page: its last
@@ -439,11 +446,20 @@ int64_t decode_levels(const uint8_t* p, const uint8_t* end, int max_def, int64_t
 class Scratch {
  public:
   uint8_t* get(size_t n) {
-    if (n > cap_) {
-      buf_.reset(new uint8_t[n]);
-      cap_ = n;
+    if (n > cap_ || !buf_) {
+      buf_.reset(new uint8_t[std::max<size_t>(n, 1)]);
+      cap_ = std::max<size_t>(n, 1);
+      init_ = 0;
     }
     return buf_.get();
+  }
+  // Frees the memory when it exceeds `max_bytes` (thread-local scratch keeps
+  // ordinary page sizes from chunk to chunk, not one huge page forever).
+  void trim(size_t max_bytes) {
+    if (cap_ > max_bytes) {
+      buf_.reset();
+      cap_ = init_ = 0;
+    }
   }
   // At least n bytes, all of them initialized (zeroed the first time they are
   // handed out; later they keep whatever was written).
@@ -488,12 +504,15 @@ void decode_values(int32_t encoding, const uint8_t* p, const uint8_t* end, int64
       std::memcpy(out, p, need);
       return;
     case kByteStreamSplit: {
-      if (need > left(p, end))
-        corrupt("BYTE_STREAM_SPLIT page holds fewer values than its header says");
+      // Like Arrow: the stream holds len / width values (the stride), at least n.
+      const size_t len = left(p, end);
+      if (len % sizeof(T) != 0 || len < need) {
+        corrupt("BYTE_STREAM_SPLIT page of ", len, " bytes for ", n, " values");
+      }
+      const size_t stride = len / sizeof(T);
       for (int64_t i = 0; i < n; ++i) {
         unsigned char b[sizeof(T)];
-        for (size_t k = 0; k < sizeof(T); ++k)
-          b[k] = p[k * static_cast<size_t>(n) + static_cast<size_t>(i)];
+        for (size_t k = 0; k < sizeof(T); ++k) b[k] = p[k * stride + static_cast<size_t>(i)];
         std::memcpy(out + i, b, sizeof(T));
       }
       return;
@@ -561,6 +580,12 @@ void decode_chunk(const ChunkSpec& s, T* out) {
   const uint8_t* const end = s.data + s.size;
   // Page and dictionary buffers are kept per thread from chunk to chunk.
   thread_local Scratch page_buf, dict_buf;
+  struct TrimOnExit {  // however the chunk ends, keep at most 16 MiB per buffer
+    ~TrimOnExit() {
+      page_buf.trim(size_t{16} << 20);
+      dict_buf.trim(size_t{16} << 20);
+    }
+  } trim_on_exit;
   Scratch spread_buf;
   std::unique_ptr<uint8_t[]> levels;
   Dictionary dict;
@@ -577,14 +602,25 @@ void decode_chunk(const ChunkSpec& s, T* out) {
     const uint8_t* body_end = p + h.compressed_size;
     p = body_end;
 
-    // The page's bytes after `skip` leading uncompressed ones, decompressed.
-    auto payload = [&](size_t skip, bool compressed,
-                       Scratch& into) -> std::pair<const uint8_t*, const uint8_t*> {
+    // The page's bytes after `skip` leading uncompressed ones, decompressed
+    // into `into` (at least `reserve` bytes of it initialized when `init`).
+    auto payload = [&](size_t skip, bool compressed, Scratch& into, size_t reserve,
+                       bool init) -> std::pair<const uint8_t*, const uint8_t*> {
       const uint8_t* q = body + skip;
       if (!compressed || s.codec == kUncompressed) return {q, body_end};
       const size_t in = left(q, body_end);
       const size_t out_size = static_cast<size_t>(h.uncompressed_size) - skip;
-      uint8_t* o = into.get(std::max<size_t>(out_size, 1));
+      if (out_size == 0) return {q, q};  // an empty section (e.g. all values null)
+      // The length is checked before anything is allocated for it: it must be
+      // the header's and within what Snappy can expand `in` bytes to (a
+      // 3-byte copy makes at most 64 bytes).
+      const uint64_t len = snappy_length(q, in);
+      if (len != out_size) {
+        corrupt("Snappy stream decompresses to ", len, " bytes, the page header says ", out_size);
+      }
+      if (out_size > 22 * in + 32)
+        corrupt("page claims ", out_size, " bytes from ", in, " compressed");
+      uint8_t* o = init ? into.get_initialized(std::max(out_size, reserve)) : into.get(out_size);
       snappy_decompress(q, in, o, out_size);
       return {o, o + out_size};
     };
@@ -599,18 +635,23 @@ void decode_chunk(const ChunkSpec& s, T* out) {
       // Padded to a power of two entries (see kMaxPaddedDictBytes), the
       // padding initialized.
       const uint64_t padded = uint64_t{1} << bit_width_of(h.num_values);
-      const bool pad = padded * sizeof(T) <= kMaxPaddedDictBytes;
-      if (pad)
-        dict_buf.get_initialized(
-            std::max<size_t>(padded * sizeof(T), static_cast<size_t>(h.uncompressed_size)));
-      auto [q, qe] = payload(0, true, dict_buf);
+      bool pad = padded * sizeof(T) <= kMaxPaddedDictBytes;
       const size_t need = static_cast<size_t>(h.num_values) * sizeof(T);
-      if (need > left(q, qe)) corrupt("dictionary page holds fewer values than its header says");
-      const uint8_t* d = q;
+      const size_t reserve = pad ? padded * sizeof(T) : 0;
+      const uint8_t* d;
       if (s.codec == kUncompressed) {  // the file's bytes may be unaligned: copy them
-        uint8_t* a = dict_buf.get(std::max<size_t>(need, 1));
-        std::memcpy(a, q, need);
+        if (need > left(body, body_end)) {
+          corrupt("dictionary page holds fewer values than its header says");
+        }
+        uint8_t* a = pad ? dict_buf.get_initialized(std::max(need, reserve))
+                         : dict_buf.get(std::max<size_t>(need, 1));
+        std::memcpy(a, body, need);
         d = a;
+      } else {
+        auto [q, qe] = payload(0, true, dict_buf, reserve, pad);
+        if (need > left(q, qe)) corrupt("dictionary page holds fewer values than its header says");
+        d = q;
+        if (q == body) pad = false;  // empty: nothing was decompressed into dict_buf
       }
       dict.values = d;
       dict.readable = pad ? padded : static_cast<uint64_t>(h.num_values);
@@ -635,9 +676,9 @@ void decode_chunk(const ChunkSpec& s, T* out) {
       lv = body;
       lv_end = body + h.def_bytes;
       std::tie(vals, vals_end) =
-          payload(static_cast<size_t>(h.def_bytes), h.is_compressed, page_buf);
+          payload(static_cast<size_t>(h.def_bytes), h.is_compressed, page_buf, 0, false);
     } else {
-      auto [q, qe] = payload(0, true, page_buf);
+      auto [q, qe] = payload(0, true, page_buf, 0, false);
       if (s.max_def_level > 0) {
         if (h.def_encoding != kRle) {
           throw Unsupported(detail::concat("definition level encoding ", h.def_encoding));

@@ -37,7 +37,9 @@ class NativeHandler:
 
 # ---- data (issue 3)
 
-def data_permutation(n: int, seed: int, epoch: int, stream: int = 0) -> Any: ...
+def data_permutation(
+    n: int, seed: int, epoch: int, stream: int = 0, out: Any | None = None
+) -> Any: ...
 def data_epoch_rows(
     n: int, shuffle: bool, seed: int, epoch: int, rank: int, world_size: int, drop_last: bool
 ) -> Any: ...
@@ -53,6 +55,20 @@ class DataGatherPlan:
 class DataSources:
     @property
     def num_rows(self) -> int: ...
+
+class MappedFile:
+    """A read-only memory map of a whole file (unmapped when the last reference goes)."""
+
+    def __init__(self, path: str) -> None: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def path(self) -> str: ...
+
+def parquet_decode(files: list[MappedFile], chunks: Any, outs: list[Any]) -> list[tuple[int, str]]:
+    """Decodes Parquet column chunks (rows of `chunks`: file, offset, size, physical type,
+    codec, values, max definition level, max repetition level) into `outs`; one
+    (status, message) per chunk: 0 decoded, 1 unsupported, 2 corrupt, 3 nulls."""
 
 class DataBatcher:
     def __init__(self, plan: DataGatherPlan, batch_size: int) -> None: ...

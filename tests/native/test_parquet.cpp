@@ -296,6 +296,52 @@ void test_decode(bool compress) {
   NATIVE_CHECK(threw);
 }
 
+// parquet-java's shapes: a one-entry dictionary with zero-width indices in a
+// bit-packed run of no bytes, and a v2 page of only nulls whose (compressed)
+// values section is empty.
+void test_writer_quirks() {
+  Bytes c;
+  const float one = 4.5f;
+  Bytes d(4);
+  std::memcpy(d.data(), &one, 4);
+  c = page(2, snappy(d), 4, [&](Writer& w) {
+    w.begin(7);
+    w.i32(1, 1);
+    w.i32(2, 0);
+    w.end();
+  });
+  Bytes raw(4);
+  const Bytes lv = rle(1, 5, 1);
+  const auto len = static_cast<uint32_t>(lv.size());
+  std::memcpy(raw.data(), &len, 4);
+  append(raw, lv);
+  raw.push_back(0);     // index bit width 0
+  raw.push_back(0x03);  // bit-packed run of one group, zero bytes
+  append(c, page(0, snappy(raw), raw.size(), [&](Writer& w) {
+           w.begin(5);
+           w.i32(1, 5);
+           w.i32(2, 8);
+           w.i32(3, 3);
+           w.i32(4, 3);
+           w.end();
+         }));
+  const Bytes nulls = rle(0, 3, 1);
+  append(c, page(3, nulls, nulls.size(), [&](Writer& w) {
+           w.begin(8);
+           w.i32(1, 3);
+           w.i32(2, 3);
+           w.i32(3, 3);
+           w.i32(4, 8);
+           w.i32(5, static_cast<int32_t>(nulls.size()));
+           w.i32(6, 0);
+           w.end();  // is_compressed defaults to true: an empty Snappy section
+         }));
+  std::vector<float> out(8);
+  decode_column_chunk(spec_of(c, true, 8), out.data());
+  for (int i = 0; i < 5; ++i) NATIVE_CHECK(out[static_cast<size_t>(i)] == one);
+  for (int i = 5; i < 8; ++i) NATIVE_CHECK(std::isnan(out[static_cast<size_t>(i)]));
+}
+
 // Random corruptions and truncations: exact-size heap copies, so ASan sees
 // any read past the end.
 void fuzz(bool compress, uint32_t seed) {
@@ -335,6 +381,7 @@ int main() {
   test_snappy();
   test_decode(false);
   test_decode(true);
+  test_writer_quirks();
   fuzz(false, 1);
   fuzz(true, 2);
   std::printf("test_parquet: ok\n");

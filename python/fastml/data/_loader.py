@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 # a different order, so it is refused.
 _STATE_VERSION = 2
 
+_PERM = "\0perm"  # the window's permutation, next to its column buffers (not a column name)
+
 
 def _check_int(name: str, value: Any, lo: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -147,6 +149,9 @@ class Loader:
         self._engine: Any = None
         self._parquet_files: dict[int, Any] = {}  # open ParquetFile objects by file number
         self._parquet_maps: dict[int, Any] = {}  # the same files memory-mapped (native decoder)
+        # Window buffers of the native Parquet decoder, reused across windows and epochs.
+        self._parquet_buffers: list[dict[str, np.ndarray]] = []
+        self._parquet_buffers_lock = threading.Lock()
         self._parquet_lock = threading.Lock()
         if not dataset.is_streamed:
             arrays = [a for _, a in dataset._iter_columns()]
@@ -350,6 +355,8 @@ class Loader:
                 f.close()
             self._parquet_files.clear()
             self._parquet_maps.clear()  # unmapped once no decode holds them
+        with self._parquet_buffers_lock:
+            self._parquet_buffers.clear()
         self._closed = True
 
     def __enter__(self) -> Loader:
@@ -593,39 +600,48 @@ def _parquet_batches(
         return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
 
     # Native decoding: columns fastml's decoder reads (see parquet_chunk_table)
-    # are decoded straight into window buffers that are reused from window to
-    # window (at most two windows live: the one being gathered and the one
-    # read ahead), so a value is decoded once, with no Arrow arrays and no
-    # fresh pages per window. Other columns, or a chunk the decoder reports as
-    # unsupported, go through pyarrow.
+    # are decoded straight into window buffers (and the window's permutation
+    # into one more), which the loader keeps from window to window and epoch
+    # to epoch: a value is decoded once, with no Arrow arrays and no fresh
+    # pages. At most two windows hold buffers at a time (the one being
+    # gathered and the one read ahead). Other columns, and any chunk the
+    # decoder reports as unsupported or corrupt, go through pyarrow (a chunk
+    # fails only if pyarrow cannot read it either).
     col_info = [ds.schema[c] for c in names]
-    free_buffers: list[dict[str, np.ndarray]] = []
-    buffers_lock = threading.Lock()
+    dtypes = [info.dtype if info.shape == () else None for info in col_info]
+    free_buffers = loader._parquet_buffers
+    buffers_lock = loader._parquet_buffers_lock
     window_cap = int(np.max(np.diff(starts))) if len(starts) > 1 else 0
 
     def chunk_table(f: int) -> np.ndarray:
         table = ds._parquet_chunks.get(f)
         if table is None:
-            table = ds._parquet_chunks[f] = parquet_chunk_table(files[f], names)
+            table = ds._parquet_chunks[f] = parquet_chunk_table(files[f], names, dtypes)
         return table
 
-    def take_buffers() -> dict[str, np.ndarray]:
+    def take_buffers(m: int) -> dict[str, np.ndarray]:
         with buffers_lock:
-            if free_buffers:
-                return free_buffers.pop()
-        return {
-            c: np.empty((window_cap, *info.shape), dtype=info.dtype)
+            while free_buffers:
+                bufs = free_buffers.pop()
+                if len(bufs[_PERM]) >= m:
+                    return bufs
+        cap = max(m, window_cap)
+        bufs = {
+            c: np.empty((cap, *info.shape), dtype=info.dtype)
             for c, info in zip(names, col_info, strict=True)
         }
+        bufs[_PERM] = np.empty(cap, dtype=np.int64)
+        return bufs
 
     def give_buffers(bufs: dict[str, np.ndarray] | None) -> None:
         if bufs is not None:
             with buffers_lock:
                 free_buffers.append(bufs)
 
-    def native_decode(groups: list[int]) -> tuple[dict[str, np.ndarray], list[Any]] | None:
-        """Decodes the window's chunks natively where possible; None when no
-        chunk of the window can be (the pyarrow path then reads it all)."""
+    def native_decode(groups: list[int]) -> dict[str, np.ndarray] | None:
+        """Decodes the window's chunks natively where possible, the rest with
+        pyarrow, into window buffers; None when no chunk of the window can be
+        decoded natively (the pyarrow path then reads it all)."""
         with read_lock:
             tables = []
             for g in groups:
@@ -635,14 +651,18 @@ def _parquet_batches(
                 tables.append(chunk_table(f)[rgs[g].index])
             if not any((t[:, 2] >= 0).any() for t in tables):
                 return None
-            for g in groups:
-                f = rgs[g].file
-                if f not in maps:
-                    maps[f] = _core.MappedFile(ds._files[f])
-        bufs = take_buffers()
-        try:
             file_ix: dict[int, int] = {}
             mapped: list[Any] = []
+            for g, t in zip(groups, tables, strict=True):
+                f = rgs[g].file
+                if f not in file_ix and (t[:, 2] >= 0).any():
+                    if f not in maps:
+                        maps[f] = _core.MappedFile(ds._files[f])
+                    file_ix[f] = len(mapped)
+                    mapped.append(maps[f])
+        m = sum(rgs[g].rows for g in groups)
+        bufs = take_buffers(m)
+        try:
             rows: list[Any] = []
             outs: list[np.ndarray] = []
             where: list[tuple[int, int]] = []  # (group, column) of each native chunk
@@ -654,34 +674,27 @@ def _parquet_batches(
                     if t[j, 2] < 0:
                         fallback.setdefault(g, []).append(j)
                         continue
-                    if f not in file_ix:
-                        file_ix[f] = len(mapped)
-                        mapped.append(maps[f])
                     rows.append((file_ix[f], *t[j]))
-                    outs.append(bufs[c][row0 : row0 + n_g].reshape(-1))
+                    outs.append(bufs[c][row0 : row0 + n_g])
                     where.append((g, j))
                 row0 += n_g
             results = _core.parquet_decode(mapped, np.array(rows, dtype=np.int64), outs)
+            failed: dict[tuple[int, int], str] = {}
             for (g, j), (status, msg) in zip(where, results, strict=True):
-                if status == 0:
-                    continue
-                path = ds._files[rgs[g].file]
-                if status == 1:
-                    fallback.setdefault(g, []).append(j)
-                elif status == 3:
+                if status == 3:
+                    path = ds._files[rgs[g].file]
                     raise ValueError(
                         f"column '{names[j]}' {msg} ({path!r}, row group {rgs[g].index})"
                     )
-                else:
-                    raise OSError(
-                        f"{path!r}: cannot read row group {rgs[g].index}, "
-                        f"column '{names[j]}': {msg}"
-                    )
+                if status != 0:
+                    fallback.setdefault(g, []).append(j)
+                    if status == 2:
+                        failed[(g, j)] = msg
             row0 = 0
             for g in groups:
                 cols = fallback.get(g)
                 if cols:
-                    part = read_groups([g], [names[j] for j in sorted(cols)])
+                    part = read_fallback(g, [names[j] for j in sorted(cols)], failed)
                     for j in cols:
                         a = arrow_column(names[j], part.column(names[j]))
                         a = np.concatenate(a) if isinstance(a, list) else a
@@ -690,32 +703,51 @@ def _parquet_batches(
                 else:
                     loader._py_stats["row_groups_read"] += 1
                 row0 += rgs[g].rows
-            return bufs, [bufs[c][:row0] for c in names]
+            return bufs
         except BaseException:
             give_buffers(bufs)
             raise
+
+    def read_fallback(g: int, columns: list[str], failed: dict[tuple[int, int], str]) -> Any:
+        """Columns of one row group read by pyarrow; if pyarrow fails on a chunk
+        the native decoder found corrupt, the error names both findings."""
+        try:
+            return read_groups([g], columns)
+        except OSError as e:
+            bad = [(names[j], msg) for (gg, j), msg in failed.items() if gg == g]
+            if not bad:
+                raise
+            path = ds._files[rgs[g].file]
+            c, msg = bad[0]
+            raise OSError(
+                f"{path!r}: cannot read row group {rgs[g].index}, column '{c}': {msg} "
+                f"(pyarrow: {e})"
+            ) from None
 
     def check_chunk(g: int, c: str, a: np.ndarray) -> None:
         if a.shape[1:] != ds.schema[c].shape or a.dtype != ds.schema[c].dtype:
             raise OSError(f"{ds._files[rgs[g].file]!r}: column '{c}' changed type")
 
     def load_window(wi: int) -> tuple[Any, np.ndarray, dict[str, np.ndarray] | None]:
-        decoded = native_decode(windows[wi])
-        if decoded is not None:
-            bufs, arrays = decoded
-        else:
-            bufs = None
-            table = read_groups(windows[wi], names)
-            arrays = [arrow_column(c, table.column(c)) for c in names]
-            for c, a in zip(names, arrays, strict=True):
-                check_chunk(windows[wi][0], c, first_chunk(a))
         m = int(starts[wi + 1] - starts[wi])
-        perm = (
-            _core.data_permutation(m, loader._seed, loader._epoch, 2 + wi)
-            if loader._shuffle
-            else np.arange(m, dtype=np.int64)
-        )
+        bufs = native_decode(windows[wi])
         try:
+            if bufs is not None:
+                arrays: list[Any] = [bufs[c][:m] for c in names]
+                perm_out = bufs[_PERM][:m]
+            else:
+                table = read_groups(windows[wi], names)
+                arrays = [arrow_column(c, table.column(c)) for c in names]
+                for c, a in zip(names, arrays, strict=True):
+                    check_chunk(windows[wi][0], c, first_chunk(a))
+                perm_out = None
+            if loader._shuffle:
+                perm = _core.data_permutation(m, loader._seed, loader._epoch, 2 + wi, perm_out)
+            elif perm_out is not None:
+                perm_out[:] = np.arange(m, dtype=np.int64)
+                perm = perm_out
+            else:
+                perm = np.arange(m, dtype=np.int64)
             return plan.bind(arrays), perm, bufs
         except BaseException:
             give_buffers(bufs)

@@ -305,7 +305,9 @@ _ARROW_TO_PHYSICAL = {
 }
 
 
-def parquet_chunk_table(pf: Any, names: list[str]) -> np.ndarray:
+def parquet_chunk_table(
+    pf: Any, names: list[str], dtypes: list[np.dtype | None] | None = None
+) -> np.ndarray:
     """Where the native decoder finds each column chunk of a Parquet file.
 
     Returns an int64 array (row groups, len(names), 7) of (offset, size,
@@ -313,6 +315,9 @@ def parquet_chunk_table(pf: Any, names: list[str]) -> np.ndarray:
     the physical type is -1 for a chunk the native decoder cannot read (a
     nested, boolean, narrow-integer, float16, dictionary-typed or timestamp-like
     column, another codec, ...), which the loader then reads with pyarrow.
+    ``dtypes`` (one per name, None for "never native") are the NumPy dtypes the
+    dataset expects: a column whose file type decodes to another is not native
+    (so a file rewritten with another type is caught by the pyarrow path).
     """
     md = pf.metadata
     arrow_schema = pf.schema_arrow
@@ -327,8 +332,13 @@ def parquet_chunk_table(pf: Any, names: list[str]) -> np.ndarray:
             continue
         i = found[0]
         col = pschema.column(i)
-        physical = _ARROW_TO_PHYSICAL.get(str(arrow_schema.field(name).type))
+        arrow_type = arrow_schema.field(name).type
+        physical = _ARROW_TO_PHYSICAL.get(str(arrow_type))
         if physical is None or col.physical_type != physical or col.max_repetition_level != 0:
+            continue
+        if dtypes is not None and (
+            dtypes[j] is None or np.dtype(arrow_type.to_pandas_dtype()) != dtypes[j]
+        ):
             continue
         for g in range(md.num_row_groups):
             rg = md.row_group(g)
