@@ -1,5 +1,7 @@
 #include "data/loader.hpp"
 
+#include <algorithm>
+
 #include "common/errors.hpp"
 #include "common/thread_pool.hpp"
 
@@ -54,6 +56,7 @@ int64_t PoolAllocator::reused() const {
 struct Engine::State : std::enable_shared_from_this<Engine::State> {
   struct Slot {
     Batch batch;
+    uint64_t generation = 0;  // the epoch it belongs to (stop() bumps State::generation)
     bool done = false;
     std::exception_ptr error;
   };
@@ -70,7 +73,25 @@ struct Engine::State : std::enable_shared_from_this<Engine::State> {
   uint64_t generation = 0;  // bumped by stop(): tasks of an old epoch do nothing
   int running = 0;
   std::deque<std::shared_ptr<Slot>> window;  // submitted, not yet consumed, in order
+  bool consumer_waiting = false;
   LoaderStats stats;
+
+  // Batches a waiting consumer wants finished before it wakes: the front one,
+  // and while more are coming, as many as leave max_running batches of the
+  // window for the workers to gather meanwhile. A loader-bound consumer then
+  // sleeps and wakes once per `wake_batches()` batches rather than once per
+  // batch (each wake-up is a futex round trip and two context switches),
+  // and the workers never run out of batches to gather.
+  int64_t wake_batches() const { return std::max(1, prefetch - max_running); }
+  bool consumer_can_go() const {
+    int64_t ready = 0;
+    for (const auto& s : window) {
+      if (!s->done) break;
+      ++ready;
+    }
+    if (ready == 0) return false;
+    return ready >= wake_batches() || ready == static_cast<int64_t>(window.size());
+  }
 
   // Submits gathers while the window and the running limit allow. Holds m.
   void pump() {
@@ -78,6 +99,7 @@ struct Engine::State : std::enable_shared_from_this<Engine::State> {
            running < max_running) {
       auto slot = std::make_shared<Slot>();
       slot->batch.index = next_submit++;
+      slot->generation = generation;
       window.push_back(slot);
       ++running;
       ThreadPool::global().submit([self = shared_from_this(), slot, gen = generation,
@@ -115,7 +137,8 @@ struct Engine::State : std::enable_shared_from_this<Engine::State> {
     stats.worker_seconds += spent;
     if (!cancelled) ++stats.gathered;
     if (gen == generation) pump();
-    cv.notify_all();
+    // Wake the consumer only once it can go on, and stop() once all is idle.
+    if (running == 0 || (consumer_waiting && consumer_can_go())) cv.notify_all();
   }
 
   void stop_locked(std::unique_lock<std::mutex>& lock) {
@@ -125,6 +148,7 @@ struct Engine::State : std::enable_shared_from_this<Engine::State> {
     for (auto& s : window) allocator->discard(s->batch);
     window.clear();
     rows.reset();
+    cv.notify_all();  // a consumer waiting in next() sees the epoch end
   }
 };
 
@@ -171,9 +195,18 @@ bool Engine::next(Batch& out) {
     if (s.window.empty()) return false;
   }
   auto slot = s.window.front();
-  const auto t0 = std::chrono::steady_clock::now();
-  s.cv.wait(lock, [&] { return slot->done; });
-  s.stats.wait_seconds += seconds_since(t0);
+  // A stop() on another thread bumps the generation first and waits for the
+  // running gathers with the lock released: from then on this epoch's slots
+  // (cancelled ones are "done" without rows) are never handed out.
+  if (slot->generation != s.generation) return false;
+  if (!slot->done) {
+    const auto t0 = std::chrono::steady_clock::now();
+    s.consumer_waiting = true;
+    s.cv.wait(lock, [&] { return slot->generation != s.generation || s.consumer_can_go(); });
+    s.consumer_waiting = false;
+    s.stats.wait_seconds += seconds_since(t0);
+    if (slot->generation != s.generation) return false;
+  }
   s.window.pop_front();
   if (slot->error) {
     s.stop_locked(lock);

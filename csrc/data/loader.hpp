@@ -83,7 +83,10 @@ class Engine {
   // `first_batch`; stops any epoch in progress first.
   void start(std::shared_ptr<const std::vector<int64_t>> rows, bool drop_last, int64_t first_batch);
   int64_t num_batches() const;
-  // Waits for the next batch in order; false when the epoch is done.
+  // Waits for the next batch in order; false when the epoch is done (or was
+  // stopped by another thread meanwhile). A consumer that has to wait sleeps
+  // until max(1, prefetch - max_running) batches are ready (or all that were
+  // submitted), so a loader-bound loop wakes once per few batches.
   // Rethrows a gather's error on the calling thread (and stops the epoch).
   bool next(Batch& out);
   // Cancels batches not started yet and waits for running gathers to finish.
