@@ -1,6 +1,7 @@
 #include "data/loader.hpp"
 
 #include <algorithm>
+#include <atomic>
 
 #include "common/errors.hpp"
 #include "common/thread_pool.hpp"
@@ -70,7 +71,9 @@ struct Engine::State : std::enable_shared_from_this<Engine::State> {
   std::condition_variable cv;
   std::shared_ptr<const std::vector<int64_t>> rows;
   int64_t num_batches = 0, next_submit = 0;
-  uint64_t generation = 0;  // bumped by stop(): tasks of an old epoch do nothing
+  // Bumped by stop() (under m): tasks of an old epoch do nothing. Atomic so a
+  // task can check it before gathering without taking m.
+  std::atomic<uint64_t> generation{0};
   int running = 0;
   std::deque<std::shared_ptr<Slot>> window;  // submitted, not yet consumed, in order
   bool consumer_waiting = false;
@@ -102,18 +105,14 @@ struct Engine::State : std::enable_shared_from_this<Engine::State> {
       slot->generation = generation;
       window.push_back(slot);
       ++running;
-      ThreadPool::global().submit([self = shared_from_this(), slot, gen = generation,
+      ThreadPool::global().submit([self = shared_from_this(), slot, gen = generation.load(),
                                    rows_ref = rows] { self->run(slot, gen, rows_ref); });
     }
   }
 
   void run(const std::shared_ptr<Slot>& slot, uint64_t gen,
            const std::shared_ptr<const std::vector<int64_t>>& rows_ref) {
-    bool cancelled;
-    {
-      std::lock_guard<std::mutex> lock(m);
-      cancelled = gen != generation;
-    }
+    const bool cancelled = gen != generation.load();
     double spent = 0;
     if (!cancelled) {
       const auto t0 = std::chrono::steady_clock::now();
@@ -131,14 +130,19 @@ struct Engine::State : std::enable_shared_from_this<Engine::State> {
       }
       spent = seconds_since(t0);
     }
-    std::lock_guard<std::mutex> lock(m);
-    slot->done = true;
-    --running;
-    stats.worker_seconds += spent;
-    if (!cancelled) ++stats.gathered;
-    if (gen == generation) pump();
-    // Wake the consumer only once it can go on, and stop() once all is idle.
-    if (running == 0 || (consumer_waiting && consumer_can_go())) cv.notify_all();
+    bool wake;
+    {
+      std::lock_guard<std::mutex> lock(m);
+      slot->done = true;
+      --running;
+      stats.worker_seconds += spent;
+      if (!cancelled) ++stats.gathered;
+      if (gen == generation) pump();
+      // Wake the consumer only once it can go on, and stop() once all is idle.
+      wake = running == 0 || (consumer_waiting && consumer_can_go());
+    }
+    // After unlocking: a woken thread does not block on m straight away.
+    if (wake) cv.notify_all();
   }
 
   void stop_locked(std::unique_lock<std::mutex>& lock) {
