@@ -59,7 +59,9 @@ class Loader:
     drop_last: drop the final incomplete batch.
     num_threads: at most this many batches are gathered at once on fastml's shared
         pool (default: the pool's size). Never changes the batches.
-    prefetch: batches gathered ahead of the consumer (>= 1). Parquet batches are
+    prefetch: batches gathered ahead of the consumer (>= 1). A consumer that has
+        to wait is woken once ``max(1, prefetch - num_threads)`` batches are
+        ready (fewer wake-ups when loader-bound). Parquet batches are
         made and handed over in chunks of up to
         ``min(256, max(4 * prefetch, ceil(65536 / batch_size)))`` batches, so up
         to about three chunks can be ahead there.
