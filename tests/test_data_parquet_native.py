@@ -322,13 +322,56 @@ def test_chunks_the_decoder_rejects_are_read_by_pyarrow(tmp_path, monkeypatch):
         res = real(files, chunks, outs)
         calls.append(len(res))
         # Every other chunk "fails": alternately corrupt and unsupported.
-        return [(2 if k % 4 == 0 else 1, "injected") if k % 2 == 0 else r for k, r in enumerate(res)]
+        return [
+            (2 if k % 4 == 0 else 1, "injected") if k % 2 == 0 else r for k, r in enumerate(res)
+        ]
 
     monkeypatch.setattr(_core, "parquet_decode", flaky)
-    loader = data.Loader(data.Dataset.from_parquet(path), batch_size=300, shuffle=False,
-                         shuffle_buffer=1000)
+    loader = data.Loader(
+        data.Dataset.from_parquet(path), batch_size=300, shuffle=False, shuffle_buffer=1000
+    )
     got = list(loader)
     assert calls
     np.testing.assert_array_equal(np.concatenate([b["i"] for b in got]), table["i"].to_numpy())
     np.testing.assert_array_equal(np.concatenate([b["x"] for b in got]), table["x"].to_numpy())
     assert loader.stats()["row_groups_read"] == 4
+
+
+def test_column_subset_and_many_files_through_the_native_path(tmp_path):
+    rng = np.random.default_rng(4)
+    parts = []
+    for k, n in enumerate([700, 1300, 1]):
+        t = pa.table(
+            {
+                "a": rng.standard_normal(n),
+                "skip": rng.integers(0, 5, n).astype(np.int8),
+                "b": pa.array(rng.integers(0, 9, n).astype(np.int32), mask=None),
+                "c": rng.random(n).astype(np.float32),
+            }
+        )
+        pq.write_table(
+            t,
+            tmp_path / f"p{k}.parquet",
+            row_group_size=500,
+            compression="snappy" if k != 1 else "none",
+        )
+        parts.append(t)
+    ds = data.Dataset.from_parquet(str(tmp_path / "p*.parquet"), columns=["c", "a"])
+    assert ds.columns == ["c", "a"]
+    loader = data.Loader(ds, batch_size=128, shuffle=False, shuffle_buffer=600)
+    got = list(loader)
+    for c in ("c", "a"):
+        ref = np.concatenate([t[c].to_numpy() for t in parts])
+        np.testing.assert_array_equal(np.concatenate([b[c] for b in got]), ref)
+    assert set(got[0]) == {"c", "a"}
+    # Shuffled: the same rows, each batch's columns consistent with each other.
+    loader = data.Loader(ds, batch_size=100, shuffle=True, seed=3, shuffle_buffer=600)
+    pairs = np.concatenate([np.stack([b["a"], b["c"].astype(np.float64)], 1) for b in loader])
+    ref = np.stack(
+        [
+            np.concatenate([t["a"].to_numpy() for t in parts]),
+            np.concatenate([t["c"].to_numpy() for t in parts]).astype(np.float64),
+        ],
+        1,
+    )
+    assert sorted(map(tuple, pairs)) == sorted(map(tuple, ref))
