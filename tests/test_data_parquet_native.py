@@ -375,3 +375,37 @@ def test_column_subset_and_many_files_through_the_native_path(tmp_path):
         1,
     )
     assert sorted(map(tuple, pairs)) == sorted(map(tuple, ref))
+
+
+@pytest.mark.parametrize("compression", ["snappy", "uncompressed"])
+def test_files_written_by_polars(tmp_path, compression):
+    """polars writes Parquet with its own (Rust) writer: other page layouts."""
+    pl = pytest.importorskip("polars")
+    rng = np.random.default_rng(9)
+    n = 30_000
+    df = pl.DataFrame(
+        {
+            "f32": rng.standard_normal(n).astype(np.float32),
+            "f64": rng.standard_normal(n),
+            "i64": rng.integers(-1000, 1000, n),
+            "i32": rng.integers(0, 7, n).astype(np.int32),
+            "u32": rng.integers(0, 2**32 - 1, n, dtype=np.uint32),
+            "u64": rng.integers(0, 2**63, n, dtype=np.uint64),
+        }
+    )
+    df = df.with_columns(
+        pl.when(pl.col("i32") == 3).then(None).otherwise(pl.col("f32")).alias("f32_nulls")
+    )
+    for stats in (True, False):
+        path = tmp_path / f"polars_{stats}.parquet"
+        df.write_parquet(
+            path,
+            compression=compression,
+            statistics=stats,
+            row_group_size=12_000,
+            data_page_size=8192,
+        )
+        names = pq.ParquetFile(path).schema_arrow.names
+        for g, j, status, msg, got in _decode_chunks(path):
+            assert status == 0, (names[j], msg)
+            _assert_same(got, _reference(path, g, names[j]))
