@@ -1,6 +1,7 @@
 #include "data/shuffle.hpp"
 
 #include <algorithm>
+#include <memory>
 
 #include "common/errors.hpp"
 #include "common/thread_pool.hpp"
@@ -78,12 +79,18 @@ void permutation(int64_t n, uint64_t seed, uint64_t epoch, uint64_t stream, int6
   };
   const int64_t chunk = (n + kChunks - 1) / kChunks;
   std::vector<int64_t> counts(static_cast<size_t>(kChunks * kBuckets), 0);
+  // Each row's bucket, computed once for the counting and the scatter pass.
+  std::unique_ptr<uint16_t[]> bucket(new uint16_t[static_cast<size_t>(n)]);
   ThreadPool& pool = ThreadPool::global();
   pool.parallel_for(0, kChunks, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) {
       int64_t* cnt = counts.data() + c * kBuckets;
       const int64_t end = std::min(n, (c + 1) * chunk);
-      for (int64_t i = c * chunk; i < end; ++i) ++cnt[bucket_of(i)];
+      for (int64_t i = c * chunk; i < end; ++i) {
+        const auto b = static_cast<uint16_t>(bucket_of(i));
+        bucket[static_cast<size_t>(i)] = b;
+        ++cnt[b];
+      }
     }
   });
   // Bucket-major offsets: bucket b's rows from chunk 0, then chunk 1, ...
@@ -103,7 +110,7 @@ void permutation(int64_t n, uint64_t seed, uint64_t epoch, uint64_t stream, int6
     for (int64_t c = lo; c < hi; ++c) {
       int64_t* next = counts.data() + c * kBuckets;
       const int64_t end = std::min(n, (c + 1) * chunk);
-      for (int64_t i = c * chunk; i < end; ++i) out[next[bucket_of(i)]++] = i;
+      for (int64_t i = c * chunk; i < end; ++i) out[next[bucket[static_cast<size_t>(i)]]++] = i;
     }
   });
   pool.parallel_for(0, kBuckets, 16, [&](int64_t lo, int64_t hi) {
