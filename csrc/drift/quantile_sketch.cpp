@@ -56,6 +56,44 @@ void QuantileSketch::update_many(const double* x, int64_t n) {
   }
 }
 
+namespace {
+
+// Sorts a level's items. Level 0 holds few items in arrival order (a plain
+// insertion sort beats std::sort's there); higher levels are a few sorted runs
+// appended one after another (compacted output is sorted), merged in place.
+// Any correct sort gives the same sequence, so the sketch is unchanged.
+void sort_items(std::vector<double>& v) {
+  const size_t n = v.size();
+  if (n <= 24) {
+    for (size_t i = 1; i < n; ++i) {
+      const double x = v[i];
+      size_t j = i;
+      for (; j > 0 && v[j - 1] > x; --j) v[j] = v[j - 1];
+      v[j] = x;
+    }
+    return;
+  }
+  size_t starts[4];
+  size_t runs = 0;
+  for (size_t i = 1; i < n; ++i) {
+    if (v[i] < v[i - 1]) {
+      if (runs == 4) {
+        std::sort(v.begin(), v.end());
+        return;
+      }
+      starts[runs++] = i;
+    }
+  }
+  // Merge the runs left to right: [0, s0) with [s0, s1), then with [s1, s2), ...
+  for (size_t r = 0; r < runs; ++r) {
+    const size_t end = r + 1 < runs ? starts[r + 1] : n;
+    std::inplace_merge(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(starts[r]),
+                       v.begin() + static_cast<std::ptrdiff_t>(end));
+  }
+}
+
+}  // namespace
+
 void QuantileSketch::compact_level(int h) {
   if (h + 1 >= num_levels()) {
     FASTML_ASSERT(num_levels() < kMaxLevels);
@@ -64,7 +102,7 @@ void QuantileSketch::compact_level(int h) {
   }
   auto& items = levels_[h];
   auto& up = levels_[h + 1];
-  std::sort(items.begin(), items.end());
+  sort_items(items);
   // An odd item stays behind so the compacted pairs keep the total weight.
   const size_t pairs = items.size() / 2;
   const size_t keep = items.size() - 2 * pairs;
