@@ -372,12 +372,15 @@ class DataEngine {
 
   int64_t num_rows() const { return num_rows_; }
 
-  int64_t start(bool shuffle, uint64_t seed, uint64_t epoch, int64_t rank, int64_t world_size,
-                bool drop_last, int64_t first_batch) {
+  // Starts an epoch; returns its token for next() (see data::Engine::start).
+  uint64_t start(bool shuffle, uint64_t seed, uint64_t epoch, int64_t rank, int64_t world_size,
+                 bool drop_last, int64_t first_batch) {
     const RowsKey key{shuffle, seed, epoch, rank, world_size, drop_last};
+    uint64_t token;
     {
       // Pure computation on native memory (and waiting for old gathers).
       py::gil_scoped_release release;
+      std::lock_guard<std::mutex> guard(start_mutex_);  // ahead_ is shared by start() calls
       std::shared_ptr<const std::vector<int64_t>> rows;
       if (ahead_.valid() && ahead_key_ == key) {
         rows = ahead_.get();
@@ -386,7 +389,7 @@ class DataEngine {
             data::epoch_rows(num_rows_, shuffle, seed, epoch, rank, world_size, drop_last));
       }
       ahead_ = {};
-      engine_->start(rows, drop_last, first_batch);
+      token = engine_->start(rows, drop_last, first_batch);
       // The next epoch's order is computed on the pool while this one runs,
       // so an epoch boundary does not stall the consumer.
       RowsKey next = key;
@@ -404,16 +407,18 @@ class DataEngine {
         }
       });
     }
-    return engine_->num_batches();
+    return token;
   }
 
-  py::object next() {
+  // The next batch of the epoch `token` names; None at its end, or once a
+  // newer epoch has started (an old iteration never takes a new one's batch).
+  py::object next(uint64_t token) {
     data::Batch b;
     bool ok;
     {
       // Waiting touches only the engine's own state; workers never need the GIL.
       py::gil_scoped_release release;
-      ok = engine_->next(b);
+      ok = engine_->next(b, token);
     }
     if (!ok) return py::none();
     return plan_->to_dict(b);
@@ -457,6 +462,7 @@ class DataEngine {
   };
   RowsKey ahead_key_{};
   std::shared_future<RowsPtr> ahead_;  // the order of the epoch after the current one
+  std::mutex start_mutex_;
 };
 
 // device="cuda": batches gathered into page-locked pool buffers are copied to
@@ -783,7 +789,7 @@ void register_data(py::module_& m) {
       .def_property_readonly("num_rows", &DataEngine::num_rows)
       .def("start", &DataEngine::start, py::arg("shuffle"), py::arg("seed"), py::arg("epoch"),
            py::arg("rank"), py::arg("world_size"), py::arg("drop_last"), py::arg("first_batch"))
-      .def("next", &DataEngine::next)
+      .def("next", &DataEngine::next, py::arg("token"))
       .def("stop", &DataEngine::stop)
       .def("stats", &DataEngine::stats);
 }

@@ -93,6 +93,7 @@ struct Engine::State : std::enable_shared_from_this<Engine::State> {
       ++ready;
     }
     if (ready == 0) return false;
+    if (window.front()->error) return true;  // report a failed gather at once
     return ready >= wake_batches() || ready == static_cast<int64_t>(window.size());
   }
 
@@ -145,14 +146,20 @@ struct Engine::State : std::enable_shared_from_this<Engine::State> {
     if (wake) cv.notify_all();
   }
 
-  void stop_locked(std::unique_lock<std::mutex>& lock) {
-    ++generation;
+  // Ends the epoch: cancels what has not started and waits (m released) for
+  // running gathers. Returns false when a newer start() or stop() on another
+  // thread bumped the generation meanwhile: that call owns the state now (it
+  // cleans up after this epoch too), so this one must not touch it.
+  bool stop_locked(std::unique_lock<std::mutex>& lock) {
+    const uint64_t mine = ++generation;
     num_batches = next_submit = 0;
     cv.wait(lock, [&] { return running == 0; });
+    if (generation != mine) return false;
     for (auto& s : window) allocator->discard(s->batch);
     window.clear();
     rows.reset();
     cv.notify_all();  // a consumer waiting in next() sees the epoch end
+    return true;
   }
 };
 
@@ -173,17 +180,20 @@ Engine::~Engine() {
   stop();
 }
 
-void Engine::start(std::shared_ptr<const std::vector<int64_t>> rows, bool drop_last,
-                   int64_t first_batch) {
-  std::unique_lock<std::mutex> lock(state_->m);
-  state_->stop_locked(lock);
+uint64_t Engine::start(std::shared_ptr<const std::vector<int64_t>> rows, bool drop_last,
+                       int64_t first_batch) {
   const int64_t n = batch_count(static_cast<int64_t>(rows->size()), state_->batch_size, drop_last);
   FASTML_CHECK_ARG(first_batch >= 0 && first_batch <= n, "first_batch", "must be in [0, ", n,
                    "], got ", first_batch);
+  std::unique_lock<std::mutex> lock(state_->m);
+  // Superseded by a start() on another thread while waiting for the old
+  // epoch's gathers: that one wins, and this epoch's token is already stale.
+  if (!state_->stop_locked(lock)) return state_->generation - 1;
   state_->rows = std::move(rows);
   state_->num_batches = n;
   state_->next_submit = first_batch;
   state_->pump();
+  return state_->generation;
 }
 
 int64_t Engine::num_batches() const {
@@ -191,9 +201,10 @@ int64_t Engine::num_batches() const {
   return state_->num_batches;
 }
 
-bool Engine::next(Batch& out) {
+bool Engine::next(Batch& out, uint64_t epoch) {
   State& s = *state_;
   std::unique_lock<std::mutex> lock(s.m);
+  if (epoch != kAnyEpoch && epoch != s.generation) return false;  // a newer epoch started
   if (s.window.empty()) {
     s.pump();
     if (s.window.empty()) return false;

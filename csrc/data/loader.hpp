@@ -81,14 +81,20 @@ class Engine {
 
   // Starts an epoch over `rows` (row indices into the columns) at batch
   // `first_batch`; stops any epoch in progress first.
-  void start(std::shared_ptr<const std::vector<int64_t>> rows, bool drop_last, int64_t first_batch);
+  // Returns the epoch's token for next(); a start() on another thread that
+  // begins later wins, and this call's token is then already stale.
+  uint64_t start(std::shared_ptr<const std::vector<int64_t>> rows, bool drop_last,
+                 int64_t first_batch);
   int64_t num_batches() const;
   // Waits for the next batch in order; false when the epoch is done (or was
   // stopped by another thread meanwhile). A consumer that has to wait sleeps
   // until max(1, prefetch - max_running) batches are ready (or all that were
   // submitted), so a loader-bound loop wakes once per few batches.
   // Rethrows a gather's error on the calling thread (and stops the epoch).
-  bool next(Batch& out);
+  // With `epoch` (a token from start()), false as soon as another epoch has
+  // started, so a consumer of an old iteration never takes a new epoch's batch.
+  static constexpr uint64_t kAnyEpoch = ~uint64_t{0};
+  bool next(Batch& out, uint64_t epoch = kAnyEpoch);
   // Cancels batches not started yet and waits for running gathers to finish.
   void stop();
   LoaderStats stats() const;

@@ -395,7 +395,7 @@ class _EngineStream(_Stream):
         self._engine = loader._engine
         self._closed = False
         self._pid = os.getpid()
-        self._engine.start(
+        self._token = self._engine.start(
             loader._shuffle,
             loader._seed,
             loader._epoch,
@@ -408,7 +408,7 @@ class _EngineStream(_Stream):
     def next(self) -> dict[str, np.ndarray] | None:
         if self._closed:
             return None
-        return self._engine.next()
+        return self._engine.next(self._token)
 
     def close(self) -> None:
         if not self._closed:
