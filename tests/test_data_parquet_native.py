@@ -301,6 +301,9 @@ def test_decode_argument_errors(tmp_path):
         _core.parquet_decode([mf], far, [np.empty(1000, np.float32)])
     with pytest.raises(ValueError, match="chunks"):
         _core.parquet_decode([], row, [np.empty(1000, np.float32)])
+    shared = np.empty(1000, np.float32)
+    with pytest.raises(ValueError, match="overlap"):
+        _core.parquet_decode([mf], np.concatenate([row, row]), [shared, shared])
     with pytest.raises(FileNotFoundError, match="missing"):
         _core.MappedFile(str(tmp_path / "missing.parquet"))
     with pytest.raises(OSError, match="not a regular file"):

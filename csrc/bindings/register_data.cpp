@@ -663,6 +663,19 @@ py::list parquet_decode(const std::vector<std::shared_ptr<MappedFile>>& files,
                      " values of ", size, " bytes");
     dst[static_cast<size_t>(i)] = v.data;
   }
+  {
+    // The chunks are decoded in parallel: their outputs must not overlap.
+    std::vector<std::pair<uintptr_t, uintptr_t>> spans;
+    for (int64_t i = 0; i < k; ++i) {
+      const auto a = reinterpret_cast<uintptr_t>(dst[static_cast<size_t>(i)]);
+      spans.emplace_back(a, a + static_cast<uintptr_t>(keep[static_cast<size_t>(i)].view.nbytes()));
+    }
+    std::sort(spans.begin(), spans.end());
+    for (size_t i = 1; i < spans.size(); ++i) {
+      FASTML_CHECK_ARG(spans[i].first >= spans[i - 1].second, "outs",
+                       "arrays overlap (each chunk needs memory of its own)");
+    }
+  }
   std::vector<int> status(static_cast<size_t>(k), 0);
   std::vector<std::string> message(static_cast<size_t>(k));
   {
