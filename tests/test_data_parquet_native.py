@@ -19,7 +19,19 @@ from hypothesis import strategies as st
 from fastml import _core, data
 from fastml.data._sources import parquet_chunk_table
 
-NATIVE_DTYPES = ["int32", "int64", "uint32", "uint64", "float32", "float64"]
+NATIVE_DTYPES = [
+    "int8",
+    "uint8",
+    "int16",
+    "uint16",
+    "int32",
+    "int64",
+    "uint32",
+    "uint64",
+    "float32",
+    "float64",
+    "bool",
+]
 
 
 def _decode_chunks(path) -> list[tuple[int, int, int, str, np.ndarray | None]]:
@@ -66,6 +78,9 @@ def _columns(rng: np.random.Generator, n: int, dtypes: list[str], distinct: int,
     cols = {}
     for k, dt in enumerate(dtypes):
         kind = np.dtype(dt).kind
+        if kind == "b":
+            cols[f"c{k}_{dt}"] = pa.array(rng.random(n) < rng.random())
+            continue
         if kind == "f":
             pool = rng.standard_normal(distinct).astype(dt)
             pool[: min(2, distinct)] = [np.inf, -0.0][: min(2, distinct)]
@@ -144,8 +159,8 @@ def test_loader_reads_native_and_fallback_columns_like_pyarrow(tmp_path):
             "f64": rng.standard_normal(n),
             "i64": rng.integers(-(2**40), 2**40, n),
             "u32": rng.integers(0, 2**32 - 1, n, dtype=np.uint32),
-            "i8": rng.integers(-100, 100, n).astype(np.int8),  # INT32 physical: pyarrow path
-            "b": rng.random(n) < 0.5,  # BOOLEAN: pyarrow path
+            "i8": rng.integers(-100, 100, n).astype(np.int8),  # INT32 physical, narrowed
+            "b": rng.random(n) < 0.5,  # BOOLEAN
             "h": rng.random(n).astype(np.float16),  # FIXED_LEN_BYTE_ARRAY: pyarrow path
             "d": pa.array(rng.integers(0, 5, n).astype(np.int32)).dictionary_encode(),
         }
@@ -154,7 +169,7 @@ def test_loader_reads_native_and_fallback_columns_like_pyarrow(tmp_path):
     pq.write_table(table, path, row_group_size=700, data_page_size=2000)
     eligible = parquet_chunk_table(pq.ParquetFile(path), table.column_names)[:, :, 2] >= 0
     # An Arrow dictionary of int32 is stored as int32 values (pyarrow reads it back so).
-    assert eligible[:, [0, 1, 2, 3, 7]].all() and not eligible[:, 4:7].any()
+    assert eligible[:, [0, 1, 2, 3, 4, 5, 7]].all() and not eligible[:, 6].any()  # float16: pyarrow
     ds = data.Dataset.from_parquet(path)
     loader = data.Loader(ds, batch_size=333, shuffle=False, shuffle_buffer=1400)
     got = {c: np.concatenate([b[c] for b in loader]) for c in table.column_names}

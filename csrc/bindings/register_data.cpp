@@ -652,15 +652,12 @@ py::list parquet_decode(const std::vector<std::shared_ptr<MappedFile>>& files,
     s.max_rep_level = static_cast<int>(r[7]);
     keep.push_back(bind_array(outs[static_cast<size_t>(i)], "outs", ospec));
     const ArrayView& v = keep.back().view;
-    int size = 0;
-    try {
-      size = data::parquet::value_size(s.physical_type);
-    } catch (const data::parquet::Unsupported&) {
-    }
-    FASTML_CHECK_ARG(size == 0 || (s.num_values >= 0 && s.num_values <= v.nbytes() / size &&
-                                   v.nbytes() == s.num_values * size),
-                     "outs", "[", i, "] has ", v.nbytes(), " bytes for a chunk of ", s.num_values,
-                     " values of ", size, " bytes");
+    const auto size = static_cast<int64_t>(v.itemsize());
+    s.out_size = static_cast<int>(size);
+    FASTML_CHECK_ARG(
+        s.num_values >= 0 && s.num_values <= v.nbytes() / size && v.nbytes() == s.num_values * size,
+        "outs", "[", i, "] has ", v.nbytes(), " bytes for a chunk of ", s.num_values, " values of ",
+        size, " bytes");
     dst[static_cast<size_t>(i)] = v.data;
   }
   {

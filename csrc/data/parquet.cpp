@@ -494,9 +494,47 @@ struct Dictionary {
 constexpr uint64_t kMaxPaddedDictBytes = uint64_t{4} << 20;
 
 // `n` values of width sizeof(T) (bit patterns) into out.
+// Booleans: PLAIN is one bit per value (LSB first); RLE (v2 pages) is the
+// hybrid at bit width 1 after a 4-byte length.
+void decode_booleans(int32_t encoding, const uint8_t* p, const uint8_t* end, int64_t n,
+                     uint8_t* out) {
+  if (encoding == kPlain) {
+    if (static_cast<size_t>((n + 7) / 8) > left(p, end)) {
+      corrupt("PLAIN boolean page holds fewer values than its header says");
+    }
+    for (int64_t i = 0; i < n; ++i) out[i] = (p[i >> 3] >> (i & 7)) & 1u;
+    return;
+  }
+  if (encoding != kRle) throw Unsupported(detail::concat("boolean encoding ", encoding));
+  if (left(p, end) < 4) corrupt("RLE boolean page is truncated");
+  uint32_t len;
+  std::memcpy(&len, p, 4);
+  p += 4;
+  if (len > left(p, end)) corrupt("RLE boolean data of ", len, " bytes runs past the page");
+  Hybrid h(p, p + len, 1);
+  Hybrid::Run r;
+  int64_t done = 0;
+  while (done < n) {
+    if (!h.next(r)) corrupt("RLE booleans end after ", done, " of ", n, " values");
+    const int64_t m = std::min(r.count, n - done);
+    if (r.rle) {
+      std::fill(out + done, out + done + m, static_cast<uint8_t>(r.value));
+    } else {
+      uint8_t* o = out + done;
+      h.visit(r, m, [o](int64_t k, uint32_t v) { o[k] = static_cast<uint8_t>(v); });
+    }
+    done += m;
+  }
+}
+
 template <typename T>
 void decode_values(int32_t encoding, const uint8_t* p, const uint8_t* end, int64_t n,
                    const Dictionary& dict, T* out) {
+  if constexpr (sizeof(T) == 1) {
+    (void)dict;
+    decode_booleans(encoding, p, end, n, out);
+    return;
+  }
   const size_t need = static_cast<size_t>(n) * sizeof(T);
   switch (encoding) {
     case kPlain:
@@ -632,6 +670,7 @@ void decode_chunk(const ChunkSpec& s, T* out) {
         throw Unsupported(detail::concat("dictionary page encoding ", h.encoding));
       }
       if (h.num_values < 0) corrupt("dictionary page with ", h.num_values, " values");
+      if (sizeof(T) == 1) throw Unsupported("dictionary-encoded booleans");
       // Padded to a power of two entries (see kMaxPaddedDictBytes), the
       // padding initialized.
       const uint64_t padded = uint64_t{1} << bit_width_of(h.num_values);
@@ -722,6 +761,7 @@ void decode_chunk(const ChunkSpec& s, T* out) {
 
 int value_size(int physical_type) {
   switch (physical_type) {
+    case kBoolean: return 1;
     case kInt32:
     case kFloat: return 4;
     case kInt64:
@@ -742,10 +782,30 @@ void decode_column_chunk(const ChunkSpec& spec, void* out) {
   if (spec.num_values < 0 || spec.size < 0 || (spec.size > 0 && spec.data == nullptr)) {
     corrupt("bad column chunk bounds");
   }
-  if (size == 4) {
-    decode_chunk<uint32_t>(spec, static_cast<uint32_t*>(out));
+  const int out_size = spec.out_size == 0 ? size : spec.out_size;
+  if (out_size == size) {
+    switch (size) {
+      case 1: decode_chunk<uint8_t>(spec, static_cast<uint8_t*>(out)); return;
+      case 4: decode_chunk<uint32_t>(spec, static_cast<uint32_t*>(out)); return;
+      default: decode_chunk<uint64_t>(spec, static_cast<uint64_t*>(out)); return;
+    }
+  }
+  if (spec.physical_type != kInt32 || (out_size != 1 && out_size != 2)) {
+    throw Unsupported(
+        detail::concat("physical type ", spec.physical_type, " into ", out_size, "-byte values"));
+  }
+  // 8- and 16-bit integers: decoded as INT32, then their low bytes kept.
+  std::unique_ptr<uint32_t[]> wide(
+      new uint32_t[static_cast<size_t>(std::max<int64_t>(spec.num_values, 1))]);
+  decode_chunk<uint32_t>(spec, wide.get());
+  if (out_size == 1) {
+    auto* o = static_cast<uint8_t*>(out);
+    for (int64_t i = 0; i < spec.num_values; ++i)
+      o[i] = static_cast<uint8_t>(wide[static_cast<size_t>(i)]);
   } else {
-    decode_chunk<uint64_t>(spec, static_cast<uint64_t*>(out));
+    auto* o = static_cast<uint16_t*>(out);
+    for (int64_t i = 0; i < spec.num_values; ++i)
+      o[i] = static_cast<uint16_t>(wide[static_cast<size_t>(i)]);
   }
 }
 

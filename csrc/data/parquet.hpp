@@ -1,12 +1,13 @@
 // A Parquet column-chunk decoder for the loader's hot path: flat (non-nested)
-// columns of fixed-width physical types (INT32, INT64, FLOAT, DOUBLE), PLAIN,
-// dictionary (RLE_DICTIONARY / PLAIN_DICTIONARY) and BYTE_STREAM_SPLIT
-// encodings, data pages v1 and v2, uncompressed or Snappy-compressed.
+// columns of physical types BOOLEAN, INT32 (also as 8/16-bit integers), INT64,
+// FLOAT and DOUBLE; PLAIN, dictionary (RLE_DICTIONARY / PLAIN_DICTIONARY),
+// BYTE_STREAM_SPLIT and (booleans) RLE encodings; data pages v1 and v2,
+// uncompressed or Snappy-compressed.
 //
 // It decodes one column chunk straight into a caller-owned buffer (the
 // loader's reused window buffers), so a shuffled epoch decodes each value once
-// with no intermediate Arrow arrays. Everything else (other codecs, nested or
-// boolean columns, DELTA encodings, ...) is reported as Unsupported and the
+// with no intermediate Arrow arrays. Everything else (other codecs, nested
+// columns, DELTA encodings, ...) is reported as Unsupported and the
 // loader reads that chunk with pyarrow instead. The file footer (schema, row
 // groups, chunk offsets) is read by pyarrow; only pages are parsed here.
 //
@@ -25,7 +26,7 @@
 namespace fastml::data::parquet {
 
 // Parquet's enums (parquet.thrift).
-enum PhysicalType : int { kInt32 = 1, kInt64 = 2, kFloat = 4, kDouble = 5 };
+enum PhysicalType : int { kBoolean = 0, kInt32 = 1, kInt64 = 2, kFloat = 4, kDouble = 5 };
 enum Codec : int { kUncompressed = 0, kSnappy = 1 };
 
 // A chunk this decoder does not handle; the caller falls back to another reader.
@@ -47,16 +48,20 @@ struct ChunkSpec {
   int64_t num_values = 0;         // values in the chunk (= rows for flat columns)
   int max_def_level = 0;          // 0: required column, 1: optional
   int max_rep_level = 0;          // must be 0 (flat)
+  int out_size = 0;               // bytes per output value; 0: the physical type's own
 };
 
-// Bytes per value of a supported physical type (Unsupported otherwise).
+// Bytes per value of a supported physical type (Unsupported otherwise);
+// BOOLEAN decodes to one byte (0 or 1, as NumPy's bool).
 int value_size(int physical_type);
 
-// Decodes the chunk's num_values values into `out` (num_values * value_size
-// bytes, little-endian, as NumPy stores them). Nulls become NaN in FLOAT and
-// DOUBLE columns; in integer columns they throw NullValues. Throws IOError
-// for corrupt data and Unsupported for features outside this decoder (when it
-// throws, `out` may be partly written).
+// Decodes the chunk's num_values values into `out` (num_values * out_size
+// bytes, little-endian, as NumPy stores them). out_size is the physical
+// type's size, or 1 or 2 for INT32 columns holding 8- or 16-bit integers
+// (Parquet stores those as INT32; the low bytes are kept, as Arrow does).
+// Nulls become NaN in FLOAT and DOUBLE columns; in other columns they throw
+// NullValues. Throws IOError for corrupt data and Unsupported for features
+// outside this decoder (when it throws, `out` may be partly written).
 void decode_column_chunk(const ChunkSpec& spec, void* out);
 
 // Snappy (raw format, as Parquet uses it). The length the stream says it

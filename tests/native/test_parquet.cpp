@@ -375,6 +375,73 @@ void fuzz(bool compress, uint32_t seed) {
               failed);
 }
 
+// BOOLEAN: a v1 PLAIN page (bits, LSB first) and a v2 RLE page (4-byte length,
+// hybrid at width 1), both required; then random corruptions of the chunk.
+void test_booleans() {
+  Bytes c;
+  std::vector<uint8_t> expected;
+  Bytes bits(3, 0);
+  for (int i = 0; i < 19; ++i) {
+    const uint8_t v = static_cast<uint8_t>((i * 5 + 1) % 3 == 0);
+    expected.push_back(v);
+    if (v) bits[static_cast<size_t>(i / 8)] |= static_cast<uint8_t>(1 << (i % 8));
+  }
+  append(c, page(0, bits, bits.size(), [&](Writer& w) {
+           w.begin(5);
+           w.i32(1, 19);
+           w.i32(2, 0);  // PLAIN
+           w.i32(3, 3);
+           w.i32(4, 3);
+           w.end();
+         }));
+  std::vector<uint32_t> vals;
+  for (int i = 0; i < 21; ++i) vals.push_back(static_cast<uint32_t>(i % 4 == 1));
+  Bytes hybrid = rle(1, 5, 1);
+  append(hybrid, bitpacked(vals, 1));
+  Bytes body(4);
+  const auto len = static_cast<uint32_t>(hybrid.size());
+  std::memcpy(body.data(), &len, 4);
+  append(body, hybrid);
+  append(c, page(3, body, body.size(), [&](Writer& w) {
+           w.begin(8);
+           w.i32(1, 26);
+           w.i32(2, 0);
+           w.i32(3, 26);
+           w.i32(4, 3);  // RLE
+           w.i32(5, 0);
+           w.i32(6, 0);
+           w.boolean(7, false);
+           w.end();
+         }));
+  for (int i = 0; i < 5; ++i) expected.push_back(1);
+  for (int i = 0; i < 21; ++i)
+    expected.push_back(static_cast<uint8_t>(vals[static_cast<size_t>(i)]));
+  ChunkSpec s;
+  s.data = c.data();
+  s.size = static_cast<int64_t>(c.size());
+  s.physical_type = kBoolean;
+  s.codec = kUncompressed;
+  s.num_values = static_cast<int64_t>(expected.size());
+  std::vector<uint8_t> out(expected.size());
+  decode_column_chunk(s, out.data());
+  NATIVE_CHECK(out == expected);
+  std::mt19937 rng(3);
+  for (int trial = 0; trial < 4000; ++trial) {
+    Bytes b = c;
+    b[rng() % b.size()] = static_cast<uint8_t>(rng());
+    if (trial % 4 == 0) b.resize(rng() % b.size());
+    Bytes exact(b.begin(), b.end());
+    s.data = exact.data();
+    s.size = static_cast<int64_t>(exact.size());
+    try {
+      decode_column_chunk(s, out.data());
+    } catch (const IOError&) {
+    } catch (const Unsupported&) {
+    } catch (const NullValues&) {
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -382,6 +449,7 @@ int main() {
   test_decode(false);
   test_decode(true);
   test_writer_quirks();
+  test_booleans();
   fuzz(false, 1);
   fuzz(true, 2);
   std::printf("test_parquet: ok\n");

@@ -293,9 +293,14 @@ def open_parquet(path: str) -> Any:
 
 
 # Parquet physical types and codecs fastml's native decoder reads (csrc/data/parquet.hpp).
-_PARQUET_PHYSICAL = {"INT32": 1, "INT64": 2, "FLOAT": 4, "DOUBLE": 5}
+_PARQUET_PHYSICAL = {"BOOLEAN": 0, "INT32": 1, "INT64": 2, "FLOAT": 4, "DOUBLE": 5}
 _PARQUET_CODECS = {"UNCOMPRESSED": 0, "SNAPPY": 1}
 _ARROW_TO_PHYSICAL = {
+    "bool": "BOOLEAN",
+    "int8": "INT32",  # Parquet stores 8- and 16-bit integers as INT32
+    "uint8": "INT32",
+    "int16": "INT32",
+    "uint16": "INT32",
     "int32": "INT32",
     "uint32": "INT32",
     "int64": "INT64",
@@ -313,8 +318,8 @@ def parquet_chunk_table(
     Returns an int64 array (row groups, len(names), 7) of (offset, size,
     physical type, codec, values, max definition level, max repetition level);
     the physical type is -1 for a chunk the native decoder cannot read (a
-    nested, boolean, narrow-integer, float16, dictionary-typed or timestamp-like
-    column, another codec, ...), which the loader then reads with pyarrow.
+    nested, float16, string-dictionary or timestamp-like column, another
+    codec, ...), which the loader then reads with pyarrow.
     ``dtypes`` (one per name, None for "never native") are the NumPy dtypes the
     dataset expects: a column whose file type decodes to another is not native
     (so a file rewritten with another type is caught by the pyarrow path).
