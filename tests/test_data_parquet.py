@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from _hyp import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -63,7 +64,7 @@ def test_schema_glob_and_sequential_order(files):
     )
 
 
-@settings(max_examples=15)
+@settings(max_examples=examples(15))
 @given(
     batch_size=st.integers(1, 700),
     buffer=st.integers(1, 5000),

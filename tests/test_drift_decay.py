@@ -9,6 +9,7 @@ import struct
 import numpy as np
 import pytest
 import scipy.stats
+from _hyp import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -41,7 +42,7 @@ def _expected_weights(batches, half_life):
     )
 
 
-@settings(max_examples=25)
+@settings(max_examples=examples(25))
 @given(
     sizes=st.lists(st.integers(1, 60), min_size=1, max_size=8),
     half_life=st.floats(16.0, 500.0),  # < 32 half-lives: nothing dropped

@@ -12,8 +12,9 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from _ops_util import assert_rule, leaf
-from hypothesis import given, settings
+from _hyp import examples
+from _ops_util import assert_rule, layer_norm_terms, leaf, rms_norm_terms
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fastml import ops
@@ -49,8 +50,12 @@ def _outputs(r):
     return list(r) if isinstance(r, (tuple, list)) else [r]
 
 
-def check_op(fast, same, ref, inputs, dtype, what, grad_mask=None, seed=0, norm=False):
-    """Compare fast/same (in ``dtype``) with ref (float64), forward and backward."""
+def check_op(fast, same, ref, inputs, dtype, what, grad_mask=None, seed=0, norm=False, terms=None):
+    """Compare fast/same (in ``dtype``) with ref (float64), forward and backward.
+
+    ``terms(inputs64, upstream_grads64)`` returns ``{input index: T}`` for the
+    gradients that are differences of larger terms (see ``_ops_util.TERMS_ULPS``).
+    """
     gen = torch.Generator().manual_seed(seed)
     grad_mask = grad_mask or [True] * len(inputs)
 
@@ -73,6 +78,7 @@ def check_op(fast, same, ref, inputs, dtype, what, grad_mask=None, seed=0, norm=
         loss = sum((o * g.to(gdtype)).sum() for o, g in zip(os_, gs, strict=True))
         return torch.autograd.grad(loss, [xs_[k] for k in wrt])
 
+    term_of = terms([t.detach() for t in x64], [g.double() for g in gs]) if terms else {}
     for k, go, gsm, gr in zip(
         wrt,
         backward(outs, xd, dtype),
@@ -81,7 +87,7 @@ def check_op(fast, same, ref, inputs, dtype, what, grad_mask=None, seed=0, norm=
         strict=True,
     ):
         assert go.dtype == dtype
-        assert_rule(go, gsm, gr, f"{what} grad of input {k}", norm)
+        assert_rule(go, gsm, gr, f"{what} grad of input {k}", norm, term_of.get(k))
 
 
 def add_rms_ref(dtype):
@@ -99,6 +105,23 @@ def add_rms_ref(dtype):
     return ref
 
 
+def rms_terms(eps):
+    return lambda xs, gs: {0: rms_norm_terms(xs[0], xs[1] if len(xs) > 1 else None, gs[0], eps)}
+
+
+def add_rms_terms(dtype, eps=1e-6):
+    def terms(xs, gs):
+        s = (xs[0] + xs[1]).to(dtype).double()
+        t = rms_norm_terms(s, xs[2], gs[0], eps) + gs[1].abs()
+        return {0: t, 1: t}
+
+    return terms
+
+
+def ln_terms(eps):
+    return lambda xs, gs: {0: layer_norm_terms(xs[0], xs[1] if len(xs) > 1 else None, gs[0], eps)}
+
+
 # ---------------------------------------------------------------- norms
 
 
@@ -114,6 +137,7 @@ def test_rms_norm(triton_backend, block_mode, dtype, shape):
         [x, w],
         dtype,
         "rms_norm",
+        terms=rms_terms(1e-6),
     )
 
 
@@ -127,6 +151,7 @@ def test_rms_norm_without_weight(triton_backend, dtype):
         [x],
         dtype,
         "rms_norm(weight=None)",
+        terms=rms_terms(1e-5),
     )
 
 
@@ -147,6 +172,7 @@ def test_add_rms_norm(triton_backend, block_mode, dtype, shape):
         [x, r, w],
         dtype,
         "add_rms_norm",
+        terms=add_rms_terms(dtype),
     )
 
 
@@ -164,6 +190,7 @@ def test_layer_norm(triton_backend, block_mode, dtype, shape):
         [x, w, b],
         dtype,
         "layer_norm",
+        terms=ln_terms(1e-5),
     )
 
 
@@ -178,7 +205,7 @@ def test_layer_norm_optional_affine(triton_backend, affine):
         args, fast = [x], lambda a: ops.layer_norm(a)
         same = lambda a: F.layer_norm(a, (70,))  # noqa: E731
         ref = lambda a: _layer_norm_ref(a, None, None)  # noqa: E731
-    check_op(fast, same, ref, args, torch.float32, f"layer_norm({affine})")
+    check_op(fast, same, ref, args, torch.float32, f"layer_norm({affine})", terms=ln_terms(1e-5))
 
 
 # ---------------------------------------------------------------- softmax
@@ -434,8 +461,11 @@ def _shapes(draw):
     return (*lead, draw(st.integers(1, 300)))
 
 
-@settings(max_examples=12)
+@settings(max_examples=examples(12))
 @given(shape=_shapes(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
+# A one-element row: the input gradient is all cancellation (issue #13).
+@example(shape=(1,), dtype=torch.float32, seed=7)
+@example(shape=(1, 1), dtype=torch.float32, seed=0)
 def test_norms_hypothesis(shape, dtype, seed):
     _dispatch.set_backend("triton")
     try:
@@ -451,6 +481,7 @@ def test_norms_hypothesis(shape, dtype, seed):
             dtype,
             "rms_norm",
             seed=seed,
+            terms=rms_terms(1e-6),
         )
         check_op(
             ops.layer_norm,
@@ -460,6 +491,7 @@ def test_norms_hypothesis(shape, dtype, seed):
             dtype,
             "layer_norm",
             seed=seed,
+            terms=ln_terms(1e-5),
         )
         check_op(
             ops.add_rms_norm,
@@ -469,12 +501,13 @@ def test_norms_hypothesis(shape, dtype, seed):
             dtype,
             "add_rms_norm",
             seed=seed,
+            terms=add_rms_terms(dtype),
         )
     finally:
         _dispatch.set_backend("auto")
 
 
-@settings(max_examples=12)
+@settings(max_examples=examples(12))
 @given(shape=_shapes(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
 def test_softmax_ce_glu_hypothesis(shape, dtype, seed):
     _dispatch.set_backend("triton")
@@ -553,6 +586,7 @@ def _all_ops_rule(dtype):
         [x, r, w],
         dtype,
         "add_rms_norm",
+        terms=add_rms_terms(dtype),
     )
     check_op(
         ops.log_softmax,
