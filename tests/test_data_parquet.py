@@ -13,6 +13,7 @@ from _hyp import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import fastml
 from fastml import data
 
 
@@ -180,11 +181,11 @@ def test_bad_parquet_files(tmp_path, files):
         data.Dataset.from_parquet(str(tmp_path / "*.nothing"))
     junk = tmp_path / "junk.parquet"
     junk.write_bytes(b"not parquet at all" * 10)
-    with pytest.raises(OSError, match=r"junk\.parquet"):
+    with pytest.raises(fastml.FormatError, match=r"junk\.parquet"):
         data.Dataset.from_parquet(junk)
     trunc = tmp_path / "trunc.parquet"
     trunc.write_bytes((files / "a.parquet").read_bytes()[:-50])
-    with pytest.raises(OSError, match=r"trunc\.parquet"):
+    with pytest.raises(fastml.FormatError, match=r"trunc\.parquet"):
         data.Dataset.from_parquet(trunc)
     strings = tmp_path / "s.parquet"
     pq.write_table(pa.table({"x": [1, 2], "s": ["a", "b"]}), strings)
@@ -212,7 +213,7 @@ def test_corrupt_row_group_raises_in_the_consumer_thread(tmp_path):
     ds = data.Dataset.from_parquet(path)  # the metadata is intact
     loader = data.Loader(ds, batch_size=500, shuffle=False, shuffle_buffer=1000)
     got = 0
-    with pytest.raises(OSError, match=r"corrupt\.parquet.*row group 2"):
+    with pytest.raises(fastml.FormatError, match=r"corrupt\.parquet.*row group 2"):
         for _ in loader:
             got += 1
     assert got == 4  # the two good row groups before it

@@ -9,6 +9,8 @@ bit-identical to pyarrow's reading of the same file, corrupt bytes must raise
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,6 +19,7 @@ from _hyp import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import fastml
 from fastml import _core, data
 from fastml.data._sources import parquet_chunk_table
 
@@ -96,7 +99,9 @@ def _columns(rng: np.random.Generator, n: int, dtypes: list[str], distinct: int,
 
 
 @settings(
-    max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=examples(60),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(
     n=st.integers(1, 3000),
@@ -225,7 +230,7 @@ def test_nulls_in_an_integer_column_name_the_column(tmp_path):
         list(loader)
 
 
-def _valid_file(tmp_path, compression: str, version: str, dictionary: bool):
+def _valid_file(tmp_path, compression: str, version: str, dictionary: bool, checksum=False):
     rng = np.random.default_rng(0)
     n = 2000
     table = pa.table(
@@ -234,7 +239,7 @@ def _valid_file(tmp_path, compression: str, version: str, dictionary: bool):
             "i": rng.integers(0, 50, n),
         }
     )
-    path = tmp_path / f"v_{compression}_{version}_{dictionary}.parquet"
+    path = tmp_path / f"v_{compression}_{version}_{dictionary}_{checksum}.parquet"
     pq.write_table(
         table,
         path,
@@ -243,6 +248,7 @@ def _valid_file(tmp_path, compression: str, version: str, dictionary: bool):
         use_dictionary=dictionary,
         data_page_size=1500,
         row_group_size=1000,
+        write_page_checksum=checksum,
     )
     return path
 
@@ -250,14 +256,24 @@ def _valid_file(tmp_path, compression: str, version: str, dictionary: bool):
 @pytest.mark.parametrize("compression", ["snappy", "none"])
 @pytest.mark.parametrize("version", ["1.0", "2.0"])
 @pytest.mark.parametrize("dictionary", [True, False])
-def test_corrupt_chunks_raise_and_never_crash(tmp_path, compression, version, dictionary):
-    path = _valid_file(tmp_path, compression, version, dictionary)
+@pytest.mark.parametrize("checksum", [False, True], ids=["no_crc", "crc"])
+def test_corrupt_chunks_raise_and_never_crash(tmp_path, compression, version, dictionary, checksum):
+    path = _valid_file(tmp_path, compression, version, dictionary, checksum)
     pf = pq.ParquetFile(path)
     names = pf.schema_arrow.names
     table = parquet_chunk_table(pf, names)
     raw = path.read_bytes()
-    rng = np.random.default_rng(hash((compression, version, dictionary)) % 2**32)
+    # A fixed seed per configuration (never hash(), which Python salts per process).
+    rng = np.random.default_rng(zlib.crc32(f"{compression}/{version}/{dictionary}".encode()))
     corrupt_path = tmp_path / "corrupt.parquet"
+    clean_mf = _core.MappedFile(str(path))
+
+    def decode(mf, row, dtype):
+        out = np.empty(int(row[4]), dtype=dtype)
+        chunks = np.concatenate([[0], row]).astype(np.int64)[None, :]
+        ((status, msg),) = _core.parquet_decode([mf], chunks, [out])
+        return status, msg, out
+
     seen = set()
     for trial in range(150):
         buf = bytearray(raw)
@@ -270,12 +286,18 @@ def test_corrupt_chunks_raise_and_never_crash(tmp_path, compression, version, di
         mf = _core.MappedFile(str(corrupt_path))
         row = table[g, j]
         dtype = np.float32 if names[j] == "x" else np.int64
-        out = np.empty(int(row[4]), dtype=dtype)
-        chunks = np.concatenate([[0], row]).astype(np.int64)[None, :]
-        ((status, msg),) = _core.parquet_decode([mf], chunks, [out])
+        status, msg, out = decode(mf, row, dtype)
         assert status in (0, 1, 2, 3), msg
         seen.add(status)
-    assert 2 in seen  # corruption was detected, as IOError-class failures
+        if checksum and status == 0:
+            # With page checksums a decoded chunk is the original, never silent garbage
+            # (a mutation that decodes hit a header field that does not change values).
+            _, _, clean = decode(clean_mf, row, dtype)
+            assert out.tobytes() == clean.tobytes(), f"trial {trial}: corrupt values decoded"
+    # Corruption was detected, as IOError-class failures. Without page checksums a
+    # flipped value byte of an uncompressed PLAIN page is undetectable by anyone;
+    # the headers, levels and Snappy streams the mutations also hit are checked.
+    assert 2 in seen
     # Truncated chunks: every prefix length of one chunk is reported, never read past.
     mf = _core.MappedFile(str(path))
     row = table[0, 0].copy()
@@ -298,7 +320,7 @@ def test_corrupt_native_chunk_in_the_loader_names_file_row_group_and_column(tmp_
     loader = data.Loader(
         data.Dataset.from_parquet(bad), batch_size=100, shuffle=False, shuffle_buffer=1000
     )
-    with pytest.raises(OSError, match=r"bad\.parquet.*row group 1, column 'i'"):
+    with pytest.raises(fastml.FormatError, match=r"bad\.parquet.*row group 1, column 'i'"):
         list(loader)
 
 
@@ -428,3 +450,27 @@ def test_files_written_by_polars(tmp_path, compression):
         for g, j, status, msg, got in _decode_chunks(path):
             assert status == 0, (names[j], msg)
             _assert_same(got, _reference(path, g, names[j]))
+
+
+@pytest.mark.parametrize("compression", ["snappy", "none"])
+def test_page_checksums_catch_value_corruption_in_the_loader(tmp_path, compression):
+    """A value byte flipped in a PLAIN page: undetectable without page checksums;
+    with them (write_page_checksum=True) both the native decoder and the pyarrow
+    fallback refuse the page, so the loader raises instead of returning it."""
+    t = pa.table({"x": np.arange(1000, dtype=np.float32)})
+    for checksum in (False, True):
+        path = tmp_path / f"crc_{checksum}.parquet"
+        pq.write_table(
+            t, path, compression=compression, use_dictionary=False, write_page_checksum=checksum
+        )
+        cc = pq.ParquetFile(path).metadata.row_group(0).column(0)
+        raw = bytearray(path.read_bytes())
+        raw[cc.data_page_offset + cc.total_compressed_size - 10] ^= 0x01
+        path.write_bytes(bytes(raw))
+        ds = data.Dataset.from_parquet(path)
+        batches = lambda ds=ds: list(data.Loader(ds, batch_size=1000, shuffle=False))  # noqa: E731
+        if not checksum and compression == "none":
+            assert not np.array_equal(batches()[0]["x"], t.column("x").to_numpy())
+        elif checksum:
+            with pytest.raises(fastml.FormatError, match=r"crc_True\.parquet.*CRC"):
+                batches()

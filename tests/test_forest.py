@@ -8,6 +8,7 @@ include values exactly at split thresholds and one ULP either side, NaN, ±inf,
 from __future__ import annotations
 
 import json
+import re
 import threading
 
 import numpy as np
@@ -753,15 +754,17 @@ def test_load_rejects_corrupt_files(xgb_models, tmp_path):
     p = tmp_path / "f.fmlf"
     cases = {
         # a foreign 8-byte magic in place of b"FMLFRST1"
-        "bad magic": b"NOTFMLF!" + data[8:],
-        "unsupported fastml forest format version": data[:8] + b"\x09\x00\x00\x00" + data[12:],
-        "truncated": data[: len(data) // 2],
-        "checksum": data[:-9] + bytes([data[-9] ^ 0xFF]) + data[-8:],
+        "no 'FMLFRST1' magic at byte 0": b"NOTFMLF!" + data[8:],
+        "format version 9 is not supported": data[:8] + b"\x09\x00\x00\x00" + data[12:],
+        "truncated or padded": data[: len(data) // 2],
+        "does not match its checksum": data[:-9] + bytes([data[-9] ^ 0xFF]) + data[-8:],
     }
     for msg, blob in cases.items():
         p.write_bytes(blob)
-        with pytest.raises(OSError, match=msg):
+        with pytest.raises(fastml.FormatError, match=re.escape(msg)) as info:
             Forest.load(p)
+        assert isinstance(info.value, ValueError) and not isinstance(info.value, OSError)
+        assert str(p) in str(info.value)
     with pytest.raises(FileNotFoundError):
         Forest.load(tmp_path / "nope.fmlf")
 

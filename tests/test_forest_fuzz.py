@@ -1,5 +1,6 @@
-"""Fuzzing fastml.infer.Forest's parsers and loader: corrupt inputs raise clean
-Python errors (ValueError / TypeError / OSError), never crash or hang."""
+"""Fuzzing fastml.infer.Forest's parsers and loader: corrupt inputs raise one
+clean error, fastml.FormatError (a ValueError) naming the source, never crash,
+hang or leave a half-built Forest."""
 
 from __future__ import annotations
 
@@ -10,13 +11,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import fastml
 from fastml import _core
 from fastml.infer import Forest, _ubjson
 
 xgb = pytest.importorskip("xgboost")
 lgb = pytest.importorskip("lightgbm")
 
-CLEAN_ERRORS = (ValueError, TypeError, OSError)
+FormatError = fastml.FormatError
 _X = np.random.default_rng(0).normal(size=(64, 4))
 
 
@@ -74,10 +76,10 @@ FUZZ = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, Heal
 def test_fuzz_forest_load_bytes(models, edits, cut):
     data = _mutate(models["forest"], edits, cut)
     try:
-        core = _core.ForestCore.from_bytes(data)
-    except OSError:
+        f = Forest.from_bytes(data)
+    except FormatError:
         return
-    _predict_ok(Forest(core))
+    _predict_ok(f)
 
 
 @FUZZ
@@ -92,24 +94,25 @@ def test_fuzz_forest_payload_past_the_checksum(models, edits, cut):
     header[16:24] = len(raw).to_bytes(8, "little")
     header[24:32] = h.to_bytes(8, "little")
     try:
-        core = _core.ForestCore.from_bytes(bytes(header + raw))
-    except OSError:
+        f = Forest.from_bytes(bytes(header + raw))
+    except FormatError:
         return
-    _predict_ok(Forest(core))
+    repr(f)
+    _predict_ok(f)
 
 
 @FUZZ
 @given(data=st.binary(max_size=200))
 def test_fuzz_random_bytes_everywhere(data):
-    with pytest.raises(OSError):
-        _core.ForestCore.from_bytes(data)
+    with pytest.raises(FormatError):
+        Forest.from_bytes(data)
     try:
         _ubjson.loads(data)
     except ValueError:
         pass
     try:
         Forest.from_xgboost(data)
-    except CLEAN_ERRORS:
+    except FormatError:
         pass
 
 
@@ -119,7 +122,7 @@ def test_fuzz_xgboost_model_bytes(models, edits, cut, which):
     data = _mutate(models[which], edits, cut)
     try:
         f = Forest.from_xgboost(data)
-    except CLEAN_ERRORS:
+    except FormatError:
         return
     _predict_ok(f)
 
@@ -148,7 +151,7 @@ def test_fuzz_xgboost_json_structure(models, muts):
         arr[pos % len(arr)] = val
     try:
         f = Forest.from_xgboost(json.dumps(doc).encode())
-    except CLEAN_ERRORS:
+    except FormatError:
         return
     _predict_ok(f)
 
@@ -166,7 +169,7 @@ def test_fuzz_lightgbm_text(models, tmp_path_factory, edits, cut):
     p.write_bytes(text)
     try:
         f = Forest.from_lightgbm(str(p))
-    except CLEAN_ERRORS:
+    except FormatError:
         return
     _predict_ok(f)
 

@@ -13,6 +13,7 @@ PYBIND11_MODULE(_core, m) {
 
   // Python exception types that the core's errors map to.
   static py::exception<fastml::QueueFull> queue_full(m, "QueueFull", PyExc_RuntimeError);
+  static py::exception<fastml::FormatError> format_error(m, "FormatError", PyExc_ValueError);
   static py::object cancelled_error =
       py::module_::import("concurrent.futures").attr("CancelledError");
 
@@ -24,6 +25,8 @@ PYBIND11_MODULE(_core, m) {
       PyErr_SetString(PyExc_FileNotFoundError, e.what());
     } catch (const fastml::IOError& e) {
       PyErr_SetString(PyExc_OSError, e.what());
+    } catch (const fastml::FormatError& e) {
+      PyErr_SetString(format_error.ptr(), e.what());
     } catch (const fastml::TypeError& e) {
       PyErr_SetString(PyExc_TypeError, e.what());
     } catch (const fastml::TimeoutError& e) {

@@ -151,12 +151,13 @@ void register_forest(py::module_& m) {
       .def(py::init(&forest_from_spec), py::arg("spec"))
       .def_static(
           "from_bytes",
-          [](py::bytes data) {
+          [](py::bytes data, const std::string& source) {
             std::string s = data;  // a private copy, so the GIL can be dropped
             py::gil_scoped_release release;
-            return Forest::deserialize(reinterpret_cast<const uint8_t*>(s.data()), s.size());
+            return Forest::deserialize(reinterpret_cast<const uint8_t*>(s.data()), s.size(),
+                                       source);
           },
-          py::arg("data"))
+          py::arg("data"), py::arg("source") = "data")
       .def("to_bytes",
            [](const Forest& f) {
              std::vector<uint8_t> b;

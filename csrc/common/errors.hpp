@@ -4,6 +4,7 @@
 // one Python exception, in one place:
 //   std::invalid_argument -> ValueError      fastml::TypeError   -> TypeError
 //   std::out_of_range     -> IndexError      fastml::IOError     -> OSError
+//   fastml::FormatError   -> fastml.FormatError (a ValueError)
 //   std::runtime_error    -> RuntimeError    fastml::TimeoutError-> TimeoutError
 //   std::bad_alloc        -> MemoryError     fastml::Cancelled   ->
 //   concurrent.futures.CancelledError
@@ -21,9 +22,16 @@ struct TypeError : std::invalid_argument {
   using std::invalid_argument::invalid_argument;
 };
 
-// A file could not be opened, read or parsed (missing, truncated, corrupt).
+// A file could not be opened or read (an I/O failure: missing, unreadable).
 struct IOError : std::runtime_error {
   using std::runtime_error::runtime_error;
+};
+
+// The bytes of a file or byte string are malformed: truncated, corrupted,
+// foreign or inconsistent (maps to fastml.FormatError, a ValueError). The
+// message names the source and the field or byte offset.
+struct FormatError : std::invalid_argument {
+  using std::invalid_argument::invalid_argument;
 };
 
 // A deadline passed before the work ran.

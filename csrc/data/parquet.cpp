@@ -7,6 +7,8 @@
 #include <tuple>
 #include <utility>
 
+#include "common/checksum.hpp"
+
 namespace fastml::data::parquet {
 
 namespace {
@@ -163,6 +165,8 @@ struct PageHeader {
   int32_t type = -1;
   int32_t uncompressed_size = -1;
   int32_t compressed_size = -1;
+  bool has_crc = false;
+  uint32_t crc = 0;  // CRC-32 of the page's bytes as stored (after the header)
   bool has_data_v1 = false, has_dict = false, has_data_v2 = false;
   int32_t num_values = -1;
   int32_t encoding = -1;
@@ -179,6 +183,10 @@ PageHeader read_page_header(Thrift& t) {
       case 1: h.type = t.i32(type); break;
       case 2: h.uncompressed_size = t.i32(type); break;
       case 3: h.compressed_size = t.i32(type); break;
+      case 4:  // crc: written as a signed i32
+        h.crc = static_cast<uint32_t>(t.i32(type));
+        h.has_crc = true;
+        break;
       case 5:  // DataPageHeader
       case 7:  // DictionaryPageHeader
       case 8:  // DataPageHeaderV2
@@ -639,6 +647,12 @@ void decode_chunk(const ChunkSpec& s, T* out) {
     const uint8_t* body = p;
     const uint8_t* body_end = p + h.compressed_size;
     p = body_end;
+    // A writer that stored page checksums (parquet-format's PageHeader.crc:
+    // CRC-32 of the page as stored, levels included) lets value corruption be
+    // caught; pyarrow verifies them too when asked (page_checksum_verification).
+    if (h.has_crc && crc32(body, static_cast<size_t>(h.compressed_size)) != h.crc) {
+      corrupt("page at byte ", body - s.data, " of the column chunk does not match its CRC-32");
+    }
 
     // The page's bytes after `skip` leading uncompressed ones, decompressed
     // into `into` (at least `reserve` bytes of it initialized when `init`).

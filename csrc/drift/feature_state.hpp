@@ -164,6 +164,4 @@ class ProfileState {
   static std::unique_ptr<ProfileState> from_bytes(const uint8_t* data, size_t size);
 };
 
-uint32_t crc32(const uint8_t* data, size_t size);
-
 }  // namespace fastml::drift

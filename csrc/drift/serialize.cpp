@@ -9,12 +9,14 @@
 //   24      ...   payload (little-endian; see write_payload)
 //
 // Every length is checked against the bytes that remain before it is used,
-// so truncated, corrupted or foreign input raises ValueError, never a crash.
+// so truncated, corrupted or foreign input raises fastml.FormatError (a
+// ValueError) with the byte offset, never a crash.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <set>
 
+#include "common/checksum.hpp"
 #include "common/errors.hpp"
 #include "drift/feature_state.hpp"
 
@@ -53,8 +55,8 @@ struct Reader {
   const uint8_t* p;
   size_t size, pos = 0;
   [[noreturn]] void corrupt(const char* what) const {
-    fail<std::invalid_argument>("data is not a valid fastml drift profile: ", what, " at byte ",
-                                pos + kHeader);
+    fail<FormatError>("data is not a valid fastml drift profile: ", what, " at byte ",
+                      pos + kHeader);
   }
   void need(size_t n) const {
     if (n > size - pos) corrupt("truncated");
@@ -88,6 +90,11 @@ struct Reader {
     const uint32_t n = get<uint32_t>();
     need(n);
     std::string s(reinterpret_cast<const char*>(p + pos), n);
+    const size_t bad = utf8_invalid_at(s);
+    if (bad != std::string::npos) {
+      pos += bad;
+      corrupt("a name that is not valid UTF-8");
+    }
     pos += n;
     return s;
   }
@@ -210,21 +217,6 @@ std::unique_ptr<NumericState> read_numeric(Reader& r, QuantileMode profile_mode,
 
 }  // namespace
 
-uint32_t crc32(const uint8_t* data, size_t size) {
-  static const auto table = [] {
-    std::vector<uint32_t> t(256);
-    for (uint32_t i = 0; i < 256; ++i) {
-      uint32_t c = i;
-      for (int k = 0; k < 8; ++k) c = (c & 1u) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
-      t[i] = c;
-    }
-    return t;
-  }();
-  uint32_t c = 0xFFFFFFFFu;
-  for (size_t i = 0; i < size; ++i) c = table[(c ^ data[i]) & 0xFFu] ^ (c >> 8);
-  return c ^ 0xFFFFFFFFu;
-}
-
 std::vector<uint8_t> ProfileState::to_bytes() const {
   Writer w;
   w.put<uint8_t>(static_cast<uint8_t>(mode));
@@ -266,7 +258,7 @@ std::vector<uint8_t> ProfileState::to_bytes() const {
 
 std::unique_ptr<ProfileState> ProfileState::from_bytes(const uint8_t* data, size_t size) {
   if (size < kHeader || std::memcmp(data, kMagic, 8) != 0) {
-    fail<std::invalid_argument>(
+    fail<FormatError>(
         "data is not a fastml drift profile (missing the 'FMLDRIFT' "
         "header; got ",
         size, " bytes)");
@@ -279,16 +271,15 @@ std::unique_ptr<ProfileState> ProfileState::from_bytes(const uint8_t* data, size
   std::memcpy(&crc, data + 12, 4);
   std::memcpy(&len, data + 16, 8);
   if (version < 1 || version > kVersion || reserved != 0) {
-    fail<std::invalid_argument>("data is a fastml drift profile of format version ", version,
-                                "; this fastml reads versions 1 to ", kVersion);
+    fail<FormatError>("data is a fastml drift profile of format version ", version,
+                      "; this fastml reads versions 1 to ", kVersion);
   }
   if (len != size - kHeader) {
-    fail<std::invalid_argument>("data is not a valid fastml drift profile: the header says ", len,
-                                " payload bytes, got ", size - kHeader, " (truncated or padded)");
+    fail<FormatError>("data is not a valid fastml drift profile: the header says ", len,
+                      " payload bytes, got ", size - kHeader, " (truncated or padded)");
   }
   if (crc32(data + kHeader, size - kHeader) != crc) {
-    fail<std::invalid_argument>(
-        "data is not a valid fastml drift profile: checksum mismatch (corrupted)");
+    fail<FormatError>("data is not a valid fastml drift profile: checksum mismatch (corrupted)");
   }
   Reader r{data + kHeader, size - kHeader};
   auto p = std::make_unique<ProfileState>();

@@ -14,6 +14,7 @@
 #define FASTML_FOREST_X86 0
 #endif
 
+#include "common/checksum.hpp"
 #include "common/cpu_features.hpp"
 #include "common/errors.hpp"
 #include "common/thread_pool.hpp"
@@ -1218,15 +1219,6 @@ namespace {
 constexpr char kMagic[8] = {'F', 'M', 'L', 'F', 'R', 'S', 'T', '1'};
 constexpr uint32_t kFormatVersion = 1;
 
-uint64_t fnv1a(const uint8_t* p, size_t n) {
-  uint64_t h = 1469598103934665603ull;
-  for (size_t i = 0; i < n; ++i) {
-    h ^= p[i];
-    h *= 1099511628211ull;
-  }
-  return h;
-}
-
 struct Writer {
   std::vector<uint8_t> out;
   template <typename T>
@@ -1242,12 +1234,21 @@ struct Writer {
   }
 };
 
+// Reads fields of a forest file; every failure is a FormatError naming the
+// source, the field and its byte offset in the file.
 struct Reader {
+  const uint8_t* base;  // the file's first byte (offsets are reported from it)
   const uint8_t* p;
   size_t left;
+  const std::string& source;
+
+  [[noreturn]] void corrupt(const char* what, const std::string& why) const {
+    fail<FormatError>(source, ": not a valid fastml forest file: ", why, " (field '", what,
+                      "' at byte ", p - base, ")");
+  }
   template <typename T>
   T pod(const char* what) {
-    if (left < sizeof(T)) fail<IOError>("forest file is truncated (reading ", what, ")");
+    if (left < sizeof(T)) corrupt(what, "the file is truncated");
     T v;
     std::memcpy(&v, p, sizeof(T));
     p += sizeof(T);
@@ -1257,12 +1258,26 @@ struct Reader {
   template <typename T>
   std::vector<T> vec(const char* what) {
     const auto n = pod<uint64_t>(what);
-    if (n > left / sizeof(T)) fail<IOError>("forest file is truncated (", what, ")");
+    if (n > left / sizeof(T)) {
+      p -= sizeof(uint64_t);
+      corrupt(what, detail::concat("its length ", n, " runs past the end of the file"));
+    }
     std::vector<T> v(static_cast<size_t>(n));
     if (n) std::memcpy(v.data(), p, n * sizeof(T));
     p += n * sizeof(T);
     left -= n * sizeof(T);
     return v;
+  }
+  std::string text(const char* what) {
+    const uint8_t* at = p;
+    auto chars = vec<char>(what);
+    std::string s(chars.begin(), chars.end());
+    const size_t bad = utf8_invalid_at(s);
+    if (bad != std::string::npos) {
+      p = at + sizeof(uint64_t) + bad;
+      corrupt(what, "the text is not valid UTF-8");
+    }
+    return s;
   }
 };
 
@@ -1300,28 +1315,41 @@ std::vector<uint8_t> Forest::serialize() const {
   h.pod<uint32_t>(kFormatVersion);
   h.pod<uint32_t>(0);
   h.pod<uint64_t>(w.out.size());
-  h.pod<uint64_t>(fnv1a(w.out.data(), w.out.size()));
+  h.pod<uint64_t>(fnv1a64(w.out.data(), w.out.size()));
   out.insert(out.end(), h.out.begin(), h.out.end());
   out.insert(out.end(), w.out.begin(), w.out.end());
   return out;
 }
 
-std::shared_ptr<Forest> Forest::deserialize(const uint8_t* data, size_t size) {
-  if (size < 8 || std::memcmp(data, kMagic, 8) != 0)
-    fail<IOError>("not a fastml forest file (bad magic)");
-  Reader hr{data + 8, size - 8};
+std::shared_ptr<Forest> Forest::deserialize(const uint8_t* data, size_t size,
+                                            const std::string& source) {
+  if (size < 8 || std::memcmp(data, kMagic, 8) != 0) {
+    fail<FormatError>(source, ": not a fastml forest file (no 'FMLFRST1' magic at byte 0; ", size,
+                      " bytes)");
+  }
+  Reader hr{data, data + 8, size - 8, source};
   const auto version = hr.pod<uint32_t>("version");
-  if (version != kFormatVersion)
-    fail<IOError>("unsupported fastml forest format version ", version, " (this build reads ",
-                  kFormatVersion, ")");
-  hr.pod<uint32_t>("reserved");
+  if (version != kFormatVersion) {
+    fail<FormatError>(source, ": fastml forest format version ", version,
+                      " is not supported (this build reads version ", kFormatVersion,
+                      "; field 'version' at byte 8)");
+  }
+  if (hr.pod<uint32_t>("reserved") != 0) {
+    fail<FormatError>(source, ": not a valid fastml forest file: the reserved field (byte 12) ",
+                      "is not 0");
+  }
   const auto nbytes = hr.pod<uint64_t>("payload size");
   const auto checksum = hr.pod<uint64_t>("checksum");
-  if (nbytes != hr.left)
-    fail<IOError>("forest file is truncated or has trailing bytes: payload of ", hr.left,
-                  " bytes, header says ", nbytes);
-  if (fnv1a(hr.p, hr.left) != checksum) fail<IOError>("forest file is corrupt (checksum mismatch)");
-  Reader r{hr.p, hr.left};
+  if (nbytes != hr.left) {
+    fail<FormatError>(source, ": not a valid fastml forest file: the header (field 'payload size' ",
+                      "at byte 16) says ", nbytes, " payload bytes, the file has ", hr.left,
+                      " (truncated or padded)");
+  }
+  if (fnv1a64(hr.p, hr.left) != checksum) {
+    fail<FormatError>(source, ": not a valid fastml forest file: the payload (bytes 32 to ", size,
+                      ") does not match its checksum (field 'checksum' at byte 24): corrupted");
+  }
+  Reader r{data, hr.p, hr.left, source};
   ForestSpec s;
   s.num_features = r.pod<int32_t>("num_features");
   s.num_outputs = r.pod<int32_t>("num_outputs");
@@ -1333,10 +1361,8 @@ std::shared_ptr<Forest> Forest::deserialize(const uint8_t* data, size_t size) {
   s.cat_rule.lo = r.pod<double>("cat_lo");
   s.cat_rule.hi = r.pod<double>("cat_hi");
   s.cat_rule.integral = r.pod<uint8_t>("cat_integral") != 0;
-  auto obj = r.vec<char>("objective");
-  s.objective.assign(obj.begin(), obj.end());
-  auto meta = r.vec<char>("metadata");
-  s.metadata.assign(meta.begin(), meta.end());
+  s.objective = r.text("objective");
+  s.metadata = r.text("metadata");
   s.tree_node_offsets = r.vec<int64_t>("tree_node_offsets");
   s.tree_group = r.vec<int32_t>("tree_group");
   s.node_feature = r.vec<int32_t>("node_feature");
@@ -1349,11 +1375,12 @@ std::shared_ptr<Forest> Forest::deserialize(const uint8_t* data, size_t size) {
   s.cat_bits = r.vec<uint32_t>("cat_bits");
   s.leaf_values = r.vec<double>("leaf_values");
   s.base_margin = r.vec<double>("base_margin");
-  if (r.left != 0) fail<IOError>("forest file has ", r.left, " unexpected trailing bytes");
+  if (r.left != 0) r.corrupt("base_margin", detail::concat(r.left, " unexpected trailing bytes"));
   try {
     return build(std::move(s));
   } catch (const std::invalid_argument& e) {
-    fail<IOError>("forest file is invalid: ", e.what());
+    // The fields parsed but do not form a valid forest (build names the field).
+    fail<FormatError>(source, ": not a valid fastml forest file: ", e.what());
   }
 }
 

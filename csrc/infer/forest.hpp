@@ -62,9 +62,11 @@ class Forest : public NativeHandler, public std::enable_shared_from_this<Forest>
   // Validates `spec` and builds the compact engine; std::invalid_argument
   // naming the first problem otherwise.
   static std::shared_ptr<Forest> build(ForestSpec spec);
-  // Reads fastml's own format (see serialize); fastml::IOError when the
+  // Reads fastml's own format (see serialize); fastml::FormatError naming
+  // `source` (a file name or "data"), the field and its byte offset when the
   // bytes are not a valid forest.
-  static std::shared_ptr<Forest> deserialize(const uint8_t* data, size_t size);
+  static std::shared_ptr<Forest> deserialize(const uint8_t* data, size_t size,
+                                             const std::string& source);
   std::vector<uint8_t> serialize() const;
 
   ~Forest() override;

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from fastml import bench, data, drift, infer, ops
 
 __all__ = [
+    "FormatError",
     "__version__",
     "bench",
     "build_info",
@@ -36,6 +37,17 @@ __all__ = [
 ]
 
 _SUBMODULES = {"bench", "data", "drift", "infer", "ops"}
+
+FormatError = _core.FormatError
+FormatError.__module__ = "fastml"
+FormatError.__doc__ = """Malformed content in a file or byte string fastml reads.
+
+Raised when bytes are truncated, corrupted, foreign or inconsistent: a forest
+file (:meth:`fastml.infer.Forest.load`), an XGBoost or LightGBM model, a drift
+profile (:meth:`fastml.drift.Profile.from_bytes`), a Parquet or ``.npy`` file.
+The message names the file (or argument) and the field or byte offset. It is a
+:class:`ValueError`; failures to open or read a file stay :class:`OSError`.
+"""
 
 
 def build_info() -> dict[str, Any]:

@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fastml import _core
-from fastml.data._sources import arrow_column, first_chunk, open_parquet, parquet_chunk_table
+from fastml.data._sources import (
+    arrow_column,
+    content_error,
+    first_chunk,
+    open_parquet,
+    parquet_chunk_table,
+)
 from fastml.data._transforms import column_plan
 
 if TYPE_CHECKING:
@@ -591,11 +597,11 @@ def _parquet_batches(
                         try:
                             pf.read_row_group(g, columns=columns, use_threads=True)
                         except (pa.ArrowException, OSError) as e:
-                            raise OSError(
-                                f"{ds._files[f]!r}: cannot read row group {g}: {e}"
+                            raise content_error(
+                                ds._files[f], f"(row group {g}) cannot be read", e
                             ) from None
-                    raise OSError(
-                        f"{ds._files[f]!r}: cannot read row groups {run}: {err}"
+                    raise content_error(
+                        ds._files[f], f"(row groups {run}) cannot be read", err
                     ) from None
                 loader._py_stats["row_groups_read"] += j - i
                 i = j
@@ -715,20 +721,20 @@ def _parquet_batches(
         the native decoder found corrupt, the error names both findings."""
         try:
             return read_groups([g], columns)
-        except OSError as e:
+        except (OSError, _core.FormatError) as e:
             bad = [(names[j], msg) for (gg, j), msg in failed.items() if gg == g]
             if not bad:
                 raise
             path = ds._files[rgs[g].file]
             c, msg = bad[0]
-            raise OSError(
+            raise _core.FormatError(
                 f"{path!r}: cannot read row group {rgs[g].index}, column '{c}': {msg} "
                 f"(pyarrow: {e})"
             ) from None
 
     def check_chunk(g: int, c: str, a: np.ndarray) -> None:
         if a.shape[1:] != ds.schema[c].shape or a.dtype != ds.schema[c].dtype:
-            raise OSError(f"{ds._files[rgs[g].file]!r}: column '{c}' changed type")
+            raise _core.FormatError(f"{ds._files[rgs[g].file]!r}: column '{c}' changed type")
 
     def load_window(wi: int) -> tuple[Any, np.ndarray, dict[str, np.ndarray] | None]:
         m = int(starts[wi + 1] - starts[wi])

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from fastml import _core
+
 # NumPy dtypes the loader gathers (fixed-width numeric and bool).
 _SUPPORTED_KINDS = {"b", "i", "u", "f"}
 _SUPPORTED_SIZES = {"b": {1}, "i": {1, 2, 4, 8}, "u": {1, 2, 4, 8}, "f": {2, 4, 8}}
@@ -79,15 +81,24 @@ def check_columns(arrays: Mapping[str, np.ndarray]) -> int:
 
 
 def read_npy(path: str | os.PathLike[str], name: str) -> np.ndarray:
-    """Memory-maps a .npy file read-only after validating its header strictly."""
+    """Memory-maps a .npy file read-only after validating its header strictly.
+
+    A missing or unreadable file raises OSError; any problem with its content
+    (bad magic, corrupt or unsupported header, truncation) raises
+    fastml.FormatError naming the file and the column.
+    """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"column '{name}': no such .npy file: {path!r}")
+
+    def bad(why: str) -> _core.FormatError:
+        return _core.FormatError(f"{path!r} (column '{name}') {why}")
+
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(10)
         if len(head) < 10 or head[:6] != b"\x93NUMPY":
-            raise ValueError(f"{path!r} (column '{name}') is not a .npy file (bad magic)")
+            raise bad("is not a .npy file (no '\\x93NUMPY' magic at byte 0)")
         major = head[6]
         if major == 1:
             hlen = int.from_bytes(head[8:10], "little")
@@ -95,48 +106,51 @@ def read_npy(path: str | os.PathLike[str], name: str) -> np.ndarray:
         elif major in (2, 3):
             rest = f.read(2)
             if len(rest) < 2:
-                raise OSError(f"{path!r} (column '{name}') is truncated inside its header")
+                raise bad("is truncated inside its header")
             hlen = int.from_bytes(head[8:10] + rest, "little")
             start = 12
         else:
-            raise ValueError(f"{path!r} (column '{name}') has unsupported .npy version {major}")
+            raise bad(f"has unsupported .npy version {major} (byte 6)")
+        if hlen > size - start:
+            raise bad(f"is truncated inside its header ({hlen} header bytes promised at byte 8)")
         raw = f.read(hlen)
     if len(raw) < hlen:
-        raise OSError(f"{path!r} (column '{name}') is truncated inside its header")
+        raise bad("is truncated inside its header")
     try:
         header = ast.literal_eval(raw.decode("latin1" if major < 3 else "utf8"))
-    except (ValueError, SyntaxError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path!r} (column '{name}') has a corrupt .npy header: {e}") from None
+    except (ValueError, SyntaxError, UnicodeDecodeError, MemoryError, RecursionError) as e:
+        raise bad(f"has a corrupt .npy header: {e}") from None
     if not isinstance(header, dict) or set(header) != {"descr", "fortran_order", "shape"}:
-        raise ValueError(
-            f"{path!r} (column '{name}') has a corrupt .npy header: expected the keys "
-            f"descr, fortran_order and shape, got {header!r}"
+        raise bad(
+            "has a corrupt .npy header: expected the keys descr, fortran_order and shape, "
+            f"got {header!r}"
         )
     shape = header["shape"]
-    if not isinstance(shape, tuple) or not all(isinstance(s, int) and s >= 0 for s in shape):
-        raise ValueError(f"{path!r} (column '{name}') has a bad shape {shape!r} in its header")
+    if not isinstance(shape, tuple) or not all(type(s) is int and 0 <= s < 2**62 for s in shape):
+        raise bad(f"has a bad shape {shape!r} in its header")
     if header["fortran_order"] is not False:
-        raise ValueError(
-            f"{path!r} (column '{name}') is Fortran-ordered; rows must be C-contiguous"
+        raise bad(
+            "is Fortran-ordered (or its fortran_order is not False); rows must be C-contiguous"
         )
     if not isinstance(header["descr"], str):
-        raise TypeError(
-            f"{path!r} (column '{name}') has a structured dtype {header['descr']!r}; "
+        raise bad(
+            f"has a structured dtype {header['descr']!r}; "
             "only fixed-width numeric dtypes are supported"
         )
     try:
-        dtype = np.dtype(header["descr"])
-    except TypeError as e:
-        raise ValueError(f"{path!r} (column '{name}') has a bad dtype in its header: {e}") from None
-    check_dtype(f"{name}' in '{path}", dtype)
+        dtype = np.dtype(header["descr"])  # the file's byte order (swapped below)
+        check_dtype(f"{name}' in '{path}", dtype)
+    except Exception as e:  # np.dtype's parser raises TypeError, ValueError, SyntaxError, ...
+        raise bad(f"has a bad or unsupported dtype in its header: {e}") from None
     if len(shape) == 0:
-        raise ValueError(f"{path!r} (column '{name}') holds a scalar; rows need 1 dimension")
+        raise bad("holds a scalar; rows need 1 dimension")
     offset = start + hlen
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = dtype.itemsize
+    for s_ in shape:
+        nbytes *= s_  # Python ints: no overflow for absurd shapes
     if size < offset + nbytes:
-        raise OSError(
-            f"{path!r} (column '{name}') is truncated: its header promises {nbytes} data bytes, "
-            f"the file has {size - offset}"
+        raise bad(
+            f"is truncated: its header promises {nbytes} data bytes, the file has {size - offset}"
         )
     if nbytes == 0:
         return np.empty(shape, dtype)
@@ -150,6 +164,15 @@ def read_npy(path: str | os.PathLike[str], name: str) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ Arrow
+
+
+def content_error(path: str, what: str, e: BaseException) -> Exception:
+    """pyarrow's failure on a file: an OSError with an errno is I/O and stays an
+    OSError; anything else is the file's content (bad magic, corrupt footer or
+    pages, bad lengths) and becomes fastml.FormatError. Both name the file."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return OSError(e.errno, f"{path!r} {what}: {e.strerror}")
+    return _core.FormatError(f"{path!r} {what}: {e}")
 
 
 def arrow_column(name: str, col: Any) -> np.ndarray | list[np.ndarray]:
@@ -242,8 +265,8 @@ def read_ipc(path: str) -> Any:
         except pa.ArrowInvalid:
             source.seek(0)
             return pa.ipc.open_stream(source).read_all()
-    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
-        raise OSError(f"{path!r} is not a readable Arrow IPC/Feather file: {e}") from None
+    except (pa.ArrowException, OSError) as e:
+        raise content_error(path, "is not a readable Arrow IPC/Feather file", e) from None
 
 
 # ------------------------------------------------------------------ Parquet
@@ -287,9 +310,11 @@ def open_parquet(path: str) -> Any:
     import pyarrow.parquet as pq
 
     try:
-        return pq.ParquetFile(path, memory_map=True)
-    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
-        raise OSError(f"{path!r} is not a readable Parquet file: {e}") from None
+        # Page checksums, where the writer stored them, are verified (as the native
+        # decoder does), so a page it refused for its CRC is not read here unchecked.
+        return pq.ParquetFile(path, memory_map=True, page_checksum_verification=True)
+    except (pa.ArrowException, OSError) as e:
+        raise content_error(path, "is not a readable Parquet file", e) from None
 
 
 # Parquet physical types and codecs fastml's native decoder reads (csrc/data/parquet.hpp).

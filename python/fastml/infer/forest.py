@@ -7,9 +7,11 @@ builder (``fastml._core.ForestCore``) validates them and builds the compact engi
 
 from __future__ import annotations
 
+import contextlib
 import json
+import operator
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -256,12 +258,71 @@ def _as_list(v: Any) -> list[Any]:
     return v
 
 
-def _load_xgboost(model: Any, iteration_range: tuple[int, int] | None) -> Any:
-    j, default_range = _xgb_model_json(model)
+class _ArgumentError(ValueError):
+    """A bad argument of the caller's (not malformed model content)."""
+
+
+# What parsing and validating a model's content raises when the content is bad.
+_CONTENT_ERRORS = (
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    OverflowError,
+    RecursionError,
+    UnicodeDecodeError,
+)
+
+
+@contextlib.contextmanager
+def _reading(model: Any, kind: str) -> Iterator[None]:
+    """Turns any failure on malformed model content into one fastml.FormatError
+    naming the file (or the argument) and the problem; I/O errors (OSError) and
+    the caller's argument errors pass through."""
+    if isinstance(model, (str, os.PathLike)):
+        source = repr(os.fspath(model))
+    elif isinstance(model, (bytes, bytearray, memoryview)):
+        source = "model (bytes)"
+    else:
+        source = f"model ({type(model).__name__})"
     try:
+        yield
+    except _ArgumentError:
+        raise
+    except _core.FormatError as e:
+        raise _core.FormatError(f"{source}: {e}") from None
+    except _CONTENT_ERRORS as e:
+        what = str(e) if isinstance(e, ValueError) else f"missing or malformed {e!r}"
+        raise _core.FormatError(f"{source}: not a valid {kind} model: {what}") from e
+
+
+def _check_iteration_range(iteration_range: Any) -> tuple[int, int] | None:
+    if iteration_range is None:
+        return None
+    try:
+        b, e = (operator.index(x) for x in iteration_range)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"iteration_range must be a (begin, end) pair of ints, got {iteration_range!r}"
+        ) from None
+    return b, e
+
+
+def _load_xgboost(model: Any, iteration_range: tuple[int, int] | None) -> Any:
+    iteration_range = _check_iteration_range(iteration_range)
+    if not isinstance(model, (str, os.PathLike, bytes, bytearray, memoryview)) and not (
+        hasattr(model, "save_raw") or hasattr(model, "get_booster")
+    ):
+        raise TypeError(
+            "model must be a path, bytes, an xgboost.Booster or an XGBModel, "
+            f"got {type(model).__name__}"
+        )
+    # XGBoost parses its numbers as float32: a value past float32's range becomes
+    # +-inf there, and here too, without numpy's overflow warning.
+    with _reading(model, "XGBoost"), np.errstate(over="ignore"):
+        j, default_range = _xgb_model_json(model)
         return _build_xgboost(j, iteration_range if iteration_range is not None else default_range)
-    except (KeyError, IndexError, TypeError, AttributeError, OverflowError) as e:
-        raise ValueError(f"not a valid XGBoost model: missing or malformed {e!r}") from None
 
 
 def _build_xgboost(j: dict[str, Any], iteration_range: tuple[int, int] | None) -> Any:
@@ -302,10 +363,10 @@ def _build_xgboost(j: dict[str, Any], iteration_range: tuple[int, int] | None) -
     n_iter = len(indptr) - 1
     begin, end = 0, n_iter
     if iteration_range is not None:
-        b, e = (int(x) for x in iteration_range)
+        b, e = iteration_range
         if not (b == 0 and e == 0):
             if not (0 <= b < e <= n_iter):
-                raise ValueError(
+                raise _ArgumentError(
                     f"iteration_range must satisfy 0 <= begin < end <= {n_iter}, got {(b, e)}"
                 )
             begin, end = b, e
@@ -448,11 +509,20 @@ def _lgb_arr(fields: dict[str, str], key: str, dtype: Any, n: int) -> np.ndarray
 
 
 def _load_lightgbm(model: Any, num_iteration: int | None) -> Any:
-    text, slice_iters = _lgb_text(model, num_iteration)
-    try:
+    if num_iteration is not None:
+        if isinstance(num_iteration, bool) or not isinstance(num_iteration, (int, np.integer)):
+            raise TypeError(f"num_iteration must be an int, got {type(num_iteration).__name__}")
+        if num_iteration < 0:
+            raise ValueError(f"num_iteration must be >= 0, got {num_iteration}")
+    if not isinstance(model, (str, os.PathLike)) and not hasattr(
+        getattr(model, "booster_", model), "model_to_string"
+    ):
+        raise TypeError(
+            f"model must be a path, a lightgbm.Booster or an LGBMModel, got {type(model).__name__}"
+        )
+    with _reading(model, "LightGBM"):
+        text, slice_iters = _lgb_text(model, num_iteration)
         return _build_lightgbm(text, slice_iters)
-    except (KeyError, IndexError, TypeError, OverflowError) as e:
-        raise ValueError(f"not a valid LightGBM model: malformed {e!r}") from None
 
 
 def _build_lightgbm(text: str, slice_iters: int | None) -> Any:
@@ -494,7 +564,7 @@ def _build_lightgbm(text: str, slice_iters: int | None) -> Any:
         tree_texts.append(body)
     if slice_iters is not None:
         if slice_iters < 0:
-            raise ValueError(f"num_iteration must be >= 0, got {slice_iters}")
+            raise _ArgumentError(f"num_iteration must be >= 0, got {slice_iters}")
         if slice_iters > 0:
             tree_texts = tree_texts[: slice_iters * k]
     if len(tree_texts) % k:
@@ -860,6 +930,19 @@ def _as_matrix(X: Any) -> Any:
     return X
 
 
+def _parse_metadata(text: str) -> dict[str, Any]:
+    """A forest's metadata: empty, or a JSON object (ValueError otherwise)."""
+    if not text:
+        return {}
+    try:
+        meta = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"its metadata is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"its metadata is a JSON {type(meta).__name__}, not an object")
+    return meta
+
+
 def _is_cuda_tensor(X: Any) -> bool:
     return type(X).__module__.startswith("torch") and getattr(X, "is_cuda", False)
 
@@ -881,14 +964,11 @@ class Forest:
             raise TypeError(
                 "Forest is built with Forest.from_xgboost / from_lightgbm / from_sklearn / load"
             )
-        self._core = core
         spec = core.spec()
-        try:
-            self._meta: dict[str, Any] = json.loads(spec["metadata"]) if spec["metadata"] else {}
-        except json.JSONDecodeError:
-            self._meta = {}
-        if not isinstance(self._meta, dict):
-            self._meta = {}
+        meta = _parse_metadata(spec["metadata"])
+        # Assigned last: a Forest either exists whole or not at all.
+        self._core = core
+        self._meta: dict[str, Any] = meta
         self._objective = str(spec["objective"])
 
     # -------------------------------------------------------------- constructors
@@ -921,14 +1001,42 @@ class Forest:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Forest:
-        """Read a forest written by :meth:`save` (validated; corrupt files raise ``OSError``)."""
+        """Read a forest written by :meth:`save`.
+
+        The file is validated as a fresh build is: a truncated, corrupted or foreign
+        file raises :class:`fastml.FormatError` (a ``ValueError``) naming the file,
+        the field and its byte offset; a file that cannot be opened or read raises
+        ``OSError``.
+        """
         with open(path, "rb") as fh:
             data = fh.read()
-        return cls(_core.ForestCore.from_bytes(data))
+        return cls._from_bytes(data, repr(os.fspath(path)))
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray | memoryview) -> Forest:
+        """Decode bytes written by :meth:`to_bytes` (validated as :meth:`load` is)."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"data must be bytes, got {type(data).__name__}")
+        return cls._from_bytes(bytes(data), "data")
+
+    @classmethod
+    def _from_bytes(cls, data: bytes, source: str) -> Forest:
+        core = _core.ForestCore.from_bytes(data, source)
+        try:
+            return cls(core)
+        except ValueError as e:
+            raise _core.FormatError(f"{source}: not a valid fastml forest file: {e}") from None
+
+    def to_bytes(self) -> bytes:
+        """The forest in fastml's versioned binary format (what :meth:`save` writes)."""
+        return bytes(self._core.to_bytes())
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Forest.from_bytes, (self.to_bytes(),))
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the forest in fastml's versioned binary format (magic, version, checksum)."""
-        data = self._core.to_bytes()
+        data = self.to_bytes()
         tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
         with open(tmp, "wb") as fh:
             fh.write(data)
