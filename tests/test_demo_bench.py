@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 pytest.importorskip("torch")
 pytest.importorskip("pyarrow")
@@ -120,3 +123,18 @@ def test_bench_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run = mlflow.get_run(run_id)
     assert "drift.ks_exact_values" in run.data.metrics
     assert run.data.params["cpu_model"]
+
+
+@given(
+    values=st.lists(st.sampled_from([0.0, 0.5, 1.0, -2.0, np.nan]) | st.floats(-5, 5), max_size=40)
+)
+@example(values=[])
+@example(values=[1.0, 1.0, 1.0])
+def test_demo_auc_ranks_match_scipy(values: list[float]) -> None:
+    """The demo's AUC uses average ranks without SciPy (a light demo install)."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    from fastml.demo.pipeline import _average_ranks
+
+    x = np.array(values, dtype=np.float64)
+    x = x[~np.isnan(x)]  # scores are finite
+    np.testing.assert_array_equal(_average_ranks(x), scipy_stats.rankdata(x))

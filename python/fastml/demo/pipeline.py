@@ -128,15 +128,25 @@ def _feature_matrix(columns: dict[str, np.ndarray]) -> np.ndarray:
     return np.stack([np.asarray(columns[f], dtype=np.float32) for f in FEATURES], axis=1)
 
 
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties given their average rank (scipy.stats.rankdata's default)."""
+    x = np.asarray(x)
+    order = np.argsort(x, kind="stable")
+    xs = x[order]
+    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])  # first index of each tie group
+    ends = np.r_[starts[1:], len(xs)]
+    ranks = np.empty(len(xs), dtype=np.float64)
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    return ranks
+
+
 def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
     """ROC AUC by the rank-sum formula (ties get average ranks)."""
-    from scipy.stats import rankdata
-
     pos = labels == 1
     n_pos, n_neg = int(pos.sum()), int((~pos).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    ranks = rankdata(scores)
+    ranks = _average_ranks(scores)
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
