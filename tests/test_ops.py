@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _hyp import examples
-from _ops_util import assert_rule, layer_norm_terms, leaf, rms_norm_terms
+from _ops_util import add_rms_ref, add_rms_terms, assert_rule, check_op, ln_terms, rms_terms
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -44,82 +44,6 @@ def block_mode(request, monkeypatch):
     if request.param == "chunked":
         monkeypatch.setattr(_dispatch, "_MAX_BLOCK", 1024)
     return request.param
-
-
-def _outputs(r):
-    return list(r) if isinstance(r, (tuple, list)) else [r]
-
-
-def check_op(fast, same, ref, inputs, dtype, what, grad_mask=None, seed=0, norm=False, terms=None):
-    """Compare fast/same (in ``dtype``) with ref (float64), forward and backward.
-
-    ``terms(inputs64, upstream_grads64)`` returns ``{input index: T}`` for the
-    gradients that are differences of larger terms (see ``_ops_util.TERMS_ULPS``).
-    """
-    gen = torch.Generator().manual_seed(seed)
-    grad_mask = grad_mask or [True] * len(inputs)
-
-    def cast(t, m, dt):
-        if not t.is_floating_point():
-            return t  # integer targets stay as they are
-        return leaf(t, dt) if m else t.to(dt)
-
-    xd = [cast(t, m, dtype) for t, m in zip(inputs, grad_mask, strict=True)]
-    xs = [cast(t, m, dtype) for t, m in zip(inputs, grad_mask, strict=True)]
-    x64 = [cast(t, m, torch.float64) for t, m in zip(xd, grad_mask, strict=True)]
-    outs, sames, refs = _outputs(fast(*xd)), _outputs(same(*xs)), _outputs(ref(*x64))
-    gs = [torch.randn(r.shape, generator=gen, dtype=torch.float64).to(dtype) for r in refs]
-    for i, (o, s, r) in enumerate(zip(outs, sames, refs, strict=True)):
-        assert o.dtype == dtype, f"{what}: output dtype {o.dtype}"
-        assert_rule(o, s, r, f"{what} output {i}", norm)
-    wrt = [k for k, m in enumerate(grad_mask) if m]
-
-    def backward(os_, xs_, gdtype):
-        loss = sum((o * g.to(gdtype)).sum() for o, g in zip(os_, gs, strict=True))
-        return torch.autograd.grad(loss, [xs_[k] for k in wrt])
-
-    term_of = terms([t.detach() for t in x64], [g.double() for g in gs]) if terms else {}
-    for k, go, gsm, gr in zip(
-        wrt,
-        backward(outs, xd, dtype),
-        backward(sames, xs, dtype),
-        backward(refs, x64, torch.float64),
-        strict=True,
-    ):
-        assert go.dtype == dtype
-        assert_rule(go, gsm, gr, f"{what} grad of input {k}", norm, term_of.get(k))
-
-
-def add_rms_ref(dtype):
-    """float64 add_rms_norm with its documented semantics: ``s`` is rounded to ``dtype``.
-
-    The rounding is applied straight-through (its gradient is the identity), as
-    the op's gradient treats the stored sum.
-    """
-
-    def ref(x, r, w, eps=1e-6):
-        s = x + r
-        s = s + (s.to(dtype).double() - s).detach()
-        return _rms_norm_ref(s, w, eps), s
-
-    return ref
-
-
-def rms_terms(eps):
-    return lambda xs, gs: {0: rms_norm_terms(xs[0], xs[1] if len(xs) > 1 else None, gs[0], eps)}
-
-
-def add_rms_terms(dtype, eps=1e-6):
-    def terms(xs, gs):
-        s = (xs[0] + xs[1]).to(dtype).double()
-        t = rms_norm_terms(s, xs[2], gs[0], eps) + gs[1].abs()
-        return {0: t, 1: t}
-
-    return terms
-
-
-def ln_terms(eps):
-    return lambda xs, gs: {0: layer_norm_terms(xs[0], xs[1] if len(xs) > 1 else None, gs[0], eps)}
 
 
 # ---------------------------------------------------------------- norms

@@ -11,7 +11,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from _ops_util import assert_rule
+from _ops_util import assert_rule, check_op, ln_terms, rms_terms
 
 from fastml import ops
 from fastml.ops.layer_norm import _layer_norm_ref
@@ -21,29 +21,6 @@ from fastml.ops.softmax import _softmax_ref
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
 lce_mod = importlib.import_module("fastml.ops.linear_cross_entropy")
-
-
-def _check(fast, same, ref, inputs, dtype, what, grad_mask=None, norm=False):
-    grad_mask = grad_mask or [True] * len(inputs)
-
-    def cast(t, m, dt):
-        if not t.is_floating_point():
-            return t
-        t = t.detach().to(dt)
-        return t.requires_grad_() if m else t
-
-    xd = [cast(t, m, dtype) for t, m in zip(inputs, grad_mask, strict=True)]
-    xs = [cast(t, m, dtype) for t, m in zip(inputs, grad_mask, strict=True)]
-    x64 = [cast(t, m, torch.float64) for t, m in zip(xd, grad_mask, strict=True)]
-    o, s, r = fast(*xd), same(*xs), ref(*x64)
-    assert_rule(o, s, r, f"{what} output", norm)
-    g = torch.randn_like(r).to(dtype)
-    wrt = [k for k, m in enumerate(grad_mask) if m]
-    go = torch.autograd.grad(o, [xd[k] for k in wrt], g)
-    gs = torch.autograd.grad(s, [xs[k] for k in wrt], g)
-    gr = torch.autograd.grad(r, [x64[k] for k in wrt], g.double())
-    for k, a, b, c in zip(wrt, go, gs, gr, strict=True):
-        assert_rule(a, b, c, f"{what} grad {k}", norm)
 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -57,25 +34,27 @@ def test_norms_and_softmax_cuda(dtype, shape):
     n = shape[-1]
     x = torch.randn(shape, device=DEV) + 1
     w, b = torch.randn(n, device=DEV), torch.randn(n, device=DEV)
-    _check(
+    check_op(
         ops.rms_norm,
         lambda a, c: F.rms_norm(a, (n,), c, 1e-6),
         _rms_norm_ref,
         [x, w],
         dtype,
         "rms_norm",
+        terms=rms_terms(1e-6),
     )
-    _check(
+    check_op(
         ops.layer_norm,
         lambda a, c, d: F.layer_norm(a, (n,), c, d),
         _layer_norm_ref,
         [x, w, b],
         dtype,
         "layer_norm",
+        terms=ln_terms(1e-5),
     )
-    _check(ops.softmax, lambda a: torch.softmax(a, -1), _softmax_ref, [x], dtype, "softmax")
+    check_op(ops.softmax, lambda a: torch.softmax(a, -1), _softmax_ref, [x], dtype, "softmax")
     t = torch.randint(0, n, shape[:-1], device=DEV)
-    _check(
+    check_op(
         lambda a, q: ops.cross_entropy(a, q, label_smoothing=0.1),
         lambda a, q: F.cross_entropy(a, q, label_smoothing=0.1),
         lambda a, q: F.cross_entropy(a, q, label_smoothing=0.1),
@@ -89,10 +68,10 @@ def test_norms_and_softmax_cuda(dtype, shape):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_glu_cuda(dtype):
     g, u = torch.randn(4, 1000, 1111, device=DEV), torch.randn(4, 1000, 1111, device=DEV)
-    _check(
+    check_op(
         ops.swiglu, lambda a, b: F.silu(a) * b, lambda a, b: F.silu(a) * b, [g, u], dtype, "swiglu"
     )
-    _check(
+    check_op(
         ops.geglu, lambda a, b: F.gelu(a) * b, lambda a, b: F.gelu(a) * b, [g, u], dtype, "geglu"
     )
 
@@ -104,7 +83,7 @@ def test_linear_cross_entropy_cuda(dtype):
     w = torch.randn(5000, 256, device=DEV) * 0.05
     t = torch.randint(0, 5000, (1000,), device=DEV)
     t[::7] = -100
-    _check(
+    check_op(
         lambda a, c, q: ops.linear_cross_entropy(a, c, q),
         lambda a, c, q: F.cross_entropy(a @ c.T, q),
         lambda a, c, q: F.cross_entropy(a @ c.T, q),

@@ -1,16 +1,27 @@
-"""fastml.infer.Forest on the GPU: device="cuda" against the CPU path and XGBoost's GPU predictor.
+"""fastml.infer.Forest on the GPU: device="cuda" against the CPU engine and XGBoost.
 
 Run by benchmarks/gpu/check.sh on a machine with an NVIDIA GPU. Checks that the
-CUDA margins equal the CPU margins bit for bit before timing.
+CUDA margins equal the CPU margins bit for bit before timing, then times
+throughput at --rows rows and the latency of small batches (1, 64, 1,024 rows)
+from a torch CUDA tensor.
 
-    python benchmarks/gpu/bench_forest.py [--json PATH] [--rows 1000000]
+The model is XGBoost's (binary:logistic, depth 8) when xgboost is importable
+(the GPU machine has none: carry the xgboost-cpu wheel, see
+benchmarks/gpu/fetch_wheels.sh), else scikit-learn's HistGradientBoosting; the
+XGBoost peers are measured only when xgboost is there, its GPU predictor only
+when xgboost was built with CUDA (the 126 MB CUDA wheel does not fit a carry).
+
+    python benchmarks/gpu/bench_forest.py [--rows 1000000] [--trees 500] [--quick | --smoke]
+        [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -21,66 +32,116 @@ from fastml.infer import Forest
 NF = 32
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--json")
-    ap.add_argument("--rows", type=int, default=1_000_000)
-    ap.add_argument("--trees", type=int, default=500)
-    args = ap.parse_args()
-    import torch
-    import xgboost as xgb
-
-    if not fastml.cuda_available():
-        raise SystemExit("no usable CUDA device (or fastml built without CUDA)")
-    rng = np.random.default_rng(0)
+def _model(trees: int, depth: int, rng: np.random.Generator) -> tuple[Forest, Any, str]:
+    """(forest, xgboost booster or None, description)."""
     Xtr = rng.normal(size=(20_000, NF)).astype(np.float32)
     y = (Xtr[:, :4].sum(axis=1) + rng.normal(0, 0.5, len(Xtr)) > 0).astype(np.float32)
     Xtr[rng.random(Xtr.shape) < 0.05] = np.nan
-    params = {
-        "objective": "binary:logistic",
-        "max_depth": 8,
-        "device": "cuda",
-        "tree_method": "hist",
-    }
-    booster = xgb.train(params, xgb.DMatrix(Xtr, y), args.trees)
-    f = Forest.from_xgboost(booster)
+    try:
+        import xgboost as xgb
+    except ImportError:
+        xgb = None
+    if xgb is not None:
+        params = {"objective": "binary:logistic", "max_depth": depth, "tree_method": "hist"}
+        booster = xgb.train(params, xgb.DMatrix(Xtr, y), trees)
+        return Forest.from_xgboost(booster), booster, f"xgboost {xgb.__version__}"
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    print("xgboost is not installed: sklearn's model instead, no XGBoost peer (see the docstring)")
+    est = HistGradientBoostingClassifier(max_iter=trees, max_depth=depth, early_stopping=False)
+    est.fit(Xtr, y)
+    return Forest.from_sklearn(est), None, "sklearn HistGradientBoosting"
+
+
+def _latency_us(fn, reps: int) -> float:
+    """Median microseconds of one call, after warm-up."""
+    for _ in range(3):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts) * 1e6)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--json")
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--trees", type=int, default=500)
+    ap.add_argument("--quick", action="store_true", help="3 repeats, fewer latency samples")
+    ap.add_argument("--smoke", action="store_true", help="20 trees, 2,000 rows, CPU ok")
+    args = ap.parse_args()
+    import torch
+
+    cuda = fastml.cuda_available()
+    if args.smoke:
+        args.rows, args.trees = 2_000, 20
+    elif not cuda:
+        raise SystemExit("no usable CUDA device (or fastml built without CUDA)")
+    dev = "cuda" if cuda else "cpu"
+    rng = np.random.default_rng(0)
+    f, booster, source = _model(args.trees, 8, rng)
 
     X = rng.normal(size=(args.rows, NF)).astype(np.float32)
     X[rng.random(X.shape) < 0.05] = np.nan
-    Xd = torch.from_numpy(X).cuda()
-    cpu_margin = f.predict(X[:100_000], output="margin")
-    gpu_margin = f.predict(Xd[:100_000], output="margin", device="cuda").cpu().numpy()
-    np.testing.assert_array_equal(gpu_margin, cpu_margin)
-    print("CUDA margins equal CPU margins bit for bit on 100000 rows")
+    Xd = torch.from_numpy(X).to(dev)
+    key: dict[str, Any] = {"model": f"{f.num_trees} trees depth 8 ({source})"}
+    if cuda:
+        cpu_margin = f.predict(X[:100_000], output="margin")
+        gpu_margin = f.predict(Xd[:100_000], output="margin", device="cuda").cpu().numpy()
+        np.testing.assert_array_equal(gpu_margin, cpu_margin)
+        print("CUDA margins equal CPU margins bit for bit on 100000 rows")
+        key["cuda_equals_cpu_bitwise"] = True
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
 
     def fastml_gpu():
-        f.predict(Xd, device="cuda")
-        torch.cuda.synchronize()
+        f.predict(Xd, device=dev)
+        sync()
 
-    def xgb_gpu():
-        booster.inplace_predict(Xd)
-        torch.cuda.synchronize()
+    cands = {
+        "fastml Forest device=cuda (torch input)": fastml_gpu,
+        "fastml Forest device=cpu (all threads)": lambda: f.predict(X),
+    }
+    base = "fastml Forest device=cpu (all threads)"
+    if booster is not None:
+        import xgboost as xgb
 
-    fastml.set_num_threads(max(1, fastml.get_num_threads()))
+        if cuda and bool(xgb.build_info().get("USE_CUDA")):
+            booster.set_param({"device": "cuda"})
+            base = "xgboost inplace_predict (cuda)"
+            cands[base] = lambda: (booster.inplace_predict(Xd), sync())
+        else:
+            print("xgboost has no CUDA build here: its CPU predictor is the XGBoost peer")
+            base = "xgboost inplace_predict (cpu, all threads)"
+            cands[base] = lambda: booster.inplace_predict(X)
     t = compare(
-        {
-            "fastml Forest device=cuda (torch input)": fastml_gpu,
-            "xgboost inplace_predict (cuda)": xgb_gpu,
-            "fastml Forest device=cpu (all threads)": lambda: f.predict(X),
-        },
-        repeat=5,
-        work=args.rows,
-        unit="rows",
+        cands, repeat=1 if args.smoke else 3 if args.quick else 5, work=args.rows, unit="rows"
     )
-    print(
-        table(
-            t,
-            baseline="xgboost inplace_predict (cuda)",
-            title=f"{f.num_trees} trees depth 8, {args.rows} rows",
+    print(table(t, baseline=base, title=f"{f.num_trees} trees depth 8, {args.rows} rows"))
+    gpu = t["fastml Forest device=cuda (torch input)"]
+    key["cuda_Mrows_per_s"] = gpu.rate / 1e6
+    key["cpu_all_threads_Mrows_per_s"] = t["fastml Forest device=cpu (all threads)"].rate / 1e6
+    if base.startswith("xgboost"):
+        key[f"cuda_vs_{base}"] = t[base].median / gpu.median
+
+    reps = 5 if args.smoke else 50 if args.quick else 200
+    for rows in (1, 64, 1024):
+        xs = Xd[:rows]
+        key[f"cuda_latency_us_{rows}_rows"] = _latency_us(
+            lambda xs=xs: (f.predict(xs, device=dev), sync()), reps
         )
-    )
+        key[f"cpu_latency_us_{rows}_rows"] = _latency_us(lambda r=rows: f.predict(X[:r]), reps)
+    for k, v in key.items():
+        print(f"{k:<44} {v}")
     if args.json:
-        Path(args.json).write_text(json.dumps({k: v.to_dict() for k, v in t.items()}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({k: v.to_dict() for k, v in t.items()} | {"key": key}, indent=2)
+        )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """GPU check entry point for fastml.ops: runs benchmarks/ops/* and writes one JSON.
 
-python benchmarks/gpu/bench_ops.py --json PATH        (called by benchmarks/gpu/check.sh)
+python benchmarks/gpu/bench_ops.py [--quick | --smoke] --json PATH   (called by check.sh)
 """
 
 from __future__ import annotations
@@ -24,22 +24,46 @@ def _load(name: str):
     return mod
 
 
+def _key(out: dict) -> dict:
+    """The figures the GPU check's summary prints."""
+    key: dict = {}
+    ops = out.get("bench_ops", {})
+    for k, v in ops.get("summary", {}).items():
+        if k.startswith(("geomean_speedup_vs_torch.compile", "geomean_copy_share")):
+            key[k] = v
+    if ops.get("copy_bytes_per_s"):
+        key["device_copy_GB_per_s"] = ops["copy_bytes_per_s"] / 1e9
+    if ops.get("errors"):
+        key["failed_candidates"] = ", ".join(ops["errors"])
+    lce = out.get("bench_linear_cross_entropy", {})
+    for r in lce.get("results", []) if isinstance(lce.get("results"), list) else []:
+        if "ms" in r:
+            key[f"lce_{r.get('candidate')}_ms"] = r["ms"][1]
+    return key
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--json", default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, no timing (CPU ok)")
+    ap.add_argument("--quick", action="store_true", help="fewer shapes (the check's --quick)")
     args = ap.parse_args()
-    extra = ["--smoke"] if args.smoke else []
+    extra = ["--smoke"] if args.smoke else ["--quick"] if args.quick else []
     out = {}
     failed = False
     for name in ("bench_ops", "bench_linear_cross_entropy"):
         print(f"== {name}", flush=True)
+        # The LM-head shape alone takes ~15 s; --quick keeps it (it is the CE goal).
+        args_for = [a for a in extra if not (name != "bench_ops" and a == "--quick")]
         try:
-            out[name] = _load(name).main(extra)
+            out[name] = _load(name).main(args_for)
         except Exception as exc:  # report and carry on: one benchmark must not hide the other
             print(f"{name} failed: {type(exc).__name__}: {exc}")
             out[name] = {"error": f"{type(exc).__name__}: {exc}"}
             failed = True
+        if out[name].get("errors"):
+            failed = True
+    out["key"] = _key(out)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2, default=str))
