@@ -65,8 +65,19 @@ def test_bench_quick_and_compare(tmp_path: Path) -> None:
     r = _run(["bench", "--quick", "--out", str(a)], tmp_path, 600)
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads(a.read_text())
-    assert doc["schema"] == "fastml-bench/1"
+    assert doc["schema"] == "fastml-bench/2"
     assert doc["hardware"]["logical_cores"] >= 1 and doc["hardware"]["cpu_model"]
+    # The machine's own limits, measured in the run, and the figures against them.
+    assert set(doc["limits"]) >= {"cpu_copy_1t", "cpu_copy_all", "cpu_gather_all"}
+    assert all(lim["value"] > 0 for lim in doc["limits"].values())
+    by_name = {f["name"]: f for f in doc["figures"]}
+    for name, limit in (("loader_memory_rows", "cpu_gather_all"), ("ingest_values", "cpu_copy_1t")):
+        f = by_name[name]
+        assert f["limit"]["name"] == limit and f["limit"]["accounting"]
+        want = f["fastml"]["value"] * f["limit"]["per_unit"] / doc["limits"][limit]["value"]
+        assert f["fraction_of_limit"] == pytest.approx(want)
+    assert by_name["ks_exact_values"]["limit"] is None  # compute-bound: no limit applies
+    assert "of limit" in r.stdout and "limits measured in this run" in r.stdout
     assert doc["software"]["fastml"]["version"]
     comps = {f["component"] for f in doc["figures"]}
     assert {"data", "drift", "infer"} <= comps
@@ -79,7 +90,7 @@ def test_bench_quick_and_compare(tmp_path: Path) -> None:
     png = tmp_path / "ratios.png"
     r = _run(["bench", "compare", str(a), str(a), "--plot", str(png)], tmp_path, 120)
     assert r.returncode == 0, r.stderr
-    assert "1.00x" in r.stdout
+    assert "1.00x" in r.stdout and "%" in r.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -87,7 +98,82 @@ def test_bench_compare_rejects_foreign_json(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"schema": "other/9"}))
     r = _run(["bench", "compare", str(bad)], tmp_path, 120)
-    assert r.returncode == 2 and "expected schema 'fastml-bench/1'" in r.stderr
+    assert r.returncode == 2 and "expected schema fastml-bench/1 or fastml-bench/2" in r.stderr
+
+
+def _figure(name: str, value: float, **extra: object) -> dict:
+    return {
+        "component": "data",
+        "name": name,
+        "unit": "rows/s",
+        "higher_is_better": True,
+        "fastml": {"name": "fastml", "value": value, "spread": 0.01, "repeats": 3},
+        "peer": {"name": "numpy", "value": value / 2, "spread": 0.01, "repeats": 3},
+        "ratio": 2.0,
+        "goal": None,
+        "note": "",
+        "absolute": False,
+        **extra,
+    }
+
+
+def _doc(schema: str, figures: list[dict], **extra: object) -> dict:
+    hw = {"cpu_model": "test", "logical_cores": 2, "physical_cores": 2, "usable_cores": 2}
+    hw |= {"memory_bytes": 1, "gpus": [], "cuda_version": None, "machine": "x", "platform": "x"}
+    return {
+        "schema": schema,
+        "date": "2026-11-27T00:00:00+00:00",
+        "duration_s": 1.0,
+        "quick": True,
+        "hardware": hw | {"hostname": "h"},
+        "software": {"python": "3.11", "fastml": {"version": "0.1.0"}, "packages": {}},
+        "figures": figures,
+        "skipped": {},
+        **extra,
+    }
+
+
+def test_bench_reads_schema_1_files(tmp_path: Path) -> None:
+    """A file of the first schema (no limits) loads, prints and compares with a new one."""
+    from fastml.bench import suite
+
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(_doc("fastml-bench/1", [_figure("loader_memory_rows", 1e7)])))
+    limit = {"name": "cpu_gather_all", "value": 6e7, "unit": "lines/s", "what": "w"}
+    new_fig = _figure(
+        "loader_memory_rows",
+        1.5e7,
+        limit=dict(limit, per_unit=3.0, accounting="3 lines per row"),
+        fraction_of_limit=0.75,
+    )
+    new = tmp_path / "new.json"
+    new.write_text(json.dumps(_doc("fastml-bench/2", [new_fig], limits={"cpu_gather_all": limit})))
+    a, b = suite.load(old), suite.load(new)
+    assert a["schema"] == "fastml-bench/2" and a["upgraded_from"] == "fastml-bench/1"
+    assert a["limits"] == {} and a["figures"][0]["fraction_of_limit"] is None
+    assert "loader_memory_rows" in suite.format_run(a)
+    text, rows = suite.compare([a, b], ["old", "new"])
+    assert rows[0]["ratios"] == [1.0, 1.5] and rows[0]["fractions"] == [None, 0.75]
+    assert "(1.50x) 75%" in text
+    r = _run(["bench", "compare", str(old), str(new)], tmp_path, 120)
+    assert r.returncode == 0 and "(1.50x) 75%" in r.stdout, r.stderr
+
+
+def test_bench_plot_without_matplotlib_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    from fastml.bench import suite
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name: str, *args: object, **kwargs: object) -> object:
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("no matplotlib here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(RuntimeError, match=r'pip install "fastml\[bench\]"'):
+        suite.plot_compare([], ["a"], "x.png")
 
 
 def test_bench_only_rejects_unknown_component(tmp_path: Path) -> None:
