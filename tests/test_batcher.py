@@ -116,18 +116,33 @@ def test_requests_are_never_split_and_oversized_ones_run_in_chunks():
     assert sorted(rows_of(rec.batches)) == sorted([3, 3, 5, 5, 2])
 
 
-def test_inline_run_when_idle_and_no_delay():
+def test_where_batches_run():
+    """submit() hands the batch to a worker unless inline=True; predict() may run it
+    on the calling thread, which blocks anyway (issue #15's contract)."""
     thread_ids = []
 
     def fn(x):
         thread_ids.append(threading.get_ident())
         return x
 
+    me = threading.get_ident()
     with infer.Batcher(fn, max_delay_us=0) as b:
+        assert not b.inline
         f = b.submit(np.ones(2))
-        assert f.done()
-        assert b.stats()["inline_batches"] == 1
-    assert thread_ids == [threading.get_ident()]
+        f.result(WAIT)
+        assert thread_ids[-1] != me and b.stats()["inline_batches"] == 0
+        b.predict(np.ones(2))
+        assert thread_ids[-1] == me and b.stats()["inline_batches"] == 1
+    with infer.Batcher(fn, max_delay_us=0, inline=True) as b:
+        assert b.inline
+        f = b.submit(np.ones(2))
+        assert f.done() and thread_ids[-1] == me and b.stats()["inline_batches"] == 1
+    with infer.Batcher(fn, max_delay_us=100, inline=True) as b:
+        # With a delay, waiting may form a larger batch: never inline.
+        b.submit(np.ones(2)).result(WAIT)
+        assert thread_ids[-1] != me and b.stats()["inline_batches"] == 0
+    with pytest.raises(TypeError, match="inline must be a bool"):
+        infer.Batcher(fn, inline=1)
 
 
 def test_dtype_and_trailing_shape_mismatches_batch_separately():

@@ -627,8 +627,14 @@ def test_bad_inputs_name_the_argument(small_forest):
         ValueError, match=r"X must have 6 features \(columns\), got 2-D float64 \(3, 5\)"
     ):
         f.predict(np.zeros((3, 5)))
+    # One row as a 1-D array is answered with one row (the Batcher's rule too).
+    np.testing.assert_array_equal(f.predict(np.zeros(6)), f.predict(np.zeros((1, 6)))[0])
+    with pytest.raises(
+        ValueError, match=r"X must have 6 features \(columns\), got 2-D float64 \(1, 5\)"
+    ):
+        f.predict(np.zeros(5))
     with pytest.raises(ValueError, match="X must be 2-D"):
-        f.predict(np.zeros(6))
+        f.predict(np.zeros((1, 1, 6)))
     with pytest.raises(TypeError, match="X must be numeric"):
         f.predict(np.array([["a"] * 6]))
     with pytest.raises(ValueError, match="output must be"):

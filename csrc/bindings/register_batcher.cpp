@@ -175,12 +175,20 @@ struct ArrayInfo {
   uint64_t signature = 0;
 };
 
-ArrayInfo describe_array(py::handle x, const char* name) {
+// With row_ndim >= 0, an array of exactly row_ndim dimensions is one row given
+// without its batch dimension: it is described (and batched) as shape (1, ...)
+// and `single` is set.
+ArrayInfo describe_array(py::handle x, const char* name, int row_ndim, bool& single) {
   ArrayInfo info;
+  single = false;
   if (!py::isinstance<py::array>(x) && is_torch_tensor(x)) {
     info.kind = kTorch;
     info.value = py::reinterpret_borrow<py::object>(x);
-    py::tuple shape = py::tuple(x.attr("shape"));
+    if (row_ndim >= 0 && static_cast<int>(py::len(x.attr("shape"))) == row_ndim) {
+      info.value = info.value.attr("unsqueeze")(0);
+      single = true;
+    }
+    py::tuple shape = py::tuple(info.value.attr("shape"));
     if (shape.size() < 1) {
       fail<std::invalid_argument>(name, " must have a leading row dimension, got a 0-D tensor");
     }
@@ -192,6 +200,12 @@ ArrayInfo describe_array(py::handle x, const char* name) {
   } else {
     py::array a =
         py::isinstance<py::array>(x) ? py::reinterpret_borrow<py::array>(x) : as_numpy(x, name);
+    if (row_ndim >= 0 && a.ndim() == row_ndim) {
+      std::vector<py::ssize_t> shape{1};
+      shape.insert(shape.end(), a.shape(), a.shape() + a.ndim());
+      a = a.reshape(shape);
+      single = true;
+    }
     if (a.ndim() < 1) {
       fail<std::invalid_argument>(name, " must have a leading row dimension, got a 0-D array");
     }
@@ -210,7 +224,7 @@ ArrayInfo describe_array(py::handle x, const char* name) {
 }
 
 // Fills f's input, rows and signature from a Python request `x`.
-void describe_request(py::handle x, RequestFuture& f) {
+void describe_request(py::handle x, RequestFuture& f, int row_ndim) {
   if (PyDict_Check(x.ptr())) {
     py::dict d = py::reinterpret_borrow<py::dict>(x);
     if (d.empty()) fail<std::invalid_argument>("x must be a non-empty dict of arrays, got {}");
@@ -224,10 +238,16 @@ void describe_request(py::handle x, RequestFuture& f) {
       }
       const std::string key = py::str(item.first);
       const std::string name = "x['" + key + "']";
-      ArrayInfo info = describe_array(item.second, name.c_str());
+      bool single = false;
+      ArrayInfo info = describe_array(item.second, name.c_str(), row_ndim, single);
       if (rows < 0) {
         rows = info.rows;
         first_key = key;
+        f.single_row = single;
+      } else if (single != f.single_row) {
+        fail<std::invalid_argument>("x['", key, "'] and x['", first_key,
+                                    "'] disagree on whether the request is one row (row_ndim=",
+                                    row_ndim, "): give every array its row dimension, or none");
       } else if (info.rows != rows) {
         fail<std::invalid_argument>("x['", key, "'] has ", info.rows, " rows but x['", first_key,
                                     "'] has ", rows,
@@ -243,7 +263,9 @@ void describe_request(py::handle x, RequestFuture& f) {
     f.signature = signature;
     return;
   }
-  ArrayInfo info = describe_array(x, "x");
+  bool single = false;
+  ArrayInfo info = describe_array(x, "x", row_ndim, single);
+  f.single_row = single;
   f.input = hold(std::move(info.value));
   f.input_kind = info.kind;
   f.rows = info.rows;
@@ -298,6 +320,18 @@ py::object concat_inputs(const std::vector<py::object>& parts, int kind) {
     out[item.first] = concat_arrays(column, ck);
   }
   return std::move(out);
+}
+
+// Row `i` of a batch output (a dict: each value's row): the answer to a
+// request given as one row without its batch dimension.
+py::object row_of(py::handle x, int64_t i) {
+  py::int_ index(static_cast<py::ssize_t>(i));
+  if (PyDict_Check(x.ptr())) {
+    py::dict out;
+    for (auto item : py::reinterpret_borrow<py::dict>(x)) out[item.first] = item.second[index];
+    return std::move(out);
+  }
+  return x[index];
 }
 
 py::object slice_rows(py::handle x, int64_t begin, int64_t end) {
@@ -358,8 +392,9 @@ py::object concat_outputs(const std::vector<py::object>& parts) {
 class PyBatcher {
  public:
   PyBatcher(py::object fn, std::shared_ptr<infer::NativeHandler> native,
-            infer::BatcherConfig config)
+            infer::BatcherConfig config, int row_ndim)
       : fn_(std::move(fn)), native_(std::move(native)), name_(config.name) {
+    row_ndim_ = native_ ? native_->row_ndim() : row_ndim;
     if (!native_) {
       FASTML_CHECK_TYPE(PyCallable_Check(fn_.ptr()), "fn", "must be callable, got ",
                         type_name(fn_));
@@ -378,15 +413,31 @@ class PyBatcher {
     core_.reset();
   }
 
+  // Queues one request. `allow_inline`: the caller blocks for the result
+  // anyway (predict) or opted in (Batcher(inline=True)), and is not an asyncio
+  // event loop's thread: then, with max_delay_us=0 and nothing queued, the
+  // batch may run here, on the calling thread.
   FuturePtr submit(py::handle x, int priority, int64_t timeout_us, bool block,
-                   double block_timeout_s) {
+                   double block_timeout_s, bool allow_inline) {
     auto f = std::make_shared<RequestFuture>();
     if (native_) {
       auto input = std::make_shared<NativeInput>();
       ArraySpec spec;
-      spec.min_ndim = 1;
+      spec.min_ndim = row_ndim_ >= 0 ? row_ndim_ : 1;
       spec.layout = Layout::MakeContiguous;
       input->array = bind_array(x, "x", spec);
+      ArrayView& v = input->array.view;
+      if (row_ndim_ >= 0 && v.ndim == row_ndim_ && v.ndim < kMaxDims) {
+        // One row without its batch dimension: a (1, ...) view of the same bytes.
+        for (int i = v.ndim; i > 0; --i) {
+          v.shape[i] = v.shape[i - 1];
+          v.strides[i] = v.strides[i - 1];
+        }
+        v.shape[0] = 1;
+        v.strides[0] = v.ndim ? v.shape[1] * v.strides[1] : static_cast<int64_t>(itemsize(v.dtype));
+        ++v.ndim;
+        f->single_row = true;
+      }
       if (input->array.view.shape[0] < 1) {
         fail<std::invalid_argument>("x must have at least one row, got 0");
       }
@@ -400,7 +451,7 @@ class PyBatcher {
       f->input = std::move(input);
       f->input_kind = kNative;
     } else {
-      describe_request(x, *f);
+      describe_request(x, *f, row_ndim_);
     }
     bool run_now;
     if (block) {
@@ -408,9 +459,9 @@ class PyBatcher {
           block_timeout_s < 0 ? std::numeric_limits<double>::infinity() : block_timeout_s;
       // Waiting for room: the workers need the GIL to drain the queue.
       py::gil_scoped_release release;
-      run_now = core_->enqueue(f, priority, timeout_us, limit, true);
+      run_now = core_->enqueue(f, priority, timeout_us, limit, allow_inline);
     } else {
-      run_now = core_->enqueue(f, priority, timeout_us, -1.0, true);
+      run_now = core_->enqueue(f, priority, timeout_us, -1.0, allow_inline);
     }
     if (run_now) core_->run_inline(f);
     return f;
@@ -423,6 +474,7 @@ class PyBatcher {
 
   py::dict stats() const;
   const std::string& name() const { return name_; }
+  int row_ndim() const { return row_ndim_; }
   bool closed() const { return core_->closed(); }
   const infer::BatcherConfig& config() const { return core_->config(); }
 
@@ -462,6 +514,7 @@ class PyBatcher {
           }
           out = concat_outputs(outs);
         }
+        if (live[0]->single_row) out = row_of(out, 0);
         live[0]->set_result(hold(std::move(out)), kPyValue);
         return;
       }
@@ -477,7 +530,9 @@ class PyBatcher {
       check_output_rows(out, rows, name_);
       int64_t begin = 0;
       for (auto& f : live) {
-        f->set_result(hold(slice_rows(out, begin, begin + f->rows)), kPyValue);
+        f->set_result(
+            hold(f->single_row ? row_of(out, begin) : slice_rows(out, begin, begin + f->rows)),
+            kPyValue);
         begin += f->rows;
       }
     } catch (py::error_already_set& e) {
@@ -590,6 +645,7 @@ class PyBatcher {
   py::object fn_;
   std::shared_ptr<infer::NativeHandler> native_;
   std::string name_;
+  int row_ndim_ = -1;
   std::shared_ptr<BatchCore> core_;
 };
 
@@ -644,7 +700,9 @@ py::dict PyBatcher::stats() const {
 py::object future_value(const RequestFuture& f) {
   if (f.value_kind() == kNativeSlice) {
     const auto* s = static_cast<const NativeSlice*>(f.value().get());
-    return to_numpy(s->buffer, s->dtype, s->shape, s->offset);
+    py::object rows = to_numpy(s->buffer, s->dtype, s->shape, s->offset);
+    // One row asked without its batch dimension: its row, as indexing gives it.
+    return f.single_row ? row_of(rows, 0) : rows;
   }
   return held(f.value());
 }
@@ -868,7 +926,7 @@ void register_batcher(py::module_& m) {
   py::class_<PyBatcher>(m, "_BatcherCore", "Native core of fastml.infer.Batcher (private).")
       .def(py::init([](py::object fn, std::shared_ptr<infer::NativeHandler> native,
                        int64_t max_batch_size, int64_t max_delay_us, int64_t max_queue,
-                       int64_t timeout_us, int workers, std::string name) {
+                       int64_t timeout_us, int workers, std::string name, int row_ndim) {
              infer::BatcherConfig c;
              c.max_batch_size = max_batch_size;
              c.max_delay_us = max_delay_us;
@@ -876,21 +934,27 @@ void register_batcher(py::module_& m) {
              c.timeout_us = timeout_us;
              c.workers = workers;
              c.name = std::move(name);
-             return std::make_unique<PyBatcher>(std::move(fn), std::move(native), std::move(c));
+             return std::make_unique<PyBatcher>(std::move(fn), std::move(native), std::move(c),
+                                                row_ndim);
            }),
            py::arg("fn"), py::arg("native"), py::arg("max_batch_size"), py::arg("max_delay_us"),
-           py::arg("max_queue"), py::arg("timeout_us"), py::arg("workers"), py::arg("name"))
+           py::arg("max_queue"), py::arg("timeout_us"), py::arg("workers"), py::arg("name"),
+           py::arg("row_ndim") = -1)
       .def("submit", &PyBatcher::submit, py::arg("x"), py::arg("priority") = 0,
-           py::arg("timeout_us") = -1, py::arg("block") = false, py::arg("block_timeout") = -1.0)
+           py::arg("timeout_us") = -1, py::arg("block") = false, py::arg("block_timeout") = -1.0,
+           py::arg("allow_inline") = false)
       .def(
           "call",
-          [](PyBatcher& b, py::handle x, int priority, int64_t timeout_us) -> py::object {
+          [](PyBatcher& b, py::handle x, int priority, int64_t timeout_us,
+             bool allow_inline) -> py::object {
             // predict()'s fast path: the result itself when the batch ran inline.
-            FuturePtr f = b.submit(x, priority, timeout_us, false, -1.0);
+            FuturePtr f = b.submit(x, priority, timeout_us, false, -1.0, allow_inline);
             if (f->done()) return future_result(f, py::none());
             return py::cast(f);
           },
-          py::arg("x"), py::arg("priority") = 0, py::arg("timeout_us") = -1)
+          py::arg("x"), py::arg("priority") = 0, py::arg("timeout_us") = -1,
+          py::arg("allow_inline") = false)
+      .def_property_readonly("row_ndim", &PyBatcher::row_ndim)
       .def("close", &PyBatcher::close, py::arg("drain") = true)
       .def("stats", &PyBatcher::stats)
       .def_property_readonly("closed", &PyBatcher::closed)

@@ -77,7 +77,8 @@ class RequestFuture : public std::enable_shared_from_this<RequestFuture> {
   std::shared_ptr<void> input;  // released as soon as the request ends
   int input_kind = 0;
   int64_t rows = 0;
-  uint64_t signature = 0;  // requests batch together only when equal
+  uint64_t signature = 0;   // requests batch together only when equal
+  bool single_row = false;  // the bindings' flag: one row given without its batch dimension
 
  private:
   friend class BatchCore;
@@ -151,9 +152,11 @@ class BatchCore : public std::enable_shared_from_this<BatchCore> {
   // Starts the worker threads (call once, after the core is owned by a shared_ptr).
   void start();
 
-  // Queues `f` (its rows, signature and input set). Returns true when the
-  // caller must run it at once with run_inline() instead: nothing is queued,
-  // a worker slot is free, and waiting could not form a larger batch.
+  // Queues `f` (its rows, signature and input set). With `allow_inline`,
+  // returns true when the caller must run it at once with run_inline()
+  // instead: nothing is queued, a worker slot is free, and waiting could not
+  // form a larger batch (max_delay_us == 0). The bindings allow it only where
+  // the caller blocks for the result anyway, or opted in (see Batcher.inline).
   // `timeout_us` < 0 uses the batcher's default; 0 means none.
   // A full queue throws fastml::QueueFull, or with `block_s` >= 0 waits up to
   // that many seconds (infinity allowed) for room first. After close(),

@@ -87,6 +87,7 @@ class Forest : public NativeHandler, public std::enable_shared_from_this<Forest>
   HandlerOutput run(const ArrayView& batch) override;
   void check_input(const ArrayView& request, const char* name) const override;
   std::string handler_name() const override;
+  int row_ndim() const override { return 1; }
 
   // Checks X's dtype, rank and width; names `name` in the message.
   void check_matrix(const ArrayView& X, const char* name) const;

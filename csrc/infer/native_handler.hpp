@@ -28,6 +28,10 @@ class NativeHandler {
   // std::invalid_argument / fastml::TypeError naming `name` when it cannot be run.
   virtual void check_input(const ArrayView& request, const char* name) const = 0;
   virtual std::string handler_name() const = 0;
+  // Dimensions of one row of input (Forest: 1, a vector of features): a
+  // request with exactly this many dimensions is one row without its batch
+  // dimension, answered with one row of output. -1: rows always along axis 0.
+  virtual int row_ndim() const { return -1; }
 };
 
 }  // namespace fastml::infer

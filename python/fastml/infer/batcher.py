@@ -19,6 +19,9 @@ from typing import Any
 
 from fastml import _core
 
+# The running event loop of this thread, or None (asyncio's C accessor: ~50 ns).
+_get_running_loop = asyncio._get_running_loop
+
 __all__ = [
     "ALL_COMPLETED",
     "FIRST_COMPLETED",
@@ -69,14 +72,27 @@ class Batcher:
         max_batch_size: most rows per batch. A request larger than this alone
             runs in chunks of ``max_batch_size`` rows; others are never split.
         max_delay_us: a batch runs when it is full or when its oldest request has
-            waited this long. With 0, a request that finds nothing queued and a
-            free worker runs at once on the submitting thread.
-        max_queue: most requests waiting; beyond it :meth:`submit` raises
-            :class:`QueueFull` (or blocks, with ``block=True``).
-        timeout_us: default deadline of each request; a request not started by
-            then ends with ``TimeoutError``. None: no deadline.
-        workers: batches that may run at once (native worker threads).
+            waited this long (0: as soon as a worker is free).
+        max_queue: most requests accepted but not yet started; beyond it
+            :meth:`submit` raises :class:`QueueFull` (or blocks, with ``block=True``).
+        timeout_us: default deadline of each request; a request whose batch has
+            not started by then ends with ``TimeoutError``. None: no deadline.
+        workers: batches that may run at once (native worker threads); the rest
+            wait in the queue.
         name: the batcher's name in stats, errors and metrics.
+        inline: let :meth:`submit` run a batch on the submitting thread when
+            ``max_delay_us=0``, nothing is queued and a worker slot is free
+            (default False). It saves the hand-off to a worker (a few
+            microseconds) but the caller then waits for the model inside
+            ``submit``: no :class:`QueueFull`, no timeout, no concurrency from that
+            thread. Never done on a thread running an asyncio event loop.
+            :meth:`predict`, which blocks for its result anyway, may run a batch
+            itself whatever ``inline`` says (also never on an event loop's thread).
+        row_ndim: dimensions of one row of input (e.g. 1 for a vector of
+            features). A request with exactly that many dimensions is one row
+            given without its batch dimension; its answer is one row of the
+            output (``out[i]``). None (default): requests always carry rows along
+            axis 0. A native handler sets its own (:class:`~fastml.infer.Forest`: 1).
     """
 
     def __init__(
@@ -88,6 +104,9 @@ class Batcher:
         timeout_us: int | None = None,
         workers: int = 1,
         name: str = "model",
+        *,
+        inline: bool = False,
+        row_ndim: int | None = None,
     ) -> None:
         native = None
         getter = getattr(fn, "_fastml_native_handler", None)
@@ -102,6 +121,15 @@ class Batcher:
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
+        if not isinstance(inline, bool):
+            raise TypeError(f"inline must be a bool, got {type(inline).__name__}")
+        if row_ndim is not None:
+            _check_int(row_ndim, "row_ndim", 0)
+            if native is not None and row_ndim != native.row_ndim:
+                raise ValueError(
+                    f"row_ndim={row_ndim} disagrees with the native handler's own "
+                    f"({native.row_ndim}); leave it as None"
+                )
         self._core = _core._BatcherCore(
             fn,
             native,
@@ -111,8 +139,10 @@ class Batcher:
             _timeout_arg(timeout_us),
             _check_int(workers, "workers", 1),
             name,
+            -1 if row_ndim is None else row_ndim,
         )
         self._native = native is not None
+        self._inline = inline
         # One native bridge per event loop resolves that loop's waiters in groups.
         self._bridges: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
             weakref.WeakKeyDictionary()
@@ -136,6 +166,17 @@ class Batcher:
         """True when ``fn`` runs as a native handler (without the GIL)."""
         return self._native
 
+    @property
+    def inline(self) -> bool:
+        """True when :meth:`submit` may run a batch on the submitting thread."""
+        return self._inline
+
+    @property
+    def row_ndim(self) -> int | None:
+        """Dimensions of one row of input (None: rows always along axis 0)."""
+        n = int(self._core.row_ndim)
+        return None if n < 0 else n
+
     def submit(
         self,
         x: Any,
@@ -145,7 +186,11 @@ class Batcher:
         block: bool = False,
         block_timeout: float | None = None,
     ) -> BatchFuture:
-        """Queue one request (one or more rows) and return its future.
+        """Queue one request (one or more rows) and return its future at once.
+
+        The model never runs on the calling thread here (unless the batcher was
+        made with ``inline=True``): a worker runs the batch, so a full queue
+        raises :class:`QueueFull` and deadlines apply while the request waits.
 
         Args:
             x: an array with rows along axis 0 (NumPy, torch, pyarrow, ...) or a
@@ -171,6 +216,7 @@ class Batcher:
             -1 if timeout_us is None else _timeout_arg(timeout_us),
             block,
             -1.0 if block_timeout is None else float(block_timeout),
+            self._inline and _get_running_loop() is None,
         )
 
     def predict(
@@ -181,8 +227,18 @@ class Batcher:
         timeout_us: int | None = None,
         timeout: float | None = None,
     ) -> Any:
-        """Submit ``x`` and wait for its result (``timeout`` in seconds, None: no limit)."""
-        out = self._core.call(x, priority, -1 if timeout_us is None else _timeout_arg(timeout_us))
+        """Submit ``x`` and wait for its result (``timeout`` in seconds, None: no limit).
+
+        As the caller blocks anyway, with ``max_delay_us=0``, nothing queued and
+        a worker slot free, the batch runs on the calling thread (not on a thread
+        running an asyncio event loop; use :meth:`predict_async` there).
+        """
+        out = self._core.call(
+            x,
+            priority,
+            -1 if timeout_us is None else _timeout_arg(timeout_us),
+            _get_running_loop() is None,
+        )
         if type(out) is BatchFuture:  # not done inline: wait for it
             return out.result(timeout)
         return out
@@ -192,11 +248,12 @@ class Batcher:
     ) -> Any:
         """Submit ``x`` and await its result without a thread per request.
 
+        The model always runs on a worker thread, never on the event loop's.
         Cancelling the awaiting task cancels the request if it has not started.
         """
-        fut = self._core.call(x, priority, -1 if timeout_us is None else _timeout_arg(timeout_us))
-        if type(fut) is not BatchFuture:  # ran inline: this is the result
-            return fut
+        fut = self._core.submit(
+            x, priority, -1 if timeout_us is None else _timeout_arg(timeout_us), False, -1.0, False
+        )
         if not fut.done():
             loop = asyncio.get_running_loop()
             if loop is self._last_loop:

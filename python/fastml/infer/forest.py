@@ -1113,9 +1113,19 @@ class Forest:
         (rows, num_outputs), dtype :attr:`output_dtype` (int64 or the label dtype
         for "class"); a CUDA torch tensor when X is one and the GPU ran it. ``out``
         receives margin/value results in place (C-contiguous, right shape and dtype).
+        One row given as a 1-D array of ``num_features`` values is answered with
+        one row of output (``predict(X[0]) == predict(X[0:1])[0]``), as
+        :class:`~fastml.infer.Batcher` answers it.
         """
         if output not in ("value", "margin", "class"):
             raise ValueError(f"output must be 'value', 'margin' or 'class', got {output!r}")
+        if (
+            type(X).__module__.split(".")[0] in ("numpy", "torch")
+            and len(getattr(X, "shape", ())) == 1
+        ):
+            if out is not None:
+                raise ValueError("out is for batches: give X as (rows, features) to use it")
+            return self.predict(X[None], output=output, device=device)[0]
         if device not in ("cpu", "cuda", "auto"):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
         if output == "class":
