@@ -11,6 +11,7 @@ Query:   ``curl -X POST localhost:8000/predict -H 'content-type: application/jso
 from __future__ import annotations
 
 import os
+import time
 from contextlib import asynccontextmanager
 
 import numpy as np
@@ -23,8 +24,18 @@ N_FEATURES = 4
 _WEIGHTS = np.linspace(-1.0, 1.0, N_FEATURES).astype(np.float32)
 
 
+# A stand-in for a heavy model: each batch also takes this long (tests use it).
+_MODEL_SECONDS = float(os.environ.get("FASTML_DEMO_MODEL_MS", "0")) / 1e3
+
+
 def model(batch: np.ndarray) -> np.ndarray:
-    """A stand-in model: a linear score per row (swap in torch, onnxruntime, a Forest...)."""
+    """A stand-in model: a linear score per row (swap in torch, onnxruntime, a Forest...).
+
+    The Batcher runs it on a worker thread, never on the event loop's: while a
+    batch runs, the server keeps answering other requests (``/health`` below).
+    """
+    if _MODEL_SECONDS:
+        time.sleep(_MODEL_SECONDS)
     return batch @ _WEIGHTS
 
 
@@ -67,3 +78,9 @@ async def predict(req: PredictRequest) -> PredictResponse:
 @app.get("/stats")
 async def stats() -> dict:
     return app.state.batcher.stats()
+
+
+@app.get("/health")
+async def health() -> dict:
+    """Liveness: answers at once, whatever the model is doing."""
+    return {"ok": True, "queued": app.state.batcher.stats()["queued"]}

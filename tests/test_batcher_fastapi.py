@@ -28,10 +28,18 @@ def _free_port() -> int:
 
 @pytest.fixture
 def server():
+    yield from _serve({"FASTML_MAX_DELAY_US": "2000"})
+
+
+@pytest.fixture
+def slow_server():
+    yield from _serve({"FASTML_MAX_DELAY_US": "0", "FASTML_DEMO_MODEL_MS": "200"})
+
+
+def _serve(env):
     port = _free_port()
     # fastml itself comes from wherever this test imports it (installed, or the
     # source tree through the inherited PYTHONPATH); --app-dir finds the example.
-    env = {"FASTML_MAX_DELAY_US": "2000"}
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -96,3 +104,27 @@ def test_fastapi_example_serves_concurrent_requests(server, monkeypatch):
     assert stats["requests"] == 200 and stats["completed"] == 200
     # Concurrent requests were batched together, not run one by one.
     assert stats["batches"] < 200
+
+
+def test_event_loop_keeps_serving_while_a_batch_runs(slow_server):
+    """A 200 ms batch runs on a worker thread: /health answers meanwhile, in
+    milliseconds (when the model ran on the event loop, it waited 200 ms)."""
+
+    async def run():
+        async with httpx.AsyncClient(base_url=slow_server, timeout=30) as client:
+            await client.get("/health")  # connection warm-up
+            predict = asyncio.create_task(client.post("/predict", json={"features": [[1.0] * 4]}))
+            await asyncio.sleep(0.03)  # the batch is running now
+            latencies = []
+            while not predict.done():
+                t0 = time.perf_counter()
+                r = await client.get("/health")
+                latencies.append(time.perf_counter() - t0)
+                assert r.status_code == 200
+                await asyncio.sleep(0.005)
+            return (await predict), latencies
+
+    response, latencies = asyncio.run(run())
+    assert response.status_code == 200
+    assert len(latencies) >= 3, latencies  # several answered while the batch ran
+    assert max(latencies) < 0.1, latencies  # a blocked loop would take ~0.2 s

@@ -6,10 +6,12 @@
 // Requests keep their Python objects (arrays, dicts, tensors) in opaque
 // payloads whose destructors take the GIL; the core never destroys one while
 // holding a lock (see csrc/infer/batcher.hpp), so that is deadlock-free.
+#include <fcntl.h>
 #include <pybind11/functional.h>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -139,6 +141,45 @@ struct NativeSlice {
   size_t offset = 0;
 };
 
+// Python references dropped on a thread that does not hold the GIL (a worker
+// that ran a native batch), queued here and released by the next thread that
+// holds it anyway (submit, a future's result, the asyncio bridge, stats,
+// close): a native batch then never waits for the GIL, which an event loop or
+// busy Python threads may hold for up to the interpreter's switch interval.
+class DeferredDecref {
+ public:
+  static void push(PyObject* o) {
+    std::lock_guard<std::mutex> lock(mu());
+    queue().push_back(o);
+    pending().store(true, std::memory_order_release);
+  }
+  // With the GIL held.
+  static void drain() {
+    if (!pending().load(std::memory_order_acquire)) return;
+    std::vector<PyObject*> objs;
+    {
+      std::lock_guard<std::mutex> lock(mu());
+      objs.swap(queue());
+      pending().store(false, std::memory_order_relaxed);
+    }
+    for (PyObject* o : objs) Py_DECREF(o);
+  }
+
+ private:
+  static std::mutex& mu() {
+    static std::mutex m;
+    return m;
+  }
+  static std::vector<PyObject*>& queue() {
+    static auto* q = new std::vector<PyObject*>();  // never destroyed: may outlive Python
+    return *q;
+  }
+  static std::atomic<bool>& pending() {
+    static std::atomic<bool> p{false};
+    return p;
+  }
+};
+
 struct NativeInput {
   BoundArray array;  // keeps the caller's array alive while the batch runs
   ~NativeInput() {
@@ -147,8 +188,11 @@ struct NativeInput {
       array.owner.release();
       return;
     }
-    GilIfNeeded gil;
-    array.owner = py::array();
+    if (PyGILState_Check()) {
+      array.owner = py::array();
+    } else {
+      DeferredDecref::push(array.owner.release().ptr());
+    }
   }
 };
 
@@ -419,6 +463,7 @@ class PyBatcher {
   // batch may run here, on the calling thread.
   FuturePtr submit(py::handle x, int priority, int64_t timeout_us, bool block,
                    double block_timeout_s, bool allow_inline) {
+    DeferredDecref::drain();
     auto f = std::make_shared<RequestFuture>();
     if (native_) {
       auto input = std::make_shared<NativeInput>();
@@ -468,8 +513,11 @@ class PyBatcher {
   }
 
   void close(bool drain) {
-    py::gil_scoped_release release;  // workers may need the GIL to finish
-    core_->close(drain);
+    {
+      py::gil_scoped_release release;  // workers may need the GIL to finish
+      core_->close(drain);
+    }
+    DeferredDecref::drain();
   }
 
   py::dict stats() const;
@@ -564,9 +612,7 @@ class PyBatcher {
         for (auto& f : live) f->set_exception(error);
       }
     }
-    if (!python_alive()) return;
-    GilIfNeeded gil;  // one GIL round trip drops every input
-    inputs.clear();
+    inputs.clear();  // without the GIL: the arrays are released later (DeferredDecref)
   }
 
   void run_native_batch(std::vector<FuturePtr>& live,
@@ -662,6 +708,7 @@ std::vector<double> percentiles(std::vector<double> v) {
 }
 
 py::dict PyBatcher::stats() const {
+  DeferredDecref::drain();
   infer::BatcherStats s = core_->stats();
   py::dict d;
   d["name"] = name_;
@@ -745,6 +792,7 @@ void wait_done(const RequestFuture& f, py::object timeout, const char* what) {
 
 py::object future_result(const FuturePtr& f, py::object timeout) {
   wait_done(*f, timeout, "the request");
+  DeferredDecref::drain();
   switch (f->state()) {
     case infer::FutureState::Finished: return future_value(*f);
     case infer::FutureState::Cancelled: fail<Cancelled>("the request was cancelled");
@@ -788,16 +836,26 @@ void future_add_done_callback(const FuturePtr& f, py::object fn) {
 
 // Resolves the asyncio futures of one event loop when their requests end.
 // Completions arrive on worker threads and are collected here; the loop is
-// woken once per group (call_soon_threadsafe), not once per request, and no
-// thread is created per request.
+// woken once per group, not once per request, and no thread is created per
+// request. The wake-up is a byte written to a pipe the loop watches
+// (loop.add_reader), so a worker needs no GIL to wake the loop: a native
+// batch's whole path runs without it. Loops without add_reader (Windows'
+// proactor) are woken with call_soon_threadsafe, which takes the GIL.
 class AsyncBridge : public std::enable_shared_from_this<AsyncBridge> {
  public:
   // Holds the loop weakly, so a finished loop (and this bridge) can be freed.
   explicit AsyncBridge(py::object loop)
       : loop_ref_(hold(py::module_::import("weakref").attr("ref")(loop))) {}
 
+  ~AsyncBridge() {
+    if (read_fd_ >= 0) ::close(read_fd_);
+    if (write_fd_ >= 0) ::close(write_fd_);
+  }
+
   // Sets `waiter`'s result to None once `f` ends (the caller then reads f).
+  // Called on the loop's thread.
   void attach(const FuturePtr& f, py::object waiter) {
+    if (!registered_) register_reader();
     auto self = shared_from_this();
     auto held_waiter = hold(std::move(waiter));
     f->add_done_callback(
@@ -806,6 +864,11 @@ class AsyncBridge : public std::enable_shared_from_this<AsyncBridge> {
 
   // On the loop's thread: resolves every waiter collected so far.
   void drain() {
+    if (read_fd_ >= 0) {
+      char buf[64];
+      while (::read(read_fd_, buf, sizeof buf) > 0) {
+      }
+    }
     std::vector<std::shared_ptr<void>> ready;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -815,9 +878,25 @@ class AsyncBridge : public std::enable_shared_from_this<AsyncBridge> {
       py::object waiter = held(w);
       if (!waiter.attr("done")().cast<bool>()) waiter.attr("set_result")(py::none());
     }
+    DeferredDecref::drain();
   }
 
  private:
+  void register_reader() {
+    registered_ = true;
+    int fds[2];
+    if (::pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0) return;
+    try {
+      py::object loop = held(loop_ref_)();
+      loop.attr("add_reader")(fds[0], py::cast(shared_from_this()).attr("_drain"));
+      read_fd_ = fds[0];
+      write_fd_ = fds[1];
+    } catch (py::error_already_set&) {  // no add_reader on this loop: the GIL path
+      ::close(fds[0]);
+      ::close(fds[1]);
+    }
+  }
+
   void completed(std::shared_ptr<void> waiter) {
     bool first;
     {
@@ -825,7 +904,14 @@ class AsyncBridge : public std::enable_shared_from_this<AsyncBridge> {
       pending_.push_back(std::move(waiter));
       first = pending_.size() == 1;
     }
-    if (!first || !python_alive()) return;
+    if (!first) return;
+    if (write_fd_ >= 0) {
+      const char one = 1;
+      // A full pipe (EAGAIN) already holds a wake-up: nothing to add.
+      [[maybe_unused]] const auto n = ::write(write_fd_, &one, 1);
+      return;
+    }
+    if (!python_alive()) return;
     GilIfNeeded gil;
     try {
       py::object loop = held(loop_ref_)();
@@ -846,6 +932,8 @@ class AsyncBridge : public std::enable_shared_from_this<AsyncBridge> {
   std::shared_ptr<void> loop_ref_;  // a weakref.ref to the loop (PyRef: freed on any thread)
   std::mutex mu_;
   std::vector<std::shared_ptr<void>> pending_;
+  bool registered_ = false;  // touched on the loop's thread only
+  int read_fd_ = -1, write_fd_ = -1;
 };
 
 // ---------------------------------------------------------------- a native handler for the tests
