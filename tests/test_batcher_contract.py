@@ -321,3 +321,16 @@ def test_native_handler_faults_and_counters():
     assert outs == ["completed", "error", "completed", "error", "completed"]
     s = counters_add_up(b)
     assert s["errors"] == 2 and s["failed_batches"] == 2
+
+
+def test_a_result_is_counted_before_its_future_ends():
+    # stats() is exact the moment a caller sees its result (no settling wait).
+    for native in (False, True):
+        fn = _core._BatcherTestHandler() if native else (lambda x: x)
+        with infer.Batcher(fn, max_batch_size=4, max_delay_us=100) as b:
+            for round_ in range(1, 6):
+                futs = [b.submit(np.ones((1, 1), np.float32)) for _ in range(8)]
+                for f in futs:
+                    f.result(WAIT)
+                s = b.stats()
+                assert s["completed"] == 8 * round_ and s["rows"] == 8 * round_, s

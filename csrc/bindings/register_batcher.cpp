@@ -541,6 +541,15 @@ class PyBatcher {
     GilIfNeeded gil;
     std::vector<FuturePtr> live = start_all(batch);
     if (live.empty()) return;
+    // The runner owns its running requests' inputs: drop them while the GIL is
+    // held (before `gil` is released), not later, one GIL round trip each,
+    // when the core ends the requests.
+    struct DropInputs {
+      std::vector<FuturePtr>& live;
+      ~DropInputs() {
+        for (auto& f : live) f->input.reset();
+      }
+    } drop_inputs{live};
     const int64_t max_rows = core_->config().max_batch_size;
     try {
       py::object out;
@@ -563,7 +572,7 @@ class PyBatcher {
           out = concat_outputs(outs);
         }
         if (live[0]->single_row) out = row_of(out, 0);
-        live[0]->set_result(hold(std::move(out)), kPyValue);
+        live[0]->stage_result(hold(std::move(out)), kPyValue);
         return;
       }
       std::vector<py::object> parts;
@@ -578,17 +587,17 @@ class PyBatcher {
       check_output_rows(out, rows, name_);
       int64_t begin = 0;
       for (auto& f : live) {
-        f->set_result(
+        f->stage_result(
             hold(f->single_row ? row_of(out, begin) : slice_rows(out, begin, begin + f->rows)),
             kPyValue);
         begin += f->rows;
       }
     } catch (py::error_already_set& e) {
       const auto error = std::make_exception_ptr(PyErrorHolder(e.value()));
-      for (auto& f : live) f->set_exception(error);
+      for (auto& f : live) f->stage_exception(error);
     } catch (...) {
       const auto error = std::current_exception();
-      for (auto& f : live) f->set_exception(error);
+      for (auto& f : live) f->stage_exception(error);
     }
   }
 
@@ -609,10 +618,13 @@ class PyBatcher {
         run_native_batch(live, inputs);
       } catch (...) {
         const auto error = std::current_exception();
-        for (auto& f : live) f->set_exception(error);
+        for (auto& f : live) f->stage_exception(error);
       }
     }
-    inputs.clear();  // without the GIL: the arrays are released later (DeferredDecref)
+    // Without the GIL: the arrays are released by the next thread that holds it
+    // (DeferredDecref), before the requests end.
+    for (auto& f : live) f->input.reset();
+    inputs.clear();
   }
 
   void run_native_batch(std::vector<FuturePtr>& live,
@@ -683,7 +695,7 @@ class PyBatcher {
       slice->shape = out.shape;
       slice->shape[0] = f->rows;
       slice->offset = static_cast<size_t>(begin * out_row_bytes);
-      f->set_result(std::move(slice), kNativeSlice);
+      f->stage_result(std::move(slice), kNativeSlice);
       begin += f->rows;
     }
   }

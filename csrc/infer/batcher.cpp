@@ -63,6 +63,48 @@ bool RequestFuture::set_exception(std::exception_ptr error) {
   return finish(FutureState::Failed, nullptr, 0, std::move(error));
 }
 
+bool RequestFuture::stage(FutureState to, std::shared_ptr<void> value, int kind,
+                          std::exception_ptr error) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (state_.load(std::memory_order_relaxed) != FutureState::Running ||
+      staged_ != FutureState::Pending) {
+    return false;
+  }
+  staged_ = to;
+  value_ = std::move(value);
+  value_kind_ = kind;
+  error_ = std::move(error);
+  return true;
+}
+
+bool RequestFuture::stage_result(std::shared_ptr<void> value, int kind) {
+  return stage(FutureState::Finished, std::move(value), kind, nullptr);
+}
+
+bool RequestFuture::stage_exception(std::exception_ptr error) {
+  return stage(FutureState::Failed, nullptr, 0, std::move(error));
+}
+
+FutureState RequestFuture::staged() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return staged_;
+}
+
+void RequestFuture::commit() {
+  FutureState to;
+  std::shared_ptr<void> value;
+  int kind;
+  std::exception_ptr error;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    to = staged_;
+    value = std::move(value_);
+    kind = value_kind_;
+    error = std::move(error_);
+  }
+  finish(to, std::move(value), kind, std::move(error));
+}
+
 bool RequestFuture::wait(double timeout_s) const {
   if (done()) return true;
   std::unique_lock<std::mutex> lock(mu_);
@@ -375,32 +417,37 @@ void BatchCore::worker_loop() {
 void BatchCore::run_batch(std::vector<FuturePtr>& batch, bool is_inline) {
   const auto t0 = Clock::now();
   bool failed = false;
+  std::exception_ptr runner_error;
   try {
     runner_(batch);
   } catch (...) {
     failed = true;
-    const auto error = std::current_exception();
-    for (auto& f : batch) f->set_exception(error);
+    runner_error = std::current_exception();
   }
   const auto t1 = Clock::now();
+  // Count every outcome first, then end the requests: a caller that sees its
+  // result also sees it in stats().
   uint64_t completed = 0, errors = 0, cancellations = 0, rows = 0;
   bool wake = false;
   for (auto& f : batch) {
-    if (!f->done()) {
-      f->set_exception(std::make_exception_ptr(
-          std::logic_error("fastml internal error: the batch runner left a request unfinished")));
+    if (f->state() == FutureState::Pending && !f->set_running()) {
+      // Never started by the runner and cancelled meanwhile.
     }
-    switch (f->state()) {
-      case FutureState::Finished:
-        ++completed;
-        rows += static_cast<uint64_t>(f->rows);
-        break;
-      case FutureState::Cancelled: ++cancellations; break;
-      default:
-        ++errors;
-        rows += static_cast<uint64_t>(f->rows);
-        failed = true;
-        break;
+    if (f->state() == FutureState::Running && f->staged() == FutureState::Pending) {
+      f->stage_exception(
+          runner_error ? runner_error
+                       : std::make_exception_ptr(std::logic_error(
+                             "fastml internal error: the batch runner left a request unfinished")));
+    }
+    if (f->cancelled()) {
+      ++cancellations;
+    } else if (f->staged() == FutureState::Finished) {
+      ++completed;
+      rows += static_cast<uint64_t>(f->rows);
+    } else {
+      ++errors;
+      rows += static_cast<uint64_t>(f->rows);
+      failed = true;
     }
   }
   {
@@ -428,6 +475,9 @@ void BatchCore::run_batch(std::vector<FuturePtr>& batch, bool is_inline) {
     wake = queued_ > 0 || closing_;
   }
   if (wake) work_cv_.notify_all();
+  for (auto& f : batch) {
+    if (f->state() == FutureState::Running) f->commit();
+  }
 }
 
 void BatchCore::close(bool drain) {

@@ -61,6 +61,12 @@ class RequestFuture : public std::enable_shared_from_this<RequestFuture> {
   // is) or an error. False (and no effect) if it had already ended.
   bool set_result(std::shared_ptr<void> value, int kind);
   bool set_exception(std::exception_ptr error);
+  // What a batch runner calls instead, on a Running request: records the
+  // outcome without ending the request. The core counts the batch's outcomes
+  // in its stats and only then ends the requests (commit), so a caller that
+  // sees its result also sees it counted. False unless Running and unstaged.
+  bool stage_result(std::shared_ptr<void> value, int kind);
+  bool stage_exception(std::exception_ptr error);
 
   // Blocks until done or until `timeout_s` passes (< 0: no limit). True when done.
   bool wait(double timeout_s) const;
@@ -83,6 +89,9 @@ class RequestFuture : public std::enable_shared_from_this<RequestFuture> {
  private:
   friend class BatchCore;
   bool finish(FutureState to, std::shared_ptr<void> value, int kind, std::exception_ptr error);
+  bool stage(FutureState to, std::shared_ptr<void> value, int kind, std::exception_ptr error);
+  FutureState staged() const;
+  void commit();  // ends the request with its staged outcome
 
   mutable std::mutex mu_;
   mutable std::condition_variable cv_;
@@ -92,6 +101,7 @@ class RequestFuture : public std::enable_shared_from_this<RequestFuture> {
   std::exception_ptr error_;
   std::vector<Callback> callbacks_;
   mutable bool has_waiters_ = false;
+  FutureState staged_ = FutureState::Pending;  // Finished/Failed once a runner staged it
 
   // Queue bookkeeping, guarded by the owning core's mutex.
   std::weak_ptr<BatchCore> owner_;
@@ -138,8 +148,9 @@ struct BatcherStats {
 class BatchCore : public std::enable_shared_from_this<BatchCore> {
  public:
   // Runs one batch: must call set_running() on each request before handing it
-  // to the model (skipping those where it returns false) and end each one.
-  // If it throws, every request it left unfinished fails with that error.
+  // to the model (skipping those where it returns false) and stage each one's
+  // outcome (stage_result / stage_exception); the core then counts and ends
+  // them. If it throws, every request it left unstaged fails with that error.
   using Runner = std::function<void(std::vector<FuturePtr>& batch)>;
   static constexpr size_t kSamples = 4096;
 
