@@ -36,12 +36,9 @@ def main() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=args.rows).astype(np.float32)
     xg = torch.as_tensor(x, device=dev)
-    ref = drift.Profile.from_data({"x": x[:100_000]}, bins=64)
-    # Histogram + moments only: the same native path without stored values.
-    from fastml import _core
-
-    native = _core._DriftProfile.create(["x"], [0], [ref.summary("x")["edges"]], "none", 400, 1000)
-    hist_only = drift.Profile(native)
+    # Histogram + moments + counts: the public histogram mode.
+    ref = drift.Profile.from_data({"x": x[:100_000]}, bins=64, mode="histogram")
+    hist_only = ref
     edges = torch.as_tensor(ref.summary("x")["edges"], device=dev, dtype=torch.float32)
 
     def fastml_gpu():

@@ -63,12 +63,55 @@ py::array_t<double> vec_to_numpy(const std::vector<double>& v) {
 QuantileMode parse_mode(const std::string& mode) {
   if (mode == "exact") return QuantileMode::Exact;
   if (mode == "sketch") return QuantileMode::Sketch;
-  if (mode == "none") return QuantileMode::None;
-  fail<std::invalid_argument>("mode must be 'exact' or 'sketch', got '", mode, "'");
+  if (mode == "histogram" || mode == "none") return QuantileMode::None;
+  fail<std::invalid_argument>("mode must be 'exact', 'sketch' or 'histogram', got '", mode, "'");
 }
 
 const char* mode_name(QuantileMode m) {
-  return m == QuantileMode::Exact ? "exact" : (m == QuantileMode::Sketch ? "sketch" : "none");
+  return m == QuantileMode::Exact ? "exact" : (m == QuantileMode::Sketch ? "sketch" : "histogram");
+}
+
+// KS and Wasserstein-1 from two histograms over the same edges, as intervals
+// that hold the exact values of the samples they summarise. With p and q the
+// slots' shares (underflow, bins, overflow) and d the CDF difference at a
+// slot's start, F - G stays within [d - q, d + p] inside the slot (each CDF
+// only grows by its own share there) and equals d exactly at every edge. So
+// KS >= max |d| at the edges and <= max over slots of max(d + p, q - d); the
+// integral of |F - G| over a slot of width w lies between w times the
+// distance of [d - q, d + p] from 0 and w times its largest magnitude (the
+// outer slots span from the edges to the samples' min and max).
+struct HistogramBounds {
+  double ks_lo = 0, ks_hi = 0, w_lo = 0, w_hi = 0;
+};
+
+HistogramBounds histogram_bounds(const drift::NumericState& a, const drift::NumericState& b) {
+  HistogramBounds r;
+  const double na = a.count, nb = b.count;
+  const size_t slots = a.hist.size();
+  const auto& e = a.edges;
+  const double lo_x = std::min(a.min, b.min), hi_x = std::max(a.max, b.max);
+  double d = 0;
+  for (size_t k = 0; k < slots; ++k) {
+    const double p = a.hist[k] / na, q = b.hist[k] / nb;
+    double left, right;
+    if (k == 0) {
+      left = std::min(lo_x, e.front()), right = e.front();
+    } else if (k + 1 == slots) {
+      left = e.back(), right = std::max(hi_x, e.back());
+    } else {
+      left = e[k - 1], right = e[k];
+    }
+    const double width = std::max(0.0, right - left);
+    const double low = d - q, high = d + p;
+    r.ks_hi = std::max(r.ks_hi, std::max(high, -low));
+    const double nearest = (low <= 0 && high >= 0) ? 0.0 : std::min(std::abs(low), std::abs(high));
+    r.w_lo += width * nearest;
+    r.w_hi += width * std::max(std::abs(low), std::abs(high));
+    d += p - q;
+    r.ks_lo = std::max(r.ks_lo, std::abs(d));
+  }
+  r.ks_hi = std::min(1.0, std::max(r.ks_hi, r.ks_lo));
+  return r;
 }
 
 // Sorted values (exact) or sorted sketch items with weights, for one feature.
@@ -76,7 +119,7 @@ void quantile_points(drift::NumericState& s, std::vector<double>* items,
                      std::vector<double>* weights) {
   if (s.mode == QuantileMode::Exact) {
     s.ensure_sorted();
-    *items = s.values;
+    items->assign(s.values.begin(), s.values.end());
     *weights = s.value_weights();  // empty: every value weighs 1
   } else if (s.mode == QuantileMode::Sketch) {
     s.sketch->sorted_items(items, weights);
@@ -150,6 +193,20 @@ py::dict compare_numeric(NativeProfile& a, int64_t i, NativeProfile& b, int64_t 
         p_hi = drift::ks_pvalue(std::max(0.0, ks - ks_bound), n1, n2);
         have = true;
       }
+    } else if (sa.mode == QuantileMode::None && sb.mode == QuantileMode::None &&
+               sa.edges == sb.edges && sa.count > 0 && sb.count > 0) {
+      // Histogram mode: the intervals of histogram_bounds; the midpoint is
+      // reported with half the interval as its bound, as in sketch mode.
+      const HistogramBounds hb = histogram_bounds(sa, sb);
+      ks = 0.5 * (hb.ks_lo + hb.ks_hi);
+      ks_bound = 0.5 * (hb.ks_hi - hb.ks_lo);
+      w = 0.5 * (hb.w_lo + hb.w_hi);
+      w_bound = 0.5 * (hb.w_hi - hb.w_lo);
+      const int64_t n1 = effective_n(sa), n2 = effective_n(sb);
+      p = drift::ks_pvalue(ks, n1, n2);
+      p_lo = drift::ks_pvalue(hb.ks_hi, n1, n2);
+      p_hi = drift::ks_pvalue(hb.ks_lo, n1, n2);
+      have = true;
     }
   }
   py::dict d;
@@ -232,14 +289,12 @@ void register_drift(py::module_& m) {
             }
             // Safe without the GIL: the arrays are bound (kept alive by `bound`)
             // and the profile is guarded by its lock.
+            std::vector<ArrayView> views;
+            views.reserve(bound.size());
+            for (auto& b : bound) views.push_back(b.view);
             py::gil_scoped_release release;
             std::lock_guard<std::mutex> g(p.mutex);
-            ThreadPool::global().parallel_for(
-                0, static_cast<int64_t>(bound.size()), 1, [&](int64_t b, int64_t e) {
-                  for (int64_t i = b; i < e; ++i) {
-                    p.state->features[features[i]].num->ingest(bound[i].view, 0);
-                  }
-                });
+            p.state->ingest_columns(views, features);
           },
           py::arg("columns"), py::arg("features"), py::arg("rows"))
       .def(

@@ -10,12 +10,37 @@
 #include <memory>
 #include <string>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "common/array_view.hpp"
 #include "drift/quantile_sketch.hpp"
 
 namespace fastml::drift {
+
+// std::allocator, except that resize() leaves new elements default-initialised
+// (for double: unset) instead of zeroed: the exact values are written right
+// after they are allocated, so zeroing them first was a wasted pass over
+// 8 bytes per value.
+template <typename T>
+struct DefaultInitAllocator : std::allocator<T> {
+  template <typename U>
+  struct rebind {
+    using other = DefaultInitAllocator<U>;
+  };
+  DefaultInitAllocator() = default;
+  template <typename U>
+  DefaultInitAllocator(const DefaultInitAllocator<U>&) noexcept {}
+  template <typename U>
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+using ValueVector = std::vector<double, DefaultInitAllocator<double>>;
 
 enum class QuantileMode : uint8_t { None = 0, Exact = 1, Sketch = 2 };
 
@@ -73,7 +98,7 @@ struct NumericState {
   std::vector<double> edges;
   std::vector<double> hist;  // [underflow, bins..., overflow]
   QuantileMode mode = QuantileMode::None;
-  std::vector<double> values;  // Exact: finite values (sorted when `sorted`)
+  ValueVector values;  // Exact: finite values (sorted when `sorted`)
   bool sorted = true;
   // Exact values under exponential decay (after the first scale(f < 1)):
   // value i weighs 2^(vexp[i] - decay_exp); vexp is parallel to `values`.
@@ -155,6 +180,11 @@ class ProfileState {
   void scale(double factor);
   void clear();
 
+  // Ingests 1-D columns of equal length into features `feature_idx[i]`, in
+  // parallel over features on the pool; strided columns (of one row-major
+  // matrix) are walked in row blocks so each block is read from memory once.
+  void ingest_columns(const std::vector<ArrayView>& columns,
+                      const std::vector<int64_t>& feature_idx);
   // Ingests numeric columns of a 2-D (rows x cols) view: view column `cols[i]`
   // into feature `features_idx[i]`, in parallel over features on the pool.
   void ingest_matrix(const ArrayView& view, const std::vector<int64_t>& cols,

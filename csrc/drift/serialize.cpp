@@ -40,7 +40,8 @@ struct Writer {
     out.resize(at + sizeof(T));
     std::memcpy(out.data() + at, &v, sizeof(T));
   }
-  void put_doubles(const std::vector<double>& v) {
+  template <typename Vec>
+  void put_doubles(const Vec& v) {
     const size_t at = out.size();
     out.resize(at + v.size() * sizeof(double));
     if (!v.empty()) std::memcpy(out.data() + at, v.data(), v.size() * sizeof(double));
@@ -171,7 +172,10 @@ std::unique_ptr<NumericState> read_numeric(Reader& r, QuantileMode profile_mode,
     const uint64_t n = r.get<uint64_t>();
     const uint8_t sorted = r.get<uint8_t>();
     if (sorted > 1) r.corrupt("bad flag");
-    s->values = r.get_doubles(n);
+    {
+      const std::vector<double> got = r.get_doubles(n);
+      s->values.assign(got.begin(), got.end());
+    }
     for (double v : s->values)
       if (!std::isfinite(v)) r.corrupt("non-finite stored value");
     s->sorted = sorted == 1 && std::is_sorted(s->values.begin(), s->values.end());

@@ -69,6 +69,6 @@ def ingest_cuda(native: Any, index: int, tensor: Any) -> None:
     else:
         mean = m2 = lo = hi = 0.0
     native.add_summary(index, float(cnt), float(nan), float(inf), float(mean), float(m2), lo, hi, h)
-    if summ["mode"] != "none":
+    if summ["mode"] != "histogram":
         finite = t[torch.isfinite(t)].to(torch.float64).cpu().numpy()
         native.add_quantile_values(index, finite)

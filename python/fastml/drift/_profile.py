@@ -19,7 +19,7 @@ DEFAULT_SKETCH_K = 400
 #: Default number of distinct categories counted exactly per categorical feature.
 DEFAULT_CATEGORY_CAP = 1000
 
-_MODES = ("exact", "sketch")
+_MODES = ("exact", "sketch", "histogram")
 
 
 def sketch_bytes(k: int = DEFAULT_SKETCH_K) -> int:
@@ -38,10 +38,19 @@ class Profile:
     Numeric features hold counts (finite, missing NaN/None, non-finite ±inf),
     min/max, mean and variance (merged with Chan's parallel formula), a
     histogram over edges fixed from the reference (equal-mass, plus underflow
-    and overflow bins), and either every finite value (``mode="exact"``) or a
-    quantile sketch of fixed memory (``mode="sketch"``). Categorical features
-    hold exact counts of up to ``category_cap`` distinct values, then heavy
-    hitters with an "other" bucket.
+    and overflow bins), and, by ``mode``:
+
+    - ``"exact"`` (default): every finite value too: exact KS and Wasserstein,
+      exact merges of independently built profiles; memory grows with the data;
+    - ``"sketch"``: a quantile sketch of fixed memory (:func:`sketch_bytes`): KS
+      and Wasserstein within the sketch's rank-error bound;
+    - ``"histogram"``: nothing more (the fastest ingest, constant memory): PSI,
+      JS, KL, Hellinger, TV and chi-square are exact on the bins; KS and
+      Wasserstein are intervals derived from the histograms (reported as the
+      midpoint with half the interval as ``bound``; docs/drift.md).
+
+    Categorical features hold exact counts of up to ``category_cap`` distinct
+    values, then heavy hitters with an "other" bucket.
 
     Build one with :meth:`from_data`; build shards that merge with it with
     :meth:`empty` and :meth:`update`.
@@ -73,7 +82,7 @@ class Profile:
         histogram resolution: edges are the reference's ``bins``-quantiles.
         """
         if mode not in _MODES:
-            raise ValueError(f"mode must be 'exact' or 'sketch', got {mode!r}")
+            raise ValueError(f"mode must be 'exact', 'sketch' or 'histogram', got {mode!r}")
         if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
             raise ValueError(f"bins must be a positive int, got {bins!r}")
         cols, nrows = columns_of(reference, "reference")
@@ -209,7 +218,7 @@ class Profile:
 
     @property
     def mode(self) -> str:
-        """``"exact"`` or ``"sketch"``."""
+        """``"exact"``, ``"sketch"`` or ``"histogram"``."""
         return str(self._native.mode)
 
     @property
