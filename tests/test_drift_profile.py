@@ -261,11 +261,108 @@ def test_merge_is_associative_and_rejects_foreign_profiles():
     for f in ref.features:
         np.testing.assert_array_equal(left.summary(f)["hist"], right.summary(f)["hist"])
         assert left.summary(f)["mean"] == pytest.approx(right.summary(f)["mean"], rel=1e-12)
-    other = drift.Profile.from_data(rng.normal(size=(1000, 2)))
-    with pytest.raises(ValueError, match="different histogram edges"):
-        drift.Profile.merge([ref, other])
+    # Histogram profiles keep no values: built apart, they cannot be re-binned,
+    # and the error names the first edge that differs.
+    h1 = drift.Profile.from_data(rng.normal(size=(1000, 2)), mode="histogram")
+    h2 = drift.Profile.from_data(rng.normal(size=(1000, 2)), mode="histogram")
+    with pytest.raises(ValueError, match=r"different histogram edges: edge 0 is -?\d.* in one and"):
+        drift.Profile.merge([h1, h2])
+    with pytest.raises(ValueError, match="different modes"):
+        drift.Profile.merge([ref, h1])
+    with pytest.raises(ValueError, match="same features"):
+        drift.Profile.merge([ref, drift.Profile.from_data({"a": np.ones(3)})])
     with pytest.raises(ValueError, match="at least one"):
         drift.Profile.merge([])
+
+
+def _mixed_table(rng, n, shift):
+    x = rng.normal(shift, 1.0 + shift, size=n)
+    x[rng.random(n) < 0.05] = np.nan
+    x[rng.random(n) < 0.01] = np.inf
+    return {
+        "x": x,
+        "k": rng.integers(0, 4 + int(shift * 3), size=n).astype(np.float64),  # ties, few values
+        "c": np.array(["a", "b", "c", "new"])[rng.integers(0, 3 + int(shift > 0.5), size=n)],
+    }
+
+
+@given(
+    sizes=st.lists(st.integers(1, 400), min_size=2, max_size=4),
+    shifts=st.lists(st.floats(0.0, 1.0), min_size=4, max_size=4),
+    seed=st.integers(0, 2**16),
+    bins=st.sampled_from([1, 5, 20]),
+)
+def test_independent_exact_profiles_merge_to_the_union(sizes, shifts, seed, bins):
+    """Profiles built apart (each with its own edges) merge to the profile of the union."""
+    rng = np.random.default_rng(seed)
+    parts = [_mixed_table(rng, n, shifts[i]) for i, n in enumerate(sizes)]
+    union = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    merged = drift.Profile.merge(drift.Profile.from_data(p, bins=bins) for p in parts)
+    whole = drift.Profile.from_data(union, bins=bins)
+    assert merged.rows == whole.rows
+    for f in ("x", "k"):
+        a, b = merged.summary(f), whole.summary(f)
+        np.testing.assert_array_equal(a["edges"], b["edges"])
+        np.testing.assert_array_equal(a["hist"], b["hist"])
+        for key in ("count", "missing", "nonfinite", "min", "max"):
+            assert a[key] == b[key], key
+        assert a["mean"] == pytest.approx(b["mean"], rel=1e-9, abs=1e-12)
+        assert a["m2"] == pytest.approx(b["m2"], rel=1e-9, abs=1e-9)
+        np.testing.assert_array_equal(merged.values(f)[0], whole.values(f)[0])
+    assert merged.summary("c")["counts"] == whole.summary("c")["counts"]
+
+
+def test_independent_sketch_profiles_merge_within_the_rank_error():
+    rng = np.random.default_rng(11)
+    parts = [_mixed_table(rng, 20_000, s) for s in (0.0, 0.4, 1.0)]
+    union = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    merged = drift.Profile.merge(drift.Profile.from_data(p, mode="sketch") for p in parts)
+    whole = drift.Profile.from_data(union, mode="sketch")
+    a, b = merged.summary("x"), whole.summary("x")
+    assert a["count"] == b["count"] and a["missing"] == b["missing"]
+    # Each bin's share of the merged histogram is within twice the sketch's rank
+    # error of the union's share over the same edges (its CDF at both edges).
+    exact = drift.Profile.from_data(union)  # exact values: the true shares over a's edges
+    exact_x = np.sort(union["x"][np.isfinite(union["x"])])
+    edges = np.asarray(a["edges"])
+    cdf = np.searchsorted(exact_x, edges, side="left") / exact_x.size
+    true_share = np.diff(np.concatenate([[0.0], cdf, [1.0]]))
+    share = np.asarray(a["hist"]) / a["count"]
+    assert np.abs(share - true_share).max() <= 2 * a["sketch_rank_error"] + 1e-12
+    assert exact.mode == "exact"
+
+
+def _profile_part(mode, part):
+    return drift.Profile.from_data(part, mode=mode).to_bytes()
+
+
+@pytest.mark.parametrize("mode", ["exact", "sketch"])
+def test_dask_partitions_profiled_independently_merge_to_the_whole(mode):
+    """Each Dask partition profiled where it lives, with no shared reference."""
+    distributed = pytest.importorskip("distributed")
+    rng = np.random.default_rng(12)
+    data = rng.normal(size=(40_000, 3))
+    data[:, 1] = np.round(data[:, 1])  # ties
+    partitions = np.array_split(data, 5)
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        futures = [client.submit(_profile_part, mode, p, pure=False) for p in partitions]
+        merged = drift.Profile.merge(drift.Profile.from_bytes(b) for b in client.gather(futures))
+    whole = drift.Profile.from_data(data, mode=mode)
+    local = drift.Profile.from_partitions(partitions, mode=mode)
+    for f in whole.features:
+        a, b, c = merged.summary(f), whole.summary(f), local.summary(f)
+        assert a["count"] == b["count"] == c["count"]
+        np.testing.assert_array_equal(a["hist"], c["hist"])
+        if mode == "exact":
+            np.testing.assert_array_equal(a["edges"], b["edges"])
+            np.testing.assert_array_equal(a["hist"], b["hist"])
+            np.testing.assert_array_equal(merged.values(f)[0], whole.values(f)[0])
+            assert a["mean"] == pytest.approx(b["mean"], rel=1e-9, abs=1e-12)
 
 
 # ------------------------------------------------------------------ sketch

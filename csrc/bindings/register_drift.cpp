@@ -229,7 +229,8 @@ void register_drift(py::module_& m) {
       .def_static(
           "create",
           [](const std::vector<std::string>& names, const std::vector<int>& kinds,
-             const py::list& edges, const std::string& mode, int sketch_k, int64_t category_cap) {
+             const py::list& edges, const std::string& mode, int sketch_k, int64_t category_cap,
+             int bins) {
             FASTML_CHECK_ARG(names.size() == kinds.size() && names.size() == edges.size(), "names",
                              "kinds and edges must have equal lengths");
             FASTML_CHECK_ARG(category_cap >= 1, "category_cap", "must be >= 1, got ", category_cap);
@@ -238,6 +239,8 @@ void register_drift(py::module_& m) {
             FASTML_CHECK_ARG(sketch_k >= 8 && sketch_k <= 65536, "sketch_k",
                              "must be in [8, 65536], got ", sketch_k);
             st->sketch_k = sketch_k;
+            FASTML_CHECK_ARG(bins >= 0, "bins", "must be >= 0, got ", bins);
+            st->bins = bins;
             for (size_t i = 0; i < names.size(); ++i) {
               FASTML_CHECK_ARG(st->find(names[i]) < 0, "names", "has a duplicate feature '",
                                names[i], "'");
@@ -257,7 +260,7 @@ void register_drift(py::module_& m) {
             return std::make_shared<NativeProfile>(std::move(st));
           },
           py::arg("names"), py::arg("kinds"), py::arg("edges"), py::arg("mode"),
-          py::arg("sketch_k"), py::arg("category_cap"))
+          py::arg("sketch_k"), py::arg("category_cap"), py::arg("bins") = 0)
       .def("empty_like",
            [](const NativeProfile& p) {
              std::lock_guard<std::mutex> g(p.mutex);
@@ -326,6 +329,19 @@ void register_drift(py::module_& m) {
              std::scoped_lock g(p.mutex, o.mutex);
              p.state->merge(*o.state);
            })
+      .def(
+          "rebin",
+          [](NativeProfile& p, int64_t i, const py::handle& edges) {
+            const auto& ft = p.feature(i);
+            FASTML_CHECK_TYPE(ft.kind == FeatureKind::Numeric, "feature", "must be numeric; '",
+                              ft.name, "' is categorical");
+            std::vector<double> e = to_vector(edges, "edges");
+            FASTML_CHECK_ARG(e.size() >= 2 && std::is_sorted(e.begin(), e.end()), "edges",
+                             "must be at least 2 sorted values");
+            std::lock_guard<std::mutex> g(p.mutex);
+            p.state->features[i].num->rebin(std::move(e));
+          },
+          py::arg("feature"), py::arg("edges"))
       .def("scale",
            [](NativeProfile& p, double f) {
              FASTML_CHECK_ARG(f >= 0 && f <= 1, "factor", "must be in [0, 1], got ", f);
@@ -374,6 +390,7 @@ void register_drift(py::module_& m) {
       .def_property_readonly("mode",
                              [](const NativeProfile& p) { return mode_name(p.state->mode); })
       .def_property_readonly("sketch_k", [](const NativeProfile& p) { return p.state->sketch_k; })
+      .def_property_readonly("bins", [](const NativeProfile& p) { return p.state->bins; })
       .def_property_readonly("rows", [](const NativeProfile& p) { return p.state->rows; })
       .def("numeric_summary",
            [](const NativeProfile& p, int64_t i) {

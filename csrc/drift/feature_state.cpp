@@ -109,6 +109,34 @@ void NumericState::rebuild_lookup() {
   lookup = std::make_shared<const BinLookup>(edges);
 }
 
+void NumericState::rebin(std::vector<double> new_edges) {
+  FASTML_CHECK_ARG(mode != QuantileMode::None, "profiles",
+                   "in histogram mode keep no values to re-bin: build them over the same edges "
+                   "(Profile.empty() of one reference) to merge them");
+  edges = std::move(new_edges);
+  rebuild_lookup();
+  hist.assign(static_cast<size_t>(lookup->nbins() + 2), 0.0);
+  if (mode == QuantileMode::Exact) {
+    // Exact: the histogram of the stored values (each with its decay weight).
+    const std::vector<double> w = value_weights();
+    for (size_t i = 0; i < values.size(); ++i) {
+      hist[static_cast<size_t>(lookup->slot(values[i]))] += w.empty() ? 1.0 : w[i];
+    }
+    return;
+  }
+  // Sketch: the histogram of the sketch's weighted items, scaled to the finite
+  // count (each bin's share is then within the sketch's rank error).
+  std::vector<double> items, weights;
+  sketch->sorted_items(&items, &weights);
+  double total = 0;
+  for (double wt : weights) total += wt;
+  if (total <= 0) return;
+  const double f = count / total;
+  for (size_t i = 0; i < items.size(); ++i) {
+    hist[static_cast<size_t>(lookup->slot(items[i]))] += weights[i] * f;
+  }
+}
+
 void NumericState::add_moments(double n, double mu, double m2b, double mn, double mx) {
   if (n <= 0) return;
   if (count <= 0) {
@@ -465,8 +493,16 @@ void NumericState::add_quantile_values(const double* x, int64_t n) {
 }
 
 void NumericState::merge(const NumericState& o) {
-  FASTML_CHECK_ARG(edges == o.edges, "profiles", "have different histogram edges (", edges.size(),
-                   " vs ", o.edges.size(), " edges); merge only profiles from one reference");
+  if (edges != o.edges) {
+    size_t k = 0;
+    while (k < edges.size() && k < o.edges.size() && edges[k] == o.edges[k]) ++k;
+    auto at = [](const std::vector<double>& e, size_t i) {
+      return i < e.size() ? detail::concat(e[i]) : std::string("(none)");
+    };
+    fail<std::invalid_argument>("profiles have different histogram edges: edge ", k, " is ",
+                                at(edges, k), " in one and ", at(o.edges, k), " in the other (",
+                                edges.size(), " vs ", o.edges.size(), " edges)");
+  }
   FASTML_CHECK_ARG(mode == o.mode, "profiles", "have different quantile modes");
   add_moments(o.count, o.mean, o.m2, o.min, o.max);
   count_sq += o.count_sq;

@@ -134,6 +134,9 @@ struct NumericState {
   std::vector<double> value_weights() const;
   void add_moments(double n, double mean, double m2, double mn, double mx);
   void rebuild_lookup();
+  // Moves the histogram onto other edges: exact from the stored values, within
+  // the sketch's rank error from the sketch; histogram mode cannot.
+  void rebin(std::vector<double> new_edges);
 };
 
 struct CategoricalState {
@@ -172,6 +175,7 @@ class ProfileState {
   double rows = 0;
   QuantileMode mode = QuantileMode::Exact;
   int sketch_k = QuantileSketch::kDefaultK;
+  int bins = 0;  // equal-mass bins asked of from_data (0: unknown, format < 3)
 
   int64_t find(const std::string& name) const;  // -1 when absent
   // A profile with the same features and edges and no data.

@@ -2,7 +2,8 @@
 //
 //   offset  size  field
 //   0       8     magic "FMLDRIFT"
-//   8       2     format version (2; version 1, without decay state, still reads)
+//   8       2     format version (3; 3 adds the requested bins after the sketch
+//                 size, 2 the decay state; versions 1 and 2 still read)
 //   10      2     reserved, 0
 //   12      4     CRC-32 (IEEE) of the payload
 //   16      8     payload length in bytes
@@ -29,7 +30,7 @@ namespace fastml::drift {
 namespace {
 
 constexpr char kMagic[8] = {'F', 'M', 'L', 'D', 'R', 'I', 'F', 'T'};
-constexpr uint16_t kVersion = 2;
+constexpr uint16_t kVersion = 3;
 constexpr size_t kHeader = 24;
 
 struct Writer {
@@ -225,6 +226,7 @@ std::vector<uint8_t> ProfileState::to_bytes() const {
   Writer w;
   w.put<uint8_t>(static_cast<uint8_t>(mode));
   w.put<uint32_t>(static_cast<uint32_t>(sketch_k));
+  w.put<uint32_t>(static_cast<uint32_t>(bins));  // v3
   w.put<double>(rows);
   w.put<uint32_t>(static_cast<uint32_t>(features.size()));
   for (const Feature& f : features) {
@@ -288,11 +290,16 @@ std::unique_ptr<ProfileState> ProfileState::from_bytes(const uint8_t* data, size
   Reader r{data + kHeader, size - kHeader};
   auto p = std::make_unique<ProfileState>();
   const uint8_t mode = r.get<uint8_t>();
-  if (mode < 1 || mode > 2) r.corrupt("unknown mode");
+  if (mode > 2) r.corrupt("unknown mode");  // 0: histogram, 1: exact, 2: sketch
   p->mode = static_cast<QuantileMode>(mode);
   const uint32_t k = r.get<uint32_t>();
   if (k < 8 || k > 65536) r.corrupt("bad sketch size");
   p->sketch_k = static_cast<int>(k);
+  if (version >= 3) {
+    const uint32_t bins = r.get<uint32_t>();
+    if (bins > (1u << 24)) r.corrupt("bad bin count");
+    p->bins = static_cast<int>(bins);
+  }
   p->rows = r.get_count();
   const uint32_t nfeat = r.get<uint32_t>();
   if (nfeat > r.size - r.pos) r.corrupt("feature count larger than the data");

@@ -100,7 +100,9 @@ class Profile:
             else:
                 values = np.asarray(numeric_data(c), dtype=np.float64)
                 edges.append(_equal_mass_edges(values, bins))
-        native = _core._DriftProfile.create(names, kinds, edges, mode, sketch_k, category_cap)
+        native = _core._DriftProfile.create(
+            names, kinds, edges, mode, sketch_k, category_cap, bins
+        )
         prof = cls(native)
         prof._ingest(cols, nrows)
         return prof
@@ -176,17 +178,69 @@ class Profile:
     # ------------------------------------------------------------ merge / bytes
     @staticmethod
     def merge(profiles: Iterable[Profile]) -> Profile:
-        """Merge profiles of disjoint shards (same reference): associative and commutative."""
+        """Merge profiles of disjoint parts of a data set: associative and commutative.
+
+        Shards of one reference (:meth:`empty` of it, same edges) merge as they
+        are. Profiles built independently (:meth:`from_data` on each part, each
+        with its own equal-mass edges) merge too: the union's edges are
+        recomputed and each part's histogram is moved onto them, exactly in
+        ``"exact"`` mode (from the stored values: the result equals
+        :meth:`from_data` of the union, with as many bins as the finest part),
+        within the sketches' rank error in ``"sketch"`` mode (edges from the
+        merged sketch's quantiles). ``"histogram"`` profiles keep no values, so
+        they merge only over the same edges; otherwise the error names the first
+        edge that differs.
+        """
         profiles = list(profiles)
         if not profiles:
             raise ValueError("profiles must hold at least one Profile, got none")
         for p in profiles:
             if not isinstance(p, Profile):
                 raise TypeError(f"profiles must hold Profile objects, got {type(p).__name__}")
-        out = profiles[0].copy()
+        first = profiles[0]
         for p in profiles[1:]:
+            if p.features != first.features or p._native.kinds != first._native.kinds:
+                raise ValueError(
+                    "profiles must have the same features of the same kinds, got "
+                    f"{first.kinds} and {p.kinds}"
+                )
+            if p.mode != first.mode:
+                raise ValueError(f"profiles have different modes: {first.mode!r} and {p.mode!r}")
+        parts = [p.copy() for p in profiles]
+        if len(parts) > 1 and first.mode != "histogram":
+            for i, kind in enumerate(first._native.kinds):
+                if kind != 0:
+                    continue
+                name = first.features[i]
+                edges = [np.asarray(p.summary(name)["edges"]) for p in parts]
+                if all(np.array_equal(edges[0], e) for e in edges[1:]):
+                    continue
+                asked = max(p._native.bins for p in parts)  # 0: profiles of format < 3
+                union = _union_edges(parts, i, asked or max(len(e) - 1 for e in edges))
+                for p in parts:
+                    p._native.rebin(i, union)
+        out = parts[0]
+        for p in parts[1:]:
             out._native.merge(p._native)
         return out
+
+    @classmethod
+    def from_partitions(
+        cls, partitions: Iterable[Any], *, mode: str = "exact", **options: Any
+    ) -> Profile:
+        """Profile each part of a data set on its own and merge the results.
+
+        ``partitions``: an iterable of anything :meth:`from_data` takes (NumPy
+        arrays, dicts, pandas/polars frames, Arrow tables); with Dask, Ray or
+        Spark, run ``Profile.from_data(part, mode=...)`` where each part lives
+        and pass the returned profiles (or their :meth:`to_bytes`) to
+        :meth:`merge` (docs/drift.md has the recipes). ``options`` go to
+        :meth:`from_data` (``categorical``, ``bins``, ``sketch_k``, ``category_cap``).
+        """
+        built = [cls.from_data(part, mode=mode, **options) for part in partitions]
+        if not built:
+            raise ValueError("partitions must hold at least one part, got none")
+        return cls.merge(built)
 
     def to_bytes(self) -> bytes:
         """A versioned binary encoding (magic, version, length, CRC-32, payload)."""
@@ -246,3 +300,31 @@ class Profile:
 
     def __repr__(self) -> str:
         return f"Profile(features={len(self.features)}, rows={self.rows:g}, mode={self.mode!r})"
+
+
+def _union_edges(parts: list[Profile], i: int, bins: int) -> np.ndarray:
+    """Equal-mass edges of the union of the parts' feature ``i`` (as from_data
+    computes them): from the stored values (exact), or the weighted quantiles of
+    the sketches' items (sketch)."""
+    items, weights = [], []
+    for p in parts:
+        x, w = p._native.quantile_points(i)
+        x = np.asarray(x)
+        if p.mode == "exact" and np.asarray(w).size:
+            raise ValueError(
+                "profiles with decayed windows cannot be re-binned onto common edges; "
+                "merge shards of one reference (Profile.empty()) instead"
+            )
+        items.append(x)
+        weights.append(np.asarray(w) if np.asarray(w).size else np.ones(x.size))
+    x = np.concatenate(items)
+    if parts[0].mode == "exact":
+        return _equal_mass_edges(x, bins)
+    w = np.concatenate(weights)
+    if x.size == 0:
+        return np.array([0.0, 0.0])
+    order = np.argsort(x, kind="stable")
+    x, w = x[order], w[order]
+    cdf = (np.cumsum(w) - 0.5 * w) / w.sum()
+    edges = np.unique(np.interp(np.linspace(0.0, 1.0, bins + 1), cdf, x))
+    return edges if edges.size > 1 else np.array([edges[0], edges[0]])
