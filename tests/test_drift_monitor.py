@@ -10,6 +10,8 @@ import subprocess
 import numpy as np
 import pytest
 import scipy.stats as ss
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fastml import drift
 
@@ -239,3 +241,105 @@ def test_html_report_renders_in_headless_chromium(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     png = shot.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+# ------------------------------------------------------------------ data quality
+
+
+def _frame(rng, n, missing=0.02, cats=("a", "b", "c"), new_share=0.0):
+    x = rng.normal(size=n)
+    x[rng.random(n) < missing] = np.nan
+    c = np.array(cats)[rng.integers(0, len(cats), n)].astype(object)
+    c[rng.random(n) < new_share] = "never_seen"
+    return {"x": x, "c": c}
+
+
+def test_missing_rate_change_is_drift():
+    rng = np.random.default_rng(20)
+    ref = drift.Profile.from_data(_frame(rng, 20_000), categorical=["c"])
+    mon = drift.Monitor(ref)
+    mon.update(_frame(rng, 5_000, missing=0.30))
+    rep = mon.report()
+    r = rep.features["x"]
+    assert r.status == "drift" and r.reasons == ["missing_rate"], r.to_dict()
+    assert r.distribution_status == "ok"
+    q = r.quality[0]
+    assert q.check == "missing_rate" and q.reference == pytest.approx(0.02, abs=0.005)
+    assert q.current == pytest.approx(0.30, abs=0.02) and q.p_value < 1e-12
+    assert "x" in rep.drifted_features
+    assert rep.to_dict()["features"]["x"]["reasons"] == ["missing_rate"]
+    # A tiny change in a large window is significant but below the minimum change: ok.
+    mon2 = drift.Monitor(ref)
+    mon2.update(_frame(rng, 200_000, missing=0.025))
+    assert mon2.report().features["x"].status == "ok"
+
+
+def test_all_missing_column_is_drift_not_no_data():
+    rng = np.random.default_rng(21)
+    ref = drift.Profile.from_data(_frame(rng, 5_000), categorical=["c"])
+    mon = drift.Monitor(ref)
+    batch = _frame(rng, 1_000)
+    batch["x"][:] = np.nan
+    mon.update(batch)
+    r = mon.report().features["x"]
+    assert r.distribution_status == "no_data"
+    assert r.status == "drift" and set(r.reasons) == {"missing_rate", "all_missing"}
+
+
+def test_new_categories_are_drift():
+    rng = np.random.default_rng(22)
+    ref = drift.Profile.from_data(_frame(rng, 20_000), categorical=["c"])
+    for share, want in ((0.10, "drift"), (0.01, "ok")):
+        mon = drift.Monitor(ref, tests={"c": "js"}, thresholds={"c": 0.5})
+        mon.update(_frame(rng, 20_000, new_share=share))
+        r = mon.report().features["c"]
+        check = next(q for q in r.quality if q.check == "new_category")
+        assert check.current == pytest.approx(share, abs=0.01) and check.status == want
+        assert r.distribution_status == "ok"  # the distance alone stays under 0.5
+        assert r.status == want
+    with pytest.raises(ValueError, match="quality keys are"):
+        drift.Monitor(ref, quality={"nope": 1.0})
+    mon = drift.Monitor(
+        ref, tests={"c": "js"}, thresholds={"c": 0.5}, quality={"new_category_share": 0.5}
+    )
+    mon.update(_frame(rng, 20_000, new_share=0.10))
+    assert mon.report().features["c"].status == "ok"
+
+
+def test_extra_columns_ignored_on_request_and_listed():
+    rng = np.random.default_rng(23)
+    ref = drift.Profile.from_data(_frame(rng, 2_000), categorical=["c"])
+    batch = _frame(rng, 500) | {"request_id": np.arange(500), "score": rng.random(500)}
+    with pytest.raises(ValueError, match=r"unknown \['request_id', 'score'\]"):
+        drift.Monitor(ref).update(batch)
+    mon = drift.Monitor(ref, extra_columns="ignore")
+    mon.update(batch)
+    rep = mon.report()
+    assert rep.unmonitored == ["request_id", "score"] and set(rep.features) == {"x", "c"}
+    assert rep.to_dict()["unmonitored"] == ["request_id", "score"]
+    with pytest.raises(ValueError, match="missing"):
+        mon.update({"x": batch["x"]})  # a reference column is still required
+    with pytest.raises(ValueError, match="extra_columns must be"):
+        drift.Monitor(ref, extra_columns="drop")
+
+
+@given(
+    k1=st.integers(0, 500),
+    n1=st.integers(1, 500),
+    k2=st.integers(0, 500),
+    n2=st.integers(1, 500),
+)
+def test_two_proportion_pvalue_matches_the_normal_test(k1, n1, k2, n2):
+    from scipy import stats
+
+    from fastml.drift._report import two_proportion_pvalue
+
+    k1, k2 = min(k1, n1), min(k2, n2)
+    p = (k1 + k2) / (n1 + n2)
+    var = p * (1 - p) * (1 / n1 + 1 / n2)
+    got = two_proportion_pvalue(k1, n1, k2, n2)
+    if var == 0:
+        assert got == 1.0
+        return
+    z = (k2 / n2 - k1 / n1) / np.sqrt(var)
+    assert got == pytest.approx(2 * stats.norm.sf(abs(z)), rel=1e-9, abs=1e-300)

@@ -63,6 +63,18 @@ class Monitor:
     of that many rows) or a :class:`Window`. ``on_drift(name, result)`` is
     called when a feature starts to drift: as each tumbling window closes, or,
     for growing and decayed windows, after each update.
+
+    Data quality drifts too: a feature whose missing rate moved (two-proportion
+    z-test p < 0.05 and a change of at least 0.02), whose current values are
+    all missing, or (categorical) whose share of categories unseen in the
+    reference exceeds 0.05, has status ``"drift"`` with that check among its
+    ``reasons``. ``quality`` overrides those defaults (keys ``missing_pvalue``,
+    ``missing_change``, ``new_category_share``).
+
+    ``extra_columns``: what :meth:`update` does with batch columns the
+    reference lacks (ids, predictions, timestamps): ``"error"`` (default:
+    ``ValueError`` naming them) or ``"ignore"`` (listed in each report's
+    ``unmonitored``). Missing reference columns are always an error.
     """
 
     def __init__(
@@ -75,6 +87,8 @@ class Monitor:
         on_drift: Callable[[str, FeatureResult], Any] | None = None,
         dataset_share: float = 0.5,
         max_windows: int = 100,
+        quality: Mapping[str, float] | None = None,
+        extra_columns: str = "error",
     ) -> None:
         if not isinstance(reference, Profile):
             raise TypeError(f"reference must be a drift.Profile, got {type(reference).__name__}")
@@ -96,6 +110,19 @@ class Monitor:
             raise TypeError(
                 f"window must be None, an int or a drift.Window, got {type(window).__name__}"
             )
+        if extra_columns not in ("error", "ignore"):
+            raise ValueError(f"extra_columns must be 'error' or 'ignore', got {extra_columns!r}")
+        self._extra = extra_columns
+        self._unmonitored: set[str] = set()
+        from fastml.drift._report import DEFAULT_QUALITY
+
+        self._quality = dict(DEFAULT_QUALITY)
+        for key, value in dict(quality or {}).items():
+            if key not in DEFAULT_QUALITY:
+                raise ValueError(f"quality keys are {sorted(DEFAULT_QUALITY)}, got {key!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"quality[{key!r}] must be a non-negative number, got {value!r}")
+            self._quality[key] = float(value)
         self._on_drift = on_drift
         self._share = float(dataset_share)
         self._max_windows = int(max_windows)
@@ -175,6 +202,12 @@ class Monitor:
     def update(self, batch: Any) -> None:
         """Ingest a batch (same forms and columns as the reference). Empty batches are a no-op."""
         cols, nrows = columns_of(batch, "batch")
+        if self._extra == "ignore":
+            known = set(self._ref.features)
+            extra = [c.name for c in cols if c.name not in known]
+            if extra:
+                self._unmonitored.update(extra)
+                cols = [c for c in cols if c.name in known]
         cols = self._cur._align(cols)
         if nrows == 0:
             return
@@ -219,7 +252,15 @@ class Monitor:
 
     def report(self) -> Report:
         """Drift of the current window against the reference."""
-        return build_report(self._ref, self._cur, self._tests, self._thresholds, self._share)
+        return build_report(
+            self._ref,
+            self._cur,
+            self._tests,
+            self._thresholds,
+            self._share,
+            self._quality,
+            sorted(self._unmonitored),
+        )
 
     @property
     def current(self) -> Profile:

@@ -100,9 +100,7 @@ class Profile:
             else:
                 values = np.asarray(numeric_data(c), dtype=np.float64)
                 edges.append(_equal_mass_edges(values, bins))
-        native = _core._DriftProfile.create(
-            names, kinds, edges, mode, sketch_k, category_cap, bins
-        )
+        native = _core._DriftProfile.create(names, kinds, edges, mode, sketch_k, category_cap, bins)
         prof = cls(native)
         prof._ingest(cols, nrows)
         return prof

@@ -29,6 +29,12 @@ DEFAULT_THRESHOLDS = {
     "kl": 0.1,
 }
 PVALUE_TESTS = {"ks", "chi2"}
+#: Default data-quality thresholds (docs/drift.md, "Data quality"): a missing
+#: rate drifts when a two-proportion z-test gives p below ``missing_pvalue``
+#: and the rate moved by at least ``missing_change`` (large windows make tiny
+#: changes significant, as with KS); new categories drift when their share of
+#: the current window exceeds ``new_category_share``.
+DEFAULT_QUALITY = {"missing_pvalue": 0.05, "missing_change": 0.02, "new_category_share": 0.05}
 NUMERIC_TESTS = {"ks", "wasserstein", "psi", "js", "hellinger", "tv", "kl"}
 CATEGORICAL_TESTS = {"chi2", "js", "psi", "hellinger", "tv", "kl"}
 
@@ -56,10 +62,25 @@ class FeatureResult:
     reference_share: list[float] = field(default_factory=list)
     current_share: list[float] = field(default_factory=list)
 
+    quality: list[QualityCheck] = field(default_factory=list)
+
     @property
     def drifted(self) -> bool:
         """True when the status is ``"drift"``."""
         return self.status == "drift"
+
+    @property
+    def reasons(self) -> list[str]:
+        """Why the feature drifts: ``"distribution"`` and/or the data-quality checks that fired."""
+        out = ["distribution"] if self.distribution_status == "drift" else []
+        return out + [q.check for q in self.quality if q.status == "drift"]
+
+    @property
+    def distribution_status(self) -> str:
+        """The verdict of the distribution test alone (``status`` adds data quality)."""
+        return self._distribution_status or self.status
+
+    _distribution_status: str = field(default="", repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -76,6 +97,34 @@ class FeatureResult:
             "labels": list(self.labels),
             "reference_share": [float(x) for x in self.reference_share],
             "current_share": [float(x) for x in self.current_share],
+            "distribution_status": self.distribution_status,
+            "reasons": self.reasons,
+            "quality": [q.to_dict() for q in self.quality],
+        }
+
+
+@dataclass
+class QualityCheck:
+    """One data-quality verdict of a feature: ``check`` is ``"missing_rate"``
+    (two-proportion z-test of the missing rates, with a minimum change),
+    ``"all_missing"`` (every current value missing, not so in the reference) or
+    ``"new_category"`` (share of categories the reference never had)."""
+
+    check: str
+    reference: float
+    current: float
+    status: str
+    p_value: float | None = None
+    threshold: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "check": self.check,
+            "reference": _num(self.reference),
+            "current": _num(self.current),
+            "status": self.status,
+            "p_value": None if self.p_value is None else _num(self.p_value),
+            "threshold": self.threshold,
         }
 
 
@@ -98,11 +147,14 @@ class Report:
         dataset_share: float,
         reference_rows: float,
         current_rows: float,
+        unmonitored: list[str] | None = None,
     ) -> None:
         self.features = features
         self.dataset_share = dataset_share
         self.reference_rows = reference_rows
         self.current_rows = current_rows
+        #: Columns of the batches that the Monitor ignored (``extra_columns="ignore"``).
+        self.unmonitored = list(unmonitored or [])
 
     @property
     def drifted_features(self) -> list[str]:
@@ -128,6 +180,7 @@ class Report:
             "reference_rows": self.reference_rows,
             "current_rows": self.current_rows,
             "features": {n: r.to_dict() for n, r in self.features.items()},
+            "unmonitored": list(self.unmonitored),
         }
 
     def to_json(self, indent: int | None = None) -> str:
@@ -358,18 +411,90 @@ def _categorical_result(
     return result
 
 
+def two_proportion_pvalue(k1: float, n1: float, k2: float, n2: float) -> float:
+    """Two-sided p-value of the pooled two-proportion z-test of k1/n1 against k2/n2."""
+    if n1 <= 0 or n2 <= 0:
+        return 1.0
+    pooled = (k1 + k2) / (n1 + n2)
+    var = pooled * (1.0 - pooled) * (1.0 / n1 + 1.0 / n2)
+    if var <= 0:
+        return 1.0 if k1 / n1 == k2 / n2 else 0.0
+    z = (k2 / n2 - k1 / n1) / math.sqrt(var)
+    return math.erfc(abs(z) / math.sqrt(2.0))
+
+
+def _quality(
+    result: FeatureResult, missing: tuple[float, float, float, float], quality: dict[str, float]
+) -> None:
+    """Adds the missing-rate checks to ``result`` and folds them into its status."""
+    ref_missing, ref_all, cur_missing, cur_all = missing
+    if cur_all <= 0:
+        return
+    r_rate = ref_missing / ref_all if ref_all else 0.0
+    c_rate = cur_missing / cur_all
+    p = two_proportion_pvalue(ref_missing, ref_all, cur_missing, cur_all)
+    moved = abs(c_rate - r_rate) >= quality["missing_change"]
+    result.quality.append(
+        QualityCheck(
+            "missing_rate",
+            r_rate,
+            c_rate,
+            "drift" if p < quality["missing_pvalue"] and moved else "ok",
+            p_value=p,
+            threshold=quality["missing_pvalue"],
+        )
+    )
+    if c_rate >= 1.0:
+        result.quality.append(
+            QualityCheck(
+                "all_missing", r_rate, c_rate, "drift" if r_rate < 1.0 else "ok", None, 1.0
+            )
+        )
+
+
+def _fold_quality(result: FeatureResult) -> None:
+    result._distribution_status = result.status
+    if any(q.status == "drift" for q in result.quality):
+        result.status = "drift"
+
+
 def build_report(
     ref: Profile,
     cur: Profile,
     tests: dict[str, str],
     thresholds: dict[str, float],
     dataset_share: float,
+    quality: dict[str, float] | None = None,
+    unmonitored: list[str] | None = None,
 ) -> Report:
-    """Compare ``cur`` against ``ref`` feature by feature."""
+    """Compare ``cur`` against ``ref`` feature by feature: the distribution test,
+    then the data-quality checks (their ``drift`` makes the feature drift too)."""
+    q = dict(DEFAULT_QUALITY, **(quality or {}))
     results: dict[str, FeatureResult] = {}
     for i, (name, kind) in enumerate(ref.kinds.items()):
         if kind == "numeric":
-            results[name] = _numeric_result(ref, cur, i, name, tests[name], thresholds[name])
+            r = _numeric_result(ref, cur, i, name, tests[name], thresholds[name])
+            rs, cs = ref._native.numeric_summary(i), cur._native.numeric_summary(i)
+            ref_all = rs["count"] + rs["missing"] + rs["nonfinite"]
+            cur_all = cs["count"] + cs["missing"] + cs["nonfinite"]
+            _quality(r, (rs["missing"], ref_all, cs["missing"], cur_all), q)
         else:
-            results[name] = _categorical_result(ref, cur, i, name, tests[name], thresholds[name])
-    return Report(results, dataset_share, ref.rows, cur.rows)
+            r = _categorical_result(ref, cur, i, name, tests[name], thresholds[name])
+            rs, cs = ref._native.categorical_summary(i), cur._native.categorical_summary(i)
+            ref_all, cur_all = rs["total"] + rs["missing"], cs["total"] + cs["missing"]
+            _quality(r, (rs["missing"], ref_all, cs["missing"], cur_all), q)
+            share = r.metrics.get("new_category_share")
+            if share is not None and rs["other"] <= 0:  # an overflowed reference cannot tell
+                r.quality.append(
+                    QualityCheck(
+                        "new_category",
+                        0.0,
+                        share,
+                        "drift" if share > q["new_category_share"] else "ok",
+                        None,
+                        q["new_category_share"],
+                    )
+                )
+        _fold_quality(r)
+        results[name] = r
+    return Report(results, dataset_share, ref.rows, cur.rows, unmonitored)
