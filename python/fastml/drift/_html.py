@@ -66,6 +66,7 @@ def render_html(report: Report) -> str:
             f"<td>{r.kind}</td><td>{r.test}</td><td>{_fmt(r.statistic)}</td>"
             f"<td>{_fmt(r.p_value)}</td><td>{_fmt(r.bound)}</td><td>{_fmt(r.threshold)}</td>"
             f'<td class="status" style="color:{color}">{r.status}</td>'
+            f"<td>{html.escape(', '.join(r.reasons))}</td>"
             "</tr>"
         )
     sections = []
@@ -74,10 +75,23 @@ def render_html(report: Report) -> str:
             f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>"
             for k, v in sorted(r.metrics.items())
         )
+        quality = "".join(
+            f"<tr><td>{html.escape(q.check)}</td><td>{_fmt(q.reference)}</td>"
+            f"<td>{_fmt(q.current)}</td><td>{_fmt(q.p_value)}</td>"
+            f'<td style="color:{_COLORS.get(q.status, "#333")}">{q.status}</td></tr>'
+            for q in r.quality
+        )
+        if quality:
+            quality = (
+                '<table class="quality"><thead><tr><th>data quality</th><th>reference</th>'
+                "<th>current</th><th>p-value</th><th>status</th></tr></thead><tbody>"
+                + quality
+                + "</tbody></table>"
+            )
         sections.append(
             f'<section class="feature" id="f-{html.escape(r.name)}"><h2>{html.escape(r.name)} '
             f'<span style="color:{_COLORS.get(r.status, "#333")}">({r.status})</span></h2>'
-            f'{_svg_histogram(r)}<table class="metrics">{metrics}</table></section>'
+            f'{_svg_histogram(r)}{quality}<table class="metrics">{metrics}</table></section>'
         )
     verdict = "drift detected" if report.dataset_drift else "no data set drift"
     return (
@@ -92,9 +106,17 @@ def render_html(report: Report) -> str:
         f"(share {report.drift_share:.2f}, data set threshold {report.dataset_share:.2f}); "
         f"reference rows {report.reference_rows:g}, current rows {report.current_rows:g}.</p>"
         '<table id="summary"><thead><tr><th>feature</th><th>kind</th><th>test</th><th>statistic</th>'
-        "<th>p-value</th><th>bound</th><th>threshold</th><th>status</th></tr></thead><tbody>"
+        "<th>p-value</th><th>bound</th><th>threshold</th><th>status</th><th>reasons</th>"
+        "</tr></thead><tbody>"
         + "".join(rows)
         + "</tbody></table>"
+        + (
+            "<p>Columns not monitored (not in the reference): "
+            + html.escape(", ".join(report.unmonitored))
+            + "</p>"
+            if report.unmonitored
+            else ""
+        )
         + "".join(sections)
         + "</body></html>\n"
     )
