@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import fastml
 from fastml import _core, data
-from fastml.data._sources import parquet_chunk_table
+from fastml.data._sources import parquet_chunk_table, parquet_footer
 
 NATIVE_DTYPES = [
     "int8",
@@ -43,7 +43,7 @@ def _decode_chunks(path) -> list[tuple[int, int, int, str, np.ndarray | None]]:
     (row group, column, status, message, values)."""
     pf = pq.ParquetFile(path)
     names = pf.schema_arrow.names
-    table = parquet_chunk_table(pf, names)
+    table = parquet_chunk_table(pf, names, footer=parquet_footer(str(path)))
     mf = _core.MappedFile(str(path))
     out = []
     for g in range(table.shape[0]):
@@ -173,7 +173,12 @@ def test_loader_reads_native_and_fallback_columns_like_pyarrow(tmp_path):
     )
     path = tmp_path / "mixed.parquet"
     pq.write_table(table, path, row_group_size=700, data_page_size=2000)
-    eligible = parquet_chunk_table(pq.ParquetFile(path), table.column_names)[:, :, 2] >= 0
+    eligible = (
+        parquet_chunk_table(
+            pq.ParquetFile(path), table.column_names, footer=parquet_footer(str(path))
+        )[:, :, 2]
+        >= 0
+    )
     # An Arrow dictionary of int32 is stored as int32 values (pyarrow reads it back so).
     assert eligible[:, [0, 1, 2, 3, 4, 5, 7]].all() and not eligible[:, 6].any()  # float16: pyarrow
     ds = data.Dataset.from_parquet(path)
@@ -261,7 +266,7 @@ def test_corrupt_chunks_raise_and_never_crash(tmp_path, compression, version, di
     path = _valid_file(tmp_path, compression, version, dictionary, checksum)
     pf = pq.ParquetFile(path)
     names = pf.schema_arrow.names
-    table = parquet_chunk_table(pf, names)
+    table = parquet_chunk_table(pf, names, footer=parquet_footer(str(path)))
     raw = path.read_bytes()
     # A fixed seed per configuration (never hash(), which Python salts per process).
     rng = np.random.default_rng(zlib.crc32(f"{compression}/{version}/{dictionary}".encode()))
@@ -326,7 +331,7 @@ def test_corrupt_native_chunk_in_the_loader_names_file_row_group_and_column(tmp_
 
 def test_decode_argument_errors(tmp_path):
     path = _valid_file(tmp_path, "snappy", "1.0", True)
-    table = parquet_chunk_table(pq.ParquetFile(path), ["x", "i"])
+    table = parquet_chunk_table(pq.ParquetFile(path), ["x", "i"], footer=parquet_footer(str(path)))
     mf = _core.MappedFile(str(path))
     row = np.concatenate([[0], table[0, 0]]).astype(np.int64)[None, :]
     with pytest.raises(ValueError, match="outs"):

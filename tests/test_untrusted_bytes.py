@@ -11,6 +11,7 @@ edits with the checksum recomputed, so the field validators are reached.
 
 from __future__ import annotations
 
+import json
 import struct
 import zlib
 from collections.abc import Callable, Iterator
@@ -227,3 +228,93 @@ def test_npy_file_every_byte(tmp_path):
 
     values = (0x00, 0xFF, ord("9"), ord("("), ord("'"), ord(","), ord(" "))
     _expect_clean(load, _edits(raw, values), str(path))
+
+
+# ---------------------------------------------------------------------------- Parquet files
+
+_PARQUET_WORKER = r"""
+import json, sys, warnings
+import numpy as np
+import pyarrow.parquet as pq
+import fastml
+from fastml import data
+
+path, raw_path = sys.argv[1], sys.argv[2]
+raw = open(raw_path, "rb").read()
+
+def mutations():
+    for i in range(len(raw)):
+        for v in sorted({raw[i] ^ 0x80, 0x00, 0xFF} - {raw[i]}):
+            yield f"byte {i} = {v}", raw[:i] + bytes([v]) + raw[i + 1 :]
+    for n in range(0, len(raw), 7):
+        yield f"cut {n}", raw[:n]
+
+for what, blob in mutations():
+    open(path, "wb").write(blob)
+    try:
+        want = pq.read_table(path).to_pydict()
+        want = {k: np.asarray([np.nan if x is None else x for x in v], dtype=np.float64) for k, v in want.items()}
+    except Exception as e:  # what pyarrow makes of it
+        want = None
+    try:
+        ds = data.Dataset.from_parquet(path)
+        got = {k: [] for k in ds.schema}
+        for b in data.Loader(ds, batch_size=64, shuffle=False):
+            for k in got:
+                got[k].append(np.asarray(b[k], dtype=np.float64))
+        got = {k: np.concatenate(v) if v else np.zeros(0) for k, v in got.items()}
+        outcome = "read"
+    except fastml.FormatError as e:
+        # Nulls in an integer column are a documented refusal (no NaN to hold them).
+        outcome = "unsupported" if "null values in a non-floating column" in str(e) else "format_error"
+        got = None
+    except Exception as e:
+        print(json.dumps({"what": what, "bad": f"{type(e).__name__}: {e}"}), flush=True)
+        continue
+    if outcome == "read":
+        agree = want is not None and set(want) == set(got) and all(
+            np.array_equal(want[k], got[k], equal_nan=True) for k in want
+        )
+        if not agree:
+            print(json.dumps({"what": what, "bad": "read, but not as pyarrow reads it"
+                              + (" (pyarrow refuses the file)" if want is None else "")}), flush=True)
+    print(json.dumps({"what": what, "outcome": outcome, "pyarrow": want is not None}), flush=True)
+"""
+
+
+def test_parquet_file_every_byte_matches_pyarrow(tmp_path):
+    """Every byte of a small Parquet file (pages and footer) mutated, in a child
+    process (a C++ abort must fail the test, not kill the run): fastml reads the
+    file exactly as pyarrow does, or raises fastml.FormatError; when pyarrow reads
+    the mutated file, so does fastml (never stricter), and when pyarrow refuses
+    it, fastml never returns values (never looser)."""
+    import subprocess
+    import sys
+
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    rng = np.random.default_rng(0)
+    table = pa.table(
+        {
+            "x": pa.array(rng.standard_normal(40).astype(np.float32), mask=rng.random(40) < 0.1),
+            "i": rng.integers(0, 5, 40),
+        }
+    )
+    src = tmp_path / "base.parquet"
+    pq.write_table(table, src, compression="snappy", row_group_size=20, write_statistics=False)
+    script = tmp_path / "worker.py"
+    script.write_text(_PARQUET_WORKER)
+    r = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "m.parquet"), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert r.returncode == 0, f"the worker died (rc {r.returncode}): {r.stderr[-2000:]}"
+    lines = [json.loads(x) for x in r.stdout.splitlines() if x.strip()]
+    bad = [x for x in lines if "bad" in x]
+    assert not bad, f"{len(bad)} mutations: {bad[:10]}"
+    outcomes = [x for x in lines if "outcome" in x]
+    stricter = [x["what"] for x in outcomes if x["pyarrow"] and x["outcome"] == "format_error"]
+    assert not stricter, f"fastml refused {len(stricter)} files pyarrow reads: {stricter[:10]}"
+    assert len(outcomes) > 1000

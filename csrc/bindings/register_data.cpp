@@ -777,6 +777,48 @@ void register_data(py::module_& m) {
       .def_property_readonly("path", &MappedFile::path);
   m.def("parquet_decode", &parquet_decode, py::arg("files"), py::arg("chunks"), py::arg("outs"),
         "Decodes Parquet column chunks of mapped files into arrays (see fastml.data).");
+  m.def(
+      "parquet_footer",
+      [](const std::shared_ptr<MappedFile>& f) {
+        data::parquet::Footer footer;
+        try {
+          py::gil_scoped_release release;  // reads only the mapped bytes
+          footer = data::parquet::read_footer(f->data(), static_cast<size_t>(f->size()));
+        } catch (const IOError& e) {
+          fail<FormatError>("'", f->path(), "': not a readable Parquet footer: ", e.what());
+        }
+        const int64_t n = static_cast<int64_t>(footer.chunks.size());
+        py::array_t<int64_t> chunks({n, int64_t{10}});
+        auto c = chunks.mutable_unchecked<2>();
+        py::list paths;
+        for (int64_t i = 0; i < n; ++i) {
+          const auto& ch = footer.chunks[static_cast<size_t>(i)];
+          const int64_t row[10] = {ch.row_group,
+                                   ch.column,
+                                   ch.type,
+                                   ch.codec,
+                                   ch.num_values,
+                                   ch.total_compressed_size,
+                                   ch.data_page_offset,
+                                   ch.dictionary_page_offset,
+                                   ch.external ? 1 : 0,
+                                   0};
+          for (int j = 0; j < 10; ++j) c(i, j) = row[j];
+          paths.append(py::bytes(ch.path));  // bytes: a footer's strings need not be UTF-8
+        }
+        py::dict d;
+        d["num_rows"] = footer.num_rows;
+        d["file_size"] = f->size();
+        d["row_group_rows"] = py::array_t<int64_t>(
+            static_cast<py::ssize_t>(footer.row_group_rows.size()), footer.row_group_rows.data());
+        d["chunks"] = chunks;
+        d["paths"] = paths;
+        return d;
+      },
+      py::arg("file"),
+      "A Parquet file's row groups and column chunks, read from its footer natively: "
+      "(row_group, column, type, codec, num_values, total_compressed_size, "
+      "data_page_offset, dictionary_page_offset, external, 0) per chunk.");
 
   py::class_<DataBatcher>(m, "DataBatcher")
       .def(py::init<std::shared_ptr<GatherPlan>, int64_t>(), py::arg("plan"), py::arg("batch_size"))

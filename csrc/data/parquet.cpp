@@ -88,6 +88,27 @@ class Thrift {
     if (type != kTrue && type != kFalse) corrupt("page header field has type ", type, ", not bool");
     return type == kTrue;
   }
+  int64_t i64(int type) {
+    if (type != kI64 && type != kI32) corrupt("field has type ", type, ", expected i64");
+    return zigzag();
+  }
+  // A list or set header: the element type and count (checked against the bytes left).
+  std::pair<int, uint64_t> list_header(int type) {
+    if (type != kList && type != kSet) corrupt("field has type ", type, ", expected a list");
+    const uint8_t h = byte();
+    uint64_t n = h >> 4;
+    if (n == 15) n = varint();
+    check_count(n);
+    return {h & 0x0f, n};
+  }
+  std::string binary(int type) {
+    if (type != kBinary) corrupt("field has type ", type, ", expected binary");
+    const uint64_t n = varint();
+    if (n > left(p_, end_)) corrupt("a string runs past the end of the footer");
+    std::string s(reinterpret_cast<const char*>(p_), static_cast<size_t>(n));
+    p_ += n;
+    return s;
+  }
 
   // Calls fn(field_id, type, depth + 1) for each field of a struct; fn must
   // consume the field's value (or skip it).
@@ -97,7 +118,9 @@ class Thrift {
     int64_t last = 0;
     for (;;) {
       const uint8_t h = byte();
-      if (h == 0) return;  // stop
+      // A field header whose type nibble is 0 is STOP, whatever its high bits
+      // (as Thrift's own TCompactProtocol reads it).
+      if ((h & 0x0f) == 0) return;
       const int type = h & 0x0f;
       const int delta = h >> 4;
       const int64_t id = delta ? last + delta : zigzag();
@@ -187,12 +210,14 @@ PageHeader read_page_header(Thrift& t) {
         h.crc = static_cast<uint32_t>(t.i32(type));
         h.has_crc = true;
         break;
-      case 5:  // DataPageHeader
-      case 7:  // DictionaryPageHeader
-      case 8:  // DataPageHeaderV2
+      case 5:    // DataPageHeader
+      case 7:    // DictionaryPageHeader
+      case 8: {  // DataPageHeaderV2
         if (type != Thrift::kStruct) corrupt("page header field ", id, " is not a struct");
         (id == 5 ? h.has_data_v1 : id == 7 ? h.has_dict : h.has_data_v2) = true;
+        uint32_t seen = 0;  // the sub-header's fields present (bit = field id)
         t.read_struct(depth, [&](int64_t sub, int st, int d) {
+          if (sub >= 1 && sub < 32) seen |= 1u << sub;
           if (sub == 1) {
             h.num_values = t.i32(st);
           } else if (id == 5 && sub == 2) {
@@ -213,7 +238,17 @@ PageHeader read_page_header(Thrift& t) {
             t.skip(st, d);
           }
         });
+        {
+          // The fields parquet.thrift marks required, which Thrift's own
+          // readers (pyarrow's among them) refuse a header without:
+          // DataPageHeader 1-4, DictionaryPageHeader 1-2, DataPageHeaderV2 1-6.
+          const uint32_t required = id == 5 ? 0x1Eu : id == 7 ? 0x06u : 0x7Eu;
+          if ((seen & required) != required) {
+            corrupt("page header field ", id, " lacks a required field");
+          }
+        }
         break;
+      }
       default: t.skip(type, depth);
     }
   });
@@ -257,8 +292,13 @@ class Hybrid {
       if (groups > left(p_, end_) ||
           (bw_ > 0 && groups * static_cast<uint64_t>(bw_) > left(p_, end_))) {
         // A bit-packed run may be cut short at the end of the page: its last
-        // group is padded only as far as values remain. Take what is there.
+        // group is padded only as far as values remain. Take what is there,
+        // but no more than one group may be missing (a run declaring more is
+        // corrupt, as pyarrow finds too).
         const uint64_t bytes = left(p_, end_);
+        if (groups > bytes / static_cast<uint64_t>(bw_) + 1) {
+          corrupt("bit-packed run of ", groups, " groups runs past the data (", bytes, " bytes)");
+        }
         r = {false, 0, p_,
              bw_ > 0 ? static_cast<int64_t>(bytes * 8 / static_cast<uint64_t>(bw_)) : 0};
         p_ = end_;
@@ -772,6 +812,79 @@ void decode_chunk(const ChunkSpec& s, T* out) {
 }
 
 }  // namespace
+
+Footer read_footer(const uint8_t* data, size_t size) {
+  // File: "PAR1" ... FileMetaData (Thrift compact) | u32 footer length | "PAR1".
+  // Only the trailing magic is checked, as pyarrow does.
+  if (size < 12 || std::memcmp(data + size - 4, "PAR1", 4) != 0) {
+    corrupt("not a Parquet file (no 'PAR1' magic at its end)");
+  }
+  uint32_t len;
+  std::memcpy(&len, data + size - 8, 4);
+  if (len > size - 12) corrupt("the footer length ", len, " runs past the file's ", size, " bytes");
+  const uint8_t* begin = data + size - 8 - len;
+  Thrift t(begin, data + size - 8);
+  Footer out;
+  t.read_struct(0, [&](int64_t id, int type, int depth) {
+    if (id == 3) {
+      out.num_rows = t.i64(type);
+      return;
+    }
+    if (id != 4) return t.skip(type, depth);
+    const auto [elem, groups] = t.list_header(type);
+    if (elem != Thrift::kStruct) corrupt("row_groups is not a list of structs");
+    for (uint64_t g = 0; g < groups; ++g) {
+      int64_t rows = -1;
+      const int64_t group = static_cast<int64_t>(g);
+      int64_t column = 0;
+      t.read_struct(depth, [&](int64_t rid, int rtype, int rdepth) {
+        if (rid == 3) {
+          rows = t.i64(rtype);
+          return;
+        }
+        if (rid != 1) return t.skip(rtype, rdepth);
+        const auto [celem, ncols] = t.list_header(rtype);
+        if (celem != Thrift::kStruct) corrupt("columns is not a list of structs");
+        for (uint64_t c = 0; c < ncols; ++c) {
+          FooterChunk ch;
+          ch.row_group = group;
+          ch.column = column++;
+          t.read_struct(rdepth, [&](int64_t cid, int ctype, int cdepth) {
+            if (cid == 1) {  // file_path: the chunk lives in another file
+              ch.external = true;
+              return t.skip(ctype, cdepth);
+            }
+            if (cid != 3) return t.skip(ctype, cdepth);
+            if (ctype != Thrift::kStruct) corrupt("meta_data is not a struct");
+            t.read_struct(cdepth, [&](int64_t mid, int mtype, int mdepth) {
+              switch (mid) {
+                case 1: ch.type = t.i32(mtype); break;
+                case 3: {
+                  const auto [selem, nparts] = t.list_header(mtype);
+                  for (uint64_t k = 0; k < nparts; ++k) {
+                    if (k) ch.path += '.';
+                    ch.path += t.binary(selem);
+                  }
+                  break;
+                }
+                case 4: ch.codec = t.i32(mtype); break;
+                case 5: ch.num_values = t.i64(mtype); break;
+                case 7: ch.total_compressed_size = t.i64(mtype); break;
+                case 9: ch.data_page_offset = t.i64(mtype); break;
+                case 11: ch.dictionary_page_offset = t.i64(mtype); break;
+                default: t.skip(mtype, mdepth);
+              }
+            });
+          });
+          out.chunks.push_back(std::move(ch));
+        }
+      });
+      if (rows < 0) corrupt("row group ", g, " has no valid num_rows");
+      out.row_group_rows.push_back(rows);
+    }
+  });
+  return out;
+}
 
 int value_size(int physical_type) {
   switch (physical_type) {

@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "common/errors.hpp"
 
@@ -50,6 +51,28 @@ struct ChunkSpec {
   int max_rep_level = 0;          // must be 0 (flat)
   int out_size = 0;               // bytes per output value; 0: the physical type's own
 };
+
+// What the loader needs of a file's footer (FileMetaData), read natively: the
+// row groups' row counts and, per column chunk, where it is and how it is
+// stored. Reading it here (not through pyarrow's metadata accessors) keeps a
+// corrupt enum in the footer from aborting the process: pyarrow raises C++
+// exceptions from some accessors that Python cannot catch. Every count and
+// length is checked against the footer's bytes; a corrupt footer throws
+// IOError naming the problem.
+struct FooterChunk {
+  int64_t row_group = 0, column = 0;
+  int32_t type = -1, codec = -1;
+  int64_t num_values = -1, total_compressed_size = -1;
+  int64_t data_page_offset = -1, dictionary_page_offset = -1;
+  bool external = false;  // file_path set: the chunk is in another file
+  std::string path;       // dotted path in the schema
+};
+struct Footer {
+  int64_t num_rows = -1;
+  std::vector<int64_t> row_group_rows;
+  std::vector<FooterChunk> chunks;  // row group by row group, columns in order
+};
+Footer read_footer(const uint8_t* data, size_t size);
 
 // Bytes per value of a supported physical type (Unsupported otherwise);
 // BOOLEAN decodes to one byte (0 or 1, as NumPy's bool).

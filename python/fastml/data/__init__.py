@@ -32,6 +32,7 @@ from fastml.data._sources import (
     check_dtype,
     first_chunk,
     open_parquet,
+    parquet_footer,
     parquet_paths,
     read_npy,
 )
@@ -150,11 +151,10 @@ class Dataset:
                         raise ValueError(
                             f"{path!r} does not match the schema of {files[0]!r} for column '{n}'"
                         )
-            md = pf.metadata
-            for rg in range(md.num_row_groups):
-                rows = md.row_group(rg).num_rows
+            # Row counts from the footer read natively (see parquet_footer).
+            for rg, rows in enumerate(parquet_footer(path)["row_group_rows"]):
                 if rows:
-                    ds._row_groups.append(RowGroup(fi, rg, rows))
+                    ds._row_groups.append(RowGroup(fi, rg, int(rows)))
         ds._num_rows = sum(rg.rows for rg in ds._row_groups)
         if not ds._schema:
             raise ValueError("a dataset needs at least one column, got none")

@@ -691,7 +691,7 @@ def _parquet_batches(
             for (g, j), (status, msg) in zip(where, results, strict=True):
                 if status == 3:
                     path = ds._files[rgs[g].file]
-                    raise ValueError(
+                    raise _core.FormatError(
                         f"column '{names[j]}' {msg} ({path!r}, row group {rgs[g].index})"
                     )
                 if status != 0:
@@ -732,9 +732,14 @@ def _parquet_batches(
                 f"(pyarrow: {e})"
             ) from None
 
-    def check_chunk(g: int, c: str, a: np.ndarray) -> None:
+    def check_chunk(g: int, c: str, a: np.ndarray, whole: bool = True) -> None:
         if a.shape[1:] != ds.schema[c].shape or a.dtype != ds.schema[c].dtype:
             raise _core.FormatError(f"{ds._files[rgs[g].file]!r}: column '{c}' changed type")
+        if whole and a.shape[0] != rgs[g].rows:
+            raise _core.FormatError(
+                f"{ds._files[rgs[g].file]!r}: row group {rgs[g].index} has {rgs[g].rows} rows "
+                f"in the footer, column '{c}' has {a.shape[0]}"
+            )
 
     def load_window(wi: int) -> tuple[Any, np.ndarray, dict[str, np.ndarray] | None]:
         m = int(starts[wi + 1] - starts[wi])
@@ -745,9 +750,15 @@ def _parquet_batches(
                 perm_out = bufs[_PERM][:m]
             else:
                 table = read_groups(windows[wi], names)
+                if table.num_rows != m:
+                    f0 = rgs[windows[wi][0]]
+                    raise _core.FormatError(
+                        f"{ds._files[f0.file]!r}: row groups from {f0.index} hold "
+                        f"{table.num_rows} rows, the footer says {m}"
+                    )
                 arrays = [arrow_column(c, table.column(c)) for c in names]
                 for c, a in zip(names, arrays, strict=True):
-                    check_chunk(windows[wi][0], c, first_chunk(a))
+                    check_chunk(windows[wi][0], c, first_chunk(a), whole=False)
                 perm_out = None
             if loader._shuffle:
                 perm = _core.data_permutation(m, loader._seed, loader._epoch, 2 + wi, perm_out)

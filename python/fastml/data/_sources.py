@@ -210,7 +210,7 @@ def _arrow_chunk(name: str, col: Any) -> np.ndarray:
             "(variable-length columns such as strings and lists are not)"
         )
     if col.null_count and not pa.types.is_floating(t):
-        raise ValueError(
+        raise _core.FormatError(
             f"column '{name}' has {col.null_count} null values in a non-floating column; "
             "fill them first"
         )
@@ -312,9 +312,19 @@ def open_parquet(path: str) -> Any:
     try:
         # Page checksums, where the writer stored them, are verified (as the native
         # decoder does), so a page it refused for its CRC is not read here unchecked.
-        return pq.ParquetFile(path, memory_map=True, page_checksum_verification=True)
+        pf = pq.ParquetFile(path, memory_map=True, page_checksum_verification=True)
+        # Names are decoded lazily by pyarrow: a footer whose names are not UTF-8
+        # must fail here, as a format error, not later with UnicodeDecodeError.
+        pf.schema_arrow.names  # noqa: B018
+        [pf.schema.column(i).path for i in range(len(pf.schema))]
     except (pa.ArrowException, OSError) as e:
         raise content_error(path, "is not a readable Parquet file", e) from None
+    except UnicodeDecodeError as e:
+        raise _core.FormatError(
+            f"{path!r}: a column name in the footer is not UTF-8 ({e})"
+        ) from None
+    pf._fastml_path = path  # parquet_chunk_table reads the footer natively from it
+    return pf
 
 
 # Parquet physical types and codecs fastml's native decoder reads (csrc/data/parquet.hpp).
@@ -335,27 +345,52 @@ _ARROW_TO_PHYSICAL = {
 }
 
 
+def parquet_footer(path: str) -> dict[str, Any]:
+    """The row groups and column chunks of a Parquet file, read from its footer
+    natively (never through pyarrow's per-chunk metadata accessors, some of
+    which abort the process on a corrupt enum: a C++ exception Python cannot
+    catch). A corrupt footer raises fastml.FormatError naming the file."""
+    return dict(_core.parquet_footer(_core.MappedFile(path)))
+
+
 def parquet_chunk_table(
-    pf: Any, names: list[str], dtypes: list[np.dtype | None] | None = None
+    pf: Any,
+    names: list[str],
+    dtypes: list[np.dtype | None] | None = None,
+    footer: dict[str, Any] | None = None,
 ) -> np.ndarray:
     """Where the native decoder finds each column chunk of a Parquet file.
 
     Returns an int64 array (row groups, len(names), 7) of (offset, size,
-    physical type, codec, values, max definition level, max repetition level);
-    the physical type is -1 for a chunk the native decoder cannot read (a
-    nested, float16, string-dictionary or timestamp-like column, another
+    physical type, codec, values, max definition level, max repetition
+    level); the physical type is -1 for a chunk the native decoder cannot read
+    (a nested, float16, string-dictionary or timestamp-like column, another
     codec, ...), which the loader then reads with pyarrow.
     ``dtypes`` (one per name, None for "never native") are the NumPy dtypes the
     dataset expects: a column whose file type decodes to another is not native
     (so a file rewritten with another type is caught by the pyarrow path).
+    Chunk locations come from ``footer`` (:func:`parquet_footer`; read here
+    when not given); only the schema comes from pyarrow (checked when the file
+    was opened).
     """
+    if footer is None:
+        path = getattr(pf, "_fastml_path", None)
+        if path is None:
+            raise TypeError("footer is required for a ParquetFile not opened by open_parquet")
+        footer = parquet_footer(path)
     md = pf.metadata
     arrow_schema = pf.schema_arrow
     pschema = md.schema
     leaves: dict[str, list[int]] = {}
     for i in range(md.num_columns):
         leaves.setdefault(pschema.column(i).path, []).append(i)
-    out = np.full((md.num_row_groups, len(names), 7), -1, dtype=np.int64)
+    groups = len(footer["row_group_rows"])
+    chunks = np.asarray(footer["chunks"])
+    out = np.full((groups, len(names), 7), -1, dtype=np.int64)
+    ncols = md.num_columns
+    if chunks.shape[0] != groups * ncols:
+        return out  # not one chunk per (row group, column): leave every chunk to pyarrow
+    by_chunk = chunks.reshape(groups, ncols, -1)
     for j, name in enumerate(names):
         found = leaves.get(name, [])
         if len(found) != 1 or arrow_schema.get_field_index(name) < 0:
@@ -370,21 +405,28 @@ def parquet_chunk_table(
             dtypes[j] is None or np.dtype(arrow_type.to_pandas_dtype()) != dtypes[j]
         ):
             continue
-        for g in range(md.num_row_groups):
-            rg = md.row_group(g)
-            cc = rg.column(i)
-            codec = _PARQUET_CODECS.get(cc.compression)
-            if codec is None or cc.num_values != rg.num_rows:
+        for g in range(groups):
+            (_, _, ptype, codec, num_values, size, data_off, dict_off, external, _) = by_chunk[g, i]
+            start = data_off
+            if 4 <= dict_off < start:
+                start = dict_off
+            # Anything unusual leaves the chunk to pyarrow (which then reads it or
+            # says why): the native decoder takes only what it can check.
+            if (
+                external
+                or ptype != _PARQUET_PHYSICAL[physical]
+                or codec not in _PARQUET_CODECS.values()
+                or num_values != footer["row_group_rows"][g]
+                or footer["paths"][g * ncols + i] != name.encode()
+                or not (4 <= start and 0 < size <= footer["file_size"] - 12 - start)
+            ):
                 continue
-            start = cc.data_page_offset
-            if cc.has_dictionary_page and 4 <= (cc.dictionary_page_offset or 0) < start:
-                start = cc.dictionary_page_offset
             out[g, j] = (
                 start,
-                cc.total_compressed_size,
+                size,
                 _PARQUET_PHYSICAL[physical],
                 codec,
-                cc.num_values,
+                num_values,
                 col.max_definition_level,
                 col.max_repetition_level,
             )
