@@ -870,3 +870,41 @@ def test_cuda_matches_cpu(xgb_models, lgb_models):
             res = f.predict(t, output="margin", device="auto")
             assert res.is_cuda
             np.testing.assert_array_equal(res.cpu().numpy(), f.predict(Xd, output="margin"))
+
+
+def test_frames_are_matched_by_feature_name(tmp_path):
+    """A model trained on a named frame: a frame with its columns reordered is
+    matched by name (was: silently wrong predictions, issue #20); a frame with
+    other names is refused, naming them; arrays stay positional."""
+    pd = pytest.importorskip("pandas")
+    pl = pytest.importorskip("polars")
+    pa = pytest.importorskip("pyarrow")
+    lgb = pytest.importorskip("lightgbm")
+    rng = np.random.default_rng(7)
+    df = pd.DataFrame(rng.normal(size=(400, 4)), columns=["amount", "age", "hour", "dist"])
+    y = ((df.amount + 2 * df.hour) > 0).astype(float)
+    perm = df[["hour", "amount", "dist", "age"]]
+    b = xgb.train(
+        {"objective": "binary:logistic", "max_depth": 3, "nthread": 1}, xgb.DMatrix(df, y), 10
+    )
+    lb = lgb.train({"objective": "binary", "verbose": -1, "num_threads": 1}, lgb.Dataset(df, y), 5)
+    for f, want in (
+        (Forest.from_xgboost(b), b.predict(xgb.DMatrix(df))),
+        (Forest.from_lightgbm(lb), lb.predict(df)),
+    ):
+        assert f.feature_names == ["amount", "age", "hour", "dist"]
+        for frame in (perm, pl.from_pandas(perm), pa.Table.from_pandas(perm, preserve_index=False)):
+            np.testing.assert_allclose(f.predict(frame), want, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(f.predict(df.to_numpy()), want, rtol=0, atol=1e-12)
+        with pytest.raises(ValueError, match=r"missing \['amount'\], unknown \['amt'\]"):
+            f.predict(df.rename(columns={"amount": "amt"}))
+        with pytest.raises(ValueError, match=r"unknown \['extra'\]"):
+            f.predict(df.assign(extra=1.0))
+        p = tmp_path / "m.fmlf"
+        f.save(p)
+        assert Forest.load(p).feature_names == f.feature_names
+    # Trained on an array: no names, frames are positional.
+    b2 = xgb.train({"objective": "binary:logistic", "nthread": 1}, xgb.DMatrix(df.to_numpy(), y), 3)
+    assert Forest.from_xgboost(b2).feature_names is None
+    lb2 = lgb.train({"objective": "binary", "verbose": -1}, lgb.Dataset(df.to_numpy(), y), 3)
+    assert Forest.from_lightgbm(lb2).feature_names is None  # LightGBM's Column_i: no names

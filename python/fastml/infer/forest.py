@@ -442,7 +442,11 @@ def _build_xgboost(j: dict[str, Any], iteration_range: tuple[int, int] | None) -
         base_margin=base,
         threshold_f64=False,
         accum_f64=False,
-        metadata={"source": "xgboost", "task": task},
+        metadata={
+            "source": "xgboost",
+            "task": task,
+            "feature_names": _names_or_none(learner.get("feature_names"), num_feature),
+        },
         cat_lo=0.0,
         cat_hi=2147483648.0,
     )
@@ -643,7 +647,13 @@ def _build_lightgbm(text: str, slice_iters: int | None) -> Any:
         base_margin=[0.0] * k,
         threshold_f64=True,
         accum_f64=True,
-        metadata={"source": "lightgbm", "task": task},
+        metadata={
+            "source": "lightgbm",
+            "task": task,
+            "feature_names": _lgb_feature_names(
+                header.get("feature_names", ""), max_feature_idx + 1
+            ),
+        },
         divisor=float(n_iter) if average_output and n_iter else 1.0,
         divide_margin=False,  # LightGBM's raw score of a random forest is the sum
         cat_lo=float(np.nextafter(-1.0, 0.0)),
@@ -742,6 +752,7 @@ def _load_sklearn(est: Any) -> Any:
             "source": "sklearn",
             "task": "proba" if classifier else "regression",
             "classes": _classes_meta(est),
+            "feature_names": _sk_feature_names(est),
         },
     )
 
@@ -775,7 +786,12 @@ def _load_sklearn_gb(est: Any, nf: int) -> Any:
         base_margin=base,
         threshold_f64=False,
         accum_f64=True,
-        metadata={"source": "sklearn", "task": task, "classes": _classes_meta(est)},
+        metadata={
+            "source": "sklearn",
+            "task": task,
+            "classes": _classes_meta(est),
+            "feature_names": _sk_feature_names(est),
+        },
     )
 
 
@@ -871,7 +887,12 @@ def _load_sklearn_hgb(est: Any, nf: int) -> Any:
         base_margin=base,
         threshold_f64=True,
         accum_f64=True,
-        metadata={"source": "sklearn", "task": task, "classes": _classes_meta(est)},
+        metadata={
+            "source": "sklearn",
+            "task": task,
+            "classes": _classes_meta(est),
+            "feature_names": _sk_feature_names(est),
+        },
         cat_lo=0.0,
         cat_hi=cat_hi,
         cat_integral=True,  # the encoder treats non-integer values as unknown
@@ -879,6 +900,69 @@ def _load_sklearn_hgb(est: Any, nf: int) -> Any:
 
 
 # ---------------------------------------------------------------------------- inputs
+
+
+def _names_or_none(names: Any, num_features: int) -> list[str] | None:
+    """Feature names when the source recorded one per feature, else None."""
+    if not isinstance(names, list) or len(names) != num_features:
+        return None
+    if not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        return None
+    return names
+
+
+def _lgb_feature_names(text: str, num_features: int) -> list[str] | None:
+    # LightGBM always writes names; Column_0, Column_1, ... mean "none were given".
+    names = _names_or_none(text.split(), num_features)
+    if names is not None and names == [f"Column_{i}" for i in range(num_features)]:
+        return None
+    return names
+
+
+def _sk_feature_names(est: Any) -> list[str] | None:
+    names = getattr(est, "feature_names_in_", None)
+    if names is None:
+        return None
+    return _names_or_none([str(n) for n in names], len(names))
+
+
+def _frame_columns(X: Any) -> list[str] | None:
+    """Column names of a pandas/polars DataFrame or an Arrow table, else None."""
+    mod = type(X).__module__
+    if mod.startswith(("pandas", "polars")) and hasattr(X, "columns"):
+        return [str(c) for c in X.columns]
+    if mod.startswith("pyarrow") and hasattr(X, "column_names"):
+        return [str(c) for c in X.column_names]
+    return None
+
+
+def _select_by_name(X: Any, names: list[str]) -> Any:
+    """X's columns in the model's feature order, matched by name (as XGBoost
+    refuses a frame whose names differ, fastml refuses it too, naming them)."""
+    cols = _frame_columns(X)
+    if cols is None or cols == names:
+        return X
+    missing = [n for n in names if n not in cols]
+    extra = [c for c in cols if c not in set(names)]
+    if missing or extra or len(set(cols)) != len(cols):
+        raise ValueError(
+            "X's columns do not match the model's feature names: "
+            + ", ".join(
+                part
+                for part in (
+                    f"missing {missing}" if missing else "",
+                    f"unknown {extra}" if extra else "",
+                    "duplicate columns" if len(set(cols)) != len(cols) else "",
+                )
+                if part
+            )
+        )
+    mod = type(X).__module__
+    if mod.startswith("pandas"):
+        return X[names]
+    if mod.startswith("polars"):
+        return X.select(names)
+    return X.select(names)  # pyarrow Table / RecordBatch
 
 
 def _as_matrix(X: Any) -> Any:
@@ -1140,7 +1224,7 @@ class Forest:
         if use_cuda:
             res = self._predict_cuda(X, apply_link)
         else:
-            Xm = _as_matrix(X)
+            Xm = _as_matrix(self._by_name(X))
             if output == "class" or out is None:
                 res = self._core.predict(Xm, apply_link)
             else:
@@ -1155,6 +1239,22 @@ class Forest:
             np.copyto(out, res, casting="same_kind")
             return out
         return res
+
+    @property
+    def feature_names(self) -> list[str] | None:
+        """The feature names the source model recorded (None when it had none).
+
+        With names, a pandas/polars DataFrame or Arrow table passed to
+        :meth:`predict` is matched by column name (reordered if needed); a frame
+        whose names differ is refused, naming the missing and unknown columns.
+        Arrays are always taken by position.
+        """
+        names = self._meta.get("feature_names")
+        return list(names) if isinstance(names, list) else None
+
+    def _by_name(self, X: Any) -> Any:
+        names = self.feature_names
+        return X if names is None else _select_by_name(X, names)
 
     def _auto_cuda(self, X: Any) -> bool:
         import fastml
@@ -1190,7 +1290,7 @@ class Forest:
                 stream,
             )
             return res
-        return self._core.predict_cuda(_as_matrix(X), apply_link)
+        return self._core.predict_cuda(_as_matrix(self._by_name(X)), apply_link)
 
     def _to_class(self, margin: Any) -> Any:
         if type(margin).__module__.startswith("torch"):
