@@ -908,3 +908,18 @@ def test_frames_are_matched_by_feature_name(tmp_path):
     assert Forest.from_xgboost(b2).feature_names is None
     lb2 = lgb.train({"objective": "binary", "verbose": -1}, lgb.Dataset(df.to_numpy(), y), 3)
     assert Forest.from_lightgbm(lb2).feature_names is None  # LightGBM's Column_i: no names
+
+
+@pytest.mark.parametrize("label", [0.0, 1.0])
+def test_single_class_xgboost_model_is_accepted(label):
+    """Trained on one class, base_score is 0 or 1; XGBoost clips it and predicts a
+    finite margin, bit for bit the same here (issue #20: was refused)."""
+    rng = np.random.default_rng(8)
+    X = rng.random((60, 3)).astype(np.float32)
+    b = xgb.train(
+        {"objective": "binary:logistic", "nthread": 1}, xgb.DMatrix(X, np.full(60, label)), 3
+    )
+    f = Forest.from_xgboost(b)
+    np.testing.assert_array_equal(
+        f.predict(X, output="margin"), b.predict(xgb.DMatrix(X), output_margin=True)
+    )

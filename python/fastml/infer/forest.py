@@ -193,8 +193,12 @@ def _xgb_base_margin(base_score: Any, kind: str, k: int) -> list[float]:
         raise ValueError(f"XGBoost base_score has {len(vals)} values for {k} outputs")
     out = []
     for v in vals:
-        if kind == "logit" and not 0.0 < v < 1.0:
-            raise ValueError(f"XGBoost base_score {v} must be in (0, 1) for a logistic objective")
+        if kind == "logit" and not 0.0 <= v <= 1.0:
+            raise ValueError(f"XGBoost base_score {v} must be in [0, 1] for a logistic objective")
+        if kind == "logit":
+            # XGBoost clips a logistic intercept to [1e-6, 1 - 1e-6] (a model trained on
+            # one class has base_score 0 or 1), and predicts a finite margin: so do we.
+            v = min(max(v, 1e-6), 1.0 - 1e-6)
         if kind == "log" and not v > 0.0:
             raise ValueError(f"XGBoost base_score {v} must be > 0 for a log-link objective")
         # float32 arithmetic with the C library's logf, as XGBoost computes it.
