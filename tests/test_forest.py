@@ -923,3 +923,41 @@ def test_single_class_xgboost_model_is_accepted(label):
     np.testing.assert_array_equal(
         f.predict(X, output="margin"), b.predict(xgb.DMatrix(X), output_margin=True)
     )
+
+
+def test_scratch_memory_follows_the_work_not_the_model_width():
+    """A model over 2M features: predicting one row (and a 20-row batch) must not
+    allocate per-thread scratch sized by features x 128 rows (was ~1 GB)."""
+    import subprocess
+    import sys
+
+    code = r"""
+import resource, numpy as np
+from fastml import _core
+F = 2_000_000
+spec = {"num_features": F, "num_outputs": 1, "threshold_f64": False, "accum_f64": False,
+        "link": 0, "divisor": 1.0, "divide_margin": True, "cat_lo": 0.0, "cat_hi": 2.0**31,
+        "cat_integral": False, "objective": "wide", "metadata": "{}",
+        "tree_node_offsets": np.array([0, 3], np.int64), "tree_group": np.array([0], np.int32),
+        "node_feature": np.array([F - 1, -1, -1], np.int32),
+        "node_threshold": np.array([0.5, 0.0, 0.0]), "node_left": np.array([1, -1, -1], np.int32),
+        "node_right": np.array([2, -1, -1], np.int32), "node_flags": np.zeros(3, np.uint32),
+        "node_cat": np.full(3, -1, np.int32), "cat_offsets": np.array([0], np.int64),
+        "cat_bits": np.zeros(0, np.uint32), "leaf_values": np.array([0.0, 1.0, 2.0]),
+        "base_margin": np.zeros(1)}
+core = _core.ForestCore(spec)
+X = np.zeros((20, F), np.float32); X[:, F - 1] = np.arange(20) % 2
+X1 = np.ascontiguousarray(X[1:2].astype(np.float64))  # converted to float32 thresholds: a copy
+Xs = X[:, ::1]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+r1 = core.predict(X1, False)
+r20 = core.predict(Xs, False)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+assert r1[0] == 2.0 and list(r20[:2]) == [1.0, 2.0], (r1, r20[:4])
+print((after - before) // 1024)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    grown_mib = int(r.stdout.split()[-1])
+    # Scratch is at most ~16 MiB (or one row) per thread; it was 2 GB here.
+    assert grown_mib < 150, f"max RSS grew by {grown_mib} MiB"

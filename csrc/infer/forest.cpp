@@ -28,6 +28,10 @@ constexpr int32_t kMaxOutputs = 1 << 20;
 // Rows per block: a block walks every tree while the tree's nodes are hot in
 // cache, so the model streams through the cache once per block.
 constexpr int64_t kBlockRows = 128;
+// Most bytes of per-thread scratch a prediction keeps (a block of rows as
+// thresholds): rows per block shrink for models with many features (one row
+// of a 4M-feature model is 16 MB), so memory follows the work, not the model.
+constexpr int64_t kScratchBytes = int64_t{16} << 20;
 // Independent walks interleaved in one loop, so their loads overlap.
 constexpr int kLanes = 16;
 // Trees walked together for one row: more independent node loads in flight.
@@ -232,9 +236,12 @@ class Engine final : public ForestEngine {
     // so one "x <= threshold" decides every numeric node. It needs no +inf
     // threshold (NaN -> +inf would then go left) and no categorical or
     // zero-as-missing node.
+    // Its scratch is 2 * features * kBlockRows values per thread whatever the
+    // batch: wide models (over ~16k features) take the general path instead,
+    // whose scratch is sized by the block (kScratchBytes at most).
     fast_ = !binned_ && !has_cat_ && !has_zero_missing_ &&
             n * static_cast<int64_t>(sizeof(Node)) < (int64_t{1} << 31) &&
-            2 * int64_t{spec.num_features} * kBlockRows < (int64_t{1} << 31);
+            2 * int64_t{spec.num_features} * kBlockRows * int64_t{sizeof(ThrT)} <= kScratchBytes;
     for (const Node& nd : nodes_)
       fast_ = fast_ && !(nd.threshold == std::numeric_limits<ThrT>::infinity());
     if (fast_) {
@@ -502,7 +509,9 @@ class Engine final : public ForestEngine {
 
   template <bool Fast, bool HasCat, bool HasZero>
   void dispatch(const ArrayView& X, bool apply_link, AccT* out) const {
-    for_row_blocks(X.shape[0], kBlockRows, [&](int64_t r0, int64_t r1) {
+    const int64_t row_bytes = std::max<int64_t>(1, spec_.num_features) * int64_t{sizeof(ThrT)};
+    const int64_t block = std::clamp<int64_t>(kScratchBytes / row_bytes, 1, kBlockRows);
+    for_row_blocks(X.shape[0], Fast ? kBlockRows : block, [&](int64_t r0, int64_t r1) {
       predict_block<Fast, HasCat, HasZero>(X, r0, r1, apply_link, out);
     });
   }
