@@ -257,3 +257,24 @@ def test_ks_releases_the_gil():
     a, b = rng.normal(size=1_000_000), rng.normal(size=1_000_000)
     # A Python thread keeps counting while the native sort + KS runs.
     assert progress_during(lambda: drift.ks_2samp(a, b)) > 1000
+
+
+@given(
+    a=st.lists(st.sampled_from([0.0, 1.5, -2.0, np.inf, -np.inf]), min_size=1, max_size=6),
+    b=st.lists(st.sampled_from([0.0, 3.0, np.inf, -np.inf]), min_size=1, max_size=6),
+)
+def test_wasserstein_with_infinities_matches_scipy(a, b):
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        want = ss.wasserstein_distance(a, b)
+    got = drift.wasserstein_distance(a, b)
+    assert (np.isnan(got) and np.isnan(want)) or got == want
+
+
+def test_complex_and_duplicate_columns_are_refused():
+    import pandas as pd
+
+    with pytest.raises(TypeError, match="column 'z' is complex"):
+        drift.Profile.from_data({"z": np.array([1 + 2j, 3 + 0j])})
+    with pytest.raises(ValueError, match=r"duplicate column names: \['a'\]"):
+        drift.Profile.from_data(pd.DataFrame([[1, 2], [3, 4]], columns=["a", "a"]))

@@ -110,6 +110,8 @@ class Loader:
         self._batch_size = _check_int("batch_size", batch_size, 1)
         self._shuffle = bool(shuffle)
         self._seed = _check_int("seed", seed, 0)
+        if self._seed >= 2**63:
+            raise ValueError(f"seed must be < 2**63, got {self._seed}")
         self._drop_last = bool(drop_last)
         pool = _core.get_num_threads()
         self._max_running = (

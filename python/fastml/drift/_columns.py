@@ -45,7 +45,16 @@ def _numpy_column(name: str, values: Any) -> _Column:
     arr = np.asarray(values)
     if arr.ndim != 1:
         raise ValueError(f"column '{name}' must be 1-D, got {arr.ndim}-D with shape {arr.shape}")
+    _refuse_complex(name, arr.dtype)
     return _Column(name, arr, arr.dtype.kind not in "iuf")
+
+
+def _refuse_complex(name: str, dtype: Any) -> None:
+    if getattr(dtype, "kind", None) == "c":
+        raise TypeError(
+            f"column '{name}' is complex ({dtype}); profile its real and imaginary parts "
+            "as two columns"
+        )
 
 
 def columns_of(data: Any, what: str = "data") -> tuple[list[_Column], int]:
@@ -75,8 +84,12 @@ def columns_of(data: Any, what: str = "data") -> tuple[list[_Column], int]:
 
         if not isinstance(data, pd.DataFrame):
             raise TypeError(f"{what} must be a pandas DataFrame, got {type(data).__name__}")
+        dup = sorted({str(c) for c in data.columns[data.columns.duplicated()]})
+        if dup:
+            raise ValueError(f"{what} has duplicate column names: {dup}")
         for name in data.columns:
             s = data[name]
+            _refuse_complex(str(name), s.dtype)
             if s.dtype.kind in "iuf":
                 cols.append(_Column(str(name), s.to_numpy(), False))
             elif isinstance(s.dtype, pd.CategoricalDtype) or s.dtype.kind in "OSUb":

@@ -75,8 +75,31 @@ def wasserstein_distance(
             )
         if (wa < 0).any() or (wb < 0).any() or wa.sum() <= 0 or wb.sum() <= 0:
             raise ValueError("weights must be non-negative with a positive sum")
+    else:
+        wa = wb = None
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        return _wasserstein_nonfinite(x, y, wa, wb)
+    if wa is not None:
         return float(_core._drift_wasserstein(x, y, wa, wb))
     return float(_core._drift_wasserstein(x, y))
+
+
+def _wasserstein_nonfinite(x: np.ndarray, y: np.ndarray, wa: Any, wb: Any) -> float:
+    """SciPy's CDF-distance formula, for samples holding +-inf (inf where SciPy
+    gives inf, NaN where it gives NaN); the native path takes finite samples."""
+    xs, ys = np.argsort(x), np.argsort(y)
+    values = np.sort(np.concatenate((x, y)))
+    with np.errstate(invalid="ignore"):
+        deltas = np.diff(values)
+        xi = np.searchsorted(x[xs], values[:-1], "right")
+        yi = np.searchsorted(y[ys], values[:-1], "right")
+        if wa is None:
+            fx, fy = xi / x.size, yi / y.size
+        else:
+            cx = np.concatenate(([0.0], np.cumsum(wa[xs])))
+            cy = np.concatenate(([0.0], np.cumsum(wb[ys])))
+            fx, fy = cx[xi] / cx[-1], cy[yi] / cy[-1]
+        return float(np.sum(np.multiply(np.abs(fx - fy), deltas)))
 
 
 def _equal_mass_edges(reference: np.ndarray, bins: int) -> np.ndarray:

@@ -27,6 +27,11 @@ _FIXED = {
 _INT_FORMATS = {ord("i"): ">b", ord("U"): ">B", ord("I"): ">h", ord("l"): ">i", ord("L"): ">q"}
 
 
+#: Most items of a typed array of a zero-byte type (true, false, null) read:
+#: their count is the only thing that bounds them.
+MAX_EMPTY_ITEMS = 1 << 20
+
+
 class _Reader:
     def __init__(self, data: bytes | bytearray | memoryview) -> None:
         self.buf = memoryview(data).cast("B")
@@ -127,9 +132,15 @@ class _Reader:
             raw = self.take(count * size)
             return np.frombuffer(raw, dtype=dt).astype(np.dtype(dt).newbyteorder("="))
         if typ is not None and typ in (ord("T"), ord("F"), ord("Z")):
+            # Items of these types take no bytes: bound the count itself.
+            if count > MAX_EMPTY_ITEMS:
+                raise ValueError(
+                    f"UBJSON array declares {count} items of a zero-byte type "
+                    f"(at most {MAX_EMPTY_ITEMS} are read)"
+                )
             return [self.value(typ, depth)] * count
         # Each element takes at least one byte: bound the count by what is left.
-        if typ is None and count > len(self.buf) - self.pos:
+        if count > len(self.buf) - self.pos:
             raise ValueError(f"UBJSON array of {count} items is longer than the data")
         return [self.value(typ if typ is not None else self.byte(), depth) for _ in range(count)]
 

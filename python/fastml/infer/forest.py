@@ -262,6 +262,10 @@ def _as_list(v: Any) -> list[Any]:
     return v
 
 
+#: Most classes (outputs) a forest may have.
+MAX_CLASSES = 1 << 16
+
+
 class _ArgumentError(ValueError):
     """A bad argument of the caller's (not malformed model content)."""
 
@@ -343,7 +347,24 @@ def _build_xgboost(j: dict[str, Any], iteration_range: tuple[int, int] | None) -
     num_target = int(lmp.get("num_target", 1))
     if num_target > 1:
         raise ValueError("unsupported XGBoost model: multi-target (num_target > 1)")
+    if not 0 <= num_feature < 2**31:
+        raise ValueError(f"XGBoost num_feature {num_feature} is out of range [0, 2^31)")
     k = max(num_class, 1)
+    # Declared sizes are checked against what the file holds before anything is
+    # sized by them: a class needs trees or a base score of its own.
+    trees_present = (
+        len(learner["gradient_booster"].get("model", {}).get("trees", []))
+        if isinstance(learner["gradient_booster"], dict)
+        else 0
+    )
+    base_values = len(
+        [p for p in str(lmp.get("base_score", "")).strip("[]").split(",") if p.strip()]
+    )
+    if num_class < 0 or k > MAX_CLASSES or k > max(trees_present, base_values, 1):
+        raise ValueError(
+            f"XGBoost num_class {num_class} does not match the model ({trees_present} trees, "
+            f"{base_values} base scores; at most {MAX_CLASSES} classes)"
+        )
     gb = learner["gradient_booster"]
     booster_name = gb["name"]
     weights = None
