@@ -355,3 +355,16 @@ def test_loader_seed_range_is_checked_at_construction():
     ds = data.Dataset.from_numpy({"x": np.ones(4)})
     with pytest.raises(ValueError, match=r"seed must be < 2\*\*63"):
         data.Loader(ds, batch_size=2, seed=2**64)
+
+
+def test_profile_fields_must_agree_behind_the_checksum():
+    """With the CRC recomputed, a count of 1e9 over 60 stored values is refused
+    (it used to load and inflate every distance)."""
+    rng = np.random.default_rng(3)
+    p = drift.Profile.from_data({"x": rng.normal(size=60)})
+    raw = bytearray(p.to_bytes())
+    sixty = struct.pack("<d", 60.0)
+    at = raw.index(sixty, 24 + 20)  # the feature's count, after the header and names
+    raw[at : at + 8] = struct.pack("<d", 1e9)
+    with pytest.raises(FormatError, match="differ from the count"):
+        drift.Profile.from_bytes(_with_profile_crc(bytes(raw)))

@@ -217,6 +217,30 @@ std::unique_ptr<NumericState> read_numeric(Reader& r, QuantileMode profile_mode,
   } else if (mode != QuantileMode::None) {
     r.corrupt("unknown quantile mode");
   }
+  // Behind the checksum, the fields must agree with one another: the
+  // histogram counts the finite values, the exact values are those values
+  // (undecayed), a sketch holds as many as were counted (unthinned), and the
+  // moments lie within the extremes. A profile whose count says 1e9 over a few
+  // thousand stored values would otherwise turn every distance to nonsense.
+  double hist_total = 0;
+  for (double h : s->hist) hist_total += h;
+  const double tol = 1e-9 * std::max(1.0, s->count);
+  if (std::abs(hist_total - s->count) > tol) r.corrupt("histogram counts differ from the count");
+  if (s->count_sq > s->count * s->count + tol || (s->count > 0 && s->count_sq <= 0)) {
+    r.corrupt("inconsistent squared weights");
+  }
+  if (s->count > 0 && !(s->min <= s->max && s->mean >= s->min - 1e-9 * std::abs(s->min) &&
+                        s->mean <= s->max + 1e-9 * std::abs(s->max))) {
+    r.corrupt("inconsistent extremes and mean");
+  }
+  if (mode == QuantileMode::Exact && !s->decayed &&
+      static_cast<double>(s->values.size()) != s->count) {
+    r.corrupt("stored values differ from the count");
+  }
+  if (mode == QuantileMode::Sketch && s->sketch->thin_variance() == 0 &&
+      static_cast<double>(s->sketch->n()) != s->count) {
+    r.corrupt("the sketch's size differs from the count");
+  }
   return s;
 }
 
