@@ -8,7 +8,8 @@ import json
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from _hyp import examples
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import fastml
@@ -221,3 +222,74 @@ def test_fuzz_native_builder(n, left, right, feature, flags, cat):
     res = core.predict(np.array([[0.5, np.nan, 3.0, -1.0], [1.0, 2.0, np.inf, 5.0]]), False)
     assert res.shape == (2,)
     assert np.all(np.isin(res, np.arange(n)))  # every walk ends on a leaf of this tree
+
+
+# ---------------------------------------------------------------- differential: fastml vs XGBoost
+
+
+_XD = np.random.default_rng(1).normal(size=(200, 4)).astype(np.float32)
+_XD[np.random.default_rng(2).random(_XD.shape) < 0.15] = np.nan
+# Fields XGBoost itself survives editing (edited child indices or out-of-range
+# features can crash XGBoost's own loader or predictor, so they are fuzzed
+# against fastml alone, in the tests above).
+_FIELDS = {
+    "default_left": st.sampled_from([0, 1, 2, 255, -1]),
+    "split_type": st.sampled_from([0, 1, 2]),
+    "split_indices": st.integers(0, 3),
+    "split_conditions": st.sampled_from([0.0, -1e308, 1e308, 1e-45, 0.5, -0.5, float("inf")]),
+}
+
+
+@pytest.fixture(scope="module")
+def xgb_numeric_json():
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(400, 4)).astype(np.float32)
+    X[rng.random(X.shape) < 0.15] = np.nan
+    y = (np.nan_to_num(X[:, 0]) + np.nan_to_num(X[:, 1]) > 0).astype(float)
+    b = xgb.train(
+        {"objective": "binary:logistic", "max_depth": 3, "nthread": 1}, xgb.DMatrix(X, y), 4
+    )
+    return json.loads(b.save_raw("json"))
+
+
+def _xgb_margins(doc) -> np.ndarray | None:
+    b = xgb.Booster()
+    try:
+        b.load_model(bytearray(json.dumps(doc).encode()))
+        return b.predict(xgb.DMatrix(_XD), output_margin=True)
+    except xgb.core.XGBoostError:
+        return None
+
+
+@settings(
+    max_examples=examples(40),
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    edits=st.lists(
+        st.tuples(
+            st.integers(0, 3), st.sampled_from(sorted(_FIELDS)), st.integers(0, 14), st.data()
+        ),
+        min_size=1,
+        max_size=3,
+    )
+)
+@example(edits=[(0, "default_left", 0, 255)])
+@example(edits=[(0, "split_type", 0, 2)])
+def test_fastml_agrees_with_xgboost_or_refuses(xgb_numeric_json, edits):
+    """Edited fields of a real model: where XGBoost accepts the file, fastml
+    predicts XGBoost's margins bit for bit, or refuses it naming the problem
+    (issue #20: default_left=255 was read differently)."""
+    doc = json.loads(json.dumps(xgb_numeric_json))
+    trees = doc["learner"]["gradient_booster"]["model"]["trees"]
+    for tree, field, pos, value in edits:
+        arr = trees[tree % len(trees)][field]
+        v = value.draw(_FIELDS[field]) if hasattr(value, "draw") else value
+        arr[pos % len(arr)] = v
+    want = _xgb_margins(doc)
+    try:
+        got = Forest.from_xgboost(json.dumps(doc).encode()).predict(_XD, output="margin")
+    except FormatError:
+        return
+    if want is not None:
+        np.testing.assert_array_equal(got, want)

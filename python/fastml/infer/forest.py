@@ -419,12 +419,21 @@ def _build_xgboost(j: dict[str, Any], iteration_range: tuple[int, int] | None) -
             if arr.size and (arr.min() < -1 or arr.max() >= n):
                 raise ValueError(f"XGBoost tree {t} {name} index out of range")
         is_leaf = left == -1
+        odd = ~is_leaf & (stype != 0) & (stype != 1)
+        if np.any(odd):
+            i = int(np.flatnonzero(odd)[0])
+            raise ValueError(
+                f"XGBoost tree {t} node {i} has split_type {int(stype[i])} "
+                "(0 numerical and 1 categorical are the types fastml reads)"
+            )
         thr = np.zeros(n, dtype=np.float64)
         numeric = ~is_leaf & (stype == 0)
         if np.any(np.isneginf(cond[numeric])) or np.any(np.isnan(cond[numeric])):
             raise ValueError(f"XGBoost tree {t} has a -inf or NaN split condition")
         thr[numeric] = _f32_le_threshold_for_lt(cond[numeric])
-        flags = np.where(dleft != 0, _DEFAULT_LEFT, 0).astype(np.uint64)
+        # XGBoost takes default_left as true only when it is exactly 1 (2, 255, -1
+        # all read as false there): the same here, so margins stay identical.
+        flags = np.where(dleft == 1, _DEFAULT_LEFT, 0).astype(np.uint64)
         cat_idx = np.full(n, -1, dtype=np.int64)
         if np.any(stype[~is_leaf] == 1):
             cats = [int(c) for c in _as_list(tr["categories"])]
