@@ -346,7 +346,13 @@ def test_dask_partitions_profiled_independently_merge_to_the_whole(mode):
     partitions = np.array_split(data, 5)
     with (
         distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            # Ephemeral ports: a fixed one (the dashboard's 8787) collides with any
+            # other Dask cluster on the machine (seen: a second test session).
+            scheduler_port=0,
+            dashboard_address=":0",
         ) as cluster,
         distributed.Client(cluster) as client,
     ):
@@ -501,7 +507,13 @@ def test_dask_local_cluster_merge_equals_one_process():
     shards = np.array_split(data, 4)
     with (
         distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            # Ephemeral ports: a fixed one (the dashboard's 8787) collides with any
+            # other Dask cluster on the machine (seen: a second test session).
+            scheduler_port=0,
+            dashboard_address=":0",
         ) as cluster,
         distributed.Client(cluster) as client,
     ):
