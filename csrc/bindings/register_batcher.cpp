@@ -465,6 +465,7 @@ class PyBatcher {
                    double block_timeout_s, bool allow_inline) {
     DeferredDecref::drain();
     auto f = std::make_shared<RequestFuture>();
+    f->wait_spin_us = static_cast<int32_t>(core_->config().spin_us);
     if (native_) {
       auto input = std::make_shared<NativeInput>();
       ArraySpec spec;
@@ -777,7 +778,20 @@ py::object future_value(const RequestFuture& f) {
   }
 }
 
-void wait_done(const RequestFuture& f, py::object timeout, const char* what) {
+void wait_done(const RequestFuture& f, py::object timeout, const char* what, int64_t spin_us = 0) {
+  if (f.done()) return;
+  if (spin_us > 0) {
+    // Poll briefly before sleeping (the worker usually ends a small batch in
+    // microseconds): saves the futex wake-up of the waiting thread. The GIL
+    // is released so a Python handler can run meanwhile.
+    py::gil_scoped_release release;
+    const auto until = infer::Clock::now() + std::chrono::microseconds(spin_us);
+    while (!f.done() && infer::Clock::now() < until) {
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+    }
+  }
   if (f.done()) return;
   const double limit = timeout.is_none() ? -1.0 : timeout.cast<double>();
   const auto t_end = infer::Clock::now() +
@@ -803,7 +817,7 @@ void wait_done(const RequestFuture& f, py::object timeout, const char* what) {
 }
 
 py::object future_result(const FuturePtr& f, py::object timeout) {
-  wait_done(*f, timeout, "the request");
+  wait_done(*f, timeout, "the request", f->wait_spin_us);
   DeferredDecref::drain();
   switch (f->state()) {
     case infer::FutureState::Finished: return future_value(*f);
@@ -1026,7 +1040,8 @@ void register_batcher(py::module_& m) {
   py::class_<PyBatcher>(m, "_BatcherCore", "Native core of fastml.infer.Batcher (private).")
       .def(py::init([](py::object fn, std::shared_ptr<infer::NativeHandler> native,
                        int64_t max_batch_size, int64_t max_delay_us, int64_t max_queue,
-                       int64_t timeout_us, int workers, std::string name, int row_ndim) {
+                       int64_t timeout_us, int workers, std::string name, int row_ndim,
+                       int64_t spin_us) {
              infer::BatcherConfig c;
              c.max_batch_size = max_batch_size;
              c.max_delay_us = max_delay_us;
@@ -1034,12 +1049,13 @@ void register_batcher(py::module_& m) {
              c.timeout_us = timeout_us;
              c.workers = workers;
              c.name = std::move(name);
+             c.spin_us = spin_us;
              return std::make_unique<PyBatcher>(std::move(fn), std::move(native), std::move(c),
                                                 row_ndim);
            }),
            py::arg("fn"), py::arg("native"), py::arg("max_batch_size"), py::arg("max_delay_us"),
            py::arg("max_queue"), py::arg("timeout_us"), py::arg("workers"), py::arg("name"),
-           py::arg("row_ndim") = -1)
+           py::arg("row_ndim") = -1, py::arg("spin_us") = 20)
       .def("submit", &PyBatcher::submit, py::arg("x"), py::arg("priority") = 0,
            py::arg("timeout_us") = -1, py::arg("block") = false, py::arg("block_timeout") = -1.0,
            py::arg("allow_inline") = false)

@@ -10,6 +10,16 @@
 
 namespace fastml::infer {
 
+namespace {
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+}  // namespace
+
 // ---------------------------------------------------------------- RequestFuture
 
 bool RequestFuture::finish(FutureState to, std::shared_ptr<void> value, int kind,
@@ -150,6 +160,8 @@ BatchCore::BatchCore(BatcherConfig config, Runner runner)
   FASTML_CHECK_ARG(config_.workers >= 1 && config_.workers <= 256, "workers",
                    "must be in [1, 256], got ", config_.workers);
   FASTML_CHECK_ARG(static_cast<bool>(runner_), "fn", "must be callable");
+  FASTML_CHECK_ARG(config_.spin_us >= 0 && config_.spin_us <= 1000000, "spin_us",
+                   "must be in [0, 1000000], got ", config_.spin_us);
   stats_.queue_wait_us.reserve(kSamples);
   stats_.handler_us.reserve(kSamples);
 }
@@ -249,6 +261,7 @@ bool BatchCore::enqueue(const FuturePtr& f, int priority, int64_t timeout_us, do
   by_age_.insert(f);
   ++queued_;
   queued_rows_ += f->rows;
+  arrivals_.fetch_add(1, std::memory_order_release);
   work_cv_.notify_one();
   if (f->deadline_ != Clock::time_point::max()) timer_cv_.notify_one();
   return false;
@@ -390,6 +403,19 @@ void BatchCore::worker_loop() {
     }
     if (queued_ == 0) {
       if (closing_) break;
+      if (config_.spin_us > 0) {
+        // Poll for a while before sleeping (see BatcherConfig::spin_us). An
+        // arrival during the poll, or between it and relocking, is seen: the
+        // queue is checked again under the lock before waiting.
+        const uint64_t seen = arrivals_.load(std::memory_order_relaxed);
+        lock.unlock();
+        const auto until = Clock::now() + std::chrono::microseconds(config_.spin_us);
+        while (arrivals_.load(std::memory_order_acquire) == seen && Clock::now() < until) {
+          cpu_relax();
+        }
+        lock.lock();
+        if (queued_ > 0 || closing_) continue;
+      }
       work_cv_.wait(lock);
       continue;
     }

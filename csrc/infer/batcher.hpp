@@ -83,8 +83,9 @@ class RequestFuture : public std::enable_shared_from_this<RequestFuture> {
   std::shared_ptr<void> input;  // released as soon as the request ends
   int input_kind = 0;
   int64_t rows = 0;
-  uint64_t signature = 0;   // requests batch together only when equal
-  bool single_row = false;  // the bindings' flag: one row given without its batch dimension
+  uint64_t signature = 0;    // requests batch together only when equal
+  bool single_row = false;   // the bindings' flag: one row given without its batch dimension
+  int32_t wait_spin_us = 0;  // how long a waiter polls before sleeping (the batcher's spin_us)
 
  private:
   friend class BatchCore;
@@ -121,6 +122,10 @@ struct BatcherConfig {
   int64_t timeout_us = -1;    // default per-request deadline; < 0: none
   int workers = 1;
   std::string name = "model";
+  // An idle worker polls for new requests this long before it sleeps, so a
+  // request that arrives soon after the last batch starts without a futex
+  // wake-up (a few microseconds here). 0: sleep at once.
+  int64_t spin_us = 20;
 };
 
 struct BatcherStats {
@@ -221,6 +226,7 @@ class BatchCore : public std::enable_shared_from_this<BatchCore> {
   int64_t queued_rows_ = 0;
   int64_t in_flight_ = 0;
   uint64_t next_seq_ = 0;
+  std::atomic<uint64_t> arrivals_{0};  // requests queued so far (the spinning workers poll it)
   bool closing_ = false;
   bool drain_ = true;
   std::vector<std::thread> threads_;
