@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 
 #include "common/errors.hpp"
@@ -54,6 +55,84 @@ void QuantileSketch::update_many(const double* x, int64_t n) {
     n -= take;
     if (static_cast<int64_t>(levels_[0].size()) >= capacity(0)) compress();
   }
+}
+
+namespace {
+
+// Sorts doubles by an LSD radix sort over order-preserving 64-bit keys (8
+// passes of 8 bits, passes where every key has the same digit skipped: a run
+// of float32 values widened to double skips the 3 low all-zero bytes). Branch
+// free, unlike a comparison sort on random data (measured: std::sort of 4096
+// random doubles cost ~36 ns per value here, as much as the rest of the
+// sketch update).
+void radix_sort(double* x, int64_t n) {
+  thread_local std::vector<uint64_t> scratch;
+  if (scratch.size() < static_cast<size_t>(n)) scratch.resize(static_cast<size_t>(n));
+  uint64_t* a = reinterpret_cast<uint64_t*>(x);
+  uint64_t* b = scratch.data();
+  uint32_t counts[8][256] = {};
+  for (int64_t i = 0; i < n; ++i) {
+    uint64_t u = a[i];
+    u = (u >> 63) ? ~u : (u | 0x8000000000000000ull);  // order-preserving key
+    a[i] = u;
+    for (int d = 0; d < 8; ++d) ++counts[d][(u >> (8 * d)) & 0xffu];
+  }
+  for (int d = 0; d < 8; ++d) {
+    uint32_t* c = counts[d];
+    if (c[(a[0] >> (8 * d)) & 0xffu] == static_cast<uint32_t>(n)) continue;  // one digit only
+    uint32_t sum = 0;
+    for (int v = 0; v < 256; ++v) {
+      const uint32_t t = c[v];
+      c[v] = sum;
+      sum += t;
+    }
+    for (int64_t i = 0; i < n; ++i) b[c[(a[i] >> (8 * d)) & 0xffu]++] = a[i];
+    std::swap(a, b);
+  }
+  uint64_t* keys = a;
+  for (int64_t i = 0; i < n; ++i) {
+    uint64_t u = keys[i];
+    u = (u >> 63) ? (u & 0x7fffffffffffffffull) : ~u;
+    std::memcpy(x + i, &u, 8);
+  }
+}
+
+}  // namespace
+
+void QuantileSketch::update_run(double* x, int64_t n) {
+  if (n < 4 * capacity(0)) {  // small batches: the item-by-item path
+    update_many(x, n);
+    return;
+  }
+  radix_sort(x, n);
+  n_ += static_cast<uint64_t>(n);
+  int h = 0;
+  double* run = x;
+  int64_t m = n;
+  while (static_cast<int64_t>(levels_[h].size()) + m >= capacity(h)) {
+    // Compact the run at level h: an odd item stays at this level (keeping the
+    // total weight), then every other item, from a random offset, moves up.
+    if (m & 1) {
+      levels_[h].push_back(run[0]);
+      ++run;
+      --m;
+    }
+    const int64_t pairs = m / 2;
+    const int64_t offset = static_cast<int64_t>(next_random() & 1u);
+    for (int64_t p = 0; p < pairs; ++p) run[p] = run[2 * p + offset];  // in place, forwards
+    m = pairs;
+    const double w = std::ldexp(1.0, h);
+    err_sum_ += w * w;
+    ++h;
+    if (h >= num_levels()) {
+      FASTML_ASSERT(num_levels() < kMaxLevels);
+      levels_.emplace_back();
+      refresh_capacities();
+    }
+    if (m == 0) break;
+  }
+  levels_[h].insert(levels_[h].end(), run, run + m);
+  compress();
 }
 
 namespace {

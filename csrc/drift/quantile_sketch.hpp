@@ -37,6 +37,11 @@ class QuantileSketch {
 
   void update(double x) { update_many(&x, 1); }
   void update_many(const double* x, int64_t n);
+  // A batch of items (each of weight 1), reordered in place: sorted once and
+  // compacted as one run (each halving of the sorted run is one compaction at
+  // its level, so the error accounting is that of update_many, with fewer
+  // compactions); what remains joins the level where it fits.
+  void update_run(double* x, int64_t n);
   void merge(const QuantileSketch& other);
   void clear();
   // Exponential decay by factor f in (0, 1] (see the header comment).
