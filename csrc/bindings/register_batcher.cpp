@@ -878,15 +878,21 @@ class AsyncBridge : public std::enable_shared_from_this<AsyncBridge> {
     if (write_fd_ >= 0) ::close(write_fd_);
   }
 
-  // Sets `waiter`'s result to None once `f` ends (the caller then reads f).
-  // Called on the loop's thread.
+  // Resolves `waiter` (an asyncio future of this bridge's loop) with `f`'s
+  // outcome once `f` ends: its value, its exception, or cancelled. Called on
+  // the loop's thread.
   void attach(const FuturePtr& f, py::object waiter) {
     if (!registered_) register_reader();
     auto self = shared_from_this();
     auto held_waiter = hold(std::move(waiter));
-    f->add_done_callback(
-        [self, held_waiter](const FuturePtr&) mutable { self->completed(std::move(held_waiter)); });
+    f->add_done_callback([self, held_waiter](const FuturePtr& done) mutable {
+      self->completed(std::move(held_waiter), done);
+    });
   }
+
+  // predict_async's one call: submits `x` (never inline) and attaches `waiter`;
+  // returns the request's future (for cancelling it).
+  FuturePtr call(PyBatcher& b, py::handle x, int priority, int64_t timeout_us, py::object waiter);
 
   // On the loop's thread: resolves every waiter collected so far.
   void drain() {
@@ -895,14 +901,21 @@ class AsyncBridge : public std::enable_shared_from_this<AsyncBridge> {
       while (::read(read_fd_, buf, sizeof buf) > 0) {
       }
     }
-    std::vector<std::shared_ptr<void>> ready;
+    std::vector<std::pair<std::shared_ptr<void>, FuturePtr>> ready;
     {
       std::lock_guard<std::mutex> lock(mu_);
       ready.swap(pending_);
     }
-    for (auto& w : ready) {
+    static const py::str done_name("done"), result_name("set_result"),
+        exception_name("set_exception"), cancel_name("cancel");
+    for (auto& [w, f] : ready) {
       py::object waiter = held(w);
-      if (!waiter.attr("done")().cast<bool>()) waiter.attr("set_result")(py::none());
+      if (waiter.attr(done_name)().cast<bool>()) continue;  // its task was cancelled
+      switch (f->state()) {
+        case infer::FutureState::Finished: waiter.attr(result_name)(future_value(*f)); break;
+        case infer::FutureState::Cancelled: waiter.attr(cancel_name)(); break;
+        default: waiter.attr(exception_name)(future_exception(f, py::none())); break;
+      }
     }
     DeferredDecref::drain();
   }
@@ -923,11 +936,11 @@ class AsyncBridge : public std::enable_shared_from_this<AsyncBridge> {
     }
   }
 
-  void completed(std::shared_ptr<void> waiter) {
+  void completed(std::shared_ptr<void> waiter, const FuturePtr& f) {
     bool first;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      pending_.push_back(std::move(waiter));
+      pending_.emplace_back(std::move(waiter), f);
       first = pending_.size() == 1;
     }
     if (!first) return;
@@ -948,7 +961,7 @@ class AsyncBridge : public std::enable_shared_from_this<AsyncBridge> {
     } catch (py::error_already_set&) {
     }
     // The loop is closed or gone: nobody awaits these requests any more.
-    std::vector<std::shared_ptr<void>> dropped;
+    std::vector<std::pair<std::shared_ptr<void>, FuturePtr>> dropped;
     {
       std::lock_guard<std::mutex> lock(mu_);
       dropped.swap(pending_);
@@ -957,10 +970,17 @@ class AsyncBridge : public std::enable_shared_from_this<AsyncBridge> {
 
   std::shared_ptr<void> loop_ref_;  // a weakref.ref to the loop (PyRef: freed on any thread)
   std::mutex mu_;
-  std::vector<std::shared_ptr<void>> pending_;
+  std::vector<std::pair<std::shared_ptr<void>, FuturePtr>> pending_;
   bool registered_ = false;  // touched on the loop's thread only
   int read_fd_ = -1, write_fd_ = -1;
 };
+
+FuturePtr AsyncBridge::call(PyBatcher& b, py::handle x, int priority, int64_t timeout_us,
+                            py::object waiter) {
+  FuturePtr f = b.submit(x, priority, timeout_us, false, -1.0, false);
+  attach(f, std::move(waiter));
+  return f;
+}
 
 // ---------------------------------------------------------------- a native handler for the tests
 
@@ -1080,6 +1100,8 @@ void register_batcher(py::module_& m) {
       m, "_BatcherAsyncBridge", "Resolves asyncio futures of one loop (private).")
       .def(py::init<py::object>(), py::arg("loop"))
       .def("attach", &AsyncBridge::attach, py::arg("future"), py::arg("waiter"))
+      .def("call", &AsyncBridge::call, py::arg("batcher"), py::arg("x"), py::arg("priority"),
+           py::arg("timeout_us"), py::arg("waiter"))
       .def("_drain", &AsyncBridge::drain);
 
   py::class_<BatcherTestHandler, infer::NativeHandler, std::shared_ptr<BatcherTestHandler>>(

@@ -258,26 +258,25 @@ class Batcher:
         The model always runs on a worker thread, never on the event loop's.
         Cancelling the awaiting task cancels the request if it has not started.
         """
-        fut = self._core.submit(
-            x, priority, -1 if timeout_us is None else _timeout_arg(timeout_us), False, -1.0, False
+        loop = asyncio.get_running_loop()
+        if loop is self._last_loop:
+            bridge = self._last_bridge
+        else:
+            bridge = self._bridges.get(loop)
+            if bridge is None:
+                bridge = self._bridges[loop] = _core._BatcherAsyncBridge(loop)
+            self._last_loop, self._last_bridge = loop, bridge
+        # One native call submits the request and wires `waiter` to it: the
+        # bridge sets the request's result (or exception) on it, on this loop.
+        waiter: asyncio.Future[Any] = loop.create_future()
+        fut = bridge.call(
+            self._core, x, priority, -1 if timeout_us is None else _timeout_arg(timeout_us), waiter
         )
-        if not fut.done():
-            loop = asyncio.get_running_loop()
-            if loop is self._last_loop:
-                bridge = self._last_bridge
-            else:
-                bridge = self._bridges.get(loop)
-                if bridge is None:
-                    bridge = self._bridges[loop] = _core._BatcherAsyncBridge(loop)
-                self._last_loop, self._last_bridge = loop, bridge
-            waiter: asyncio.Future[None] = loop.create_future()
-            bridge.attach(fut, waiter)
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                fut.cancel()
-                raise
-        return fut.result()
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            fut.cancel()
+            raise
 
     def stats(self) -> dict[str, Any]:
         """Counters and latency percentiles.
