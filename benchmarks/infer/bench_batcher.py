@@ -91,8 +91,11 @@ def added_latency(n: int) -> dict[str, float]:
 
 def submit_throughput(n: int, repeat: int) -> dict[str, Any]:
     x = np.ones((1, 4), np.float32)
-    b = infer.Batcher(noop, max_batch_size=64, max_delay_us=0)
-    nb = infer.Batcher(_core._BatcherTestHandler(), max_batch_size=64, max_delay_us=0)
+    # All n requests are submitted before any result is read: room for them.
+    b = infer.Batcher(noop, max_batch_size=64, max_delay_us=0, max_queue=n + 1)
+    nb = infer.Batcher(
+        _core._BatcherTestHandler(), max_batch_size=64, max_delay_us=0, max_queue=n + 1
+    )
 
     def run(batcher: infer.Batcher) -> None:
         submit = batcher.submit
