@@ -583,6 +583,34 @@ def test_cuda_ingest_matches_cpu(mode, dtype):
         np.testing.assert_array_equal(gpu.values("x")[0], cpu.values("x")[0])
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("bins", [1, 64, 1000, 4094])
+@pytest.mark.parametrize("n", [1, 5, 1023, 262_147])
+def test_cuda_ingest_shapes_bins_and_strides(bins, n):
+    """Bin counts on each side of the kernel's shared-memory layouts (per-warp
+    histograms and edges in shared memory, one histogram, edges in global
+    memory), lengths that leave the unrolled loop's tail, a strided column and
+    values on the edges."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(bins + n)
+    ref = drift.Profile.from_data({"x": rng.normal(size=20_000)}, mode="histogram", bins=bins)
+    edges = np.asarray(ref.summary("x")["edges"])
+    x = rng.normal(size=(n, 3))
+    x[::5, 1] = edges[rng.integers(0, len(edges), len(x[::5]))]
+    x[::11, 1] = np.nan
+    x[::13, 1] = -np.inf
+    xt = torch.as_tensor(x, device="cuda")[:, 1]  # stride 3
+    for col, colt in ((x[:, 1], xt), (x[:, 1].astype(np.float32), xt.float())):
+        cpu, gpu = ref.empty(), ref.empty()
+        cpu.update({"x": col})
+        gpu.update({"x": colt})
+        a, b = gpu.summary("x"), cpu.summary("x")
+        np.testing.assert_array_equal(a["hist"], b["hist"])
+        for key in ("count", "missing", "nonfinite", "min", "max"):
+            assert a[key] == b[key], key
+        assert a["mean"] == pytest.approx(b["mean"], rel=1e-12, abs=1e-300)
+
+
 @pytest.mark.parametrize("stride", [1, 3])
 def test_float32_vector_path_edges_nonfinite_and_tails(stride):
     # float32 columns take an AVX2 path (8 values per step) where the CPU has

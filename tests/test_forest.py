@@ -850,26 +850,117 @@ def test_native_builder_validates():
 # ---------------------------------------------------------------------------- CUDA
 
 
+def _cuda_cases(xgb_models, lgb_models):
+    """Every model kind the CPU engine takes: each XGBoost objective (multi-class
+    with one tree per class), XGBoost categorical splits, each LightGBM case
+    (categorical bitsets, zero-as-missing, multi-class), and scikit-learn
+    (vector leaves of forests, float64 thresholds, categorical HistGradientBoosting)."""
+    cases = {f"xgb {k}": Forest.from_xgboost(b) for k, b in xgb_models.items()}
+    cases |= {f"lgb {k}": Forest.from_lightgbm(b) for k, b in lgb_models.items()}
+    rng = np.random.default_rng(7)
+    n = 800
+    c = rng.integers(0, 12, n)
+    Xc = np.stack([c.astype(float), rng.random(n)] + [rng.random(n)] * (NF - 2), 1)
+    yc = np.isin(c, [1, 3, 5, 8]) * 2.0 + Xc[:, 1]
+    Xc[rng.random(n) < 0.05, 0] = np.nan
+    ft = ["c"] + ["q"] * (NF - 1)
+    d = xgb.DMatrix(Xc, yc, enable_categorical=True, feature_types=ft)
+    cases["xgb categorical"] = Forest.from_xgboost(
+        xgb.train({"max_depth": 3, "max_cat_to_onehot": 1, "nthread": 1}, d, 6)
+    )
+    # More trees than one tile of the kernel (256), one group per class across tiles.
+    Xb, sb = _train_data(n=600, seed=5)
+    cases["xgb 600 trees"] = Forest.from_xgboost(
+        xgb.train({"max_depth": 3, "nthread": 1}, xgb.DMatrix(Xb, sb), 600)
+    )
+    cases["xgb multi-class 3 x 150 trees"] = Forest.from_xgboost(
+        xgb.train(
+            {"max_depth": 3, "nthread": 1, "objective": "multi:softprob", "num_class": 3},
+            xgb.DMatrix(Xb, np.digitize(sb, [-0.3, 0.7])),
+            150,
+        )
+    )
+    X, score = _train_data(n=500, nan_frac=0.05, seed=11)
+    Xf = np.where(np.isfinite(X), X, 0.5)
+    from sklearn import ensemble
+
+    # 200 classes: more (row, output) sums than the kernel keeps in registers.
+    cases["sklearn random forest 200 classes"] = Forest.from_sklearn(
+        ensemble.RandomForestClassifier(n_estimators=5, max_depth=8, random_state=0).fit(
+            Xf, np.arange(len(Xf)) % 200
+        )
+    )
+
+    cases["sklearn random forest (vector leaves)"] = Forest.from_sklearn(
+        ensemble.RandomForestClassifier(n_estimators=7, max_depth=6, random_state=0).fit(
+            Xf, np.digitize(score, [-0.3, 0.7])
+        )
+    )
+    cases["sklearn gradient boosting"] = Forest.from_sklearn(
+        ensemble.GradientBoostingRegressor(n_estimators=10, random_state=0).fit(Xf, score)
+    )
+    cases["sklearn hgb categorical multi-class"] = Forest.from_sklearn(
+        ensemble.HistGradientBoostingClassifier(max_iter=10, categorical_features=[2]).fit(
+            X, np.digitize(score, [-0.3, 0.7])
+        )
+    )
+    return cases
+
+
 @pytest.mark.gpu
 def test_cuda_matches_cpu(xgb_models, lgb_models):
+    """device="cuda" margins equal the CPU engine's bit for bit for every model
+    kind, at row counts that take each block shape of the kernel (1 row per
+    block up to 32), from NumPy and from torch CUDA tensors."""
     import torch
 
     X = _edge_matrix({}, 5000, seed=12)
-    for f in (
-        Forest.from_xgboost(xgb_models["multi:softprob"]),
-        Forest.from_lightgbm(lgb_models["regression_zero_missing"]),
-        Forest.from_lightgbm(lgb_models["binary"]),
-    ):
+    for name, f in _cuda_cases(xgb_models, lgb_models).items():
         for dt in (np.float32, np.float64):
             Xd = X.astype(dt)
-            np.testing.assert_array_equal(
-                f.predict(Xd, output="margin", device="cuda"), f.predict(Xd, output="margin")
-            )
-            np.testing.assert_allclose(f.predict(Xd, device="cuda"), f.predict(Xd), rtol=1e-5)
+            for rows in (1, 3, 33, 257, 5000):
+                part = Xd[:rows]
+                cpu_m = f.predict(part, output="margin")
+                np.testing.assert_array_equal(
+                    f.predict(part, output="margin", device="cuda"), cpu_m, err_msg=name
+                )
+                np.testing.assert_allclose(
+                    f.predict(part, device="cuda"), f.predict(part), rtol=1e-5, err_msg=name
+                )
             t = torch.from_numpy(Xd).cuda()
             res = f.predict(t, output="margin", device="auto")
             assert res.is_cuda
             np.testing.assert_array_equal(res.cpu().numpy(), f.predict(Xd, output="margin"))
+            one = f.predict(t[0], device="cuda")
+            np.testing.assert_allclose(one.cpu().numpy(), f.predict(Xd[0]), rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_cuda_follows_the_current_stream():
+    """A CUDA tensor input runs on torch's current stream, without synchronising:
+    the result is ordered after work queued on a side stream and is correct when
+    that stream is waited on. (The first call on a device copies the forest
+    there, which may synchronise: a serving step warms up before capture.)"""
+    import torch
+
+    X, score = _train_data(n=500, seed=3)
+    f = Forest.from_xgboost(xgb.train({"max_depth": 4, "nthread": 1}, xgb.DMatrix(X, score), 20))
+    side = torch.cuda.Stream()
+    Xt = torch.from_numpy(X).cuda()
+    with torch.cuda.stream(side):
+        # Warm-up on the side stream: the forest's one-time upload, and blocks in
+        # torch's caching allocator for this stream (a cudaMalloc may synchronise
+        # the device, which would hide whether predict does).
+        Xs = torch.empty_like(Xt)
+        del_me = f.predict(Xs, output="margin", device="cuda")
+        del del_me
+        torch.cuda.synchronize()
+        torch.cuda._sleep(50_000_000)  # keeps the stream busy: a sync would be seen
+        Xs.copy_(Xt)
+        res = f.predict(Xs, output="margin", device="cuda")
+        assert not side.query(), "predict synchronised the stream"
+    side.synchronize()
+    np.testing.assert_array_equal(res.cpu().numpy(), f.predict(X, output="margin"))
 
 
 def test_frames_are_matched_by_feature_name(tmp_path):

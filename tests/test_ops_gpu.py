@@ -134,6 +134,10 @@ def test_adamw_cuda(dtype, amsgrad):
             assert_rule(a.detach(), b.detach(), r.detach(), "AdamW bf16", norm=True)
 
 
+# Inductor warns that TF32 is off for float32 matmuls (a performance hint; this
+# test wants float32 numerics), and the warnings-as-errors setting would turn it
+# into an InductorError (second H200 run, 2026-12-04).
+@pytest.mark.filterwarnings("ignore:TensorFloat32 tensor cores:UserWarning")
 def test_torch_compile_fullgraph_cuda():
     torch._dynamo.reset()
     torch.manual_seed(0)

@@ -105,6 +105,7 @@ def main() -> None:
 
     cands = {
         "fastml Forest device=cuda (torch input)": fastml_gpu,
+        "fastml Forest device=cuda (NumPy input)": lambda: f.predict(X, device=dev),
         "fastml Forest device=cpu (all threads)": lambda: f.predict(X),
     }
     base = "fastml Forest device=cpu (all threads)"
@@ -126,11 +127,26 @@ def main() -> None:
     gpu = t["fastml Forest device=cuda (torch input)"]
     key["cuda_Mrows_per_s"] = gpu.rate / 1e6
     key["cpu_all_threads_Mrows_per_s"] = t["fastml Forest device=cpu (all threads)"].rate / 1e6
+    npy = t["fastml Forest device=cuda (NumPy input)"]
+    key["cuda_numpy_input_Mrows_per_s"] = npy.rate / 1e6
+    if cuda:
+        # The physical bound of the NumPy path: X's host-to-device copy from pinned memory.
+        pinned = torch.from_numpy(X).pin_memory()
+        pinned.to(dev, non_blocking=True)
+        sync()
+        h2d = compare(
+            {"pinned H2D": lambda: (pinned.to(dev, non_blocking=True), sync())},
+            repeat=5,
+            work=X.nbytes,
+            unit="B",
+        )["pinned H2D"]
+        key["pinned_h2d_GBps"] = h2d.rate / 1e9
+        key["cuda_numpy_input_fraction_of_pinned_h2d"] = (X.nbytes / npy.median) / h2d.rate
     if base.startswith("xgboost"):
         key[f"cuda_vs_{base}"] = t[base].median / gpu.median
 
     reps = 5 if args.smoke else 50 if args.quick else 200
-    for rows in (1, 64, 1024):
+    for rows in (1, 64, 1024, 16384):
         xs = Xd[:rows]
         key[f"cuda_latency_us_{rows}_rows"] = _latency_us(
             lambda xs=xs: (f.predict(xs, device=dev), sync()), reps

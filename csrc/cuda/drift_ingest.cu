@@ -11,43 +11,78 @@ namespace fastml::cuda {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+// Values each thread takes per step: independent binary searches and loads in
+// flight together (the search is a chain of dependent loads).
+constexpr int kUnroll = 4;
 
+struct Moments {
+  double cnt = 0, nan = 0, inf = 0, sum = 0, sq = 0;
+  double mn, mx;
+};
+
+// One value into the warp's histogram and the thread's moments.
+__device__ inline void ingest_one(double v, const double* edges, int64_t nbins,
+                                  unsigned int* warp_hist, double pivot, Moments& m) {
+  if (isfinite(v)) {
+    atomicAdd(&warp_hist[fastml::drift::histogram_slot(v, edges, nbins)], 1u);
+    const double d = v - pivot;
+    m.cnt += 1;
+    m.sum += d;
+    m.sq += d * d;
+    m.mn = fmin(m.mn, v);
+    m.mx = fmax(m.mx, v);
+  } else if (isnan(v)) {
+    m.nan += 1;
+  } else {
+    m.inf += 1;
+  }
+}
+
+// Shared memory: the edges (nbins + 1 doubles) when they fit, then one
+// histogram of nbins + 2 counters per warp (fewer threads contend for one
+// counter), or a single block histogram when the per-warp copies would not fit.
 template <typename T>
-__global__ void drift_ingest_kernel(const T* __restrict__ x, int64_t n, int64_t stride,
-                                    const double* __restrict__ edges, int64_t nbins,
-                                    unsigned long long* __restrict__ hist,
-                                    double* __restrict__ partials, double pivot) {
-  extern __shared__ unsigned int shared_hist[];
+__global__ void __launch_bounds__(kThreads)
+    drift_ingest_kernel(const T* __restrict__ x, int64_t n, int64_t stride,
+                        const double* __restrict__ edges_g, int64_t nbins, bool edges_shared,
+                        int hist_copies, unsigned long long* __restrict__ hist,
+                        double* __restrict__ partials, double pivot) {
+  extern __shared__ double shared[];
+  const double* edges = edges_shared ? shared : edges_g;
+  unsigned int* shared_hist =
+      reinterpret_cast<unsigned int*>(edges_shared ? shared + nbins + 1 : shared);
   __shared__ double red[7][kThreads];
   const int64_t slots = nbins + 2;
-  for (int64_t k = threadIdx.x; k < slots; k += blockDim.x) shared_hist[k] = 0u;
+  if (edges_shared)
+    for (int64_t k = threadIdx.x; k <= nbins; k += blockDim.x) shared[k] = edges_g[k];
+  for (int64_t k = threadIdx.x; k < slots * hist_copies; k += blockDim.x) shared_hist[k] = 0u;
   __syncthreads();
-  double cnt = 0, nan = 0, inf = 0, sum = 0, sq = 0;
-  double mn = __longlong_as_double(0x7ff0000000000000LL), mx = -mn;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
-    const double v = static_cast<double>(x[i * stride]);
-    if (isfinite(v)) {
-      atomicAdd(&shared_hist[fastml::drift::histogram_slot(v, edges, nbins)], 1u);
-      const double d = v - pivot;
-      cnt += 1;
-      sum += d;
-      sq += d * d;
-      mn = fmin(mn, v);
-      mx = fmax(mx, v);
-    } else if (isnan(v)) {
-      nan += 1;
-    } else {
-      inf += 1;
-    }
+  unsigned int* my_hist = shared_hist + (hist_copies > 1 ? (threadIdx.x / 32) * slots : 0);
+  Moments m;
+  m.mn = __longlong_as_double(0x7ff0000000000000LL);
+  m.mx = -m.mn;
+  const int64_t threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  // Main part: kUnroll values per thread per step, loaded before any is used
+  // (a step covers kUnroll * threads consecutive-by-thread values).
+  const int64_t full = n / (kUnroll * threads) * (kUnroll * threads);
+  for (int64_t base = tid; base < full; base += kUnroll * threads) {
+    double v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) v[u] = static_cast<double>(x[(base + u * threads) * stride]);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) ingest_one(v[u], edges, nbins, my_hist, pivot, m);
   }
-  red[0][threadIdx.x] = cnt;
-  red[1][threadIdx.x] = nan;
-  red[2][threadIdx.x] = inf;
-  red[3][threadIdx.x] = sum;
-  red[4][threadIdx.x] = sq;
-  red[5][threadIdx.x] = mn;
-  red[6][threadIdx.x] = mx;
+  for (int64_t i = full + tid; i < n; i += threads)
+    ingest_one(static_cast<double>(x[i * stride]), edges, nbins, my_hist, pivot, m);
+  red[0][threadIdx.x] = m.cnt;
+  red[1][threadIdx.x] = m.nan;
+  red[2][threadIdx.x] = m.inf;
+  red[3][threadIdx.x] = m.sum;
+  red[4][threadIdx.x] = m.sq;
+  red[5][threadIdx.x] = m.mn;
+  red[6][threadIdx.x] = m.mx;
   __syncthreads();
   for (int s = blockDim.x / 2; s > 0; s >>= 1) {
     if (threadIdx.x < s) {
@@ -59,7 +94,9 @@ __global__ void drift_ingest_kernel(const T* __restrict__ x, int64_t n, int64_t 
   }
   if (threadIdx.x < 7) partials[blockIdx.x * 7 + threadIdx.x] = red[threadIdx.x][0];
   for (int64_t k = threadIdx.x; k < slots; k += blockDim.x) {
-    if (shared_hist[k]) atomicAdd(&hist[k], static_cast<unsigned long long>(shared_hist[k]));
+    unsigned long long c = 0;
+    for (int w = 0; w < hist_copies; ++w) c += shared_hist[w * slots + k];
+    if (c) atomicAdd(&hist[k], c);
   }
 }
 
@@ -80,15 +117,22 @@ void drift_ingest_cuda(const DriftIngestParams& p) {
   if (p.blocks < 1) throw std::invalid_argument("blocks must be positive");
   if (p.n == 0) return;
   auto stream = static_cast<cudaStream_t>(p.stream);
-  const size_t shared = static_cast<size_t>(p.nbins + 2) * sizeof(unsigned int);
+  // Per-warp histograms while they fit the default 48 KB of shared memory
+  // (with the edges and the reduction's 14 KB), else one per block.
+  const size_t edge_bytes = static_cast<size_t>(p.nbins + 1) * sizeof(double);
+  const size_t hist_bytes = static_cast<size_t>(p.nbins + 2) * sizeof(unsigned int);
+  constexpr size_t kBudget = 32 * 1024;
+  const int copies = edge_bytes + kWarps * hist_bytes <= kBudget ? kWarps : 1;
+  const bool edges_shared = edge_bytes + copies * hist_bytes <= kBudget;
+  const size_t shared = (edges_shared ? edge_bytes : 0) + copies * hist_bytes;
   if (p.dtype == 0) {
-    drift_ingest_kernel<float>
-        <<<p.blocks, kThreads, shared, stream>>>(static_cast<const float*>(p.x), p.n, p.stride,
-                                                 p.edges, p.nbins, p.hist, p.partials, p.pivot);
+    drift_ingest_kernel<float><<<p.blocks, kThreads, shared, stream>>>(
+        static_cast<const float*>(p.x), p.n, p.stride, p.edges, p.nbins, edges_shared, copies,
+        p.hist, p.partials, p.pivot);
   } else {
-    drift_ingest_kernel<double>
-        <<<p.blocks, kThreads, shared, stream>>>(static_cast<const double*>(p.x), p.n, p.stride,
-                                                 p.edges, p.nbins, p.hist, p.partials, p.pivot);
+    drift_ingest_kernel<double><<<p.blocks, kThreads, shared, stream>>>(
+        static_cast<const double*>(p.x), p.n, p.stride, p.edges, p.nbins, edges_shared, copies,
+        p.hist, p.partials, p.pivot);
   }
   check(cudaGetLastError(), "kernel launch");
 }

@@ -1,13 +1,30 @@
-// CUDA path of fastml.infer.Forest: one thread per row walks every tree with
-// the same per-node decisions as the CPU engine (infer/forest_node.hpp), and
-// accumulates in the same tree order and precision, so margins match the CPU
-// path bit for bit. The forest is copied to the device once (first use) and
-// kept with the Forest; input/output staging buffers grow and are reused, so
-// a call allocates only when a batch is larger than any before it.
+// CUDA path of fastml.infer.Forest, with the same per-node decisions as the
+// CPU engine (infer/forest_node.hpp) and the same per-output summation order
+// (base, then tree 0, 1, 2, ... in the accumulator's precision), so margins
+// match the CPU path bit for bit.
+//
+// Two kernels:
+//  * forest_trees_kernel (every batch by default): a block takes R rows
+//    (1..32) and a tile of trees; each thread walks one (row, tree) pair, the
+//    threads of a warp walking one tree for different rows (the top levels of
+//    a tree are then one broadcast load); each walk leaves its leaf's node index
+//    in shared memory, and one thread per (row, output) adds the leaves of the
+//    tile in tree order, which keeps the sum bit-identical. One row uses a
+//    whole block (its trees walked in parallel), so a small batch costs about
+//    one tree's walk plus a serial add per tree rather than every tree's walk
+//    in series. The link (output="value") is applied in the same kernel.
+//  * forest_rows_kernel: one thread walks every tree for its row (the first
+//    GPU path; kept for comparison: FASTML_FOREST_CUDA_KERNEL=rows).
+// The forest is copied to the device once (first use) and kept with the
+// Forest; input/output staging buffers grow and are reused, so a call
+// allocates only when a batch is larger than any before it.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -38,6 +55,7 @@ T* upload(const T* host, size_t n, const char* what) {
 
 struct DeviceForest {
   int device = -1;
+  int sm_count = 1;
   void* nodes = nullptr;
   void* values = nullptr;
   int32_t* tree_root = nullptr;
@@ -109,13 +127,9 @@ __global__ void forest_rows_kernel(
   }
 }
 
-// Divisor and link per row (output="value"); 0 = identity.
+// Divisor and link of one row of k outputs (output="value"); link 0 = identity.
 template <typename T>
-__global__ void forest_finish_kernel(T* out, int64_t rows, int32_t k, double divisor,
-                                     int32_t link) {
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (r >= rows) return;
-  T* o = out + r * k;
+__device__ inline void forest_finish_row(T* o, int32_t k, double divisor, int32_t link) {
   if (divisor != 1.0)
     for (int32_t j = 0; j < k; ++j) o[j] /= static_cast<T>(divisor);
   switch (static_cast<ForestLink>(link)) {
@@ -143,6 +157,145 @@ __global__ void forest_finish_kernel(T* out, int64_t rows, int32_t k, double div
   }
 }
 
+// Threads per block of forest_trees_kernel, the most trees per tile, the most
+// rows per block, and the shared memory a block's tile may take.
+constexpr int kTreeThreads = 256;
+constexpr int kTreeTile = 256;
+constexpr int kMaxBlockRows = 32;
+constexpr size_t kTreeSmemBytes = 32 * 1024;
+
+// A block takes rows [blockIdx.x * R, +R). Thread i walks tree
+// (tile + i / R) for row (i % R). Accumulators live in registers of the
+// threads that sum, one per (row, output), across tiles.
+template <typename ThrT, typename AccT, typename XT>
+__global__ void __launch_bounds__(kTreeThreads) forest_trees_kernel(
+    const ForestNode<ThrT>* __restrict__ nodes, const AccT* __restrict__ values,
+    const int32_t* __restrict__ tree_root, const int32_t* __restrict__ tree_depth,
+    const int32_t* __restrict__ tree_group, const int64_t* __restrict__ tree_value_shift,
+    const int64_t* __restrict__ node_cat_offset, const uint32_t* __restrict__ node_cat_words,
+    const uint32_t* __restrict__ cat_bits, const AccT* __restrict__ base, const XT* __restrict__ X,
+    int64_t rows, int32_t R, int32_t num_features, int32_t num_outputs, int64_t num_trees,
+    ThrT cat_lo, ThrT cat_hi, bool cat_integral, double divisor, int32_t link, int32_t tile_size,
+    AccT* __restrict__ out) {
+  // Shared memory: per (tree of the tile, row) the leaf's value, or for trees
+  // with a vector of values per leaf (group < 0) the leaf's node index; laid
+  // out [tree][row] so the threads of a warp touch consecutive words. Then
+  // the tile's tree groups.
+  extern __shared__ __align__(8) unsigned char smem[];
+  AccT* leaf_val = reinterpret_cast<AccT*>(smem);
+  int32_t* grp = reinterpret_cast<int32_t*>(leaf_val + static_cast<int64_t>(tile_size) * R);
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * R;
+  const int32_t block_rows = static_cast<int32_t>(rows - row0 < R ? rows - row0 : R);
+  const int32_t tid = threadIdx.x;
+  const int32_t trees_per_pass = kTreeThreads / R;  // R divides kTreeThreads
+  const int32_t my_row = tid % R;
+  // The summing threads: (row, output) = (tid % R, tid / R), looping when
+  // R * num_outputs exceeds the block.
+  const int32_t sums = R * num_outputs;
+  constexpr int kAccPerThread = 4;
+  AccT acc[kAccPerThread];
+  const bool many_outputs = sums > kTreeThreads * kAccPerThread;
+#pragma unroll
+  for (int j = 0; j < kAccPerThread; ++j) {
+    const int32_t s = tid + j * kTreeThreads;
+    acc[j] = s < sums ? base[s / R] : AccT(0);
+  }
+  if (many_outputs) {
+    // Rare (more than 1,024 / R outputs): accumulate in the output itself.
+    for (int32_t s = tid; s < sums; s += kTreeThreads) {
+      const int32_t r = s % R;
+      if (r < block_rows) out[(row0 + r) * num_outputs + s / R] = base[s / R];
+    }
+  }
+  for (int64_t tile = 0; tile < num_trees; tile += tile_size) {
+    const int32_t tile_trees =
+        static_cast<int32_t>(num_trees - tile < tile_size ? num_trees - tile : tile_size);
+    for (int32_t lt = tid; lt < tile_trees; lt += kTreeThreads) grp[lt] = tree_group[tile + lt];
+    if (my_row < block_rows) {
+      const XT* x = X + (row0 + my_row) * num_features;
+      for (int32_t lt = tid / R; lt < tile_trees; lt += trees_per_pass) {
+        const int64_t t = tile + lt;
+        int32_t n = tree_root[t];
+        const int32_t depth = tree_depth[t];
+        for (int32_t d = 0; d < depth; ++d) {
+          const ForestNode<ThrT> nd = nodes[n];
+          const uint32_t f = nd.feature;
+          const ThrT v = static_cast<ThrT>(x[f & kNodeFeatureMask]);
+          bool left;
+          if (f & kNodeCategorical) {
+            left =
+                forest_go_left_categorical<ThrT>(v, f, cat_bits + node_cat_offset[n],
+                                                 node_cat_words[n], cat_lo, cat_hi, cat_integral);
+          } else {
+            left = forest_go_left_numeric<ThrT>(v, nd.threshold, f);
+          }
+          n = nd.child[!left];
+        }
+        // The leaf's value is fetched here, by the walking threads in
+        // parallel, so the ordered sum below reads shared memory only.
+        AccT* slot = leaf_val + static_cast<int64_t>(lt) * R + my_row;
+        if (tree_group[t] >= 0)
+          *slot = values[tree_value_shift[t] + n];
+        else
+          *reinterpret_cast<int32_t*>(slot) = n;
+      }
+    }
+    __syncthreads();
+    // Sum this tile's leaves in tree order, one thread per (row, output).
+    auto add_tile = [&](int32_t r, int32_t k, AccT a) {
+      const AccT* lv = leaf_val + r;
+      for (int32_t lt = 0; lt < tile_trees; ++lt) {
+        const int32_t g = grp[lt];
+        if (g == k) {
+          a += lv[static_cast<int64_t>(lt) * R];
+        } else if (g < 0) {
+          const int32_t n = *reinterpret_cast<const int32_t*>(lv + static_cast<int64_t>(lt) * R);
+          a += values[tree_value_shift[tile + lt] + static_cast<int64_t>(n) * num_outputs + k];
+        }
+      }
+      return a;
+    };
+    if (many_outputs) {
+      for (int32_t s = tid; s < sums; s += kTreeThreads) {
+        const int32_t r = s % R, k = s / R;
+        if (r < block_rows) {
+          AccT* o = out + (row0 + r) * num_outputs + k;
+          *o = add_tile(r, k, *o);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < kAccPerThread; ++j) {
+        const int32_t s = tid + j * kTreeThreads;
+        if (s < sums && s % R < block_rows) acc[j] = add_tile(s % R, s / R, acc[j]);
+      }
+    }
+    __syncthreads();
+  }
+  if (!many_outputs) {
+#pragma unroll
+    for (int j = 0; j < kAccPerThread; ++j) {
+      const int32_t s = tid + j * kTreeThreads;
+      const int32_t r = s % R;
+      if (s < sums && r < block_rows) out[(row0 + r) * num_outputs + s / R] = acc[j];
+    }
+  }
+  if (divisor != 1.0 || link != 0) {
+    __syncthreads();  // the row's outputs, written by other threads, are visible
+    if (tid < block_rows)
+      forest_finish_row(out + (row0 + tid) * num_outputs, num_outputs, divisor, link);
+  }
+}
+
+// Divisor and link per row (output="value"); 0 = identity.
+template <typename T>
+__global__ void forest_finish_kernel(T* out, int64_t rows, int32_t k, double divisor,
+                                     int32_t link) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= rows) return;
+  forest_finish_row(out + r * k, k, divisor, link);
+}
+
 DeviceForest& device_forest(const Forest& f) {
   int device = 0;
   check(cudaGetDevice(&device), "cudaGetDevice");
@@ -155,6 +308,8 @@ DeviceForest& device_forest(const Forest& f) {
   }
   auto d = std::make_shared<DeviceForest>();
   d->device = device;
+  check(cudaDeviceGetAttribute(&d->sm_count, cudaDevAttrMultiProcessorCount, device),
+        "cudaDeviceGetAttribute");
   const Forest::Flat fl = f.flat();
   const int64_t T = f.num_trees();
   d->nodes = upload(static_cast<const char*>(fl.nodes), fl.node_bytes, "upload nodes");
@@ -177,28 +332,70 @@ DeviceForest& device_forest(const Forest& f) {
   return *d;
 }
 
+// FASTML_FOREST_CUDA_KERNEL=rows selects the one-thread-per-row kernel (a
+// diagnostic, for comparing the two on a machine); anything else, the default.
+bool use_rows_kernel() {
+  static const bool rows = [] {
+    const char* v = std::getenv("FASTML_FOREST_CUDA_KERNEL");
+    return v != nullptr && std::strcmp(v, "rows") == 0;
+  }();
+  return rows;
+}
+
+// Rows per block of forest_trees_kernel: the most (up to 32, so a warp walks
+// one tree for 32 rows) that still gives every SM a few blocks; 1 for small
+// batches, where one row's trees are walked by a whole block.
+int32_t rows_per_block(int64_t rows, int sm_count) {
+  const int64_t want_blocks = int64_t{4} * sm_count;
+  int32_t r = kMaxBlockRows;
+  while (r > 1 && (rows + r - 1) / r < want_blocks) r /= 2;
+  return r;
+}
+
+// Runs the trees kernel (default) or the rows kernel; `finish` tells whether
+// the caller must still apply divisor and link (only after the rows kernel).
 template <typename ThrT, typename AccT>
-void launch(const Forest& f, DeviceForest& d, const void* X, DType xdt, int64_t rows, void* out,
-            cudaStream_t stream) {
+bool launch(const Forest& f, DeviceForest& d, const void* X, DType xdt, int64_t rows, void* out,
+            double divisor, int32_t link, cudaStream_t stream) {
   const auto& s = f.spec();
-  const int threads = 128;
-  const int64_t blocks = (rows + threads - 1) / threads;
-  FASTML_CHECK_ARG(blocks < (int64_t{1} << 31), "X", "has too many rows for one launch: ", rows);
   const ThrT lo = static_cast<ThrT>(s.cat_rule.lo), hi = static_cast<ThrT>(s.cat_rule.hi);
+  const bool rows_kernel = use_rows_kernel();
   auto go = [&](auto tag) {
     using XT = typename decltype(tag)::type;
-    forest_rows_kernel<ThrT, AccT, XT><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-        static_cast<const ForestNode<ThrT>*>(d.nodes), static_cast<const AccT*>(d.values),
-        d.tree_root, d.tree_depth, d.tree_group, d.tree_value_shift, d.node_cat_offset,
-        d.node_cat_words, d.cat_bits, static_cast<const AccT*>(d.base), static_cast<const XT*>(X),
-        rows, s.num_features, s.num_outputs, f.num_trees(), lo, hi, s.cat_rule.integral,
-        static_cast<AccT*>(out));
+    if (rows_kernel) {
+      const int threads = 128;
+      const int64_t blocks = (rows + threads - 1) / threads;
+      FASTML_CHECK_ARG(blocks < (int64_t{1} << 31), "X",
+                       "has too many rows for one launch: ", rows);
+      forest_rows_kernel<ThrT, AccT, XT><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+          static_cast<const ForestNode<ThrT>*>(d.nodes), static_cast<const AccT*>(d.values),
+          d.tree_root, d.tree_depth, d.tree_group, d.tree_value_shift, d.node_cat_offset,
+          d.node_cat_words, d.cat_bits, static_cast<const AccT*>(d.base), static_cast<const XT*>(X),
+          rows, s.num_features, s.num_outputs, f.num_trees(), lo, hi, s.cat_rule.integral,
+          static_cast<AccT*>(out));
+    } else {
+      const int32_t R = rows_per_block(rows, d.sm_count);
+      const int64_t blocks = (rows + R - 1) / R;
+      FASTML_CHECK_ARG(blocks < (int64_t{1} << 31), "X",
+                       "has too many rows for one launch: ", rows);
+      const int32_t tile = static_cast<int32_t>(std::min<size_t>(
+          kTreeTile, kTreeSmemBytes / (static_cast<size_t>(R) * sizeof(AccT) + sizeof(int32_t))));
+      const size_t smem = static_cast<size_t>(tile) * (R * sizeof(AccT) + sizeof(int32_t));
+      forest_trees_kernel<ThrT, AccT, XT>
+          <<<static_cast<unsigned>(blocks), kTreeThreads, smem, stream>>>(
+              static_cast<const ForestNode<ThrT>*>(d.nodes), static_cast<const AccT*>(d.values),
+              d.tree_root, d.tree_depth, d.tree_group, d.tree_value_shift, d.node_cat_offset,
+              d.node_cat_words, d.cat_bits, static_cast<const AccT*>(d.base),
+              static_cast<const XT*>(X), rows, R, s.num_features, s.num_outputs, f.num_trees(), lo,
+              hi, s.cat_rule.integral, divisor, link, tile, static_cast<AccT*>(out));
+    }
   };
   if (xdt == DType::F32)
     go(type_tag<float>{});
   else
     go(type_tag<double>{});
   check(cudaGetLastError(), "kernel launch");
+  return rows_kernel;
 }
 
 }  // namespace
@@ -245,25 +442,27 @@ void forest_predict_cuda(const Forest& f, const ArrayView& X, bool x_on_device, 
     out_dev = d.out_buf;
   }
   const auto& s = f.spec();
-  if (s.threshold_f64 && s.accum_f64)
-    launch<double, double>(f, d, x_dev, X.dtype, rows, out_dev, stream);
-  else if (s.threshold_f64)
-    launch<double, float>(f, d, x_dev, X.dtype, rows, out_dev, stream);
-  else if (s.accum_f64)
-    launch<float, double>(f, d, x_dev, X.dtype, rows, out_dev, stream);
-  else
-    launch<float, float>(f, d, x_dev, X.dtype, rows, out_dev, stream);
   const bool divide = s.divisor != 1.0 && (apply_link || s.divide_margin);
-  if (divide || apply_link) {
+  const double divisor = divide ? s.divisor : 1.0;
+  const int32_t link = apply_link ? static_cast<int32_t>(s.link) : 0;
+  bool finish;
+  if (s.threshold_f64 && s.accum_f64)
+    finish = launch<double, double>(f, d, x_dev, X.dtype, rows, out_dev, divisor, link, stream);
+  else if (s.threshold_f64)
+    finish = launch<double, float>(f, d, x_dev, X.dtype, rows, out_dev, divisor, link, stream);
+  else if (s.accum_f64)
+    finish = launch<float, double>(f, d, x_dev, X.dtype, rows, out_dev, divisor, link, stream);
+  else
+    finish = launch<float, float>(f, d, x_dev, X.dtype, rows, out_dev, divisor, link, stream);
+  if (finish && (divide || apply_link)) {
     const int threads = 128;
     const auto blocks = static_cast<unsigned>((rows + threads - 1) / threads);
-    const int32_t link = apply_link ? static_cast<int32_t>(s.link) : 0;
     if (out_item == 4)
-      forest_finish_kernel<float><<<blocks, threads, 0, stream>>>(
-          static_cast<float*>(out_dev), rows, K, divide ? s.divisor : 1.0, link);
+      forest_finish_kernel<float>
+          <<<blocks, threads, 0, stream>>>(static_cast<float*>(out_dev), rows, K, divisor, link);
     else
-      forest_finish_kernel<double><<<blocks, threads, 0, stream>>>(
-          static_cast<double*>(out_dev), rows, K, divide ? s.divisor : 1.0, link);
+      forest_finish_kernel<double>
+          <<<blocks, threads, 0, stream>>>(static_cast<double*>(out_dev), rows, K, divisor, link);
     check(cudaGetLastError(), "finish kernel launch");
   }
   if (!out_on_device) {
