@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -334,3 +337,40 @@ def test_a_result_is_counted_before_its_future_ends():
                     f.result(WAIT)
                 s = b.stats()
                 assert s["completed"] == 8 * round_ and s["rows"] == 8 * round_, s
+
+
+_EXIT_SCRIPT = """
+import asyncio
+import numpy as np
+from fastml import infer
+
+b = infer.Batcher(lambda x: x * 2, max_batch_size=8, max_delay_us=0)
+
+async def main():
+    xs = [np.full((1, 3), i, np.float32) for i in range(64)]
+    out = await asyncio.gather(*(b.predict_async(x) for x in xs))
+    assert all((o == 2 * x).all() for o, x in zip(out, xs))
+
+asyncio.run(main())
+b.close()
+try:
+    infer.Forest.from_bytes(b"not a forest")
+except ValueError:
+    pass
+print("ok")
+"""
+
+
+def test_the_interpreter_exits_cleanly_after_async_use():
+    """Process exit after predict_async and the exception mapping: no static
+    Python object may be released after the interpreter has finalised (was:
+    SIGSEGV at exit on Python 3.12 from cached attribute names)."""
+    r = subprocess.run(
+        [sys.executable, "-c", _EXIT_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ),
+    )
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert r.stdout.strip() == "ok"

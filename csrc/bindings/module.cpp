@@ -11,11 +11,16 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "fastml native core (private; use the fastml package)";
   m.attr("__version__") = FASTML_VERSION;
 
-  // Python exception types that the core's errors map to.
-  static py::exception<fastml::QueueFull> queue_full(m, "QueueFull", PyExc_RuntimeError);
-  static py::exception<fastml::FormatError> format_error(m, "FormatError", PyExc_ValueError);
-  static py::object cancelled_error =
-      py::module_::import("concurrent.futures").attr("CancelledError");
+  // Python exception types that the core's errors map to. Leaked on purpose:
+  // a static Python object's destructor runs at process exit, after the
+  // interpreter has finalised, and its decref then crashes (seen on Python
+  // 3.12 with the Batcher's cached attribute names).
+  static auto* queue_full =
+      new py::exception<fastml::QueueFull>(m, "QueueFull", PyExc_RuntimeError);
+  static auto* format_error =
+      new py::exception<fastml::FormatError>(m, "FormatError", PyExc_ValueError);
+  static auto* cancelled_error =
+      new py::object(py::module_::import("concurrent.futures").attr("CancelledError"));
 
   // Translators registered later are tried first: the most derived types come last.
   py::register_exception_translator([](std::exception_ptr p) {
@@ -26,15 +31,15 @@ PYBIND11_MODULE(_core, m) {
     } catch (const fastml::IOError& e) {
       PyErr_SetString(PyExc_OSError, e.what());
     } catch (const fastml::FormatError& e) {
-      PyErr_SetString(format_error.ptr(), e.what());
+      PyErr_SetString(format_error->ptr(), e.what());
     } catch (const fastml::TypeError& e) {
       PyErr_SetString(PyExc_TypeError, e.what());
     } catch (const fastml::TimeoutError& e) {
       PyErr_SetString(PyExc_TimeoutError, e.what());
     } catch (const fastml::Cancelled& e) {
-      PyErr_SetString(cancelled_error.ptr(), e.what());
+      PyErr_SetString(cancelled_error->ptr(), e.what());
     } catch (const fastml::QueueFull& e) {
-      PyErr_SetString(queue_full.ptr(), e.what());
+      PyErr_SetString(queue_full->ptr(), e.what());
     }
   });
 

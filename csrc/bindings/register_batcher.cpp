@@ -906,8 +906,12 @@ class AsyncBridge : public std::enable_shared_from_this<AsyncBridge> {
       std::lock_guard<std::mutex> lock(mu_);
       ready.swap(pending_);
     }
-    static const py::str done_name("done"), result_name("set_result"),
-        exception_name("set_exception"), cancel_name("cancel");
+    // Created once and never released: a static py::str would be decref'd at
+    // process exit, after Python finalised (a SIGSEGV at exit on Python 3.12).
+    static const py::str& done_name = *new py::str("done");
+    static const py::str& result_name = *new py::str("set_result");
+    static const py::str& exception_name = *new py::str("set_exception");
+    static const py::str& cancel_name = *new py::str("cancel");
     for (auto& [w, f] : ready) {
       py::object waiter = held(w);
       if (waiter.attr(done_name)().cast<bool>()) continue;  // its task was cancelled
