@@ -201,6 +201,6 @@ def test_version_1_bytes_still_load():
     s = p.summary("x")
     assert s["count"] == 4 and s["effective_count"] == 4 and s["n_values"] == 4
     bad = bytearray(_v1_bytes([1.0]))
-    bad[8] = 4
-    with pytest.raises(ValueError, match="format version 4; this fastml reads versions 1 to 3"):
+    bad[8] = 5
+    with pytest.raises(ValueError, match="format version 5; this fastml reads versions 1 to 4"):
         drift.Profile.from_bytes(bytes(bad))

@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 from _drift_helpers import progress_during
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import fastml
@@ -275,6 +275,38 @@ def test_merge_is_associative_and_rejects_foreign_profiles():
         drift.Profile.merge([])
 
 
+def test_merge_keeps_a_references_edges_and_rebins_own_edges():
+    """Shards of one reference keep its edges even where the union's quantiles
+    differ; profiles whose identical edges come from their own data are re-binned
+    to the union's; the distinction survives to_bytes and copy."""
+    ties = np.repeat([0.0, 1.0, 2.0, 3.0, 4.0], [32, 34, 38, 22, 48])
+    ref = drift.Profile.from_data({"k": ties}, bins=20)
+    a, b = ref.empty(), ref.empty()
+    a.update({"k": np.repeat([0.0, 1.0, 2.0, 3.0, 4.0], [50, 1, 1, 1, 1])})
+    b.update({"k": np.repeat([0.0, 4.0], [3, 40])})
+    shards = drift.Profile.merge([a, b])
+    np.testing.assert_array_equal(shards.summary("k")["edges"], ref.summary("k")["edges"])
+    assert not shards._native.edges_own
+    rng = np.random.default_rng(0)
+    parts = [_mixed_table(rng, n, s) for n, s in ((118, 0.5), (56, 0.5))]
+    own = [drift.Profile.from_data(p, bins=20) for p in parts]
+    np.testing.assert_array_equal(own[0].summary("k")["edges"], own[1].summary("k")["edges"])
+    for transport in (lambda p: p, lambda p: drift.Profile.from_bytes(p.to_bytes()), copy_of):
+        merged = drift.Profile.merge([transport(p) for p in own])
+        union = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        whole = drift.Profile.from_data(union, bins=20)
+        np.testing.assert_array_equal(merged.summary("k")["edges"], whole.summary("k")["edges"])
+        np.testing.assert_array_equal(merged.summary("k")["hist"], whole.summary("k")["hist"])
+        assert merged._native.edges_own
+    # The reference merged with its own shards keeps the reference's edges.
+    mixed = drift.Profile.merge([ref, a])
+    np.testing.assert_array_equal(mixed.summary("k")["edges"], ref.summary("k")["edges"])
+
+
+def copy_of(p):
+    return p.copy()
+
+
 def _mixed_table(rng, n, shift):
     x = rng.normal(shift, 1.0 + shift, size=n)
     x[rng.random(n) < 0.05] = np.nan
@@ -292,6 +324,9 @@ def _mixed_table(rng, n, shift):
     seed=st.integers(0, 2**16),
     bins=st.sampled_from([1, 5, 20]),
 )
+# Found by the explore profile: both parts' edges of a small-integer column were
+# [0, 1, 2, 3, 4] and merge kept them, where the union's are [0, 1, 2, 2.8, 3, 4].
+@example(sizes=[118, 56], shifts=[0.5, 0.5, 0.0, 0.0], seed=0, bins=20)
 def test_independent_exact_profiles_merge_to_the_union(sizes, shifts, seed, bins):
     """Profiles built apart (each with its own edges) merge to the profile of the union."""
     rng = np.random.default_rng(seed)

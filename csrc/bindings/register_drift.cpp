@@ -230,7 +230,7 @@ void register_drift(py::module_& m) {
           "create",
           [](const std::vector<std::string>& names, const std::vector<int>& kinds,
              const py::list& edges, const std::string& mode, int sketch_k, int64_t category_cap,
-             int bins) {
+             int bins, bool edges_own) {
             FASTML_CHECK_ARG(names.size() == kinds.size() && names.size() == edges.size(), "names",
                              "kinds and edges must have equal lengths");
             FASTML_CHECK_ARG(category_cap >= 1, "category_cap", "must be >= 1, got ", category_cap);
@@ -241,6 +241,7 @@ void register_drift(py::module_& m) {
             st->sketch_k = sketch_k;
             FASTML_CHECK_ARG(bins >= 0, "bins", "must be >= 0, got ", bins);
             st->bins = bins;
+            st->edges_own = edges_own;
             for (size_t i = 0; i < names.size(); ++i) {
               FASTML_CHECK_ARG(st->find(names[i]) < 0, "names", "has a duplicate feature '",
                                names[i], "'");
@@ -260,7 +261,8 @@ void register_drift(py::module_& m) {
             return std::make_shared<NativeProfile>(std::move(st));
           },
           py::arg("names"), py::arg("kinds"), py::arg("edges"), py::arg("mode"),
-          py::arg("sketch_k"), py::arg("category_cap"), py::arg("bins") = 0)
+          py::arg("sketch_k"), py::arg("category_cap"), py::arg("bins") = 0,
+          py::arg("edges_own") = false)
       .def("empty_like",
            [](const NativeProfile& p) {
              std::lock_guard<std::mutex> g(p.mutex);
@@ -391,6 +393,12 @@ void register_drift(py::module_& m) {
                              [](const NativeProfile& p) { return mode_name(p.state->mode); })
       .def_property_readonly("sketch_k", [](const NativeProfile& p) { return p.state->sketch_k; })
       .def_property_readonly("bins", [](const NativeProfile& p) { return p.state->bins; })
+      .def_property(
+          "edges_own", [](const NativeProfile& p) { return p.state->edges_own; },
+          [](NativeProfile& p, bool v) {
+            std::lock_guard<std::mutex> g(p.mutex);
+            p.state->edges_own = v;
+          })
       .def_property_readonly("rows", [](const NativeProfile& p) { return p.state->rows; })
       .def("numeric_summary",
            [](const NativeProfile& p, int64_t i) {

@@ -685,6 +685,7 @@ int64_t ProfileState::find(const std::string& name) const {
 std::unique_ptr<ProfileState> ProfileState::empty_like() const {
   auto p = std::make_unique<ProfileState>(*this);
   p->clear();
+  p->edges_own = false;  // the edges are this profile's, not the new one's data's
   return p;
 }
 

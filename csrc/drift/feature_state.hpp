@@ -176,6 +176,11 @@ class ProfileState {
   QuantileMode mode = QuantileMode::Exact;
   int sketch_k = QuantileSketch::kDefaultK;
   int bins = 0;  // equal-mass bins asked of from_data (0: unknown, format < 3)
+  // True when the numeric edges were computed from this profile's own data
+  // (from_data, or a merge that re-binned to the union's edges); false for
+  // empty() copies, which keep a reference's edges, and for format < 4.
+  // Merge re-bins profiles with identical edges only when all own them.
+  bool edges_own = false;
 
   int64_t find(const std::string& name) const;  // -1 when absent
   // A profile with the same features and edges and no data.

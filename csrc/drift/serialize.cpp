@@ -2,8 +2,10 @@
 //
 //   offset  size  field
 //   0       8     magic "FMLDRIFT"
-//   8       2     format version (3; 3 adds the requested bins after the sketch
-//                 size, 2 the decay state; versions 1 and 2 still read)
+//   8       2     format version (4; 4 adds a flags byte after the requested
+//                 bins (bit 0: the edges come from the profile's own data), 3
+//                 the requested bins after the sketch size, 2 the decay state;
+//                 versions 1 to 3 still read)
 //   10      2     reserved, 0
 //   12      4     CRC-32 (IEEE) of the payload
 //   16      8     payload length in bytes
@@ -30,7 +32,7 @@ namespace fastml::drift {
 namespace {
 
 constexpr char kMagic[8] = {'F', 'M', 'L', 'D', 'R', 'I', 'F', 'T'};
-constexpr uint16_t kVersion = 3;
+constexpr uint16_t kVersion = 4;
 constexpr size_t kHeader = 24;
 
 struct Writer {
@@ -251,6 +253,7 @@ std::vector<uint8_t> ProfileState::to_bytes() const {
   w.put<uint8_t>(static_cast<uint8_t>(mode));
   w.put<uint32_t>(static_cast<uint32_t>(sketch_k));
   w.put<uint32_t>(static_cast<uint32_t>(bins));  // v3
+  w.put<uint8_t>(edges_own ? 1 : 0);             // v4: flags
   w.put<double>(rows);
   w.put<uint32_t>(static_cast<uint32_t>(features.size()));
   for (const Feature& f : features) {
@@ -323,6 +326,11 @@ std::unique_ptr<ProfileState> ProfileState::from_bytes(const uint8_t* data, size
     const uint32_t bins = r.get<uint32_t>();
     if (bins > (1u << 24)) r.corrupt("bad bin count");
     p->bins = static_cast<int>(bins);
+  }
+  if (version >= 4) {
+    const uint8_t flags = r.get<uint8_t>();
+    if (flags & ~1u) r.corrupt("unknown flags");
+    p->edges_own = (flags & 1u) != 0;
   }
   p->rows = r.get_count();
   const uint32_t nfeat = r.get<uint32_t>();

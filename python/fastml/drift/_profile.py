@@ -100,7 +100,9 @@ class Profile:
             else:
                 values = np.asarray(numeric_data(c), dtype=np.float64)
                 edges.append(_equal_mass_edges(values, bins))
-        native = _core._DriftProfile.create(names, kinds, edges, mode, sketch_k, category_cap, bins)
+        native = _core._DriftProfile.create(
+            names, kinds, edges, mode, sketch_k, category_cap, bins, edges_own=True
+        )
         prof = cls(native)
         prof._ingest(cols, nrows)
         return prof
@@ -181,7 +183,9 @@ class Profile:
         Shards of one reference (:meth:`empty` of it, same edges) merge as they
         are. Profiles built independently (:meth:`from_data` on each part, each
         with its own equal-mass edges) merge too: the union's edges are
-        recomputed and each part's histogram is moved onto them, exactly in
+        recomputed (also when the parts' edges happen to coincide: a profile
+        records whether its edges come from its own data, and :meth:`to_bytes`
+        keeps that) and each part's histogram is moved onto them, exactly in
         ``"exact"`` mode (from the stored values: the result equals
         :meth:`from_data` of the union, with as many bins as the finest part),
         within the sketches' rank error in ``"sketch"`` mode (edges from the
@@ -205,21 +209,32 @@ class Profile:
             if p.mode != first.mode:
                 raise ValueError(f"profiles have different modes: {first.mode!r} and {p.mode!r}")
         parts = [p.copy() for p in profiles]
+        # Shards that share a reference's edges (empty() copies) keep them; profiles
+        # whose edges come from their own data are re-binned to the union's edges,
+        # also when their edges happen to be identical (ties: the union's quantiles
+        # can fall elsewhere).
+        all_own = all(p._native.edges_own for p in parts)
+        own = all_own
         if len(parts) > 1 and first.mode != "histogram":
             for i, kind in enumerate(first._native.kinds):
                 if kind != 0:
                     continue
                 name = first.features[i]
                 edges = [np.asarray(p.summary(name)["edges"]) for p in parts]
-                if all(np.array_equal(edges[0], e) for e in edges[1:]):
+                same = all(np.array_equal(edges[0], e) for e in edges[1:])
+                if same and not all_own:
                     continue
                 asked = max(p._native.bins for p in parts)  # 0: profiles of format < 3
                 union = _union_edges(parts, i, asked or max(len(e) - 1 for e in edges))
+                own = own or not same
+                if same and np.array_equal(union, edges[0]):
+                    continue
                 for p in parts:
                     p._native.rebin(i, union)
         out = parts[0]
         for p in parts[1:]:
             out._native.merge(p._native)
+        out._native.edges_own = own
         return out
 
     @classmethod
