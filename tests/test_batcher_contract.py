@@ -374,3 +374,37 @@ def test_the_interpreter_exits_cleanly_after_async_use():
     )
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
     assert r.stdout.strip() == "ok"
+
+
+def test_predict_async_from_several_loops_and_threads():
+    """Each call resolves on its own loop with its own value: loops running at
+    once on several threads, and loops run one after another on one thread
+    (predict_async remembers the last loop and must notice when it changed)."""
+    b = infer.Batcher(lambda x: x * 2, max_batch_size=16, max_delay_us=0)
+    errors: list[BaseException] = []
+
+    async def client(k: int) -> None:
+        loop = asyncio.get_running_loop()
+        xs = [np.full((1, 2), float(k * 1000 + i)) for i in range(150)]
+        out = await asyncio.gather(*(b.predict_async(x) for x in xs))
+        for x, o in zip(xs, out, strict=True):
+            np.testing.assert_array_equal(o, 2 * x)
+        assert asyncio.get_running_loop() is loop
+
+    def run(k: int) -> None:
+        try:
+            asyncio.run(client(k))
+        except BaseException as e:  # reported on the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for k in range(10, 13):  # new loops on this thread, one after another
+        run(k)
+    for t in threads:
+        t.join(60)
+        assert not t.is_alive()
+    assert not errors, errors
+    b.close()
+    assert b.stats()["completed"] == 7 * 150

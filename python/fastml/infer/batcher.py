@@ -19,6 +19,8 @@ from typing import Any
 
 from fastml import _core
 
+_get_ident = threading.get_ident
+
 # The running event loop of this thread, or None (asyncio's C accessor: ~50 ns).
 _get_running_loop = asyncio._get_running_loop
 
@@ -154,8 +156,9 @@ class Batcher:
         self._bridges: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
             weakref.WeakKeyDictionary()
         )
-        self._last_loop: asyncio.AbstractEventLoop | None = None
-        self._last_bridge: Any = None
+        # (loop, bridge) of the last predict_async call: read and written as one
+        # tuple, so threads running different loops never pair the wrong two.
+        self._last_bridge: tuple[asyncio.AbstractEventLoop, Any] | None = None
         _live_batchers.add(self)
 
     @property
@@ -258,14 +261,19 @@ class Batcher:
         The model always runs on a worker thread, never on the event loop's.
         Cancelling the awaiting task cancels the request if it has not started.
         """
-        loop = asyncio.get_running_loop()
-        if loop is self._last_loop:
-            bridge = self._last_bridge
+        last = self._last_bridge
+        # The last loop is still this thread's running loop when it runs on this
+        # thread (asyncio's loops record their thread while running): that check
+        # avoids asyncio.get_running_loop(), whose fork check is a getpid()
+        # system call before Python 3.12 (65% of this method's time here).
+        if last is not None and getattr(last[0], "_thread_id", None) == _get_ident():
+            loop, bridge = last
         else:
+            loop = asyncio.get_running_loop()
             bridge = self._bridges.get(loop)
             if bridge is None:
                 bridge = self._bridges[loop] = _core._BatcherAsyncBridge(loop)
-            self._last_loop, self._last_bridge = loop, bridge
+            self._last_bridge = (loop, bridge)
         # One native call submits the request and wires `waiter` to it: the
         # bridge sets the request's result (or exception) on it, on this loop.
         waiter: asyncio.Future[Any] = loop.create_future()
