@@ -335,6 +335,27 @@ def test_state_dict_validation():
         data.Loader(ds, batch_size=10, seed=1).load_state_dict({**st0, "batches_consumed": 11})
     with pytest.raises(ValueError, match=r"version"):
         data.Loader(ds, batch_size=10, seed=1).load_state_dict({**st0, "version": 99})
+    # Another data set of the same length: refused, naming the columns.
+    other = data.Dataset.from_numpy({"j": np.arange(100, dtype=np.int64)})
+    with pytest.raises(ValueError, match=r"columns \{'i': '<i8'\}.*\{'j': '<i8'\}"):
+        data.Loader(other, batch_size=10, seed=1).load_state_dict(st0)
+    other = data.Dataset.from_numpy({"i": np.arange(100, dtype=np.float32)})
+    with pytest.raises(ValueError, match=r"columns"):
+        data.Loader(other, batch_size=10, seed=1).load_state_dict(st0)
+    # Bad values name the field; a state saved before columns were recorded loads.
+    for bad, err in (
+        ({"epoch": -1}, ValueError),
+        ({"epoch": 2**63}, ValueError),
+        ({"epoch": "1"}, TypeError),
+        ({"batches_consumed": 1.5}, TypeError),
+    ):
+        with pytest.raises(err, match=r"state\['(epoch|batches_consumed)'\]"):
+            data.Loader(ds, batch_size=10, seed=1).load_state_dict({**st0, **bad})
+    old = {k: v for k, v in st0.items() if k != "columns"}
+    data.Loader(ds, batch_size=10, seed=1).load_state_dict({**old, "batches_consumed": 3})
+    with pytest.raises(TypeError, match="state must be a dict"):
+        data.Loader(ds, batch_size=10, seed=1).load_state_dict([1, 2])
+    json.dumps(st0)  # JSON-serialisable, columns included
 
 
 def test_break_then_iterate_continues_the_epoch():

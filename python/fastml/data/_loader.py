@@ -45,6 +45,14 @@ def _check_int(name: str, value: Any, lo: int) -> int:
     return int(value)
 
 
+def _columns_fingerprint(dataset: Any) -> dict[str, str]:
+    """Each column's name with its dtype and per-row shape, e.g. {"x": "float32[8]"}."""
+    return {
+        name: f"{np.dtype(c.dtype).str}{list(c.shape) if c.shape else ''}"
+        for name, c in dataset.schema.items()
+    }
+
+
 def _distributed_defaults() -> tuple[int, int]:
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
@@ -249,14 +257,17 @@ class Loader:
             "world_size": self._world_size,
             "num_rows": len(self._dataset),
             "shuffle_buffer": self._shuffle_buffer if self._dataset.is_streamed else None,
+            "columns": _columns_fingerprint(self._dataset),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from ``state_dict()``: the next batch is the one after those consumed.
 
         The loader must be configured as the one that produced ``state`` (same
-        dataset size, seed, shuffle, batch_size, drop_last, rank, world_size);
-        ValueError names the first setting that differs.
+        dataset size and columns (names, dtypes, per-row shapes), seed, shuffle,
+        batch_size, drop_last, rank, world_size); ValueError names the first
+        setting that differs. States saved before the columns were recorded
+        are checked without them.
         """
         if isinstance(state, (str, bytes)):
             state = json.loads(state)
@@ -282,7 +293,14 @@ class Loader:
                 raise ValueError(
                     f"state {key}={state.get(key)!r} does not match this loader's {key}={mine[key]!r}"
                 )
+        if "columns" in state and state["columns"] != mine["columns"]:
+            raise ValueError(
+                f"state was saved from a data set with columns {state['columns']!r}; this "
+                f"loader's data set has {mine['columns']!r}"
+            )
         epoch = _check_int("state['epoch']", state.get("epoch"), 0)
+        if epoch >= 2**63:
+            raise ValueError(f"state['epoch'] must be < 2**63, got {epoch}")
         pos = _check_int("state['batches_consumed']", state.get("batches_consumed"), 0)
         if pos > len(self):
             raise ValueError(f"state['batches_consumed'] must be <= {len(self)}, got {pos}")
