@@ -666,7 +666,9 @@ def _build_lightgbm(text: str, slice_iters: int | None) -> Any:
                 flags[i] = _CATEGORICAL | _CAT_SET_LEFT
                 continue
             threshold[i] = thr[i]
-            if missing_type == 0:  # None: NaN is treated as 0.0
+            # LightGBM's missing types: 0 none, 1 zero, 2 NaN. It reads 3, which
+            # it never writes, as "none" too (NaN -> 0.0, then the comparison).
+            if missing_type in (0, 3):  # None: NaN is treated as 0.0
                 default_left = 0.0 <= thr[i]
             elif missing_type == 1:  # Zero
                 flags[i] |= _ZERO_MISSING
