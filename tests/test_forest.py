@@ -1052,3 +1052,121 @@ print((after - before) // 1024)
     grown_mib = int(r.stdout.split()[-1])
     # Scratch is at most ~16 MiB (or one row) per thread; it was 2 GB here.
     assert grown_mib < 150, f"max RSS grew by {grown_mib} MiB"
+
+
+def _xgb_cat_model(rounds: int, depth: int, only_cat: bool = False):
+    rng = np.random.default_rng(7)
+    n = 800
+    c = rng.integers(0, 12, n)
+    x = rng.random(n)
+    y = np.isin(c, [1, 3, 5, 8]) * 2.0 + x
+    X, types = (c[:, None].astype(float), ["c"]) if only_cat else (np.stack([c, x], 1), ["c", "q"])
+    d = xgb.DMatrix(X, y, enable_categorical=True, feature_types=types)
+    b = xgb.train({"max_depth": depth, "max_cat_to_onehot": 1, "nthread": 1}, d, rounds)
+    return json.loads(b.save_raw("json"))
+
+
+def _add_category(doc, value, every_set: bool = False):
+    """Adds `value` to the first category set of every tree that has one (to
+    every set with every_set)."""
+    for t in doc["learner"]["gradient_booster"]["model"]["trees"]:
+        for k in range(
+            len(t["categories_sizes"]) if every_set else min(1, len(t["categories_sizes"]))
+        ):
+            t["categories"].insert(t["categories_segments"][k] + t["categories_sizes"][k], value)
+            t["categories_sizes"][k] += 1
+            t["categories_segments"] = [s + (i > k) for i, s in enumerate(t["categories_segments"])]
+    return json.dumps(doc).encode()
+
+
+@pytest.mark.parametrize("big", [2**23, 2**24 - 1, 2**24, 2**24 + 2, 2**30])
+def test_xgboost_categories_from_2_24_are_invalid_as_in_xgboost(big):
+    """XGBoost takes category inputs >= 2^24 as invalid (they go the invalid
+    way, even when the model's set lists them): fastml agrees bit for bit
+    (it read them as ordinary categories up to 2^31, issue #20)."""
+    raw = _add_category(_xgb_cat_model(1, 2), big)
+    b = xgb.Booster()
+    b.load_model(bytearray(raw))
+    X = np.array([[big, 0.5], [big + 1, 0.5], [1, 0.5], [0, 0.5], [2**24, 0.2]], np.float32)
+    want = b.predict(
+        xgb.DMatrix(X, enable_categorical=True, feature_types=["c", "q"]), output_margin=True
+    )
+    np.testing.assert_array_equal(Forest.from_xgboost(raw).predict(X, output="margin"), want)
+
+
+def test_category_bitsets_are_capped():
+    """One number in a file asks for a bitset as long as the category: the
+    forest's category bitsets are capped at 128 MiB, refused with a clear error
+    (a 150-tree model whose sets each list category 2^24 - 1)."""
+    from fastml.infer._forest_common import MAX_CATEGORY_WORDS
+
+    doc = _xgb_cat_model(150, 3, only_cat=True)
+    trees = doc["learner"]["gradient_booster"]["model"]["trees"]
+    assert sum(len(t["categories_sizes"]) for t in trees) * (2**19) > MAX_CATEGORY_WORDS
+    with pytest.raises(fastml.FormatError, match="128 MiB"):
+        Forest.from_xgboost(_add_category(doc, 2**24 - 1, every_set=True))
+    Forest.from_xgboost(_add_category(_xgb_cat_model(150, 3, only_cat=True), 2**20, True))
+
+
+def _chain_spec(depth: int) -> dict:
+    """One tree that is a chain of `depth` splits (each left child a leaf)."""
+    n = 2 * depth + 1
+    left = np.full(n, -1, np.int32)
+    right = np.full(n, -1, np.int32)
+    for d in range(depth):
+        left[2 * d] = 2 * d + 1
+        right[2 * d] = 2 * d + 2
+    internal = left >= 0
+    return _tiny_spec(
+        tree_node_offsets=np.array([0, n], np.int64),
+        node_feature=np.where(internal, 0, -1).astype(np.int32),
+        node_threshold=np.where(internal, 0.5, 0.0),
+        node_left=left,
+        node_right=right,
+        node_flags=np.zeros(n, np.uint32),
+        node_cat=np.full(n, -1, np.int32),
+        leaf_values=np.where(internal, 0.0, 1.0),
+    )
+
+
+def test_declared_limits_at_and_past_each(tmp_path):
+    """docs/forest.md's limits: at the limit a model builds (and predicts), one
+    past it is refused naming the field, before anything is sized from it."""
+    # features < 2^27
+    last = (1 << 27) - 1
+    f = _core.ForestCore(_tiny_spec(num_features=last))
+    assert f.num_features == last
+    with pytest.raises(ValueError, match="num_features"):
+        _core.ForestCore(_tiny_spec(num_features=1 << 27))
+    # outputs: 65,536 classes from a model file
+    doc = json.loads(
+        xgb.train({"nthread": 1}, xgb.DMatrix(np.eye(3), [0, 1, 0]), 1).save_raw("json")
+    )
+    doc["learner"]["learner_model_param"]["num_class"] = str((1 << 16) + 1)
+    with pytest.raises(fastml.FormatError, match=r"num_class|classes"):
+        Forest.from_xgboost(json.dumps(doc).encode())
+    # tree depth <= 4096
+    g = _core.ForestCore(_chain_spec(4096))
+    assert g.num_trees == 1
+    with pytest.raises(ValueError, match="deeper than 4096"):
+        _core.ForestCore(_chain_spec(4097))
+    # LightGBM leaves per tree <= 2^24
+    lb = lgb.train(
+        {"verbose": -1, "num_leaves": 4, "num_threads": 1},
+        lgb.Dataset(np.random.default_rng(0).normal(size=(200, 2)), np.arange(200.0)),
+        1,
+    )
+    text = lb.model_to_string()
+    p = tmp_path / "m.txt"
+    p.write_text(text.replace("num_leaves=4\n", f"num_leaves={(1 << 24) + 1}\n", 1))
+    with pytest.raises(fastml.FormatError, match="num_leaves"):
+        Forest.from_lightgbm(str(p))
+    # category values < 2^31
+    from fastml.infer._forest_common import _SpecBuilder
+
+    sb = _SpecBuilder(2, 1)
+    sb.add_cat_set([(1 << 29) - 1])  # a 64 MiB set: within the 128 MiB of bitsets
+    with pytest.raises(ValueError, match="category values"):
+        sb.add_cat_set([1 << 31])
+    with pytest.raises(ValueError, match="128 MiB"):
+        sb.add_cat_set([(1 << 30) - 1])  # 128 MiB more

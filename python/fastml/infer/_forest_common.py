@@ -40,6 +40,7 @@ class _SpecBuilder:
         self.cat: list[np.ndarray] = []
         self.values: list[np.ndarray] = []
         self.cat_sets: list[np.ndarray] = []
+        self.cat_words = 0
 
     def add_cat_set(self, categories: Sequence[int] | np.ndarray) -> int:
         cats = np.asarray(categories, dtype=np.int64)
@@ -47,15 +48,29 @@ class _SpecBuilder:
             raise ValueError(
                 f"category values must be in [0, 2^31), got {cats.min()}..{cats.max()}"
             )
-        words = np.zeros(int(cats.max()) // 32 + 1 if cats.size else 1, dtype=np.uint32)
-        for c in cats.tolist():
-            words[c >> 5] |= np.uint32(1 << (c & 31))
+        n = int(cats.max()) // 32 + 1 if cats.size else 1
+        self._count_words(n, int(cats.max()) if cats.size else 0)
+        words = np.zeros(n, dtype=np.uint32)
+        np.bitwise_or.at(words, cats >> 5, (np.uint32(1) << (cats & 31).astype(np.uint32)))
         self.cat_sets.append(words)
         return len(self.cat_sets) - 1
 
     def add_bitset(self, words: np.ndarray) -> int:
-        self.cat_sets.append(np.asarray(words, dtype=np.uint32).ravel())
+        w = np.asarray(words, dtype=np.uint32).ravel()
+        self._count_words(w.size, 32 * w.size - 1)
+        self.cat_sets.append(w)
         return len(self.cat_sets) - 1
+
+    def _count_words(self, n: int, largest: int) -> None:
+        # A category set is a bitset as long as its largest category: one number
+        # in a file can ask for megabytes, so the forest's total is capped.
+        self.cat_words += n
+        if self.cat_words > MAX_CATEGORY_WORDS:
+            raise ValueError(
+                f"the category sets need more than {MAX_CATEGORY_WORDS * 4 >> 20} MiB of "
+                f"bitsets (largest category so far {largest}); fastml's limit is "
+                f"{MAX_CATEGORY_WORDS * 4 >> 20} MiB per forest"
+            )
 
     def add_tree(
         self,
@@ -155,6 +170,9 @@ def _as_list(v: Any) -> list[Any]:
 
 #: Most classes (outputs) a forest may have.
 MAX_CLASSES = 1 << 16
+
+#: Most 32-bit words of category bitsets a forest may hold (128 MiB).
+MAX_CATEGORY_WORDS = 1 << 25
 
 
 class _ArgumentError(ValueError):

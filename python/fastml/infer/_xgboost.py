@@ -32,6 +32,10 @@ from fastml.infer._forest_common import (
 
 # ---------------------------------------------------------------------------- XGBoost
 
+# XGBoost's first invalid category: inputs from 2^24 up (float32 stops being
+# exact there) go the invalid way (measured against xgboost 3.2 and 3.4).
+_XGB_MAX_CAT = 1 << 24
+
 _XGB_LINKS = {
     "binary:logistic": (_SIGMOID, "logit", "binary"),
     "reg:logistic": (_SIGMOID, "logit", "regression"),
@@ -267,7 +271,10 @@ def _build_xgboost(j: dict[str, Any], iteration_range: tuple[int, int] | None) -
                 if not (0 <= nid < n and 0 <= seg and seg + size <= len(cats)):
                     raise ValueError(f"XGBoost tree {t} has a category segment out of range")
                 # Categories in the set go right; invalid ones (negative or too large) go left.
-                cat_idx[nid] = sb.add_cat_set(cats[seg : seg + size])
+                # XGBoost takes inputs >= 2^24 (no longer exact in float32) as invalid,
+                # so set members from 2^24 up can never match: they are left out.
+                members = [c for c in cats[seg : seg + size] if c < _XGB_MAX_CAT]
+                cat_idx[nid] = sb.add_cat_set(members)
                 flags[nid] |= _CATEGORICAL | _CAT_INVALID_LEFT
             missing = (stype == 1) & ~is_leaf & (cat_idx < 0)
             if np.any(missing):
@@ -303,5 +310,5 @@ def _build_xgboost(j: dict[str, Any], iteration_range: tuple[int, int] | None) -
             "feature_names": _names_or_none(learner.get("feature_names"), num_feature),
         },
         cat_lo=0.0,
-        cat_hi=2147483648.0,
+        cat_hi=float(_XGB_MAX_CAT),
     )
