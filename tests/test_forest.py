@@ -840,6 +840,10 @@ def test_native_builder_validates():
             node_cat=np.array([0, -1, -1], np.int32),
         ),
         "num_features": _tiny_spec(num_features=0),
+        # an offset past the node count (found by ASan: read past the node arrays)
+        "nodes past the forest": _tiny_spec(
+            tree_node_offsets=np.array([0, 100, 3], np.int64), tree_group=np.array([0, 0], np.int32)
+        ),
         "base_margin": _tiny_spec(base_margin=np.zeros(2)),
     }
     for msg, spec in bad.items():

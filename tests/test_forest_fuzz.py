@@ -5,6 +5,7 @@ hang or leave a half-built Forest."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -393,3 +394,86 @@ def test_fastml_agrees_with_lightgbm_or_refuses(lgb_numeric_text, tmp_path_facto
         return
     if want is not None:
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
+
+
+@pytest.fixture(scope="module")
+def sk_models():
+    """scikit-learn estimators whose fitted tree arrays the test edits in place:
+    a regression tree and a forest trained with NaN (missing_go_to_left), a
+    gradient-boosting classifier."""
+    from sklearn import ensemble, tree
+
+    rng = np.random.default_rng(6)
+    X = rng.normal(size=(300, 4))
+    X[rng.random(X.shape) < 0.1] = np.nan
+    y = np.nan_to_num(X[:, 0]) + np.nan_to_num(X[:, 1]) ** 2
+    Xf = np.nan_to_num(X)
+    return {
+        "tree": (tree.DecisionTreeRegressor(max_depth=4, random_state=0).fit(X, y), X),
+        "forest": (
+            ensemble.RandomForestRegressor(n_estimators=3, max_depth=3, random_state=0).fit(X, y),
+            X,
+        ),
+        "boosting": (
+            ensemble.GradientBoostingClassifier(n_estimators=3, max_depth=2, random_state=0).fit(
+                Xf, y > 1
+            ),
+            Xf,
+        ),
+    }
+
+
+_SK_FIELDS = {
+    "threshold": st.sampled_from([0.0, -0.0, 1e308, -1e308, np.inf, -np.inf, 5e-324, 1e-36])
+    | st.floats(-3, 3),
+    "value": st.sampled_from([0.0, -0.0, 1e308, -1e308, 5e-324]) | st.floats(-5, 5),
+    "feature": st.integers(0, 3),
+    "missing_go_to_left": st.sampled_from([0, 1, 2, 255]),
+}
+
+
+@settings(
+    max_examples=examples(40),
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    which=st.sampled_from(["tree", "forest", "boosting"]),
+    edits=st.lists(
+        st.tuples(
+            st.integers(0, 2), st.sampled_from(sorted(_SK_FIELDS)), st.integers(0, 30), st.data()
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+)
+@example(which="tree", edits=[(0, "missing_go_to_left", 0, 2)])
+def test_fastml_agrees_with_sklearn_or_refuses(sk_models, which, edits):
+    """Edited fields of fitted scikit-learn trees (thresholds including ±inf and
+    ±1e308, leaf values, split features, missing-value directions): fastml
+    predicts what scikit-learn predicts on the edited estimator, or refuses
+    (child indices are not edited: scikit-learn would read out of bounds)."""
+    import copy
+
+    est, X = sk_models[which]
+    est = copy.deepcopy(est)
+    trees = [est] if hasattr(est, "tree_") else list(np.ravel(est.estimators_))
+    for t, field, pos, value in edits:
+        tr = trees[t % len(trees)].tree_
+        arr = getattr(tr, field)
+        internal = np.flatnonzero(tr.children_left >= 0)
+        leaves = np.flatnonzero(tr.children_left < 0)
+        where = leaves if field == "value" else internal
+        if where.size == 0:
+            continue
+        v = value.draw(_SK_FIELDS[field]) if hasattr(value, "draw") else value
+        arr[where[pos % where.size]] = v
+    margin = which == "boosting"
+    with warnings.catch_warnings():  # scikit-learn's own sums may overflow to inf
+        warnings.simplefilter("ignore", RuntimeWarning)
+        want = est.decision_function(X) if margin else est.predict(X)
+    try:
+        f = Forest.from_sklearn(est)
+    except FormatError:
+        return
+    got = f.predict(X, output="margin" if margin else "value")
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)

@@ -1045,6 +1045,13 @@ void Forest::finish_build() {
   check_size(s.node_cat, N, "node_cat");
   FASTML_CHECK_ARG(s.tree_node_offsets[0] == 0 && s.tree_node_offsets[T] == N, "tree_node_offsets",
                    "must start at 0 and end at the node count ", N);
+  // Every tree's node range inside [0, N) before any node is read (found by
+  // ASan: an offset past N made the walk below read past the node arrays).
+  for (int64_t t = 0; t < T; ++t) {
+    if (s.tree_node_offsets[t + 1] <= s.tree_node_offsets[t] || s.tree_node_offsets[t + 1] > N)
+      fail<std::invalid_argument>("tree ", t, " has no nodes or nodes past the forest's ", N,
+                                  " (tree_node_offsets)");
+  }
   if (s.cat_offsets.empty()) s.cat_offsets.push_back(0);
   const int64_t C = static_cast<int64_t>(s.cat_offsets.size()) - 1;
   FASTML_CHECK_ARG(

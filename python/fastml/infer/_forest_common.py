@@ -153,8 +153,10 @@ def _f32_le_threshold_for_lt(t: np.ndarray) -> np.ndarray:
 def _f32_le_threshold_for_double(t: np.ndarray) -> np.ndarray:
     """Double thresholds for "float32(x) <= t" as the largest float32 <= t (exact)."""
     t = np.asarray(t, dtype=np.float64)
-    t32 = t.astype(np.float32)
-    with np.errstate(invalid="ignore"):
+    # Past float32's range the cast gives +-inf (no warning wanted): +inf is then
+    # above t and steps down to the largest float32, -inf is the exact answer.
+    with np.errstate(over="ignore", invalid="ignore"):
+        t32 = t.astype(np.float32)
         above = t32.astype(np.float64) > t
     t32[above] = np.nextafter(t32[above], np.float32(-np.inf))
     return t32.astype(np.float64)
