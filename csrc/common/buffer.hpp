@@ -21,18 +21,27 @@ inline constexpr size_t kBufferAlignment = 64;
 inline constexpr size_t kHugeBufferBytes = size_t{4} << 20;
 inline constexpr size_t kHugePageBytes = size_t{2} << 20;
 
+// The policy itself, for containers that manage their own memory (e.g. a
+// std::vector with allocator_bytes below): nullptr for 0 bytes; release with
+// free_bytes.
+inline void* allocate_bytes(size_t nbytes) {
+  const size_t align = nbytes >= kHugeBufferBytes ? kHugePageBytes : kBufferAlignment;
+  const size_t rounded = (nbytes + align - 1) / align * align;
+  void* p = rounded ? std::aligned_alloc(align, rounded) : nullptr;
+  if (rounded && !p) throw std::bad_alloc();
+#ifdef __linux__
+  if (align == kHugePageBytes) madvise(p, rounded, MADV_HUGEPAGE);  // a hint; may fail
+#endif
+  return p;
+}
+inline void free_bytes(void* p) noexcept {
+  std::free(p);
+}
+
 class Buffer {
  public:
-  explicit Buffer(size_t nbytes) : nbytes_(nbytes) {
-    const size_t align = nbytes >= kHugeBufferBytes ? kHugePageBytes : kBufferAlignment;
-    const size_t rounded = (nbytes + align - 1) / align * align;
-    data_ = rounded ? std::aligned_alloc(align, rounded) : nullptr;
-    if (rounded && !data_) throw std::bad_alloc();
-#ifdef __linux__
-    if (align == kHugePageBytes) madvise(data_, rounded, MADV_HUGEPAGE);  // a hint; may fail
-#endif
-  }
-  ~Buffer() { std::free(data_); }
+  explicit Buffer(size_t nbytes) : data_(allocate_bytes(nbytes)), nbytes_(nbytes) {}
+  ~Buffer() { free_bytes(data_); }
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
 
