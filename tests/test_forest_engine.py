@@ -248,6 +248,17 @@ def test_each_path_is_taken_and_exact():
     spec = _spec(trees, 3, 1, [0] * 5, True, True, rng)
     assert _core.ForestCore(spec).engine == "binned"
     _check_all_paths(spec, _edge_inputs(spec, 300, rng, np.float64))
+    # The explicit layout's AVX2 top levels: trees shallower than the four
+    # top levels (0 to 3 deep), leaves above the fourth level, bushy trees
+    # deeper than it, next to a chain that keeps the forest off the perfect
+    # layout; row counts around multiples of 16.
+    trees = [_random_tree(rng, 30, True, pool32, 3)]
+    trees += [_random_tree(rng, d, False, pool32, 3, p_stop=0.0) for d in (0, 1, 2, 3)]
+    trees += [_random_tree(rng, d, False, pool32, 3, p_stop=0.3) for d in (4, 6, 9, 12)]
+    spec = _spec(trees, 3, 2, [0, 1, -1, 0, 1, 0, -1, 1, 0], False, True, rng)
+    assert _core.ForestCore(spec).engine == "binned"
+    for rows in (15, 16, 17, 48, 300):
+        _check_all_paths(spec, _edge_inputs(spec, rows, rng, np.float32))
 
     # A complete tree of depth 16 with 65535 distinct thresholds on one
     # feature: more than the 16-bit bins hold, so the float path.

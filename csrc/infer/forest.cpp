@@ -271,7 +271,10 @@ class Engine final : public ForestEngine {
     cat_hi_ = static_cast<ThrT>(spec.cat_rule.hi);
     if (binned_) {
       build_perfect(spec);
-      if (!perfect_) build_explicit(spec);
+      if (!perfect_) {
+        build_explicit(spec);
+        build_explicit_tops();
+      }
       std::vector<uint32_t>().swap(node_word_);
       // The general nodes and values serve only the CUDA path now.
       if (!forest_cuda_compiled()) {
@@ -365,6 +368,45 @@ class Engine final : public ForestEngine {
         nd.left = static_cast<int32_t>(base + static_cast<int64_t>(queue.size()));
         queue.push_back(spec.node_left[old]);
         queue.push_back(spec.node_right[old]);
+      }
+    }
+  }
+
+  // The first min(depth, kSimdLevels) levels of each explicit tree as a
+  // perfect tree (a leaf above that depth becomes an always-left node over
+  // copies of itself), so perfect_top_avx2 walks them for 16 rows at a time;
+  // top_exit_ maps each position at that depth to the explicit node the walk
+  // continues from (a leaf reached early maps to itself and stays there).
+  static constexpr int kTopNodes = (1 << kSimdLevels) - 1;
+  static constexpr int kTopExits = 1 << kSimdLevels;
+  void build_explicit_tops() {
+    const int64_t T = static_cast<int64_t>(root_.size());
+    top_nodes_.assign(static_cast<size_t>(T * kTopNodes), pack_perfect(kBinTop, 0));
+    top_exit_.assign(static_cast<size_t>(T * kTopExits), 0);
+    top_levels_.assign(static_cast<size_t>(T), 0);
+    for (int64_t t = 0; t < T; ++t) {
+      const int32_t L = std::min(depth_[t], kSimdLevels);
+      top_levels_[t] = L;
+      uint32_t* nodes = top_nodes_.data() + t * kTopNodes;
+      int32_t* exits = top_exit_.data() + t * kTopExits;
+      // (local index, depth, explicit node) breadth-first; L <= 4 keeps it tiny.
+      struct Item {
+        int32_t i, d, n;
+      };
+      Item stack[2 * kTopExits];
+      int top = 0;
+      stack[top++] = {0, 0, root_[t]};
+      while (top > 0) {
+        const Item it = stack[--top];
+        if (it.d == L) {
+          exits[it.i - ((1 << L) - 1)] = it.n;
+          continue;
+        }
+        const BinNode& nd = bin_nodes_[static_cast<size_t>(it.n)];
+        const bool leaf = nd.left == it.n;
+        nodes[it.i] = leaf ? pack_perfect(kBinTop, 0) : pack_perfect(nd.thr, nd.col);
+        stack[top++] = {2 * it.i + 2, it.d + 1, leaf ? it.n : nd.left + 1};
+        stack[top++] = {2 * it.i + 1, it.d + 1, leaf ? it.n : nd.left};
       }
     }
   }
@@ -552,12 +594,42 @@ class Engine final : public ForestEngine {
       Bin* lo = bins + j * S;
       Bin* hi = bins + (F + j) * S;
       const char* src = base + j * cs;
-      for (int64_t r = r0; r < r1; ++r) {
-        const ThrT x = static_cast<ThrT>(*reinterpret_cast<const XT*>(src + r * rs));
-        const Bin b = bin_of(cuts, count, x);
+      auto load = [&](int64_t r) {
+        return static_cast<ThrT>(*reinterpret_cast<const XT*>(src + r * rs));
+      };
+      auto store = [&](int64_t r, ThrT x, Bin b) {
         const bool nan = x != x;
         lo[r - r0] = nan ? kBinBottom : b;
         hi[r - r0] = nan ? kBinTop : b;
+      };
+      int64_t r = r0;
+      if (count > 1) {
+        // Four rows' searches interleaved: each is a chain of dependent loads
+        // and compares, so four chains in flight take about the time of one
+        // (the binning was a third of a LightGBM-default forest's predict).
+        for (; r + 4 <= r1; r += 4) {
+          const ThrT x0 = load(r), x1 = load(r + 1), x2 = load(r + 2), x3 = load(r + 3);
+          const ThrT *b0 = cuts, *b1 = cuts, *b2 = cuts, *b3 = cuts;
+          for (int32_t len = count; len > 1;) {
+            const int32_t half = len / 2;
+            b0 = (b0[half] < x0) ? b0 + half : b0;
+            b1 = (b1[half] < x1) ? b1 + half : b1;
+            b2 = (b2[half] < x2) ? b2 + half : b2;
+            b3 = (b3[half] < x3) ? b3 + half : b3;
+            len -= half;
+          }
+          auto fin = [&](const ThrT* b, ThrT x) {
+            return static_cast<Bin>((b - cuts) + (*b < x ? 1 : 0) - kBinBias);
+          };
+          store(r, x0, fin(b0, x0));
+          store(r + 1, x1, fin(b1, x1));
+          store(r + 2, x2, fin(b2, x2));
+          store(r + 3, x3, fin(b3, x3));
+        }
+      }
+      for (; r < r1; ++r) {
+        const ThrT x = load(r);
+        store(r, x, bin_of(cuts, count, x));
       }
     }
   }
@@ -593,7 +665,10 @@ class Engine final : public ForestEngine {
     } else if (nrows == 1) {
       binned_one_row(buf.data(), out);
     } else {
-      for (int64_t t = 0; t < T; ++t) binned_tree(t, buf.data(), nrows, out);
+      thread_local std::vector<uint32_t> top_buf;
+      if (top_buf.size() < static_cast<size_t>(kBinRows)) top_buf.resize(kBinRows);
+      const int64_t nvec = forest_simd(-1) ? nrows / 16 * 16 : 0;
+      for (int64_t t = 0; t < T; ++t) binned_tree(t, buf.data(), nrows, nvec, top_buf.data(), out);
     }
     finish(out, nrows, apply_link);
   }
@@ -724,17 +799,38 @@ class Engine final : public ForestEngine {
   }
 
   // One tree over a block: kLanes rows walk together so their loads overlap.
-  void binned_tree(int64_t t, const Bin* bins, int64_t nrows, AccT* out) const {
+  // With AVX2 (nvec > 0: the first nvec rows, a multiple of 16), the tree's
+  // top levels are walked 16 rows at a time first (build_explicit_tops).
+  void binned_tree(int64_t t, const Bin* bins, int64_t nrows, int64_t nvec, uint32_t* top_idx,
+                   AccT* out) const {
     const int32_t K = spec_.num_outputs;
     const int32_t root = root_[t], depth = depth_[t], group = group_[t];
     const int64_t shift = shift_[t];
+    const int32_t L = nvec > 0 ? top_levels_[t] : 0;
+#if FASTML_FOREST_X86
+    if (L > 0) perfect_top_avx2(top_nodes_.data() + t * kTopNodes, L, bins, nvec, top_idx);
+#endif
+    const int32_t* exits = top_exit_.data() + t * kTopExits;
+    const uint32_t first_exit = (uint32_t{1} << L) - 1u;
     int64_t r = 0;
     for (; r + kLanes <= nrows; r += kLanes) {
       int32_t idx[kLanes];
-      for (int l = 0; l < kLanes; ++l) idx[l] = root;
+      const bool topped = L > 0 && r < nvec;
+      for (int l = 0; l < kLanes; ++l) idx[l] = topped ? exits[top_idx[r + l] - first_exit] : root;
       const Bin* x0 = bins + r;  // lane l reads at constant offset l
-      for (int32_t d = 0; d < depth; ++d)
+      // Unbalanced trees (LightGBM's leaf-wise growth: depth 10-20, most
+      // leaves far shallower) stop once every lane is at a leaf (a leaf is
+      // its own left child), checked every two levels past the fourth.
+      for (int32_t d = topped ? L : 0; d < depth; d += 2) {
         for (int l = 0; l < kLanes; ++l) idx[l] = bin_step(idx[l], x0 + l, kBinRows);
+        if (d + 1 < depth)
+          for (int l = 0; l < kLanes; ++l) idx[l] = bin_step(idx[l], x0 + l, kBinRows);
+        if (d >= 4 && d + 2 < depth) {
+          bool leaves = true;
+          for (int l = 0; l < kLanes; ++l) leaves &= bin_nodes_[idx[l]].left == idx[l];
+          if (leaves) break;
+        }
+      }
       for (int l = 0; l < kLanes; ++l)
         add_leaf(bin_values_, out + (r + l) * K, group, shift, idx[l]);
     }
@@ -978,6 +1074,11 @@ class Engine final : public ForestEngine {
   std::vector<ThrT> cuts_;
   std::vector<int32_t> cut_offset_;
   std::vector<BinNode> bin_nodes_;
+  // The explicit layout's top levels as perfect trees for the AVX2 walk (see
+  // build_explicit_tops): kTopNodes words and kTopExits exits per tree.
+  std::vector<uint32_t> top_nodes_;
+  std::vector<int32_t> top_exit_;
+  std::vector<int32_t> top_levels_;
   std::vector<uint32_t> node_word_;  // construction only: pack_perfect per spec node
   std::vector<AccT> bin_values_;
   bool perfect_ = false;
