@@ -585,6 +585,18 @@ class Engine final : public ForestEngine {
   // bin in both. Inputs are first rounded to ThrT, as the comparisons do.
   template <typename XT>
   void bin_rows(const ArrayView& X, int64_t r0, int64_t r1, int64_t S, Bin* bins) const {
+    // Tiles of 64 rows: a tile of X stays in L1 while each feature's column
+    // is read from it (reading a whole block column by column went to L2 for
+    // every value: half the time of a shallow forest's predict).
+    constexpr int64_t kTile = 64;
+    for (int64_t t0 = r0; t0 < r1; t0 += kTile)
+      bin_tile<XT>(X, t0, std::min(r1, t0 + kTile), r0, S, bins);
+  }
+
+  // Rows [t0, t1) of the block that starts at row r0.
+  template <typename XT>
+  void bin_tile(const ArrayView& X, int64_t t0, int64_t t1, int64_t r0, int64_t S,
+                Bin* bins) const {
     const int64_t F = spec_.num_features;
     const char* base = static_cast<const char*>(X.data);
     const int64_t rs = X.strides[0], cs = X.strides[1];
@@ -602,13 +614,13 @@ class Engine final : public ForestEngine {
         lo[r - r0] = nan ? kBinBottom : b;
         hi[r - r0] = nan ? kBinTop : b;
       };
-      int64_t r = r0;
+      int64_t r = t0;
       if (count > 1) {
         // Eight rows' searches interleaved: each is a chain of dependent loads
         // and compares, so eight chains in flight take about the time of one
         // (the binning was a third of a LightGBM-default forest's predict).
         constexpr int kW = 8;
-        for (; r + kW <= r1; r += kW) {
+        for (; r + kW <= t1; r += kW) {
           ThrT x[kW];
           const ThrT* b[kW];
           for (int l = 0; l < kW; ++l) {
@@ -624,7 +636,7 @@ class Engine final : public ForestEngine {
             store(r + l, x[l], static_cast<Bin>((b[l] - cuts) + (*b[l] < x[l] ? 1 : 0) - kBinBias));
         }
       }
-      for (; r < r1; ++r) {
+      for (; r < t1; ++r) {
         const ThrT x = load(r);
         store(r, x, bin_of(cuts, count, x));
       }
