@@ -144,6 +144,39 @@ def test_big_endian_is_converted():
     assert _testing.sum(a) == 45.0
 
 
+def _unaligned(values: np.ndarray) -> np.ndarray:
+    """`values` in memory at an odd address (as numpy arrays over a pickle or
+    network buffer are: Dask hands partitions to workers so)."""
+    raw = np.zeros(values.nbytes + 1, np.uint8)
+    out = raw[1:].view(values.dtype).reshape(values.shape)
+    out[...] = values
+    assert not out.flags.aligned
+    return out
+
+
+def test_unaligned_inputs_are_copied_and_outputs_refused():
+    """The array boundary copies unaligned inputs to aligned memory (reading
+    typed elements there is undefined behaviour: UBSan stopped a Dask worker
+    profiling a partition) and refuses an unaligned output, in every area."""
+    from fastml import data, drift
+    from fastml.infer import Forest
+
+    x = np.random.default_rng(0).normal(size=(257, 3))
+    xu = _unaligned(x)
+    assert _testing.sum(xu) == _testing.sum(x)
+    a, b = drift.Profile.from_data({"x": xu[:, 0]}), drift.Profile.from_data({"x": x[:, 0]})
+    assert a.to_bytes() == b.to_bytes()
+    got = next(iter(data.Loader(data.Dataset.from_numpy({"x": xu}), batch_size=300, shuffle=False)))
+    np.testing.assert_array_equal(got["x"], x)
+    xgb = pytest.importorskip("xgboost")
+    booster = xgb.train({"nthread": 1, "max_depth": 3}, xgb.DMatrix(x, x[:, 0]), 3)
+    f = Forest.from_xgboost(booster)
+    np.testing.assert_array_equal(f.predict(xu), f.predict(x))
+    out = _unaligned(np.zeros(len(x), np.float32))
+    with pytest.raises(ValueError, match="out must be aligned"):
+        f.predict(x, out=out)
+
+
 @pytest.mark.parametrize(
     ("obj", "exc", "match"),
     [

@@ -156,6 +156,17 @@ BoundArray bind_array(py::handle obj, const char* name, const ArraySpec& spec) {
   if (arr.dtype().byteorder() == '>') {
     arr = arr.attr("astype")(arr.dtype().attr("newbyteorder")("="));
   }
+  // Unaligned data (an array over a pickle, network or file buffer at an odd
+  // offset, as Dask hands partitions to workers): the core reads whole typed
+  // elements, which is undefined behaviour there (UBSan stopped a Dask
+  // worker), so inputs are copied to aligned memory; an output cannot be.
+  if ((arr.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_) == 0) {
+    if (spec.writable) {
+      fail<std::invalid_argument>(name, " must be aligned to its item size, got an unaligned ",
+                                  shape_str(arr), " view");
+    }
+    arr = py::module_::import("numpy").attr("array")(arr, py::arg("copy") = true);
+  }
   const bool contiguous = (arr.flags() & py::array::c_style) != 0;
   if (!contiguous) {
     if (spec.layout == Layout::Contiguous) {
