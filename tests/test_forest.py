@@ -937,6 +937,8 @@ def test_cuda_matches_cpu(xgb_models, lgb_models):
             np.testing.assert_array_equal(res.cpu().numpy(), f.predict(Xd, output="margin"))
             one = f.predict(t[0], device="cuda")
             np.testing.assert_allclose(one.cpu().numpy(), f.predict(Xd[0]), rtol=1e-5)
+            with pytest.raises(ValueError, match="pass device='cuda'"):
+                f.predict(t)  # device="cpu" (the default) with a CUDA tensor
 
 
 @pytest.mark.gpu

@@ -298,7 +298,8 @@ class Forest:
         for scikit-learn classifiers).
 
         device: ``"cpu"``, ``"cuda"`` (needs a CUDA build and GPU), or ``"auto"``
-        (the GPU for CUDA tensors and large batches when one is usable).
+        (the GPU for CUDA tensors and large batches when one is usable). A CUDA
+        tensor with ``device="cpu"`` raises ValueError saying so.
 
         Returns a NumPy array of shape (rows,) when num_outputs == 1 else
         (rows, num_outputs), dtype :attr:`output_dtype` (int64 or the label dtype
@@ -326,6 +327,11 @@ class Forest:
                     f"output='class' needs a classification model, this forest's objective "
                     f"is {self.objective!r}"
                 )
+        if device == "cpu" and _is_cuda_tensor(X):
+            raise ValueError(
+                f"X is a CUDA tensor (on {X.device}): pass device='cuda' (or 'auto') to predict "
+                "on the GPU, or X.cpu() for the CPU engine"
+            )
         use_cuda = device == "cuda" or (device == "auto" and self._auto_cuda(X))
         apply_link = output == "value"
         if use_cuda:
