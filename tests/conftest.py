@@ -20,11 +20,14 @@ from hypothesis import HealthCheck, settings
 # what it finds is pinned in the tests with @example.
 _COMMON = dict(deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("default", max_examples=60, derandomize=True, **_COMMON)
+# HYPOTHESIS_DEADLINE_MS (explore only): fail any example that runs longer, e.g.
+# 2000 for the untrusted-input campaign's "no hang past 2 s".
+_deadline = os.environ.get("HYPOTHESIS_DEADLINE_MS")
 settings.register_profile(
     "explore",
     max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "500")),
     derandomize=False,
-    **_COMMON,
+    **(_COMMON | ({"deadline": int(_deadline)} if _deadline else {})),
 )
 _PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "default")
 if _PROFILE not in ("default", "explore"):
