@@ -86,6 +86,32 @@ struct DeviceForest {
   }
 };
 
+// One tree's walk for one row: `depth` steps from `root` (leaves point to
+// themselves), with the CPU engine's per-node decisions; returns the leaf.
+template <typename ThrT, typename XT>
+__device__ inline int32_t forest_walk(const ForestNode<ThrT>* __restrict__ nodes,
+                                      const int64_t* __restrict__ node_cat_offset,
+                                      const uint32_t* __restrict__ node_cat_words,
+                                      const uint32_t* __restrict__ cat_bits, int32_t root,
+                                      int32_t depth, const XT* __restrict__ x, ThrT cat_lo,
+                                      ThrT cat_hi, bool cat_integral) {
+  int32_t n = root;
+  for (int32_t d = 0; d < depth; ++d) {
+    const ForestNode<ThrT> nd = nodes[n];
+    const uint32_t f = nd.feature;
+    const ThrT v = static_cast<ThrT>(x[f & kNodeFeatureMask]);
+    bool left;
+    if (f & kNodeCategorical) {
+      left = forest_go_left_categorical<ThrT>(v, f, cat_bits + node_cat_offset[n],
+                                              node_cat_words[n], cat_lo, cat_hi, cat_integral);
+    } else {
+      left = forest_go_left_numeric<ThrT>(v, nd.threshold, f);
+    }
+    n = nd.child[!left];
+  }
+  return n;
+}
+
 template <typename ThrT, typename AccT, typename XT>
 __global__ void forest_rows_kernel(
     const ForestNode<ThrT>* __restrict__ nodes, const AccT* __restrict__ values,
@@ -101,21 +127,8 @@ __global__ void forest_rows_kernel(
   AccT* o = out + r * num_outputs;
   for (int32_t k = 0; k < num_outputs; ++k) o[k] = base[k];
   for (int64_t t = 0; t < num_trees; ++t) {
-    int32_t n = tree_root[t];
-    const int32_t depth = tree_depth[t];
-    for (int32_t d = 0; d < depth; ++d) {
-      const ForestNode<ThrT> nd = nodes[n];
-      const uint32_t f = nd.feature;
-      const ThrT v = static_cast<ThrT>(x[f & kNodeFeatureMask]);
-      bool left;
-      if (f & kNodeCategorical) {
-        left = forest_go_left_categorical<ThrT>(v, f, cat_bits + node_cat_offset[n],
-                                                node_cat_words[n], cat_lo, cat_hi, cat_integral);
-      } else {
-        left = forest_go_left_numeric<ThrT>(v, nd.threshold, f);
-      }
-      n = nd.child[!left];
-    }
+    const int32_t n = forest_walk(nodes, node_cat_offset, node_cat_words, cat_bits, tree_root[t],
+                                  tree_depth[t], x, cat_lo, cat_hi, cat_integral);
     const int32_t g = tree_group[t];
     const int64_t shift = tree_value_shift[t];
     if (g >= 0) {
@@ -215,22 +228,8 @@ __global__ void __launch_bounds__(kTreeThreads) forest_trees_kernel(
       const XT* x = X + (row0 + my_row) * num_features;
       for (int32_t lt = tid / R; lt < tile_trees; lt += trees_per_pass) {
         const int64_t t = tile + lt;
-        int32_t n = tree_root[t];
-        const int32_t depth = tree_depth[t];
-        for (int32_t d = 0; d < depth; ++d) {
-          const ForestNode<ThrT> nd = nodes[n];
-          const uint32_t f = nd.feature;
-          const ThrT v = static_cast<ThrT>(x[f & kNodeFeatureMask]);
-          bool left;
-          if (f & kNodeCategorical) {
-            left =
-                forest_go_left_categorical<ThrT>(v, f, cat_bits + node_cat_offset[n],
-                                                 node_cat_words[n], cat_lo, cat_hi, cat_integral);
-          } else {
-            left = forest_go_left_numeric<ThrT>(v, nd.threshold, f);
-          }
-          n = nd.child[!left];
-        }
+        const int32_t n = forest_walk(nodes, node_cat_offset, node_cat_words, cat_bits,
+                                      tree_root[t], tree_depth[t], x, cat_lo, cat_hi, cat_integral);
         // The leaf's value is fetched here, by the walking threads in
         // parallel, so the ordered sum below reads shared memory only.
         AccT* slot = leaf_val + static_cast<int64_t>(lt) * R + my_row;

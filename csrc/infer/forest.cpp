@@ -576,6 +576,11 @@ class Engine final : public ForestEngine {
       b = (b[half] < x) ? b + half : b;
       len -= half;
     }
+    return bin_at(cuts, b, x);
+  }
+
+  // The bin of x once the search has narrowed it to the cut at b.
+  static inline Bin bin_at(const ThrT* cuts, const ThrT* b, ThrT x) {
     return static_cast<Bin>((b - cuts) + (*b < x ? 1 : 0) - kBinBias);
   }
 
@@ -632,8 +637,7 @@ class Engine final : public ForestEngine {
             for (int l = 0; l < kW; ++l) b[l] = (b[l][half] < x[l]) ? b[l] + half : b[l];
             len -= half;
           }
-          for (int l = 0; l < kW; ++l)
-            store(r + l, x[l], static_cast<Bin>((b[l] - cuts) + (*b[l] < x[l] ? 1 : 0) - kBinBias));
+          for (int l = 0; l < kW; ++l) store(r + l, x[l], bin_at(cuts, b[l], x[l]));
         }
       }
       for (; r < t1; ++r) {
