@@ -567,6 +567,83 @@ def test_predict_async_propagates_errors_and_cancels_queued_work():
     assert b.stats()["cancellations"] == 1
 
 
+def test_predict_async_queues_one_loop_iteration_as_one_group():
+    """Requests made in one iteration of the loop are queued together: a native
+    handler sees them as one batch, not as a race of single requests."""
+    handler = _core._BatcherTestHandler(0, True)  # gated: the first batch waits
+
+    async def main(b):
+        xs = [np.full((1, 2), float(i), np.float32) for i in range(48)]
+        tasks = [asyncio.ensure_future(b.predict_async(x)) for x in xs]
+        await asyncio.sleep(0.05)  # every task staged and the group queued
+        assert b.stats()["requests"] == 48
+        handler.open_gate()
+        outs = await asyncio.gather(*tasks)
+        for x, out in zip(xs, outs, strict=True):
+            np.testing.assert_array_equal(out, 2 * x)
+
+    with infer.Batcher(handler, max_batch_size=64, max_delay_us=0) as b:
+        asyncio.run(main(b))
+        s = b.stats()
+    assert s["completed"] == 48
+    assert s["batches"] == 1  # one group, one batch
+
+
+def test_predict_async_cancelled_before_it_is_queued_is_never_counted():
+    calls: list[int] = []
+
+    def fn(x):
+        calls.append(len(x))
+        return x
+
+    async def main(b):
+        t = asyncio.ensure_future(b.predict_async(np.array([1.0])))
+        await asyncio.sleep(0)  # the request is checked and staged, not queued yet
+        t.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await t
+        assert (await b.predict_async(np.array([2.0])))[0] == 2.0
+
+    with infer.Batcher(fn, max_delay_us=0) as b:
+        asyncio.run(main(b))
+        s = b.stats()
+    assert calls == [1]
+    assert s["requests"] == s["completed"] == 1
+    assert s["cancellations"] == 0
+
+
+def test_predict_async_queue_full_and_closed_raise_at_await():
+    """A full queue and a closed batcher fail the request; its await raises."""
+    gate = threading.Event()
+    b = infer.Batcher(Recorder(gate=gate), max_batch_size=1, max_delay_us=0, max_queue=2)
+
+    async def main():
+        first = asyncio.ensure_future(b.predict_async(np.array([0.0])))
+        await asyncio.sleep(0.05)  # running: it holds the only worker
+        group = [asyncio.ensure_future(b.predict_async(np.array([float(i)]))) for i in range(5)]
+        await asyncio.sleep(0.05)  # queued together: 2 accepted, 3 refused
+        refused = [t for t in group if t.done()]
+        assert len(refused) == 3
+        for t in refused:
+            with pytest.raises(infer.QueueFull, match="max_queue=2"):
+                t.result()
+        gate.set()
+        assert (await first)[0] == 0.0
+        await asyncio.gather(*(t for t in group if t not in refused))
+
+    asyncio.run(main())
+    s = b.stats()
+    assert s["rejections"] == 3
+    assert s["requests"] == s["completed"] == 3
+    b.close()
+
+    async def closed():
+        with pytest.raises(RuntimeError, match="closed"):
+            await b.predict_async(np.array([1.0]))
+
+    asyncio.run(closed())
+
+
 def test_blocking_predict_releases_the_gil_for_the_worker():
     # predict() waits without the GIL, so the Python handler can run on the worker.
     with infer.Batcher(lambda x: x - 1, max_delay_us=100) as b:

@@ -171,6 +171,42 @@ def asyncio_throughput(tasks: int, per_task: int, repeat: int) -> dict[str, Any]
     return t
 
 
+def forest_asyncio_throughput(tasks: int, per_task: int, repeat: int, quick: bool) -> Any:
+    """The same clients against a real model: an XGBoost-trained Forest (100 trees
+    of depth 6 with --quick, else 500 of depth 8; 32 features), run by the
+    pattern on the event loop's thread and by fastml on a worker (natively,
+    without the GIL). None when xgboost is not installed."""
+    from fastml.bench.components import _xgb_model
+
+    made = _xgb_model(quick)
+    if made is None:
+        return None
+    booster, X = made
+    forest = infer.Forest.from_xgboost(booster)
+    x = np.ascontiguousarray(X[:1])
+    loop = asyncio.new_event_loop()
+
+    async def make_pattern() -> AsyncQueueBatcher:
+        return AsyncQueueBatcher(forest.predict)
+
+    pattern = loop.run_until_complete(make_pattern())
+    fastml_b = infer.Batcher(forest, max_batch_size=64, max_delay_us=0)
+    candidates = {
+        "fastml predict_async (Forest, delay 0)": lambda: loop.run_until_complete(
+            drive_clients(fastml_b.predict_async, tasks, per_task, x)
+        ),
+        "asyncio queue + gather task (Forest)": lambda: loop.run_until_complete(
+            drive_clients(pattern.predict, tasks, per_task, x)
+        ),
+    }
+    t = compare(candidates, repeat=repeat, work=tasks * per_task, unit="req")
+    pattern.close()
+    loop.run_until_complete(asyncio.sleep(0))
+    loop.close()
+    fastml_b.close()
+    return t
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
@@ -204,6 +240,16 @@ def main() -> None:
             title=f"asyncio: {tasks} client tasks x {per_task} awaits",
         )
     )
+    faio = forest_asyncio_throughput(tasks, per_task, repeat, args.quick)
+    if faio is not None:
+        print()
+        print(
+            table(
+                faio,
+                baseline="asyncio queue + gather task (Forest)",
+                title=f"asyncio with a real model (XGBoost-trained Forest): {tasks} x {per_task}",
+            )
+        )
     ceiling = aio["ceiling: await done futures"].median
     share = ceiling / aio["fastml predict_async (delay 0)"].median
     base_share = ceiling / aio["asyncio queue + gather task"].median
@@ -213,6 +259,7 @@ def main() -> None:
             "added_latency_us": lat,
             "submit": {k: v.to_dict() for k, v in sub.items()},
             "asyncio": {k: v.to_dict() for k, v in aio.items()},
+            "asyncio_forest": {k: v.to_dict() for k, v in (faio or {}).items()},
             "asyncio_share_of_ceiling": share,
         }
         with open(args.json, "w") as f:

@@ -463,6 +463,23 @@ class PyBatcher {
   // batch may run here, on the calling thread.
   FuturePtr submit(py::handle x, int priority, int64_t timeout_us, bool block,
                    double block_timeout_s, bool allow_inline) {
+    FuturePtr f = make_request(x);
+    bool run_now;
+    if (block) {
+      const double limit =
+          block_timeout_s < 0 ? std::numeric_limits<double>::infinity() : block_timeout_s;
+      // Waiting for room: the workers need the GIL to drain the queue.
+      py::gil_scoped_release release;
+      run_now = core_->enqueue(f, priority, timeout_us, limit, allow_inline);
+    } else {
+      run_now = core_->enqueue(f, priority, timeout_us, -1.0, allow_inline);
+    }
+    if (run_now) core_->run_inline(f);
+    return f;
+  }
+
+  // A request for `x`, checked and described, not queued yet.
+  FuturePtr make_request(py::handle x) {
     DeferredDecref::drain();
     auto f = std::make_shared<RequestFuture>();
     f->wait_spin_us = static_cast<int32_t>(core_->config().spin_us);
@@ -499,19 +516,10 @@ class PyBatcher {
     } else {
       describe_request(x, *f, row_ndim_);
     }
-    bool run_now;
-    if (block) {
-      const double limit =
-          block_timeout_s < 0 ? std::numeric_limits<double>::infinity() : block_timeout_s;
-      // Waiting for room: the workers need the GIL to drain the queue.
-      py::gil_scoped_release release;
-      run_now = core_->enqueue(f, priority, timeout_us, limit, allow_inline);
-    } else {
-      run_now = core_->enqueue(f, priority, timeout_us, -1.0, allow_inline);
-    }
-    if (run_now) core_->run_inline(f);
     return f;
   }
+
+  const std::shared_ptr<BatchCore>& core() const { return core_; }
 
   void close(bool drain) {
     {
@@ -890,9 +898,35 @@ class AsyncBridge : public std::enable_shared_from_this<AsyncBridge> {
     });
   }
 
-  // predict_async's one call: submits `x` (never inline) and attaches `waiter`;
-  // returns the request's future (for cancelling it).
+  // predict_async's one call: checks `x`, attaches `waiter` and stages the
+  // request; returns its future (for cancelling it). Requests staged during
+  // one iteration of the loop are queued together by flush(), which the first
+  // of them schedules with loop.call_soon: one lock and one wake-up per group,
+  // so the workers see whole batches instead of racing the loop for single
+  // requests. A full queue or a closed batcher fails the request at flush
+  // (its await raises QueueFull / RuntimeError), as at submit.
   FuturePtr call(PyBatcher& b, py::handle x, int priority, int64_t timeout_us, py::object waiter);
+
+  // On the loop's thread: queues every staged request.
+  // A request whose waiter is already done (its task was cancelled meanwhile)
+  // is cancelled here, before it is queued: it is never counted or run.
+  void flush() {
+    std::vector<StagedRequest> staged;
+    staged.swap(staged_);
+    std::vector<BatchCore::Staged> group;
+    for (size_t i = 0; i < staged.size();) {
+      const std::shared_ptr<BatchCore>& core = staged[i].core;
+      group.clear();
+      for (; i < staged.size() && staged[i].core == core; ++i) {
+        if (waiter_done(staged[i].waiter)) {
+          staged[i].request.future->cancel();
+          continue;
+        }
+        group.push_back(std::move(staged[i].request));
+      }
+      if (!group.empty()) core->enqueue_many(group);
+    }
+  }
 
   // On the loop's thread: resolves every waiter collected so far.
   void drain() {
@@ -908,13 +942,12 @@ class AsyncBridge : public std::enable_shared_from_this<AsyncBridge> {
     }
     // Created once and never released: a static py::str would be decref'd at
     // process exit, after Python finalised (a SIGSEGV at exit on Python 3.12).
-    static const py::str& done_name = *new py::str("done");
     static const py::str& result_name = *new py::str("set_result");
     static const py::str& exception_name = *new py::str("set_exception");
     static const py::str& cancel_name = *new py::str("cancel");
     for (auto& [w, f] : ready) {
       py::object waiter = held(w);
-      if (waiter.attr(done_name)().cast<bool>()) continue;  // its task was cancelled
+      if (waiter_done(waiter)) continue;  // its task was cancelled
       switch (f->state()) {
         case infer::FutureState::Finished: waiter.attr(result_name)(future_value(*f)); break;
         case infer::FutureState::Cancelled: waiter.attr(cancel_name)(); break;
@@ -972,7 +1005,38 @@ class AsyncBridge : public std::enable_shared_from_this<AsyncBridge> {
     }
   }
 
+  struct StagedRequest {
+    std::shared_ptr<BatchCore> core;
+    BatchCore::Staged request;
+    py::object waiter;
+  };
+
+  static bool waiter_done(const py::object& waiter) {
+    static const py::str& done_name = *new py::str("done");
+    return waiter.attr(done_name)().cast<bool>();
+  }
+
+  void stage(const std::shared_ptr<BatchCore>& core, BatchCore::Staged request, py::object waiter) {
+    const bool first = staged_.empty();
+    staged_.push_back(StagedRequest{core, std::move(request), std::move(waiter)});
+    if (!first) return;
+    static const py::str& call_soon_name = *new py::str("call_soon");
+    py::object loop = held(loop_ref_)();
+    if (loop.is_none()) {  // cannot happen on the running loop's thread; be safe
+      flush();
+      return;
+    }
+    try {
+      loop.attr(call_soon_name)(py::cast(shared_from_this()).attr("_flush"));
+    } catch (...) {
+      flush();  // queue it now rather than never
+      throw;
+    }
+  }
+
   std::shared_ptr<void> loop_ref_;  // a weakref.ref to the loop (PyRef: freed on any thread)
+  // Requests checked but not queued yet (loop thread only; see call()).
+  std::vector<StagedRequest> staged_;
   std::mutex mu_;
   std::vector<std::pair<std::shared_ptr<void>, FuturePtr>> pending_;
   bool registered_ = false;  // touched on the loop's thread only
@@ -981,8 +1045,9 @@ class AsyncBridge : public std::enable_shared_from_this<AsyncBridge> {
 
 FuturePtr AsyncBridge::call(PyBatcher& b, py::handle x, int priority, int64_t timeout_us,
                             py::object waiter) {
-  FuturePtr f = b.submit(x, priority, timeout_us, false, -1.0, false);
-  attach(f, std::move(waiter));
+  FuturePtr f = b.make_request(x);
+  attach(f, waiter);
+  stage(b.core(), BatchCore::Staged{f, priority, timeout_us}, std::move(waiter));
   return f;
 }
 
@@ -1106,7 +1171,8 @@ void register_batcher(py::module_& m) {
       .def("attach", &AsyncBridge::attach, py::arg("future"), py::arg("waiter"))
       .def("call", &AsyncBridge::call, py::arg("batcher"), py::arg("x"), py::arg("priority"),
            py::arg("timeout_us"), py::arg("waiter"))
-      .def("_drain", &AsyncBridge::drain);
+      .def("_drain", &AsyncBridge::drain)
+      .def("_flush", &AsyncBridge::flush);
 
   py::class_<BatcherTestHandler, infer::NativeHandler, std::shared_ptr<BatcherTestHandler>>(
       m, "_BatcherTestHandler", "Test-only native handler: doubles float32 input.")

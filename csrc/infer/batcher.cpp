@@ -245,7 +245,14 @@ bool BatchCore::enqueue(const FuturePtr& f, int priority, int64_t timeout_us, do
     record_queue_wait(0.0);
     return true;
   }
-  const auto now = Clock::now();
+  insert_locked(f, priority, timeout_us, Clock::now());
+  work_cv_.notify_one();
+  if (f->deadline_ != Clock::time_point::max()) timer_cv_.notify_one();
+  return false;
+}
+
+void BatchCore::insert_locked(const FuturePtr& f, int priority, int64_t timeout_us,
+                              Clock::time_point now) {
   if (timeout_us < 0) timeout_us = config_.timeout_us;
   {
     std::lock_guard<std::mutex> flock(f->mu_);
@@ -262,9 +269,42 @@ bool BatchCore::enqueue(const FuturePtr& f, int priority, int64_t timeout_us, do
   ++queued_;
   queued_rows_ += f->rows;
   arrivals_.fetch_add(1, std::memory_order_release);
-  work_cv_.notify_one();
-  if (f->deadline_ != Clock::time_point::max()) timer_cv_.notify_one();
-  return false;
+}
+
+void BatchCore::enqueue_many(std::vector<Staged>& group) {
+  std::vector<std::pair<FuturePtr, std::exception_ptr>> refused;
+  size_t accepted = 0;
+  bool any_deadline = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    const auto now = Clock::now();
+    for (Staged& s : group) {
+      if (s.future->done()) continue;  // cancelled before it was queued
+      try {
+        if (closing_) fail<std::runtime_error>("batcher '", config_.name, "' is closed");
+        if (queued_ >= config_.max_queue) {
+          ++stats_.rejections;
+          fail<QueueFull>("batcher '", config_.name,
+                          "' queue is full (max_queue=", config_.max_queue, " requests waiting)");
+        }
+      } catch (...) {
+        refused.emplace_back(s.future, std::current_exception());
+        continue;
+      }
+      ++stats_.requests;
+      insert_locked(s.future, s.priority, s.timeout_us, now);
+      any_deadline |= s.future->deadline_ != Clock::time_point::max();
+      ++accepted;
+    }
+  }
+  if (accepted > static_cast<size_t>(config_.max_batch_size)) {
+    work_cv_.notify_all();
+  } else if (accepted > 0) {
+    work_cv_.notify_one();
+  }
+  if (any_deadline) timer_cv_.notify_one();
+  // Outside the lock: ending a request runs its callbacks.
+  for (auto& [f, error] : refused) f->set_exception(error);
 }
 
 void BatchCore::run_inline(const FuturePtr& f) {

@@ -179,6 +179,18 @@ class BatchCore : public std::enable_shared_from_this<BatchCore> {
   // throws std::runtime_error.
   bool enqueue(const FuturePtr& f, int priority, int64_t timeout_us, double block_s,
                bool allow_inline);
+  // One request of a group queued by enqueue_many.
+  struct Staged {
+    FuturePtr future;
+    int priority = 0;
+    int64_t timeout_us = -1;
+  };
+  // Queues a group under one lock, waking the workers once (never inline,
+  // never blocking). Requests already ended (cancelled before they were
+  // queued) are skipped, uncounted. A request that finds the queue full or
+  // the batcher closed ends at once with QueueFull / std::runtime_error (a
+  // rejection counts as enqueue's does).
+  void enqueue_many(std::vector<Staged>& group);
   void run_inline(const FuturePtr& f);
 
   // Stops accepting requests. drain: queued requests still run; otherwise
@@ -210,6 +222,8 @@ class BatchCore : public std::enable_shared_from_this<BatchCore> {
   void form_batch(std::vector<FuturePtr>& batch);
   Clock::time_point earliest_deadline() const;
   void record_queue_wait(double us);  // under mu_
+  // Under mu_: links an accepted request into the queue (no wake-up).
+  void insert_locked(const FuturePtr& f, int priority, int64_t timeout_us, Clock::time_point now);
   void fail_expired(std::vector<FuturePtr>& expired);
 
   const BatcherConfig config_;

@@ -46,11 +46,13 @@ class AsyncQueueBatcher:
 
 
 async def drive_clients(
-    predict: Callable[[Any], Awaitable[Any]], tasks: int, per_task: int
+    predict: Callable[[Any], Awaitable[Any]], tasks: int, per_task: int, x: Any = None
 ) -> None:
     """The same client for every candidate: ``tasks`` coroutines, each awaiting
-    ``per_task`` single-row predictions one after another."""
-    x = np.ones((1, 4), np.float32)
+    ``per_task`` single-row predictions (``x``; default a 1 x 4 float32 row)
+    one after another."""
+    if x is None:
+        x = np.ones((1, 4), np.float32)
 
     async def one() -> None:
         for _ in range(per_task):
