@@ -126,6 +126,42 @@ def test_strided_and_fortran_input_and_all_dtypes():
             assert sa["mean"] == sb["mean"] and sa["m2"] == sb["m2"]
 
 
+@given(
+    rows=st.integers(1, 9000),
+    width=st.integers(1, 21),
+    start=st.integers(0, 4),
+    step=st.sampled_from([1, 2]),
+    mode=st.sampled_from(["exact", "histogram", "sketch"]),
+    seed=st.integers(0, 2**16),
+)
+@example(rows=8200, width=16, start=0, step=1, mode="exact", seed=0)  # two tiles, a short block
+@example(rows=7, width=9, start=1, step=1, mode="histogram", seed=1)  # one tile, rows < 8
+def test_columns_of_a_row_major_float32_matrix_equal_contiguous_columns(
+    rows, width, start, step, mode, seed
+):
+    """Eight float32 columns side by side in one matrix are transposed block by
+    block before ingest (the others are read strided): the profile must equal,
+    bit for bit, the profile of contiguous copies of the same columns, with
+    non-finite values, odd row counts, column subsets and column orders."""
+    rng = np.random.default_rng(seed)
+    M = rng.normal(size=(rows, width + start + 8)).astype(np.float32)
+    M[rng.random(M.shape) < 0.03] = np.nan
+    M[rng.random(M.shape) < 0.01] = np.inf
+    M = M[::step]
+    cols = list(range(start, start + width))
+    rng.shuffle(cols)  # the frame's column order need not follow the matrix
+    names = [f"c{j}" for j in cols]
+    frame = {name: M[:, j] for name, j in zip(names, cols, strict=True)}
+    copies = {name: np.ascontiguousarray(v) for name, v in frame.items()}
+    ref = drift.Profile.from_data(
+        {k: np.nan_to_num(v, nan=0.0, posinf=0.0) for k, v in copies.items()}, mode=mode
+    )
+    a, b = ref.empty(), ref.empty()
+    a.update(frame)
+    b.update(copies)
+    assert a.to_bytes() == b.to_bytes()
+
+
 # ------------------------------------------------------------------ input forms
 
 

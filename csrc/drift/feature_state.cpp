@@ -724,6 +724,114 @@ void ProfileState::clear() {
   }
 }
 
+namespace {
+
+// Eight float32 columns that sit side by side in one row-major matrix: rows
+// [0, rows) transposed into out[c * ld + r] (eight contiguous columns). The
+// values are copied bit for bit, so ingesting the copy gives exactly what
+// ingesting the strided columns gives.
+void transpose8_f32_scalar(const char* base, int64_t stride, int64_t r0, int64_t rows, float* out,
+                           int64_t ld) {
+  for (int64_t r = r0; r < rows; ++r) {
+    const float* row = reinterpret_cast<const float*>(base + r * stride);
+    for (int c = 0; c < 8; ++c) out[c * ld + r] = row[c];
+  }
+}
+
+#ifdef FASTML_DRIFT_AVX2
+__attribute__((target("avx2"))) void transpose8_f32_avx2(const char* base, int64_t stride,
+                                                         int64_t rows, float* out, int64_t ld) {
+#define FASTML_ROW(k) _mm256_loadu_ps(reinterpret_cast<const float*>(base + (k) * stride))
+  int64_t r = 0;
+  for (; r + 8 <= rows; r += 8) {
+    const __m256 a0 = FASTML_ROW(r), a1 = FASTML_ROW(r + 1), a2 = FASTML_ROW(r + 2);
+    const __m256 a3 = FASTML_ROW(r + 3), a4 = FASTML_ROW(r + 4), a5 = FASTML_ROW(r + 5);
+    const __m256 a6 = FASTML_ROW(r + 6), a7 = FASTML_ROW(r + 7);
+    const __m256 t0 = _mm256_unpacklo_ps(a0, a1), t1 = _mm256_unpackhi_ps(a0, a1);
+    const __m256 t2 = _mm256_unpacklo_ps(a2, a3), t3 = _mm256_unpackhi_ps(a2, a3);
+    const __m256 t4 = _mm256_unpacklo_ps(a4, a5), t5 = _mm256_unpackhi_ps(a4, a5);
+    const __m256 t6 = _mm256_unpacklo_ps(a6, a7), t7 = _mm256_unpackhi_ps(a6, a7);
+    const __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+    const __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+    const __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+    const __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+    const __m256 u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+    const __m256 u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+    const __m256 u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+    const __m256 u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+    _mm256_storeu_ps(out + 0 * ld + r, _mm256_permute2f128_ps(u0, u4, 0x20));
+    _mm256_storeu_ps(out + 1 * ld + r, _mm256_permute2f128_ps(u1, u5, 0x20));
+    _mm256_storeu_ps(out + 2 * ld + r, _mm256_permute2f128_ps(u2, u6, 0x20));
+    _mm256_storeu_ps(out + 3 * ld + r, _mm256_permute2f128_ps(u3, u7, 0x20));
+    _mm256_storeu_ps(out + 4 * ld + r, _mm256_permute2f128_ps(u0, u4, 0x31));
+    _mm256_storeu_ps(out + 5 * ld + r, _mm256_permute2f128_ps(u1, u5, 0x31));
+    _mm256_storeu_ps(out + 6 * ld + r, _mm256_permute2f128_ps(u2, u6, 0x31));
+    _mm256_storeu_ps(out + 7 * ld + r, _mm256_permute2f128_ps(u3, u7, 0x31));
+  }
+#undef FASTML_ROW
+  transpose8_f32_scalar(base, stride, r, rows, out, ld);
+}
+#endif
+
+void transpose8_f32(const char* base, int64_t stride, int64_t rows, float* out, int64_t ld) {
+#ifdef FASTML_DRIFT_AVX2
+  if (cpu_features().avx2) return transpose8_f32_avx2(base, stride, rows, out, ld);
+#endif
+  transpose8_f32_scalar(base, stride, 0, rows, out, ld);
+}
+
+// The work units of ingest_columns: one column, or eight float32 columns side
+// by side in one row-major matrix (`members` in column order), which are
+// transposed block by block into a small buffer and ingested as contiguous
+// columns (a strided column costs a gather per value; the transpose is a
+// fraction of that).
+struct IngestUnit {
+  std::vector<int64_t> members;  // indices into `columns`
+  bool tile = false;
+};
+
+std::vector<IngestUnit> plan_units(const std::vector<ArrayView>& columns) {
+  std::vector<int64_t> cand;  // strided float32 columns that could form tiles
+  for (size_t i = 0; i < columns.size(); ++i) {
+    const ArrayView& c = columns[i];
+    if (c.dtype == DType::F32 && c.strides[0] >= 32 && c.strides[0] % 4 == 0) {
+      cand.push_back(static_cast<int64_t>(i));
+    }
+  }
+  auto addr = [&](int64_t i) { return reinterpret_cast<uintptr_t>(columns[i].data); };
+  std::sort(cand.begin(), cand.end(), [&](int64_t a, int64_t b) {
+    if (columns[a].strides[0] != columns[b].strides[0])
+      return columns[a].strides[0] < columns[b].strides[0];
+    return addr(a) < addr(b);
+  });
+  std::vector<uint8_t> used(columns.size(), 0);
+  std::vector<IngestUnit> units;
+  for (size_t k = 0; k + 8 <= cand.size();) {
+    bool run = true;
+    for (size_t m = 1; m < 8 && run; ++m) {
+      run = columns[cand[k + m]].strides[0] == columns[cand[k]].strides[0] &&
+            addr(cand[k + m]) == addr(cand[k]) + 4 * m;
+    }
+    if (!run) {
+      ++k;
+      continue;
+    }
+    IngestUnit u;
+    u.tile = true;
+    u.members.assign(cand.begin() + static_cast<std::ptrdiff_t>(k),
+                     cand.begin() + static_cast<std::ptrdiff_t>(k + 8));
+    for (int64_t i : u.members) used[static_cast<size_t>(i)] = 1;
+    units.push_back(std::move(u));
+    k += 8;
+  }
+  for (size_t i = 0; i < columns.size(); ++i) {
+    if (!used[i]) units.push_back(IngestUnit{{static_cast<int64_t>(i)}, false});
+  }
+  return units;
+}
+
+}  // namespace
+
 void ProfileState::ingest_columns(const std::vector<ArrayView>& columns,
                                   const std::vector<int64_t>& feature_idx) {
   FASTML_ASSERT(columns.size() == feature_idx.size());
@@ -736,20 +844,14 @@ void ProfileState::ingest_columns(const std::vector<ArrayView>& columns,
       widest = std::max(widest, std::abs(c.strides[0]));
     }
   }
-  auto ingest_rows = [&](int64_t r0, int64_t r1) {
+  if (widest == 0) {  // contiguous columns: each is one stream
     // Each task owns distinct features, so no two threads touch one state.
     ThreadPool::global().parallel_for(0, static_cast<int64_t>(columns.size()), 1,
                                       [&](int64_t b, int64_t e) {
                                         for (int64_t i = b; i < e; ++i) {
-                                          ArrayView v = columns[i];
-                                          v.data = static_cast<char*>(v.data) + r0 * v.strides[0];
-                                          v.shape[0] = r1 - r0;
-                                          features[feature_idx[i]].num->ingest(v, 0);
+                                          features[feature_idx[i]].num->ingest(columns[i], 0);
                                         }
                                       });
-  };
-  if (widest == 0) {  // contiguous columns: each is one stream
-    ingest_rows(0, n);
     return;
   }
   // The blocks below append to the exact values block by block: make room for
@@ -765,7 +867,39 @@ void ProfileState::ingest_columns(const std::vector<ArrayView>& columns,
   // the whole matrix would read it from memory once per column (measured:
   // 16 float32 columns of 1M rows, 64 vs 223 M values/s on one thread).
   const int64_t block = std::max<int64_t>(4096, ((int64_t{256} << 10) / widest) / 4096 * 4096);
-  for (int64_t r0 = 0; r0 < n; r0 += block) ingest_rows(r0, std::min(n, r0 + block));
+  const std::vector<IngestUnit> units = plan_units(columns);
+  // Each unit owns distinct features, so no two threads touch one state; a
+  // task keeps its transpose buffer (8 x block floats) for all its blocks.
+  ThreadPool::global().parallel_for(
+      0, static_cast<int64_t>(units.size()), 1, [&](int64_t b, int64_t e) {
+        std::vector<float> tile;
+        for (int64_t r0 = 0; r0 < n; r0 += block) {
+          const int64_t rows = std::min(n, r0 + block) - r0;
+          for (int64_t u = b; u < e; ++u) {
+            const IngestUnit& unit = units[static_cast<size_t>(u)];
+            if (!unit.tile) {
+              const int64_t i = unit.members[0];
+              ArrayView v = columns[i];
+              v.data = static_cast<char*>(v.data) + r0 * v.strides[0];
+              v.shape[0] = rows;
+              features[feature_idx[i]].num->ingest(v, 0);
+              continue;
+            }
+            tile.resize(static_cast<size_t>(8 * block));
+            const ArrayView& first = columns[unit.members[0]];
+            transpose8_f32(static_cast<const char*>(first.data) + r0 * first.strides[0],
+                           first.strides[0], rows, tile.data(), block);
+            for (int m = 0; m < 8; ++m) {
+              const int64_t i = unit.members[m];
+              ArrayView v = columns[i];
+              v.data = tile.data() + m * block;
+              v.shape[0] = rows;
+              v.strides[0] = sizeof(float);
+              features[feature_idx[i]].num->ingest(v, 0);
+            }
+          }
+        }
+      });
 }
 
 void ProfileState::ingest_matrix(const ArrayView& view, const std::vector<int64_t>& cols,
