@@ -436,7 +436,9 @@ void ingest_typed(NumericState& s, const char* base, int64_t n, int64_t stride) 
     missing += static_cast<double>(nan_count);
     nonfinite += static_cast<double>(inf_count);
     if (Mode == QuantileMode::Exact) nvalues += static_cast<size_t>(kept);
-    if (Mode == QuantileMode::Sketch) s.sketch->update_run(sketch_buf.data(), kept);
+    if (Mode == QuantileMode::Sketch) {
+      s.sketch->update_run(sketch_buf.data(), kept, std::is_same_v<T, float>);
+    }
     if (cnt > 0) {
       const double dc = static_cast<double>(cnt);
       s.count_sq += dc;  // new values weigh 1

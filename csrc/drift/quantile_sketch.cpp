@@ -97,14 +97,94 @@ void radix_sort(double* x, int64_t n) {
   }
 }
 
+// The same order for values that are all float32 (finite): 32-bit keys in
+// three passes of 11, 11 and 10 bits, then widened back (float -> double is
+// exact and monotone). The top digit (sign, exponent, one mantissa bit) takes
+// few values on real data, so consecutive keys often bump the same counter,
+// a chain of store-to-load forwards: that pass scatters four quarters of the
+// keys at once, each with its own counters.
+void radix_sort_f32(double* x, int64_t n) {
+  thread_local std::vector<uint32_t> scratch;
+  if (scratch.size() < static_cast<size_t>(2 * n)) scratch.resize(static_cast<size_t>(2 * n));
+  uint32_t* a = scratch.data();
+  uint32_t* b = a + n;
+  uint32_t low[2][2048] = {};
+  uint32_t top[4][1024] = {};
+  for (int64_t i = 0; i < n; ++i) {
+    const float f = static_cast<float>(x[i]);
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    u = (u >> 31) ? ~u : (u | 0x80000000u);  // order-preserving key
+    a[i] = u;
+    ++low[0][u & 2047u];
+    ++low[1][(u >> 11) & 2047u];
+  }
+  for (int d = 0; d < 2; ++d) {
+    const int shift = 11 * d;
+    uint32_t* c = low[d];
+    if (c[(a[0] >> shift) & 2047u] == static_cast<uint32_t>(n)) continue;  // one digit
+    uint32_t sum = 0;
+    for (int v = 0; v < 2048; ++v) {
+      const uint32_t t = c[v];
+      c[v] = sum;
+      sum += t;
+    }
+    for (int64_t i = 0; i < n; ++i) b[c[(a[i] >> shift) & 2047u]++] = a[i];
+    std::swap(a, b);
+  }
+  // Top digit, counted per quarter of the keys in their current order:
+  // quarter q goes after every smaller digit and after the quarters before q
+  // with the same digit (stable, as LSD needs).
+  const int64_t quarter = n / 4;
+  for (int64_t i = 0; i < quarter; ++i) {
+    ++top[0][a[i] >> 22];
+    ++top[1][a[quarter + i] >> 22];
+    ++top[2][a[2 * quarter + i] >> 22];
+    ++top[3][a[3 * quarter + i] >> 22];
+  }
+  for (int64_t i = 4 * quarter; i < n; ++i) ++top[3][a[i] >> 22];
+  uint32_t sum = 0;
+  for (int v = 0; v < 1024; ++v) {
+    for (int q = 0; q < 4; ++q) {
+      const uint32_t t = top[q][v];
+      top[q][v] = sum;
+      sum += t;
+    }
+  }
+  uint32_t* t0 = top[0];
+  uint32_t* t1 = top[1];
+  uint32_t* t2 = top[2];
+  uint32_t* t3 = top[3];
+  int64_t i = 0;
+  for (; i < quarter; ++i) {
+    const uint32_t k0 = a[i], k1 = a[quarter + i], k2 = a[2 * quarter + i], k3 = a[3 * quarter + i];
+    b[t0[k0 >> 22]++] = k0;
+    b[t1[k1 >> 22]++] = k1;
+    b[t2[k2 >> 22]++] = k2;
+    b[t3[k3 >> 22]++] = k3;
+  }
+  for (int64_t r = 4 * quarter; r < n; ++r) b[t3[a[r] >> 22]++] = a[r];  // the last quarter's tail
+  for (int64_t k = 0; k < n; ++k) {
+    uint32_t u = b[k];
+    u = (u >> 31) ? (u & 0x7fffffffu) : ~u;
+    float f;
+    std::memcpy(&f, &u, 4);
+    x[k] = static_cast<double>(f);
+  }
+}
+
 }  // namespace
 
-void QuantileSketch::update_run(double* x, int64_t n) {
+void QuantileSketch::update_run(double* x, int64_t n, bool float32_exact) {
   if (n < 4 * capacity(0)) {  // small batches: the item-by-item path
     update_many(x, n);
     return;
   }
-  radix_sort(x, n);
+  if (float32_exact) {
+    radix_sort_f32(x, n);
+  } else {
+    radix_sort(x, n);
+  }
   n_ += static_cast<uint64_t>(n);
   int h = 0;
   double* run = x;
