@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _ops_util import assert_rule
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from fastml import ops
 from fastml.ops import _dispatch
@@ -409,6 +411,41 @@ def test_adamw_mixed_dtypes_and_uneven_steps(triton_backend):
         torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
     # fp16: one rounding per step here, one per op in torch; within a couple of ulps.
     torch.testing.assert_close(ours[3], theirs[3], rtol=2e-3, atol=2e-3)
+
+
+@given(
+    sizes=st.lists(
+        st.sampled_from([0, 1, 2, 7, 1023, 1024, 1025, 2048, 3001]), min_size=1, max_size=40
+    ),
+    skip=st.integers(-1, 39),
+)
+@example(sizes=[0, 1024, 0, 1, 1025, 0], skip=-1)  # empty tensors between block boundaries
+@example(sizes=[1025] * 33, skip=5)  # a 6-step block search, one tensor a step behind
+def test_adamw_finds_every_block_tensor(sizes, skip):
+    """One launch covers every block of every tensor: each program finds its
+    tensor by a binary search over the tensors' first blocks. Any mix of sizes
+    (empty, one element, block edges), uniform steps (scalar bias corrections)
+    or one tensor skipped on a step (per-tensor corrections) matches torch."""
+    gen = torch.Generator().manual_seed(len(sizes) * 131 + skip)
+    ours = [torch.randn(k, generator=gen).requires_grad_() for k in sizes]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    a = ops.AdamW(ours, lr=0.05, weight_decay=0.1)
+    b = torch.optim.AdamW(theirs, lr=0.05, weight_decay=0.1)
+    _dispatch.set_backend("triton")
+    try:
+        for step in range(3):
+            for i, (p, q) in enumerate(zip(ours, theirs, strict=True)):
+                if i == skip and step == 1:
+                    p.grad = q.grad = None
+                    continue
+                g = torch.randn(p.shape, generator=gen)
+                p.grad, q.grad = g.clone(), g.clone()
+            a.step()
+            b.step()
+    finally:
+        _dispatch.set_backend("auto")
+    for p, q in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
 
 
 def test_import_and_cpu_use_without_triton():

@@ -39,6 +39,13 @@ def _key(out: dict) -> dict:
     for r in lce.get("results", []) if isinstance(lce.get("results"), list) else []:
         if "ms" in r:
             key[f"lce_{r.get('candidate')}_ms"] = r["ms"][1]
+    for r in out.get("bench_adamw", {}).get("results", []):
+        if "ms" in r:
+            key[f"adamw_{r['candidate']}_ms"] = r["ms"][1]
+        if "copy_share" in r:
+            key[f"adamw_{r['candidate']}_copy_share"] = r["copy_share"]
+        if "max_abs_diff" in r:
+            key["adamw_max_abs_diff"] = r["max_abs_diff"]
     return key
 
 
@@ -51,7 +58,7 @@ def main() -> int:
     extra = ["--smoke"] if args.smoke else ["--quick"] if args.quick else []
     out = {}
     failed = False
-    for name in ("bench_ops", "bench_linear_cross_entropy"):
+    for name in ("bench_ops", "bench_linear_cross_entropy", "bench_adamw"):
         print(f"== {name}", flush=True)
         # The LM-head shape alone takes ~15 s; --quick keeps it (it is the CE goal).
         args_for = [a for a in extra if not (name != "bench_ops" and a == "--quick")]

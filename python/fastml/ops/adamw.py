@@ -37,11 +37,12 @@ def _tl_dtype(dtype: torch.dtype):
 def _adamw_kernel(
     PTRS,
     NUMELS,
-    BLOCK_TENSOR,
-    BLOCK_START,
+    FIRST_BLOCK,
     STEP_SIZE,
     BC2_SQRT,
     n_tensors,
+    step_size_all,
+    bc2_sqrt_all,
     decay,
     beta1,
     beta2,
@@ -51,11 +52,23 @@ def _adamw_kernel(
     S_TY: tl.constexpr,
     AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr,
+    PER_TENSOR_STEP: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    t = tl.load(BLOCK_TENSOR + pid).to(tl.int64)
-    start = tl.load(BLOCK_START + pid)
+    # The tensor of this block: the last t with FIRST_BLOCK[t] <= pid (FIRST_BLOCK
+    # ascending, FIRST_BLOCK[0] == 0), by a binary search over the small table
+    # (it stays in cache), instead of a per-block table built on the host.
+    lo = pid * 0
+    hi = lo + n_tensors
+    for _ in tl.static_range(SEARCH_STEPS):
+        mid = (lo + hi) // 2
+        go_right = tl.load(FIRST_BLOCK + mid, mask=hi - lo > 1, other=pid + 1) <= pid
+        lo = tl.where(go_right & (hi - lo > 1), mid, lo)
+        hi = tl.where(go_right | (hi - lo <= 1), hi, mid)
+    t = lo
+    start = (pid - tl.load(FIRST_BLOCK + t)) * BLOCK
     n = tl.load(NUMELS + t)
     p_ptr = tl.load(PTRS + t).to(tl.pointer_type(P_TY))
     g_ptr = tl.load(PTRS + n_tensors + t).to(tl.pointer_type(G_TY))
@@ -72,8 +85,12 @@ def _adamw_kernel(
     p = p * decay
     m = m + (g - m) * (1.0 - beta1)
     v = v * beta2 + (1.0 - beta2) * g * g
-    step_size = tl.load(STEP_SIZE + t)
-    bc2_sqrt = tl.load(BC2_SQRT + t)
+    if PER_TENSOR_STEP:
+        step_size = tl.load(STEP_SIZE + t)
+        bc2_sqrt = tl.load(BC2_SQRT + t)
+    else:
+        step_size = step_size_all
+        bc2_sqrt = bc2_sqrt_all
     if AMSGRAD:
         vmax_ptr = tl.load(PTRS + 4 * n_tensors + t).to(tl.pointer_type(S_TY))
         vmax = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=0.0).to(tl.float32), v)
@@ -85,6 +102,26 @@ def _adamw_kernel(
     tl.store(p_ptr + offs, p.to(P_TY), mask=mask)
     tl.store(m_ptr + offs, m.to(S_TY), mask=mask)
     tl.store(v_ptr + offs, v.to(S_TY), mask=mask)
+
+
+# Device copies of the pointer tables, keyed by device and the table's
+# contents: a training loop steps the same tensors (and, with the caching
+# allocator, usually the same gradient addresses) every step, so the table
+# is built and copied once, not per step. A few entries per device.
+_TABLES: dict[tuple, Tensor] = {}
+_TABLES_MAX = 16
+
+
+def _device_table(device: torch.device, values: list[int]) -> Tensor:
+    key = (device, tuple(values))
+    table = _TABLES.get(key)
+    if table is None:
+        host = torch.tensor(values, dtype=torch.int64)
+        table = host if device.type == "cpu" else host.to(device)
+        if len(_TABLES) >= _TABLES_MAX:
+            _TABLES.pop(next(iter(_TABLES)))
+        _TABLES[key] = table
+    return table
 
 
 def adamw_step_(
@@ -103,7 +140,15 @@ def adamw_step_(
     amsgrad: bool,
     maximize: bool,
 ) -> None:
-    """One fused AdamW update of tensors that share device and dtypes (contiguous)."""
+    """One fused AdamW update of tensors that share device and dtypes (contiguous).
+
+    One launch: program ``i`` updates block ``i`` of the concatenation of the
+    tensors and finds its tensor by a binary search of each tensor's first
+    block. The host builds one small table (pointers, sizes, first blocks:
+    ``5n + 1`` integers), cached on the device while the tensors stay the same;
+    the bias corrections are kernel arguments when every tensor is at the same
+    step (the usual case), else one small per-tensor table.
+    """
     n = len(params)
     if n == 0:
         return
@@ -111,31 +156,33 @@ def adamw_step_(
     columns = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
     ptrs = [t.data_ptr() for col in columns for t in col]
     numels = [p.numel() for p in params]
-    blocks = [triton.cdiv(k, _BLOCK) for k in numels]
-    step_size = [lr / (1.0 - beta1**s) for s in steps]
-    bc2_sqrt = [math.sqrt(1.0 - beta2**s) for s in steps]
-    ints = torch.tensor(ptrs + numels, dtype=torch.int64)
-    floats = torch.tensor(step_size + bc2_sqrt, dtype=torch.float32)
-    counts = torch.tensor(blocks, dtype=torch.int64)
-    block_tensor = torch.repeat_interleave(torch.arange(n, dtype=torch.int32), counts)
-    first = torch.cumsum(counts, 0) - counts
-    block_start = (
-        torch.arange(int(counts.sum()), dtype=torch.int64) - torch.repeat_interleave(first, counts)
-    ) * _BLOCK
-    if device.type != "cpu":
-        # One pinned host buffer per table would save little: a step moves a few KB.
-        ints, floats = ints.to(device, non_blocking=True), floats.to(device, non_blocking=True)
-        block_tensor = block_tensor.to(device, non_blocking=True)
-        block_start = block_start.to(device, non_blocking=True)
-    table = ints[: len(ptrs)]
-    _adamw_kernel[(block_tensor.numel(),)](
+    first_block = []
+    total = 0
+    for k in numels:
+        first_block.append(total)
+        total += (k + _BLOCK - 1) // _BLOCK
+    if total == 0:
+        return
+    table = _device_table(device, ptrs + numels + first_block)
+    np_ = len(ptrs)
+    uniform = all(s == steps[0] for s in steps)
+    step_sizes = [lr / (1.0 - beta1**s) for s in (steps[:1] if uniform else steps)]
+    bc2_sqrts = [math.sqrt(1.0 - beta2**s) for s in (steps[:1] if uniform else steps)]
+    if uniform:
+        floats = table  # unused by the kernel (PER_TENSOR_STEP=False)
+    else:
+        floats = torch.tensor(step_sizes + bc2_sqrts, dtype=torch.float32)
+        if device.type != "cpu":
+            floats = floats.to(device, non_blocking=True)
+    _adamw_kernel[(total,)](
         table,
-        ints[len(ptrs) :],
-        block_tensor,
-        block_start,
-        floats[:n],
-        floats[n:],
+        table[np_:],
+        table[np_ + n :],
+        floats,
+        floats[n:] if not uniform else floats,
         n,
+        step_sizes[0],
+        bc2_sqrts[0],
         1.0 - lr * weight_decay,
         beta1,
         beta2,
@@ -145,6 +192,8 @@ def adamw_step_(
         S_TY=_tl_dtype(exp_avgs[0].dtype),
         AMSGRAD=amsgrad,
         MAXIMIZE=maximize,
+        PER_TENSOR_STEP=not uniform,
+        SEARCH_STEPS=max(1, (n - 1).bit_length()),
         BLOCK=_BLOCK,
     )
 
@@ -215,6 +264,7 @@ class AdamW(torch.optim.AdamW):
         beta1, beta2 = (float(b) for b in group["betas"])
         amsgrad = bool(group["amsgrad"])
         buckets: dict[tuple, list] = {}
+        live = []
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -232,25 +282,32 @@ class AdamW(torch.optim.AdamW):
                     state["max_exp_avg_sq"] = torch.zeros_like(
                         p, memory_format=torch.preserve_format
                     )
-            state["step"] += 1
-            tensors = [p, state["exp_avg"], state["exp_avg_sq"]]
-            if amsgrad:
-                tensors.append(state["max_exp_avg_sq"])
-            if not all(t.is_contiguous() for t in tensors) or p.dtype == torch.float64:
+            live.append((p, grad, state))
+        if not live:
+            return
+        # Every step counter at once (one call, as torch's foreach AdamW does).
+        step_tensors = [state["step"] for _, _, state in live]
+        torch._foreach_add_(step_tensors, 1)
+        steps = (
+            torch.stack(step_tensors).tolist()
+            if len(step_tensors) > 1
+            else [float(step_tensors[0])]
+        )
+        for (p, grad, state), step in zip(live, steps, strict=True):
+            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            vmax = state.get("max_exp_avg_sq") if amsgrad else None
+            if (
+                p.dtype == torch.float64
+                or not p.is_contiguous()
+                or not exp_avg.is_contiguous()
+                or not exp_avg_sq.is_contiguous()
+                or (vmax is not None and not vmax.is_contiguous())
+            ):
                 self._single_step(p, grad, state, group, lr, beta1, beta2)
                 continue
             grad = grad.contiguous()
-            key = (p.device, p.dtype, grad.dtype, state["exp_avg"].dtype)
-            buckets.setdefault(key, []).append(
-                (
-                    p,
-                    grad,
-                    state["exp_avg"],
-                    state["exp_avg_sq"],
-                    state.get("max_exp_avg_sq"),
-                    float(state["step"]),
-                )
-            )
+            key = (p.device, p.dtype, grad.dtype, exp_avg.dtype)
+            buckets.setdefault(key, []).append((p, grad, exp_avg, exp_avg_sq, vmax, float(step)))
         for items in buckets.values():
             cols = list(zip(*items, strict=True))
             adamw_step_(
