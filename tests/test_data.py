@@ -354,6 +354,8 @@ def test_state_dict_validation():
     old = {k: v for k, v in st0.items() if k != "columns"}
     data.Loader(ds, batch_size=10, seed=1).load_state_dict({**old, "batches_consumed": 3})
     with pytest.raises(TypeError, match="state must be a dict"):
+        data.Loader(ds, batch_size=10, seed=1).load_state_dict(5)
+    with pytest.raises(TypeError, match=r"states\[0\] must be a dict"):
         data.Loader(ds, batch_size=10, seed=1).load_state_dict([1, 2])
     json.dumps(st0)  # JSON-serialisable, columns included
 

@@ -410,6 +410,25 @@ class DataEngine {
     return token;
   }
 
+  // Starts an epoch over explicit rows (an elastic resume's share of the rest
+  // of an epoch, see fastml/data/_elastic.py); returns its token for next().
+  uint64_t start_rows(const py::handle& rows, bool drop_last, int64_t first_batch) {
+    ArraySpec spec;
+    spec.ndim = 1;
+    spec.dtypes = {DType::I64};
+    BoundArray bound = bind_array(rows, "rows", spec);
+    const int64_t m = bound.view.shape[0];
+    const int64_t* r = bound.view.as<int64_t>();
+    auto owned = std::make_shared<std::vector<int64_t>>(r, r + m);
+    for (int64_t i = 0; i < m; ++i) {
+      FASTML_CHECK_ARG((*owned)[i] >= 0 && (*owned)[i] < num_rows_, "rows", "must be in [0, ",
+                       num_rows_, "), got ", (*owned)[i], " at index ", i);
+    }
+    py::gil_scoped_release release;
+    std::lock_guard<std::mutex> guard(start_mutex_);
+    return engine_->start(std::move(owned), drop_last, first_batch);
+  }
+
   // The next batch of the epoch `token` names; None at its end, or once a
   // newer epoch has started (an old iteration never takes a new one's batch).
   py::object next(uint64_t token) {
@@ -841,6 +860,8 @@ void register_data(py::module_& m) {
       .def_property_readonly("num_rows", &DataEngine::num_rows)
       .def("start", &DataEngine::start, py::arg("shuffle"), py::arg("seed"), py::arg("epoch"),
            py::arg("rank"), py::arg("world_size"), py::arg("drop_last"), py::arg("first_batch"))
+      .def("start_rows", &DataEngine::start_rows, py::arg("rows"), py::arg("drop_last"),
+           py::arg("first_batch"))
       .def("next", &DataEngine::next, py::arg("token"))
       .def("stop", &DataEngine::stop)
       .def("stats", &DataEngine::stats);

@@ -108,6 +108,8 @@ class DataEngine:
         first_batch: int,
     ) -> int:
         """Starts an epoch; returns its token for next()."""
+    def start_rows(self, rows: Any, drop_last: bool, first_batch: int) -> int:
+        """Starts an epoch over explicit rows (int64, 1-D); returns its token for next()."""
     def next(self, token: int) -> dict[str, Any] | None:
         """The epoch's next batch; None at its end or once a newer epoch started."""
     def stop(self) -> None: ...

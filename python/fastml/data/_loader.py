@@ -10,13 +10,14 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fastml import _core
+from fastml.data import _elastic
 from fastml.data._sources import (
     arrow_column,
     content_error,
@@ -181,6 +182,11 @@ class Loader:
             self._stager = _CudaStager(self._device, self._plan)
         self._epoch = 0
         self._position = 0  # batches of the current epoch handed out
+        # An epoch resumed at another world size: its earlier layouts, oldest
+        # first ([(world_size, batches consumed per rank)], see _elastic.py);
+        # empty for a normal epoch.
+        self._stages: list[tuple[int, list[int]]] = []
+        self._positions_cache: tuple[Any, np.ndarray] | None = None
         self._active: _Stream | None = None
         self._closed = False
         self._py_stats = {
@@ -231,14 +237,45 @@ class Loader:
         return (n // w) if self._drop_last else -(-n // w)
 
     def __len__(self) -> int:
-        """Batches in one epoch for this rank (the same on every rank)."""
+        """Batches in the current epoch for this rank (the same on every rank).
+
+        After an elastic resume (``load_state_dict`` with the states of another
+        world size), the batches of this rank's share of the rest of that epoch.
+        """
+        if self._stages:
+            return -(-len(self._elastic_positions()) // self._batch_size)
         rows, b = self.rows_per_rank(), self._batch_size
         return rows // b if self._drop_last else -(-rows // b)
+
+    def _layout(self) -> str:
+        return _elastic.CONTIGUOUS if self._dataset.is_streamed else _elastic.STRIDED
+
+    def _elastic_positions(self) -> np.ndarray:
+        """This rank's positions of the current (resumed) epoch, in reading order."""
+        key = (self._epoch, tuple((w, tuple(c)) for w, c in self._stages), self._rank)
+        if self._positions_cache is None or self._positions_cache[0] != key:
+            pos = _elastic.epoch_positions(
+                self._layout(),
+                len(self._dataset),
+                self._stages,
+                self._world_size,
+                self._rank,
+                self._batch_size,
+                self._drop_last,
+            )
+            self._positions_cache = (key, pos)
+        return self._positions_cache[1]
+
+    def _next_epoch(self) -> None:
+        self._epoch += 1
+        self._position = 0
+        self._stages = []
 
     def set_epoch(self, epoch: int) -> None:
         """Start epoch ``epoch`` from its first batch at the next iteration."""
         self._epoch = _check_int("epoch", epoch, 0)
         self._position = 0
+        self._stages = []
         self._stop_active()
 
     # ------------------------------------------------------------ state
@@ -258,54 +295,153 @@ class Loader:
             "num_rows": len(self._dataset),
             "shuffle_buffer": self._shuffle_buffer if self._dataset.is_streamed else None,
             "columns": _columns_fingerprint(self._dataset),
+            "stages": [[w, list(c)] for w, c in self._stages],
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> None:
         """Resume from ``state_dict()``: the next batch is the one after those consumed.
 
-        The loader must be configured as the one that produced ``state`` (same
-        dataset size and columns (names, dtypes, per-row shapes), seed, shuffle,
-        batch_size, drop_last, rank, world_size); ValueError names the first
-        setting that differs. States saved before the columns were recorded
-        are checked without them.
+        ``state`` is this rank's dict (the loader must be configured as the one
+        that produced it), or the list of **every** rank's dict saved at one
+        point (any order). With the list, the world size may differ from the
+        one that saved it (elastic resume): the rest of that epoch (the
+        positions no old rank consumed) is shared out over the current ranks,
+        each read once, with the same number of batches on every rank (see
+        ``docs/data.md``); the next epoch is a normal one at the current world
+        size. At an unchanged world size the list resumes exactly as this
+        rank's own dict would. The thread count never matters.
+
+        Everything else must match (dataset size and columns (names, dtypes,
+        per-row shapes), seed, shuffle, batch_size, drop_last, and for a single
+        dict rank and world_size); ValueError names the first setting that
+        differs. States saved before the columns were recorded are checked
+        without them.
         """
         if isinstance(state, (str, bytes)):
             state = json.loads(state)
+        if isinstance(state, Sequence) and not isinstance(state, Mapping):
+            return self._load_states(list(state))
+        state = self._check_state(state, "state", same_rank=True)
+        epoch, pos, stages = self._parse_position(state, "state")
+        self._stop_active()
+        self._epoch, self._stages = epoch, stages
+        self._positions_cache = None
+        if pos > len(self):
+            self._stages = []
+            raise ValueError(f"state['batches_consumed'] must be <= {len(self)}, got {pos}")
+        self._position = pos
+
+    def _check_state(self, state: Any, name: str, same_rank: bool) -> Mapping[str, Any]:
+        if isinstance(state, (str, bytes)):
+            state = json.loads(state)
         if not isinstance(state, Mapping):
-            raise TypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")
+            raise TypeError(f"{name} must be a dict from state_dict(), got {type(state).__name__}")
         if state.get("version") != _STATE_VERSION:
             raise ValueError(
-                f"state has version {state.get('version')!r}, expected {_STATE_VERSION} "
+                f"{name} has version {state.get('version')!r}, expected {_STATE_VERSION} "
                 "(the epoch order changed between versions; start the epoch afresh)"
             )
         mine = self.state_dict()
-        for key in (
-            "seed",
-            "shuffle",
-            "batch_size",
-            "drop_last",
-            "rank",
-            "world_size",
-            "num_rows",
-            "shuffle_buffer",
-        ):
+        keys = ["seed", "shuffle", "batch_size", "drop_last", "num_rows", "shuffle_buffer"]
+        if same_rank:
+            keys[4:4] = ["rank", "world_size"]
+        for key in keys:
             if state.get(key) != mine[key]:
                 raise ValueError(
-                    f"state {key}={state.get(key)!r} does not match this loader's {key}={mine[key]!r}"
+                    f"{name} {key}={state.get(key)!r} does not match this loader's "
+                    f"{key}={mine[key]!r}"
                 )
         if "columns" in state and state["columns"] != mine["columns"]:
             raise ValueError(
-                f"state was saved from a data set with columns {state['columns']!r}; this "
+                f"{name} was saved from a data set with columns {state['columns']!r}; this "
                 f"loader's data set has {mine['columns']!r}"
             )
-        epoch = _check_int("state['epoch']", state.get("epoch"), 0)
+        return state
+
+    def _parse_position(
+        self, state: Mapping[str, Any], name: str
+    ) -> tuple[int, int, list[tuple[int, list[int]]]]:
+        epoch = _check_int(f"{name}['epoch']", state.get("epoch"), 0)
         if epoch >= 2**63:
-            raise ValueError(f"state['epoch'] must be < 2**63, got {epoch}")
-        pos = _check_int("state['batches_consumed']", state.get("batches_consumed"), 0)
-        if pos > len(self):
-            raise ValueError(f"state['batches_consumed'] must be <= {len(self)}, got {pos}")
+            raise ValueError(f"{name}['epoch'] must be < 2**63, got {epoch}")
+        pos = _check_int(f"{name}['batches_consumed']", state.get("batches_consumed"), 0)
+        raw = state.get("stages", [])
+        if not isinstance(raw, Sequence) or isinstance(raw, (str, bytes)):
+            raise ValueError(f"{name}['stages'] must be a list, got {type(raw).__name__}")
+        stages: list[tuple[int, list[int]]] = []
+        for k, st in enumerate(raw):
+            if not (isinstance(st, Sequence) and len(st) == 2 and isinstance(st[1], Sequence)):
+                raise ValueError(
+                    f"{name}['stages'][{k}] must be [world_size, [batches per rank]], got {st!r}"
+                )
+            w = _check_int(f"{name}['stages'][{k}][0]", st[0], 1)
+            if len(st[1]) != w:
+                raise ValueError(
+                    f"{name}['stages'][{k}] lists {len(st[1])} ranks for world size {w}"
+                )
+            c = [_check_int(f"{name}['stages'][{k}][1]", v, 0) for v in st[1]]
+            stages.append((w, c))
+        if len(stages) > 64:
+            raise ValueError(f"{name}['stages'] holds {len(stages)} stages; at most 64")
+        return epoch, pos, stages
+
+    def _load_states(self, states: list[Any]) -> None:
+        if not states:
+            raise ValueError("states must hold every rank's state_dict(), got an empty list")
+        checked = [
+            self._check_state(s, f"states[{i}]", same_rank=False) for i, s in enumerate(states)
+        ]
+        parsed = [self._parse_position(s, f"states[{i}]") for i, s in enumerate(checked)]
+        world = _check_int("states[0]['world_size']", checked[0].get("world_size"), 1)
+        epoch, _, stages = parsed[0]
+        by_rank: dict[int, int] = {}
+        for i, (s, (e, pos, st)) in enumerate(zip(checked, parsed, strict=True)):
+            if s.get("world_size") != world:
+                raise ValueError(
+                    f"states[{i}] world_size={s.get('world_size')!r} differs from states[0]'s "
+                    f"{world}: pass the states saved at one point by every rank"
+                )
+            if e != epoch or st != stages:
+                raise ValueError(
+                    f"states[{i}] is at epoch {e} (stages {st}); states[0] is at epoch {epoch} "
+                    f"(stages {stages}): pass the states saved at one point by every rank"
+                )
+            r = _check_int(f"states[{i}]['rank']", s.get("rank"), 0)
+            if r >= world or r in by_rank:
+                raise ValueError(
+                    f"states[{i}] rank={r} is out of range or repeated for world size {world}"
+                )
+            by_rank[r] = pos
+        missing = sorted(set(range(world)) - set(by_rank))
+        if missing:
+            raise ValueError(
+                f"states lack ranks {missing[:8]} of world size {world}: an elastic resume "
+                "needs every rank's state"
+            )
+        consumed = [by_rank[r] for r in range(world)]
+        n = len(self._dataset)
+        for r, pos in enumerate(consumed):
+            if stages:
+                got = _elastic.epoch_positions(
+                    self._layout(), n, stages, world, r, self._batch_size, self._drop_last
+                )
+                bound = -(-len(got) // self._batch_size)
+            else:
+                bound = _elastic.batches_per_rank(n, world, self._batch_size, self._drop_last)
+            if pos > bound:
+                raise ValueError(
+                    f"the state of rank {r} has batches_consumed={pos}; that rank had {bound}"
+                )
         self._stop_active()
-        self._epoch, self._position = epoch, pos
+        self._positions_cache = None
+        self._epoch = epoch
+        if world == self._world_size:  # unchanged: exactly this rank's own resume
+            self._stages, self._position = stages, consumed[self._rank]
+            return
+        # Nothing consumed yet (e.g. saved at an epoch's end): a normal epoch here.
+        fresh = not stages and not any(consumed)
+        self._stages = [] if fresh else [*stages, (world, consumed)]
+        self._position = 0
 
     # ------------------------------------------------------------ iteration
 
@@ -314,8 +450,7 @@ class Loader:
             raise RuntimeError("the loader is closed")
         self._stop_active()
         if self._position >= len(self):
-            self._epoch += 1
-            self._position = 0
+            self._next_epoch()
         stream = self._open_stream()
         self._active = stream
         return self._run(stream)
@@ -335,8 +470,7 @@ class Loader:
                 self._position += 1
                 yield batch if convert is None else convert(batch)
             if self._active is stream:
-                self._epoch += 1
-                self._position = 0
+                self._next_epoch()
         finally:
             stream.close()
             if self._active is stream:
@@ -421,6 +555,16 @@ class _EngineStream(_Stream):
         self._engine = loader._engine
         self._closed = False
         self._pid = os.getpid()
+        if loader._stages:  # an elastic resume: this rank's share of the epoch's rest
+            n = len(loader._dataset)
+            order = (
+                _core.data_permutation(n, loader._seed, loader._epoch, 0)
+                if loader._shuffle
+                else np.arange(n, dtype=np.int64)
+            )
+            rows = np.ascontiguousarray(order[loader._elastic_positions()], dtype=np.int64)
+            self._token = self._engine.start_rows(rows, loader._drop_last, loader._position)
+            return
         self._token = self._engine.start(
             loader._shuffle,
             loader._seed,
@@ -587,7 +731,15 @@ def _parquet_batches(
     # (see parquet_rank_segments).
     first = loader._position * bsz
     last = min(num_batches * bsz, per_rank)
-    segments = parquet_rank_segments(starts, n, loader._rank * per_rank, first, last)
+    if loader._stages:  # an elastic resume: this rank's share of the epoch's rest
+        positions = loader._elastic_positions()[first:]
+        segments = [
+            seg
+            for a, z in _elastic.position_ranges(positions)
+            for seg in parquet_rank_segments(starts, n, 0, a, z)
+        ]
+    else:
+        segments = parquet_rank_segments(starts, n, loader._rank * per_rank, first, last)
 
     read_lock = loader._parquet_lock  # one reader of the ParquetFile objects at a time
 
