@@ -77,6 +77,73 @@ def lgb_model(trees: int):
     return lgb.Booster(model_file=str(path)), path
 
 
+def default_models(trees: int = 100):
+    """XGBoost and LightGBM trained with their default tree parameters (issue #18:
+    XGBoost depth 6, eta 0.3; LightGBM num_leaves=31 with no depth limit), cached."""
+    import lightgbm as lgb
+    import xgboost as xgb
+
+    xpath, lpath = CACHE / f"xgb_defaults_{trees}.ubj", CACHE / f"lgb_defaults_{trees}.txt"
+    if not xpath.exists() or not lpath.exists():
+        X, y = make_data(20_000, 0)
+        xgb.train(
+            {"objective": "binary:logistic", "nthread": 2, "tree_method": "hist"},
+            xgb.DMatrix(X, y),
+            trees,
+        ).save_model(str(xpath))
+        lgb.train(
+            {"objective": "binary", "num_threads": 2, "verbose": -1}, lgb.Dataset(X, y), trees
+        ).save_model(str(lpath))
+    xb = xgb.Booster()
+    xb.load_model(str(xpath))
+    xb.set_param({"nthread": 1})
+    return xb, lgb.Booster(model_file=str(lpath))
+
+
+def defaults_section(repeat: int) -> dict:
+    """Default-parameter models, batch 1,024, one thread (the goals of issue #18)."""
+    xb, lb = default_models()
+    Xb, _ = make_data(1024, 1)
+    Xb64 = Xb.astype(np.float64)
+    fx, fl = Forest.from_xgboost(xb), Forest.from_lightgbm(lb)
+    np.testing.assert_array_equal(
+        fx.predict(Xb, output="margin"), xb.inplace_predict(Xb, predict_type="margin")
+    )
+    np.testing.assert_allclose(
+        fl.predict(Xb64, output="margin"),
+        lb.predict(Xb64, raw_score=True, num_threads=1),
+        rtol=1e-12,
+    )
+    t = compare(
+        {
+            "fastml Forest (xgboost defaults)": lambda: fx.predict(Xb),
+            "xgboost inplace_predict": lambda: xb.inplace_predict(Xb),
+            "fastml Forest (lightgbm defaults)": lambda: fl.predict(Xb64),
+            "lightgbm predict": lambda: lb.predict(Xb64, num_threads=1),
+        },
+        repeat=repeat,
+        work=len(Xb),
+        unit="rows",
+    )
+    print()
+    print(
+        table(
+            t,
+            baseline="xgboost inplace_predict",
+            title=f"default-parameter models ({fx.num_trees} trees; engines {fx._core.engine} "
+            f"and {fl._core.engine}), batch 1024, 1 thread",
+        )
+    )
+    out = {k: v.to_dict() for k, v in t.items()}
+    out["speedup_xgboost"] = ratio(t, "fastml Forest (xgboost defaults)", "xgboost inplace_predict")
+    out["speedup_lightgbm"] = ratio(t, "fastml Forest (lightgbm defaults)", "lightgbm predict")
+    print(
+        f"default models: {out['speedup_xgboost']:.2f}x xgboost (goal 4x), "
+        f"{out['speedup_lightgbm']:.2f}x lightgbm (goal 8x)"
+    )
+    return out
+
+
 def treelite_predictor(xgb_path: Path):
     try:
         import treelite
@@ -135,10 +202,18 @@ def main() -> None:
     ap.add_argument("--trees", type=int, default=500)
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--tl2cgen", action="store_true", help="also compile the model with TL2cgen")
+    ap.add_argument(
+        "--only-defaults", action="store_true", help="only the default-parameter models"
+    )
     args = ap.parse_args()
     CACHE.mkdir(exist_ok=True)
     fastml.set_num_threads(1)
     results: dict[str, dict] = {}
+    results["defaults"] = defaults_section(args.repeat)
+    if args.only_defaults:
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2, default=float))
+        return
 
     Xb, _ = make_data(1024, 1)
     X1 = Xb[:1].copy()
