@@ -348,6 +348,32 @@ def test_torch_compile_fullgraph_cpu():
     torch.testing.assert_close(gx, wx)
 
 
+def test_cross_entropy_kernel_flags_out_of_range_targets(triton_backend):
+    """The forward kernel never reads through a target outside [0, C): such a
+    row counts as ignored (loss 0, zero gradient) and its validity is -2**30,
+    so the validity sum (the mean's denominator) goes negative and one
+    asynchronous assert reports it on CUDA; on CPU the host check raises first."""
+    ce = importlib.import_module("fastml.ops.cross_entropy")
+    x = torch.randn(5, 8)
+    t = torch.tensor([0, 8, -100, -3, 7])
+    loss, lse, valid = ce.cross_entropy_forward(x, t, -100, 0.0)
+    assert valid.tolist() == [1, -(2**30), 0, -(2**30), 1]
+    assert loss[1] == loss[2] == loss[3] == 0.0
+    ref = F.cross_entropy(x[[0, 4]], t[[0, 4]], reduction="none")
+    torch.testing.assert_close(loss[[0, 4]], ref)
+    assert int(valid.sum()) < 0
+    dx = ce.cross_entropy_backward(torch.ones(5), x, t, lse, -100, 0.0)
+    assert dx[1].abs().sum() == dx[2].abs().sum() == dx[3].abs().sum() == 0
+    with pytest.raises(IndexError, match=r"target must be in \[0, 8\)"):
+        ops.cross_entropy(x, t)
+    # Compiled (the device path on any device): the async assert names the range.
+    torch._dynamo.reset()
+    f = torch.compile(ops.cross_entropy, fullgraph=True, backend="aot_eager")
+    with pytest.raises(RuntimeError, match=r"target must be in \[0, 8\)"):
+        f(x, t)
+    torch.testing.assert_close(f(x, t.clamp(0, 7)), F.cross_entropy(x, t.clamp(0, 7)))
+
+
 def test_compiled_graph_calls_the_custom_ops():
     # Under torch.compile the functionals must emit the registered ops (opaque,
     # with fake implementations), not trace into the eager autograd.Function.

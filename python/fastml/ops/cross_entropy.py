@@ -36,6 +36,7 @@ def _cross_entropy_kernel(
     T,
     LOSS,
     LSE,
+    VALID,
     G,
     DX,
     x_stride,
@@ -47,6 +48,7 @@ def _cross_entropy_kernel(
     HAS_LSE: tl.constexpr,
     WRITE_LOSS: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
+    WRITE_VALID: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -54,10 +56,15 @@ def _cross_entropy_kernel(
     dx_ptr = DX + row * dx_stride
     cols = tl.arange(0, BLOCK)
     t = tl.load(T + row).to(tl.int64)
-    if t == ignore_index:
+    # A target outside [0, C) (and not ignore_index) is never read through: the
+    # row counts as ignored and VALID flags it (-2**30, so the sum of VALID is
+    # negative), which the caller turns into one asynchronous device assert.
+    if (t == ignore_index) | (t < 0) | (t >= C):
         if WRITE_LOSS:
             tl.store(LOSS + row, 0.0)
             tl.store(LSE + row, 0.0)
+        if WRITE_VALID:
+            tl.store(VALID + row, tl.where(t == ignore_index, 0, -1073741824).to(tl.int32))
         if WRITE_GRAD:
             for start in range(0, C, BLOCK):
                 c = start + cols
@@ -80,6 +87,8 @@ def _cross_entropy_kernel(
             m = m_new
             sum_x += tl.sum(tl.where(mask, x, 0.0), axis=0)
         lse = m + tl.log(d)
+    if WRITE_VALID:
+        tl.store(VALID + row, 1)
     if WRITE_LOSS:
         # Read x[t] before the gradient pass may overwrite it (DX may alias X).
         x_t = tl.load(x_ptr + t).to(tl.float32)
@@ -107,11 +116,13 @@ def _ce_block(c: int) -> int:
 
 def cross_entropy_forward(
     logits: Tensor, target: Tensor, ignore_index: int, smoothing: float
-) -> tuple[Tensor, Tensor]:
-    """Per-row loss and log-sum-exp (fp32) of 2-D ``logits``."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row loss and log-sum-exp (fp32) of 2-D ``logits``, and per-row
+    validity (int32: 1 counted, 0 ignored, -2**30 target out of range)."""
     n, c = logits.shape
     loss = torch.empty(n, dtype=torch.float32, device=logits.device)
     lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+    valid = torch.empty(n, dtype=torch.int32, device=logits.device)
     if n > 0:
         block = _ce_block(c)
         _cross_entropy_kernel[(n,)](
@@ -119,6 +130,7 @@ def cross_entropy_forward(
             target,
             loss,
             lse,
+            valid,
             loss,
             logits,
             logits.stride(0),
@@ -130,10 +142,11 @@ def cross_entropy_forward(
             HAS_LSE=False,
             WRITE_LOSS=True,
             WRITE_GRAD=False,
+            WRITE_VALID=True,
             BLOCK=block,
             num_warps=num_warps(block),
         )
-    return loss, lse
+    return loss, lse, valid
 
 
 def cross_entropy_backward(
@@ -155,6 +168,7 @@ def cross_entropy_backward(
             target,
             lse,
             lse,
+            lse,
             dloss,
             dx,
             logits.stride(0),
@@ -166,6 +180,7 @@ def cross_entropy_backward(
             HAS_LSE=True,
             WRITE_LOSS=False,
             WRITE_GRAD=True,
+            WRITE_VALID=False,
             BLOCK=block,
             num_warps=num_warps(block),
         )
@@ -189,6 +204,7 @@ def cross_entropy_fused_(
             target,
             loss,
             lse,
+            lse,
             scale,
             logits,
             logits.stride(0),
@@ -200,6 +216,7 @@ def cross_entropy_fused_(
             HAS_LSE=False,
             WRITE_LOSS=True,
             WRITE_GRAD=True,
+            WRITE_VALID=False,
             BLOCK=block,
             num_warps=num_warps(block),
         )
@@ -218,7 +235,7 @@ def _cross_entropy_forward_torch(
 ) -> tuple[Tensor, Tensor]:
     xf = logits.to(_acc(logits))
     c = xf.shape[-1]
-    valid = target != ignore_index
+    valid = (target != ignore_index) & (target >= 0) & (target < c)
     lse = torch.logsumexp(xf, -1)
     x_t = xf.gather(-1, torch.where(valid, target, 0).unsqueeze(-1)).squeeze(-1)
     loss = (1.0 - smoothing) * (lse - x_t)
@@ -267,23 +284,35 @@ def _cross_entropy_ref(
     ).reshape(target.shape if reduction == "none" else ())
 
 
+def _row_validity(target: Tensor, classes: int, ignore_index: int) -> Tensor:
+    """The kernel's VALID for the torch path: 1 counted, 0 ignored, -2**30 out of range."""
+    bad = ((target < 0) | (target >= classes)) & (target != ignore_index)
+    ok = (target != ignore_index).to(torch.int32)
+    return torch.where(bad, torch.full_like(ok, -(2**30)), ok)
+
+
 def _cross_entropy_fwd_op_impl(logits, target, ignore_index, smoothing):
     if use_triton(logits):
         return cross_entropy_forward(logits, target, ignore_index, smoothing)
-    return _cross_entropy_forward_torch(logits, target, ignore_index, smoothing)
+    loss, lse = _cross_entropy_forward_torch(logits, target, ignore_index, smoothing)
+    return loss, lse, _row_validity(target, logits.shape[-1], ignore_index)
 
 
 @torch.library.custom_op("fastml::cross_entropy_fwd", mutates_args=())
 def _cross_entropy_fwd_op(
     logits: Tensor, target: Tensor, ignore_index: int, smoothing: float
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     return _cross_entropy_fwd_op_impl(logits, target, ignore_index, smoothing)
 
 
 @_cross_entropy_fwd_op.register_fake
 def _(logits, target, ignore_index, smoothing):
     n = logits.shape[0]
-    return logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
+    return (
+        logits.new_empty(n, dtype=torch.float32),
+        logits.new_empty(n, dtype=torch.float32),
+        logits.new_empty(n, dtype=torch.int32),
+    )
 
 
 def _cross_entropy_bwd_op_impl(dloss, logits, target, lse, ignore_index, smoothing):
@@ -310,7 +339,7 @@ def _ce_setup_context(ctx, inputs, output):
     ctx.save_for_backward(logits, target, output[1])
 
 
-def _ce_backward(ctx, dloss, _dlse):
+def _ce_backward(ctx, dloss, _dlse, _dvalid):
     logits, target, lse = ctx.saved_tensors
     bwd = _cross_entropy_bwd_op_impl if getattr(ctx, "eager", False) else _cross_entropy_bwd_op
     dx = bwd(dloss, logits, target, lse, ctx.ignore_index, ctx.smoothing)
@@ -323,14 +352,25 @@ _CrossEntropyFunction = eager_function(
     _cross_entropy_fwd_op_impl,
     _ce_setup_context,
     _ce_backward,
-    non_differentiable=(1,),
+    non_differentiable=(1, 2),
 )
 
 _REDUCTIONS = ("mean", "sum", "none")
 
 
-def check_target(target: Tensor, rows_shape: torch.Size, classes: int, ignore_index: int) -> Tensor:
-    """Validate integer class targets; returns them flattened to int64 rows."""
+def check_target(
+    target: Tensor,
+    rows_shape: torch.Size,
+    classes: int,
+    ignore_index: int,
+    device_check: bool = True,
+) -> Tensor:
+    """Validate integer class targets; returns them flattened to int64 rows.
+
+    On CUDA (and while compiling) the range check is an asynchronous device
+    assert; ``device_check=False`` leaves it to the caller (cross_entropy's
+    kernel flags out-of-range targets itself, saving the check's launches).
+    """
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if target.dtype.is_floating_point or target.dtype == torch.bool or target.is_complex():
@@ -341,21 +381,17 @@ def check_target(target: Tensor, rows_shape: torch.Size, classes: int, ignore_in
             f"dimension), got {tuple(target.shape)}"
         )
     t = target.reshape(-1).to(torch.int64)
+    on_device = t.is_cuda or torch.compiler.is_compiling()
+    if on_device and not device_check:
+        return t
     bad = ((t < 0) | (t >= classes)) & (t != ignore_index)
-    if t.is_cuda or torch.compiler.is_compiling():
+    if on_device:
         # An asynchronous device-side check: no host sync on the hot path, no graph break.
         torch._assert_async(~bad.any())
     elif t.numel() and bool(bad.any()):
         v = int(t[bad][0])
         raise IndexError(f"target must be in [0, {classes}) or ignore_index, got {v}")
     return t
-
-
-def reduce_rows(loss: Tensor, valid: Tensor, reduction: str) -> Tensor:
-    if reduction == "none":
-        return loss
-    total = loss.sum()
-    return total / valid.sum() if reduction == "mean" else total
 
 
 def cross_entropy(
@@ -382,16 +418,25 @@ def cross_entropy(
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     c = logits.shape[-1]
-    t = check_target(target, logits.shape[:-1], c, ignore_index)
+    # On CUDA the range check is done by the forward itself (its per-row
+    # validity), so a call costs a few launches rather than a dozen.
+    t = check_target(target, logits.shape[:-1], c, ignore_index, device_check=False)
     if target.device != logits.device:
         raise ValueError(f"target must be on {logits.device}, got {target.device}")
     x2 = as_rows(logits, c)
     args = (x2, t, ignore_index, float(label_smoothing))
     if compiling():
-        loss, _lse = _cross_entropy_fwd_op(*args)
+        loss, _lse, valid = _cross_entropy_fwd_op(*args)
     else:
-        loss, _lse = _CrossEntropyFunction.apply(*args)
-    out = reduce_rows(loss, t != ignore_index, reduction)
+        loss, _lse, valid = _CrossEntropyFunction.apply(*args)
+    count = valid.sum() if (reduction == "mean" or t.is_cuda or compiling()) else None
+    if t.is_cuda or compiling():
+        # Negative exactly when a target was out of range (see the kernel).
+        torch._assert_async(count >= 0, f"target must be in [0, {c}) or ignore_index")
     if reduction == "none":
-        out = out.reshape(target.shape)
+        out = loss.reshape(target.shape)
+    elif reduction == "sum":
+        out = loss.sum()
+    else:
+        out = loss.sum() / count
     return out.to(logits.dtype)
