@@ -931,6 +931,12 @@ def test_cuda_matches_cpu(xgb_models, lgb_models):
                 np.testing.assert_allclose(
                     f.predict(part, device="cuda"), f.predict(part), rtol=1e-5, err_msg=name
                 )
+            rows = f.auto_crossover_rows  # measured on this GPU for this forest
+            assert 1 <= rows <= 2**62
+            big = np.tile(Xd, (max(1, min(rows, 1 << 20) // len(Xd) + 1), 1))
+            np.testing.assert_allclose(
+                f.predict(big, device="auto"), f.predict(big), rtol=1e-5, err_msg=name
+            )
             t = torch.from_numpy(Xd).cuda()
             res = f.predict(t, output="margin", device="auto")
             assert res.is_cuda
@@ -939,6 +945,37 @@ def test_cuda_matches_cpu(xgb_models, lgb_models):
             np.testing.assert_allclose(one.cpu().numpy(), f.predict(Xd[0]), rtol=1e-5)
             with pytest.raises(ValueError, match="pass device='cuda'"):
                 f.predict(t)  # device="cpu" (the default) with a CUDA tensor
+
+
+def test_auto_crossover_rows_model_and_override(monkeypatch):
+    """device="auto": the crossover of two linear timing models, the fallback
+    without a GPU, the override, and the decision it drives."""
+    from fastml.infer import forest as forest_mod
+
+    cx = forest_mod.crossover_rows
+    # CPU 10 us + 1 us/row, GPU 100 us + 0.1 us/row: equal at 100 rows.
+    assert cx([(1000, 1010e-6), (2000, 2010e-6)], [(1000, 200e-6), (2000, 300e-6)]) == 100
+    # The GPU starts lower and costs less per row: always.
+    assert cx([(1, 2.0), (2, 3.0)], [(1, 1.0), (2, 1.5)]) == 1
+    # The GPU costs more per row and starts higher: never.
+    assert cx([(1, 1.0), (2, 1.5)], [(1, 2.0), (2, 3.0)]) == 2**62
+    with pytest.raises(ValueError, match="two distinct"):
+        cx([(1, 1.0), (1, 2.0)], [(1, 1.0), (2, 2.0)])
+
+    X, score = _train_data(n=300, seed=4)
+    f = Forest.from_xgboost(xgb.train({"max_depth": 3, "nthread": 1}, xgb.DMatrix(X, score), 5))
+    if not fastml.cuda_available():
+        assert f.auto_crossover_rows == 2**62  # nothing measured without a GPU
+    for bad in (0, -5, 1.5, True, "100"):
+        with pytest.raises(ValueError, match="auto_crossover_rows must be an int >= 1"):
+            f.auto_crossover_rows = bad
+    f.auto_crossover_rows = 256
+    assert f.auto_crossover_rows == 256
+    # The decision, with a GPU pretended usable (nothing runs on it here).
+    monkeypatch.setattr(forest_mod._core, "forest_cuda_compiled", lambda: True)
+    monkeypatch.setattr(fastml, "cuda_available", lambda: True)
+    assert not f._auto_cuda(np.zeros((255, X.shape[1]), np.float32))
+    assert f._auto_cuda(np.zeros((256, X.shape[1]), np.float32))
 
 
 @pytest.mark.gpu

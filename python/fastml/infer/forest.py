@@ -11,7 +11,10 @@ trees and ensembles); they read the model into flat NumPy arrays through
 from __future__ import annotations
 
 import json
+import math
 import os
+import time
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -26,8 +29,33 @@ __all__ = ["Forest"]
 Output = Literal["value", "margin", "class"]
 Device = Literal["cpu", "cuda", "auto"]
 
-# Rows from which device="auto" uses the GPU (when one is usable).
-_AUTO_CUDA_MIN_ROWS = 16384
+# device="auto" with host input: the batch sizes at which the crossover is
+# measured (rows of synthetic float32 data, 5% missing), and the repeats.
+_AUTO_SIZES = (1024, 65536)
+_AUTO_REPEATS = 3
+# Upper bound of a crossover (a GPU that never wins is "never": this many rows).
+_AUTO_NEVER = 1 << 62
+
+
+def crossover_rows(cpu: Sequence[tuple[int, float]], gpu: Sequence[tuple[int, float]]) -> int:
+    """The batch size from which the GPU engine is faster, from timings
+    ``[(rows, seconds), (rows, seconds)]`` of each engine at two batch sizes
+    (each engine modelled as ``fixed + per_row * rows``). 1: the GPU is always
+    faster; ``2**62``: never (its per-row cost is no lower than the CPU's and
+    it does not start lower)."""
+    (r1, c1), (r2, c2) = cpu
+    (s1, g1), (s2, g2) = gpu
+    if r1 == r2 or s1 == s2:
+        raise ValueError("crossover_rows needs two distinct batch sizes per engine")
+    cb = (c2 - c1) / (r2 - r1)
+    gb = (g2 - g1) / (s2 - s1)
+    ca, ga = c1 - cb * r1, g1 - gb * s1
+    if gb >= cb:  # the GPU's per-row cost is not lower: it wins only if it starts lower
+        return 1 if ga < ca else _AUTO_NEVER
+    rows = (ga - ca) / (cb - gb)
+    if rows <= 1:
+        return 1
+    return int(min(math.ceil(rows - 1e-9 * rows), _AUTO_NEVER))  # tolerate rounding
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -161,6 +189,7 @@ class Forest:
         self._core = core
         self._meta: dict[str, Any] = meta
         self._objective = str(spec["objective"])
+        self._auto_rows: int | None = None  # see auto_crossover_rows
 
     # -------------------------------------------------------------- constructors
 
@@ -298,8 +327,10 @@ class Forest:
         for scikit-learn classifiers).
 
         device: ``"cpu"``, ``"cuda"`` (needs a CUDA build and GPU), or ``"auto"``
-        (the GPU for CUDA tensors and large batches when one is usable). A CUDA
-        tensor with ``device="cpu"`` raises ValueError saying so.
+        (the GPU for CUDA tensors, and for host batches of at least
+        :attr:`auto_crossover_rows` rows, a crossover measured for this forest
+        at its first use, when a GPU is usable). A CUDA tensor with
+        ``device="cpu"`` raises ValueError saying so.
 
         Returns a NumPy array of shape (rows,) when num_outputs == 1 else
         (rows, num_outputs), dtype :attr:`output_dtype` (int64 or the label dtype
@@ -377,7 +408,53 @@ class Forest:
         if _is_cuda_tensor(X):
             return True
         shape = getattr(X, "shape", None)
-        return bool(shape) and int(shape[0]) >= _AUTO_CUDA_MIN_ROWS
+        return bool(shape) and int(shape[0]) >= self.auto_crossover_rows
+
+    @property
+    def auto_crossover_rows(self) -> int:
+        """Rows from which ``device="auto"`` sends a host (NumPy, CPU tensor,
+        frame) batch to the GPU; CUDA tensors always go to the GPU.
+
+        Measured once per forest, at the first use, when a GPU is usable: both
+        engines predict synthetic batches of this forest's width (float32, 5%
+        missing) at 1,024 and 65,536 rows (best of 3 after a warm-up; the GPU
+        timing includes the host-to-device copy a host caller pays), each is
+        modelled as ``fixed + per_row * rows``, and the crossover of the two
+        lines is kept (1: the GPU always wins; ``2**62``: never). Without a
+        usable GPU it is ``2**62`` and nothing is measured. Assign an int to
+        fix it instead (e.g. a value measured on the serving machine).
+        """
+        if self._auto_rows is None:
+            import fastml
+
+            if not _core.forest_cuda_compiled() or not fastml.cuda_available():
+                return _AUTO_NEVER
+            self._auto_rows = self._measure_crossover()
+        return self._auto_rows
+
+    @auto_crossover_rows.setter
+    def auto_crossover_rows(self, rows: int) -> None:
+        if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 1:
+            raise ValueError(f"auto_crossover_rows must be an int >= 1, got {rows!r}")
+        self._auto_rows = int(rows)
+
+    def _measure_crossover(self) -> int:
+        rng = np.random.default_rng(0)
+        big = max(_AUTO_SIZES)
+        X = rng.standard_normal((big, self.num_features), dtype=np.float32)
+        X[rng.random(X.shape) < 0.05] = np.nan
+        timings: dict[str, list[tuple[int, float]]] = {"cpu": [], "cuda": []}
+        for device in ("cpu", "cuda"):
+            for rows in _AUTO_SIZES:
+                batch = X[:rows]
+                self.predict(batch, output="margin", device=device)  # warm-up
+                best = math.inf
+                for _ in range(_AUTO_REPEATS):
+                    t0 = time.perf_counter()
+                    self.predict(batch, output="margin", device=device)
+                    best = min(best, time.perf_counter() - t0)
+                timings[device].append((rows, best))
+        return crossover_rows(timings["cpu"], timings["cuda"])
 
     def _predict_cuda(self, X: Any, apply_link: bool) -> Any:
         if _is_cuda_tensor(X):
