@@ -30,6 +30,7 @@
 #include <string>
 
 #include "common/errors.hpp"
+#include "common/thread_pool.hpp"
 #include "infer/forest.hpp"
 #include "infer/forest_node.hpp"
 
@@ -66,12 +67,21 @@ struct DeviceForest {
   uint32_t* node_cat_words = nullptr;
   uint32_t* cat_bits = nullptr;
   void* base = nullptr;
-  // staging for host inputs
+  // Host inputs: two slots, each a pinned staging pair (rows in, results out),
+  // device buffers, its own stream and an event; chunks alternate between the
+  // slots, so one chunk's copy in overlaps the other's kernel (see
+  // predict_host).
+  struct Slot {
+    void* pin_x = nullptr;
+    void* pin_out = nullptr;
+    void* dev_x = nullptr;
+    void* dev_out = nullptr;
+    size_t x_cap = 0, out_cap = 0;
+    cudaStream_t stream = nullptr;
+    cudaEvent_t done = nullptr;
+  };
   std::mutex staging_mutex;
-  void* x_buf = nullptr;
-  size_t x_bytes = 0;
-  void* out_buf = nullptr;
-  size_t out_bytes = 0;
+  Slot slots[2];
 
   ~DeviceForest() {
     int prev = 0;
@@ -80,11 +90,62 @@ struct DeviceForest {
     for (void* p : {nodes, values, static_cast<void*>(tree_root), static_cast<void*>(tree_depth),
                     static_cast<void*>(tree_group), static_cast<void*>(tree_value_shift),
                     static_cast<void*>(node_cat_offset), static_cast<void*>(node_cat_words),
-                    static_cast<void*>(cat_bits), base, x_buf, out_buf})
+                    static_cast<void*>(cat_bits), base})
       if (p) cudaFree(p);
+    for (Slot& s : slots) {
+      if (s.stream) cudaStreamSynchronize(s.stream);
+      if (s.pin_x) cudaFreeHost(s.pin_x);
+      if (s.pin_out) cudaFreeHost(s.pin_out);
+      if (s.dev_x) cudaFree(s.dev_x);
+      if (s.dev_out) cudaFree(s.dev_out);
+      if (s.done) cudaEventDestroy(s.done);
+      if (s.stream) cudaStreamDestroy(s.stream);
+    }
     cudaSetDevice(prev);
   }
 };
+
+// A slot with room for `xb` input and `ob` output bytes.
+void ensure_slot(DeviceForest::Slot& s, size_t xb, size_t ob) {
+  if (!s.stream) {
+    check(cudaStreamCreateWithFlags(&s.stream, cudaStreamNonBlocking), "cudaStreamCreate");
+    check(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming), "cudaEventCreate");
+  }
+  if (s.x_cap < xb) {
+    if (s.pin_x) cudaFreeHost(s.pin_x);
+    if (s.dev_x) cudaFree(s.dev_x);
+    s.pin_x = s.dev_x = nullptr;
+    s.x_cap = 0;
+    check(cudaHostAlloc(&s.pin_x, xb, cudaHostAllocDefault), "cudaHostAlloc(X)");
+    check(cudaMalloc(&s.dev_x, xb), "cudaMalloc(X)");
+    s.x_cap = xb;
+  }
+  if (s.out_cap < ob) {
+    if (s.pin_out) cudaFreeHost(s.pin_out);
+    if (s.dev_out) cudaFree(s.dev_out);
+    s.pin_out = s.dev_out = nullptr;
+    s.out_cap = 0;
+    check(cudaHostAlloc(&s.pin_out, ob, cudaHostAllocDefault), "cudaHostAlloc(out)");
+    check(cudaMalloc(&s.dev_out, ob), "cudaMalloc(out)");
+    s.out_cap = ob;
+  }
+}
+
+// memcpy on the shared pool for large copies (the copies into and out of the
+// pinned slots are the host's share of the pipeline).
+void parallel_copy(void* dst, const void* src, size_t n) {
+  constexpr size_t kPiece = size_t{1} << 20;
+  if (n <= 2 * kPiece) {
+    std::memcpy(dst, src, n);
+    return;
+  }
+  const auto pieces = static_cast<int64_t>((n + kPiece - 1) / kPiece);
+  ThreadPool::global().parallel_for(0, pieces, 1, [&](int64_t b, int64_t e) {
+    const size_t lo = static_cast<size_t>(b) * kPiece;
+    const size_t hi = std::min(n, static_cast<size_t>(e) * kPiece);
+    std::memcpy(static_cast<char*>(dst) + lo, static_cast<const char*>(src) + lo, hi - lo);
+  });
+}
 
 // One tree's walk for one row: `depth` steps from `root` (leaves point to
 // themselves), with the CPU engine's per-node decisions; returns the leaf.
@@ -408,68 +469,94 @@ void forest_predict_cuda(const Forest& f, const ArrayView& X, bool x_on_device, 
   const int64_t rows = X.shape[0];
   const int32_t K = f.num_outputs();
   const size_t out_item = itemsize(f.output_dtype());
-  const size_t out_bytes = static_cast<size_t>(rows * K) * out_item;
   if (rows == 0) return;
+  FASTML_CHECK_ARG(x_on_device == out_on_device, "out",
+                   "must be on the device exactly when X is (internal)");
   DeviceForest& d = device_forest(f);
-  auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  const size_t x_bytes = static_cast<size_t>(X.nbytes());
-  std::unique_lock<std::mutex> staging(d.staging_mutex, std::defer_lock);
-  const void* x_dev = X.data;
-  void* out_dev = out;
-  if (!x_on_device || !out_on_device) staging.lock();
-  if (!x_on_device) {
-    FASTML_CHECK_ARG(X.is_c_contiguous(), "X", "must be C-contiguous for the CUDA path, got ",
-                     X.describe());
-    if (d.x_bytes < x_bytes) {
-      if (d.x_buf) cudaFree(d.x_buf);
-      d.x_buf = nullptr;
-      d.x_bytes = 0;
-      check(cudaMalloc(&d.x_buf, x_bytes), "cudaMalloc(X)");
-      d.x_bytes = x_bytes;
-    }
-    check(cudaMemcpyAsync(d.x_buf, X.data, x_bytes, cudaMemcpyHostToDevice, stream), "copy X");
-    x_dev = d.x_buf;
-  }
-  if (!out_on_device) {
-    if (d.out_bytes < out_bytes) {
-      if (d.out_buf) cudaFree(d.out_buf);
-      d.out_buf = nullptr;
-      d.out_bytes = 0;
-      check(cudaMalloc(&d.out_buf, out_bytes), "cudaMalloc(out)");
-      d.out_bytes = out_bytes;
-    }
-    out_dev = d.out_buf;
-  }
   const auto& s = f.spec();
   const bool divide = s.divisor != 1.0 && (apply_link || s.divide_margin);
   const double divisor = divide ? s.divisor : 1.0;
   const int32_t link = apply_link ? static_cast<int32_t>(s.link) : 0;
-  bool finish;
-  if (s.threshold_f64 && s.accum_f64)
-    finish = launch<double, double>(f, d, x_dev, X.dtype, rows, out_dev, divisor, link, stream);
-  else if (s.threshold_f64)
-    finish = launch<double, float>(f, d, x_dev, X.dtype, rows, out_dev, divisor, link, stream);
-  else if (s.accum_f64)
-    finish = launch<float, double>(f, d, x_dev, X.dtype, rows, out_dev, divisor, link, stream);
-  else
-    finish = launch<float, float>(f, d, x_dev, X.dtype, rows, out_dev, divisor, link, stream);
-  if (finish && (divide || apply_link)) {
-    const int threads = 128;
-    const auto blocks = static_cast<unsigned>((rows + threads - 1) / threads);
-    if (out_item == 4)
-      forest_finish_kernel<float>
-          <<<blocks, threads, 0, stream>>>(static_cast<float*>(out_dev), rows, K, divisor, link);
+  // One launch of the kernel (and, after the rows kernel, the finish kernel).
+  auto run = [&](const void* x_dev, int64_t n, void* out_dev, cudaStream_t stream) {
+    bool finish;
+    if (s.threshold_f64 && s.accum_f64)
+      finish = launch<double, double>(f, d, x_dev, X.dtype, n, out_dev, divisor, link, stream);
+    else if (s.threshold_f64)
+      finish = launch<double, float>(f, d, x_dev, X.dtype, n, out_dev, divisor, link, stream);
+    else if (s.accum_f64)
+      finish = launch<float, double>(f, d, x_dev, X.dtype, n, out_dev, divisor, link, stream);
     else
-      forest_finish_kernel<double>
-          <<<blocks, threads, 0, stream>>>(static_cast<double*>(out_dev), rows, K, divisor, link);
-    check(cudaGetLastError(), "finish kernel launch");
+      finish = launch<float, float>(f, d, x_dev, X.dtype, n, out_dev, divisor, link, stream);
+    if (finish && (divide || apply_link)) {
+      const int threads = 128;
+      const auto blocks = static_cast<unsigned>((n + threads - 1) / threads);
+      if (out_item == 4)
+        forest_finish_kernel<float>
+            <<<blocks, threads, 0, stream>>>(static_cast<float*>(out_dev), n, K, divisor, link);
+      else
+        forest_finish_kernel<double>
+            <<<blocks, threads, 0, stream>>>(static_cast<double*>(out_dev), n, K, divisor, link);
+      check(cudaGetLastError(), "finish kernel launch");
+    }
+  };
+  if (x_on_device) {
+    // Device in, device out: asynchronous on the caller's stream.
+    run(X.data, rows, out, reinterpret_cast<cudaStream_t>(stream_handle));
+    return;
   }
-  if (!out_on_device) {
-    check(cudaMemcpyAsync(out, out_dev, out_bytes, cudaMemcpyDeviceToHost, stream), "copy out");
+  // Host in, host out: chunks of ~8 MB of rows alternate between two slots.
+  // For chunk c: its rows are copied into the slot's pinned buffer (on the
+  // pool), copied to the device asynchronously on the slot's stream, walked,
+  // and the results copied back to the slot's pinned output; the slot is
+  // reused for chunk c + 2 once its event says chunk c is out. So the copy in
+  // of one chunk overlaps the kernel of the other, and the host's memcpy
+  // overlaps both. Results are in `out` when this returns.
+  FASTML_CHECK_ARG(X.is_c_contiguous(), "X", "must be C-contiguous for the CUDA path, got ",
+                   X.describe());
+  std::lock_guard<std::mutex> staging(d.staging_mutex);
+  const auto row_bytes = static_cast<size_t>(X.nbytes() / rows);
+  const size_t out_row = static_cast<size_t>(K) * out_item;
+  constexpr size_t kChunkBytes = size_t{8} << 20;
+  const int64_t chunk = std::min<int64_t>(
+      rows,
+      std::max<int64_t>(1, static_cast<int64_t>(kChunkBytes / std::max<size_t>(row_bytes, 1))));
+  const int64_t nchunks = (rows + chunk - 1) / chunk;
+  const auto* src = static_cast<const char*>(X.data);
+  auto* dst = static_cast<char*>(out);
+  auto rows_of = [&](int64_t c) { return std::min(chunk, rows - c * chunk); };
+  auto retire = [&](int64_t c) {
+    DeviceForest::Slot& sl = d.slots[c % 2];
+    check(cudaEventSynchronize(sl.done), "synchronize");
+    parallel_copy(dst + static_cast<size_t>(c * chunk) * out_row, sl.pin_out,
+                  static_cast<size_t>(rows_of(c)) * out_row);
+  };
+  try {
+    for (DeviceForest::Slot& sl : d.slots)
+      ensure_slot(sl, static_cast<size_t>(chunk) * row_bytes, static_cast<size_t>(chunk) * out_row);
+    for (int64_t c = 0; c < nchunks; ++c) {
+      DeviceForest::Slot& sl = d.slots[c % 2];
+      if (c >= 2) retire(c - 2);
+      const int64_t n = rows_of(c);
+      parallel_copy(sl.pin_x, src + static_cast<size_t>(c * chunk) * row_bytes,
+                    static_cast<size_t>(n) * row_bytes);
+      check(cudaMemcpyAsync(sl.dev_x, sl.pin_x, static_cast<size_t>(n) * row_bytes,
+                            cudaMemcpyHostToDevice, sl.stream),
+            "copy X");
+      run(sl.dev_x, n, sl.dev_out, sl.stream);
+      check(cudaMemcpyAsync(sl.pin_out, sl.dev_out, static_cast<size_t>(n) * out_row,
+                            cudaMemcpyDeviceToHost, sl.stream),
+            "copy out");
+      check(cudaEventRecord(sl.done, sl.stream), "cudaEventRecord");
+    }
+    for (int64_t c = std::max<int64_t>(0, nchunks - 2); c < nchunks; ++c) retire(c);
+  } catch (...) {
+    // Nothing of ours may still be in flight when the slots are reused.
+    for (DeviceForest::Slot& sl : d.slots)
+      if (sl.stream) cudaStreamSynchronize(sl.stream);
+    cudaGetLastError();
+    throw;
   }
-  // Host staging buffers are reused by the next call: finish before returning.
-  // Device outputs stay asynchronous on the caller's stream.
-  if (!x_on_device || !out_on_device) check(cudaStreamSynchronize(stream), "synchronize");
 }
 
 }  // namespace fastml::infer
