@@ -170,6 +170,28 @@ def test_batches_do_not_depend_on_threads_or_prefetch(restore_threads):
         assert np.array_equal(u["i"], v["i"]) and np.array_equal(u["x"], v["x"])
 
 
+def test_batches_split_in_pieces_equal_whole_batches(restore_threads):
+    """More threads than the window needs split each batch into row pieces
+    gathered by different pool tasks (num_threads // prefetch pieces of at
+    least 1,024 rows): the batches are identical, transforms included."""
+    n = 20_011
+    rng = np.random.default_rng(5)
+    x = rng.random((n, 5), np.float32)
+    x[rng.random(x.shape) < 0.1] = np.nan
+    ds = _arange_dataset(n, x=x, z=rng.integers(-50, 50, (n, 3)).astype(np.int16))
+    tf = {"x": [data.FillNa(0.5), data.Standardize(0.2, 2.0)], "z": [data.Clip(-10, 10)]}
+    fastml.set_num_threads(1)
+    whole = _collect(data.Loader(ds, batch_size=4500, seed=8, num_threads=1, transforms=tf))
+    fastml.set_num_threads(2)
+    split = _collect(
+        data.Loader(ds, batch_size=4500, seed=8, num_threads=8, prefetch=2, transforms=tf)
+    )
+    assert len(whole) == len(split) == 5
+    for u, v in zip(whole, split, strict=True):
+        for k in u:
+            assert np.array_equal(u[k], v[k], equal_nan=True), k
+
+
 def test_epochs_differ_and_set_epoch_repeats():
     ds = _arange_dataset(1000)
     loader = data.Loader(ds, batch_size=1000, seed=1)

@@ -60,7 +60,24 @@ struct Engine::State : std::enable_shared_from_this<Engine::State> {
     uint64_t generation = 0;  // the epoch it belongs to (stop() bumps State::generation)
     bool done = false;
     std::exception_ptr error;
+    // A batch is gathered in `pieces` row ranges by as many pool tasks (see
+    // pieces_for); the first task to start acquires its memory.
+    int pieces = 1;
+    int pieces_left = 0;  // under State::m
+    std::mutex alloc_m;
+    bool allocated = false, alloc_failed = false;  // under alloc_m
   };
+
+  // Rows below which a batch is not split further.
+  static constexpr int64_t kMinPieceRows = 1024;
+  // Pieces of a batch of `n` rows: the threads the window leaves to each batch
+  // (max_running / prefetch; with 16 threads and prefetch 4, four per batch),
+  // so a window of prefetch batches keeps every thread busy; at least
+  // kMinPieceRows rows each. One piece when threads <= prefetch.
+  int pieces_for(int64_t n) const {
+    const int64_t per_batch = std::max(1, max_running / std::max(1, prefetch));
+    return static_cast<int>(std::max<int64_t>(1, std::min(per_batch, n / kMinPieceRows)));
+  }
 
   std::vector<GatherColumn> cols;
   int64_t batch_size;
@@ -104,40 +121,69 @@ struct Engine::State : std::enable_shared_from_this<Engine::State> {
       auto slot = std::make_shared<Slot>();
       slot->batch.index = next_submit++;
       slot->generation = generation;
+      const int64_t lo = slot->batch.index * batch_size;
+      const int64_t n = std::min<int64_t>(batch_size, static_cast<int64_t>(rows->size()) - lo);
+      slot->pieces = slot->pieces_left = pieces_for(n);
       window.push_back(slot);
-      ++running;
-      ThreadPool::global().submit([self = shared_from_this(), slot, gen = generation.load(),
-                                   rows_ref = rows] { self->run(slot, gen, rows_ref); });
+      running += slot->pieces;
+      for (int p = 0; p < slot->pieces; ++p) {
+        ThreadPool::global().submit([self = shared_from_this(), slot, p, gen = generation.load(),
+                                     rows_ref = rows] { self->run(slot, p, gen, rows_ref); });
+      }
     }
   }
 
-  void run(const std::shared_ptr<Slot>& slot, uint64_t gen,
+  // Piece `piece` of a slot's batch: rows [n * piece / pieces, n * (piece + 1) / pieces).
+  void run(const std::shared_ptr<Slot>& slot, int piece, uint64_t gen,
            const std::shared_ptr<const std::vector<int64_t>>& rows_ref) {
     const bool cancelled = gen != generation.load();
     double spent = 0;
+    std::exception_ptr error;
     if (!cancelled) {
       const auto t0 = std::chrono::steady_clock::now();
       try {
         Batch& b = slot->batch;
         const int64_t lo = b.index * batch_size;
-        const int64_t hi =
-            std::min<int64_t>(lo + batch_size, static_cast<int64_t>(rows_ref->size()));
-        b.rows = hi - lo;
-        allocator->acquire(b, cols, batch_size);
-        const int64_t* idx = rows_ref->data() + lo;
-        for (size_t c = 0; c < cols.size(); ++c) gather_rows(cols[c], idx, b.rows, b.ptrs[c]);
+        const int64_t n =
+            std::min<int64_t>(lo + batch_size, static_cast<int64_t>(rows_ref->size())) - lo;
+        bool ok;
+        {
+          std::lock_guard<std::mutex> alloc(slot->alloc_m);
+          if (!slot->allocated && !slot->alloc_failed) {
+            try {
+              b.rows = n;
+              allocator->acquire(b, cols, batch_size);
+              slot->allocated = true;
+            } catch (...) {
+              slot->alloc_failed = true;
+              throw;
+            }
+          }
+          ok = slot->allocated;
+        }
+        if (ok) {
+          const int64_t a = n * piece / slot->pieces, z = n * (piece + 1) / slot->pieces;
+          const int64_t* idx = rows_ref->data() + lo + a;
+          for (size_t c = 0; c < cols.size(); ++c) {
+            char* dst = static_cast<char*>(b.ptrs[c]) + a * cols[c].out_row_bytes();
+            gather_rows(cols[c], idx, z - a, dst);
+          }
+        }
       } catch (...) {
-        slot->error = std::current_exception();
+        error = std::current_exception();
       }
       spent = seconds_since(t0);
     }
     bool wake;
     {
       std::lock_guard<std::mutex> lock(m);
-      slot->done = true;
+      if (error && !slot->error) slot->error = error;
       --running;
       stats.worker_seconds += spent;
-      if (!cancelled) ++stats.gathered;
+      if (--slot->pieces_left == 0) {
+        slot->done = true;
+        if (!cancelled) ++stats.gathered;
+      }
       if (gen == generation) pump();
       // Wake the consumer only once it can go on, and stop() once all is idle.
       wake = running == 0 || (consumer_waiting && consumer_can_go());

@@ -126,6 +126,35 @@ int main() {
       check(seen == static_cast<int64_t>(rows->size()), "deep epoch complete");
     }
   }
+  // Batches split into pieces (8 threads for a window of 2: four pieces of
+  // at least 1024 rows per batch, gathered by different pool tasks into one
+  // batch): every column's rows in order, epochs resumed mid-way, and a
+  // stop() racing with running pieces.
+  {
+    data::Engine split(cols, 4099, 2, 8, std::make_shared<data::PoolAllocator>(3, 6));
+    for (uint64_t epoch = 0; epoch < 4; ++epoch) {
+      auto rows = std::make_shared<const std::vector<int64_t>>(
+          data::epoch_rows(n, true, 9, epoch, 0, 1, false));
+      const int64_t first = static_cast<int64_t>(epoch % 3);
+      split.start(rows, false, first);
+      data::Batch sb;
+      int64_t seen = first * 4099;
+      while (split.next(sb)) {
+        const auto* i = static_cast<const int64_t*>(sb.ptrs[0]);
+        const auto* xv = static_cast<const float*>(sb.ptrs[1]);
+        const auto* c = static_cast<const int64_t*>(sb.ptrs[2]);
+        for (int64_t k = 0; k < sb.rows; ++k) {
+          const int64_t want = (*rows)[seen + k];
+          check(i[k] == want && c[k] == want, "split ids");
+          check(xv[k * 4 + 3] == static_cast<float>(want * 4 + 3), "split values");
+        }
+        seen += sb.rows;
+        if (epoch == 3 && seen > 9000) break;  // stop() below, pieces still running
+      }
+      if (epoch < 3) check(seen == n, "split epoch complete");
+    }
+    split.stop();
+  }
   // stop() from another thread while the consumer may be waiting in next():
   // next() returns false (never hangs) and every batch it returned is right.
   for (int round = 0; round < 40; ++round) {
