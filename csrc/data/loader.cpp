@@ -74,6 +74,13 @@ struct Engine::State : std::enable_shared_from_this<Engine::State> {
   // (max_running / prefetch; with 16 threads and prefetch 4, four per batch),
   // so a window of prefetch batches keeps every thread busy; at least
   // kMinPieceRows rows each. One piece when threads <= prefetch.
+  // Batches in flight ahead of the consumer: `prefetch`, or, when threads
+  // outnumber it and batches are too small to split into pieces, one per
+  // thread (small batches: the extra memory is at most num_threads batches of
+  // fewer than 2 * kMinPieceRows rows).
+  int window_limit() const {
+    return batch_size >= 2 * kMinPieceRows ? prefetch : std::max(prefetch, max_running);
+  }
   int pieces_for(int64_t n) const {
     const int64_t per_batch = std::max(1, max_running / std::max(1, prefetch));
     return static_cast<int>(std::max<int64_t>(1, std::min(per_batch, n / kMinPieceRows)));
@@ -116,7 +123,7 @@ struct Engine::State : std::enable_shared_from_this<Engine::State> {
 
   // Submits gathers while the window and the running limit allow. Holds m.
   void pump() {
-    while (next_submit < num_batches && static_cast<int>(window.size()) < prefetch &&
+    while (next_submit < num_batches && static_cast<int>(window.size()) < window_limit() &&
            running < max_running) {
       auto slot = std::make_shared<Slot>();
       slot->batch.index = next_submit++;

@@ -155,6 +155,22 @@ int main() {
     }
     split.stop();
   }
+  // Small batches with more threads than prefetch: one batch in flight per
+  // thread (window 6 for prefetch 1), handed over in order.
+  {
+    data::Engine wide(cols, 97, 1, 6, std::make_shared<data::PoolAllocator>(3, 8));
+    auto rows =
+        std::make_shared<const std::vector<int64_t>>(data::epoch_rows(n, true, 4, 0, 0, 1, false));
+    wide.start(rows, false, 0);
+    data::Batch wb;
+    int64_t seen = 0;
+    while (wide.next(wb)) {
+      const auto* i = static_cast<const int64_t*>(wb.ptrs[0]);
+      for (int64_t k = 0; k < wb.rows; ++k) check(i[k] == (*rows)[seen + k], "wide order");
+      seen += wb.rows;
+    }
+    check(seen == n, "wide epoch complete");
+  }
   // stop() from another thread while the consumer may be waiting in next():
   // next() returns false (never hangs) and every batch it returned is right.
   for (int round = 0; round < 40; ++round) {
