@@ -72,8 +72,11 @@ class Loader:
         data, block shuffle for Parquet); ``False`` reads rows in order.
     seed: with the epoch, determines the order.
     drop_last: drop the final incomplete batch.
-    num_threads: at most this many batches are gathered at once on fastml's shared
-        pool (default: the pool's size). Never changes the batches.
+    num_threads: at most this many gather tasks run at once on fastml's shared
+        pool (default: the pool's size). Never changes the batches. With more
+        threads than ``prefetch``, each batch of >= 2,048 rows is gathered in
+        ``num_threads // prefetch`` pieces, and smaller batches run up to
+        ``num_threads`` ahead, so every thread has work.
     prefetch: batches gathered ahead of the consumer (>= 1). A consumer that has
         to wait is woken once ``max(1, prefetch - num_threads)`` batches are
         ready (fewer wake-ups when loader-bound). Parquet batches are
