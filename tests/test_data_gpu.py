@@ -73,3 +73,22 @@ def test_cuda_parquet_and_transforms(tmp_path):
         seen.append(b["i"].cpu().numpy())
     assert np.array_equal(np.sort(np.concatenate(seen)), np.arange(3000))
     loader.close()
+
+
+def test_device_resident_dataset_matches_host_batches():
+    """Dataset.to("cuda"): gathers and transforms on the GPU, bit for bit the
+    host loader's batches, for every rank of a sharded epoch."""
+    torch = pytest.importorskip("torch")
+    ds, _x = _dataset(7001)
+    tf = {"x": [data.FillNa(0.0), data.Standardize(0.5, 0.25), data.Cast("float16")]}
+    dd = ds.to("cuda")
+    assert dd.device.startswith("cuda")
+    for rank in range(2):
+        kw = dict(batch_size=512, seed=3, transforms=tf, rank=rank, world_size=2)
+        host = list(data.Loader(ds, **kw))
+        dev = list(data.Loader(dd, **kw))
+        assert len(host) == len(dev)
+        for h, g in zip(host, dev, strict=True):
+            assert g["x"].is_cuda and g["x"].dtype == torch.float16
+            assert g["x"].cpu().numpy().tobytes() == h["x"].tobytes()
+            assert np.array_equal(g["i"].cpu().numpy(), h["i"])

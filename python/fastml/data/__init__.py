@@ -72,6 +72,8 @@ class Dataset:
         self._parquet_chunks: dict[int, np.ndarray] = {}  # native decoder layout per file
         self._schema: dict[str, ColumnInfo] = {}
         self._num_rows = 0
+        self._tensors: dict[str, Any] | None = None  # device-resident columns (see to)
+        self._device: Any = None
         return self
 
     # ------------------------------------------------------------ constructors
@@ -191,10 +193,57 @@ class Dataset:
     @property
     def is_streamed(self) -> bool:
         """True for Parquet datasets (block shuffle), False for random-access ones."""
-        return self._arrays is None
+        return self._arrays is None and self._tensors is None
+
+    @property
+    def device(self) -> str | None:
+        """The torch device holding the columns (see :meth:`to`); None for host data."""
+        return None if self._device is None else str(self._device)
+
+    def to(self, device: Any) -> Dataset:
+        """This data set with every column placed in ``device``'s memory once
+        (a torch device: ``"cuda"``, ``"cuda:1"``; ``"cpu"`` gives torch CPU
+        tensors, the same path on the host). A :class:`Loader` over the result
+        shuffles, gathers and applies the transforms on that device, with no
+        host round trip per batch; the batches equal the host loader's bit for
+        bit (same seed, same order; resume, rank sharding and elastic resume
+        behave the same). Needs torch. Random-access data sets only (for
+        Parquet, load the table with :meth:`from_arrow` first). Columns of
+        unsigned types wider than 8 bits are refused (torch lacks their ops).
+        """
+        import torch
+
+        from fastml.data._device import check_device_dtype, torch_dtype
+
+        if self.is_streamed:
+            raise ValueError(
+                "Dataset.to needs a random-access data set; for Parquet, read the table "
+                "(pyarrow.parquet.read_table) and use Dataset.from_arrow first"
+            )
+        dev = torch.device(device)
+        for name, info in self._schema.items():
+            check_device_dtype(name, info.dtype, "column")
+        tensors: dict[str, Any] = {}
+        if self._tensors is not None:
+            for name, t in self._tensors.items():
+                tensors[name] = t.to(dev)
+        else:
+            for name, a in self._iter_columns():
+                host = np.concatenate(a) if isinstance(a, list) else np.asarray(a)
+                t = torch.from_numpy(np.ascontiguousarray(host))
+                tensors[name] = t.to(dev) if dev.type != "cpu" else t.clone()
+                assert tensors[name].dtype == torch_dtype(self._schema[name].dtype)
+        ds = Dataset._new()
+        ds._schema = dict(self._schema)
+        ds._num_rows = self._num_rows
+        ds._tensors = tensors
+        ds._device = dev
+        return ds
 
     def __repr__(self) -> str:
         kind = f"parquet, {len(self._files)} file(s)" if self.is_streamed else "in memory"
+        if self._device is not None:
+            kind = f"on {self._device}"
         cols = ", ".join(
             f"{n}: {c.dtype}{list(c.shape) if c.shape else ''}" for n, c in self._schema.items()
         )

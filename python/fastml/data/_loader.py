@@ -18,6 +18,7 @@ import numpy as np
 
 from fastml import _core
 from fastml.data import _elastic
+from fastml.data._device import TensorStream, check_device_dtype
 from fastml.data._sources import (
     arrow_column,
     content_error,
@@ -175,7 +176,22 @@ class Loader:
         self._parquet_buffers: list[dict[str, np.ndarray]] = []
         self._parquet_buffers_lock = threading.Lock()
         self._parquet_lock = threading.Lock()
-        if not dataset.is_streamed:
+        # Device-resident data sets (Dataset.to): gathered on their device.
+        self._device_plans: dict[str, Any] | None = None
+        if dataset._tensors is not None:
+            if self._device not in ("cpu", str(dataset._device)) and not (
+                self._device == "cuda" and dataset._device.type == "cuda"
+            ):
+                raise ValueError(
+                    f"device={device!r} but the data set lives on {dataset._device}; batches "
+                    "come from where the data set is (leave device at its default)"
+                )
+            self._device = "cpu"  # no staging: batches are made on the data set's device
+            self._device_plans = {}
+            for name, _src, row_shape, out_name, ops in specs:
+                check_device_dtype(name, np.dtype(out_name), "the Cast of column")
+                self._device_plans[name] = (ops, np.dtype(out_name), tuple(row_shape))
+        elif not dataset.is_streamed:
             arrays = [a for _, a in dataset._iter_columns()]
             self._engine = _core.DataEngine(
                 self._plan, arrays, self._batch_size, self._prefetch, self._max_running
@@ -458,7 +474,9 @@ class Loader:
         self._active = stream
         return self._run(stream)
 
-    def _open_stream(self) -> _Stream:
+    def _open_stream(self) -> Any:
+        if self._device_plans is not None:
+            return TensorStream(self)
         if self._engine is not None:
             return _EngineStream(self)
         return _ParquetStream(self)
@@ -481,6 +499,8 @@ class Loader:
 
     @property
     def _convert(self) -> Any:
+        if self._device_plans is not None:
+            return None  # already torch tensors on the data set's device
         if self._stager is not None:
             return self._stager.to_device
         if self._output == "torch":
