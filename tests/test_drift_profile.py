@@ -739,3 +739,77 @@ def test_float32_vector_path_at_lo_and_hi_over_many_scales():
         prof.update({"x": x})
         want = _numeric_reference(x.astype(np.float64), edges)
         np.testing.assert_array_equal(prof.summary("x")["hist"], want["hist"])
+
+
+def test_gpu_ingest_defers_and_folds_on_read(monkeypatch):
+    """Histogram-mode GPU ingests stay on the device, summed over updates, and
+    are folded into the profile by the first read (summary, report, bytes,
+    copy, merge): no wait per update. The kernel is replaced here by a NumPy
+    stand-in with its output layout (histogram slots and per-block partials)
+    and CPU torch tensors pose as CUDA ones; the real kernel is compared with
+    the CPU path in the gpu-marked tests above."""
+    torch = pytest.importorskip("torch")
+    from fastml.drift import _gpu
+
+    launches = []
+
+    def fake_launch(t, edges, nbins, hist, partials, blocks, pivot):
+        v = t.numpy().astype(np.float64)
+        e = edges.numpy()
+        fin = v[np.isfinite(v)]
+        slot = np.searchsorted(e, fin, side="right")  # [e_i, e_i+1): slot i + 1
+        slot[fin == e[-1]] = nbins  # the last bin is closed
+        slot = np.where(fin > e[-1], nbins + 1, slot)
+        hist.copy_(torch.from_numpy(np.bincount(slot, minlength=nbins + 2).astype(np.int64)))
+        part = np.zeros((blocks, 7))
+        part[:, 5], part[:, 6] = np.inf, -np.inf
+        d = fin - pivot
+        part[0] = [
+            fin.size,
+            np.isnan(v).sum(),
+            np.isinf(v).sum(),
+            d.sum(),
+            (d * d).sum(),
+            fin.min() if fin.size else np.inf,
+            fin.max() if fin.size else -np.inf,
+        ]
+        partials.copy_(torch.from_numpy(part.reshape(-1)))
+        launches.append(len(v))
+
+    monkeypatch.setattr(_gpu, "_launch", fake_launch)
+    monkeypatch.setattr(_gpu, "is_cuda_tensor", lambda obj: isinstance(obj, torch.Tensor))
+    rng = np.random.default_rng(3)
+    ref = {"a": rng.normal(size=2000), "b": rng.normal(2, 3, size=2000)}
+    batches = []
+    for k in range(3):
+        a = rng.normal(0.2 * k, 1.0, size=777)
+        a[::50] = np.nan
+        a[3] = np.inf
+        batches.append({"a": a, "b": rng.normal(2, 3, size=777)})
+    for mode in ("histogram", "exact"):
+        host = drift.Profile.from_data(ref, mode=mode)
+        dev = host.empty()
+        host = host.empty()
+        for b in batches:
+            host.update(b)
+            dev.update({k: torch.from_numpy(v) for k, v in b.items()})
+        if mode == "histogram":
+            assert dev._pending and set(dev._pending) == {0, 1}  # nothing folded yet
+        else:
+            assert not dev._pending  # exact mode copies values each update
+        for name in ("a", "b"):
+            hs, ds = host.summary(name), dev.summary(name)
+            np.testing.assert_array_equal(hs["hist"], ds["hist"])
+            for key in ("count", "missing", "nonfinite", "min", "max"):
+                assert hs[key] == ds[key], (mode, name, key)
+            np.testing.assert_allclose(ds["mean"], hs["mean"], rtol=1e-12)
+            np.testing.assert_allclose(ds["m2"], hs["m2"], rtol=1e-10)
+        assert not dev._pending  # the summary folded everything
+        # Bytes and copies see folded state too.
+        dev.update({k: torch.from_numpy(v) for k, v in batches[0].items()})
+        host.update(batches[0])
+        assert (
+            drift.Profile.from_bytes(dev.to_bytes()).summary("a")["count"]
+            == (host.summary("a")["count"])
+        )
+    assert launches

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from fastml.drift import _gpu
+
 
 @dataclass
 class _Column:
@@ -122,7 +124,7 @@ def columns_of(data: Any, what: str = "data") -> tuple[list[_Column], int]:
                 raise TypeError(f"{what} column names must be str, got {type(name).__name__}")
             if _is_arrow(values):
                 col = _Column(name, values, _arrow_is_categorical(values))
-            elif type(values).__module__.startswith("torch") and getattr(values, "is_cuda", False):
+            elif _gpu.is_cuda_tensor(values):
                 col = _Column(name, values, False)  # ingested by the CUDA kernel
             else:
                 col = _numpy_column(name, values)

@@ -8,9 +8,10 @@ from typing import Any
 import numpy as np
 
 from fastml import _core
+from fastml.drift import _gpu
 from fastml.drift._columns import _Column, category_counts, columns_of, numeric_data
 from fastml.drift._functions import _equal_mass_edges
-from fastml.drift._gpu import ingest_cuda, is_cuda_tensor
+from fastml.drift._gpu import fold_pending, ingest_cuda
 
 #: Default number of equal-mass histogram bins per numeric feature.
 DEFAULT_BINS = 20
@@ -56,12 +57,22 @@ class Profile:
     :meth:`empty` and :meth:`update`.
     """
 
-    __slots__ = ("_native",)
+    __slots__ = ("_native_raw", "_pending")
 
     def __init__(self, native: Any) -> None:
         if not isinstance(native, _core._DriftProfile):
             raise TypeError("use Profile.from_data, Profile.from_bytes or Profile.empty")
-        self._native = native
+        self._native_raw = native
+        # GPU ingests (histogram mode) still on the device: folded into the
+        # native profile by the first read of it (see _native and _gpu.py).
+        self._pending: dict[int, Any] | None = None
+
+    @property
+    def _native(self) -> Any:
+        """The native profile, with any pending GPU ingest folded in first."""
+        if self._pending:
+            fold_pending(self._native_raw, self._pending)
+        return self._native_raw
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -139,7 +150,7 @@ class Profile:
                 + ", ".join(detail)
             )
         out = []
-        kinds = self._native.kinds
+        kinds = self._native_raw.kinds
         for name, kind in zip(names, kinds, strict=False):
             c = by_name[name]
             if kind == 0 and c.categorical:
@@ -153,10 +164,13 @@ class Profile:
     def _ingest(self, cols: Sequence[_Column], nrows: int) -> None:
         if nrows == 0:
             return  # documented no-op
-        kinds = self._native.kinds
+        # The update path writes through the raw native profile: it commutes
+        # with pending GPU sums (those are per feature and folded on read).
+        native = self._native_raw
+        kinds = native.kinds
         num_cols, num_idx, gpu_cols = [], [], []
         for i, (c, kind) in enumerate(zip(cols, kinds, strict=False)):
-            if kind == 0 and is_cuda_tensor(c.data):
+            if kind == 0 and _gpu.is_cuda_tensor(c.data):
                 gpu_cols.append((i, c.data))
             elif kind == 0:
                 num_cols.append(numeric_data(c))
@@ -168,12 +182,12 @@ class Profile:
             if kind == 1
         ]
         if num_cols:
-            self._native.ingest_columns(num_cols, num_idx, nrows)
+            native.ingest_columns(num_cols, num_idx, nrows)
         for i, tensor in gpu_cols:
-            ingest_cuda(self._native, i, tensor)
+            ingest_cuda(self, i, tensor)
         for i, (keys, counts, missing) in cats:
-            self._native.ingest_categorical(i, keys, counts, missing)
-        self._native.add_rows(float(nrows))
+            native.ingest_categorical(i, keys, counts, missing)
+        native.add_rows(float(nrows))
 
     # ------------------------------------------------------------ merge / bytes
     @staticmethod
@@ -273,20 +287,20 @@ class Profile:
     @property
     def features(self) -> list[str]:
         """Feature names, in order."""
-        return list(self._native.names)
+        return list(self._native_raw.names)  # metadata: no pending GPU sums to fold
 
     @property
     def kinds(self) -> dict[str, str]:
         """``{name: "numeric" | "categorical"}``."""
         return {
             n: ("numeric" if k == 0 else "categorical")
-            for n, k in zip(self._native.names, self._native.kinds, strict=False)
+            for n, k in zip(self._native_raw.names, self._native_raw.kinds, strict=False)
         }
 
     @property
     def mode(self) -> str:
         """``"exact"``, ``"sketch"`` or ``"histogram"``."""
-        return str(self._native.mode)
+        return str(self._native_raw.mode)
 
     @property
     def rows(self) -> float:
