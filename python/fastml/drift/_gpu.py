@@ -81,14 +81,13 @@ def _summary(native: Any, index: int, cnt, nan, inf, s, q, lo, hi, pivot, hist) 
 def fold_pending(native: Any, pending: dict[int, Pending]) -> None:
     """Folds every pending GPU ingest into ``native`` (one wait per feature, at
     the last update's event), then forgets them."""
-    items = list(pending.items())
-    pending.clear()
-    for index, pend in items:
+    for index, pend in list(pending.items()):
         if pend.event is not None:
             pend.event.synchronize()
         h = pend.hist.cpu().numpy().astype(np.float64)
         cnt, nan, inf, s, q, lo, hi = (float(v) for v in pend.parts.cpu().numpy())
         _summary(native, index, cnt, nan, inf, s, q, lo, hi, pend.pivot, h)
+        del pending[index]  # only once folded: a failure leaves the rest pending
 
 
 def ingest_cuda(profile: Any, index: int, tensor: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -57,7 +58,7 @@ class Profile:
     :meth:`empty` and :meth:`update`.
     """
 
-    __slots__ = ("_native_raw", "_pending")
+    __slots__ = ("_fold_lock", "_native_raw", "_pending")
 
     def __init__(self, native: Any) -> None:
         if not isinstance(native, _core._DriftProfile):
@@ -66,12 +67,15 @@ class Profile:
         # GPU ingests (histogram mode) still on the device: folded into the
         # native profile by the first read of it (see _native and _gpu.py).
         self._pending: dict[int, Any] | None = None
+        self._fold_lock = threading.Lock()
 
     @property
     def _native(self) -> Any:
         """The native profile, with any pending GPU ingest folded in first."""
         if self._pending:
-            fold_pending(self._native_raw, self._pending)
+            with self._fold_lock:  # a reader on another thread waits for the fold
+                if self._pending:
+                    fold_pending(self._native_raw, self._pending)
         return self._native_raw
 
     # ------------------------------------------------------------ construction
