@@ -78,6 +78,16 @@ def _summary(native: Any, index: int, cnt, nan, inf, s, q, lo, hi, pivot, hist) 
     )
 
 
+def _fold_now(native: Any, index: int, hist: Any, p: Any, pivot: float) -> None:
+    """One update's histogram and block partials into ``native`` (waits for them)."""
+    h = hist.cpu().numpy().astype(np.float64)  # synchronises with the stream
+    pn = p.cpu().numpy()
+    cnt, nan, inf = pn[:, 0].sum(), pn[:, 1].sum(), pn[:, 2].sum()
+    s, q = pn[:, 3].sum(), pn[:, 4].sum()
+    lo, hi = float(pn[:, 5].min()), float(pn[:, 6].max())
+    _summary(native, index, cnt, nan, inf, s, q, lo, hi, pivot, h)
+
+
 def fold_pending(native: Any, pending: dict[int, Pending]) -> None:
     """Folds every pending GPU ingest into ``native`` (one wait per feature, at
     the last update's event), then forgets them."""
@@ -131,22 +141,24 @@ def ingest_cuda(profile: Any, index: int, tensor: Any) -> None:
     p = partials.view(blocks, 7)
     if summ["mode"] == "histogram":
         parts = torch.cat([p[:, :5].sum(0), p[:, 5].min().reshape(1), p[:, 6].max().reshape(1)])
-        if pend is None:
+        with profile._fold_lock:
+            pending = profile._pending
             if pending is None:
                 pending = profile._pending = {}
-            pend = pending[index] = Pending(hist, parts, pivot)
-        else:
-            pend.hist += hist
-            pend.parts[:5] += parts[:5]
-            pend.parts[5] = torch.minimum(pend.parts[5], parts[5])
-            pend.parts[6] = torch.maximum(pend.parts[6], parts[6])
-        pend.event = _record(t)
+            if pending.get(index) is not pend:  # folded meanwhile: the pivot may differ
+                pend = None
+            if pend is None:
+                if index in pending:  # another thread started one: add ours to the host
+                    _fold_now(native, index, hist, p, pivot)
+                    return
+                pend = pending[index] = Pending(hist, parts, pivot)
+            else:
+                pend.hist += hist
+                pend.parts[:5] += parts[:5]
+                pend.parts[5] = torch.minimum(pend.parts[5], parts[5])
+                pend.parts[6] = torch.maximum(pend.parts[6], parts[6])
+            pend.event = _record(t)
         return
-    h = hist.cpu().numpy().astype(np.float64)  # synchronises with the stream
-    pn = p.cpu().numpy()
-    cnt, nan, inf = pn[:, 0].sum(), pn[:, 1].sum(), pn[:, 2].sum()
-    s, q = pn[:, 3].sum(), pn[:, 4].sum()
-    lo, hi = float(pn[:, 5].min()), float(pn[:, 6].max())
-    _summary(native, index, cnt, nan, inf, s, q, lo, hi, pivot, h)
+    _fold_now(native, index, hist, p, pivot)
     finite = t[torch.isfinite(t)].to(torch.float64).cpu().numpy()
     native.add_quantile_values(index, finite)
