@@ -102,6 +102,9 @@ void run_scenario(bool drain, int delay_us, int workers) {
                 refused = true;
               } catch (const std::runtime_error& e) {
                 refused = std::string(e.what()).find("is closed") != std::string::npos;
+              } catch (...) {
+                // It was queued, ran already and failed (e.g. the runner left it
+                // unfinished: a std::logic_error): accepted, not refused.
               }
             }
             if (refused) {
