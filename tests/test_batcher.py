@@ -619,7 +619,10 @@ def test_predict_async_queue_full_and_closed_raise_at_await():
 
     async def main():
         first = asyncio.ensure_future(b.predict_async(np.array([0.0])))
-        await asyncio.sleep(0.05)  # running: it holds the only worker
+        end = time.monotonic() + WAIT
+        while b.stats()["in_flight"] != 1:  # running: it holds the only worker
+            assert time.monotonic() < end, "the first request never started"
+            await asyncio.sleep(0.005)
         group = [asyncio.ensure_future(b.predict_async(np.array([float(i)]))) for i in range(5)]
         await asyncio.sleep(0.05)  # queued together: 2 accepted, 3 refused
         refused = [t for t in group if t.done()]
