@@ -92,6 +92,26 @@ def test_numeric_ingest_matches_numpy(ref_values, batch, dtype, bins):
         assert got["m2"] == pytest.approx(want["m2"], rel=1e-8, abs=1e-9 * scale**2)
 
 
+@pytest.mark.parametrize("bins", [3, 20, 32765, 40000])
+def test_float32_ingest_matches_numpy_histogram_at_any_bin_count(bins):
+    """The vector ingest's cell table and its dirty-cell search, from 3 bins to
+    40,000 (grid cells then capped at 2**16, so most cells hold an edge): the
+    counts are numpy.histogram's. (An int16 copy of the table for small bin
+    counts was tried: 515 -> 415 M values/s, dropped.)"""
+    rng = np.random.default_rng(bins)
+    ref = rng.normal(size=200_000).astype(np.float32)
+    cur = (rng.normal(0.3, 1.3, size=300_003)).astype(np.float32)
+    cur[::97] = np.nan
+    prof = drift.Profile.from_data({"x": ref}, bins=bins, mode="histogram").empty()
+    prof.update({"x": cur})
+    s = prof.summary("x")
+    fin = cur[np.isfinite(cur)].astype(np.float64)
+    inner, _ = np.histogram(fin, bins=s["edges"])
+    np.testing.assert_array_equal(s["hist"][1:-1], inner)
+    assert s["hist"][0] == (fin < s["edges"][0]).sum()
+    assert s["hist"][-1] == (fin > s["edges"][-1]).sum()
+
+
 def test_reference_edges_are_equal_mass_and_hist_matches_numpy_histogram():
     rng = np.random.default_rng(0)
     x = rng.exponential(size=100_000).astype(np.float32)
