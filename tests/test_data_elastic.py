@@ -206,6 +206,11 @@ def test_loader_elastic_resume_twice_and_same_world(tmp_path, source):
             seen.update(_ids(next(it)))
     states2 = [ld.state_dict() for ld in mids]
     assert states2[0]["stages"] == [[3, [5, 5, 5]]]
+    # Written as version 3: a fastml without stages refuses it rather than
+    # resuming the wrong rows; a normal epoch's state stays version 2.
+    assert {st["version"] for st in states2} == {3} and states[0]["version"] == 2
+    with pytest.raises(ValueError, match="stages are version 3"):
+        _loaders(ds, 4, **kw)[0].load_state_dict([{**st, "version": 2} for st in states2])
     lasts = _loaders(ds, 4, **kw)
     for ld in lasts:
         ld.load_state_dict(states2)

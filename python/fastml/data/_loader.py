@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 # contiguous shares of the epoch order; a version-1 position would resume into
 # a different order, so it is refused.
 _STATE_VERSION = 2
+# States of an epoch resumed at another world size carry "stages" (elastic
+# resume); they are written as version 3, so a fastml that predates stages
+# refuses them instead of resuming the wrong rows. Both versions load here.
+_STATE_VERSION_STAGES = 3
 
 _PERM = "\0perm"  # the window's permutation, next to its column buffers (not a column name)
 
@@ -302,7 +306,7 @@ class Loader:
     def state_dict(self) -> dict[str, Any]:
         """The position as a small JSON-serialisable dict (continue with load_state_dict)."""
         return {
-            "version": _STATE_VERSION,
+            "version": _STATE_VERSION_STAGES if self._stages else _STATE_VERSION,
             "epoch": self._epoch,
             "batches_consumed": self._position,
             "seed": self._seed,
@@ -355,9 +359,10 @@ class Loader:
             state = json.loads(state)
         if not isinstance(state, Mapping):
             raise TypeError(f"{name} must be a dict from state_dict(), got {type(state).__name__}")
-        if state.get("version") != _STATE_VERSION:
+        if state.get("version") not in (_STATE_VERSION, _STATE_VERSION_STAGES):
             raise ValueError(
-                f"{name} has version {state.get('version')!r}, expected {_STATE_VERSION} "
+                f"{name} has version {state.get('version')!r}, expected {_STATE_VERSION} or "
+                f"{_STATE_VERSION_STAGES} "
                 "(the epoch order changed between versions; start the epoch afresh)"
             )
         mine = self.state_dict()
@@ -387,6 +392,11 @@ class Loader:
         raw = state.get("stages", [])
         if not isinstance(raw, Sequence) or isinstance(raw, (str, bytes)):
             raise ValueError(f"{name}['stages'] must be a list, got {type(raw).__name__}")
+        if raw and state.get("version") != _STATE_VERSION_STAGES:
+            raise ValueError(
+                f"{name} has stages but version {state.get('version')!r}; states with "
+                f"stages are version {_STATE_VERSION_STAGES}"
+            )
         stages: list[tuple[int, list[int]]] = []
         for k, st in enumerate(raw):
             if not (isinstance(st, Sequence) and len(st) == 2 and isinstance(st[1], Sequence)):
