@@ -91,6 +91,28 @@ def _store_as(x: Any, dtype: np.dtype) -> Any:
     return torch.where(x <= lo, torch.full_like(out, info.min), out)
 
 
+def _device_pair(op: tuple[Any, ...], device: Any, row_shape: tuple) -> tuple[Any, Any]:
+    """Standardize's mean and std as float64 tensors on ``device`` (row-shaped
+    when per element); an op prepared by :func:`device_ops` already holds them."""
+    import torch
+
+    if isinstance(op[1], torch.Tensor):
+        return op[1], op[2]
+    mean = torch.as_tensor(np.asarray(op[1], np.float64), device=device)
+    std = torch.as_tensor(np.asarray(op[2], np.float64), device=device)
+    if mean.numel() > 1:
+        mean, std = mean.reshape(row_shape), std.reshape(row_shape)
+    return mean, std
+
+
+def device_ops(ops: list[tuple[Any, ...]], device: Any, row_shape: tuple) -> list[tuple]:
+    """``ops`` with Standardize's constants placed on ``device`` once (not per chunk)."""
+    return [
+        ("standardize", *_device_pair(op, device, row_shape)) if op[0] == "standardize" else op
+        for op in ops
+    ]
+
+
 def apply_plan(col: Any, ops: list[tuple[Any, ...]], out_dtype: np.dtype, row_shape: tuple) -> Any:
     """A gathered column (torch) with its plan's transforms applied and stored."""
     import torch
@@ -106,10 +128,7 @@ def apply_plan(col: Any, ops: list[tuple[Any, ...]], out_dtype: np.dtype, row_sh
             lo, hi = op[1], op[2]
             x = torch.where(x < lo, torch.full_like(x, lo), torch.where(x > hi, hi, x))
         elif kind == "standardize":
-            mean = torch.as_tensor(np.asarray(op[1], np.float64), device=x.device)
-            std = torch.as_tensor(np.asarray(op[2], np.float64), device=x.device)
-            if mean.numel() > 1:
-                mean, std = mean.reshape(row_shape), std.reshape(row_shape)
+            mean, std = _device_pair(op, x.device, row_shape)
             x = (x - mean) / std
         else:  # pragma: no cover - plans are built by column_plan
             raise ValueError(f"unknown transform {kind!r}")
@@ -148,7 +167,10 @@ class TensorStream:
         self._batch = loader._batch_size
         self._next = loader._position
         self._num = len(loader)
-        self._plans = loader._device_plans
+        self._plans = {
+            name: (device_ops(ops, self._device, shape), out_dtype, shape)
+            for name, (ops, out_dtype, shape) in loader._device_plans.items()
+        }
         self._tensors = ds._tensors
         self._stats = loader._py_stats
         self._closed = False
