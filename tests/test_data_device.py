@@ -7,6 +7,8 @@ tests/test_data_gpu.py runs it on a GPU.
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -158,9 +160,6 @@ def test_device_dataset_errors(tmp_path):
     assert ok.device == "cpu" and "on cpu" in repr(ok) and not ok.is_streamed
     with pytest.raises(TypeError, match="Cast of column 'x' has dtype uint16"):
         data.Loader(ok, transforms={"x": [data.Cast("uint16")]})
-    pa = pytest.importorskip("pyarrow")
-    import pyarrow.parquet as pq
-
     pq.write_table(pa.table({"x": np.arange(10, dtype=np.float32)}), tmp_path / "d.parquet")
     with pytest.raises(ValueError, match="random-access"):
         data.Dataset.from_parquet(tmp_path / "d.parquet").to("cpu")

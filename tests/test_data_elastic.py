@@ -14,6 +14,8 @@ from __future__ import annotations
 import collections
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -106,11 +108,6 @@ def _sources(tmp_path, n):
     np.save(tmp_path / "i.npy", ids)
     np.save(tmp_path / "x.npy", x)
     out["mapped"] = data.Dataset.from_npy({"i": tmp_path / "i.npy", "x": tmp_path / "x.npy"})
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        return out
     table = pa.table({"i": ids, "x": pa.FixedSizeListArray.from_arrays(x.reshape(-1), 3)})
     pq.write_table(table, tmp_path / "d.parquet", row_group_size=37)
     out["parquet"] = data.Dataset.from_parquet(tmp_path / "d.parquet")
@@ -131,10 +128,7 @@ def _loaders(ds, world, **kw):
 )
 def test_loader_elastic_resume(tmp_path, source, old, new, drop_last):
     n = 1003
-    sources = _sources(tmp_path, n)
-    if source not in sources:
-        pytest.skip("pyarrow is not installed")
-    ds = sources[source]
+    ds = _sources(tmp_path, n)[source]
     kw = dict(batch_size=16, seed=7, drop_last=drop_last, shuffle_buffer=200)
     # The normal epoch 0 at `old` ranks; rank r stops after a different number
     # of batches (states saved at one point need not be at one batch).
@@ -179,10 +173,7 @@ def test_loader_elastic_resume(tmp_path, source, old, new, drop_last):
 @pytest.mark.parametrize("source", ["memory", "parquet"])
 def test_loader_elastic_resume_twice_and_same_world(tmp_path, source):
     n = 777
-    sources = _sources(tmp_path, n)
-    if source not in sources:
-        pytest.skip("pyarrow is not installed")
-    ds = sources[source]
+    ds = _sources(tmp_path, n)[source]
     kw = dict(batch_size=8, seed=3, shuffle_buffer=100)
     seen = collections.Counter()
     olds = _loaders(ds, 3, **kw)

@@ -111,24 +111,19 @@ void ensure_slot(DeviceForest::Slot& s, size_t xb, size_t ob) {
     check(cudaStreamCreateWithFlags(&s.stream, cudaStreamNonBlocking), "cudaStreamCreate");
     check(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming), "cudaEventCreate");
   }
-  if (s.x_cap < xb) {
-    if (s.pin_x) cudaFreeHost(s.pin_x);
-    if (s.dev_x) cudaFree(s.dev_x);
-    s.pin_x = s.dev_x = nullptr;
-    s.x_cap = 0;
-    check(cudaHostAlloc(&s.pin_x, xb, cudaHostAllocDefault), "cudaHostAlloc(X)");
-    check(cudaMalloc(&s.dev_x, xb), "cudaMalloc(X)");
-    s.x_cap = xb;
-  }
-  if (s.out_cap < ob) {
-    if (s.pin_out) cudaFreeHost(s.pin_out);
-    if (s.dev_out) cudaFree(s.dev_out);
-    s.pin_out = s.dev_out = nullptr;
-    s.out_cap = 0;
-    check(cudaHostAlloc(&s.pin_out, ob, cudaHostAllocDefault), "cudaHostAlloc(out)");
-    check(cudaMalloc(&s.dev_out, ob), "cudaMalloc(out)");
-    s.out_cap = ob;
-  }
+  // A pinned host buffer and a device buffer of at least `need` bytes each.
+  auto grow = [](void*& pin, void*& dev, size_t& cap, size_t need, const char* what) {
+    if (cap >= need) return;
+    if (pin) cudaFreeHost(pin);
+    if (dev) cudaFree(dev);
+    pin = dev = nullptr;
+    cap = 0;
+    check(cudaHostAlloc(&pin, need, cudaHostAllocDefault), what);
+    check(cudaMalloc(&dev, need), what);
+    cap = need;
+  };
+  grow(s.pin_x, s.dev_x, s.x_cap, xb, "staging X");
+  grow(s.pin_out, s.dev_out, s.out_cap, ob, "staging out");
 }
 
 // memcpy on the shared pool for large copies (the copies into and out of the

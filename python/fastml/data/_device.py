@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fastml import _core
+from fastml.data import _elastic
 
 # NumPy dtypes a device column may have (torch lacks most unsigned types' ops).
 _TORCH_DTYPES = (
@@ -53,8 +53,7 @@ def epoch_rows(
     (data::epoch_rows): the permutation (or identity), padded by repeating its
     first rows (drop_last=False) or truncated to a multiple of ``world``, rank r
     taking positions r, r + world, ..."""
-    order = _core.data_permutation(n, seed, epoch, 0) if shuffle else np.arange(n, dtype=np.int64)
-    order = np.asarray(order, dtype=np.int64)
+    order = _elastic.epoch_order(n, shuffle, seed, epoch)
     if world == 1:
         return order
     total = (n // world) * world if drop_last else -(-n // world) * world
@@ -144,12 +143,7 @@ class TensorStream:
         ds = loader._dataset
         n = len(ds)
         if loader._stages:  # an elastic resume: this rank's share of the epoch's rest
-            order = (
-                _core.data_permutation(n, loader._seed, loader._epoch, 0)
-                if loader._shuffle
-                else np.arange(n, dtype=np.int64)
-            )
-            rows = np.asarray(order, dtype=np.int64)[loader._elastic_positions()]
+            rows = loader._elastic_rows()
         else:
             rows = epoch_rows(
                 n,

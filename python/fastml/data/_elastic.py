@@ -34,6 +34,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fastml import _core
+
 # How an epoch's positions are dealt to the ranks of a normal epoch.
 STRIDED = "strided"  # random-access sources: rank r takes r, r + N, ...
 CONTIGUOUS = "contiguous"  # Parquet: rank r takes a contiguous range
@@ -126,17 +128,12 @@ def epoch_share(
     return split(remaining, world, rank, batch_size, drop_last)
 
 
-def epoch_positions(
-    layout: str,
-    n: int,
-    stages: Sequence[tuple[int, Sequence[int]]],
-    world: int,
-    rank: int,
-    batch_size: int,
-    drop_last: bool,
-) -> np.ndarray:
-    """The positions of :func:`epoch_share`."""
-    return epoch_share(layout, n, stages, world, rank, batch_size, drop_last)[0]
+def epoch_order(n: int, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
+    """An epoch's order of the rows of a random-access data set (its positions
+    0..n-1 map to these rows): the engine's permutation, or the identity."""
+    if not shuffle:
+        return np.arange(n, dtype=np.int64)
+    return np.asarray(_core.data_permutation(n, seed, epoch, 0), dtype=np.int64)
 
 
 def position_ranges(positions: np.ndarray) -> list[tuple[int, int]]:

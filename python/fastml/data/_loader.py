@@ -277,7 +277,7 @@ class Loader:
         """This rank's positions of the current (resumed) epoch, in reading order."""
         key = (self._epoch, tuple((w, tuple(c)) for w, c in self._stages), self._rank)
         if self._positions_cache is None or self._positions_cache[0] != key:
-            pos = _elastic.epoch_positions(
+            pos, _own = _elastic.epoch_share(
                 self._layout(),
                 len(self._dataset),
                 self._stages,
@@ -288,6 +288,11 @@ class Loader:
             )
             self._positions_cache = (key, pos)
         return self._positions_cache[1]
+
+    def _elastic_rows(self) -> np.ndarray:
+        """This rank's rows of the current (resumed) random-access epoch, in order."""
+        order = _elastic.epoch_order(len(self._dataset), self._shuffle, self._seed, self._epoch)
+        return np.ascontiguousarray(order[self._elastic_positions()])
 
     def _next_epoch(self) -> None:
         self._epoch += 1
@@ -451,7 +456,7 @@ class Loader:
         n = len(self._dataset)
         for r, pos in enumerate(consumed):
             if stages:
-                got = _elastic.epoch_positions(
+                got, _own = _elastic.epoch_share(
                     self._layout(), n, stages, world, r, self._batch_size, self._drop_last
                 )
                 bound = -(-len(got) // self._batch_size)
@@ -589,13 +594,7 @@ class _EngineStream(_Stream):
         self._closed = False
         self._pid = os.getpid()
         if loader._stages:  # an elastic resume: this rank's share of the epoch's rest
-            n = len(loader._dataset)
-            order = (
-                _core.data_permutation(n, loader._seed, loader._epoch, 0)
-                if loader._shuffle
-                else np.arange(n, dtype=np.int64)
-            )
-            rows = np.ascontiguousarray(order[loader._elastic_positions()], dtype=np.int64)
+            rows = loader._elastic_rows()
             self._token = self._engine.start_rows(rows, loader._drop_last, loader._position)
             return
         self._token = self._engine.start(
