@@ -106,7 +106,13 @@ DType dtype_from_numpy(const py::dtype& dt, const char* name) {
 }
 
 py::dtype numpy_dtype(DType t) {
-  return py::dtype(dtype_name(t));
+  // Made once from NumPy's names (parsing a name costs more than the array a
+  // result needs: measured in the batcher's per-request path) and never
+  // released (they may outlive the interpreter's finalisation).
+  static PyObject* cache[kNumDTypes] = {};
+  PyObject*& slot = cache[static_cast<int>(t)];
+  if (slot == nullptr) slot = py::dtype(dtype_name(t)).release().ptr();
+  return py::reinterpret_borrow<py::dtype>(slot);
 }
 
 py::array as_numpy(py::handle obj, const char* name) {
@@ -116,7 +122,7 @@ py::array as_numpy(py::handle obj, const char* name) {
   if (mod.rfind("torch", 0) == 0 && py::hasattr(obj, "device")) return from_torch(obj, name);
   if (mod.rfind("pyarrow", 0) == 0) return from_arrow(obj, name);
   py::object np = py::module_::import("numpy");
-  py::array arr;
+  py::array arr = py::reinterpret_steal<py::array>(py::handle());
   try {
     arr = np.attr("asarray")(obj);
   } catch (py::error_already_set& e) {

@@ -37,7 +37,9 @@ struct ArraySpec {
 // A validated view plus the Python object that owns its memory; keep the
 // BoundArray alive for as long as the view is used (also with the GIL released).
 struct BoundArray {
-  py::array owner;
+  // Null until bound (py::array's default constructor would make an empty
+  // NumPy array: a real allocation on every call).
+  py::array owner = py::reinterpret_steal<py::array>(py::handle());
   ArrayView view;
 };
 

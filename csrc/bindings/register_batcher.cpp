@@ -11,6 +11,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <structmember.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -189,7 +190,7 @@ struct NativeInput {
       return;
     }
     if (PyGILState_Check()) {
-      array.owner = py::array();
+      array.owner.release().dec_ref();
     } else {
       DeferredDecref::push(array.owner.release().ptr());
     }
@@ -868,7 +869,552 @@ void future_add_done_callback(const FuturePtr& f, py::object fn) {
 
 // ---------------------------------------------------------------- asyncio
 
-// Resolves the asyncio futures of one event loop when their requests end.
+// The awaitable that predict_async awaits: a small native object speaking
+// asyncio's future protocol (what asyncio.Task looks for in what a coroutine
+// yields: `_asyncio_future_blocking`, get_loop, add_done_callback, result,
+// cancel), resolved by the loop's AsyncBridge. Against an asyncio.Future per
+// request it saves the future and, above all, the loop.call_soon handle that
+// Future.set_result schedules per waiting task: the bridge resolves a group
+// of waiters in one loop callback and runs each task's wake-up there
+// directly, in the task's context (it is a plain loop callback itself, so no
+// other task is running). Callbacks added once the waiter is done, and those
+// of a cancelled waiter, go through loop.call_soon like asyncio's.
+//
+// A raw CPython type (not pybind11): its methods are called several times per
+// request by asyncio's C task, where pybind11's dispatch would cost more than
+// the work.
+struct AsyncWaiter {
+  PyObject_HEAD PyObject* loop_ref;  // a weakref.ref to the loop (the bridge's): a closed
+                                     // loop is not kept alive by its requests
+  PyObject* cb0;                     // the first done callback (a task's wake-up) and its context
+  PyObject* ctx0;
+  PyObject* more;        // list of (callback, context) tuples after the first, or null
+  PyObject* value;       // the result, or the exception instance
+  PyObject* cancel_msg;  // cancel(msg)'s message, or null
+  FuturePtr request;     // constructed in place; released once the waiter is done
+  uint8_t state;         // WaiterState
+  uint8_t blocking;      // _asyncio_future_blocking
+  uint8_t yielded;       // the await yielded it once
+};
+
+enum WaiterState : uint8_t { kWaiting = 0, kHasResult = 1, kHasError = 2, kIsCancelled = 3 };
+
+// Objects created once and never released (a static py::object would be
+// released at process exit, after Python finalised).
+struct AsyncNames {
+  PyObject* cancelled_error;
+  PyObject* invalid_state_error;
+  PyObject* call_soon;
+  PyObject* call_exception_handler;
+  PyObject* context_kw;  // ("context",)
+  PyObject* thread_id;
+};
+const AsyncNames& async_names() {
+  static const AsyncNames* names = [] {
+    py::module_ exc = py::module_::import("asyncio.exceptions");
+    auto* n = new AsyncNames{py::object(exc.attr("CancelledError")).release().ptr(),
+                             py::object(exc.attr("InvalidStateError")).release().ptr(),
+                             PyUnicode_InternFromString("call_soon"),
+                             PyUnicode_InternFromString("call_exception_handler"),
+                             nullptr,
+                             PyUnicode_InternFromString("_thread_id")};
+    n->context_kw = Py_BuildValue("(s)", "context");
+    return n;
+  }();
+  return *names;
+}
+
+PyTypeObject* async_waiter_type();
+
+AsyncWaiter* new_async_waiter(PyObject* loop_ref, FuturePtr request) {
+  AsyncWaiter* w = PyObject_GC_New(AsyncWaiter, async_waiter_type());
+  if (w == nullptr) throw py::error_already_set();
+  Py_INCREF(loop_ref);
+  w->loop_ref = loop_ref;
+  w->cb0 = w->ctx0 = w->more = w->value = w->cancel_msg = nullptr;
+  new (&w->request) FuturePtr(std::move(request));
+  w->state = kWaiting;
+  w->blocking = 0;
+  w->yielded = 0;
+  PyObject_GC_Track(w);
+  return w;
+}
+
+// The target of a weakref.ref (a new reference), or null once it is gone.
+PyObject* weak_target(PyObject* ref) {
+#if PY_VERSION_HEX >= 0x030D0000
+  PyObject* target = nullptr;
+  if (PyWeakref_GetRef(ref, &target) < 0) PyErr_Clear();
+  return target;
+#else
+  PyObject* target = PyWeakref_GetObject(ref);
+  if (target == nullptr) {
+    PyErr_Clear();
+    return nullptr;
+  }
+  if (target == Py_None) return nullptr;
+  Py_INCREF(target);
+  return target;
+#endif
+}
+
+// The waiter's loop (a new reference), or null once the loop is gone.
+PyObject* waiter_loop(const AsyncWaiter* w) {
+  return weak_target(w->loop_ref);
+}
+
+// Schedules `cb(w)` with loop.call_soon(cb, w, context=ctx) (steals cb, ctx).
+// Errors are reported through sys.unraisablehook: the callers cannot fail.
+void waiter_schedule(AsyncWaiter* w, PyObject* cb, PyObject* ctx) {
+  PyObject* loop = waiter_loop(w);
+  PyObject* meth = loop == nullptr ? nullptr : PyObject_GetAttr(loop, async_names().call_soon);
+  Py_XDECREF(loop);
+  if (meth != nullptr) {
+    PyObject* args[3] = {cb, reinterpret_cast<PyObject*>(w), ctx};
+    PyObject* r = (ctx != nullptr && ctx != Py_None)
+                      ? PyObject_Vectorcall(meth, args, 2, async_names().context_kw)
+                      : PyObject_Vectorcall(meth, args, 2, nullptr);
+    Py_DECREF(meth);
+    Py_XDECREF(r);
+  }
+  if (PyErr_Occurred()) PyErr_WriteUnraisable(cb);
+  Py_DECREF(cb);
+  Py_XDECREF(ctx);
+}
+
+// Takes the waiter's callbacks: [(cb, ctx), ...] with new references.
+std::vector<std::pair<PyObject*, PyObject*>> waiter_take_callbacks(AsyncWaiter* w) {
+  std::vector<std::pair<PyObject*, PyObject*>> cbs;
+  if (w->cb0 != nullptr)
+    cbs.emplace_back(std::exchange(w->cb0, nullptr), std::exchange(w->ctx0, nullptr));
+  if (w->more != nullptr) {
+    PyObject* more = std::exchange(w->more, nullptr);
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(more); ++i) {
+      PyObject* item = PyList_GET_ITEM(more, i);
+      PyObject* cb = PyTuple_GET_ITEM(item, 0);
+      PyObject* ctx = PyTuple_GET_ITEM(item, 1);
+      Py_INCREF(cb);
+      Py_INCREF(ctx);
+      cbs.emplace_back(cb, ctx);
+    }
+    Py_DECREF(more);
+  }
+  return cbs;
+}
+
+// Runs `cb(w)` now, in `ctx` (steals both). Returns false with the error set
+// when the callback raised.
+bool waiter_run_callback(AsyncWaiter* w, PyObject* cb, PyObject* ctx) {
+  const bool enter = ctx != nullptr && ctx != Py_None;
+  bool ok = true;
+  if (enter && PyContext_Enter(ctx) != 0) {
+    ok = false;
+  } else {
+    PyObject* r = PyObject_CallOneArg(cb, reinterpret_cast<PyObject*>(w));
+    ok = r != nullptr;
+    Py_XDECREF(r);
+    if (enter) {
+      PyObject *t, *v, *tb;
+      PyErr_Fetch(&t, &v, &tb);
+      if (PyContext_Exit(ctx) != 0) PyErr_Clear();
+      PyErr_Restore(t, v, tb);
+    }
+  }
+  Py_DECREF(cb);
+  Py_XDECREF(ctx);
+  return ok;
+}
+
+// Ends the waiter from its request's outcome and runs its callbacks now (on
+// the loop's thread, from the bridge's drain, outside any task). An Exception
+// from a callback goes to the loop's exception handler, as a handle's would;
+// a BaseException (KeyboardInterrupt, SystemExit) is returned in `*raised`
+// (the first one) for the caller to raise once every waiter is resolved.
+void waiter_resolve(AsyncWaiter* w, PyObject** raised) {
+  if (w->state != kWaiting) return;  // cancelled meanwhile
+  FuturePtr f = std::move(w->request);
+  w->request.reset();
+  switch (f->state()) {
+    case infer::FutureState::Finished:
+      try {
+        w->value = future_value(*f).release().ptr();
+        w->state = kHasResult;
+      } catch (py::error_already_set& e) {
+        w->value = py::object(e.value()).release().ptr();
+        w->state = kHasError;
+      } catch (...) {
+        py::detail::try_translate_exceptions();  // sets the Python error from the C++ one
+        py::error_already_set e;
+        w->value = py::object(e.value()).release().ptr();
+        w->state = kHasError;
+      }
+      break;
+    case infer::FutureState::Cancelled: w->state = kIsCancelled; break;
+    default:
+      w->value = future_exception(f, py::none()).release().ptr();
+      w->state = kHasError;
+      break;
+  }
+  for (auto [cb, ctx] : waiter_take_callbacks(w)) {
+    if (waiter_run_callback(w, cb, ctx)) continue;
+    if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+      if (*raised == nullptr) {
+        PyObject *t, *tb;
+        PyErr_Fetch(&t, raised, &tb);
+        PyErr_NormalizeException(&t, raised, &tb);
+        if (tb != nullptr) PyException_SetTraceback(*raised, tb);
+        Py_XDECREF(t);
+        Py_XDECREF(tb);
+      } else {
+        PyErr_Clear();
+      }
+      continue;
+    }
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyErr_NormalizeException(&t, &v, &tb);
+    PyObject* ctx_dict = Py_BuildValue("{s:s,s:O,s:O}", "message",
+                                       "Exception in a done callback of a Batcher request",
+                                       "exception", v, "future", reinterpret_cast<PyObject*>(w));
+    if (ctx_dict != nullptr) {
+      PyObject* loop = waiter_loop(w);
+      PyObject* r = loop == nullptr ? nullptr
+                                    : PyObject_CallMethodOneArg(
+                                          loop, async_names().call_exception_handler, ctx_dict);
+      Py_XDECREF(loop);
+      Py_XDECREF(r);
+      Py_DECREF(ctx_dict);
+    }
+    if (PyErr_Occurred()) PyErr_WriteUnraisable(reinterpret_cast<PyObject*>(w));
+    Py_XDECREF(t);
+    Py_XDECREF(v);
+    Py_XDECREF(tb);
+  }
+}
+
+// Sets the Python error the waiter's result() raises; false on success with
+// `*out` set to a new reference to the value.
+bool waiter_outcome(AsyncWaiter* w, PyObject** out) {
+  switch (w->state) {
+    case kHasResult:
+      Py_INCREF(w->value);
+      *out = w->value;
+      return true;
+    case kHasError:
+      PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(w->value)), w->value);
+      return false;
+    case kIsCancelled:
+      if (w->cancel_msg != nullptr) {
+        PyErr_SetObject(async_names().cancelled_error, w->cancel_msg);
+      } else {
+        PyErr_SetNone(async_names().cancelled_error);
+      }
+      return false;
+    default:
+      PyErr_SetString(async_names().invalid_state_error, "Result is not ready.");
+      return false;
+  }
+}
+
+PyObject* waiter_result(PyObject* self, PyObject*) {
+  PyObject* out = nullptr;
+  return waiter_outcome(reinterpret_cast<AsyncWaiter*>(self), &out) ? out : nullptr;
+}
+
+PyObject* waiter_exception(PyObject* self, PyObject*) {
+  auto* w = reinterpret_cast<AsyncWaiter*>(self);
+  if (w->state == kHasError) {
+    Py_INCREF(w->value);
+    return w->value;
+  }
+  if (w->state == kHasResult) Py_RETURN_NONE;
+  PyObject* out = nullptr;
+  waiter_outcome(w, &out);
+  return nullptr;
+}
+
+PyObject* waiter_done(PyObject* self, PyObject*) {
+  return PyBool_FromLong(reinterpret_cast<AsyncWaiter*>(self)->state != kWaiting);
+}
+
+PyObject* waiter_cancelled(PyObject* self, PyObject*) {
+  return PyBool_FromLong(reinterpret_cast<AsyncWaiter*>(self)->state == kIsCancelled);
+}
+
+PyObject* waiter_get_loop(PyObject* self, PyObject*) {
+  PyObject* loop = waiter_loop(reinterpret_cast<AsyncWaiter*>(self));
+  if (loop == nullptr) {
+    PyErr_SetString(PyExc_RuntimeError, "the event loop of this Batcher request is gone");
+  }
+  return loop;
+}
+
+// cancel(msg=None): cancels the request too if it has not started (one that
+// runs finishes, its result unused). Callbacks are scheduled with call_soon:
+// a task's cancel() calls this while another task may be running.
+PyObject* waiter_cancel(PyObject* self, PyObject* const* args, Py_ssize_t nargs,
+                        PyObject* kwnames) {
+  auto* w = reinterpret_cast<AsyncWaiter*>(self);
+  PyObject* msg = nargs > 0 ? args[0] : nullptr;
+  const Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+  if (nargs + nkw > 1) {
+    PyErr_SetString(PyExc_TypeError, "cancel() takes at most one argument (msg)");
+    return nullptr;
+  }
+  if (nkw == 1) {
+    if (PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "msg") != 0) {
+      PyErr_Format(PyExc_TypeError, "cancel() got an unexpected keyword argument '%U'",
+                   PyTuple_GET_ITEM(kwnames, 0));
+      return nullptr;
+    }
+    msg = args[0];
+  }
+  if (w->state != kWaiting) Py_RETURN_FALSE;
+  w->state = kIsCancelled;
+  if (msg != nullptr && msg != Py_None) {
+    Py_INCREF(msg);
+    w->cancel_msg = msg;
+  }
+  FuturePtr f = std::move(w->request);
+  w->request.reset();
+  if (f) f->cancel();  // may end the request here: the bridge then drops it
+  for (auto [cb, ctx] : waiter_take_callbacks(w)) waiter_schedule(w, cb, ctx);
+  Py_RETURN_TRUE;
+}
+
+// add_done_callback(fn, *, context=None)
+PyObject* waiter_add_done_callback(PyObject* self, PyObject* const* args, Py_ssize_t nargs,
+                                   PyObject* kwnames) {
+  auto* w = reinterpret_cast<AsyncWaiter*>(self);
+  const Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+  PyObject* fn = nargs > 0 ? args[0] : nullptr;
+  PyObject* ctx = nullptr;
+  for (Py_ssize_t i = 0; i < nkw; ++i) {
+    PyObject* key = PyTuple_GET_ITEM(kwnames, i);
+    if (PyUnicode_CompareWithASCIIString(key, "context") == 0) {
+      ctx = args[nargs + i];
+    } else if (PyUnicode_CompareWithASCIIString(key, "fn") == 0 && fn == nullptr) {
+      fn = args[nargs + i];
+    } else {
+      PyErr_Format(PyExc_TypeError, "add_done_callback() got an unexpected keyword argument '%U'",
+                   key);
+      return nullptr;
+    }
+  }
+  if (fn == nullptr || nargs > 1) {
+    PyErr_SetString(PyExc_TypeError, "add_done_callback() takes one positional argument (fn)");
+    return nullptr;
+  }
+  if (ctx == nullptr || ctx == Py_None) {
+    ctx = PyContext_CopyCurrent();
+    if (ctx == nullptr) return nullptr;
+  } else {
+    Py_INCREF(ctx);
+  }
+  Py_INCREF(fn);
+  if (w->state != kWaiting) {
+    waiter_schedule(w, fn, ctx);
+    Py_RETURN_NONE;
+  }
+  if (w->cb0 == nullptr) {
+    w->cb0 = fn;
+    w->ctx0 = ctx;
+    Py_RETURN_NONE;
+  }
+  if (w->more == nullptr && (w->more = PyList_New(0)) == nullptr) {
+    Py_DECREF(fn);
+    Py_DECREF(ctx);
+    return nullptr;
+  }
+  PyObject* item = PyTuple_Pack(2, fn, ctx);
+  Py_DECREF(fn);
+  Py_DECREF(ctx);
+  if (item == nullptr) return nullptr;
+  const int rc = PyList_Append(w->more, item);
+  Py_DECREF(item);
+  if (rc != 0) return nullptr;
+  Py_RETURN_NONE;
+}
+
+// remove_done_callback(fn): how many were removed.
+PyObject* waiter_remove_done_callback(PyObject* self, PyObject* fn) {
+  auto* w = reinterpret_cast<AsyncWaiter*>(self);
+  Py_ssize_t removed = 0;
+  if (w->cb0 != nullptr) {
+    const int eq = PyObject_RichCompareBool(w->cb0, fn, Py_EQ);
+    if (eq < 0) return nullptr;
+    if (eq) {
+      Py_CLEAR(w->cb0);
+      Py_CLEAR(w->ctx0);
+      ++removed;
+    }
+  }
+  if (w->more != nullptr) {
+    PyObject* kept = PyList_New(0);
+    if (kept == nullptr) return nullptr;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(w->more); ++i) {
+      PyObject* item = PyList_GET_ITEM(w->more, i);
+      const int eq = PyObject_RichCompareBool(PyTuple_GET_ITEM(item, 0), fn, Py_EQ);
+      if (eq < 0) {
+        Py_DECREF(kept);
+        return nullptr;
+      }
+      if (eq) {
+        ++removed;
+      } else if (PyList_Append(kept, item) != 0) {
+        Py_DECREF(kept);
+        return nullptr;
+      }
+    }
+    Py_SETREF(w->more, kept);
+  }
+  return PyLong_FromSsize_t(removed);
+}
+
+// Iteration (what `await` drives): yields the waiter itself while it waits,
+// then returns its result (StopIteration) or raises its error.
+PyObject* waiter_iternext(PyObject* self) {
+  auto* w = reinterpret_cast<AsyncWaiter*>(self);
+  if (w->state == kWaiting) {
+    if (w->yielded) {
+      PyErr_SetString(PyExc_RuntimeError, "await wasn't used with future");
+      return nullptr;
+    }
+    w->yielded = 1;
+    w->blocking = 1;
+    Py_INCREF(self);
+    return self;
+  }
+  PyObject* value = nullptr;
+  if (!waiter_outcome(w, &value)) return nullptr;
+  // StopIteration(value) built explicitly: a tuple value must not become its args.
+  PyObject* stop = PyObject_CallOneArg(PyExc_StopIteration, value);
+  Py_DECREF(value);
+  if (stop == nullptr) return nullptr;
+  PyErr_SetObject(PyExc_StopIteration, stop);
+  Py_DECREF(stop);
+  return nullptr;
+}
+
+PyObject* waiter_self(PyObject* self) {
+  Py_INCREF(self);
+  return self;
+}
+
+PyObject* waiter_get_blocking(PyObject* self, void*) {
+  return PyBool_FromLong(reinterpret_cast<AsyncWaiter*>(self)->blocking);
+}
+
+int waiter_set_blocking(PyObject* self, PyObject* value, void*) {
+  if (value == nullptr) {
+    PyErr_SetString(PyExc_AttributeError, "cannot delete _asyncio_future_blocking");
+    return -1;
+  }
+  const int b = PyObject_IsTrue(value);
+  if (b < 0) return -1;
+  reinterpret_cast<AsyncWaiter*>(self)->blocking = static_cast<uint8_t>(b);
+  return 0;
+}
+
+PyObject* waiter_get_loop_attr(PyObject* self, void*) {
+  return waiter_get_loop(self, nullptr);
+}
+
+PyObject* waiter_repr(PyObject* self) {
+  static const char* names[] = {"pending", "finished", "error", "cancelled"};
+  return PyUnicode_FromFormat("<fastml Batcher request waiter %s>",
+                              names[reinterpret_cast<AsyncWaiter*>(self)->state]);
+}
+
+int waiter_traverse(PyObject* self, visitproc visit, void* arg) {
+  auto* w = reinterpret_cast<AsyncWaiter*>(self);
+  Py_VISIT(Py_TYPE(self));
+  Py_VISIT(w->loop_ref);
+  Py_VISIT(w->cb0);
+  Py_VISIT(w->ctx0);
+  Py_VISIT(w->more);
+  Py_VISIT(w->value);
+  Py_VISIT(w->cancel_msg);
+  return 0;
+}
+
+int waiter_clear(PyObject* self) {
+  auto* w = reinterpret_cast<AsyncWaiter*>(self);
+  Py_CLEAR(w->loop_ref);
+  Py_CLEAR(w->cb0);
+  Py_CLEAR(w->ctx0);
+  Py_CLEAR(w->more);
+  Py_CLEAR(w->value);
+  Py_CLEAR(w->cancel_msg);
+  return 0;
+}
+
+void waiter_dealloc(PyObject* self) {
+  auto* w = reinterpret_cast<AsyncWaiter*>(self);
+  PyTypeObject* type = Py_TYPE(self);
+  PyObject_GC_UnTrack(self);
+  waiter_clear(self);
+  w->request.~FuturePtr();
+  PyObject_GC_Del(self);
+  Py_DECREF(type);
+}
+
+PyTypeObject* async_waiter_type() {
+  static PyTypeObject* type = [] {
+    static PyMethodDef methods[] = {
+        {"result", waiter_result, METH_NOARGS, "The request's result (raises its error)."},
+        {"exception", waiter_exception, METH_NOARGS, "The request's error, or None."},
+        {"done", waiter_done, METH_NOARGS, "True once the request ended."},
+        {"cancelled", waiter_cancelled, METH_NOARGS, "True if it was cancelled."},
+        {"get_loop", waiter_get_loop, METH_NOARGS, "The event loop it belongs to."},
+        {"cancel", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(waiter_cancel)),
+         METH_FASTCALL | METH_KEYWORDS, "Cancels the request if it has not started."},
+        {"add_done_callback",
+         reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(waiter_add_done_callback)),
+         METH_FASTCALL | METH_KEYWORDS, "Calls fn(waiter) once it is done."},
+        {"remove_done_callback", waiter_remove_done_callback, METH_O,
+         "Removes fn from the done callbacks; returns how many were removed."},
+        {nullptr, nullptr, 0, nullptr}};
+    static PyGetSetDef getset[] = {
+        {"_asyncio_future_blocking", waiter_get_blocking, waiter_set_blocking, nullptr, nullptr},
+        {"_loop", waiter_get_loop_attr, nullptr, nullptr, nullptr},
+        {nullptr, nullptr, nullptr, nullptr, nullptr}};
+    static PyType_Slot slots[] = {
+        {Py_tp_dealloc, reinterpret_cast<void*>(waiter_dealloc)},
+        {Py_tp_traverse, reinterpret_cast<void*>(waiter_traverse)},
+        {Py_tp_clear, reinterpret_cast<void*>(waiter_clear)},
+        {Py_tp_repr, reinterpret_cast<void*>(waiter_repr)},
+        {Py_tp_iter, reinterpret_cast<void*>(waiter_self)},
+        {Py_tp_iternext, reinterpret_cast<void*>(waiter_iternext)},
+        {Py_am_await, reinterpret_cast<void*>(waiter_self)},
+        {Py_tp_methods, methods},
+        {Py_tp_getset, getset},
+        {Py_tp_doc, const_cast<char*>("What Batcher.predict_async awaits (an asyncio-compatible "
+                                      "future of one request).")},
+        {0, nullptr}};
+    static PyType_Spec spec = {"fastml._core._BatcherWaiter", sizeof(AsyncWaiter), 0,
+                               Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC, slots};
+    PyObject* t = PyType_FromSpec(&spec);
+    if (t == nullptr) throw py::error_already_set();
+    return reinterpret_cast<PyTypeObject*>(t);  // never released
+  }();
+  return type;
+}
+
+class AsyncBridge;
+
+// The callable the loop watches the bridge's pipe with. The loop drops it
+// when it closes (or is freed): that is when the bridge lets go of its waiters.
+struct BridgeReader {
+  std::shared_ptr<AsyncBridge> bridge;
+  explicit BridgeReader(std::shared_ptr<AsyncBridge> b) : bridge(std::move(b)) {}
+  BridgeReader(const BridgeReader&) = delete;
+  BridgeReader& operator=(const BridgeReader&) = delete;
+  BridgeReader(BridgeReader&&) = default;
+  ~BridgeReader();
+};
+
+// Resolves the waiters of one event loop when their requests end.
 // Completions arrive on worker threads and are collected here; the loop is
 // woken once per group, not once per request, and no thread is created per
 // request. The wake-up is a byte written to a pipe the loop watches
@@ -884,87 +1430,153 @@ class AsyncBridge : public std::enable_shared_from_this<AsyncBridge> {
   ~AsyncBridge() {
     if (read_fd_ >= 0) ::close(read_fd_);
     if (write_fd_ >= 0) ::close(write_fd_);
-  }
-
-  // Resolves `waiter` (an asyncio future of this bridge's loop) with `f`'s
-  // outcome once `f` ends: its value, its exception, or cancelled. Called on
-  // the loop's thread.
-  void attach(const FuturePtr& f, py::object waiter) {
-    if (!registered_) register_reader();
-    auto self = shared_from_this();
-    auto held_waiter = hold(std::move(waiter));
-    f->add_done_callback([self, held_waiter](const FuturePtr& done) mutable {
-      self->completed(std::move(held_waiter), done);
-    });
-  }
-
-  // predict_async's one call: checks `x`, attaches `waiter` and stages the
-  // request; returns its future (for cancelling it). Requests staged during
-  // one iteration of the loop are queued together by flush(), which the first
-  // of them schedules with loop.call_soon: one lock and one wake-up per group,
-  // so the workers see whole batches instead of racing the loop for single
-  // requests. A full queue or a closed batcher fails the request at flush
-  // (its await raises QueueFull / RuntimeError), as at submit.
-  FuturePtr call(PyBatcher& b, py::handle x, int priority, int64_t timeout_us, py::object waiter);
-
-  // On the loop's thread: queues every staged request.
-  // A request whose waiter is already done (its task was cancelled meanwhile)
-  // is cancelled here, before it is queued: it is never counted or run.
-  void flush() {
-    std::vector<StagedRequest> staged;
-    staged.swap(staged_);
-    std::vector<BatchCore::Staged> group;
-    for (size_t i = 0; i < staged.size();) {
-      const std::shared_ptr<BatchCore>& core = staged[i].core;
-      group.clear();
-      for (; i < staged.size() && staged[i].core == core; ++i) {
-        if (waiter_done(staged[i].waiter)) {
-          staged[i].request.future->cancel();
-          continue;
-        }
-        group.push_back(std::move(staged[i].request));
-      }
-      if (!group.empty()) core->enqueue_many(group);
+    // Waiters whose requests ended after the loop stopped draining.
+    std::vector<PyObject*> left;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      left.swap(pending_);
+    }
+    // Requests staged on a loop that closed before its flush ran: never queued.
+    for (auto& st : staged_) {
+      st.request.future->cancel();
+      left.push_back(std::exchange(st.waiter, nullptr));
+    }
+    if (left.empty() || !python_alive()) return;
+    if (PyGILState_Check()) {
+      for (PyObject* w : left) Py_DECREF(w);
+    } else {
+      for (PyObject* w : left) DeferredDecref::push(w);
     }
   }
 
-  // On the loop's thread: resolves every waiter collected so far.
+  // predict_async's one call: checks `x`, makes its waiter and stages the
+  // request; returns the waiter. Requests staged during one iteration of the
+  // loop are queued together by flush(), which the first of them schedules
+  // with loop.call_soon: one lock and one wake-up per group, so the workers
+  // see whole batches instead of racing the loop for single requests. A full
+  // queue or a closed batcher fails the request at flush (its await raises
+  // QueueFull / RuntimeError), as at submit.
+  py::object call(PyBatcher& b, py::handle x, int priority, int64_t timeout_us);
+
+  // On the loop's thread: queues every staged request, each with the
+  // listener that hands its waiter back here when it ends. A request whose
+  // waiter was cancelled meanwhile already ended: its listener runs at once,
+  // and the core skips it uncounted.
+  void flush() {
+    std::vector<StagedRequest> staged;
+    staged.swap(staged_);
+    const std::shared_ptr<void> self = shared_from_this();
+    std::vector<BatchCore::Staged> group;
+    for (size_t i = 0; i < staged.size();) {
+      const std::shared_ptr<BatchCore> core = staged[i].core;
+      group.clear();
+      for (; i < staged.size() && staged[i].core == core; ++i) {
+        // The listener owns the waiter's reference from here on.
+        PyObject* w = std::exchange(staged[i].waiter, nullptr);
+        staged[i].request.future->set_listener(&AsyncBridge::request_ended, self, w);
+        group.push_back(std::move(staged[i].request));
+      }
+      core->enqueue_many(group);
+    }
+  }
+
+  // With the GIL, when the loop dropped the bridge's reader (the loop closed or
+  // was freed): waiters that ended or were staged are released now and later
+  // ones as they end, so a closed loop is not kept alive by its tasks (the
+  // waiters' done callbacks) through this bridge.
+  void orphan() {
+    std::vector<PyObject*> left;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      orphaned_ = true;
+      left.swap(pending_);
+    }
+    for (auto& st : staged_) {
+      st.request.future->cancel();
+      left.push_back(std::exchange(st.waiter, nullptr));
+    }
+    staged_.clear();
+    for (PyObject* w : left) Py_XDECREF(w);
+  }
+
+  // True when the bridge's loop is running on the calling thread (asyncio's
+  // loops record their thread while they run). Cheaper than
+  // asyncio.get_running_loop(), whose fork check is a getpid() system call
+  // before Python 3.12.
+  bool runs_on_this_thread() const {
+    static PyObject* thread_id_name = PyUnicode_InternFromString("_thread_id");
+    PyObject* loop = weak_target(loop_ref_obj());
+    if (loop == nullptr) return false;
+    PyObject* tid = nullptr;
+#if PY_VERSION_HEX >= 0x030D0000
+    if (PyObject_GetOptionalAttr(loop, thread_id_name, &tid) < 0) PyErr_Clear();
+#else
+    if (_PyObject_LookupAttr(loop, thread_id_name, &tid) < 0) PyErr_Clear();
+#endif
+    bool yes;
+    if (tid != nullptr && PyLong_Check(tid)) {
+      yes = PyLong_AsUnsignedLong(tid) == PyThread_get_thread_ident();
+      if (PyErr_Occurred()) {
+        PyErr_Clear();
+        yes = false;
+      }
+    } else {
+      // Loops that do not record their thread (uvloop): ask asyncio.
+      static PyObject* get_running = [] {
+        return py::object(py::module_::import("asyncio.events").attr("_get_running_loop"))
+            .release()
+            .ptr();
+      }();
+      PyObject* running = PyObject_CallNoArgs(get_running);
+      if (running == nullptr) PyErr_Clear();
+      yes = running == loop;
+      Py_XDECREF(running);
+    }
+    Py_XDECREF(tid);
+    Py_DECREF(loop);
+    return yes;
+  }
+
+  // On the loop's thread: resolves every waiter whose request ended, running
+  // their tasks' wake-ups here.
   void drain() {
     if (read_fd_ >= 0) {
       char buf[64];
       while (::read(read_fd_, buf, sizeof buf) > 0) {
       }
     }
-    std::vector<std::pair<std::shared_ptr<void>, FuturePtr>> ready;
+    std::vector<PyObject*> ready;
     {
       std::lock_guard<std::mutex> lock(mu_);
       ready.swap(pending_);
     }
-    // Created once and never released: a static py::str would be decref'd at
-    // process exit, after Python finalised (a SIGSEGV at exit on Python 3.12).
-    static const py::str& result_name = *new py::str("set_result");
-    static const py::str& exception_name = *new py::str("set_exception");
-    static const py::str& cancel_name = *new py::str("cancel");
-    for (auto& [w, f] : ready) {
-      py::object waiter = held(w);
-      if (waiter_done(waiter)) continue;  // its task was cancelled
-      switch (f->state()) {
-        case infer::FutureState::Finished: waiter.attr(result_name)(future_value(*f)); break;
-        case infer::FutureState::Cancelled: waiter.attr(cancel_name)(); break;
-        default: waiter.attr(exception_name)(future_exception(f, py::none())); break;
-      }
-    }
     DeferredDecref::drain();
+    PyObject* raised = nullptr;
+    for (PyObject* w : ready) {
+      waiter_resolve(reinterpret_cast<AsyncWaiter*>(w), &raised);
+      Py_DECREF(w);
+    }
+    if (raised != nullptr) {
+      PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(raised)), raised);
+      Py_DECREF(raised);
+      throw py::error_already_set();
+    }
   }
 
  private:
+  // The request listener (any thread, no GIL): hands the waiter (whose
+  // reference the listener owned) to the loop.
+  static void request_ended(std::shared_ptr<void>& owner, void* waiter, const FuturePtr&) {
+    static_cast<AsyncBridge*>(owner.get())->completed(static_cast<PyObject*>(waiter));
+  }
+
   void register_reader() {
     registered_ = true;
     int fds[2];
     if (::pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0) return;
     try {
       py::object loop = held(loop_ref_)();
-      loop.attr("add_reader")(fds[0], py::cast(shared_from_this()).attr("_drain"));
+      loop.attr("add_reader")(fds[0], py::cast(BridgeReader{shared_from_this()}));
       read_fd_ = fds[0];
       write_fd_ = fds[1];
     } catch (py::error_already_set&) {  // no add_reader on this loop: the GIL path
@@ -973,12 +1585,22 @@ class AsyncBridge : public std::enable_shared_from_this<AsyncBridge> {
     }
   }
 
-  void completed(std::shared_ptr<void> waiter, const FuturePtr& f) {
-    bool first;
+  void completed(PyObject* waiter) {
+    bool first, orphaned;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      pending_.emplace_back(std::move(waiter), f);
+      orphaned = orphaned_;
+      if (!orphaned) pending_.push_back(waiter);
       first = pending_.size() == 1;
+    }
+    if (orphaned) {  // the loop closed: nobody will resolve it
+      if (!python_alive()) return;
+      if (PyGILState_Check()) {
+        Py_DECREF(waiter);
+      } else {
+        DeferredDecref::push(waiter);
+      }
+      return;
     }
     if (!first) return;
     if (write_fd_ >= 0) {
@@ -998,27 +1620,24 @@ class AsyncBridge : public std::enable_shared_from_this<AsyncBridge> {
     } catch (py::error_already_set&) {
     }
     // The loop is closed or gone: nobody awaits these requests any more.
-    std::vector<std::pair<std::shared_ptr<void>, FuturePtr>> dropped;
+    std::vector<PyObject*> dropped;
     {
       std::lock_guard<std::mutex> lock(mu_);
       dropped.swap(pending_);
     }
+    for (PyObject* w : dropped) Py_DECREF(w);
   }
 
   struct StagedRequest {
     std::shared_ptr<BatchCore> core;
     BatchCore::Staged request;
-    py::object waiter;
+    PyObject* waiter;  // owned reference, handed to the request's listener at flush
   };
 
-  static bool waiter_done(const py::object& waiter) {
-    static const py::str& done_name = *new py::str("done");
-    return waiter.attr(done_name)().cast<bool>();
-  }
-
-  void stage(const std::shared_ptr<BatchCore>& core, BatchCore::Staged request, py::object waiter) {
+  // Takes the reference to `waiter`.
+  void stage(const std::shared_ptr<BatchCore>& core, BatchCore::Staged request, PyObject* waiter) {
     const bool first = staged_.empty();
-    staged_.push_back(StagedRequest{core, std::move(request), std::move(waiter)});
+    staged_.push_back(StagedRequest{core, std::move(request), waiter});
     if (!first) return;
     static const py::str& call_soon_name = *new py::str("call_soon");
     py::object loop = held(loop_ref_)();
@@ -1034,21 +1653,127 @@ class AsyncBridge : public std::enable_shared_from_this<AsyncBridge> {
     }
   }
 
-  std::shared_ptr<void> loop_ref_;  // a weakref.ref to the loop (PyRef: freed on any thread)
-  // Requests checked but not queued yet (loop thread only; see call()).
-  std::vector<StagedRequest> staged_;
+  PyObject* loop_ref_obj() const { return static_cast<PyRef*>(loop_ref_.get())->obj.ptr(); }
+
+  std::shared_ptr<void> loop_ref_;     // a weakref.ref to the loop (PyRef: freed on any thread)
+  std::vector<StagedRequest> staged_;  // checked, not queued yet (loop thread only)
   std::mutex mu_;
-  std::vector<std::pair<std::shared_ptr<void>, FuturePtr>> pending_;
-  bool registered_ = false;  // touched on the loop's thread only
+  std::vector<PyObject*> pending_;  // waiters whose requests ended (owned references)
+  bool orphaned_ = false;           // under mu_: see orphan()
+  bool registered_ = false;         // touched on the loop's thread only
   int read_fd_ = -1, write_fd_ = -1;
 };
 
-FuturePtr AsyncBridge::call(PyBatcher& b, py::handle x, int priority, int64_t timeout_us,
-                            py::object waiter) {
+BridgeReader::~BridgeReader() {
+  if (bridge && python_alive() && PyGILState_Check()) bridge->orphan();
+}
+
+py::object AsyncBridge::call(PyBatcher& b, py::handle x, int priority, int64_t timeout_us) {
+  if (!registered_) register_reader();
   FuturePtr f = b.make_request(x);
-  attach(f, waiter);
-  stage(b.core(), BatchCore::Staged{f, priority, timeout_us}, std::move(waiter));
-  return f;
+  auto* w = new_async_waiter(loop_ref_obj(), f);
+  py::object waiter = py::reinterpret_steal<py::object>(reinterpret_cast<PyObject*>(w));
+  Py_INCREF(w);  // the staged request's, then its listener's, until the request ends
+  stage(b.core(), BatchCore::Staged{std::move(f), priority, timeout_us},
+        reinterpret_cast<PyObject*>(w));
+  return waiter;
+}
+
+// What predict_async calls per request: a batcher and its loop's bridge bound
+// together, so a request costs one vectorcall (no pybind11 dispatch). Returns
+// the request's waiter, or None when its loop is not running on the calling
+// thread (predict_async then finds the running loop's bridge).
+struct AsyncCaller {
+  PyObject_HEAD vectorcallfunc vectorcall;
+  PyObject* core_obj;  // the _BatcherCore (keeps `batcher` alive)
+  PyBatcher* batcher;
+  std::shared_ptr<AsyncBridge> bridge;  // constructed in place
+};
+
+PyObject* async_caller_call(PyObject* self, PyObject* const* args, size_t nargsf,
+                            PyObject* kwnames) {
+  auto* c = reinterpret_cast<AsyncCaller*>(self);
+  const Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+  if (nargs != 3 || (kwnames != nullptr && PyTuple_GET_SIZE(kwnames) != 0)) {
+    PyErr_SetString(PyExc_TypeError, "_BatcherAsyncCaller(x, priority, timeout_us)");
+    return nullptr;
+  }
+  try {
+    if (!c->bridge->runs_on_this_thread()) Py_RETURN_NONE;
+    const long priority = PyLong_AsLong(args[1]);
+    const long long timeout_us = PyLong_AsLongLong(args[2]);
+    if (PyErr_Occurred()) return nullptr;
+    if (priority < std::numeric_limits<int>::min() || priority > std::numeric_limits<int>::max()) {
+      PyErr_SetString(PyExc_OverflowError, "priority does not fit a C int");
+      return nullptr;
+    }
+    return c->bridge->call(*c->batcher, args[0], static_cast<int>(priority), timeout_us)
+        .release()
+        .ptr();
+  } catch (py::error_already_set& e) {
+    e.restore();
+    return nullptr;
+  } catch (...) {
+    py::detail::try_translate_exceptions();
+    return nullptr;
+  }
+}
+
+int async_caller_traverse(PyObject* self, visitproc visit, void* arg) {
+  Py_VISIT(Py_TYPE(self));
+  Py_VISIT(reinterpret_cast<AsyncCaller*>(self)->core_obj);
+  return 0;
+}
+
+int async_caller_clear(PyObject* self) {
+  Py_CLEAR(reinterpret_cast<AsyncCaller*>(self)->core_obj);
+  return 0;
+}
+
+void async_caller_dealloc(PyObject* self) {
+  auto* c = reinterpret_cast<AsyncCaller*>(self);
+  PyTypeObject* type = Py_TYPE(self);
+  PyObject_GC_UnTrack(self);
+  async_caller_clear(self);
+  c->bridge.~shared_ptr();
+  PyObject_GC_Del(self);
+  Py_DECREF(type);
+}
+
+PyTypeObject* async_caller_type() {
+  static PyTypeObject* type = [] {
+    static PyMemberDef members[] = {
+        {"__vectorcalloffset__", T_PYSSIZET,
+         static_cast<Py_ssize_t>(offsetof(AsyncCaller, vectorcall)), READONLY, nullptr},
+        {nullptr, 0, 0, 0, nullptr}};
+    static PyType_Slot slots[] = {
+        {Py_tp_dealloc, reinterpret_cast<void*>(async_caller_dealloc)},
+        {Py_tp_traverse, reinterpret_cast<void*>(async_caller_traverse)},
+        {Py_tp_clear, reinterpret_cast<void*>(async_caller_clear)},
+        {Py_tp_call, reinterpret_cast<void*>(PyVectorcall_Call)},
+        {Py_tp_members, members},
+        {Py_tp_doc, const_cast<char*>("Batcher.predict_async's per-request call (private).")},
+        {0, nullptr}};
+    static PyType_Spec spec = {"fastml._core._BatcherAsyncCaller", sizeof(AsyncCaller), 0,
+                               Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+                               slots};
+    PyObject* t = PyType_FromSpec(&spec);
+    if (t == nullptr) throw py::error_already_set();
+    return reinterpret_cast<PyTypeObject*>(t);  // never released
+  }();
+  return type;
+}
+
+py::object make_async_caller(const std::shared_ptr<AsyncBridge>& bridge, py::handle core) {
+  PyBatcher* batcher = core.cast<PyBatcher*>();
+  AsyncCaller* c = PyObject_GC_New(AsyncCaller, async_caller_type());
+  if (c == nullptr) throw py::error_already_set();
+  c->vectorcall = async_caller_call;
+  c->core_obj = core.inc_ref().ptr();
+  c->batcher = batcher;
+  new (&c->bridge) std::shared_ptr<AsyncBridge>(bridge);
+  PyObject_GC_Track(c);
+  return py::reinterpret_steal<py::object>(reinterpret_cast<PyObject*>(c));
 }
 
 // ---------------------------------------------------------------- a native handler for the tests
@@ -1168,11 +1893,16 @@ void register_batcher(py::module_& m) {
   py::class_<AsyncBridge, std::shared_ptr<AsyncBridge>>(
       m, "_BatcherAsyncBridge", "Resolves asyncio futures of one loop (private).")
       .def(py::init<py::object>(), py::arg("loop"))
-      .def("attach", &AsyncBridge::attach, py::arg("future"), py::arg("waiter"))
       .def("call", &AsyncBridge::call, py::arg("batcher"), py::arg("x"), py::arg("priority"),
-           py::arg("timeout_us"), py::arg("waiter"))
+           py::arg("timeout_us"))
+      .def("caller", &make_async_caller, py::arg("batcher"),
+           "predict_async's per-request call for `batcher` on this bridge's loop.")
       .def("_drain", &AsyncBridge::drain)
       .def("_flush", &AsyncBridge::flush);
+
+  py::class_<BridgeReader>(m, "_BatcherBridgeReader",
+                           "What an event loop calls when a bridge's requests end (private).")
+      .def("__call__", [](BridgeReader& r) { r.bridge->drain(); });
 
   py::class_<BatcherTestHandler, infer::NativeHandler, std::shared_ptr<BatcherTestHandler>>(
       m, "_BatcherTestHandler", "Test-only native handler: doubles float32 input.")

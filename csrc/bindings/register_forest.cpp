@@ -115,7 +115,7 @@ py::array forest_predict(const Forest& f, py::handle X_obj, bool apply_link, py:
   const DType dt = f.output_dtype();
   std::vector<int64_t> shape = {rows};
   if (k > 1) shape.push_back(k);
-  py::array result;
+  py::array result = py::reinterpret_steal<py::array>(py::handle());
   void* out_ptr = nullptr;
   if (out_obj.is_none()) {
     auto buf = Buffer::allocate(static_cast<size_t>(rows * k) * itemsize(dt));

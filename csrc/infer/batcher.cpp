@@ -26,6 +26,8 @@ bool RequestFuture::finish(FutureState to, std::shared_ptr<void> value, int kind
                            std::exception_ptr error) {
   std::vector<Callback> callbacks;
   std::shared_ptr<void> released_input;
+  Listener listener;
+  std::shared_ptr<void> listener_owner;
   {
     std::lock_guard<std::mutex> lock(mu_);
     const FutureState s = state_.load(std::memory_order_relaxed);
@@ -36,12 +38,15 @@ bool RequestFuture::finish(FutureState to, std::shared_ptr<void> value, int kind
     error_ = std::move(error);
     released_input = std::move(input);
     callbacks.swap(callbacks_);
+    listener = std::exchange(listener_, nullptr);
+    listener_owner = std::move(listener_owner_);
     state_.store(to, std::memory_order_release);
     if (has_waiters_) cv_.notify_all();
   }
   // Outside the lock: callbacks and the input's destructor may take the GIL.
   auto self = shared_from_this();
   for (auto& cb : callbacks) cb(self);
+  if (listener) listener(listener_owner, listener_cookie_, self);
   return true;
 }
 
@@ -137,6 +142,19 @@ void RequestFuture::add_done_callback(Callback cb) {
     }
   }
   cb(shared_from_this());
+}
+
+void RequestFuture::set_listener(Listener fn, std::shared_ptr<void> owner, void* cookie) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!done()) {
+      listener_ = fn;
+      listener_owner_ = std::move(owner);
+      listener_cookie_ = cookie;
+      return;
+    }
+  }
+  fn(owner, cookie, shared_from_this());
 }
 
 // ---------------------------------------------------------------- BatchCore
@@ -264,7 +282,7 @@ void BatchCore::insert_locked(const FuturePtr& f, int priority, int64_t timeout_
   f->deadline_ =
       timeout_us > 0 ? now + std::chrono::microseconds(timeout_us) : Clock::time_point::max();
   f->queued_ = true;
-  levels_[priority].insert(f);
+  levels_.try_emplace(priority, PoolAllocator<FuturePtr>(&pool_)).first->second.insert(f);
   by_age_.insert(f);
   ++queued_;
   queued_rows_ += f->rows;

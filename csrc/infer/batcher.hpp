@@ -15,6 +15,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstddef>
 #include <cstdint>
 #include <exception>
 #include <functional>
@@ -74,6 +75,16 @@ class RequestFuture : public std::enable_shared_from_this<RequestFuture> {
   // otherwise on the thread that ends it.
   void add_done_callback(Callback cb);
 
+  // One listener, cheaper than a callback (nothing allocated per request):
+  // `fn(owner, cookie, future)` runs once when the request ends, on the thread
+  // that ends it, after the callbacks and with no lock held; `owner` (kept
+  // alive until then) is released right after. Set it before the request is
+  // shared with another thread, i.e. before it is queued; on a request that
+  // already ended it runs at once.
+  using Listener = void (*)(std::shared_ptr<void>& owner, void* cookie,
+                            const std::shared_ptr<RequestFuture>& future);
+  void set_listener(Listener fn, std::shared_ptr<void> owner, void* cookie);
+
   // Valid once done (read after done() returned true).
   const std::shared_ptr<void>& value() const { return value_; }
   int value_kind() const { return value_kind_; }
@@ -101,6 +112,9 @@ class RequestFuture : public std::enable_shared_from_this<RequestFuture> {
   int value_kind_ = 0;
   std::exception_ptr error_;
   std::vector<Callback> callbacks_;
+  Listener listener_ = nullptr;
+  std::shared_ptr<void> listener_owner_;
+  void* listener_cookie_ = nullptr;
   mutable bool has_waiters_ = false;
   FutureState staged_ = FutureState::Pending;  // Finished/Failed once a runner staged it
 
@@ -148,6 +162,78 @@ struct BatcherStats {
   std::vector<double> queue_wait_us;
   std::vector<double> handler_us;
   bool closed = false;
+};
+
+// Fixed-size blocks for the queue's tree nodes, recycled through a free list:
+// the loop or submitting thread allocates a request's nodes and a worker frees
+// them, and with malloc that hand-over between threads cost more than the
+// queue itself (measured: predict_async's loop thread spent ~10% in malloc).
+// Not thread-safe: every container using it is touched under the core's mutex.
+class NodePool {
+ public:
+  static constexpr size_t kBlock = 64;
+  NodePool() = default;
+  NodePool(const NodePool&) = delete;
+  NodePool& operator=(const NodePool&) = delete;
+  ~NodePool() {
+    for (void* c : chunks_) ::operator delete(c);
+  }
+  void* get() {
+    if (free_ == nullptr) refill();
+    Free* b = free_;
+    free_ = b->next;
+    return b;
+  }
+  void put(void* p) {
+    auto* b = static_cast<Free*>(p);
+    b->next = free_;
+    free_ = b;
+  }
+
+ private:
+  struct Free {
+    Free* next;
+  };
+  void refill() {
+    constexpr size_t kPerChunk = 256;
+    char* c = static_cast<char*>(::operator new(kBlock * kPerChunk));
+    chunks_.push_back(c);
+    for (size_t i = 0; i < kPerChunk; ++i) put(c + i * kBlock);
+  }
+  Free* free_ = nullptr;
+  std::vector<void*> chunks_;
+};
+
+// std::allocator's interface over a NodePool for single nodes of up to
+// NodePool::kBlock bytes; anything else goes to operator new.
+template <class T>
+struct PoolAllocator {
+  using value_type = T;
+  NodePool* pool;
+  explicit PoolAllocator(NodePool* p) noexcept : pool(p) {}
+  template <class U>
+  PoolAllocator(const PoolAllocator<U>& o) noexcept : pool(o.pool) {}  // NOLINT
+  T* allocate(size_t n) {
+    if (n == 1 && sizeof(T) <= NodePool::kBlock && alignof(T) <= alignof(std::max_align_t)) {
+      return static_cast<T*>(pool->get());
+    }
+    return static_cast<T*>(::operator new(n * sizeof(T)));
+  }
+  void deallocate(T* p, size_t n) noexcept {
+    if (n == 1 && sizeof(T) <= NodePool::kBlock && alignof(T) <= alignof(std::max_align_t)) {
+      pool->put(p);
+      return;
+    }
+    ::operator delete(p);
+  }
+  template <class U>
+  bool operator==(const PoolAllocator<U>& o) const noexcept {
+    return pool == o.pool;
+  }
+  template <class U>
+  bool operator!=(const PoolAllocator<U>& o) const noexcept {
+    return pool != o.pool;
+  }
 };
 
 class BatchCore : public std::enable_shared_from_this<BatchCore> {
@@ -233,9 +319,14 @@ class BatchCore : public std::enable_shared_from_this<BatchCore> {
   std::condition_variable work_cv_;   // workers: queue changed or a slot freed
   std::condition_variable space_cv_;  // blocked submitters: room in the queue
   std::condition_variable timer_cv_;  // the deadline watcher: a new deadline or close
-  // Priority level (highest first) -> requests by (deadline, arrival).
-  std::map<int, std::set<FuturePtr, ByDeadline>, std::greater<int>> levels_;
-  std::set<FuturePtr, ByAge> by_age_;  // every queued request, oldest first
+  // Priority level (highest first) -> requests by (deadline, arrival). The
+  // nodes come from pool_ (declared first: destroyed after the containers).
+  NodePool pool_;
+  using LevelSet = std::set<FuturePtr, ByDeadline, PoolAllocator<FuturePtr>>;
+  std::map<int, LevelSet, std::greater<int>, PoolAllocator<std::pair<const int, LevelSet>>> levels_{
+      PoolAllocator<std::pair<const int, LevelSet>>(&pool_)};
+  std::set<FuturePtr, ByAge, PoolAllocator<FuturePtr>> by_age_{
+      PoolAllocator<FuturePtr>(&pool_)};  // every queued request, oldest first
   int64_t queued_ = 0;
   int64_t queued_rows_ = 0;
   int64_t in_flight_ = 0;

@@ -19,8 +19,6 @@ from typing import Any
 
 from fastml import _core
 
-_get_ident = threading.get_ident
-
 # The running event loop of this thread, or None (asyncio's C accessor: ~50 ns).
 _get_running_loop = asyncio._get_running_loop
 
@@ -156,9 +154,10 @@ class Batcher:
         self._bridges: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
             weakref.WeakKeyDictionary()
         )
-        # (loop, bridge) of the last predict_async call: read and written as one
-        # tuple, so threads running different loops never pair the wrong two.
-        self._last_bridge: tuple[asyncio.AbstractEventLoop, Any] | None = None
+        # predict_async's call for the loop it last ran on (it holds the loop's
+        # bridge, which holds the loop weakly); one attribute, read and written
+        # whole, so threads running different loops never pair the wrong two.
+        self._caller: Any = None
         _live_batchers.add(self)
 
     @property
@@ -261,30 +260,25 @@ class Batcher:
         The model always runs on a worker thread, never on the event loop's.
         Cancelling the awaiting task cancels the request if it has not started.
         """
-        last = self._last_bridge
-        # The last loop is still this thread's running loop when it runs on this
-        # thread (asyncio's loops record their thread while running): that check
-        # avoids asyncio.get_running_loop(), whose fork check is a getpid()
-        # system call before Python 3.12 (65% of this method's time here).
-        if last is not None and getattr(last[0], "_thread_id", None) == _get_ident():
-            loop, bridge = last
-        else:
-            loop = asyncio.get_running_loop()
-            bridge = self._bridges.get(loop)
-            if bridge is None:
-                bridge = self._bridges[loop] = _core._BatcherAsyncBridge(loop)
-            self._last_bridge = (loop, bridge)
-        # One native call submits the request and wires `waiter` to it: the
-        # bridge sets the request's result (or exception) on it, on this loop.
-        waiter: asyncio.Future[Any] = loop.create_future()
-        fut = bridge.call(
-            self._core, x, priority, -1 if timeout_us is None else _timeout_arg(timeout_us), waiter
-        )
-        try:
-            return await waiter
-        except asyncio.CancelledError:
-            fut.cancel()
-            raise
+        t = -1 if timeout_us is None else _timeout_arg(timeout_us)
+        # One native call checks and stages the request and returns its waiter,
+        # an asyncio-compatible future the loop's bridge resolves (cancelling the
+        # awaiting task cancels the waiter, which cancels the request if it has
+        # not started). The call returns None when its loop is not the one
+        # running on this thread (first use, or another loop).
+        caller = self._caller
+        waiter = None if caller is None else caller(x, priority, t)
+        if waiter is None:
+            waiter = self._caller_for_running_loop()(x, priority, t)
+        return await waiter
+
+    def _caller_for_running_loop(self) -> Any:
+        loop = asyncio.get_running_loop()
+        bridge = self._bridges.get(loop)
+        if bridge is None:
+            bridge = self._bridges[loop] = _core._BatcherAsyncBridge(loop)
+        self._caller = caller = bridge.caller(self._core)
+        return caller
 
     def stats(self) -> dict[str, Any]:
         """Counters and latency percentiles.
