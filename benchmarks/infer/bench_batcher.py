@@ -18,7 +18,12 @@ with ``_BatcherTestHandler``, which doubles float32 input) and ``max_delay_us=0`
    queue, a gather task and futures, as Ray Serve's ``@serve.batch`` does, which
    runs the model on the event loop's thread), both driven by the same client
    code; fastml runs the model on a worker thread. The ceiling is that client
-   code awaiting futures that are already done.
+   code awaiting futures that are already done; the floor is the least an
+   asyncio batcher can do per request (``MinimalAsyncBatcher``: a list, one
+   flush per loop iteration, no queue and no thread), which bounds what any
+   implementation can reach against the pattern with a model that costs nothing;
+4. the same clients with a real model (an XGBoost-trained ``Forest``): the
+   pattern runs it on the loop, fastml on a worker without the GIL.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from fastml import _core, infer
-from fastml.bench.baselines import AsyncQueueBatcher, drive_clients
+from fastml.bench.baselines import AsyncQueueBatcher, MinimalAsyncBatcher, drive_clients
 from fastml.bench.harness import compare, table
 
 
@@ -135,6 +140,11 @@ def asyncio_throughput(tasks: int, per_task: int, repeat: int) -> dict[str, Any]
         return AsyncQueueBatcher(noop)
 
     pattern = loop.run_until_complete(make_pattern())
+
+    async def make_minimal() -> MinimalAsyncBatcher:
+        return MinimalAsyncBatcher(noop)
+
+    minimal = loop.run_until_complete(make_minimal())
     fastml_b = infer.Batcher(noop, max_batch_size=64, max_delay_us=0)
     fastml_delay = infer.Batcher(noop, max_batch_size=64, max_delay_us=50)
     fastml_native = infer.Batcher(_core._BatcherTestHandler(), max_batch_size=64, max_delay_us=0)
@@ -156,6 +166,9 @@ def asyncio_throughput(tasks: int, per_task: int, repeat: int) -> dict[str, Any]
         ),
         "fastml predict_async (native, delay 0)": lambda: loop.run_until_complete(
             drive_clients(fastml_native.predict_async, tasks, per_task)
+        ),
+        "floor: minimal asyncio batcher (no queue)": lambda: loop.run_until_complete(
+            drive_clients(minimal.predict, tasks, per_task)
         ),
         "asyncio queue + gather task": lambda: loop.run_until_complete(
             drive_clients(pattern.predict, tasks, per_task)

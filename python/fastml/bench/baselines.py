@@ -45,6 +45,37 @@ class AsyncQueueBatcher:
         self.task.cancel()
 
 
+class MinimalAsyncBatcher:
+    """The least an asyncio batcher can do per request, as a floor for the
+    comparison: a plain function that appends (input, future) to a list and
+    schedules one flush per loop iteration, which runs the handler on the loop
+    and resolves the futures. No queue, no coroutine frame, no thread; not a
+    usable server (no backpressure, deadlines or batch limit). Create it
+    inside a running event loop."""
+
+    def __init__(self, fn: Callable[[Any], Any]) -> None:
+        self.fn = fn
+        self.loop = asyncio.get_running_loop()
+        self.items: list[tuple[Any, asyncio.Future[Any]]] = []
+
+    def _flush(self) -> None:
+        items, self.items = self.items, []
+        xs = [x for x, _ in items]
+        out = self.fn(xs[0] if len(xs) == 1 else np.concatenate(xs))
+        start = 0
+        for x, fut in items:
+            if not fut.done():
+                fut.set_result(out[start : start + len(x)])
+            start += len(x)
+
+    def predict(self, x: Any) -> asyncio.Future[Any]:
+        fut = self.loop.create_future()
+        if not self.items:
+            self.loop.call_soon(self._flush)
+        self.items.append((x, fut))
+        return fut
+
+
 async def drive_clients(
     predict: Callable[[Any], Awaitable[Any]], tasks: int, per_task: int, x: Any = None
 ) -> None:
