@@ -648,6 +648,22 @@ def test_cuda_ingest_without_cuda_says_why():
     want = "drift CUDA ingest" if fastml.build_info()["cuda"] else "built without CUDA"
     with pytest.raises(RuntimeError, match=want):
         _core._drift_ingest_cuda(0, 0, 1, 1, 0, 4, 0, 0, 1, 0.0, 0)
+    with pytest.raises(RuntimeError, match=want):
+        _core._drift_ingest_cuda_multi([(0, 0, 1, 0, 4, 0, 0, 0.0)], 1, 0, 0, 0, 0, 0, 1, 0)
+
+
+def test_multi_column_cuda_ingest_checks_its_arguments():
+    col = (0, 0, 1, 0, 4, 0, 0, 0.0)
+    with pytest.raises(ValueError, match="cols"):
+        _core._drift_ingest_cuda_multi([], 1, 0, 0, 0, 0, 0, 1, 0)
+    with pytest.raises(ValueError, match="cols"):
+        _core._drift_ingest_cuda_multi([col] * 33, 1, 0, 0, 0, 0, 0, 1, 0)
+    with pytest.raises(ValueError, match="dtype"):
+        _core._drift_ingest_cuda_multi([(0, 2, 1, 0, 4, 0, 0, 0.0)], 1, 0, 0, 0, 0, 0, 1, 0)
+    with pytest.raises(ValueError, match="stride"):
+        _core._drift_ingest_cuda_multi([(0, 0, 0, 0, 4, 0, 0, 0.0)], 1, 0, 0, 0, 0, 0, 1, 0)
+    with pytest.raises(ValueError, match="n"):
+        _core._drift_ingest_cuda_multi([col], -1, 0, 0, 0, 0, 0, 1, 0)
 
 
 @pytest.mark.gpu
@@ -700,6 +716,53 @@ def test_cuda_ingest_shapes_bins_and_strides(bins, n):
         for key in ("count", "missing", "nonfinite", "min", "max"):
             assert a[key] == b[key], key
         assert a["mean"] == pytest.approx(b["mean"], rel=1e-12, abs=1e-300)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bins", [16, 4094])
+def test_cuda_ingest_many_columns_in_one_launch(bins):
+    """40 columns (two launches of up to 32), float32 / float64 / strided /
+    integer-valued (fewer edges) side by side, three updates summed on the
+    device: bit-identical counts and the CPU path's moments."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(bins)
+    n = 100_003
+    names = [f"c{i}" for i in range(40)]
+    ref_data = {
+        k: (
+            rng.integers(0, 5, 30_000).astype(np.float64)
+            if i % 7 == 0
+            else rng.normal(i, 1 + i % 3, 30_000)
+        )
+        for i, k in enumerate(names)
+    }
+    ref = drift.Profile.from_data(ref_data, mode="histogram", bins=bins)
+    cpu, gpu = ref.empty(), ref.empty()
+    for _ in range(3):
+        host, dev = {}, {}
+        for i, k in enumerate(names):
+            if i % 7 == 0:
+                v = rng.integers(-1, 7, n).astype(np.float64)
+            else:
+                v = rng.normal(i, 1 + i % 3, n)
+            v[rng.integers(0, n, 50)] = np.nan
+            if i % 4 == 1:  # float32 column
+                host[k] = v.astype(np.float32)
+                dev[k] = torch.as_tensor(host[k], device="cuda")
+            elif i % 4 == 2:  # a strided view (stride 2)
+                host[k] = v
+                dev[k] = torch.as_tensor(np.stack([v, v], 1), device="cuda")[:, 1]
+            else:
+                host[k], dev[k] = v, torch.as_tensor(v, device="cuda")
+        cpu.update(host)
+        gpu.update(dev)
+    for k in names:
+        a, b = gpu.summary(k), cpu.summary(k)
+        np.testing.assert_array_equal(a["hist"], b["hist"])
+        for key in ("count", "missing", "nonfinite", "min", "max"):
+            assert a[key] == b[key], (k, key)
+        assert a["mean"] == pytest.approx(b["mean"], rel=1e-12, abs=1e-300)
+        assert a["m2"] == pytest.approx(b["m2"], rel=1e-10)
 
 
 @pytest.mark.parametrize("stride", [1, 3])
@@ -761,24 +824,57 @@ def test_float32_vector_path_at_lo_and_hi_over_many_scales():
         np.testing.assert_array_equal(prof.summary("x")["hist"], want["hist"])
 
 
+def _fake_launch_multi(launches: list[int]):
+    """A NumPy stand-in for _gpu._launch_multi with the kernel's contract (CPU
+    torch tensors: the state's buffers are updated in place)."""
+
+    def fake_launch_multi(state, items, n, blocks):
+        assert 1 <= len(items) <= _core._drift_max_multi_columns
+        acc = state.acc.numpy()  # CPU tensors: views, updated in place
+        hist = state.hist.numpy()
+        edges_all = state.edges.numpy()
+        for r, t in items:
+            assert int(t.shape[0]) == n
+            v = t.numpy().astype(np.float64)
+            nbins, pivot = state.nbins[r], state.pivots[r]
+            e = edges_all[state.edge_off[r] : state.edge_off[r] + nbins + 1]
+            fin = v[np.isfinite(v)]
+            slot = np.searchsorted(e, fin, side="right")  # [e_i, e_i+1): slot i + 1
+            slot[fin == e[-1]] = nbins  # the last bin is closed
+            slot = np.where(fin > e[-1], nbins + 1, slot)
+            off = state.hist_off[r]
+            hist[off : off + nbins + 2] += np.bincount(slot, minlength=nbins + 2)
+            d = fin - pivot
+            acc[r, :5] += [fin.size, np.isnan(v).sum(), np.isinf(v).sum(), d.sum(), (d * d).sum()]
+            if fin.size:
+                acc[r, 5] = min(acc[r, 5], fin.min())
+                acc[r, 6] = max(acc[r, 6], fin.max())
+        launches.append(len(items))
+
+    return fake_launch_multi
+
+
 def test_gpu_ingest_defers_and_folds_on_read(monkeypatch):
     """Histogram-mode GPU ingests stay on the device, summed over updates, and
     are folded into the profile by the first read (summary, report, bytes,
-    copy, merge): no wait per update. The kernel is replaced here by a NumPy
-    stand-in with its output layout (histogram slots and per-block partials)
-    and CPU torch tensors pose as CUDA ones; the real kernel is compared with
-    the CPU path in the gpu-marked tests above."""
+    copy, merge): no wait per update, and one launch for all columns of a
+    batch (up to _drift_max_multi_columns per launch). The kernel is replaced
+    here by a NumPy stand-in with its contract (each column's counters added
+    to its slice of one int64 buffer, its moments of (x - pivot) into its
+    accumulator row) and CPU torch tensors pose as CUDA ones; the real kernel
+    is compared with the CPU path in the gpu-marked tests above."""
     torch = pytest.importorskip("torch")
     from fastml.drift import _gpu
 
-    launches = []
+    launches: list[int] = []
+    fake_launch_multi = _fake_launch_multi(launches)
 
-    def fake_launch(t, edges, nbins, hist, partials, blocks, pivot):
+    def fake_launch(t, edges, nbins, hist, partials, blocks, pivot):  # exact mode: per column
         v = t.numpy().astype(np.float64)
         e = edges.numpy()
         fin = v[np.isfinite(v)]
-        slot = np.searchsorted(e, fin, side="right")  # [e_i, e_i+1): slot i + 1
-        slot[fin == e[-1]] = nbins  # the last bin is closed
+        slot = np.searchsorted(e, fin, side="right")
+        slot[fin == e[-1]] = nbins
         slot = np.where(fin > e[-1], nbins + 1, slot)
         hist.copy_(torch.from_numpy(np.bincount(slot, minlength=nbins + 2).astype(np.int64)))
         part = np.zeros((blocks, 7))
@@ -794,8 +890,8 @@ def test_gpu_ingest_defers_and_folds_on_read(monkeypatch):
             fin.max() if fin.size else -np.inf,
         ]
         partials.copy_(torch.from_numpy(part.reshape(-1)))
-        launches.append(len(v))
 
+    monkeypatch.setattr(_gpu, "_launch_multi", fake_launch_multi)
     monkeypatch.setattr(_gpu, "_launch", fake_launch)
     monkeypatch.setattr(_gpu, "is_cuda_tensor", lambda obj: isinstance(obj, torch.Tensor))
     rng = np.random.default_rng(3)
@@ -814,7 +910,8 @@ def test_gpu_ingest_defers_and_folds_on_read(monkeypatch):
             host.update(b)
             dev.update({k: torch.from_numpy(v) for k, v in b.items()})
         if mode == "histogram":
-            assert dev._pending and set(dev._pending) == {0, 1}  # nothing folded yet
+            (state,) = dev._pending.values()  # one device: nothing folded yet
+            assert state.touched == {0, 1}
         else:
             assert not dev._pending  # exact mode copies values each update
         for name in ("a", "b"):
@@ -832,4 +929,31 @@ def test_gpu_ingest_defers_and_folds_on_read(monkeypatch):
             drift.Profile.from_bytes(dev.to_bytes()).summary("a")["count"]
             == (host.summary("a")["count"])
         )
-    assert launches
+    assert launches == [2] * 4  # histogram mode: one launch per batch, both columns
+
+
+def test_gpu_ingest_launches_once_per_32_columns(monkeypatch):
+    """A 40-column batch (histogram mode) is two launches (32 + 8 columns),
+    each column into its own slices; the folded profile equals the host's."""
+    torch = pytest.importorskip("torch")
+    from fastml.drift import _gpu
+
+    launches: list[int] = []
+    monkeypatch.setattr(_gpu, "_launch_multi", _fake_launch_multi(launches))
+    monkeypatch.setattr(_gpu, "is_cuda_tensor", lambda obj: isinstance(obj, torch.Tensor))
+    rng = np.random.default_rng(5)
+    names = [f"f{i}" for i in range(40)]
+    ref = drift.Profile.from_data(
+        {k: rng.normal(i, 1, 500) for i, k in enumerate(names)}, mode="histogram", bins=8
+    )
+    host, dev = ref.empty(), ref.empty()
+    for _ in range(2):
+        batch = {k: rng.normal(i, 1.5, 300) for i, k in enumerate(names)}
+        host.update(batch)
+        dev.update({k: torch.from_numpy(v) for k, v in batch.items()})
+    assert launches == [32, 8, 32, 8]
+    for k in names:
+        hs, ds = host.summary(k), dev.summary(k)
+        np.testing.assert_array_equal(hs["hist"], ds["hist"])
+        assert (hs["count"], hs["min"], hs["max"]) == (ds["count"], ds["min"], ds["max"])
+        np.testing.assert_allclose(ds["mean"], hs["mean"], rtol=1e-12)

@@ -9,6 +9,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "bindings/array.hpp"
@@ -602,6 +603,47 @@ void register_drift(py::module_& m) {
       py::arg("nbins"), py::arg("hist"), py::arg("partials"), py::arg("blocks"), py::arg("pivot"),
       py::arg("stream"));
   m.attr("_drift_max_cuda_bins") = cuda::kDriftMaxCudaBins;
+  m.def(
+      "_drift_ingest_cuda_multi",
+      [](const std::vector<
+             std::tuple<uintptr_t, int, int64_t, int64_t, int64_t, int64_t, int64_t, double>>& cols,
+         int64_t n, uintptr_t edges, uintptr_t hist, uintptr_t partials, uintptr_t done,
+         uintptr_t acc, int blocks, uintptr_t stream) {
+        FASTML_CHECK_ARG(!cols.empty() && cols.size() <= cuda::kDriftMaxMultiColumns, "cols",
+                         "must hold 1..", cuda::kDriftMaxMultiColumns, " columns, got ",
+                         cols.size());
+        FASTML_CHECK_ARG(n >= 0, "n", "must be non-negative, got ", n);
+        cuda::DriftMultiParams p;
+        p.ncols = static_cast<int>(cols.size());
+        p.n = n;
+        for (size_t i = 0; i < cols.size(); ++i) {
+          const auto& [x, dtype, stride, edge_offset, nbins, hist_offset, acc_row, pivot] = cols[i];
+          FASTML_CHECK_ARG(dtype == 0 || dtype == 1, "dtype", "must be 0 (float32) or 1 (float64)");
+          FASTML_CHECK_ARG(stride >= 1, "stride", "must be positive, got ", stride);
+          cuda::DriftColumn& c = p.col[i];
+          c.x = reinterpret_cast<const void*>(x);
+          c.dtype = dtype;
+          c.stride = stride;
+          c.edge_offset = edge_offset;
+          c.nbins = nbins;
+          c.hist_offset = hist_offset;
+          c.acc_row = acc_row;
+          c.pivot = pivot;
+        }
+        p.edges = reinterpret_cast<const double*>(edges);
+        p.hist = reinterpret_cast<unsigned long long*>(hist);
+        p.partials = reinterpret_cast<double*>(partials);
+        p.done = reinterpret_cast<unsigned int*>(done);
+        p.acc = reinterpret_cast<double*>(acc);
+        p.blocks = blocks;
+        p.stream = reinterpret_cast<void*>(stream);
+        py::gil_scoped_release release;  // raw device pointers owned by the caller's tensors
+        cuda::drift_ingest_multi_cuda(p);
+      },
+      py::arg("cols"), py::arg("n"), py::arg("edges"), py::arg("hist"), py::arg("partials"),
+      py::arg("done"), py::arg("acc"), py::arg("blocks"), py::arg("stream"),
+      "All numeric columns of a batch in one CUDA launch (private; see _gpu.py).");
+  m.attr("_drift_max_multi_columns") = cuda::kDriftMaxMultiColumns;
 
   m.def("_drift_chi2_sf", &drift::chi2_sf, py::arg("x"), py::arg("dof"));
   m.def("_drift_kstwo_sf", &drift::kstwo_sf, py::arg("n"), py::arg("x"));

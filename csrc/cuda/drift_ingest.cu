@@ -100,6 +100,96 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// ---------------------------------------------------------------- all columns in one launch
+
+__device__ inline double load_value(const DriftColumn& c, int64_t i) {
+  return c.dtype == 0 ? static_cast<double>(static_cast<const float*>(c.x)[i * c.stride])
+                      : static_cast<const double*>(c.x)[i * c.stride];
+}
+
+// Block (blockIdx.x, column blockIdx.y). Shared memory as in
+// drift_ingest_kernel, sized for the launch's widest column.
+__global__ void __launch_bounds__(kThreads)
+    drift_ingest_multi_kernel(const __grid_constant__ DriftMultiParams p, bool edges_shared,
+                              int hist_copies) {
+  extern __shared__ double shared[];
+  const DriftColumn& c = p.col[blockIdx.y];
+  const int64_t nbins = c.nbins;
+  const int64_t slots = nbins + 2;
+  const double* edges = edges_shared ? shared : p.edges + c.edge_offset;
+  unsigned int* shared_hist =
+      reinterpret_cast<unsigned int*>(edges_shared ? shared + nbins + 1 : shared);
+  __shared__ double red[7][kThreads];
+  __shared__ bool last_block;
+  if (edges_shared)
+    for (int64_t k = threadIdx.x; k <= nbins; k += blockDim.x)
+      shared[k] = p.edges[c.edge_offset + k];
+  for (int64_t k = threadIdx.x; k < slots * hist_copies; k += blockDim.x) shared_hist[k] = 0u;
+  __syncthreads();
+  unsigned int* my_hist = shared_hist + (hist_copies > 1 ? (threadIdx.x / 32) * slots : 0);
+  Moments m;
+  m.mn = __longlong_as_double(0x7ff0000000000000LL);
+  m.mx = -m.mn;
+  const int64_t n = p.n;
+  const int64_t threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t full = n / (kUnroll * threads) * (kUnroll * threads);
+  for (int64_t base = tid; base < full; base += kUnroll * threads) {
+    double v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) v[u] = load_value(c, base + u * threads);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) ingest_one(v[u], edges, nbins, my_hist, c.pivot, m);
+  }
+  for (int64_t i = full + tid; i < n; i += threads)
+    ingest_one(load_value(c, i), edges, nbins, my_hist, c.pivot, m);
+  red[0][threadIdx.x] = m.cnt;
+  red[1][threadIdx.x] = m.nan;
+  red[2][threadIdx.x] = m.inf;
+  red[3][threadIdx.x] = m.sum;
+  red[4][threadIdx.x] = m.sq;
+  red[5][threadIdx.x] = m.mn;
+  red[6][threadIdx.x] = m.mx;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) {
+      for (int f = 0; f < 5; ++f) red[f][threadIdx.x] += red[f][threadIdx.x + s];
+      red[5][threadIdx.x] = fmin(red[5][threadIdx.x], red[5][threadIdx.x + s]);
+      red[6][threadIdx.x] = fmax(red[6][threadIdx.x], red[6][threadIdx.x + s]);
+    }
+    __syncthreads();
+  }
+  double* my_partials =
+      p.partials + (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * 7;
+  if (threadIdx.x < 7) my_partials[threadIdx.x] = red[threadIdx.x][0];
+  unsigned long long* hist = p.hist + c.hist_offset;
+  for (int64_t k = threadIdx.x; k < slots; k += blockDim.x) {
+    unsigned long long cnt = 0;
+    for (int w = 0; w < hist_copies; ++w) cnt += shared_hist[w * slots + k];
+    if (cnt) atomicAdd(&hist[k], cnt);
+  }
+  // The column's last block to finish folds the partials, in block order.
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last_block = atomicAdd(&p.done[blockIdx.y], 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last_block) return;
+  __threadfence();
+  if (threadIdx.x < 7) {
+    const int f = threadIdx.x;
+    const double* col_partials = p.partials + static_cast<int64_t>(blockIdx.y) * gridDim.x * 7;
+    double t = f == 5 ? __longlong_as_double(0x7ff0000000000000LL)
+                      : (f == 6 ? -__longlong_as_double(0x7ff0000000000000LL) : 0.0);
+    for (unsigned int b = 0; b < gridDim.x; ++b) {
+      const double v = __ldcg(col_partials + b * 7 + f);  // other blocks' writes: skip L1
+      t = f == 5 ? fmin(t, v) : (f == 6 ? fmax(t, v) : t + v);
+    }
+    double* acc = p.acc + c.acc_row * 7 + f;
+    *acc = f == 5 ? fmin(*acc, t) : (f == 6 ? fmax(*acc, t) : *acc + t);
+  }
+  if (threadIdx.x == 0) p.done[blockIdx.y] = 0u;  // ready for the next launch
+}
+
 void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) {
     throw std::runtime_error(std::string("drift CUDA ingest: ") + what +
@@ -134,6 +224,36 @@ void drift_ingest_cuda(const DriftIngestParams& p) {
         static_cast<const double*>(p.x), p.n, p.stride, p.edges, p.nbins, edges_shared, copies,
         p.hist, p.partials, p.pivot);
   }
+  check(cudaGetLastError(), "kernel launch");
+}
+
+void drift_ingest_multi_cuda(const DriftMultiParams& p) {
+  if (p.ncols < 1 || p.ncols > kDriftMaxMultiColumns) {
+    throw std::invalid_argument("ncols must be in 1.." + std::to_string(kDriftMaxMultiColumns) +
+                                ", got " + std::to_string(p.ncols));
+  }
+  if (p.blocks < 1) throw std::invalid_argument("blocks must be positive");
+  int64_t widest = 0;
+  for (int i = 0; i < p.ncols; ++i) {
+    const DriftColumn& c = p.col[i];
+    if (c.nbins < 1 || c.nbins > kDriftMaxCudaBins) {
+      throw std::invalid_argument("edges must define 1.." + std::to_string(kDriftMaxCudaBins) +
+                                  " bins for the CUDA ingest, got " + std::to_string(c.nbins));
+    }
+    if (c.dtype != 0 && c.dtype != 1) throw std::invalid_argument("dtype must be 0 or 1");
+    if (c.stride < 1) throw std::invalid_argument("stride must be positive");
+    widest = c.nbins > widest ? c.nbins : widest;
+  }
+  if (p.n == 0) return;
+  auto stream = static_cast<cudaStream_t>(p.stream);
+  const size_t edge_bytes = static_cast<size_t>(widest + 1) * sizeof(double);
+  const size_t hist_bytes = static_cast<size_t>(widest + 2) * sizeof(unsigned int);
+  constexpr size_t kBudget = 32 * 1024;
+  const int copies = edge_bytes + kWarps * hist_bytes <= kBudget ? kWarps : 1;
+  const bool edges_shared = edge_bytes + copies * hist_bytes <= kBudget;
+  const size_t shared = (edges_shared ? edge_bytes : 0) + copies * hist_bytes;
+  const dim3 grid(static_cast<unsigned int>(p.blocks), static_cast<unsigned int>(p.ncols));
+  drift_ingest_multi_kernel<<<grid, kThreads, shared, stream>>>(p, edges_shared, copies);
   check(cudaGetLastError(), "kernel launch");
 }
 

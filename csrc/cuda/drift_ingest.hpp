@@ -28,4 +28,38 @@ inline constexpr int64_t kDriftMaxCudaBins = 4094;
 
 void drift_ingest_cuda(const DriftIngestParams& p);
 
+// All numeric columns of a batch in one launch (histogram mode): a grid of
+// row-chunk blocks x columns. Each column's counts are added to its slice of
+// one int64 histogram buffer (bit-identical to the CPU path), and the last
+// block of a column to finish sums the column's block partials in block
+// order (deterministic) into its accumulator row: count, nan, inf, sum and
+// sum of squares of (x - pivot), min, max. Nothing is copied to the host.
+inline constexpr int kDriftMaxMultiColumns = 32;
+
+struct DriftColumn {
+  const void* x = nullptr;  // device values, float32 (dtype 0) or float64 (dtype 1)
+  int64_t stride = 1;       // in elements
+  int64_t edge_offset = 0;  // into DriftMultiParams::edges
+  int64_t nbins = 0;
+  int64_t hist_offset = 0;  // into DriftMultiParams::hist (nbins + 2 slots)
+  int64_t acc_row = 0;      // row of DriftMultiParams::acc (7 doubles)
+  double pivot = 0.0;
+  int dtype = 0;
+};
+
+struct DriftMultiParams {
+  int ncols = 0;  // 1..kDriftMaxMultiColumns
+  int64_t n = 0;  // rows, the same for every column
+  DriftColumn col[kDriftMaxMultiColumns];
+  const double* edges = nullptr;       // device, every column's edges
+  unsigned long long* hist = nullptr;  // device, every column's counters (accumulated)
+  double* partials = nullptr;          // device scratch, ncols x blocks x 7
+  unsigned int* done = nullptr;        // device, ncols zeroed counters (left zeroed)
+  double* acc = nullptr;               // device, rows of 7 (accumulated)
+  int blocks = 0;                      // row-chunk blocks per column
+  void* stream = nullptr;              // cudaStream_t of the caller
+};
+
+void drift_ingest_multi_cuda(const DriftMultiParams& p);
+
 }  // namespace fastml::cuda

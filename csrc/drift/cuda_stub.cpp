@@ -11,5 +11,10 @@ void drift_ingest_cuda(const DriftIngestParams&) {
       "fastml was built without CUDA: rebuild with FASTML_CUDA=ON to ingest CUDA tensors");
 }
 
+void drift_ingest_multi_cuda(const DriftMultiParams&) {
+  throw std::runtime_error(
+      "fastml was built without CUDA: rebuild with FASTML_CUDA=ON to ingest CUDA tensors");
+}
+
 }  // namespace fastml::cuda
 #endif

@@ -225,6 +225,20 @@ def _drift_ingest_cuda(
     pivot: float,
     stream: int,
 ) -> None: ...
+
+_drift_max_multi_columns: int
+
+def _drift_ingest_cuda_multi(
+    cols: list[tuple[int, int, int, int, int, int, int, float]],
+    n: int,
+    edges: int,
+    hist: int,
+    partials: int,
+    done: int,
+    acc: int,
+    blocks: int,
+    stream: int,
+) -> None: ...
 def _drift_chi2_sf(x: float, dof: float) -> float: ...
 def _drift_kstwo_sf(n: int, x: float) -> float: ...
 

@@ -12,7 +12,7 @@ from fastml import _core
 from fastml.drift import _gpu
 from fastml.drift._columns import _Column, category_counts, columns_of, numeric_data
 from fastml.drift._functions import _equal_mass_edges
-from fastml.drift._gpu import fold_pending, ingest_cuda
+from fastml.drift._gpu import fold_pending, ingest_cuda, ingest_cuda_histogram
 
 #: Default number of equal-mass histogram bins per numeric feature.
 DEFAULT_BINS = 20
@@ -66,7 +66,7 @@ class Profile:
         self._native_raw = native
         # GPU ingests (histogram mode) still on the device: folded into the
         # native profile by the first read of it (see _native and _gpu.py).
-        self._pending: dict[int, Any] | None = None
+        self._pending: dict[Any, Any] | None = None  # device -> _gpu.DeviceState
         self._fold_lock = threading.Lock()
 
     @property
@@ -187,8 +187,11 @@ class Profile:
         ]
         if num_cols:
             native.ingest_columns(num_cols, num_idx, nrows)
-        for i, tensor in gpu_cols:
-            ingest_cuda(self, i, tensor)
+        if gpu_cols and native.mode == "histogram":
+            ingest_cuda_histogram(self, gpu_cols)  # one launch for all columns
+        else:
+            for i, tensor in gpu_cols:
+                ingest_cuda(self, i, tensor)
         for i, (keys, counts, missing) in cats:
             native.ingest_categorical(i, keys, counts, missing)
         native.add_rows(float(nrows))
