@@ -28,7 +28,10 @@ from fastml.ops.softmax import _log_softmax_ref, _softmax_ref
 lce_mod = importlib.import_module("fastml.ops.linear_cross_entropy")
 
 DTYPES = [torch.float32, torch.float16]
-SHAPES = [(1, 1), (5, 123), (3, 4097), (2, 3, 37)]
+# (5, 4097): more rows than the CPU's stand-in SM count (4), so chunked mode walks
+# whole rows per program; few long rows split across programs (row_split) have
+# their own tests below.
+SHAPES = [(1, 1), (5, 123), (5, 4097), (2, 3, 37)]
 
 
 @pytest.fixture
@@ -101,6 +104,93 @@ def test_add_rms_norm(triton_backend, block_mode, dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 300), (1, 1000), (2, 65), (2, 1, 129)], ids=str)
+@pytest.mark.parametrize("weight", [True, False])
+def test_rms_norm_split_rows(triton_backend, monkeypatch, dtype, shape, weight):
+    """Few long rows: each row split across programs (forward: chunk sums of
+    squares, then each chunk normalised; backward: chunk dot products, then dx
+    per chunk and dW per row group), ragged last chunks, with and without a
+    residual and a weight."""
+    monkeypatch.setattr(_dispatch, "_MAX_BLOCK", 64)
+    monkeypatch.setattr(_dispatch, "_SPLIT_MIN_BLOCK", 16)
+    rms_mod = importlib.import_module("fastml.ops.rms_norm")
+    splits = []
+
+    def spy(m, n, device):
+        out = _dispatch.row_split(m, n, device)
+        splits.append(out[0])
+        return out
+
+    monkeypatch.setattr(rms_mod, "row_split", spy)
+    torch.manual_seed(4)
+    n = shape[-1]
+    x, r = torch.randn(shape), torch.randn(shape)
+    w = torch.randn(n) if weight else None
+    args = [x, w] if weight else [x]
+    check_op(
+        lambda a, b=None: ops.rms_norm(a, b, 1e-6),
+        lambda a, b=None: F.rms_norm(a, (n,), b, 1e-6),
+        lambda a, b=None: _rms_norm_ref(a, b, 1e-6),
+        args,
+        dtype,
+        "rms_norm (split rows)",
+        terms=rms_terms(1e-6),
+    )
+    assert splits and all(c > 1 for c in splits), splits  # forward and backward split
+
+    def same(a, b, c=None):
+        s = a + b
+        return F.rms_norm(s, (n,), c, 1e-6), s
+
+    ref = add_rms_ref(dtype)
+    terms = add_rms_terms(dtype)
+    check_op(
+        lambda a, b, c=None: ops.add_rms_norm(a, b, c, 1e-6),
+        same,
+        lambda a, b, c=None: ref(a, b, c),
+        [x, r, w] if weight else [x, r],
+        dtype,
+        "add_rms_norm (split rows)",
+        terms=lambda xs, gs: terms(xs if weight else [*xs, None], gs),
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 300), (1, 1000), (2, 65), (2, 1, 129)], ids=str)
+@pytest.mark.parametrize("affine", ["both", "weight", "none"])
+def test_layer_norm_split_rows(triton_backend, monkeypatch, dtype, shape, affine):
+    """Few long rows split across programs: chunk means and M2s combined in
+    the apply kernel (an offset mean that a sum of squares would cancel),
+    ragged last chunks; backward chunk sums, dx per chunk, dW/dB per group."""
+    monkeypatch.setattr(_dispatch, "_MAX_BLOCK", 64)
+    monkeypatch.setattr(_dispatch, "_SPLIT_MIN_BLOCK", 16)
+    ln_mod = importlib.import_module("fastml.ops.layer_norm")
+    splits = []
+
+    def spy(m, n, device):
+        out = _dispatch.row_split(m, n, device)
+        splits.append(out[0])
+        return out
+
+    monkeypatch.setattr(ln_mod, "row_split", spy)
+    torch.manual_seed(6)
+    n = shape[-1]
+    x = torch.randn(shape) * 2 + 30
+    w, b = torch.randn(n), torch.randn(n)
+    args = {"both": [x, w, b], "weight": [x, w], "none": [x]}[affine]
+    check_op(
+        lambda a, c=None, d=None: ops.layer_norm(a, c, d, 1e-5),
+        lambda a, c=None, d=None: F.layer_norm(a, (n,), c, d, 1e-5),
+        lambda a, c=None, d=None: _layer_norm_ref(a, c, d, 1e-5),
+        args,
+        dtype,
+        "layer_norm (split rows)",
+        terms=ln_terms(1e-5),
+    )
+    assert splits and all(c > 1 for c in splits), splits
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_layer_norm(triton_backend, block_mode, dtype, shape):
     torch.manual_seed(3)
@@ -154,6 +244,39 @@ def test_softmax(triton_backend, block_mode, dtype, shape, log):
     )
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 300), (1, 1000), (2, 65), (2, 1, 129)], ids=str)
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_softmax_split_rows(triton_backend, monkeypatch, dtype, shape, log):
+    """Few long rows split across programs: chunk maxima and sums combined in
+    the apply kernel, chunk dot products in the backward, ragged last chunks."""
+    monkeypatch.setattr(_dispatch, "_MAX_BLOCK", 64)
+    monkeypatch.setattr(_dispatch, "_SPLIT_MIN_BLOCK", 16)
+    sm_mod = importlib.import_module("fastml.ops.softmax")
+    splits = []
+
+    def spy(m, n, device):
+        out = _dispatch.row_split(m, n, device)
+        splits.append(out[0])
+        return out
+
+    monkeypatch.setattr(sm_mod, "row_split", spy)
+    torch.manual_seed(7)
+    x = torch.randn(shape) * 4
+    fast = ops.log_softmax if log else ops.softmax
+    same = torch.log_softmax if log else torch.softmax
+    ref = _log_softmax_ref if log else _softmax_ref
+    check_op(
+        lambda a: fast(a, -1),
+        lambda a: same(a, -1),
+        lambda a: ref(a, -1),
+        [x],
+        dtype,
+        f"{fast.__name__} (split rows)",
+    )
+    assert splits and all(c > 1 for c in splits), splits
+
+
 @pytest.mark.parametrize("dim", [0, 1, -2])
 def test_softmax_other_dims(triton_backend, dim):
     x = torch.randn(6, 5, 4)
@@ -171,10 +294,13 @@ def test_softmax_other_dims(triton_backend, dim):
         )
 
 
-def test_softmax_masked_rows(triton_backend, monkeypatch):
-    # A chunk of -inf before the finite values: the online max must not turn into nan.
+@pytest.mark.parametrize("rows", [2, 6], ids=["split", "chunked"])
+def test_softmax_masked_rows(triton_backend, monkeypatch, rows):
+    # A chunk of -inf before the finite values: the online max (chunked rows)
+    # and the chunk maxima (split rows) must not turn into nan.
     monkeypatch.setattr(_dispatch, "_MAX_BLOCK", 16)
-    x = torch.randn(2, 50)
+    monkeypatch.setattr(_dispatch, "_SPLIT_MIN_BLOCK", 16)
+    x = torch.randn(rows, 50)
     x[0, :20] = float("-inf")
     torch.testing.assert_close(ops.softmax(x), torch.softmax(x, -1))
     torch.testing.assert_close(ops.log_softmax(x)[:, 20:], torch.log_softmax(x, -1)[:, 20:])

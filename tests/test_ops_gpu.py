@@ -24,7 +24,9 @@ lce_mod = importlib.import_module("fastml.ops.linear_cross_entropy")
 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-SHAPES = [(1, 1), (5, 123), (3, 4097), (64, 8192), (2, 70_001)]
+# (2, 70_001) and (16, 131_072): fewer rows than SMs, rows wider than a block:
+# each row split across programs (row_split).
+SHAPES = [(1, 1), (5, 123), (3, 4097), (64, 8192), (2, 70_001), (16, 131_072)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

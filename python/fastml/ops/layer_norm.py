@@ -18,6 +18,8 @@ from fastml.ops._dispatch import (
     num_warps,
     persistent_programs,
     row_block,
+    row_split,
+    split_groups,
     tl,
     triton,
     use_triton,
@@ -180,6 +182,147 @@ def _layer_norm_bwd_kernel(
                 tl.store(DX + row * dx_stride + cc, dx.to(DX.dtype.element_ty), mask=mask)
 
 
+# -- long rows, few of them: each row split across programs (see row_split) --
+
+
+@triton.jit
+def _ln_split_stats_kernel(X, PART, x_stride, N, C, BLOCK: tl.constexpr):
+    # Program (row, chunk): the chunk's mean and M2 (PART[row, 0 or 1, chunk]).
+    row = tl.program_id(0).to(tl.int64)
+    ch = tl.program_id(1)
+    c = ch * BLOCK + tl.arange(0, BLOCK)
+    mask = c < N
+    x = tl.load(X + row * x_stride + c, mask=mask, other=0.0).to(tl.float32)
+    n_b = tl.minimum(N - ch * BLOCK, BLOCK).to(tl.float32)
+    mean_b = tl.sum(x, axis=0) / n_b
+    d = tl.where(mask, x - mean_b, 0.0)
+    tl.store(PART + row * 2 * C + ch, mean_b)
+    tl.store(PART + row * 2 * C + C + ch, tl.sum(d * d, axis=0))
+
+
+@triton.jit
+def _ln_split_fwd_apply_kernel(
+    X,
+    W,
+    B,
+    Y,
+    MEAN,
+    RSTD,
+    PART,
+    x_stride,
+    y_stride,
+    N,
+    C,
+    eps,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    BLOCK: tl.constexpr,
+    CBLOCK: tl.constexpr,
+):
+    # Program (row, chunk): the row's mean and variance from its chunks' (the
+    # parallel combination of Chan et al., in chunk order), then its chunk of y.
+    row = tl.program_id(0).to(tl.int64)
+    ch = tl.program_id(1)
+    k = tl.arange(0, CBLOCK)
+    kmask = k < C
+    cnt = tl.where(kmask, tl.minimum(N - k * BLOCK, BLOCK), 0).to(tl.float32)
+    means = tl.load(PART + row * 2 * C + k, mask=kmask, other=0.0)
+    m2s = tl.load(PART + row * 2 * C + C + k, mask=kmask, other=0.0)
+    mean = tl.sum(cnt * means, axis=0) / N
+    dm = tl.where(kmask, means - mean, 0.0)
+    m2 = tl.sum(m2s, axis=0) + tl.sum(cnt * dm * dm, axis=0)
+    rstd = tl.rsqrt(m2 / N + eps)
+    if ch == 0:
+        tl.store(MEAN + row, mean)
+        tl.store(RSTD + row, rstd)
+    c = ch * BLOCK + tl.arange(0, BLOCK)
+    mask = c < N
+    x = tl.load(X + row * x_stride + c, mask=mask, other=0.0).to(tl.float32)
+    y = (x - mean) * rstd
+    if HAS_W:
+        y = y * tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+    if HAS_B:
+        y = y + tl.load(B + c, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * y_stride + c, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ln_split_bwd_dot_kernel(
+    DY, X, W, MEAN, RSTD, PART, dy_stride, x_stride, N, C, HAS_W: tl.constexpr, BLOCK: tl.constexpr
+):
+    # Program (row, chunk): the chunk's sums of w*dy*xhat and w*dy.
+    row = tl.program_id(0).to(tl.int64)
+    ch = tl.program_id(1)
+    c = ch * BLOCK + tl.arange(0, BLOCK)
+    mask = c < N
+    dy = tl.load(DY + row * dy_stride + c, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + row * x_stride + c, mask=mask, other=0.0).to(tl.float32)
+    xhat = tl.where(mask, (x - tl.load(MEAN + row)) * tl.load(RSTD + row), 0.0)
+    if HAS_W:
+        dy = dy * tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+    tl.store(PART + row * 2 * C + ch, tl.sum(dy * xhat, axis=0))
+    tl.store(PART + row * 2 * C + C + ch, tl.sum(dy, axis=0))
+
+
+@triton.jit
+def _ln_split_bwd_apply_kernel(
+    DY,
+    X,
+    W,
+    MEAN,
+    RSTD,
+    DX,
+    PART,
+    DW_PARTIAL,
+    DB_PARTIAL,
+    dy_stride,
+    x_stride,
+    dx_stride,
+    M,
+    N,
+    C,
+    rows_per_group,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    BLOCK: tl.constexpr,
+    CBLOCK: tl.constexpr,
+):
+    # Program (chunk, row group): dx for its chunk of each row of the group, and
+    # the group's share of dW and dB for the chunk (summed over groups on the host).
+    ch = tl.program_id(0)
+    g = tl.program_id(1).to(tl.int64)
+    c = ch * BLOCK + tl.arange(0, BLOCK)
+    mask = c < N
+    k = tl.arange(0, CBLOCK)
+    kmask = k < C
+    if HAS_W:
+        w = tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    db_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    row_start = g * rows_per_group
+    row_end = tl.minimum(row_start + rows_per_group, M)
+    for row in range(row_start, row_end):
+        c1 = tl.sum(tl.load(PART + row * 2 * C + k, mask=kmask, other=0.0), axis=0) / N
+        c2 = tl.sum(tl.load(PART + row * 2 * C + C + k, mask=kmask, other=0.0), axis=0) / N
+        mean = tl.load(MEAN + row)
+        rstd = tl.load(RSTD + row)
+        dy = tl.load(DY + row * dy_stride + c, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + row * x_stride + c, mask=mask, other=0.0).to(tl.float32)
+        xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+        wdy = dy
+        if HAS_W:
+            wdy = dy * w
+            dw_acc += dy * xhat
+        if HAS_B:
+            db_acc += dy
+        dx = (wdy - (xhat * c1 + c2)) * rstd
+        tl.store(DX + row * dx_stride + c, dx.to(DX.dtype.element_ty), mask=mask)
+    if HAS_W:
+        tl.store(DW_PARTIAL + g * N + c, dw_acc, mask=mask)
+    if HAS_B:
+        tl.store(DB_PARTIAL + g * N + c, db_acc, mask=mask)
+
+
 def layer_norm_forward(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -190,7 +333,32 @@ def layer_norm_forward(
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     mean = torch.empty(m, dtype=torch.float32, device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
-    if m > 0 and n > 0:
+    chunks, width = row_split(m, n, x.device)
+    if chunks > 1:
+        part = torch.empty((m, 2, chunks), dtype=torch.float32, device=x.device)
+        _ln_split_stats_kernel[(m, chunks)](
+            x2, part, x2.stride(0), n, chunks, BLOCK=width, num_warps=num_warps(width)
+        )
+        _ln_split_fwd_apply_kernel[(m, chunks)](
+            x2,
+            weight if weight is not None else x2,
+            bias if bias is not None else x2,
+            y,
+            mean,
+            rstd,
+            part,
+            x2.stride(0),
+            y.stride(0),
+            n,
+            chunks,
+            eps,
+            HAS_W=weight is not None,
+            HAS_B=bias is not None,
+            BLOCK=width,
+            CBLOCK=triton.next_power_of_2(chunks),
+            num_warps=num_warps(width),
+        )
+    elif m > 0 and n > 0:
         block, one = row_block(n)
         _layer_norm_fwd_kernel[(m,)](
             x2,
@@ -227,8 +395,57 @@ def layer_norm_backward(
     x2, dy2 = as_rows(x, n), as_rows(dy, n)
     m = x2.shape[0]
     dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    programs = persistent_programs(m, x.device, n)
     has_w = weight is not None
+    chunks, width = row_split(m, n, x.device)
+    if chunks > 1:
+        w_arg = weight if has_w else x2
+        part = torch.empty((m, 2, chunks), dtype=torch.float32, device=x.device)
+        mean1, rstd1 = mean.reshape(-1), rstd.reshape(-1)
+        _ln_split_bwd_dot_kernel[(m, chunks)](
+            dy2,
+            x2,
+            w_arg,
+            mean1,
+            rstd1,
+            part,
+            dy2.stride(0),
+            x2.stride(0),
+            n,
+            chunks,
+            HAS_W=has_w,
+            BLOCK=width,
+            num_warps=num_warps(width),
+        )
+        groups, rows_per_group = split_groups(m, chunks, x.device)
+        dw_g = torch.empty((groups if has_w else 1, n), dtype=torch.float32, device=x.device)
+        db_g = torch.empty((groups if has_bias else 1, n), dtype=torch.float32, device=x.device)
+        _ln_split_bwd_apply_kernel[(chunks, groups)](
+            dy2,
+            x2,
+            w_arg,
+            mean1,
+            rstd1,
+            dx,
+            part,
+            dw_g,
+            db_g,
+            dy2.stride(0),
+            x2.stride(0),
+            dx.stride(0),
+            m,
+            n,
+            chunks,
+            rows_per_group,
+            HAS_W=has_w,
+            HAS_B=has_bias,
+            BLOCK=width,
+            CBLOCK=triton.next_power_of_2(chunks),
+            num_warps=num_warps(width),
+        )
+        dw = dw_g.sum(0).to(weight.dtype) if has_w else x.new_empty(0)
+        db = db_g.sum(0).to(bias_dtype) if has_bias else x.new_empty(0)
+        return dx.view(x.shape), dw, db
+    programs = persistent_programs(m, x.device, n)
     dw_part = torch.zeros((programs if has_w else 1, n), dtype=torch.float32, device=x.device)
     db_part = torch.zeros((programs if has_bias else 1, n), dtype=torch.float32, device=x.device)
     if m > 0 and n > 0:

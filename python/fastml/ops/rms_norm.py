@@ -18,6 +18,8 @@ from fastml.ops._dispatch import (
     num_warps,
     persistent_programs,
     row_block,
+    row_split,
+    split_groups,
     tl,
     triton,
     use_triton,
@@ -169,6 +171,149 @@ def _rms_norm_bwd_kernel(
                 tl.store(DX + row * dx_stride + cc, dx.to(DX.dtype.element_ty), mask=mask)
 
 
+# -- long rows, few of them: each row split across programs (see row_split) --
+
+
+@triton.jit
+def _rms_split_sumsq_kernel(
+    X,
+    R,
+    S,
+    PART,
+    x_stride,
+    r_stride,
+    s_stride,
+    N,
+    C,
+    HAS_RES: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # Program (row, chunk): the chunk's sum of squares (and s = x + r stored).
+    row = tl.program_id(0).to(tl.int64)
+    ch = tl.program_id(1)
+    c = ch * BLOCK + tl.arange(0, BLOCK)
+    mask = c < N
+    x = tl.load(X + row * x_stride + c, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        r = tl.load(R + row * r_stride + c, mask=mask, other=0.0).to(tl.float32)
+        s = (x + r).to(S.dtype.element_ty)
+        tl.store(S + row * s_stride + c, s, mask=mask)
+        x = s.to(tl.float32)
+    tl.store(PART + row * C + ch, tl.sum(x * x, axis=0))
+
+
+@triton.jit
+def _rms_split_fwd_apply_kernel(
+    X,
+    W,
+    Y,
+    RSTD,
+    PART,
+    x_stride,
+    y_stride,
+    N,
+    C,
+    eps,
+    HAS_W: tl.constexpr,
+    BLOCK: tl.constexpr,
+    CBLOCK: tl.constexpr,
+):
+    # Program (row, chunk): the row's rstd from its chunks' sums (in chunk
+    # order, the same in every program of the row), then its chunk of y.
+    row = tl.program_id(0).to(tl.int64)
+    ch = tl.program_id(1)
+    k = tl.arange(0, CBLOCK)
+    part = tl.load(PART + row * C + k, mask=k < C, other=0.0)
+    rstd = tl.rsqrt(tl.sum(part, axis=0) / N + eps)
+    if ch == 0:
+        tl.store(RSTD + row, rstd)
+    c = ch * BLOCK + tl.arange(0, BLOCK)
+    mask = c < N
+    y = tl.load(X + row * x_stride + c, mask=mask, other=0.0).to(tl.float32) * rstd
+    if HAS_W:
+        y = y * tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * y_stride + c, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_split_bwd_dot_kernel(
+    DY,
+    X,
+    W,
+    PART,
+    dy_stride,
+    x_stride,
+    N,
+    C,
+    HAS_W: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # Program (row, chunk): the chunk's sum of (dy * w) * x.
+    row = tl.program_id(0).to(tl.int64)
+    ch = tl.program_id(1)
+    c = ch * BLOCK + tl.arange(0, BLOCK)
+    mask = c < N
+    dy = tl.load(DY + row * dy_stride + c, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + row * x_stride + c, mask=mask, other=0.0).to(tl.float32)
+    if HAS_W:
+        dy = dy * tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+    tl.store(PART + row * C + ch, tl.sum(dy * x, axis=0))
+
+
+@triton.jit
+def _rms_split_bwd_apply_kernel(
+    DY,
+    X,
+    W,
+    RSTD,
+    DRES,
+    DX,
+    PART,
+    DW_PARTIAL,
+    dy_stride,
+    x_stride,
+    dres_stride,
+    dx_stride,
+    M,
+    N,
+    C,
+    rows_per_group,
+    HAS_W: tl.constexpr,
+    HAS_DRES: tl.constexpr,
+    BLOCK: tl.constexpr,
+    CBLOCK: tl.constexpr,
+):
+    # Program (chunk, row group): dx for its chunk of each row of the group, and
+    # the group's share of dW for the chunk (summed over groups on the host).
+    ch = tl.program_id(0)
+    g = tl.program_id(1).to(tl.int64)
+    c = ch * BLOCK + tl.arange(0, BLOCK)
+    mask = c < N
+    k = tl.arange(0, CBLOCK)
+    if HAS_W:
+        w = tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    row_start = g * rows_per_group
+    row_end = tl.minimum(row_start + rows_per_group, M)
+    for row in range(row_start, row_end):
+        rstd = tl.load(RSTD + row)
+        dot = tl.sum(tl.load(PART + row * C + k, mask=k < C, other=0.0), axis=0)
+        coef = dot * rstd / N
+        dy = tl.load(DY + row * dy_stride + c, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + row * x_stride + c, mask=mask, other=0.0).to(tl.float32)
+        xhat = x * rstd
+        wdy = dy
+        if HAS_W:
+            wdy = dy * w
+            dw_acc += dy * xhat
+        dx = (wdy - xhat * coef) * rstd
+        if HAS_DRES:
+            dx += tl.load(DRES + row * dres_stride + c, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + row * dx_stride + c, dx.to(DX.dtype.element_ty), mask=mask)
+    if HAS_W:
+        tl.store(DW_PARTIAL + g * N + c, dw_acc, mask=mask)
+
+
 def rms_norm_forward(
     x: Tensor, weight: Tensor | None, eps: float, residual: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -183,7 +328,41 @@ def rms_norm_forward(
         s = torch.empty((m, n), dtype=x.dtype, device=x.device)
     else:
         r2 = s = x2
-    if m > 0 and n > 0:
+    chunks, width = row_split(m, n, x.device)
+    if chunks > 1:
+        part = torch.empty((m, chunks), dtype=torch.float32, device=x.device)
+        _rms_split_sumsq_kernel[(m, chunks)](
+            x2,
+            r2,
+            s,
+            part,
+            x2.stride(0),
+            r2.stride(0),
+            s.stride(0),
+            n,
+            chunks,
+            HAS_RES=residual is not None,
+            BLOCK=width,
+            num_warps=num_warps(width),
+        )
+        src = s if residual is not None else x2
+        _rms_split_fwd_apply_kernel[(m, chunks)](
+            src,
+            weight if weight is not None else x2,
+            y,
+            rstd,
+            part,
+            src.stride(0),
+            y.stride(0),
+            n,
+            chunks,
+            eps,
+            HAS_W=weight is not None,
+            BLOCK=width,
+            CBLOCK=triton.next_power_of_2(chunks),
+            num_warps=num_warps(width),
+        )
+    elif m > 0 and n > 0:
         block, one = row_block(n)
         _rms_norm_fwd_kernel[(m,)](
             x2,
@@ -222,8 +401,51 @@ def rms_norm_backward(
     m = x2.shape[0]
     dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
     dres2 = as_rows(dres, n) if dres is not None else dx
-    programs = persistent_programs(m, x.device, n)
     has_w = weight is not None
+    chunks, width = row_split(m, n, x.device)
+    if chunks > 1:
+        part = torch.empty((m, chunks), dtype=torch.float32, device=x.device)
+        _rms_split_bwd_dot_kernel[(m, chunks)](
+            dy2,
+            x2,
+            weight if has_w else x2,
+            part,
+            dy2.stride(0),
+            x2.stride(0),
+            n,
+            chunks,
+            HAS_W=has_w,
+            BLOCK=width,
+            num_warps=num_warps(width),
+        )
+        groups, rows_per_group = split_groups(m, chunks, x.device)
+        partial = torch.empty((groups if has_w else 1, n), dtype=torch.float32, device=x.device)
+        _rms_split_bwd_apply_kernel[(chunks, groups)](
+            dy2,
+            x2,
+            weight if has_w else x2,
+            rstd.reshape(-1),
+            dres2,
+            dx,
+            part,
+            partial,
+            dy2.stride(0),
+            x2.stride(0),
+            dres2.stride(0),
+            dx.stride(0),
+            m,
+            n,
+            chunks,
+            rows_per_group,
+            HAS_W=has_w,
+            HAS_DRES=dres is not None,
+            BLOCK=width,
+            CBLOCK=triton.next_power_of_2(chunks),
+            num_warps=num_warps(width),
+        )
+        dw = partial.sum(0).to(weight.dtype) if has_w else x.new_empty(0)
+        return dx.view(x.shape), dw
+    programs = persistent_programs(m, x.device, n)
     partial = torch.zeros((programs if has_w else 1, n), dtype=torch.float32, device=x.device)
     if m > 0 and n > 0:
         block, one = row_block(n)

@@ -14,6 +14,7 @@ from fastml.ops._dispatch import (
     eager_function,
     num_warps,
     row_block,
+    row_split,
     tl,
     triton,
     use_triton,
@@ -114,13 +115,126 @@ def _softmax_bwd_kernel(
             tl.store(dx_ptr + c, dx.to(DX.dtype.element_ty), mask=mask)
 
 
+# -- long rows, few of them: each row split across programs (see row_split) --
+
+
+@triton.jit
+def _softmax_split_stats_kernel(X, PART, x_stride, N, C, BLOCK: tl.constexpr):
+    # Program (row, chunk): the chunk's max and sum of exp(x - max).
+    row = tl.program_id(0).to(tl.int64)
+    ch = tl.program_id(1)
+    c = ch * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(X + row * x_stride + c, mask=c < N, other=-float("inf")).to(tl.float32)
+    m = tl.max(x, axis=0)
+    m_safe = tl.where(m == -float("inf"), 0.0, m)  # a chunk of -inf only: its sum is 0
+    tl.store(PART + row * 2 * C + ch, m)
+    tl.store(PART + row * 2 * C + C + ch, tl.sum(tl.exp(x - m_safe), axis=0))
+
+
+@triton.jit
+def _softmax_split_fwd_apply_kernel(
+    X,
+    Y,
+    PART,
+    x_stride,
+    y_stride,
+    N,
+    C,
+    LOG: tl.constexpr,
+    BLOCK: tl.constexpr,
+    CBLOCK: tl.constexpr,
+):
+    # Program (row, chunk): the row's max and sum from its chunks', then its chunk of y.
+    row = tl.program_id(0).to(tl.int64)
+    ch = tl.program_id(1)
+    k = tl.arange(0, CBLOCK)
+    kmask = k < C
+    maxes = tl.load(PART + row * 2 * C + k, mask=kmask, other=-float("inf"))
+    sums = tl.load(PART + row * 2 * C + C + k, mask=kmask, other=0.0)
+    m = tl.max(maxes, axis=0)
+    m_safe = tl.where(m == -float("inf"), 0.0, m)
+    d = tl.sum(sums * tl.exp(maxes - m_safe), axis=0)
+    c = ch * BLOCK + tl.arange(0, BLOCK)
+    mask = c < N
+    x = tl.load(X + row * x_stride + c, mask=mask, other=-float("inf")).to(tl.float32)
+    if LOG:
+        y = x - m - tl.log(d)
+    else:
+        y = tl.exp(x - m) / d
+    tl.store(Y + row * y_stride + c, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _softmax_split_bwd_dot_kernel(
+    DY, Y, PART, dy_stride, y_stride, N, C, LOG: tl.constexpr, BLOCK: tl.constexpr
+):
+    # Program (row, chunk): the chunk's sum of dy * y (softmax) or of dy (log_softmax).
+    row = tl.program_id(0).to(tl.int64)
+    ch = tl.program_id(1)
+    c = ch * BLOCK + tl.arange(0, BLOCK)
+    mask = c < N
+    dy = tl.load(DY + row * dy_stride + c, mask=mask, other=0.0).to(tl.float32)
+    if not LOG:
+        dy = dy * tl.load(Y + row * y_stride + c, mask=mask, other=0.0).to(tl.float32)
+    tl.store(PART + row * C + ch, tl.sum(dy, axis=0))
+
+
+@triton.jit
+def _softmax_split_bwd_apply_kernel(
+    DY,
+    Y,
+    DX,
+    PART,
+    dy_stride,
+    y_stride,
+    dx_stride,
+    N,
+    C,
+    LOG: tl.constexpr,
+    BLOCK: tl.constexpr,
+    CBLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    ch = tl.program_id(1)
+    k = tl.arange(0, CBLOCK)
+    s = tl.sum(tl.load(PART + row * C + k, mask=k < C, other=0.0), axis=0)
+    c = ch * BLOCK + tl.arange(0, BLOCK)
+    mask = c < N
+    dy = tl.load(DY + row * dy_stride + c, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(Y + row * y_stride + c, mask=mask, other=0.0).to(tl.float32)
+    if LOG:
+        dx = dy - tl.exp(y) * s
+    else:
+        dx = y * (dy - s)
+    tl.store(DX + row * dx_stride + c, dx.to(DX.dtype.element_ty), mask=mask)
+
+
 def softmax_forward(x: Tensor, log: bool) -> Tensor:
     """Launch the forward kernel over the last dimension of ``x``."""
     n = x.shape[-1]
     x2 = as_rows(x, n)
     m = x2.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m > 0 and n > 0:
+    chunks, width = row_split(m, n, x.device)
+    if chunks > 1:
+        part = torch.empty((m, 2, chunks), dtype=torch.float32, device=x.device)
+        _softmax_split_stats_kernel[(m, chunks)](
+            x2, part, x2.stride(0), n, chunks, BLOCK=width, num_warps=num_warps(width)
+        )
+        _softmax_split_fwd_apply_kernel[(m, chunks)](
+            x2,
+            y,
+            part,
+            x2.stride(0),
+            y.stride(0),
+            n,
+            chunks,
+            LOG=log,
+            BLOCK=width,
+            CBLOCK=triton.next_power_of_2(chunks),
+            num_warps=num_warps(width),
+        )
+    elif m > 0 and n > 0:
         block, one = row_block(n)
         _softmax_fwd_kernel[(m,)](
             x2,
@@ -142,7 +256,37 @@ def softmax_backward(dy: Tensor, y: Tensor, log: bool) -> Tensor:
     y2, dy2 = as_rows(y, n), as_rows(dy, n)
     m = y2.shape[0]
     dx = torch.empty((m, n), dtype=y.dtype, device=y.device)
-    if m > 0 and n > 0:
+    chunks, width = row_split(m, n, y.device)
+    if chunks > 1:
+        part = torch.empty((m, chunks), dtype=torch.float32, device=y.device)
+        _softmax_split_bwd_dot_kernel[(m, chunks)](
+            dy2,
+            y2,
+            part,
+            dy2.stride(0),
+            y2.stride(0),
+            n,
+            chunks,
+            LOG=log,
+            BLOCK=width,
+            num_warps=num_warps(width),
+        )
+        _softmax_split_bwd_apply_kernel[(m, chunks)](
+            dy2,
+            y2,
+            dx,
+            part,
+            dy2.stride(0),
+            y2.stride(0),
+            dx.stride(0),
+            n,
+            chunks,
+            LOG=log,
+            BLOCK=width,
+            CBLOCK=triton.next_power_of_2(chunks),
+            num_warps=num_warps(width),
+        )
+    elif m > 0 and n > 0:
         block, one = row_block(n)
         _softmax_bwd_kernel[(m,)](
             dy2,
