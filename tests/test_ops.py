@@ -319,7 +319,9 @@ def _ce_case(n: int, c: int, seed: int):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(1, 1), (5, 123), (3, 4097)], ids=str)
+# (3, 4097) in chunked mode: few long rows, split across programs (row_split);
+# (5, 4097): one program walks each row.
+@pytest.mark.parametrize("shape", [(1, 1), (5, 123), (3, 4097), (5, 4097)], ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_cross_entropy(triton_backend, block_mode, dtype, shape, reduction, smoothing):
@@ -334,6 +336,37 @@ def test_cross_entropy(triton_backend, block_mode, dtype, shape, reduction, smoo
         f"cross_entropy({reduction}, {smoothing})",
         grad_mask=[True, False],
     )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 300), (1, 1000), (2, 65)], ids=str)
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_cross_entropy_split_rows(triton_backend, monkeypatch, dtype, shape, smoothing):
+    """Few long rows split across programs: chunk max / sum-exp / sum combined
+    per row, the gradient written chunk by chunk; an ignored row."""
+    monkeypatch.setattr(_dispatch, "_MAX_BLOCK", 64)
+    monkeypatch.setattr(_dispatch, "_SPLIT_MIN_BLOCK", 16)
+    ce_mod = importlib.import_module("fastml.ops.cross_entropy")
+    splits = []
+
+    def spy(m, n, device):
+        out = _dispatch.row_split(m, n, device)
+        splits.append(out[0])
+        return out
+
+    monkeypatch.setattr(ce_mod, "row_split", spy)
+    logits, target = _ce_case(*shape, seed=9)
+    kw = {"reduction": "sum", "label_smoothing": smoothing}
+    check_op(
+        lambda a, t: ops.cross_entropy(a, t, **kw),
+        lambda a, t: F.cross_entropy(a, t, **kw),
+        lambda a, t: F.cross_entropy(a, t, **kw),
+        [logits, target],
+        dtype,
+        f"cross_entropy (split rows, {smoothing})",
+        grad_mask=[True, False],
+    )
+    assert splits and all(c > 1 for c in splits), splits
 
 
 def test_cross_entropy_leading_dims_and_ignore_index(triton_backend):

@@ -348,12 +348,18 @@ def test_torch_compile_fullgraph_cpu():
     torch.testing.assert_close(gx, wx)
 
 
-def test_cross_entropy_kernel_flags_out_of_range_targets(triton_backend):
+@pytest.mark.parametrize("split", [False, True], ids=["row_programs", "split_rows"])
+def test_cross_entropy_kernel_flags_out_of_range_targets(triton_backend, monkeypatch, split):
     """The forward kernel never reads through a target outside [0, C): such a
     row counts as ignored (loss 0, zero gradient) and its validity is -2**30,
     so the validity sum (the mean's denominator) goes negative and one
     asynchronous assert reports it on CUDA; on CPU the host check raises first."""
     ce = importlib.import_module("fastml.ops.cross_entropy")
+    if split:  # 5 rows of 8 split into chunks of 2 (the CPU stand-in has 4 "SMs": 5 > 4)
+        monkeypatch.setattr(_dispatch, "_MAX_BLOCK", 2)
+        monkeypatch.setattr(_dispatch, "_SPLIT_MIN_BLOCK", 2)
+        monkeypatch.setattr(_dispatch, "_sms", lambda device: 8)
+        assert _dispatch.row_split(5, 8, torch.device("cpu"))[0] == 4
     x = torch.randn(5, 8)
     t = torch.tensor([0, 8, -100, -3, 7])
     loss, lse, valid = ce.cross_entropy_forward(x, t, -100, 0.0)

@@ -24,6 +24,7 @@ from fastml.ops._dispatch import (
     eager_function,
     num_warps,
     row_block,
+    row_split,
     tl,
     triton,
     use_triton,
@@ -107,6 +108,85 @@ def _cross_entropy_kernel(
             tl.store(dx_ptr + c, (g * grad).to(DX.dtype.element_ty), mask=mask)
 
 
+# -- long rows, few of them: each row split across programs (see row_split) --
+
+
+@triton.jit
+def _ce_split_stats_kernel(X, PART, x_stride, C, K, BLOCK: tl.constexpr):
+    # Program (row, chunk): the chunk's max, sum of exp(x - max) and sum of x.
+    row = tl.program_id(0).to(tl.int64)
+    ch = tl.program_id(1)
+    c = ch * BLOCK + tl.arange(0, BLOCK)
+    mask = c < C
+    x = tl.load(X + row * x_stride + c, mask=mask, other=-float("inf")).to(tl.float32)
+    m = tl.max(x, axis=0)
+    m_safe = tl.where(m == -float("inf"), 0.0, m)
+    base = PART + row * 3 * K
+    tl.store(base + ch, m)
+    tl.store(base + K + ch, tl.sum(tl.exp(x - m_safe), axis=0))
+    tl.store(base + 2 * K + ch, tl.sum(tl.where(mask, x, 0.0), axis=0))
+
+
+@triton.jit
+def _ce_split_loss_kernel(
+    X, T, PART, LOSS, LSE, VALID, x_stride, C, K, ignore_index, smoothing, KBLOCK: tl.constexpr
+):
+    # Program row: lse from the chunks' partials (in chunk order), then the loss.
+    row = tl.program_id(0).to(tl.int64)
+    t = tl.load(T + row).to(tl.int64)
+    if (t == ignore_index) | (t < 0) | (t >= C):
+        tl.store(LOSS + row, 0.0)
+        tl.store(LSE + row, 0.0)
+        tl.store(VALID + row, tl.where(t == ignore_index, 0, -1073741824).to(tl.int32))
+        return
+    k = tl.arange(0, KBLOCK)
+    kmask = k < K
+    base = PART + row * 3 * K
+    maxes = tl.load(base + k, mask=kmask, other=-float("inf"))
+    sums = tl.load(base + K + k, mask=kmask, other=0.0)
+    m = tl.max(maxes, axis=0)
+    m_safe = tl.where(m == -float("inf"), 0.0, m)
+    lse = m + tl.log(tl.sum(sums * tl.exp(maxes - m_safe), axis=0))
+    sum_x = tl.sum(tl.load(base + 2 * K + k, mask=kmask, other=0.0), axis=0)
+    x_t = tl.load(X + row * x_stride + t).to(tl.float32)
+    loss = (1.0 - smoothing) * (lse - x_t) + smoothing * (lse - sum_x / C)
+    tl.store(VALID + row, 1)
+    tl.store(LOSS + row, loss)
+    tl.store(LSE + row, lse)
+
+
+@triton.jit
+def _ce_split_grad_kernel(
+    X,
+    T,
+    LSE,
+    G,
+    DX,
+    x_stride,
+    g_stride,
+    dx_stride,
+    C,
+    ignore_index,
+    smoothing,
+    BLOCK: tl.constexpr,
+):
+    # Program (row, chunk): the chunk of the row's gradient (no reduction needed).
+    row = tl.program_id(0).to(tl.int64)
+    ch = tl.program_id(1)
+    c = ch * BLOCK + tl.arange(0, BLOCK)
+    mask = c < C
+    t = tl.load(T + row).to(tl.int64)
+    if (t == ignore_index) | (t < 0) | (t >= C):
+        tl.store(DX + row * dx_stride + c, tl.zeros([BLOCK], dtype=DX.dtype.element_ty), mask=mask)
+        return
+    lse = tl.load(LSE + row)
+    g = tl.load(G + row * g_stride).to(tl.float32)
+    x = tl.load(X + row * x_stride + c, mask=mask, other=0.0).to(tl.float32)
+    grad = tl.exp(x - lse) - smoothing / C
+    grad = tl.where(c == t, grad - (1.0 - smoothing), grad)
+    tl.store(DX + row * dx_stride + c, (g * grad).to(DX.dtype.element_ty), mask=mask)
+
+
 def _ce_block(c: int) -> int:
     block, _ = row_block(c)
     # The kernel walks a row in chunks anyway; past 4096 classes a wider block
@@ -123,7 +203,27 @@ def cross_entropy_forward(
     loss = torch.empty(n, dtype=torch.float32, device=logits.device)
     lse = torch.empty(n, dtype=torch.float32, device=logits.device)
     valid = torch.empty(n, dtype=torch.int32, device=logits.device)
-    if n > 0:
+    chunks, width = row_split(n, c, logits.device)
+    if chunks > 1:
+        part = torch.empty((n, 3, chunks), dtype=torch.float32, device=logits.device)
+        _ce_split_stats_kernel[(n, chunks)](
+            logits, part, logits.stride(0), c, chunks, BLOCK=width, num_warps=num_warps(width)
+        )
+        _ce_split_loss_kernel[(n,)](
+            logits,
+            target,
+            part,
+            loss,
+            lse,
+            valid,
+            logits.stride(0),
+            c,
+            chunks,
+            ignore_index,
+            smoothing,
+            KBLOCK=triton.next_power_of_2(chunks),
+        )
+    elif n > 0:
         block = _ce_block(c)
         _cross_entropy_kernel[(n,)](
             logits,
@@ -161,7 +261,24 @@ def cross_entropy_backward(
     """Gradient of the per-row loss, scaled row by row by ``dloss`` (stride 0 allowed)."""
     n, c = logits.shape
     dx = torch.empty_like(logits, memory_format=torch.contiguous_format) if out is None else out
-    if n > 0:
+    chunks, width = row_split(n, c, logits.device)
+    if chunks > 1:
+        _ce_split_grad_kernel[(n, chunks)](
+            logits,
+            target,
+            lse,
+            dloss,
+            dx,
+            logits.stride(0),
+            dloss.stride(0) if dloss.dim() else 0,
+            dx.stride(0),
+            c,
+            ignore_index,
+            smoothing,
+            BLOCK=width,
+            num_warps=num_warps(width),
+        )
+    elif n > 0:
         block = _ce_block(c)
         _cross_entropy_kernel[(n,)](
             logits,
