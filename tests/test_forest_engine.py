@@ -220,6 +220,36 @@ def test_binned_paths_match_reference(seed, thr_f64, acc_f64, k, x_f64, rows):
     _check_all_paths(spec, X)
 
 
+@pytest.mark.parametrize("thr_f64", [False, True])
+@pytest.mark.parametrize("x_f64", [False, True])
+def test_compare_binning_at_every_cut_count(thr_f64, x_f64):
+    """Features with 2..400 distinct thresholds: up to 256 cuts are binned by
+    vector compares (16 fences, then a group of 16), more by the search; both
+    must put every input (each cut, one ULP either side, NaN, +-inf, +-0,
+    subnormals) in the same bin, with and without SIMD."""
+    rng = np.random.default_rng(11 + 2 * thr_f64 + x_f64)
+    counts = [2, 15, 16, 17, 31, 32, 33, 100, 255, 256, 257, 400]
+    trees, groups = [], []
+    for f, count in enumerate(counts):
+        thr = np.unique(rng.normal(size=count) * 10.0 ** rng.integers(-3, 4, size=count))
+        thr[:2] = [-0.0, 1e-40] if count > 2 else thr[:2]
+        if not thr_f64:
+            thr = thr.astype(np.float32).astype(np.float64)
+        for t in np.unique(thr):
+            flag = DEFAULT_LEFT if rng.random() < 0.5 else 0
+            trees.append(
+                ([f, -1, -1], [float(t), 0.0, 0.0], [1, -1, -1], [2, -1, -1], [flag, 0, 0])
+            )
+            groups.append(0)
+    nf = len(counts)
+    spec = _spec(trees, nf, 1, groups, thr_f64, True, rng)
+    core = _core.ForestCore(spec)
+    assert core.engine == "binned-perfect"
+    X = _edge_inputs(spec, 3000, rng, np.float64 if x_f64 else np.float32)
+    X[::97] = np.float32(1e-42) if not x_f64 else 5e-320  # subnormals
+    _check_all_paths(spec, X)
+
+
 def test_each_path_is_taken_and_exact():
     rng = np.random.default_rng(7)
     pool32 = POOL.astype(np.float32).astype(np.float64)
