@@ -161,6 +161,35 @@ class NoThreadIdLoop(asyncio.SelectorEventLoop):
         pass
 
 
+class NoReaderLoop(asyncio.SelectorEventLoop):
+    """A loop without add_reader (as Windows' proactor loop): completions reach
+    it through call_soon_threadsafe instead of a pipe."""
+
+    def add_reader(self, *args, **kwargs):
+        raise NotImplementedError
+
+
+def test_a_loop_without_add_reader():
+    b = infer.Batcher(lambda x: x * 3, max_batch_size=8, max_delay_us=0)
+    native = infer.Batcher(_core._BatcherTestHandler(), max_batch_size=8, max_delay_us=0)
+
+    async def main():
+        outs = await asyncio.gather(*(b.predict_async(np.array([float(i)])) for i in range(40)))
+        assert [o[0] for o in outs] == [3.0 * i for i in range(40)]
+        rows = [np.full((1, 2), float(i), np.float32) for i in range(40)]
+        outs = await asyncio.gather(*(native.predict_async(r) for r in rows))
+        assert [float(o[0, 0]) for o in outs] == [2.0 * i for i in range(40)]
+
+    loop = NoReaderLoop()
+    try:
+        for _ in range(2):  # a lost wake-up would hang: bounded
+            loop.run_until_complete(asyncio.wait_for(main(), WAIT))
+    finally:
+        loop.close()
+    b.close()
+    native.close()
+
+
 def test_a_loop_without_a_recorded_thread():
     b = infer.Batcher(lambda x: x + 1, max_batch_size=8, max_delay_us=0)
 

@@ -1574,12 +1574,15 @@ class AsyncBridge : public std::enable_shared_from_this<AsyncBridge> {
     registered_ = true;
     int fds[2];
     if (::pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0) return;
+    py::object reader = py::cast(BridgeReader{shared_from_this()});
     try {
       py::object loop = held(loop_ref_)();
-      loop.attr("add_reader")(fds[0], py::cast(BridgeReader{shared_from_this()}));
+      loop.attr("add_reader")(fds[0], reader);
       read_fd_ = fds[0];
       write_fd_ = fds[1];
     } catch (py::error_already_set&) {  // no add_reader on this loop: the GIL path
+      // Disarm the reader first: dropping it must not orphan the bridge.
+      reader.cast<BridgeReader&>().bridge.reset();
       ::close(fds[0]);
       ::close(fds[1]);
     }
