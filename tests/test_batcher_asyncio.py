@@ -251,6 +251,25 @@ def test_a_loop_closed_with_requests_in_flight(cancel_tasks):
     b.close()
 
 
+def test_predict_async_argument_errors():
+    b = infer.Batcher(lambda x: x, max_delay_us=0)
+
+    async def main():
+        for _ in range(2):  # the first call finds the loop, the second takes the fast path
+            with pytest.raises(TypeError, match="priority must be an int, got str"):
+                await b.predict_async(np.array([1.0]), priority="high")
+            with pytest.raises(OverflowError):
+                await b.predict_async(np.array([1.0]), priority=2**40)
+            with pytest.raises(ValueError, match="x must have at least one row"):
+                await b.predict_async(np.zeros((0, 3)))
+            assert (await b.predict_async(np.array([5.0]), priority=3))[0] == 5.0
+
+    asyncio.run(main())
+    s = b.stats()
+    assert s["requests"] == s["completed"] == 2
+    b.close()
+
+
 def test_the_waiter_speaks_the_future_protocol():
     """The private waiter object, driven directly: done/result/exception/cancel,
     extra done callbacks (run in order, in their context), remove_done_callback,

@@ -1703,6 +1703,10 @@ PyObject* async_caller_call(PyObject* self, PyObject* const* args, size_t nargsf
   }
   try {
     if (!c->bridge->runs_on_this_thread()) Py_RETURN_NONE;
+    if (!PyLong_Check(args[1]) || PyBool_Check(args[1])) {
+      PyErr_Format(PyExc_TypeError, "priority must be an int, got %s", Py_TYPE(args[1])->tp_name);
+      return nullptr;
+    }
     const long priority = PyLong_AsLong(args[1]);
     const long long timeout_us = PyLong_AsLongLong(args[2]);
     if (PyErr_Occurred()) return nullptr;
