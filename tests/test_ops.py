@@ -711,3 +711,81 @@ def test_linear_cross_entropy_half_dw_in_weight_dtype(triton_backend, monkeypatc
         grad_mask=[True, True, False],
         norm=True,
     )
+
+
+@settings(max_examples=examples(10))
+@given(
+    rows=st.integers(1, 3),
+    n=st.integers(65, 700),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+)
+def test_split_rows_hypothesis(rows, n, dtype, seed):
+    """Drawn few-long-row shapes on the split path (blocks of 64, chunks of at
+    least 16): every op that splits rows, forward and backward, against float64."""
+    mp = pytest.MonkeyPatch()
+    mp.setattr(_dispatch, "_MAX_BLOCK", 64)
+    mp.setattr(_dispatch, "_SPLIT_MIN_BLOCK", 16)
+    _dispatch.set_backend("triton")
+    try:
+        assert _dispatch.row_split(rows, n, torch.device("cpu"))[0] > 1
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(rows, n, generator=gen) * 2 + 1
+        r, w, b = (
+            torch.randn(rows, n, generator=gen),
+            torch.randn(n, generator=gen),
+            torch.randn(n, generator=gen),
+        )
+        check_op(
+            ops.rms_norm,
+            lambda a, c: F.rms_norm(a, (n,), c, 1e-6),
+            _rms_norm_ref,
+            [x, w],
+            dtype,
+            "rms_norm (split)",
+            seed=seed,
+            terms=rms_terms(1e-6),
+        )
+        check_op(
+            ops.layer_norm,
+            lambda a, c, d: F.layer_norm(a, (n,), c, d),
+            _layer_norm_ref,
+            [x, w, b],
+            dtype,
+            "layer_norm (split)",
+            seed=seed,
+            terms=ln_terms(1e-5),
+        )
+        check_op(
+            lambda a: ops.log_softmax(a, -1),
+            lambda a: torch.log_softmax(a, -1),
+            lambda a: _log_softmax_ref(a, -1),
+            [x],
+            dtype,
+            "log_softmax (split)",
+            seed=seed,
+        )
+        check_op(
+            lambda a, c, d: ops.add_rms_norm(a, c, d, 1e-6),
+            lambda a, c, d: (F.rms_norm(a + c, (n,), d, 1e-6), a + c),
+            add_rms_ref(dtype),
+            [x, r, w],
+            dtype,
+            "add_rms_norm (split)",
+            seed=seed,
+            terms=add_rms_terms(dtype),
+        )
+        t = torch.randint(0, n, (rows,), generator=gen)
+        check_op(
+            lambda a, q: ops.cross_entropy(a, q, label_smoothing=0.05, reduction="sum"),
+            lambda a, q: F.cross_entropy(a, q, label_smoothing=0.05, reduction="sum"),
+            lambda a, q: F.cross_entropy(a, q, label_smoothing=0.05, reduction="sum"),
+            [x, t],
+            dtype,
+            "cross_entropy (split)",
+            grad_mask=[True, False],
+            seed=seed,
+        )
+    finally:
+        _dispatch.set_backend("auto")
+        mp.undo()
