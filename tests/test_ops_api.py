@@ -513,3 +513,80 @@ def test_double_backward_raises():
     (g,) = torch.autograd.grad(ops.rms_norm(x).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match=r"once_differentiable|does not require grad"):
         g.sum().backward()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cross_entropy_inplace_grad(backend, reduction, dtype):
+    """inplace_grad=True: same loss and gradients as the default path (the
+    gradient rounded twice in half precision), written into the logits'
+    memory; logits from a Linear (non-leaf, 3-D) pass their gradient on."""
+    _dispatch.set_backend(backend)
+    try:
+        torch.manual_seed(3)
+        base = (torch.randn(2, 3, 37) * 3).to(dtype)
+        t = torch.randint(0, 37, (2, 3))
+        t[1, 2] = -100
+        kw = {"reduction": reduction, "label_smoothing": 0.1}
+        a, b = base.clone().requires_grad_(), base.clone().requires_grad_()
+        la = ops.cross_entropy(a, t, **kw)
+        lb = ops.cross_entropy(b, t, **kw, inplace_grad=True)
+        torch.testing.assert_close(la, lb)
+        g = torch.randn_like(la) if reduction == "none" else torch.tensor(1.7, dtype=la.dtype)
+        la.backward(g)
+        lb.backward(g)
+        tol = {} if dtype == torch.float32 else {"atol": 2e-3, "rtol": 2e-2}
+        torch.testing.assert_close(b.grad, a.grad, **tol)
+        assert not torch.equal(b.detach(), base)  # the logits' memory now holds the gradient
+        # Through a Linear: the head's weight gets the default path's gradient.
+        torch.manual_seed(4)
+        h = torch.randn(2, 3, 8, dtype=dtype)
+        heads = [torch.nn.Linear(8, 37, bias=False).to(dtype) for _ in range(2)]
+        heads[1].load_state_dict(heads[0].state_dict())
+        ops.cross_entropy(heads[0](h), t, **kw).backward(g)
+        ops.cross_entropy(heads[1](h), t, **kw, inplace_grad=True).backward(g)
+        torch.testing.assert_close(heads[1].weight.grad, heads[0].weight.grad, **tol)
+    finally:
+        _dispatch.set_backend("auto")
+
+
+def test_cross_entropy_inplace_grad_guards():
+    t = torch.tensor([1, 2, 0])
+    z = torch.randn(3, 5, requires_grad=True)
+    # exp saves its output: the overwritten logits must not reach its backward.
+    loss = ops.cross_entropy(z.exp(), t, inplace_grad=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    # Logits that need no gradient are left alone.
+    x = torch.randn(3, 5)
+    before = x.clone()
+    ops.cross_entropy(x, t, inplace_grad=True)
+    assert torch.equal(x, before)
+    with pytest.raises(TypeError, match="inplace_grad must be a bool"):
+        ops.cross_entropy(x, t, inplace_grad=1)
+    with pytest.raises(IndexError, match=r"target must be in \[0, 5\)"):
+        ops.cross_entropy(
+            torch.randn(3, 5, requires_grad=True), torch.tensor([0, 5, 1]), inplace_grad=True
+        )
+
+
+# Dynamo itself reads .grad of the non-leaf argument while it builds the graph
+# break (a torch-internal UserWarning, not raised by fastml).
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+def test_cross_entropy_inplace_grad_under_compile():
+    """Under torch.compile the in-place mode runs eagerly (a graph break)."""
+    torch._dynamo.reset()
+
+    def step(x, t):
+        return ops.cross_entropy(x * 2.0, t, inplace_grad=True)
+
+    f = torch.compile(step, backend="aot_eager")
+    x1 = torch.randn(4, 9, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    t = torch.tensor([0, 3, 8, -100])
+    got, want = f(x1, t), ops.cross_entropy(x2 * 2.0, t)
+    torch.testing.assert_close(got, want)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(x1.grad, x2.grad)

@@ -340,6 +340,42 @@ def cross_entropy_fused_(
     return loss
 
 
+def cross_entropy_grad_in_place(
+    logits: Tensor, target: Tensor, ignore_index: int, smoothing: float
+) -> tuple[Tensor, Tensor]:
+    """Per-row loss and validity of 2-D ``logits``; overwrites ``logits`` with
+    d loss_row / d logits (unscaled) in the same pass."""
+    n, c = logits.shape
+    loss = torch.empty(n, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+    valid = torch.empty(n, dtype=torch.int32, device=logits.device)
+    if n > 0:
+        block = _ce_block(c)
+        one = torch.ones(1, dtype=torch.float32, device=logits.device)
+        _cross_entropy_kernel[(n,)](
+            logits,
+            target,
+            loss,
+            lse,
+            valid,
+            one,
+            logits,
+            logits.stride(0),
+            0,
+            logits.stride(0),
+            c,
+            ignore_index,
+            smoothing,
+            HAS_LSE=False,
+            WRITE_LOSS=True,
+            WRITE_GRAD=True,
+            WRITE_VALID=True,
+            BLOCK=block,
+            num_warps=num_warps(block),
+        )
+    return loss, valid
+
+
 # -- torch implementations with the same semantics --
 
 
@@ -472,6 +508,52 @@ _CrossEntropyFunction = eager_function(
     non_differentiable=(1, 2),
 )
 
+
+class _CrossEntropyGradInLogits(torch.autograd.Function):
+    """inplace_grad=True: the forward writes each row's gradient into the
+    logits (2-D view ``x2`` of them) and keeps them as its saved state; the
+    backward scales them in place by the upstream gradient and returns them."""
+
+    @staticmethod
+    def forward(ctx, x2, t, ignore_index, smoothing, base):
+        if use_triton(x2):
+            loss, valid = cross_entropy_grad_in_place(x2, t, ignore_index, smoothing)
+        else:
+            loss, lse = _cross_entropy_forward_torch(x2, t, ignore_index, smoothing)
+            ones = torch.ones((), dtype=torch.float32, device=x2.device)
+            x2.copy_(_cross_entropy_backward_torch(ones, x2, t, lse, ignore_index, smoothing))
+            valid = _row_validity(t, x2.shape[-1], ignore_index)
+        # The logits now hold gradients: any autograd node that saved them (an
+        # op that keeps its output, e.g. exp or softmax) must fail in its
+        # backward rather than read them.
+        torch.autograd.graph.increment_version(base)
+        ctx.base_shape = base.shape
+        ctx.save_for_backward(x2)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(valid)
+        return loss, valid
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dloss, _dvalid):
+        (g,) = ctx.saved_tensors
+        if dloss is None:
+            return None, None, None, None, None
+        rows = dloss.expand(g.shape[0]).to(torch.float32).unsqueeze(-1)
+        if g.dtype == torch.float32:
+            g.mul_(rows)
+        else:  # scaled in fp32, rounded once
+            g.copy_(g.float().mul_(rows))
+        return None, None, None, None, g.view(ctx.base_shape)
+
+
+@torch.compiler.disable
+def _grad_in_logits(x2, t, ignore_index, smoothing, logits):
+    # x2 (the rows of the logits) carries no gradient itself: the gradient goes
+    # to `logits`, reshaped.
+    return _CrossEntropyGradInLogits.apply(x2.detach(), t, ignore_index, smoothing, logits)
+
+
 _REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -517,6 +599,8 @@ def cross_entropy(
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     reduction: str = "mean",
+    *,
+    inplace_grad: bool = False,
 ) -> Tensor:
     """Cross entropy of ``logits`` (classes in the last dimension) against class indices.
 
@@ -524,6 +608,18 @@ def cross_entropy(
     semantics as ``F.cross_entropy`` for 2-D logits (``ignore_index``,
     ``label_smoothing`` in [0, 1], ``reduction`` "mean" | "sum" | "none"); the
     result has ``logits``' dtype; accumulation is fp32.
+
+    ``inplace_grad=True`` is for callers that no longer need the logits (an LM
+    head's output, say): the forward pass writes the gradient into ``logits``
+    itself (one pass over them, no gradient buffer: the memory of a
+    ``(tokens, vocab)`` gradient saved), and the backward scales it in place
+    and hands that buffer on. The logits' values are gone after the call, and
+    an autograd node that saved them (an op that keeps its output, such as
+    ``exp`` or ``softmax``) raises in its backward instead of reading the
+    gradient. Linear layers and matmuls do not save their output, so
+    ``cross_entropy(head(h), t, inplace_grad=True)`` is safe. The gradient is
+    rounded to the logits' dtype twice (once stored, once scaled), not once.
+    Runs eagerly (a graph break under ``torch.compile``).
     """
     check_float("logits", logits)
     if logits.dim() == 0:
@@ -534,6 +630,8 @@ def cross_entropy(
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not isinstance(inplace_grad, bool):
+        raise TypeError(f"inplace_grad must be a bool, got {type(inplace_grad).__name__}")
     c = logits.shape[-1]
     # On CUDA the range check is done by the forward itself (its per-row
     # validity), so a call costs a few launches rather than a dozen.
@@ -542,7 +640,9 @@ def cross_entropy(
         raise ValueError(f"target must be on {logits.device}, got {target.device}")
     x2 = as_rows(logits, c)
     args = (x2, t, ignore_index, float(label_smoothing))
-    if compiling():
+    if inplace_grad and logits.requires_grad and torch.is_grad_enabled():
+        loss, valid = _grad_in_logits(x2, t, ignore_index, float(label_smoothing), logits)
+    elif compiling():
         loss, _lse, valid = _cross_entropy_fwd_op(*args)
     else:
         loss, _lse, valid = _CrossEntropyFunction.apply(*args)
