@@ -420,8 +420,8 @@ def test_linear_cross_entropy(triton_backend, monkeypatch, dtype, reduction, wit
     target[[0, 5, 6]] = -100
     if with_bias:
 
-        def fast(a, c, d, t):
-            return ops.linear_cross_entropy(a, c, t, d, reduction=reduction)
+        def fast(a, c, d, t):  # the loss is float32 (a reduction); compared in a's dtype
+            return ops.linear_cross_entropy(a, c, t, d, reduction=reduction).to(a.dtype)
 
         def same(a, c, d, t):
             return F.cross_entropy(a @ c.T + d, t, reduction=reduction)
@@ -430,7 +430,7 @@ def test_linear_cross_entropy(triton_backend, monkeypatch, dtype, reduction, wit
     else:
 
         def fast(a, c, t):
-            return ops.linear_cross_entropy(a, c, t, reduction=reduction)
+            return ops.linear_cross_entropy(a, c, t, reduction=reduction).to(a.dtype)
 
         def same(a, c, t):
             return F.cross_entropy(a @ c.T, t, reduction=reduction)
@@ -464,6 +464,23 @@ def test_linear_cross_entropy_leading_dims_default_chunks(triton_backend):
         "linear_cross_entropy (B, T, H)",
         grad_mask=[True, True, False],
     )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_linear_cross_entropy_loss_is_float32(triton_backend, reduction):
+    """The loss is a reduction: returned in fp32 (not rounded to x's dtype), so
+    in half precision it matches float64 of the same half-precision logits far
+    better than a half-precision loss could."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 16, generator=gen).half()
+    w = (torch.randn(300, 16, generator=gen) * 0.5).half()
+    t = torch.randint(0, 300, (64,), generator=gen)
+    got = ops.linear_cross_entropy(x, w, t, reduction=reduction)
+    assert got.dtype == torch.float32
+    want = F.cross_entropy((x @ w.T).double(), t, reduction=reduction)
+    torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=1e-4)
+    if reduction != "none":
+        assert abs(got.double() - want) < abs(want.half().double() - want) + 1e-3
 
 
 def test_linear_cross_entropy_without_grad(triton_backend):
@@ -702,7 +719,7 @@ def test_linear_cross_entropy_half_dw_in_weight_dtype(triton_backend, monkeypatc
     target = torch.randint(0, 37, (11,), generator=gen)
     target[[0, 5]] = -100
     check_op(
-        lambda a, c, t: ops.linear_cross_entropy(a, c, t),
+        lambda a, c, t: ops.linear_cross_entropy(a, c, t).to(a.dtype),
         lambda a, c, t: F.cross_entropy(a @ c.T, t),
         lambda a, c, t: F.cross_entropy(a @ c.T, t),
         [x, w, target],
