@@ -397,7 +397,7 @@ def _cross_entropy_forward_torch(
     zero = torch.zeros((), dtype=loss.dtype, device=loss.device)
     loss = torch.where(valid, loss, zero)
     lse = torch.where(valid, lse, zero)
-    return loss.to(torch.float32), lse.to(torch.float32)
+    return loss, lse  # float32, or float64 for float64 logits (see _acc)
 
 
 def _cross_entropy_backward_torch(
@@ -461,9 +461,10 @@ def _cross_entropy_fwd_op(
 @_cross_entropy_fwd_op.register_fake
 def _(logits, target, ignore_index, smoothing):
     n = logits.shape[0]
+    stat = _acc(logits)
     return (
-        logits.new_empty(n, dtype=torch.float32),
-        logits.new_empty(n, dtype=torch.float32),
+        logits.new_empty(n, dtype=stat),
+        logits.new_empty(n, dtype=stat),
         logits.new_empty(n, dtype=torch.int32),
     )
 

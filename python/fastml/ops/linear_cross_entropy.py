@@ -127,9 +127,9 @@ def _loss_dtype(x: Tensor) -> torch.dtype:
 def _lce_fwd_op_impl(x, weight, bias, target, ignore_index, reduction, want_grad):
     valid = (target != ignore_index).sum()
     if reduction == "mean":
-        scale = (1.0 / valid.to(torch.float32)).reshape(1)
+        scale = (1.0 / valid.to(_loss_dtype(x))).reshape(1)
     else:
-        scale = torch.ones(1, dtype=torch.float32, device=x.device)
+        scale = torch.ones(1, dtype=_loss_dtype(x), device=x.device)
     grads = want_grad and reduction != "none"
     loss, gx, gw, gb = _lce_pass(x, weight, bias, target, ignore_index, scale, grads)
     if reduction == "none":
