@@ -166,7 +166,8 @@ class NoReaderLoop(asyncio.SelectorEventLoop):
     it through call_soon_threadsafe instead of a pipe."""
 
     def add_reader(self, *args, **kwargs):
-        raise NotImplementedError
+        # What asyncio's ProactorEventLoop does: the bridge must fall back.
+        raise NotImplementedError("this test loop has no add_reader, like the proactor loop")
 
 
 def test_a_loop_without_add_reader():

@@ -52,6 +52,22 @@ def block_mode(request, monkeypatch):
 # ---------------------------------------------------------------- norms
 
 
+def _spy_splits(monkeypatch, module: str) -> list[int]:
+    """Blocks of 64 and split chunks of at least 16 (so small shapes take the
+    split-rows path); returns the chunk counts the op's row_split calls chose."""
+    monkeypatch.setattr(_dispatch, "_MAX_BLOCK", 64)
+    monkeypatch.setattr(_dispatch, "_SPLIT_MIN_BLOCK", 16)
+    splits: list[int] = []
+
+    def spy(m, n, device):
+        out = _dispatch.row_split(m, n, device)
+        splits.append(out[0])
+        return out
+
+    monkeypatch.setattr(importlib.import_module(module), "row_split", spy)
+    return splits
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_rms_norm(triton_backend, block_mode, dtype, shape):
@@ -111,17 +127,7 @@ def test_rms_norm_split_rows(triton_backend, monkeypatch, dtype, shape, weight):
     squares, then each chunk normalised; backward: chunk dot products, then dx
     per chunk and dW per row group), ragged last chunks, with and without a
     residual and a weight."""
-    monkeypatch.setattr(_dispatch, "_MAX_BLOCK", 64)
-    monkeypatch.setattr(_dispatch, "_SPLIT_MIN_BLOCK", 16)
-    rms_mod = importlib.import_module("fastml.ops.rms_norm")
-    splits = []
-
-    def spy(m, n, device):
-        out = _dispatch.row_split(m, n, device)
-        splits.append(out[0])
-        return out
-
-    monkeypatch.setattr(rms_mod, "row_split", spy)
+    splits = _spy_splits(monkeypatch, "fastml.ops.rms_norm")
     torch.manual_seed(4)
     n = shape[-1]
     x, r = torch.randn(shape), torch.randn(shape)
@@ -162,17 +168,7 @@ def test_layer_norm_split_rows(triton_backend, monkeypatch, dtype, shape, affine
     """Few long rows split across programs: chunk means and M2s combined in
     the apply kernel (an offset mean that a sum of squares would cancel),
     ragged last chunks; backward chunk sums, dx per chunk, dW/dB per group."""
-    monkeypatch.setattr(_dispatch, "_MAX_BLOCK", 64)
-    monkeypatch.setattr(_dispatch, "_SPLIT_MIN_BLOCK", 16)
-    ln_mod = importlib.import_module("fastml.ops.layer_norm")
-    splits = []
-
-    def spy(m, n, device):
-        out = _dispatch.row_split(m, n, device)
-        splits.append(out[0])
-        return out
-
-    monkeypatch.setattr(ln_mod, "row_split", spy)
+    splits = _spy_splits(monkeypatch, "fastml.ops.layer_norm")
     torch.manual_seed(6)
     n = shape[-1]
     x = torch.randn(shape) * 2 + 30
@@ -250,17 +246,7 @@ def test_softmax(triton_backend, block_mode, dtype, shape, log):
 def test_softmax_split_rows(triton_backend, monkeypatch, dtype, shape, log):
     """Few long rows split across programs: chunk maxima and sums combined in
     the apply kernel, chunk dot products in the backward, ragged last chunks."""
-    monkeypatch.setattr(_dispatch, "_MAX_BLOCK", 64)
-    monkeypatch.setattr(_dispatch, "_SPLIT_MIN_BLOCK", 16)
-    sm_mod = importlib.import_module("fastml.ops.softmax")
-    splits = []
-
-    def spy(m, n, device):
-        out = _dispatch.row_split(m, n, device)
-        splits.append(out[0])
-        return out
-
-    monkeypatch.setattr(sm_mod, "row_split", spy)
+    splits = _spy_splits(monkeypatch, "fastml.ops.softmax")
     torch.manual_seed(7)
     x = torch.randn(shape) * 4
     fast = ops.log_softmax if log else ops.softmax
@@ -344,17 +330,7 @@ def test_cross_entropy(triton_backend, block_mode, dtype, shape, reduction, smoo
 def test_cross_entropy_split_rows(triton_backend, monkeypatch, dtype, shape, smoothing):
     """Few long rows split across programs: chunk max / sum-exp / sum combined
     per row, the gradient written chunk by chunk; an ignored row."""
-    monkeypatch.setattr(_dispatch, "_MAX_BLOCK", 64)
-    monkeypatch.setattr(_dispatch, "_SPLIT_MIN_BLOCK", 16)
-    ce_mod = importlib.import_module("fastml.ops.cross_entropy")
-    splits = []
-
-    def spy(m, n, device):
-        out = _dispatch.row_split(m, n, device)
-        splits.append(out[0])
-        return out
-
-    monkeypatch.setattr(ce_mod, "row_split", spy)
+    splits = _spy_splits(monkeypatch, "fastml.ops.cross_entropy")
     logits, target = _ce_case(*shape, seed=9)
     kw = {"reduction": "sum", "label_smoothing": smoothing}
     check_op(

@@ -39,15 +39,17 @@ __device__ inline void ingest_one(double v, const double* edges, int64_t nbins,
   }
 }
 
+// One block's share of a column: rows blockIdx.x, blockIdx.x + gridDim.x, ...
+// (in steps of kUnroll values per thread), `load(i)` reading row i as a double.
 // Shared memory: the edges (nbins + 1 doubles) when they fit, then one
 // histogram of nbins + 2 counters per warp (fewer threads contend for one
-// counter), or a single block histogram when the per-warp copies would not fit.
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    drift_ingest_kernel(const T* __restrict__ x, int64_t n, int64_t stride,
-                        const double* __restrict__ edges_g, int64_t nbins, bool edges_shared,
-                        int hist_copies, unsigned long long* __restrict__ hist,
-                        double* __restrict__ partials, double pivot) {
+// counter), or a single block histogram when the per-warp copies would not
+// fit. Adds the block's counts to `hist` and writes its 7 partials (count, nan,
+// inf, sum, sumsq, min, max) to `partials`. Every thread of the block calls it.
+template <typename Load>
+__device__ void ingest_block(const Load& load, int64_t n, const double* __restrict__ edges_g,
+                             int64_t nbins, bool edges_shared, int hist_copies, double pivot,
+                             unsigned long long* __restrict__ hist, double* __restrict__ partials) {
   extern __shared__ double shared[];
   const double* edges = edges_shared ? shared : edges_g;
   unsigned int* shared_hist =
@@ -70,12 +72,12 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t base = tid; base < full; base += kUnroll * threads) {
     double v[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) v[u] = static_cast<double>(x[(base + u * threads) * stride]);
+    for (int u = 0; u < kUnroll; ++u) v[u] = load(base + u * threads);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) ingest_one(v[u], edges, nbins, my_hist, pivot, m);
   }
   for (int64_t i = full + tid; i < n; i += threads)
-    ingest_one(static_cast<double>(x[i * stride]), edges, nbins, my_hist, pivot, m);
+    ingest_one(load(i), edges, nbins, my_hist, pivot, m);
   red[0][threadIdx.x] = m.cnt;
   red[1][threadIdx.x] = m.nan;
   red[2][threadIdx.x] = m.inf;
@@ -92,12 +94,23 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
   }
-  if (threadIdx.x < 7) partials[blockIdx.x * 7 + threadIdx.x] = red[threadIdx.x][0];
+  if (threadIdx.x < 7) partials[threadIdx.x] = red[threadIdx.x][0];
   for (int64_t k = threadIdx.x; k < slots; k += blockDim.x) {
     unsigned long long c = 0;
     for (int w = 0; w < hist_copies; ++w) c += shared_hist[w * slots + k];
     if (c) atomicAdd(&hist[k], c);
   }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    drift_ingest_kernel(const T* __restrict__ x, int64_t n, int64_t stride,
+                        const double* __restrict__ edges_g, int64_t nbins, bool edges_shared,
+                        int hist_copies, unsigned long long* __restrict__ hist,
+                        double* __restrict__ partials, double pivot) {
+  const auto load = [=](int64_t i) { return static_cast<double>(x[i * stride]); };
+  ingest_block(load, n, edges_g, nbins, edges_shared, hist_copies, pivot, hist,
+               partials + blockIdx.x * 7);
 }
 
 // ---------------------------------------------------------------- all columns in one launch
@@ -112,62 +125,12 @@ __device__ inline double load_value(const DriftColumn& c, int64_t i) {
 __global__ void __launch_bounds__(kThreads)
     drift_ingest_multi_kernel(const __grid_constant__ DriftMultiParams p, bool edges_shared,
                               int hist_copies) {
-  extern __shared__ double shared[];
   const DriftColumn& c = p.col[blockIdx.y];
-  const int64_t nbins = c.nbins;
-  const int64_t slots = nbins + 2;
-  const double* edges = edges_shared ? shared : p.edges + c.edge_offset;
-  unsigned int* shared_hist =
-      reinterpret_cast<unsigned int*>(edges_shared ? shared + nbins + 1 : shared);
-  __shared__ double red[7][kThreads];
   __shared__ bool last_block;
-  if (edges_shared)
-    for (int64_t k = threadIdx.x; k <= nbins; k += blockDim.x)
-      shared[k] = p.edges[c.edge_offset + k];
-  for (int64_t k = threadIdx.x; k < slots * hist_copies; k += blockDim.x) shared_hist[k] = 0u;
-  __syncthreads();
-  unsigned int* my_hist = shared_hist + (hist_copies > 1 ? (threadIdx.x / 32) * slots : 0);
-  Moments m;
-  m.mn = __longlong_as_double(0x7ff0000000000000LL);
-  m.mx = -m.mn;
-  const int64_t n = p.n;
-  const int64_t threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t full = n / (kUnroll * threads) * (kUnroll * threads);
-  for (int64_t base = tid; base < full; base += kUnroll * threads) {
-    double v[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) v[u] = load_value(c, base + u * threads);
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) ingest_one(v[u], edges, nbins, my_hist, c.pivot, m);
-  }
-  for (int64_t i = full + tid; i < n; i += threads)
-    ingest_one(load_value(c, i), edges, nbins, my_hist, c.pivot, m);
-  red[0][threadIdx.x] = m.cnt;
-  red[1][threadIdx.x] = m.nan;
-  red[2][threadIdx.x] = m.inf;
-  red[3][threadIdx.x] = m.sum;
-  red[4][threadIdx.x] = m.sq;
-  red[5][threadIdx.x] = m.mn;
-  red[6][threadIdx.x] = m.mx;
-  __syncthreads();
-  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-    if (threadIdx.x < s) {
-      for (int f = 0; f < 5; ++f) red[f][threadIdx.x] += red[f][threadIdx.x + s];
-      red[5][threadIdx.x] = fmin(red[5][threadIdx.x], red[5][threadIdx.x + s]);
-      red[6][threadIdx.x] = fmax(red[6][threadIdx.x], red[6][threadIdx.x + s]);
-    }
-    __syncthreads();
-  }
-  double* my_partials =
-      p.partials + (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * 7;
-  if (threadIdx.x < 7) my_partials[threadIdx.x] = red[threadIdx.x][0];
-  unsigned long long* hist = p.hist + c.hist_offset;
-  for (int64_t k = threadIdx.x; k < slots; k += blockDim.x) {
-    unsigned long long cnt = 0;
-    for (int w = 0; w < hist_copies; ++w) cnt += shared_hist[w * slots + k];
-    if (cnt) atomicAdd(&hist[k], cnt);
-  }
+  const auto load = [&](int64_t i) { return load_value(c, i); };
+  ingest_block(load, p.n, p.edges + c.edge_offset, c.nbins, edges_shared, hist_copies, c.pivot,
+               p.hist + c.hist_offset,
+               p.partials + (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * 7);
   // The column's last block to finish folds the partials, in block order.
   __threadfence();
   __syncthreads();
@@ -190,6 +153,23 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) p.done[blockIdx.y] = 0u;  // ready for the next launch
 }
 
+// ingest_block's dynamic shared memory for columns of up to `nbins` bins:
+// per-warp histograms while they fit the default 48 KB (with the edges and
+// the reduction's 14 KB), else one per block; the edges while they fit too.
+struct SharedLayout {
+  int copies;
+  bool edges_shared;
+  size_t bytes;
+};
+SharedLayout shared_layout(int64_t nbins) {
+  const size_t edge_bytes = static_cast<size_t>(nbins + 1) * sizeof(double);
+  const size_t hist_bytes = static_cast<size_t>(nbins + 2) * sizeof(unsigned int);
+  constexpr size_t kBudget = 32 * 1024;
+  const int copies = edge_bytes + kWarps * hist_bytes <= kBudget ? kWarps : 1;
+  const bool edges_shared = edge_bytes + copies * hist_bytes <= kBudget;
+  return {copies, edges_shared, (edges_shared ? edge_bytes : 0) + copies * hist_bytes};
+}
+
 void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) {
     throw std::runtime_error(std::string("drift CUDA ingest: ") + what +
@@ -207,22 +187,15 @@ void drift_ingest_cuda(const DriftIngestParams& p) {
   if (p.blocks < 1) throw std::invalid_argument("blocks must be positive");
   if (p.n == 0) return;
   auto stream = static_cast<cudaStream_t>(p.stream);
-  // Per-warp histograms while they fit the default 48 KB of shared memory
-  // (with the edges and the reduction's 14 KB), else one per block.
-  const size_t edge_bytes = static_cast<size_t>(p.nbins + 1) * sizeof(double);
-  const size_t hist_bytes = static_cast<size_t>(p.nbins + 2) * sizeof(unsigned int);
-  constexpr size_t kBudget = 32 * 1024;
-  const int copies = edge_bytes + kWarps * hist_bytes <= kBudget ? kWarps : 1;
-  const bool edges_shared = edge_bytes + copies * hist_bytes <= kBudget;
-  const size_t shared = (edges_shared ? edge_bytes : 0) + copies * hist_bytes;
+  const SharedLayout lay = shared_layout(p.nbins);
   if (p.dtype == 0) {
-    drift_ingest_kernel<float><<<p.blocks, kThreads, shared, stream>>>(
-        static_cast<const float*>(p.x), p.n, p.stride, p.edges, p.nbins, edges_shared, copies,
-        p.hist, p.partials, p.pivot);
+    drift_ingest_kernel<float><<<p.blocks, kThreads, lay.bytes, stream>>>(
+        static_cast<const float*>(p.x), p.n, p.stride, p.edges, p.nbins, lay.edges_shared,
+        lay.copies, p.hist, p.partials, p.pivot);
   } else {
-    drift_ingest_kernel<double><<<p.blocks, kThreads, shared, stream>>>(
-        static_cast<const double*>(p.x), p.n, p.stride, p.edges, p.nbins, edges_shared, copies,
-        p.hist, p.partials, p.pivot);
+    drift_ingest_kernel<double><<<p.blocks, kThreads, lay.bytes, stream>>>(
+        static_cast<const double*>(p.x), p.n, p.stride, p.edges, p.nbins, lay.edges_shared,
+        lay.copies, p.hist, p.partials, p.pivot);
   }
   check(cudaGetLastError(), "kernel launch");
 }
@@ -246,14 +219,9 @@ void drift_ingest_multi_cuda(const DriftMultiParams& p) {
   }
   if (p.n == 0) return;
   auto stream = static_cast<cudaStream_t>(p.stream);
-  const size_t edge_bytes = static_cast<size_t>(widest + 1) * sizeof(double);
-  const size_t hist_bytes = static_cast<size_t>(widest + 2) * sizeof(unsigned int);
-  constexpr size_t kBudget = 32 * 1024;
-  const int copies = edge_bytes + kWarps * hist_bytes <= kBudget ? kWarps : 1;
-  const bool edges_shared = edge_bytes + copies * hist_bytes <= kBudget;
-  const size_t shared = (edges_shared ? edge_bytes : 0) + copies * hist_bytes;
+  const SharedLayout lay = shared_layout(widest);
   const dim3 grid(static_cast<unsigned int>(p.blocks), static_cast<unsigned int>(p.ncols));
-  drift_ingest_multi_kernel<<<grid, kThreads, shared, stream>>>(p, edges_shared, copies);
+  drift_ingest_multi_kernel<<<grid, kThreads, lay.bytes, stream>>>(p, lay.edges_shared, lay.copies);
   check(cudaGetLastError(), "kernel launch");
 }
 

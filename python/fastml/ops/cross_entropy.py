@@ -195,15 +195,17 @@ def _ce_block(c: int) -> int:
 
 
 def cross_entropy_forward(
-    logits: Tensor, target: Tensor, ignore_index: int, smoothing: float
+    logits: Tensor, target: Tensor, ignore_index: int, smoothing: float, grad_in_place: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row loss and log-sum-exp (fp32) of 2-D ``logits``, and per-row
-    validity (int32: 1 counted, 0 ignored, -2**30 target out of range)."""
+    validity (int32: 1 counted, 0 ignored, -2**30 target out of range).
+    ``grad_in_place``: also overwrite ``logits`` with d loss_row / d logits
+    (unscaled) in the same pass (one program per row)."""
     n, c = logits.shape
     loss = torch.empty(n, dtype=torch.float32, device=logits.device)
     lse = torch.empty(n, dtype=torch.float32, device=logits.device)
     valid = torch.empty(n, dtype=torch.int32, device=logits.device)
-    chunks, width = row_split(n, c, logits.device)
+    chunks, width = (1, 0) if grad_in_place else row_split(n, c, logits.device)
     if chunks > 1:
         part = torch.empty((n, 3, chunks), dtype=torch.float32, device=logits.device)
         _ce_split_stats_kernel[(n, chunks)](
@@ -225,13 +227,14 @@ def cross_entropy_forward(
         )
     elif n > 0:
         block = _ce_block(c)
+        one = torch.ones(1, dtype=torch.float32, device=logits.device) if grad_in_place else loss
         _cross_entropy_kernel[(n,)](
             logits,
             target,
             loss,
             lse,
             valid,
-            loss,
+            one,
             logits,
             logits.stride(0),
             0,
@@ -241,7 +244,7 @@ def cross_entropy_forward(
             smoothing,
             HAS_LSE=False,
             WRITE_LOSS=True,
-            WRITE_GRAD=False,
+            WRITE_GRAD=grad_in_place,
             WRITE_VALID=True,
             BLOCK=block,
             num_warps=num_warps(block),
@@ -338,42 +341,6 @@ def cross_entropy_fused_(
             num_warps=num_warps(block),
         )
     return loss
-
-
-def cross_entropy_grad_in_place(
-    logits: Tensor, target: Tensor, ignore_index: int, smoothing: float
-) -> tuple[Tensor, Tensor]:
-    """Per-row loss and validity of 2-D ``logits``; overwrites ``logits`` with
-    d loss_row / d logits (unscaled) in the same pass."""
-    n, c = logits.shape
-    loss = torch.empty(n, dtype=torch.float32, device=logits.device)
-    lse = torch.empty(n, dtype=torch.float32, device=logits.device)
-    valid = torch.empty(n, dtype=torch.int32, device=logits.device)
-    if n > 0:
-        block = _ce_block(c)
-        one = torch.ones(1, dtype=torch.float32, device=logits.device)
-        _cross_entropy_kernel[(n,)](
-            logits,
-            target,
-            loss,
-            lse,
-            valid,
-            one,
-            logits,
-            logits.stride(0),
-            0,
-            logits.stride(0),
-            c,
-            ignore_index,
-            smoothing,
-            HAS_LSE=False,
-            WRITE_LOSS=True,
-            WRITE_GRAD=True,
-            WRITE_VALID=True,
-            BLOCK=block,
-            num_warps=num_warps(block),
-        )
-    return loss, valid
 
 
 # -- torch implementations with the same semantics --
@@ -518,7 +485,9 @@ class _CrossEntropyGradInLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, t, ignore_index, smoothing, base):
         if use_triton(x2):
-            loss, valid = cross_entropy_grad_in_place(x2, t, ignore_index, smoothing)
+            loss, _lse, valid = cross_entropy_forward(
+                x2, t, ignore_index, smoothing, grad_in_place=True
+            )
         else:
             loss, lse = _cross_entropy_forward_torch(x2, t, ignore_index, smoothing)
             ones = torch.ones((), dtype=torch.float32, device=x2.device)
