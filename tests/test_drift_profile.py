@@ -70,12 +70,16 @@ def columns(draw):
     st.sampled_from(["float32", "float64", "int32", "float16"]),
     st.integers(1, 40),
 )
+# Found by the explore profile: a value beyond float16's range becomes inf in
+# the cast (intended input, not an error of the test).
+@example(np.array([2.0]), np.array([18.5, -0.05, 1.0e5]), "float16", 1)
 def test_numeric_ingest_matches_numpy(ref_values, batch, dtype, bins):
     ref = drift.Profile.from_data({"x": ref_values}, bins=bins)
     edges = ref.summary("x")["edges"]
     if np.dtype(dtype).kind == "i":
         batch = np.nan_to_num(batch, nan=0, posinf=0, neginf=0).clip(-1e9, 1e9)
-    b = batch.astype(dtype)
+    with np.errstate(over="ignore"):  # float16: out-of-range values become +-inf
+        b = batch.astype(dtype)
     cur = ref.empty()
     cur.update({"x": b})
     got = cur.summary("x")
