@@ -8,8 +8,9 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+from _hyp import examples
 from _ops_util import assert_rule
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fastml import ops
@@ -123,12 +124,172 @@ def test_adamw_closure_and_cpu_default():
 
 def test_adamw_rejects_unsupported():
     p = [torch.nn.Parameter(torch.randn(2))]
-    with pytest.raises(ValueError, match="capturable"):
-        ops.AdamW(p, capturable=True)
+    with pytest.raises(ValueError, match="differentiable"):
+        ops.AdamW(p, differentiable=True)
     with pytest.raises(ValueError, match="fused"):
         ops.AdamW(p, fused=True)
     with pytest.raises(ValueError, match="learning rate"):
         ops.AdamW(p, lr=-1.0)
+    for bad in (-1, 2**31, 1.5, True, "7"):
+        with pytest.raises(ValueError, match="seed"):
+            ops.AdamW(p, stochastic_rounding=True, seed=bad)
+    with pytest.raises(TypeError, match="stochastic_rounding"):
+        ops.AdamW(p, stochastic_rounding=1)
+
+
+def _grads(params, gen, skip=None, step=0):
+    out = []
+    for i, p in enumerate(params):
+        if skip is not None and i == skip and step % 2:
+            out.append(None)
+        else:
+            out.append(torch.randn(p.shape, generator=gen).to(p.dtype))
+    return out
+
+
+def _step_both(a, b, ours, theirs, grads):
+    for p, q, g in zip(ours, theirs, grads, strict=True):
+        p.grad = None if g is None else g.clone()
+        q.grad = None if g is None else g.clone()
+    a.step()
+    b.step()
+
+
+def test_adamw_tensor_lr_and_betas_read_by_the_kernel(triton_backend, monkeypatch):
+    """lr and betas as tensors on the parameters' device are read by the kernel
+    at each launch (a scheduler writes lr in place: no host read, no recompile);
+    the result follows torch with the same schedule."""
+    adamw_mod = importlib.import_module("fastml.ops.adamw")
+    seen = []
+    real = adamw_mod._scalar_arg
+
+    def spy(value, device):
+        out = real(value, device)
+        seen.append(out[1])
+        return out
+
+    monkeypatch.setattr(adamw_mod, "_scalar_arg", spy)
+    gen = torch.Generator().manual_seed(5)
+    ours = [torch.randn(s, generator=gen).requires_grad_() for s in [(7,), (3, 5), (1,)]]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    lr = torch.tensor(0.05)
+    a = ops.AdamW(ours, lr=lr, betas=(torch.tensor(0.8), torch.tensor(0.95)), weight_decay=0.1)
+    b = torch.optim.AdamW(theirs, lr=0.05, betas=(0.8, 0.95), weight_decay=0.1)
+    sa = torch.optim.lr_scheduler.StepLR(a, step_size=2, gamma=0.5)
+    sb = torch.optim.lr_scheduler.StepLR(b, step_size=2, gamma=0.5)
+    for _ in range(7):
+        _step_both(a, b, ours, theirs, _grads(ours, gen))
+        sa.step()
+        sb.step()
+    assert a.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(0.05 * 0.5**3)
+    assert seen and all(seen), "lr and betas should reach the kernel as tensors"
+    for p, q in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
+
+
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adamw", "amsgrad"])
+def test_adamw_capturable_keeps_the_step_on_the_device(triton_backend, monkeypatch, amsgrad):
+    """capturable=True: step counters live with the parameters, the kernel reads
+    them and computes the bias corrections (in float64), and the host never reads
+    a tensor during the step (what a CUDA graph capture needs). Parameters whose
+    gradient is missing on some steps keep their own counts."""
+    gen = torch.Generator().manual_seed(8)
+    ours = [torch.randn(s, generator=gen).requires_grad_() for s in [(5,), (7, 3), (1,), (40,)]]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    kw = dict(lr=0.05, betas=(0.85, 0.97), weight_decay=0.05, amsgrad=amsgrad)
+    a = ops.AdamW(ours, capturable=True, **kw)
+    b = torch.optim.AdamW(theirs, **kw)
+    _step_both(a, b, ours, theirs, _grads(ours, gen))  # warm-up: state and tables exist
+
+    def no_host_read(*args, **kwargs):
+        raise AssertionError("the capturable step read a tensor on the host")
+
+    with monkeypatch.context() as m:
+        for name in ("item", "tolist", "__float__", "__bool__"):
+            m.setattr(torch.Tensor, name, no_host_read)
+        for step in range(1, 8):
+            grads = _grads(ours, gen, skip=1, step=step)
+            for p, q, g in zip(ours, theirs, grads, strict=True):
+                p.grad = None if g is None else g.clone()
+                q.grad = None if g is None else g.clone()
+            a.step()
+            m.undo()
+            b.step()
+            for name in ("item", "tolist", "__float__", "__bool__"):
+                m.setattr(torch.Tensor, name, no_host_read)
+    assert all(a.state[p]["step"].device == p.device for p in ours)
+    assert float(a.state[ours[1]]["step"]) == 4.0 and float(a.state[ours[0]]["step"]) == 8.0
+    for p, q in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
+    # The state moves between capturable fastml and torch.
+    c = torch.optim.AdamW(copy.deepcopy(theirs), **kw)
+    c.load_state_dict(a.state_dict())
+    d = ops.AdamW(copy.deepcopy(ours), capturable=True, **kw)
+    d.load_state_dict(b.state_dict())
+    assert float(d.state_dict()["state"][1]["step"]) == 4.0
+
+
+def _sr_run(backend, steps, seed=11, n=1 << 16, lr=1e-3, rounding=True):
+    """bf16 parameters at 1.0 with a constant gradient: each fp32 update (~lr) is
+    below half a bf16 ulp (2**-9 under 1.0), so round-to-nearest loses it."""
+    _dispatch.set_backend(backend)
+    try:
+        p = torch.ones(n, dtype=torch.bfloat16, requires_grad=True)
+        opt = ops.AdamW([p], lr=lr, weight_decay=0.0, stochastic_rounding=rounding, seed=seed)
+        for _ in range(steps):
+            p.grad = torch.ones(n, dtype=torch.bfloat16)
+            opt.step()
+    finally:
+        _dispatch.set_backend("auto")
+    return p.detach(), opt
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_adamw_stochastic_rounding_is_unbiased(backend):
+    """The mean of stochastically rounded parameters equals the float32 update
+    within sampling error; round-to-nearest leaves them at 1.0. Seeded:
+    the same seed repeats bit for bit, another seed differs."""
+    steps, lr = 6, 1e-3
+    rtn, _ = _sr_run(backend, steps, rounding=False)
+    if backend == "torch" or not _dispatch._interpreting():  # the interpreter truncates bf16
+        assert torch.equal(rtn, torch.ones_like(rtn))
+    sr, opt = _sr_run(backend, steps)
+    # fp32 reference: with a constant gradient every step moves by lr / (1 + eps').
+    ref = torch.ones(1, requires_grad=True)
+    ref_opt = torch.optim.AdamW([ref], lr=lr, weight_decay=0.0)
+    for _ in range(steps):
+        ref.grad = torch.ones(1)
+        ref_opt.step()
+    expected = float(ref.detach())
+    values = sr.float()
+    # Each element sits on one of two bf16 neighbours of its own fp32 path; the
+    # per-step rounding noise is at most one ulp (2**-8 here) with variance
+    # <= ulp**2 / 4 per step, so the mean's standard error is bounded by:
+    sigma = (2.0**-8) * (steps / 4 / values.numel()) ** 0.5
+    assert abs(values.mean().item() - expected) < 6 * sigma, (values.mean().item(), expected)
+    assert values.min() >= expected - steps * 2.0**-8 and values.max() <= 1.0
+    again, _ = _sr_run(backend, steps)
+    assert torch.equal(again, sr)
+    other, _ = _sr_run(backend, steps, seed=12)
+    assert not torch.equal(other, sr)
+    groups = opt.state_dict()["param_groups"]
+    assert groups[0]["stochastic_rounding"] is True and groups[0]["seed"] == 11
+
+
+def test_adamw_stochastic_rounding_leaves_other_dtypes_and_defaults_seed(triton_backend):
+    gen = torch.Generator().manual_seed(2)
+    plain = [torch.randn(33, generator=gen).requires_grad_()]
+    rounded = [plain[0].detach().clone().requires_grad_()]
+    a = ops.AdamW(plain, lr=0.05)
+    b = ops.AdamW(rounded, lr=0.05, stochastic_rounding=True)
+    for _ in range(3):
+        _step_both(a, b, plain, rounded, _grads(plain, gen))
+    assert torch.equal(plain[0], rounded[0])  # float32 parameters are not rounded
+    torch.manual_seed(123)
+    s1 = ops.AdamW(plain, stochastic_rounding=True).param_groups[0]["seed"]
+    torch.manual_seed(123)
+    s2 = ops.AdamW(plain, stochastic_rounding=True).param_groups[0]["seed"]
+    assert s1 == s2 and 0 <= s1 < 2**31
 
 
 # ---------------------------------------------------------------- modules
@@ -473,23 +634,39 @@ def test_adamw_mixed_dtypes_and_uneven_steps(triton_backend):
 
 @given(
     sizes=st.lists(
-        st.sampled_from([0, 1, 2, 7, 1023, 1024, 1025, 2048, 3001]), min_size=1, max_size=40
+        st.sampled_from([0, 1, 2, 7, 255, 256, 257, 1023, 1024, 1025, 2048, 3001]),
+        min_size=1,
+        max_size=40,
     ),
     skip=st.integers(-1, 39),
+    small_chunks=st.booleans(),
+    misaligned=st.booleans(),
 )
-@example(sizes=[0, 1024, 0, 1, 1025, 0], skip=-1)  # empty tensors between block boundaries
-@example(sizes=[1025] * 33, skip=5)  # a 6-step block search, one tensor a step behind
-def test_adamw_finds_every_block_tensor(sizes, skip):
-    """One launch covers every block of every tensor: each program finds its
-    tensor by a binary search over the tensors' first blocks. Any mix of sizes
-    (empty, one element, block edges), uniform steps (scalar bias corrections)
-    or one tensor skipped on a step (per-tensor corrections) matches torch."""
+@example(sizes=[0, 1024, 0, 1, 1025, 0], skip=-1, small_chunks=False, misaligned=False)
+@example(sizes=[1025] * 33, skip=5, small_chunks=False, misaligned=False)  # 6-step search
+@example(sizes=[256, 257, 0, 3001], skip=1, small_chunks=True, misaligned=True)
+@settings(max_examples=examples(30))
+def test_adamw_finds_every_block_tensor(sizes, skip, small_chunks, misaligned):
+    """One launch covers every chunk of every tensor: each program finds its
+    tensor by a binary search over the tensors' first chunks and walks its chunk
+    in full blocks (16-byte accesses when every tensor is aligned) and a masked
+    tail. Any mix of sizes (empty, one element, block and chunk edges; chunks of
+    256 in blocks of 64 make many chunks per tensor), tensors starting off a
+    16-byte boundary, uniform steps or one tensor skipped on a step (per-tensor
+    corrections) matches torch."""
+    adamw_mod = importlib.import_module("fastml.ops.adamw")
     gen = torch.Generator().manual_seed(len(sizes) * 131 + skip)
-    ours = [torch.randn(k, generator=gen).requires_grad_() for k in sizes]
+    if misaligned:  # contiguous views one element into their storage
+        ours = [torch.randn(k + 1, generator=gen)[1:].requires_grad_() for k in sizes]
+    else:
+        ours = [torch.randn(k, generator=gen).requires_grad_() for k in sizes]
     theirs = [p.detach().clone().requires_grad_() for p in ours]
     a = ops.AdamW(ours, lr=0.05, weight_decay=0.1)
     b = torch.optim.AdamW(theirs, lr=0.05, weight_decay=0.1)
+    old = adamw_mod._BLOCK, adamw_mod._CHUNK
     _dispatch.set_backend("triton")
+    if small_chunks:
+        adamw_mod._BLOCK, adamw_mod._CHUNK = 64, 256
     try:
         for step in range(3):
             for i, (p, q) in enumerate(zip(ours, theirs, strict=True)):
@@ -502,6 +679,7 @@ def test_adamw_finds_every_block_tensor(sizes, skip):
             b.step()
     finally:
         _dispatch.set_backend("auto")
+        adamw_mod._BLOCK, adamw_mod._CHUNK = old
     for p, q in zip(ours, theirs, strict=True):
         torch.testing.assert_close(p, q, rtol=2e-6, atol=2e-7)
 

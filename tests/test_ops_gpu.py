@@ -136,6 +136,71 @@ def test_adamw_cuda(dtype, amsgrad):
             assert_rule(a.detach(), b.detach(), r.detach(), "AdamW bf16", norm=True)
 
 
+def test_adamw_cuda_graph_capture_with_tensor_lr():
+    """capturable=True and a tensor lr: one step captured in a CUDA graph and
+    replayed with new gradients (copied into the static grads) and a schedule
+    that writes lr in place between replays equals eager torch AdamW."""
+    shapes = [(1,), (3, 5), (4097,), (300, 70)]
+    gen = torch.Generator(device=DEV).manual_seed(4)
+    ours = [torch.randn(s, device=DEV, generator=gen).requires_grad_() for s in shapes]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    for p in ours:
+        p.grad = torch.zeros_like(p)
+    lr = torch.tensor(0.02, device=DEV)
+    kw = dict(betas=(0.9, 0.95), weight_decay=0.1, amsgrad=True)
+    a = ops.AdamW(ours, lr=lr, capturable=True, **kw)
+    b = torch.optim.AdamW(theirs, lr=0.02, **kw)
+
+    def feed(lr_value):
+        grads = [torch.randn(s, device=DEV, generator=gen) for s in shapes]
+        for p, q, g in zip(ours, theirs, grads, strict=True):
+            p.grad.copy_(g)
+            q.grad = g.clone()
+        lr.fill_(lr_value)
+        b.param_groups[0]["lr"] = lr_value
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: state, tables and kernels exist
+        feed(0.02)
+        a.step()
+    torch.cuda.current_stream().wait_stream(side)
+    b.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        a.step()
+    for i in range(10):
+        feed(0.02 * 0.8**i)
+        graph.replay()
+        b.step()
+    torch.cuda.synchronize()
+    assert float(a.state[ours[0]]["step"]) == 11.0
+    for p, q in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_adamw_cuda_stochastic_rounding_unbiased():
+    """bf16 parameters at 1.0, updates below half an ulp: round-to-nearest keeps
+    1.0, stochastic rounding keeps the float32 mean within sampling error."""
+    n, steps, lr = 1 << 20, 8, 1e-3
+    out = {}
+    for rounding in (False, True):
+        p = torch.ones(n, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+        opt = ops.AdamW([p], lr=lr, weight_decay=0.0, stochastic_rounding=rounding, seed=3)
+        for _ in range(steps):
+            p.grad = torch.ones_like(p)
+            opt.step()
+        out[rounding] = p.detach().float()
+    ref = torch.ones(1, device=DEV, requires_grad=True)
+    ref_opt = torch.optim.AdamW([ref], lr=lr, weight_decay=0.0)
+    for _ in range(steps):
+        ref.grad = torch.ones_like(ref)
+        ref_opt.step()
+    assert torch.equal(out[False], torch.ones_like(out[False]))
+    sigma = (2.0**-8) * (steps / 4 / n) ** 0.5
+    assert abs(out[True].mean().item() - ref.item()) < 6 * sigma
+
+
 # Inductor warns that TF32 is off for float32 matmuls (a performance hint; this
 # test wants float32 numerics), and the warnings-as-errors setting would turn it
 # into an InductorError (second H200 run, 2026-12-04).

@@ -21,7 +21,8 @@ from torch import Tensor
 
 from fastml.ops._dispatch import tl, triton, use_triton
 
-_BLOCK = 1024
+_BLOCK = 1024  # elements per iteration: 4 warps x 32 threads x 8 (two 16-byte fp32 accesses)
+_CHUNK = 16 * _BLOCK  # elements per program: the tensor search is paid once per 16 blocks
 _TL_DTYPES = {}
 
 
@@ -34,74 +35,213 @@ def _tl_dtype(dtype: torch.dtype):
 
 
 @triton.jit
-def _adamw_kernel(
-    PTRS,
-    NUMELS,
-    FIRST_BLOCK,
-    STEP_SIZE,
-    BC2_SQRT,
-    n_tensors,
-    step_size_all,
-    bc2_sqrt_all,
+def _table_ptr(TABLE, t, column, n_tensors, TY: tl.constexpr, ALIGNED: tl.constexpr):
+    ptr = tl.load(TABLE + column * n_tensors + t).to(tl.pointer_type(TY))
+    if ALIGNED:  # every tensor of the launch starts on 16 bytes: vector accesses
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def _adamw_block(
+    p_ptr,
+    g_ptr,
+    m_ptr,
+    v_ptr,
+    vmax_ptr,
+    offs,
+    end,
+    stream_offs,
+    seed,
     decay,
-    beta1,
+    step_size,
+    bc2_sqrt,
+    one_minus_beta1,
     beta2,
+    one_minus_beta2,
     eps,
+    P_TY: tl.constexpr,
+    S_TY: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    SR: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """Update one block of one tensor (fp32 math, stored in the tensors' dtypes)."""
+    if MASKED:
+        mask = offs < end
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        p = tl.load(p_ptr + offs).to(tl.float32)
+        g = tl.load(g_ptr + offs).to(tl.float32)
+        m = tl.load(m_ptr + offs).to(tl.float32)
+        v = tl.load(v_ptr + offs).to(tl.float32)
+    if MAXIMIZE:
+        g = -g
+    p = p * decay
+    m = m + (g - m) * one_minus_beta1
+    v = v * beta2 + one_minus_beta2 * g * g
+    if AMSGRAD:
+        if MASKED:
+            vmax = tl.load(vmax_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        else:
+            vmax = tl.load(vmax_ptr + offs).to(tl.float32)
+        vmax = tl.maximum(vmax, v)
+        denom = tl.sqrt(vmax) / bc2_sqrt + eps
+    else:
+        denom = tl.sqrt(v) / bc2_sqrt + eps
+    p = p - step_size * m / denom
+    if SR:
+        # Stochastic rounding to bfloat16: add 16 random bits below the kept
+        # mantissa and truncate, so a value rounds up with probability equal to
+        # its distance from the lower neighbour (unbiased). The result is exact
+        # in bfloat16, so the store's own rounding does not change it.
+        bits = p.to(tl.int32, bitcast=True)
+        noise = (tl.randint(seed, stream_offs) & 0xFFFF).to(tl.int32)
+        rounded = ((bits + noise) & -65536).to(tl.float32, bitcast=True)
+        p = tl.where(p != p, p, rounded)
+    if MASKED:
+        tl.store(p_ptr + offs, p.to(P_TY), mask=mask)
+        tl.store(m_ptr + offs, m.to(S_TY), mask=mask)
+        tl.store(v_ptr + offs, v.to(S_TY), mask=mask)
+        if AMSGRAD:
+            tl.store(vmax_ptr + offs, vmax.to(S_TY), mask=mask)
+    else:
+        tl.store(p_ptr + offs, p.to(P_TY))
+        tl.store(m_ptr + offs, m.to(S_TY))
+        tl.store(v_ptr + offs, v.to(S_TY))
+        if AMSGRAD:
+            tl.store(vmax_ptr + offs, vmax.to(S_TY))
+
+
+@triton.jit
+def _adamw_kernel(
+    TABLE,
+    NUMELS,
+    FIRST_CHUNK,
+    STEPS,
+    LR,
+    BETA1,
+    BETA2,
+    n_tensors,
+    step_all,
+    bc1_all,
+    bc2_sqrt_all,
+    step_size_all,
+    decay_all,
+    one_minus_beta1_all,
+    one_minus_beta2_all,
+    weight_decay,
+    eps,
+    seed,
     P_TY: tl.constexpr,
     G_TY: tl.constexpr,
     S_TY: tl.constexpr,
     AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr,
-    PER_TENSOR_STEP: tl.constexpr,
+    STEP_MODE: tl.constexpr,
+    BC_IN_KERNEL: tl.constexpr,
+    LR_PTR: tl.constexpr,
+    BETAS_PTR: tl.constexpr,
+    HOST_STEP_SIZE: tl.constexpr,
+    SR: tl.constexpr,
+    ALIGNED: tl.constexpr,
     SEARCH_STEPS: tl.constexpr,
     BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    # The tensor of this block: the last t with FIRST_BLOCK[t] <= pid (FIRST_BLOCK
-    # ascending, FIRST_BLOCK[0] == 0), by a binary search over the small table
-    # (it stays in cache), instead of a per-block table built on the host.
+    # The tensor of this chunk: the last t with FIRST_CHUNK[t] <= pid (ascending,
+    # FIRST_CHUNK[0] == 0), by a binary search over the small cached table.
     lo = pid * 0
     hi = lo + n_tensors
     for _ in tl.static_range(SEARCH_STEPS):
         mid = (lo + hi) // 2
-        go_right = tl.load(FIRST_BLOCK + mid, mask=hi - lo > 1, other=pid + 1) <= pid
+        go_right = tl.load(FIRST_CHUNK + mid, mask=hi - lo > 1, other=pid + 1) <= pid
         lo = tl.where(go_right & (hi - lo > 1), mid, lo)
         hi = tl.where(go_right | (hi - lo <= 1), hi, mid)
     t = lo
-    start = (pid - tl.load(FIRST_BLOCK + t)) * BLOCK
-    n = tl.load(NUMELS + t)
-    p_ptr = tl.load(PTRS + t).to(tl.pointer_type(P_TY))
-    g_ptr = tl.load(PTRS + n_tensors + t).to(tl.pointer_type(G_TY))
-    m_ptr = tl.load(PTRS + 2 * n_tensors + t).to(tl.pointer_type(S_TY))
-    v_ptr = tl.load(PTRS + 3 * n_tensors + t).to(tl.pointer_type(S_TY))
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < n
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if MAXIMIZE:
-        g = -g
-    p = p * decay
-    m = m + (g - m) * (1.0 - beta1)
-    v = v * beta2 + (1.0 - beta2) * g * g
-    if PER_TENSOR_STEP:
-        step_size = tl.load(STEP_SIZE + t)
-        bc2_sqrt = tl.load(BC2_SQRT + t)
-    else:
-        step_size = step_size_all
-        bc2_sqrt = bc2_sqrt_all
+    first = tl.load(FIRST_CHUNK + t)
+    start = (pid - first) * CHUNK
+    end = tl.minimum(start + CHUNK, tl.load(NUMELS + t))
+    p_ptr = _table_ptr(TABLE, t, 0, n_tensors, P_TY, ALIGNED)
+    g_ptr = _table_ptr(TABLE, t, 1, n_tensors, G_TY, ALIGNED)
+    m_ptr = _table_ptr(TABLE, t, 2, n_tensors, S_TY, ALIGNED)
+    v_ptr = _table_ptr(TABLE, t, 3, n_tensors, S_TY, ALIGNED)
     if AMSGRAD:
-        vmax_ptr = tl.load(PTRS + 4 * n_tensors + t).to(tl.pointer_type(S_TY))
-        vmax = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=0.0).to(tl.float32), v)
-        tl.store(vmax_ptr + offs, vmax.to(S_TY), mask=mask)
-        denom = tl.sqrt(vmax) / bc2_sqrt + eps
+        vmax_ptr = _table_ptr(TABLE, t, 4, n_tensors, S_TY, ALIGNED)
     else:
-        denom = tl.sqrt(v) / bc2_sqrt + eps
-    p = p - step_size * m / denom
-    tl.store(p_ptr + offs, p.to(P_TY), mask=mask)
-    tl.store(m_ptr + offs, m.to(S_TY), mask=mask)
-    tl.store(v_ptr + offs, v.to(S_TY), mask=mask)
+        vmax_ptr = m_ptr  # unused
+    # Scalars: the learning rate and betas are kernel arguments or read from
+    # device tensors (a schedule that changes them needs no host sync and no
+    # new compilation); the step is uniform, per tensor, or a device counter.
+    # Host-given values are computed in float64 and rounded once (1 - beta2 from
+    # a float32 beta2 would be off by ~1e-5 relative).
+    if LR_PTR:
+        lr = tl.load(LR).to(tl.float32)
+        decay = 1.0 - lr * weight_decay
+    else:
+        lr = LR
+        decay = decay_all
+    if BETAS_PTR:
+        beta1 = tl.load(BETA1).to(tl.float32)
+        beta2 = tl.load(BETA2).to(tl.float32)
+        one_minus_beta1 = 1.0 - beta1
+        one_minus_beta2 = 1.0 - beta2
+    else:
+        beta1 = BETA1
+        beta2 = BETA2
+        one_minus_beta1 = one_minus_beta1_all
+        one_minus_beta2 = one_minus_beta2_all
+    if STEP_MODE == 0:
+        step = step_all
+        bc1 = bc1_all
+        bc2_sqrt = bc2_sqrt_all
+    elif STEP_MODE == 1:
+        bc1 = tl.load(STEPS + t)
+        bc2_sqrt = tl.load(STEPS + n_tensors + t)
+        step = tl.load(STEPS + 2 * n_tensors + t)
+    else:
+        step_col = 5 if AMSGRAD else 4
+        step = tl.load(_table_ptr(TABLE, t, step_col, n_tensors, tl.float32, False))
+        bc1 = bc1_all
+        bc2_sqrt = bc2_sqrt_all
+    if BC_IN_KERNEL:
+        # 1 - beta^step in float64 (beta as given in float32), then rounded.
+        s64 = step.to(tl.float64)
+        pow1 = tl.exp2(s64 * tl.log2(beta1.to(tl.float64)))
+        pow2 = tl.exp2(s64 * tl.log2(beta2.to(tl.float64)))
+        bc1 = (1.0 - pow1).to(tl.float32)
+        bc2_sqrt = tl.sqrt((1.0 - pow2).to(tl.float32))
+    if HOST_STEP_SIZE:
+        step_size = step_size_all
+    else:
+        step_size = lr / bc1
+    if SR:
+        # The random stream: keyed by (seed, step), counted by the element's
+        # position in the launch's concatenation of tensors.
+        seed64 = seed.to(tl.int64) + step.to(tl.int64) * 4294967296
+    else:
+        seed64 = seed
+    stream_base = first * CHUNK
+    full_end = start + ((end - start) // BLOCK) * BLOCK
+    for base in tl.range(start, full_end, BLOCK):
+        offs = tl.multiple_of(base, BLOCK) + tl.arange(0, BLOCK)
+        _adamw_block(
+            p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, end, stream_base + offs, seed64,
+            decay, step_size, bc2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps,
+            P_TY, S_TY, AMSGRAD, MAXIMIZE, SR, False,
+        )  # fmt: skip
+    if full_end < end:
+        offs = full_end + tl.arange(0, BLOCK)
+        _adamw_block(
+            p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, end, stream_base + offs, seed64,
+            decay, step_size, bc2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps,
+            P_TY, S_TY, AMSGRAD, MAXIMIZE, SR, True,
+        )  # fmt: skip
 
 
 # Device copies of the pointer tables, keyed by device and the table's
@@ -124,78 +264,162 @@ def _device_table(device: torch.device, values: list[int]) -> Tensor:
     return table
 
 
+def _sr_round_bf16(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Stochastic rounding of a float32 tensor to bfloat16 (the torch reference)."""
+    noise = torch.randint(
+        0, 1 << 16, x.shape, generator=generator, device=x.device, dtype=torch.int32
+    )
+    rounded = ((x.view(torch.int32) + noise) & -65536).view(torch.float32)
+    return torch.where(torch.isnan(x), x, rounded).to(torch.bfloat16)
+
+
+def _scalar_arg(value: float | Tensor, device: torch.device) -> tuple[Any, bool]:
+    """A kernel scalar: a float, or a tensor the kernel reads at launch (no host sync).
+
+    A tensor on the parameters' device is read by the kernel; a CPU tensor
+    next to CUDA parameters is read on the host (no sync); one on another
+    device is copied over (no sync)."""
+    if isinstance(value, Tensor):
+        if value.device == device:
+            return value, True
+        if value.device.type == "cpu":
+            return float(value), False
+        return value.to(device), True
+    return float(value), False
+
+
 def adamw_step_(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     max_exp_avg_sqs: list[Tensor],
-    steps: list[float],
+    steps: list[float] | list[Tensor],
     *,
-    lr: float,
-    beta1: float,
-    beta2: float,
+    lr: float | Tensor,
+    beta1: float | Tensor,
+    beta2: float | Tensor,
     eps: float,
     weight_decay: float,
     amsgrad: bool,
     maximize: bool,
+    stochastic_rounding: bool = False,
+    seed: int = 0,
 ) -> None:
-    """One fused AdamW update of tensors that share device and dtypes (contiguous).
+    """One fused AdamW update of contiguous tensors that share device and dtypes.
 
-    One launch: program ``i`` updates block ``i`` of the concatenation of the
-    tensors and finds its tensor by a binary search of each tensor's first
-    block. The host builds one small table (pointers, sizes, first blocks:
-    ``5n + 1`` integers), cached on the device while the tensors stay the same;
-    the bias corrections are kernel arguments when every tensor is at the same
-    step (the usual case), else one small per-tensor table.
+    One launch over a work list of chunks: program ``i`` updates chunk ``i``
+    (16,384 elements) of the concatenation of the tensors, finding its tensor
+    by a binary search of each tensor's first chunk, and walks it in blocks of
+    1,024 with 16-byte accesses (when every tensor starts on 16 bytes). The
+    host builds one small table (pointers, sizes, first chunks), cached on the
+    device while the tensors stay the same.
+
+    ``steps`` are the parameters' step counts after this step: floats (the
+    bias corrections are then computed on the host, as kernel arguments when
+    all are equal) or the device step tensors of a ``capturable`` optimiser
+    (read by the kernel, which computes the corrections: no host sync, so the
+    step can be captured in a CUDA graph). ``lr``, ``beta1`` and ``beta2`` may
+    be device tensors, read by the kernel at each launch. With
+    ``stochastic_rounding``, bfloat16 parameters are rounded stochastically from
+    the float32 update, from a random stream keyed by ``(seed, step)``.
     """
     n = len(params)
     if n == 0:
         return
     device = params[0].device
+    device_steps = isinstance(steps[0], Tensor)
+    if device_steps and any(t.device != device for t in steps):  # type: ignore[union-attr]
+        raise ValueError("step tensors must be on the parameters' device")
     columns = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
     ptrs = [t.data_ptr() for col in columns for t in col]
+    aligned = all(ptr % 16 == 0 for ptr in ptrs)
+    if device_steps:
+        ptrs += [t.data_ptr() for t in steps]  # type: ignore[union-attr]
     numels = [p.numel() for p in params]
-    first_block = []
+    first_chunk = []
     total = 0
     for k in numels:
-        first_block.append(total)
-        total += (k + _BLOCK - 1) // _BLOCK
+        first_chunk.append(total)
+        total += (k + _CHUNK - 1) // _CHUNK
     if total == 0:
         return
-    table = _device_table(device, ptrs + numels + first_block)
+    table = _device_table(device, ptrs + numels + first_chunk)
     np_ = len(ptrs)
-    uniform = all(s == steps[0] for s in steps)
-    step_sizes = [lr / (1.0 - beta1**s) for s in (steps[:1] if uniform else steps)]
-    bc2_sqrts = [math.sqrt(1.0 - beta2**s) for s in (steps[:1] if uniform else steps)]
-    if uniform:
-        floats = table  # unused by the kernel (PER_TENSOR_STEP=False)
+    lr_arg, lr_ptr = _scalar_arg(lr, device)
+    b1_arg, b1_ptr = _scalar_arg(beta1, device)
+    b2_arg, b2_ptr = _scalar_arg(beta2, device)
+    betas_ptr = b1_ptr or b2_ptr
+    if betas_ptr:  # both as device tensors (a fill, no host sync)
+        if not b1_ptr:
+            b1_arg = torch.full((), b1_arg, dtype=torch.float32, device=device)
+        if not b2_ptr:
+            b2_arg = torch.full((), b2_arg, dtype=torch.float32, device=device)
+    bc_in_kernel = device_steps or betas_ptr
+    step_all = bc1_all = bc2_sqrt_all = 1.0
+    floats = table  # unused unless per-tensor steps
+    if device_steps:
+        mode = 2
     else:
-        floats = torch.tensor(step_sizes + bc2_sqrts, dtype=torch.float32)
-        if device.type != "cpu":
-            floats = floats.to(device, non_blocking=True)
+        host_steps = [float(s) for s in steps]  # type: ignore[arg-type]
+        uniform = all(s == host_steps[0] for s in host_steps)
+        mode = 0 if uniform else 1
+        if bc_in_kernel:
+            bc1 = bc2_sqrt = [1.0] * len(host_steps)  # computed in the kernel
+        else:
+            b1, b2 = float(b1_arg), float(b2_arg)
+            bc1 = [1.0 - b1**s for s in host_steps]
+            bc2_sqrt = [math.sqrt(1.0 - b2**s) for s in host_steps]
+        if uniform:
+            step_all, bc1_all, bc2_sqrt_all = host_steps[0], bc1[0], bc2_sqrt[0]
+        else:
+            floats = torch.tensor(bc1 + bc2_sqrt + host_steps, dtype=torch.float32)
+            if device.type != "cpu":
+                floats = floats.to(device, non_blocking=True)
+    sr = bool(stochastic_rounding) and params[0].dtype == torch.bfloat16
+    host_step_size = mode == 0 and not lr_ptr and not bc_in_kernel
+    step_size_all = lr_arg / bc1_all if host_step_size else 1.0
+    decay_all = 1.0 - lr_arg * weight_decay if not lr_ptr else 1.0
+    omb1 = 1.0 - b1_arg if not betas_ptr else 1.0
+    omb2 = 1.0 - b2_arg if not betas_ptr else 1.0
     _adamw_kernel[(total,)](
         table,
         table[np_:],
         table[np_ + n :],
         floats,
-        floats[n:] if not uniform else floats,
+        lr_arg,
+        b1_arg,
+        b2_arg,
         n,
-        step_sizes[0],
-        bc2_sqrts[0],
-        1.0 - lr * weight_decay,
-        beta1,
-        beta2,
-        eps,
+        step_all,
+        bc1_all,
+        bc2_sqrt_all,
+        step_size_all,
+        decay_all,
+        omb1,
+        omb2,
+        float(weight_decay),
+        float(eps),
+        int(seed),
         P_TY=_tl_dtype(params[0].dtype),
         G_TY=_tl_dtype(grads[0].dtype),
         S_TY=_tl_dtype(exp_avgs[0].dtype),
         AMSGRAD=amsgrad,
         MAXIMIZE=maximize,
-        PER_TENSOR_STEP=not uniform,
+        STEP_MODE=mode,
+        BC_IN_KERNEL=bc_in_kernel,
+        LR_PTR=lr_ptr,
+        BETAS_PTR=betas_ptr,
+        HOST_STEP_SIZE=host_step_size,
+        SR=sr,
+        ALIGNED=aligned,
         SEARCH_STEPS=max(1, (n - 1).bit_length()),
         BLOCK=_BLOCK,
+        CHUNK=_CHUNK,
     )
+
+
+_SEED_LIMIT = 1 << 31
 
 
 class AdamW(torch.optim.AdamW):
@@ -203,16 +427,32 @@ class AdamW(torch.optim.AdamW):
 
     Same arguments, defaults, param groups and ``state_dict`` as
     ``torch.optim.AdamW``. CUDA parameters (or any, with
-    ``set_backend("triton")``) take the fused step; others run
-    ``torch.optim.AdamW.step``. ``capturable``, ``differentiable`` and
-    ``fused=True`` (torch's own fused kernel) are not supported.
+    ``set_backend("triton")``) take the fused step: one launch per
+    (device, dtype) group; others run ``torch.optim.AdamW.step``.
+
+    ``lr`` and ``betas`` may be tensors: on the parameters' device the kernel
+    reads them at each step, so a schedule that writes them in place
+    (``torch.optim.lr_scheduler`` does) costs no host sync. ``capturable=True``
+    keeps the step counters on the device and computes the bias corrections in
+    the kernel, so a step can be captured in a CUDA graph (warm up with one
+    eager step first, as torch asks, so the launch's tables exist before
+    capture).
+
+    ``stochastic_rounding=True`` rounds bfloat16 parameters stochastically
+    from the float32 update (unbiased: a small update survives on average
+    instead of being rounded away), from a random stream keyed by ``seed``
+    (drawn from torch's default generator when ``None``) and the step;
+    parameters of other dtypes are unaffected. The stream differs between the
+    Triton kernel and the torch reference path (CPU tensors), both seeded.
+    ``differentiable`` and ``fused=True`` (torch's own fused kernel) are not
+    supported.
     """
 
     def __init__(
         self,
         params: Iterable[Any],
         lr: float | Tensor = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         amsgrad: bool = False,
@@ -222,15 +462,24 @@ class AdamW(torch.optim.AdamW):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        stochastic_rounding: bool = False,
+        seed: int | None = None,
     ) -> None:
-        for name, flag in (("capturable", capturable), ("differentiable", differentiable)):
-            if flag:
-                raise ValueError(f"{name}=True is not supported by fastml.ops.AdamW, got True")
+        if differentiable:
+            raise ValueError("differentiable=True is not supported by fastml.ops.AdamW, got True")
         if fused:
             raise ValueError(
                 "fused=True selects torch's own fused kernel; fastml.ops.AdamW is already "
                 "fused: leave fused unset"
             )
+        if not isinstance(stochastic_rounding, bool):
+            raise TypeError(
+                f"stochastic_rounding must be a bool, got {type(stochastic_rounding).__name__}"
+            )
+        if seed is None:
+            seed = int(torch.randint(0, _SEED_LIMIT, ()).item()) if stochastic_rounding else 0
+        elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _SEED_LIMIT:
+            raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
         super().__init__(
             params,
             lr=lr,
@@ -240,7 +489,19 @@ class AdamW(torch.optim.AdamW):
             amsgrad=amsgrad,
             maximize=maximize,
             foreach=foreach,
+            capturable=capturable,
         )
+        self.defaults["stochastic_rounding"] = stochastic_rounding
+        self.defaults["seed"] = seed
+        for group in self.param_groups:
+            group.setdefault("stochastic_rounding", stochastic_rounding)
+            group.setdefault("seed", seed)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("stochastic_rounding", False)
+            group.setdefault("seed", 0)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -248,22 +509,25 @@ class AdamW(torch.optim.AdamW):
         first = next(
             (p for g in self.param_groups for p in g["params"] if p.grad is not None), None
         )
-        if first is None or not use_triton(first):
+        fused = first is not None and use_triton(first)
+        rounding = any(g.get("stochastic_rounding") for g in self.param_groups)
+        if not fused and not rounding:
             return super().step(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            self._fused_group_step(group)
+            self._group_step(group, fused)
         return loss
 
-    def _fused_group_step(self, group: dict[str, Any]) -> None:
+    def _group_step(self, group: dict[str, Any], fused: bool) -> None:
         lr = group["lr"]
-        lr = float(lr.item()) if isinstance(lr, Tensor) else float(lr)
-        beta1, beta2 = (float(b) for b in group["betas"])
+        beta1, beta2 = group["betas"]
         amsgrad = bool(group["amsgrad"])
-        buckets: dict[tuple, list] = {}
+        capturable = bool(group["capturable"])
+        rounding = bool(group.get("stochastic_rounding", False))
+        seed = int(group.get("seed", 0))
         live = []
         for p in group["params"]:
             if p.grad is None:
@@ -275,7 +539,11 @@ class AdamW(torch.optim.AdamW):
                 raise TypeError("fastml.ops.AdamW supports real parameters only, got a complex one")
             state = self.state[p]
             if len(state) == 0:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["step"] = (
+                    torch.zeros((), dtype=torch.float32, device=p.device)
+                    if capturable
+                    else torch.tensor(0.0, dtype=torch.float32)
+                )
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if amsgrad:
@@ -286,28 +554,35 @@ class AdamW(torch.optim.AdamW):
         if not live:
             return
         # Every step counter at once (one call, as torch's foreach AdamW does).
+        if capturable:  # the counters live with their parameters; the kernel reads them
+            for p, _, state in live:
+                if state["step"].device != p.device:  # e.g. a state saved without capturable
+                    state["step"] = state["step"].to(p.device, torch.float32)
         step_tensors = [state["step"] for _, _, state in live]
         torch._foreach_add_(step_tensors, 1)
-        steps = (
-            torch.stack(step_tensors).tolist()
-            if len(step_tensors) > 1
-            else [float(step_tensors[0])]
-        )
+        if capturable:  # the host never reads them: no sync, graph-capturable
+            steps: list[Any] = step_tensors
+        elif len(step_tensors) > 1:
+            steps = torch.stack(step_tensors).tolist()
+        else:
+            steps = [float(step_tensors[0])]
+        buckets: dict[tuple, list] = {}
         for (p, grad, state), step in zip(live, steps, strict=True):
             exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
             vmax = state.get("max_exp_avg_sq") if amsgrad else None
             if (
-                p.dtype == torch.float64
+                not fused
+                or p.dtype == torch.float64
                 or not p.is_contiguous()
                 or not exp_avg.is_contiguous()
                 or not exp_avg_sq.is_contiguous()
                 or (vmax is not None and not vmax.is_contiguous())
             ):
-                self._single_step(p, grad, state, group, lr, beta1, beta2)
+                self._single_step(p, grad, state, group, rounding, seed)
                 continue
             grad = grad.contiguous()
             key = (p.device, p.dtype, grad.dtype, exp_avg.dtype)
-            buckets.setdefault(key, []).append((p, grad, exp_avg, exp_avg_sq, vmax, float(step)))
+            buckets.setdefault(key, []).append((p, grad, exp_avg, exp_avg_sq, vmax, step))
         for items in buckets.values():
             cols = list(zip(*items, strict=True))
             adamw_step_(
@@ -324,19 +599,41 @@ class AdamW(torch.optim.AdamW):
                 weight_decay=float(group["weight_decay"]),
                 amsgrad=amsgrad,
                 maximize=bool(group["maximize"]),
+                stochastic_rounding=rounding,
+                seed=seed,
             )
 
     @staticmethod
-    def _single_step(p, grad, state, group, lr, beta1, beta2) -> None:
-        """The reference update of one tensor, for layouts the fused kernel does not take."""
-        step = float(state["step"])
-        g = -grad if group["maximize"] else grad
-        p.mul_(1.0 - lr * group["weight_decay"])
-        state["exp_avg"].lerp_(g, 1.0 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-        v = state["exp_avg_sq"]
+    def _single_step(p, grad, state, group, rounding: bool, seed: int) -> None:
+        """The reference update of one tensor, for layouts the fused kernel does not
+        take and for stochastic rounding on the torch backend: half-precision
+        tensors are updated in float32 and stored once, as the kernel does; the
+        learning rate, betas and step stay tensors when they are (no host sync)."""
+        lr, beta1, beta2, step = (
+            float(x) if not isinstance(x, Tensor) or x.device.type == "cpu" else x.double()
+            for x in (group["lr"], *group["betas"], state["step"])
+        )
+        work = torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        pw, m, v = p.to(work), exp_avg.to(work), exp_avg_sq.to(work)
+        g = grad.to(work)
+        if group["maximize"]:
+            g = -g
+        pw = pw * (1.0 - lr * group["weight_decay"])
+        m = m.lerp(g, 1.0 - beta1)
+        v = v * beta2 + (1.0 - beta2) * g * g
+        vmax = v
         if group["amsgrad"]:
-            torch.maximum(state["max_exp_avg_sq"], v, out=state["max_exp_avg_sq"])
-            v = state["max_exp_avg_sq"]
-        denom = (v.sqrt() / math.sqrt(1.0 - beta2**step)).add_(group["eps"])
-        p.addcdiv_(state["exp_avg"], denom, value=-lr / (1.0 - beta1**step))
+            vmax = torch.maximum(state["max_exp_avg_sq"].to(work), v)
+            state["max_exp_avg_sq"].copy_(vmax)
+        bc1 = 1.0 - beta1**step
+        bc2_sqrt = (1.0 - beta2**step) ** 0.5
+        pw = pw - (lr / bc1) * m / (vmax.sqrt() / bc2_sqrt + group["eps"])
+        if rounding and p.dtype == torch.bfloat16:
+            gen = torch.Generator(device=p.device)
+            gen.manual_seed(seed * 1_000_003 + int(step) * 7_919 + p.numel())
+            p.copy_(_sr_round_bf16(pw.float(), gen))
+        else:
+            p.copy_(pw)
+        exp_avg.copy_(m)
+        exp_avg_sq.copy_(v)
