@@ -84,6 +84,52 @@ def test_rms_norm(triton_backend, block_mode, dtype, shape):
     )
 
 
+# (rows per tile, warps, programs per SM): tiles that leave a partial last tile
+# and programs with no rows (4 stand-in SMs on CPU).
+TILES = [(2, 4, 1), (4, 4, 2), (16, 8, 3)]
+
+
+@pytest.mark.parametrize("tile", TILES, ids=str)
+@pytest.mark.parametrize("shape", [(37, 123), (5, 64), (2, 3, 37), (1, 1)], ids=str)
+def test_norm_backward_row_tiles(triton_backend, monkeypatch, tile, shape):
+    """The tuned backward configurations (several rows per tile, other warps and
+    grids) give the same gradients as the reference, for every norm."""
+    monkeypatch.setitem(_dispatch._FORCED, "rms_norm_bwd", tile)
+    monkeypatch.setitem(_dispatch._FORCED, "layer_norm_bwd", tile)
+    torch.manual_seed(3)
+    n = shape[-1]
+    x, r = torch.randn(shape), torch.randn(shape)
+    w, b = torch.randn(n), torch.randn(n)
+    dtype = torch.float32
+    check_op(
+        lambda a, c: ops.rms_norm(a, c, 1e-6),
+        lambda a, c: F.rms_norm(a, (n,), c, 1e-6),
+        lambda a, c: _rms_norm_ref(a, c, 1e-6),
+        [x, w],
+        dtype,
+        "rms_norm",
+        terms=rms_terms(1e-6),
+    )
+    check_op(
+        ops.layer_norm,
+        lambda a, c, d: F.layer_norm(a, (n,), c, d),
+        _layer_norm_ref,
+        [x, w, b],
+        dtype,
+        "layer_norm",
+        terms=ln_terms(1e-5),
+    )
+    check_op(
+        lambda a, q, c: ops.add_rms_norm(a, q, c, 1e-6),
+        lambda a, q, c: (F.rms_norm(a + q, (n,), c, 1e-6), a + q),
+        add_rms_ref(dtype),
+        [x, r, w],
+        dtype,
+        "add_rms_norm",
+        terms=add_rms_terms(dtype),
+    )
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_rms_norm_without_weight(triton_backend, dtype):
     x = torch.randn(4, 50)
@@ -538,12 +584,19 @@ def _shapes(draw):
 
 
 @settings(max_examples=examples(12))
-@given(shape=_shapes(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
+@given(
+    shape=_shapes(),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+    tile=st.sampled_from([None, *TILES]),
+)
 # A one-element row: the input gradient is all cancellation (issue #13).
-@example(shape=(1,), dtype=torch.float32, seed=7)
-@example(shape=(1, 1), dtype=torch.float32, seed=0)
-def test_norms_hypothesis(shape, dtype, seed):
+@example(shape=(1,), dtype=torch.float32, seed=7, tile=None)
+@example(shape=(1, 1), dtype=torch.float32, seed=0, tile=None)
+def test_norms_hypothesis(shape, dtype, seed, tile):
     _dispatch.set_backend("triton")
+    if tile is not None:  # a tuned backward configuration
+        _dispatch._FORCED["rms_norm_bwd"] = _dispatch._FORCED["layer_norm_bwd"] = tile
     try:
         gen = torch.Generator().manual_seed(seed)
         x, r = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
@@ -581,6 +634,8 @@ def test_norms_hypothesis(shape, dtype, seed):
         )
     finally:
         _dispatch.set_backend("auto")
+        _dispatch._FORCED.pop("rms_norm_bwd", None)
+        _dispatch._FORCED.pop("layer_norm_bwd", None)
 
 
 @settings(max_examples=examples(12))

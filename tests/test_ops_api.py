@@ -407,6 +407,70 @@ def test_cross_entropies_keep_float64(reduction):
     )
 
 
+def test_launch_tuning_picks_the_fastest_and_caches_it(monkeypatch):
+    """The tuner times every candidate once per shape class on CUDA (a fake
+    timer here), keeps the fastest, and falls back to the default (first)
+    candidate off CUDA, while capturing a graph, under deterministic algorithms,
+    when turned off, or when a test forces a configuration."""
+    cuda = torch.device("cuda", 0)
+    cost = {"a": 3.0, "b": 1.0, "c": 2.0}
+    timed: list[str] = []
+
+    def fake_time(launch, config, reps=5):
+        timed.append(config)
+        return cost[config]
+
+    monkeypatch.setattr(_dispatch, "_time_config", fake_time)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(_dispatch, "_TUNED", {})
+    monkeypatch.setattr(_dispatch, "_autotune", True)
+    cands = ["a", "b", "c"]
+    assert _dispatch.launch_config("k", torch.device("cpu"), (1,), cands, None) == "a"
+    assert _dispatch.launch_config("k", cuda, (1,), cands, None) == "b"
+    assert timed == ["a", "b", "c"]
+    assert _dispatch.launch_config("k", cuda, (1,), cands, None) == "b"  # cached
+    assert timed == ["a", "b", "c"]
+    assert ops.tuned_configs() == {("k", "cuda:0", 1): "b"}
+    assert _dispatch.launch_config("k", cuda, (2,), ["c", "a"], None) == "c"  # new class
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+        assert _dispatch.launch_config("k", cuda, (3,), cands, None) == "a"
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert _dispatch.launch_config("k", cuda, (4,), cands, None) == "a"
+    finally:
+        torch.use_deterministic_algorithms(False)
+    monkeypatch.setitem(_dispatch._FORCED, "k", "c")
+    assert _dispatch.launch_config("k", cuda, (1,), cands, None) == "c"
+    monkeypatch.delitem(_dispatch._FORCED, "k")
+
+    def out_of_resources(launch, config, reps=5):
+        if config == "b":
+            raise RuntimeError("out of resource: shared memory")
+        return cost[config]
+
+    monkeypatch.setattr(_dispatch, "_time_config", out_of_resources)
+    assert _dispatch.launch_config("k", cuda, (5,), cands, None) == "c"  # "b" skipped
+    ops.set_autotune(False)
+    try:
+        assert ops.tuned_configs() == {}
+        assert _dispatch.launch_config("k", cuda, (6,), cands, None) == "a"
+    finally:
+        ops.set_autotune(True)
+    with pytest.raises(TypeError, match="enabled"):
+        ops.set_autotune(1)
+
+
+def test_tile_candidates():
+    c = _dispatch.tile_candidates(4096)
+    assert c[0] == (1, 8, 4)  # the heuristic default first
+    assert len(set(c)) == len(c)
+    assert {r for r, _, _ in c} == {1, 2, 4} and {p for _, _, p in c} == {1, 2, 3, 4}
+    assert all(r * 4096 <= 16384 for r, _, _ in c)
+    assert max(r for r, _, _ in _dispatch.tile_candidates(64)) == 16
+    assert {r for r, _, _ in _dispatch.tile_candidates(16384)} == {1}
+
+
 def test_torch_backend_matches_reference_in_float64():
     # The CPU fallbacks on float64 against torch's own float64 ops.
     x = torch.randn(4, 33, dtype=torch.float64)

@@ -136,6 +136,29 @@ def test_adamw_cuda(dtype, amsgrad):
             assert_rule(a.detach(), b.detach(), r.detach(), "AdamW bf16", norm=True)
 
 
+@pytest.mark.parametrize("shape", [(4096, 1024), (2048, 4096), (300, 8192)], ids=str)
+def test_norm_backward_tuned_on_first_call(shape):
+    """The first backward of a shape class times the tile configurations and
+    keeps one; the gradients of that call and of a later (cached) call match the
+    float64 reference."""
+    from fastml.ops import _dispatch
+
+    torch.manual_seed(0)
+    _dispatch._TUNED.clear()
+    n = shape[-1]
+    for _ in range(2):
+        x = (torch.randn(shape, device=DEV) + 0.5).bfloat16().requires_grad_()
+        w = torch.randn(n, device=DEV).bfloat16().requires_grad_()
+        y = ops.rms_norm(x, w, 1e-6)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+        _rms_norm_ref(xr, wr, 1e-6).backward(dy.double())
+        torch.testing.assert_close(x.grad.double(), xr.grad, atol=5e-2, rtol=2e-2)
+        torch.testing.assert_close(w.grad.double(), wr.grad, atol=0.5, rtol=2e-2)
+    assert any(k[0] == "rms_norm_bwd" for k in _dispatch._TUNED)
+
+
 def test_adamw_cuda_graph_capture_with_tensor_lr():
     """capturable=True and a tensor lr: one step captured in a CUDA graph and
     replayed with new gradients (copied into the static grads) and a schedule

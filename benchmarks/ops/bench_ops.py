@@ -287,7 +287,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for k, v in summary.items():
         print(f"{k:<48} {v:.3f}")
     errors = [f"{r['op']} {r['shape']} {r['candidate']}" for r in results if "error" in r]
+    tuned = {" ".join(map(str, k)): list(v) for k, v in ops.tuned_configs().items()}
+    for k, v in tuned.items():  # (rows per tile, warps, programs per SM) per shape class
+        print(f"tuned {k}: {v}")
     payload = {
+        "tuned_configs": tuned,
         "device": info,
         "dtype": args.dtype,
         "copy_bytes_per_s": copy_bps,

@@ -12,7 +12,7 @@ traces under ``torch.compile(fullgraph=True)``.
 torch.Size([4, 64])
 """
 
-from fastml.ops._dispatch import get_backend, set_backend
+from fastml.ops._dispatch import get_backend, set_autotune, set_backend, tuned_configs
 from fastml.ops.adamw import AdamW
 from fastml.ops.cross_entropy import cross_entropy
 from fastml.ops.layer_norm import layer_norm
@@ -35,7 +35,9 @@ __all__ = [
     "linear_cross_entropy",
     "log_softmax",
     "rms_norm",
+    "set_autotune",
     "set_backend",
     "softmax",
     "swiglu",
+    "tuned_configs",
 ]

@@ -9,6 +9,8 @@ exercises every kernel without a GPU.
 import functools
 import os
 import types
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -109,15 +111,18 @@ def row_split(m: int, n: int, device: torch.device) -> tuple[int, int]:
     leaves most SMs idle and each program walks its row serially (rows of 131,072
     elements used 4-23% of an H200's bandwidth). Then each row is cut into
     ``chunks`` column blocks of ``width`` (a power of two, one block each), about
-    two per SM per row. ``(1, 0)``: no split.
+    four programs per SM over all rows, and each as wide as that allows (up to
+    one block): 64 x 131,072 gives 16 chunks of 8,192 per row, 1,024 programs.
+    (The first version cut two chunks per SM *per row*: 16,384 programs of 512
+    elements, each thread one 8-byte access.) ``(1, 0)``: no split.
     """
     if m <= 0 or n <= _MAX_BLOCK:
         return 1, 0
     sms = _sms(device)
     if m >= sms:
         return 1, 0
-    target = max(1, n // (2 * sms))
-    width = 1 << (target.bit_length() - 1)
+    per_row = -(-4 * sms // m)
+    width = triton.next_power_of_2(-(-n // per_row))
     width = max(min(_SPLIT_MIN_BLOCK, _MAX_BLOCK), min(_MAX_BLOCK, width))
     return -(-n // width), width
 
@@ -170,19 +175,133 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def persistent_programs(rows: int, device: torch.device, n: int = 1) -> int:
+def persistent_programs(rows: int, device: torch.device, n: int = 1, per_sm: int = 4) -> int:
     """How many programs a backward kernel with per-program fp32 partial rows of ``n`` uses.
 
-    Four per SM keeps every SM busy; for very wide rows the count drops (not
-    below one per SM) so the partial-sum buffer stays under 64 MiB.
+    ``per_sm`` per SM (four by default; the tuner tries fewer, since a program
+    with many registers may not fit four to an SM and a second, mostly empty
+    wave would follow); for very wide rows the count drops (not below one per
+    SM) so the partial-sum buffer stays under 64 MiB.
     """
     if rows <= 0:
         return 1
     if device.type == "cuda":
         sms = _sm_count(device.index or 0)
         cap = max(sms, (64 << 20) // (4 * max(n, 1)))
-        return max(1, min(rows, 4 * sms, cap))
-    return max(1, min(rows, 4))
+        return max(1, min(rows, per_sm * sms, cap))
+    return max(1, min(rows, per_sm))
+
+
+# ---------------------------------------------------------------- tuning
+
+# Launch configurations per shape class, chosen by timing the candidates on
+# the first call of each class in a process (CUDA only; the first candidate,
+# the heuristic default, everywhere else). Keys: (kernel, device, shape class).
+_TUNED: dict[tuple, Any] = {}
+_FORCED: dict[str, Any] = {}
+_autotune = os.environ.get("FASTML_OPS_AUTOTUNE", "1") not in ("", "0")
+
+
+def set_autotune(enabled: bool) -> None:
+    """Turn the per-shape-class launch tuning on (the default) or off.
+
+    On CUDA, the first call of a kernel for a new shape class (row-length
+    bucket, dtype, and for backward kernels the row count's bucket) times a few
+    launch configurations (rows per tile, warps, programs per SM) on the call's
+    own tensors and keeps the fastest for the process; later calls of that class
+    launch it directly. Off (or ``FASTML_OPS_AUTOTUNE=0``), every kernel uses its
+    heuristic default. Tuning is also skipped, and the default used, while a
+    CUDA graph is being captured and when
+    ``torch.use_deterministic_algorithms(True)`` is set: configurations differ
+    in reduction order, so the tuned choice (which can vary between processes)
+    would change results in the last bits. Turning it off clears the cache.
+    """
+    global _autotune
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    _autotune = enabled
+    if not enabled:
+        _TUNED.clear()
+
+
+def tuned_configs() -> dict[tuple, Any]:
+    """A copy of the tuned launch configurations of this process, by (kernel, device, class)."""
+    return dict(_TUNED)
+
+
+def _time_config(launch: Callable[[Any], None], config: Any, reps: int = 5) -> float:
+    """Milliseconds per launch of ``config`` (after one untimed launch that compiles)."""
+    launch(config)
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        launch(config)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def launch_config(
+    kernel: str,
+    device: torch.device,
+    key: tuple,
+    candidates: Sequence[Any],
+    launch: Callable[[Any], None],
+) -> Any:
+    """The launch configuration for ``kernel`` on ``device`` for shape class ``key``.
+
+    ``candidates[0]`` is the heuristic default. ``launch(config)`` must run the
+    kernel on the call's tensors and be repeatable (outputs overwritten, inputs
+    untouched); the caller launches the returned configuration itself.
+    """
+    forced = _FORCED.get(kernel)
+    if forced is not None:
+        return forced
+    full = (kernel, str(device), *key)
+    hit = _TUNED.get(full)
+    if hit is not None:
+        return hit
+    if (
+        not _autotune
+        or len(candidates) == 1
+        or device.type != "cuda"
+        or torch.cuda.is_current_stream_capturing()
+        or torch.are_deterministic_algorithms_enabled()
+        or compiling()
+    ):
+        return candidates[0]
+    times = []
+    for config in candidates:
+        try:
+            times.append((_time_config(launch, config), config))
+        except Exception as exc:  # e.g. a configuration that exceeds the SM's resources
+            if "OutOfResources" not in type(exc).__name__ and "out of resource" not in str(exc):
+                raise
+    best = min(times, key=lambda t: t[0])[1] if times else candidates[0]
+    _TUNED[full] = best
+    return best
+
+
+def tile_candidates(block: int, max_tile: int = 16384) -> list[tuple[int, int, int]]:
+    """``(rows per tile, warps, programs per SM)`` candidates for a persistent
+    backward kernel over rows of one ``block``: the default first (one row per
+    tile, the block's warps, four programs per SM), then tiles of up to
+    ``max_tile`` elements (at most 16 rows) with the warps their size calls for
+    (one-row tiles also at twice that), each at one to four programs per
+    SM (the grid changes, not the compiled kernel)."""
+    default = (1, num_warps(block), 4)
+    out = [default]
+    rows = 1
+    while rows * block <= max_tile and rows <= 16:
+        w = num_warps(rows * block)
+        for warps in dict.fromkeys((w, min(16, 2 * w)) if rows == 1 else (w,)):
+            for per_sm in (4, 3, 2, 1):
+                cand = (rows, warps, per_sm)
+                if cand != default:
+                    out.append(cand)
+        rows *= 2
+    return out
 
 
 def eager_function(name, forward_impl, setup_context, backward, non_differentiable=()):

@@ -15,11 +15,13 @@ from fastml.ops._dispatch import (
     check_same_device,
     compiling,
     eager_function,
+    launch_config,
     num_warps,
     persistent_programs,
     row_block,
     row_split,
     split_groups,
+    tile_candidates,
     tl,
     triton,
     use_triton,
@@ -111,9 +113,10 @@ def _layer_norm_bwd_kernel(
     HAS_B: tl.constexpr,
     BLOCK: tl.constexpr,
     ONE_BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
     # dx = rstd * (w*dy - mean(w*dy) - xhat * mean(w*dy*xhat)); dW and dB are
-    # summed per program in fp32 (see _rms_norm_bwd_kernel).
+    # summed per program in fp32 (see _rms_norm_bwd_kernel, also for ROWS).
     pid = tl.program_id(0).to(tl.int64)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
@@ -126,22 +129,27 @@ def _layer_norm_bwd_kernel(
             w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         dw_acc = tl.zeros([BLOCK], dtype=tl.float32)
         db_acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for row in range(row_start, row_end):
-            dy = tl.load(DY + row * dy_stride + cols, mask=mask, other=0.0).to(tl.float32)
-            x = tl.load(X + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
-            mean = tl.load(MEAN + row)
-            rstd = tl.load(RSTD + row)
-            xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+        tile = tl.arange(0, ROWS)
+        for r0 in range(row_start, row_end, ROWS):
+            rows = r0 + tile
+            rmask = rows < row_end
+            m2 = rmask[:, None] & mask[None, :]
+            c2d = cols[None, :]
+            dy = tl.load(DY + rows[:, None] * dy_stride + c2d, mask=m2, other=0.0).to(tl.float32)
+            x = tl.load(X + rows[:, None] * x_stride + c2d, mask=m2, other=0.0).to(tl.float32)
+            mean = tl.load(MEAN + rows, mask=rmask, other=0.0)[:, None]
+            rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)[:, None]
+            xhat = tl.where(m2, (x - mean) * rstd, 0.0)
             wdy = dy
             if HAS_W:
-                wdy = dy * w
-                dw_acc += dy * xhat
+                wdy = dy * w[None, :]
+                dw_acc += tl.sum(dy * xhat, axis=0)
             if HAS_B:
-                db_acc += dy
-            c1 = tl.sum(wdy * xhat, axis=0) / N
-            c2 = tl.sum(wdy, axis=0) / N
+                db_acc += tl.sum(dy, axis=0)
+            c1 = tl.sum(wdy * xhat, axis=1)[:, None] / N
+            c2 = tl.sum(wdy, axis=1)[:, None] / N
             dx = (wdy - (xhat * c1 + c2)) * rstd
-            tl.store(DX + row * dx_stride + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            tl.store(DX + rows[:, None] * dx_stride + c2d, dx.to(DX.dtype.element_ty), mask=m2)
         if HAS_W:
             tl.store(dw_ptr + cols, dw_acc, mask=mask)
         if HAS_B:
@@ -450,27 +458,42 @@ def layer_norm_backward(
     db_part = torch.zeros((programs if has_bias else 1, n), dtype=torch.float32, device=x.device)
     if m > 0 and n > 0:
         block, one = row_block(n)
-        _layer_norm_bwd_kernel[(programs,)](
-            dy2,
-            x2,
-            weight if has_w else x2,
-            mean.reshape(-1),
-            rstd.reshape(-1),
-            dx,
-            dw_part,
-            db_part,
-            dy2.stride(0),
-            x2.stride(0),
-            dx.stride(0),
-            m,
-            n,
-            triton.cdiv(m, programs),
-            HAS_W=has_w,
-            HAS_B=has_bias,
-            BLOCK=block,
-            ONE_BLOCK=one,
-            num_warps=num_warps(block),
-        )
+        launched = {}
+
+        def launch(config):  # repeatable when a row fits one block (see rms_norm)
+            rows, warps, per_sm = config
+            grid = persistent_programs(m, x.device, n, per_sm)
+            launched["programs"] = grid
+            _layer_norm_bwd_kernel[(grid,)](
+                dy2,
+                x2,
+                weight if has_w else x2,
+                mean.reshape(-1),
+                rstd.reshape(-1),
+                dx,
+                dw_part,
+                db_part,
+                dy2.stride(0),
+                x2.stride(0),
+                dx.stride(0),
+                m,
+                n,
+                triton.cdiv(m, grid),
+                HAS_W=has_w,
+                HAS_B=has_bias,
+                BLOCK=block,
+                ONE_BLOCK=one,
+                ROWS=rows,
+                num_warps=warps,
+            )
+
+        candidates = tile_candidates(block) if one else [(1, num_warps(block), 4)]
+        key = (x.dtype, block, m.bit_length(), has_w, has_bias)
+        launch(launch_config("layer_norm_bwd", x.device, key, candidates, launch))
+        if has_w:
+            dw_part = dw_part[: launched["programs"]]
+        if has_bias:
+            db_part = db_part[: launched["programs"]]
     dw = dw_part.sum(0).to(weight.dtype) if has_w else x.new_empty(0)
     db = db_part.sum(0).to(bias_dtype) if has_bias else x.new_empty(0)
     return dx.view(x.shape), dw, db

@@ -15,11 +15,13 @@ from fastml.ops._dispatch import (
     check_same_device,
     compiling,
     eager_function,
+    launch_config,
     num_warps,
     persistent_programs,
     row_block,
     row_split,
     split_groups,
+    tile_candidates,
     tl,
     triton,
     use_triton,
@@ -109,10 +111,13 @@ def _rms_norm_bwd_kernel(
     HAS_DRES: tl.constexpr,
     BLOCK: tl.constexpr,
     ONE_BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
     # Each program walks a contiguous range of rows and keeps its share of
     # dW in fp32 (registers when a row fits one block, else its own row of
     # DW_PARTIAL); the host sums the partials: deterministic, no atomics.
+    # When a row fits one block, ROWS rows are taken per iteration as one
+    # (ROWS, BLOCK) tile, so several rows' loads are in flight at once.
     pid = tl.program_id(0).to(tl.int64)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
@@ -123,20 +128,26 @@ def _rms_norm_bwd_kernel(
         if HAS_W:
             w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         dw_acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for row in range(row_start, row_end):
-            dy = tl.load(DY + row * dy_stride + cols, mask=mask, other=0.0).to(tl.float32)
-            x = tl.load(X + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
-            rstd = tl.load(RSTD + row)
+        tile = tl.arange(0, ROWS)
+        for r0 in range(row_start, row_end, ROWS):
+            rows = r0 + tile
+            rmask = rows < row_end
+            m2 = rmask[:, None] & mask[None, :]
+            c2 = cols[None, :]
+            dy = tl.load(DY + rows[:, None] * dy_stride + c2, mask=m2, other=0.0).to(tl.float32)
+            x = tl.load(X + rows[:, None] * x_stride + c2, mask=m2, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)[:, None]
             xhat = x * rstd
             wdy = dy
             if HAS_W:
-                wdy = dy * w
-                dw_acc += dy * xhat
-            c = tl.sum(wdy * xhat, axis=0) / N
+                wdy = dy * w[None, :]
+                dw_acc += tl.sum(dy * xhat, axis=0)
+            c = tl.sum(wdy * xhat, axis=1)[:, None] / N
             dx = (wdy - xhat * c) * rstd
             if HAS_DRES:
-                dx += tl.load(DRES + row * dres_stride + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(DX + row * dx_stride + cols, dx.to(DX.dtype.element_ty), mask=mask)
+                dres = tl.load(DRES + rows[:, None] * dres_stride + c2, mask=m2, other=0.0)
+                dx += dres.to(tl.float32)
+            tl.store(DX + rows[:, None] * dx_stride + c2, dx.to(DX.dtype.element_ty), mask=m2)
         if HAS_W:
             tl.store(dw_ptr + cols, dw_acc, mask=mask)
     else:
@@ -445,31 +456,51 @@ def rms_norm_backward(
         )
         dw = partial.sum(0).to(weight.dtype) if has_w else x.new_empty(0)
         return dx.view(x.shape), dw
-    programs = persistent_programs(m, x.device, n)
-    partial = torch.zeros((programs if has_w else 1, n), dtype=torch.float32, device=x.device)
-    if m > 0 and n > 0:
-        block, one = row_block(n)
-        _rms_norm_bwd_kernel[(programs,)](
-            dy2,
-            x2,
-            weight if has_w else x2,
-            rstd.reshape(-1),
-            dres2,
-            dx,
-            partial,
-            dy2.stride(0),
-            x2.stride(0),
-            dres2.stride(0),
-            dx.stride(0),
-            m,
-            n,
-            triton.cdiv(m, programs),
-            HAS_W=has_w,
-            HAS_DRES=dres is not None,
-            BLOCK=block,
-            ONE_BLOCK=one,
-            num_warps=num_warps(block),
+    block, one = row_block(n)
+    if m == 0 or n == 0:
+        partial = torch.zeros((1, n), dtype=torch.float32, device=x.device)
+    else:
+        # A row in one block: the launch is repeatable (every program stores its
+        # dW row), so the tile shape, warps and grid are tuned per shape class.
+        # Longer rows accumulate into DW_PARTIAL and keep the default.
+        partial = torch.zeros(
+            (persistent_programs(m, x.device, n) if has_w else 1, n),
+            dtype=torch.float32,
+            device=x.device,
         )
+        launched = {}
+
+        def launch(config):
+            rows, warps, per_sm = config
+            programs = persistent_programs(m, x.device, n, per_sm)
+            launched["programs"] = programs
+            _rms_norm_bwd_kernel[(programs,)](
+                dy2,
+                x2,
+                weight if has_w else x2,
+                rstd.reshape(-1),
+                dres2,
+                dx,
+                partial,
+                dy2.stride(0),
+                x2.stride(0),
+                dres2.stride(0),
+                dx.stride(0),
+                m,
+                n,
+                triton.cdiv(m, programs),
+                HAS_W=has_w,
+                HAS_DRES=dres is not None,
+                BLOCK=block,
+                ONE_BLOCK=one,
+                ROWS=rows,
+                num_warps=warps,
+            )
+
+        candidates = tile_candidates(block) if one else [(1, num_warps(block), 4)]
+        key = (x.dtype, block, m.bit_length(), has_w, dres is not None)
+        launch(launch_config("rms_norm_bwd", x.device, key, candidates, launch))
+        partial = partial[: launched["programs"]] if has_w else partial
     dw = partial.sum(0).to(weight.dtype) if has_w else x.new_empty(0)
     return dx.view(x.shape), dw
 
