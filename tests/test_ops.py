@@ -91,11 +91,12 @@ TILES = [(2, 4, 1), (4, 4, 2), (16, 8, 3)]
 
 @pytest.mark.parametrize("tile", TILES, ids=str)
 @pytest.mark.parametrize("shape", [(37, 123), (5, 64), (2, 3, 37), (1, 1)], ids=str)
-def test_norm_backward_row_tiles(triton_backend, monkeypatch, tile, shape):
+def test_row_backward_tiles(triton_backend, monkeypatch, tile, shape):
     """The tuned backward configurations (several rows per tile, other warps and
-    grids) give the same gradients as the reference, for every norm."""
+    grids) give the same gradients as the reference, for every norm and softmax."""
     monkeypatch.setitem(_dispatch._FORCED, "rms_norm_bwd", tile)
     monkeypatch.setitem(_dispatch._FORCED, "layer_norm_bwd", tile)
+    monkeypatch.setitem(_dispatch._FORCED, "softmax_bwd", tile)
     torch.manual_seed(3)
     n = shape[-1]
     x, r = torch.randn(shape), torch.randn(shape)
@@ -128,6 +129,17 @@ def test_norm_backward_row_tiles(triton_backend, monkeypatch, tile, shape):
         "add_rms_norm",
         terms=add_rms_terms(dtype),
     )
+    for log in (False, True):
+        fast = ops.log_softmax if log else ops.softmax
+        same = torch.log_softmax if log else torch.softmax
+        check_op(
+            lambda a, fast=fast: fast(a, -1),
+            lambda a, same=same: same(a, -1),
+            _log_softmax_ref if log else _softmax_ref,
+            [x * 3],
+            dtype,
+            "log_softmax" if log else "softmax",
+        )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -639,9 +651,16 @@ def test_norms_hypothesis(shape, dtype, seed, tile):
 
 
 @settings(max_examples=examples(12))
-@given(shape=_shapes(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
-def test_softmax_ce_glu_hypothesis(shape, dtype, seed):
+@given(
+    shape=_shapes(),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+    tile=st.sampled_from([None, *TILES]),
+)
+def test_softmax_ce_glu_hypothesis(shape, dtype, seed, tile):
     _dispatch.set_backend("triton")
+    if tile is not None:  # a tuned softmax backward configuration
+        _dispatch._FORCED["softmax_bwd"] = tile
     try:
         gen = torch.Generator().manual_seed(seed)
         x, u = torch.randn(shape, generator=gen) * 3, torch.randn(shape, generator=gen)
@@ -676,6 +695,7 @@ def test_softmax_ce_glu_hypothesis(shape, dtype, seed):
         )
     finally:
         _dispatch.set_backend("auto")
+        _dispatch._FORCED.pop("softmax_bwd", None)
 
 
 # ---------------------------------------------------------------- the CPU fallbacks

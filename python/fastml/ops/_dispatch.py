@@ -283,21 +283,24 @@ def launch_config(
     return best
 
 
-def tile_candidates(block: int, max_tile: int = 16384) -> list[tuple[int, int, int]]:
+def tile_candidates(
+    block: int, max_tile: int = 16384, per_sm: Sequence[int] = (4, 3, 2, 1)
+) -> list[tuple[int, int, int]]:
     """``(rows per tile, warps, programs per SM)`` candidates for a persistent
     backward kernel over rows of one ``block``: the default first (one row per
     tile, the block's warps, four programs per SM), then tiles of up to
     ``max_tile`` elements (at most 16 rows) with the warps their size calls for
     (one-row tiles also at twice that), each at one to four programs per
-    SM (the grid changes, not the compiled kernel)."""
-    default = (1, num_warps(block), 4)
+    SM (the grid changes, not the compiled kernel). Kernels with one program
+    per tile pass ``per_sm=(0,)`` (no grid choice)."""
+    default = (1, num_warps(block), per_sm[0])
     out = [default]
     rows = 1
     while rows * block <= max_tile and rows <= 16:
         w = num_warps(rows * block)
         for warps in dict.fromkeys((w, min(16, 2 * w)) if rows == 1 else (w,)):
-            for per_sm in (4, 3, 2, 1):
-                cand = (rows, warps, per_sm)
+            for grid in per_sm:
+                cand = (rows, warps, grid)
                 if cand != default:
                     out.append(cand)
         rows *= 2

@@ -12,9 +12,11 @@ from fastml.ops._dispatch import (
     check_float,
     compiling,
     eager_function,
+    launch_config,
     num_warps,
     row_block,
     row_split,
+    tile_candidates,
     tl,
     triton,
     use_triton,
@@ -71,28 +73,33 @@ def _softmax_bwd_kernel(
     dy_stride,
     y_stride,
     dx_stride,
+    M,
     N,
     LOG: tl.constexpr,
     BLOCK: tl.constexpr,
     ONE_BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
     # softmax:     dx = y * (dy - sum(dy * y))
     # log_softmax: dx = dy - exp(y) * sum(dy)
+    # A row in one block: each program takes ROWS rows as one (ROWS, BLOCK) tile.
     row = tl.program_id(0).to(tl.int64)
-    dy_ptr = DY + row * dy_stride
-    y_ptr = Y + row * y_stride
-    dx_ptr = DX + row * dx_stride
     cols = tl.arange(0, BLOCK)
     if ONE_BLOCK:
-        mask = cols < N
-        dy = tl.load(dy_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        rows = row * ROWS + tl.arange(0, ROWS)
+        m2 = (rows < M)[:, None] & (cols < N)[None, :]
+        c2 = cols[None, :]
+        dy = tl.load(DY + rows[:, None] * dy_stride + c2, mask=m2, other=0.0).to(tl.float32)
+        y = tl.load(Y + rows[:, None] * y_stride + c2, mask=m2, other=0.0).to(tl.float32)
         if LOG:
-            dx = dy - tl.exp(y) * tl.sum(dy, axis=0)
+            dx = dy - tl.exp(y) * tl.sum(dy, axis=1)[:, None]
         else:
-            dx = y * (dy - tl.sum(dy * y, axis=0))
-        tl.store(dx_ptr + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            dx = y * (dy - tl.sum(dy * y, axis=1)[:, None])
+        tl.store(DX + rows[:, None] * dx_stride + c2, dx.to(DX.dtype.element_ty), mask=m2)
     else:
+        dy_ptr = DY + row * dy_stride
+        y_ptr = Y + row * y_stride
+        dx_ptr = DX + row * dx_stride
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, N, BLOCK):
             c = start + cols
@@ -288,19 +295,28 @@ def softmax_backward(dy: Tensor, y: Tensor, log: bool) -> Tensor:
         )
     elif m > 0 and n > 0:
         block, one = row_block(n)
-        _softmax_bwd_kernel[(m,)](
-            dy2,
-            y2,
-            dx,
-            dy2.stride(0),
-            y2.stride(0),
-            dx.stride(0),
-            n,
-            LOG=log,
-            BLOCK=block,
-            ONE_BLOCK=one,
-            num_warps=num_warps(block),
-        )
+
+        def launch(config):  # repeatable: dx is a fresh buffer
+            rows, warps, _ = config
+            _softmax_bwd_kernel[(triton.cdiv(m, rows),)](
+                dy2,
+                y2,
+                dx,
+                dy2.stride(0),
+                y2.stride(0),
+                dx.stride(0),
+                m,
+                n,
+                LOG=log,
+                BLOCK=block,
+                ONE_BLOCK=one,
+                ROWS=rows,
+                num_warps=warps,
+            )
+
+        candidates = tile_candidates(block, per_sm=(0,)) if one else [(1, num_warps(block), 0)]
+        key = (y.dtype, block, m.bit_length(), log)
+        launch(launch_config("softmax_bwd", y.device, key, candidates, launch))
     return dx.view(y.shape)
 
 
