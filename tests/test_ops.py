@@ -420,6 +420,26 @@ def test_cross_entropy_leading_dims_and_ignore_index(triton_backend):
     assert ops.cross_entropy(logits, all_ignored, ignore_index=7).isnan()  # 0/0, as torch
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_cross_entropy_reduction_in_one_node(triton_backend, reduction):
+    """The eager Triton path reduces the rows in one launch and backpropagates
+    through one autograd node (the mean's division happens in the gradient
+    kernel), matching torch, including ignored rows and smoothing."""
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(37, 19, generator=gen, requires_grad=True)
+    t = torch.randint(0, 19, (37,), generator=gen)
+    t[::5] = -100
+    y = ops.cross_entropy(x, t, label_smoothing=0.1, reduction=reduction)
+    assert "CrossEntropyReduced" in y.grad_fn.name()
+    assert y.dtype == x.dtype and y.dim() == 0
+    (y * 3).backward()
+    xr = x.detach().double().requires_grad_()
+    want = F.cross_entropy(xr, t, label_smoothing=0.1, reduction=reduction)
+    (want * 3).backward()
+    torch.testing.assert_close(y.double(), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-5, atol=1e-7)
+
+
 # ---------------------------------------------------------------- gated activations
 
 

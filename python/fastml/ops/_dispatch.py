@@ -89,9 +89,21 @@ def use_triton(t: torch.Tensor) -> bool:
     return True
 
 
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for n <= 1). Host code uses this and
+    :func:`cdiv` rather than ``triton.next_power_of_2`` / ``triton.cdiv``, which
+    cost ~4 us per call from Python in triton 3.9 (constexpr-function wrappers)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for positive ``b``."""
+    return -(-a // b)
+
+
 def row_block(n: int) -> tuple[int, bool]:
     """Block width for rows of ``n`` elements and whether one block holds a row."""
-    block = min(triton.next_power_of_2(max(n, 1)), _MAX_BLOCK) if HAS_TRITON else 1
+    block = min(next_pow2(n), _MAX_BLOCK) if HAS_TRITON else 1
     return block, n <= block
 
 
@@ -122,7 +134,7 @@ def row_split(m: int, n: int, device: torch.device) -> tuple[int, int]:
     if m >= sms:
         return 1, 0
     per_row = -(-4 * sms // m)
-    width = triton.next_power_of_2(-(-n // per_row))
+    width = next_pow2(cdiv(n, per_row))
     width = max(min(_SPLIT_MIN_BLOCK, _MAX_BLOCK), min(_MAX_BLOCK, width))
     return -(-n // width), width
 

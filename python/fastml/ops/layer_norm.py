@@ -11,11 +11,13 @@ from torch import Tensor
 
 from fastml.ops._dispatch import (
     as_rows,
+    cdiv,
     check_float,
     check_same_device,
     compiling,
     eager_function,
     launch_config,
+    next_pow2,
     num_warps,
     persistent_programs,
     row_block,
@@ -363,7 +365,7 @@ def layer_norm_forward(
             HAS_W=weight is not None,
             HAS_B=bias is not None,
             BLOCK=width,
-            CBLOCK=triton.next_power_of_2(chunks),
+            CBLOCK=next_pow2(chunks),
             num_warps=num_warps(width),
         )
     elif m > 0 and n > 0:
@@ -447,7 +449,7 @@ def layer_norm_backward(
             HAS_W=has_w,
             HAS_B=has_bias,
             BLOCK=width,
-            CBLOCK=triton.next_power_of_2(chunks),
+            CBLOCK=next_pow2(chunks),
             num_warps=num_warps(width),
         )
         dw = dw_g.sum(0).to(weight.dtype) if has_w else x.new_empty(0)
@@ -478,7 +480,7 @@ def layer_norm_backward(
                 dx.stride(0),
                 m,
                 n,
-                triton.cdiv(m, grid),
+                cdiv(m, grid),
                 HAS_W=has_w,
                 HAS_B=has_bias,
                 BLOCK=block,

@@ -11,11 +11,13 @@ from torch import Tensor
 
 from fastml.ops._dispatch import (
     as_rows,
+    cdiv,
     check_float,
     check_same_device,
     compiling,
     eager_function,
     launch_config,
+    next_pow2,
     num_warps,
     persistent_programs,
     row_block,
@@ -370,7 +372,7 @@ def rms_norm_forward(
             eps,
             HAS_W=weight is not None,
             BLOCK=width,
-            CBLOCK=triton.next_power_of_2(chunks),
+            CBLOCK=next_pow2(chunks),
             num_warps=num_warps(width),
         )
     elif m > 0 and n > 0:
@@ -451,7 +453,7 @@ def rms_norm_backward(
             HAS_W=has_w,
             HAS_DRES=dres is not None,
             BLOCK=width,
-            CBLOCK=triton.next_power_of_2(chunks),
+            CBLOCK=next_pow2(chunks),
             num_warps=num_warps(width),
         )
         dw = partial.sum(0).to(weight.dtype) if has_w else x.new_empty(0)
@@ -488,7 +490,7 @@ def rms_norm_backward(
                 dx.stride(0),
                 m,
                 n,
-                triton.cdiv(m, programs),
+                cdiv(m, programs),
                 HAS_W=has_w,
                 HAS_DRES=dres is not None,
                 BLOCK=block,

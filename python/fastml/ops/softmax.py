@@ -9,10 +9,12 @@ from torch import Tensor
 
 from fastml.ops._dispatch import (
     as_rows,
+    cdiv,
     check_float,
     compiling,
     eager_function,
     launch_config,
+    next_pow2,
     num_warps,
     row_block,
     row_split,
@@ -238,7 +240,7 @@ def softmax_forward(x: Tensor, log: bool) -> Tensor:
             chunks,
             LOG=log,
             BLOCK=width,
-            CBLOCK=triton.next_power_of_2(chunks),
+            CBLOCK=next_pow2(chunks),
             num_warps=num_warps(width),
         )
     elif m > 0 and n > 0:
@@ -290,7 +292,7 @@ def softmax_backward(dy: Tensor, y: Tensor, log: bool) -> Tensor:
             chunks,
             LOG=log,
             BLOCK=width,
-            CBLOCK=triton.next_power_of_2(chunks),
+            CBLOCK=next_pow2(chunks),
             num_warps=num_warps(width),
         )
     elif m > 0 and n > 0:
@@ -298,7 +300,7 @@ def softmax_backward(dy: Tensor, y: Tensor, log: bool) -> Tensor:
 
         def launch(config):  # repeatable: dx is a fresh buffer
             rows, warps, _ = config
-            _softmax_bwd_kernel[(triton.cdiv(m, rows),)](
+            _softmax_bwd_kernel[(cdiv(m, rows),)](
                 dy2,
                 y2,
                 dx,

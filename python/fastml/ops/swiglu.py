@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from fastml.ops._dispatch import (
+    cdiv,
     check_float,
     check_same_device,
     compiling,
@@ -80,7 +81,7 @@ def glu_forward(gate: Tensor, up: Tensor, kind: str) -> Tensor:
     y = torch.empty_like(g)
     n = g.numel()
     if n:
-        _glu_fwd_kernel[(triton.cdiv(n, _BLOCK),)](g, u, y, n, KIND=_KINDS[kind], BLOCK=_BLOCK)
+        _glu_fwd_kernel[(cdiv(n, _BLOCK),)](g, u, y, n, KIND=_KINDS[kind], BLOCK=_BLOCK)
     return y
 
 
@@ -90,9 +91,7 @@ def glu_backward(dy: Tensor, gate: Tensor, up: Tensor, kind: str) -> tuple[Tenso
     dg, du = torch.empty_like(g), torch.empty_like(u)
     n = g.numel()
     if n:
-        _glu_bwd_kernel[(triton.cdiv(n, _BLOCK),)](
-            d, g, u, dg, du, n, KIND=_KINDS[kind], BLOCK=_BLOCK
-        )
+        _glu_bwd_kernel[(cdiv(n, _BLOCK),)](d, g, u, dg, du, n, KIND=_KINDS[kind], BLOCK=_BLOCK)
     return dg, du
 
 
