@@ -46,6 +46,11 @@ def _key(out: dict) -> dict:
             key[f"adamw_{r['candidate']}_copy_share"] = r["copy_share"]
         if "max_abs_diff" in r:
             key["adamw_max_abs_diff"] = r["max_abs_diff"]
+    for name, d in out.get("bench_adamw", {}).get("bf16_drift", {}).items():
+        if isinstance(d, dict):  # distance of bf16 parameters from a float64 run
+            key[f"adamw_bf16_drift {name}"] = d
+    if ops.get("tuned_configs"):
+        key["ops_tuned_configs"] = ops["tuned_configs"]
     return key
 
 
