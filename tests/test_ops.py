@@ -87,16 +87,24 @@ def test_rms_norm(triton_backend, block_mode, dtype, shape):
 # (rows per tile, warps, programs per SM): tiles that leave a partial last tile
 # and programs with no rows (4 stand-in SMs on CPU).
 TILES = [(2, 4, 1), (4, 4, 2), (16, 8, 3)]
+TUNED_KERNELS = (
+    "rms_norm_fwd",
+    "rms_norm_bwd",
+    "layer_norm_fwd",
+    "layer_norm_bwd",
+    "softmax_fwd",
+    "softmax_bwd",
+)
 
 
 @pytest.mark.parametrize("tile", TILES, ids=str)
 @pytest.mark.parametrize("shape", [(37, 123), (5, 64), (2, 3, 37), (1, 1)], ids=str)
-def test_row_backward_tiles(triton_backend, monkeypatch, tile, shape):
-    """The tuned backward configurations (several rows per tile, other warps and
-    grids) give the same gradients as the reference, for every norm and softmax."""
-    monkeypatch.setitem(_dispatch._FORCED, "rms_norm_bwd", tile)
-    monkeypatch.setitem(_dispatch._FORCED, "layer_norm_bwd", tile)
-    monkeypatch.setitem(_dispatch._FORCED, "softmax_bwd", tile)
+def test_row_tiles(triton_backend, monkeypatch, tile, shape):
+    """The tuned configurations (several rows per tile, other warps and grids)
+    give the same outputs and gradients as the reference, for every norm and
+    softmax, forward and backward."""
+    for kernel in TUNED_KERNELS:
+        monkeypatch.setitem(_dispatch._FORCED, kernel, tile)
     torch.manual_seed(3)
     n = shape[-1]
     x, r = torch.randn(shape), torch.randn(shape)
@@ -627,8 +635,8 @@ def _shapes(draw):
 @example(shape=(1, 1), dtype=torch.float32, seed=0, tile=None)
 def test_norms_hypothesis(shape, dtype, seed, tile):
     _dispatch.set_backend("triton")
-    if tile is not None:  # a tuned backward configuration
-        _dispatch._FORCED["rms_norm_bwd"] = _dispatch._FORCED["layer_norm_bwd"] = tile
+    if tile is not None:  # a tuned configuration for every tuned kernel
+        _dispatch._FORCED.update(dict.fromkeys(TUNED_KERNELS, tile))
     try:
         gen = torch.Generator().manual_seed(seed)
         x, r = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
@@ -666,8 +674,8 @@ def test_norms_hypothesis(shape, dtype, seed, tile):
         )
     finally:
         _dispatch.set_backend("auto")
-        _dispatch._FORCED.pop("rms_norm_bwd", None)
-        _dispatch._FORCED.pop("layer_norm_bwd", None)
+        for kernel in TUNED_KERNELS:
+            _dispatch._FORCED.pop(kernel, None)
 
 
 @settings(max_examples=examples(12))
@@ -679,8 +687,8 @@ def test_norms_hypothesis(shape, dtype, seed, tile):
 )
 def test_softmax_ce_glu_hypothesis(shape, dtype, seed, tile):
     _dispatch.set_backend("triton")
-    if tile is not None:  # a tuned softmax backward configuration
-        _dispatch._FORCED["softmax_bwd"] = tile
+    if tile is not None:  # a tuned configuration for every tuned kernel
+        _dispatch._FORCED.update(dict.fromkeys(TUNED_KERNELS, tile))
     try:
         gen = torch.Generator().manual_seed(seed)
         x, u = torch.randn(shape, generator=gen) * 3, torch.randn(shape, generator=gen)
@@ -715,7 +723,8 @@ def test_softmax_ce_glu_hypothesis(shape, dtype, seed, tile):
         )
     finally:
         _dispatch.set_backend("auto")
-        _dispatch._FORCED.pop("softmax_bwd", None)
+        for kernel in TUNED_KERNELS:
+            _dispatch._FORCED.pop(kernel, None)
 
 
 # ---------------------------------------------------------------- the CPU fallbacks

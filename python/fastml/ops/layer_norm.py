@@ -40,29 +40,38 @@ def _layer_norm_fwd_kernel(
     RSTD,
     x_stride,
     y_stride,
+    M,
     N,
     eps,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     BLOCK: tl.constexpr,
     ONE_BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_ptr = X + row * x_stride
     y_ptr = Y + row * y_stride
     cols = tl.arange(0, BLOCK)
     if ONE_BLOCK:
-        mask = cols < N
-        x = tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(x, axis=0) / N
-        d = tl.where(mask, x - mean, 0.0)
-        rstd = tl.rsqrt(tl.sum(d * d, axis=0) / N + eps)
-        y = d * rstd
+        # A (ROWS, BLOCK) tile of rows per program (ROWS tuned per shape class).
+        rows = row * ROWS + tl.arange(0, ROWS)
+        rmask = rows < M
+        cmask = cols < N
+        m2d = rmask[:, None] & cmask[None, :]
+        c2 = cols[None, :]
+        x = tl.load(X + rows[:, None] * x_stride + c2, mask=m2d, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=1) / N
+        d = tl.where(m2d, x - mean[:, None], 0.0)
+        rstd = tl.rsqrt(tl.sum(d * d, axis=1) / N + eps)
+        y = d * rstd[:, None]
         if HAS_W:
-            y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+            y = y * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         if HAS_B:
-            y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + cols, y.to(Y.dtype.element_ty), mask=mask)
+            y = y + tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + rows[:, None] * y_stride + c2, y.to(Y.dtype.element_ty), mask=m2d)
+        tl.store(MEAN + rows, mean, mask=rmask)
+        tl.store(RSTD + rows, rstd, mask=rmask)
     else:
         mean = 0.0
         m2 = 0.0
@@ -91,8 +100,8 @@ def _layer_norm_fwd_kernel(
             if HAS_B:
                 y = y + tl.load(B + c, mask=mask, other=0.0).to(tl.float32)
             tl.store(y_ptr + c, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
+        tl.store(MEAN + row, mean)
+        tl.store(RSTD + row, rstd)
 
 
 @triton.jit
@@ -370,23 +379,32 @@ def layer_norm_forward(
         )
     elif m > 0 and n > 0:
         block, one = row_block(n)
-        _layer_norm_fwd_kernel[(m,)](
-            x2,
-            weight if weight is not None else x2,
-            bias if bias is not None else x2,
-            y,
-            mean,
-            rstd,
-            x2.stride(0),
-            y.stride(0),
-            n,
-            eps,
-            HAS_W=weight is not None,
-            HAS_B=bias is not None,
-            BLOCK=block,
-            ONE_BLOCK=one,
-            num_warps=num_warps(block),
-        )
+
+        def launch(config):  # repeatable: every output is a fresh buffer
+            rows, warps, _ = config
+            _layer_norm_fwd_kernel[(cdiv(m, rows),)](
+                x2,
+                weight if weight is not None else x2,
+                bias if bias is not None else x2,
+                y,
+                mean,
+                rstd,
+                x2.stride(0),
+                y.stride(0),
+                m,
+                n,
+                eps,
+                HAS_W=weight is not None,
+                HAS_B=bias is not None,
+                BLOCK=block,
+                ONE_BLOCK=one,
+                ROWS=rows,
+                num_warps=warps,
+            )
+
+        candidates = tile_candidates(block, per_sm=(0,)) if one else [(1, num_warps(block), 0)]
+        key = (x.dtype, block, m.bit_length(), weight is not None, bias is not None)
+        launch(launch_config("layer_norm_fwd", x.device, key, candidates, launch))
     lead = x.shape[:-1]
     return y.view(x.shape), mean.view(lead), rstd.view(lead)
 

@@ -42,30 +42,36 @@ def _rms_norm_fwd_kernel(
     r_stride,
     s_stride,
     y_stride,
+    M,
     N,
     eps,
     HAS_RES: tl.constexpr,
     HAS_W: tl.constexpr,
     BLOCK: tl.constexpr,
     ONE_BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_ptr = X + row * x_stride
     y_ptr = Y + row * y_stride
     cols = tl.arange(0, BLOCK)
     if ONE_BLOCK:
-        mask = cols < N
-        x = tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        # A (ROWS, BLOCK) tile of rows per program (ROWS tuned per shape class).
+        rows = row * ROWS + tl.arange(0, ROWS)
+        m2 = (rows < M)[:, None] & (cols < N)[None, :]
+        c2 = cols[None, :]
+        x = tl.load(X + rows[:, None] * x_stride + c2, mask=m2, other=0.0).to(tl.float32)
         if HAS_RES:
-            r = tl.load(R + row * r_stride + cols, mask=mask, other=0.0).to(tl.float32)
+            r = tl.load(R + rows[:, None] * r_stride + c2, mask=m2, other=0.0).to(tl.float32)
             s = (x + r).to(S.dtype.element_ty)
-            tl.store(S + row * s_stride + cols, s, mask=mask)
+            tl.store(S + rows[:, None] * s_stride + c2, s, mask=m2)
             x = s.to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
-        y = x * rstd
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
+        tl.store(RSTD + rows, rstd, mask=rows < M)
+        y = x * rstd[:, None]
         if HAS_W:
-            y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + cols, y.to(Y.dtype.element_ty), mask=mask)
+            y = y * tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + rows[:, None] * y_stride + c2, y.to(Y.dtype.element_ty), mask=m2)
     else:
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, N, BLOCK):
@@ -90,7 +96,7 @@ def _rms_norm_fwd_kernel(
             if HAS_W:
                 y = y * tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
             tl.store(y_ptr + c, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(RSTD + row, rstd)
+        tl.store(RSTD + row, rstd)
 
 
 @triton.jit
@@ -377,25 +383,34 @@ def rms_norm_forward(
         )
     elif m > 0 and n > 0:
         block, one = row_block(n)
-        _rms_norm_fwd_kernel[(m,)](
-            x2,
-            r2,
-            s,
-            weight if weight is not None else x2,
-            y,
-            rstd,
-            x2.stride(0),
-            r2.stride(0),
-            s.stride(0),
-            y.stride(0),
-            n,
-            eps,
-            HAS_RES=residual is not None,
-            HAS_W=weight is not None,
-            BLOCK=block,
-            ONE_BLOCK=one,
-            num_warps=num_warps(block),
-        )
+
+        def launch(config):  # repeatable: every output is a fresh buffer
+            rows, warps, _ = config
+            _rms_norm_fwd_kernel[(cdiv(m, rows),)](
+                x2,
+                r2,
+                s,
+                weight if weight is not None else x2,
+                y,
+                rstd,
+                x2.stride(0),
+                r2.stride(0),
+                s.stride(0),
+                y.stride(0),
+                m,
+                n,
+                eps,
+                HAS_RES=residual is not None,
+                HAS_W=weight is not None,
+                BLOCK=block,
+                ONE_BLOCK=one,
+                ROWS=rows,
+                num_warps=warps,
+            )
+
+        candidates = tile_candidates(block, per_sm=(0,)) if one else [(1, num_warps(block), 0)]
+        key = (x.dtype, block, m.bit_length(), residual is not None, weight is not None)
+        launch(launch_config("rms_norm_fwd", x.device, key, candidates, launch))
     lead = x.shape[:-1]
     s_out = s.view(x.shape) if residual is not None else x.new_empty(0)
     return y.view(x.shape), rstd.view(lead), s_out

@@ -27,23 +27,38 @@ from fastml.ops._dispatch import (
 
 @triton.jit
 def _softmax_fwd_kernel(
-    X, Y, x_stride, y_stride, N, LOG: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr
+    X,
+    Y,
+    x_stride,
+    y_stride,
+    M,
+    N,
+    LOG: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_ptr = X + row * x_stride
     y_ptr = Y + row * y_stride
     cols = tl.arange(0, BLOCK)
     if ONE_BLOCK:
-        mask = cols < N
-        x = tl.load(x_ptr + cols, mask=mask, other=-float("inf")).to(tl.float32)
-        m = tl.max(x, axis=0)
+        # A (ROWS, BLOCK) tile of rows per program (ROWS tuned per shape class);
+        # rows past M read as zeros (finite, never stored).
+        rows = row * ROWS + tl.arange(0, ROWS)
+        rmask = rows < M
+        m2 = rmask[:, None] & (cols < N)[None, :]
+        c2 = cols[None, :]
+        x = tl.load(X + rows[:, None] * x_stride + c2, mask=m2, other=-float("inf"))
+        x = tl.where(rmask[:, None], x.to(tl.float32), 0.0)
+        m = tl.max(x, axis=1)[:, None]
         e = tl.exp(x - m)
-        d = tl.sum(e, axis=0)
+        d = tl.sum(e, axis=1)[:, None]
         if LOG:
             y = x - m - tl.log(d)
         else:
             y = e / d
-        tl.store(y_ptr + cols, y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(Y + rows[:, None] * y_stride + c2, y.to(Y.dtype.element_ty), mask=m2)
     else:
         m = -float("inf")
         d = 0.0
@@ -245,17 +260,26 @@ def softmax_forward(x: Tensor, log: bool) -> Tensor:
         )
     elif m > 0 and n > 0:
         block, one = row_block(n)
-        _softmax_fwd_kernel[(m,)](
-            x2,
-            y,
-            x2.stride(0),
-            y.stride(0),
-            n,
-            LOG=log,
-            BLOCK=block,
-            ONE_BLOCK=one,
-            num_warps=num_warps(block),
-        )
+
+        def launch(config):  # repeatable: y is a fresh buffer
+            rows, warps, _ = config
+            _softmax_fwd_kernel[(cdiv(m, rows),)](
+                x2,
+                y,
+                x2.stride(0),
+                y.stride(0),
+                m,
+                n,
+                LOG=log,
+                BLOCK=block,
+                ONE_BLOCK=one,
+                ROWS=rows,
+                num_warps=warps,
+            )
+
+        candidates = tile_candidates(block, per_sm=(0,)) if one else [(1, num_warps(block), 0)]
+        key = (x.dtype, block, m.bit_length(), log)
+        launch(launch_config("softmax_fwd", x.device, key, candidates, launch))
     return y.view(x.shape)
 
 
