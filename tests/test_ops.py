@@ -451,6 +451,24 @@ def test_cross_entropy_reduction_in_one_node(triton_backend, reduction):
 # ---------------------------------------------------------------- gated activations
 
 
+@pytest.mark.parametrize("config", [(2048, 4), (8192, 16)], ids=str)
+def test_glu_tuned_configs(triton_backend, monkeypatch, config):
+    """The gated activations' tuned configurations (elements per program, warps)
+    give the reference's outputs and gradients, with a ragged last program."""
+    monkeypatch.setitem(_dispatch._FORCED, "glu_fwd", config)
+    monkeypatch.setitem(_dispatch._FORCED, "glu_bwd", config)
+    torch.manual_seed(6)
+    g, u = torch.randn(3, 4099), torch.randn(3, 4099)
+    check_op(
+        ops.swiglu,
+        lambda a, b: F.silu(a) * b,
+        lambda a, b: F.silu(a.double()) * b.double(),
+        [g, u],
+        torch.float32,
+        "swiglu",
+    )
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("kind", ["swiglu", "geglu", "geglu_tanh"])
