@@ -80,7 +80,10 @@ def _install() -> None:
         return kernel
 
     JITFunction.run = compile_only
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
+    try:  # the installed package, else this checkout's sources
+        importlib.import_module("fastml")
+    except ImportError:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
     dispatch = importlib.import_module("fastml.ops._dispatch")
     dispatch._interpreting = lambda: True  # let the triton backend take CPU tensors
     dispatch._sms = lambda device: SMS
