@@ -276,6 +276,48 @@ def test_adamw_stochastic_rounding_is_unbiased(backend):
     assert groups[0]["stochastic_rounding"] is True and groups[0]["seed"] == 11
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_adamw_float32_state_for_half_params(backend):
+    """state_dtype=float32 keeps the moments in float32 for fp16 parameters: with
+    gradients of 1e-3 an fp16 second moment (~1e-9) underflows and the update
+    blows up, where float32 moments follow the float64 run; the
+    state dtype survives state_dict round trips (torch would cast to fp16)."""
+    gen = torch.Generator().manual_seed(4)
+    start = torch.randn(257, generator=gen)
+    grads = [torch.randn(257, generator=gen) * 1e-3 for _ in range(6)]
+    kw = dict(lr=1e-2, betas=(0.9, 0.999), weight_decay=0.0, amsgrad=True)
+
+    def run(dtype, **extra):
+        p = start.to(dtype).requires_grad_()
+        _dispatch.set_backend(backend)
+        try:
+            opt = (torch.optim.AdamW if dtype == torch.float64 else ops.AdamW)([p], **kw, **extra)
+            for g in grads:
+                p.grad = g.to(dtype)
+                opt.step()
+        finally:
+            _dispatch.set_backend("auto")
+        return p.detach().double(), opt
+
+    ref, _ = run(torch.float64)
+    half, _ = run(torch.float16)
+    mixed, opt = run(torch.float16, state_dtype=torch.float32)
+    st = next(iter(opt.state.values()))
+    assert {st[k].dtype for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")} == {torch.float32}
+    err_mixed = (mixed - ref).abs().max().item()
+    # (torch's own fp16 step even reaches inf/nan here: eps-sized denominators)
+    assert err_mixed < 0.25 * (half - ref).abs().nan_to_num(float("inf")).max().item()
+    assert err_mixed < 4 * 2.0**-10 * ref.abs().max().item()  # a few fp16 ulps
+    again = ops.AdamW([torch.zeros(257, dtype=torch.float16, requires_grad=True)], **kw,
+                      state_dtype=torch.float32)  # fmt: skip
+    again.load_state_dict(opt.state_dict())
+    st2 = next(iter(again.state.values()))
+    assert st2["exp_avg_sq"].dtype == torch.float32
+    assert torch.equal(st2["exp_avg_sq"], st["exp_avg_sq"])
+    with pytest.raises(ValueError, match="state_dtype"):
+        ops.AdamW([torch.zeros(2, requires_grad=True)], state_dtype=torch.int32)
+
+
 def test_adamw_stochastic_rounding_leaves_other_dtypes_and_defaults_seed(triton_backend):
     gen = torch.Generator().manual_seed(2)
     plain = [torch.randn(33, generator=gen).requires_grad_()]

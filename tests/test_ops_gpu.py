@@ -224,6 +224,26 @@ def test_adamw_cuda_stochastic_rounding_unbiased():
     assert abs(out[True].mean().item() - ref.item()) < 6 * sigma
 
 
+def test_adamw_cuda_bf16_params_float32_state():
+    """bf16 parameters with float32 moments: the fused kernel (mixed dtypes)
+    matches fastml's torch reference update on CPU within one bf16 rounding, and
+    the moments stay float32."""
+    gen = torch.Generator().manual_seed(5)
+    start = torch.randn(1 << 16, generator=gen)
+    grads = [torch.randn(1 << 16, generator=gen) * 1e-2 for _ in range(5)]
+    kw = dict(lr=1e-3, weight_decay=0.1, amsgrad=True, state_dtype=torch.float32)
+    out = {}
+    for dev in ("cpu", DEV):
+        p = start.to(dev, torch.bfloat16).requires_grad_()
+        opt = ops.AdamW([p], **kw)
+        for g in grads:
+            p.grad = g.to(dev, torch.bfloat16)
+            opt.step()
+        assert opt.state[p]["exp_avg_sq"].dtype == torch.float32
+        out[dev] = p.detach().float().cpu()
+    torch.testing.assert_close(out[DEV], out["cpu"], rtol=2.0**-7, atol=1e-6)
+
+
 # Inductor warns that TF32 is off for float32 matmuls (a performance hint; this
 # test wants float32 numerics), and the warnings-as-errors setting would turn it
 # into an InductorError (second H200 run, 2026-12-04).

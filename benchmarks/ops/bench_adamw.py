@@ -71,7 +71,8 @@ def bf16_drift(dev: str, smoke: bool) -> dict[str, Any]:
     16 M parameters (4 M on CPU smoke) at typical scale (N(0, 0.02)), amsgrad, lr
     1e-4, five steps of fresh N(0, 1e-3) gradients: max and mean |p - p_float64|
     for torch's fused step, fastml rounding to nearest and fastml with stochastic
-    rounding (moments in bf16 for all three, as ``zeros_like(param)`` makes them),
+    rounding (moments in bf16, as ``zeros_like(param)`` makes them), and fastml
+    with float32 moments (``state_dtype``) and stochastic rounding,
     and the mean signed error (rounding to nearest drops updates smaller than
     half an ulp: a bias).
     """
@@ -96,6 +97,9 @@ def bf16_drift(dev: str, smoke: bool) -> dict[str, Any]:
         "fastml AdamW (bf16 moments)": lambda ps: ops.AdamW(ps, **kw),
         "fastml AdamW, stochastic rounding": lambda ps: ops.AdamW(
             ps, stochastic_rounding=True, seed=1, **kw
+        ),
+        "fastml AdamW, fp32 moments + SR": lambda ps: ops.AdamW(
+            ps, stochastic_rounding=True, seed=1, state_dtype=torch.float32, **kw
         ),
     }
     if dev == "cpu":

@@ -420,6 +420,8 @@ def adamw_step_(
 
 
 _SEED_LIMIT = 1 << 31
+_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
 class AdamW(torch.optim.AdamW):
@@ -444,6 +446,10 @@ class AdamW(torch.optim.AdamW):
     (drawn from torch's default generator when ``None``) and the step;
     parameters of other dtypes are unaffected. The stream differs between the
     Triton kernel and the torch reference path (CPU tensors), both seeded.
+    ``state_dtype=torch.float32`` keeps the moments in float32 for half-precision
+    parameters (torch keeps them in the parameter's dtype, the default here: a
+    bf16 second moment holds 8 bits of mantissa, an fp16 one underflows for
+    gradients below ~1e-4); it is kept through ``load_state_dict``.
     ``differentiable`` and ``fused=True`` (torch's own fused kernel) are not
     supported.
     """
@@ -464,6 +470,7 @@ class AdamW(torch.optim.AdamW):
         fused: bool | None = None,
         stochastic_rounding: bool = False,
         seed: int | None = None,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         if differentiable:
             raise ValueError("differentiable=True is not supported by fastml.ops.AdamW, got True")
@@ -480,6 +487,11 @@ class AdamW(torch.optim.AdamW):
             seed = int(torch.randint(0, _SEED_LIMIT, ()).item()) if stochastic_rounding else 0
         elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _SEED_LIMIT:
             raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
+        if state_dtype is not None and state_dtype not in _STATE_DTYPES:
+            raise ValueError(
+                f"state_dtype must be None (the parameter's dtype) or one of "
+                f"{[str(d) for d in _STATE_DTYPES]}, got {state_dtype!r}"
+            )
         super().__init__(
             params,
             lr=lr,
@@ -493,15 +505,39 @@ class AdamW(torch.optim.AdamW):
         )
         self.defaults["stochastic_rounding"] = stochastic_rounding
         self.defaults["seed"] = seed
+        self.defaults["state_dtype"] = state_dtype
         for group in self.param_groups:
             group.setdefault("stochastic_rounding", stochastic_rounding)
             group.setdefault("seed", seed)
+            group.setdefault("state_dtype", state_dtype)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("stochastic_rounding", False)
             group.setdefault("seed", 0)
+            group.setdefault("state_dtype", None)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``torch.optim.AdamW.load_state_dict``, keeping each group's ``state_dtype``.
+
+        torch casts every floating-point state tensor to its parameter's dtype
+        on load; moments of groups with a ``state_dtype`` are restored from the
+        saved values in that dtype instead (no round trip through the
+        parameter's dtype).
+        """
+        saved_state = state_dict["state"]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        super().load_state_dict(state_dict)
+        params = [(p, g) for g in self.param_groups for p in g["params"]]
+        for saved_id, (p, group) in zip(saved_ids, params, strict=False):
+            dtype = group.get("state_dtype")
+            src, dst = saved_state.get(saved_id), self.state.get(p)
+            if dtype is None or not src or not dst:
+                continue
+            for key in _MOMENTS:
+                if key in src and key in dst:
+                    dst[key] = src[key].to(device=p.device, dtype=dtype, copy=True)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -510,8 +546,10 @@ class AdamW(torch.optim.AdamW):
             (p for g in self.param_groups for p in g["params"] if p.grad is not None), None
         )
         fused = first is not None and use_triton(first)
-        rounding = any(g.get("stochastic_rounding") for g in self.param_groups)
-        if not fused and not rounding:
+        # Stochastic rounding and a state dtype of its own are fastml's: the torch
+        # backend then runs the reference update here rather than torch's step.
+        own = any(g.get("stochastic_rounding") or g.get("state_dtype") for g in self.param_groups)
+        if not fused and not own:
             return super().step(closure)
         loss = None
         if closure is not None:
@@ -544,12 +582,13 @@ class AdamW(torch.optim.AdamW):
                     if capturable
                     else torch.tensor(0.0, dtype=torch.float32)
                 )
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                # Moments in the group's state_dtype (None: the parameter's, as torch).
+                sd = group.get("state_dtype") or p.dtype
+                fmt = torch.preserve_format
+                state["exp_avg"] = torch.zeros_like(p, dtype=sd, memory_format=fmt)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=sd, memory_format=fmt)
                 if amsgrad:
-                    state["max_exp_avg_sq"] = torch.zeros_like(
-                        p, memory_format=torch.preserve_format
-                    )
+                    state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=sd, memory_format=fmt)
             live.append((p, grad, state))
         if not live:
             return
@@ -606,9 +645,10 @@ class AdamW(torch.optim.AdamW):
     @staticmethod
     def _single_step(p, grad, state, group, rounding: bool, seed: int) -> None:
         """The reference update of one tensor, for layouts the fused kernel does not
-        take and for stochastic rounding on the torch backend: half-precision
-        tensors are updated in float32 and stored once, as the kernel does; the
-        learning rate, betas and step stay tensors when they are (no host sync)."""
+        take and for stochastic rounding or a ``state_dtype`` on the torch backend:
+        half-precision tensors are updated in float32 and stored once, as the
+        kernel does; the learning rate, betas and step stay tensors when they are
+        (no host sync)."""
         lr, beta1, beta2, step = (
             float(x) if not isinstance(x, Tensor) or x.device.type == "cpu" else x.double()
             for x in (group["lr"], *group["betas"], state["step"])
