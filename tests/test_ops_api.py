@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
 
 import pytest
 import torch
@@ -501,6 +502,49 @@ def test_launch_tuning_picks_the_fastest_and_caches_it(monkeypatch):
         ops.set_autotune(True)
     with pytest.raises(TypeError, match="enabled"):
         ops.set_autotune(1)
+
+
+def test_launch_tuning_file_cache(monkeypatch, tmp_path):
+    """FASTML_OPS_TUNING_CACHE: a choice is written to the file, a new process
+    (an emptied in-process cache) reuses it without timing, a stale entry (no
+    longer a candidate) is retuned, and a corrupt file is an error naming it."""
+    cuda = torch.device("cuda", 0)
+    path = tmp_path / "sub" / "tuning.json"
+    timed: list[tuple] = []
+    cost = {("a", 1): 2.0, ("b", 2): 1.0, ("c", 3): 3.0}
+
+    def fake_time(launch, config, reps=5):
+        timed.append(config)
+        return cost[config]
+
+    monkeypatch.setattr(_dispatch, "_time_config", fake_time)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    monkeypatch.setattr(_dispatch, "_TUNED", {})
+    monkeypatch.setattr(_dispatch, "_FILE_CACHE", {})
+    monkeypatch.setattr(_dispatch, "_autotune", True)
+    monkeypatch.setenv("FASTML_OPS_TUNING_CACHE", str(path))
+    cands = [("a", 1), ("b", 2), ("c", 3)]
+    assert _dispatch.launch_config("k", cuda, (torch.bfloat16, 4096), cands, None) == ("b", 2)
+    saved = json.loads(path.read_text())
+    (entry,) = saved.items()
+    assert entry[0].startswith("k|Fake GPU|triton ") and entry[1] == ["b", 2]
+    # A new process: nothing in memory, the file answers without timing.
+    timed.clear()
+    monkeypatch.setattr(_dispatch, "_TUNED", {})
+    monkeypatch.setattr(_dispatch, "_FILE_CACHE", {})
+    assert _dispatch.launch_config("k", cuda, (torch.bfloat16, 4096), cands, None) == ("b", 2)
+    assert timed == []
+    # A stale entry (the candidates changed): tuned again and rewritten.
+    monkeypatch.setattr(_dispatch, "_TUNED", {})
+    new = [("a", 1), ("c", 3)]
+    assert _dispatch.launch_config("k", cuda, (torch.bfloat16, 4096), new, None) == ("a", 1)
+    assert json.loads(path.read_text())[entry[0]] == ["a", 1]
+    path.write_text("{not json")
+    monkeypatch.setattr(_dispatch, "_TUNED", {})
+    monkeypatch.setattr(_dispatch, "_FILE_CACHE", {})
+    with pytest.raises(ValueError, match=r"FASTML_OPS_TUNING_CACHE file .*tuning\.json"):
+        _dispatch.launch_config("k", cuda, (torch.bfloat16, 4096), cands, None)
 
 
 def test_tile_candidates():

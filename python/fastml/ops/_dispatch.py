@@ -212,6 +212,10 @@ def persistent_programs(rows: int, device: torch.device, n: int = 1, per_sm: int
 _TUNED: dict[tuple, Any] = {}
 _FORCED: dict[str, Any] = {}
 _autotune = os.environ.get("FASTML_OPS_AUTOTUNE", "1") not in ("", "0")
+# FASTML_OPS_TUNING_CACHE=path: choices also kept in a JSON file, keyed by the
+# GPU's name and triton's version, so later processes reuse them (no tuning
+# time, the same configuration run after run). Loaded once per path.
+_FILE_CACHE: dict[str, dict[str, list]] = {}
 
 
 def set_autotune(enabled: bool) -> None:
@@ -227,6 +231,11 @@ def set_autotune(enabled: bool) -> None:
     ``torch.use_deterministic_algorithms(True)`` is set: configurations differ
     in reduction order, so the tuned choice (which can vary between processes)
     would change results in the last bits. Turning it off clears the cache.
+
+    ``FASTML_OPS_TUNING_CACHE=path`` also keeps the choices in a JSON file,
+    keyed by kernel, GPU name, triton version and shape class: later processes
+    reuse them (no tuning time, the same configuration from run to run). An
+    entry that is no longer among a kernel's candidates is ignored and retuned.
     """
     global _autotune
     if not isinstance(enabled, bool):
@@ -270,16 +279,24 @@ def launch_config(
     forced = _FORCED.get(kernel)
     if forced is not None:
         return forced
+    if torch.are_deterministic_algorithms_enabled() or device.type != "cuda":
+        return candidates[0]
     full = (kernel, str(device), *key)
     hit = _TUNED.get(full)
     if hit is not None:
         return hit
+    path = os.environ.get("FASTML_OPS_TUNING_CACHE", "")
+    file_key = _file_key(kernel, device, key) if path else ""
+    if path:
+        saved = _load_tuning_file(path).get(file_key)
+        stored = next((c for c in candidates if list(c) == saved), None) if saved else None
+        if stored is not None:  # a choice that is still a candidate
+            _TUNED[full] = stored
+            return stored
     if (
         not _autotune
         or len(candidates) == 1
-        or device.type != "cuda"
         or torch.cuda.is_current_stream_capturing()
-        or torch.are_deterministic_algorithms_enabled()
         or compiling()
     ):
         return candidates[0]
@@ -292,7 +309,60 @@ def launch_config(
                 raise
     best = min(times, key=lambda t: t[0])[1] if times else candidates[0]
     _TUNED[full] = best
+    if path:
+        _save_tuning(path, file_key, best)
     return best
+
+
+def _file_key(kernel: str, device: torch.device, key: tuple) -> str:
+    import triton as _triton  # only reached on CUDA, where triton is required
+
+    name = torch.cuda.get_device_name(device)
+    return "|".join([kernel, name, f"triton {_triton.__version__}", *map(str, key)])
+
+
+def _load_tuning_file(path: str) -> dict[str, list]:
+    if path not in _FILE_CACHE:
+        import json
+
+        data: Any = {}
+        if os.path.exists(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    data = json.load(f)
+            except (OSError, ValueError) as exc:
+                raise ValueError(
+                    f"FASTML_OPS_TUNING_CACHE file '{path}' is not a readable JSON object "
+                    f"({exc}); delete it or point the variable elsewhere"
+                ) from exc
+            if not isinstance(data, dict):
+                raise ValueError(
+                    f"FASTML_OPS_TUNING_CACHE file '{path}' must hold a JSON object, "
+                    f"got {type(data).__name__}"
+                )
+        _FILE_CACHE[path] = {k: v for k, v in data.items() if isinstance(v, list)}
+    return _FILE_CACHE[path]
+
+
+def _save_tuning(path: str, file_key: str, config: Any) -> None:
+    """Add one choice to the file (read-merge-write through a temporary file and
+    an atomic rename, so concurrent processes never leave it half written)."""
+    import json
+    import tempfile
+
+    entries = _load_tuning_file(path)
+    entries[file_key] = list(config)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".fastml-tuning-", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(entries, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def tile_candidates(
