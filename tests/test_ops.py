@@ -31,7 +31,7 @@ DTYPES = [torch.float32, torch.float16]
 # (5, 4097): more rows than the CPU's stand-in SM count (4), so chunked mode walks
 # whole rows per program; few long rows split across programs (row_split) have
 # their own tests below.
-SHAPES = [(1, 1), (5, 123), (5, 4097), (2, 3, 37)]
+SHAPES = [(1, 1), (5, 123), (5, 4097), (2, 3, 37), (6, 1500)]
 
 
 @pytest.fixture
@@ -43,7 +43,8 @@ def triton_backend():
 
 @pytest.fixture(params=["one_block", "chunked"])
 def block_mode(request, monkeypatch):
-    """Run with rows in one block, and with a 1024-wide block so 4097 is walked in chunks."""
+    """Run with rows in one block, and with a 1024-wide block so 4097 is walked in
+    chunks and 1500 takes the two-block backward of the norms."""
     if request.param == "chunked":
         monkeypatch.setattr(_dispatch, "_MAX_BLOCK", 1024)
     return request.param

@@ -27,7 +27,14 @@ def report(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("sm90") / "kernels.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, str(TOOL), "--shapes", "4096x4096,64x131072", "--json", str(out)],
+        [
+            sys.executable,
+            str(TOOL),
+            "--shapes",
+            "4096x4096,2048x16384,64x131072",
+            "--json",
+            str(out),
+        ],
         capture_output=True,
         text=True,
         env=env,
@@ -44,9 +51,18 @@ def test_every_op_launches_compiled_kernels(report):
     assert all(r["registers"] for r in report)
 
 
+# Kernels allowed to spill, with the bound and the reason.
+# layer_norm's backward for rows of two blocks (8,192 < N <= 16,384) keeps four
+# dW/dB accumulators of 16 floats per thread across its rows (128 registers at 512
+# threads): 64 bytes per thread spill to L1-cached local memory, where the general
+# path read and wrote dW and dB partial rows in global memory for every row
+# (256 KB per row of 16,384 columns). Not measured on a GPU yet.
+SPILL_ALLOWED = {"_layer_norm_bwd_kernel": 64}
+
+
 def test_no_kernel_spills_registers(report):
     spilling = [(r["op"], r["shape"], r["kernel"], r["spill_bytes"]) for r in report]
-    assert [s for s in spilling if s[3]] == []
+    assert [s for s in spilling if s[3] > SPILL_ALLOWED.get(s[2], 0)] == []
 
 
 # Kernels that stream no row: one program per row combining a few partials

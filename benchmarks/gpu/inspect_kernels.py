@@ -80,10 +80,17 @@ def _install() -> None:
         return kernel
 
     JITFunction.run = compile_only
-    try:  # the installed package, else this checkout's sources
+    # This checkout's sources when they are built (a development tree), else the
+    # installed package (a clean clone whose extension lives in site-packages).
+    src = str(Path(__file__).resolve().parents[2] / "python")
+    sys.path.insert(0, src)
+    try:
         importlib.import_module("fastml")
     except ImportError:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
+        sys.path.remove(src)
+        for name in [m for m in sys.modules if m == "fastml" or m.startswith("fastml.")]:
+            del sys.modules[name]
+        importlib.import_module("fastml")
     dispatch = importlib.import_module("fastml.ops._dispatch")
     dispatch._interpreting = lambda: True  # let the triton backend take CPU tensors
     dispatch._sms = lambda device: SMS

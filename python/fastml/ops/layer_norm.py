@@ -105,6 +105,53 @@ def _layer_norm_fwd_kernel(
 
 
 @triton.jit
+def _ln_bwd_dots(DY, X, W, row, dy_stride, x_stride, cc, mask, mean, rstd, HAS_W: tl.constexpr):
+    """(sum(w dy xhat), sum(w dy)) over one block of a row."""
+    dy = tl.load(DY + row * dy_stride + cc, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + row * x_stride + cc, mask=mask, other=0.0).to(tl.float32)
+    xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+    if HAS_W:
+        dy = dy * tl.load(W + cc, mask=mask, other=0.0).to(tl.float32)
+    return tl.sum(dy * xhat, axis=0), tl.sum(dy, axis=0)
+
+
+@triton.jit
+def _ln_bwd_apply(
+    DY,
+    X,
+    W,
+    DX,
+    row,
+    dy_stride,
+    x_stride,
+    dx_stride,
+    cc,
+    mask,
+    mean,
+    rstd,
+    c1,
+    c2,
+    dw,
+    db,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+):
+    """dx of one block of a row; returns (dw + dy * xhat, db + dy)."""
+    dy = tl.load(DY + row * dy_stride + cc, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + row * x_stride + cc, mask=mask, other=0.0).to(tl.float32)
+    xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+    wdy = dy
+    if HAS_W:
+        wdy = dy * tl.load(W + cc, mask=mask, other=0.0).to(tl.float32)
+        dw += dy * xhat
+    if HAS_B:
+        db += dy
+    dx = (wdy - (xhat * c1 + c2)) * rstd
+    tl.store(DX + row * dx_stride + cc, dx.to(DX.dtype.element_ty), mask=mask)
+    return dw, db
+
+
+@triton.jit
 def _layer_norm_bwd_kernel(
     DY,
     X,
@@ -125,9 +172,11 @@ def _layer_norm_bwd_kernel(
     BLOCK: tl.constexpr,
     ONE_BLOCK: tl.constexpr,
     ROWS: tl.constexpr,
+    TWO_BLOCK: tl.constexpr,
 ):
     # dx = rstd * (w*dy - mean(w*dy) - xhat * mean(w*dy*xhat)); dW and dB are
-    # summed per program in fp32 (see _rms_norm_bwd_kernel, also for ROWS).
+    # summed per program in fp32 (see _rms_norm_bwd_kernel, also for ROWS and
+    # TWO_BLOCK).
     pid = tl.program_id(0).to(tl.int64)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
@@ -165,6 +214,39 @@ def _layer_norm_bwd_kernel(
             tl.store(dw_ptr + cols, dw_acc, mask=mask)
         if HAS_B:
             tl.store(db_ptr + cols, db_acc, mask=mask)
+    elif TWO_BLOCK:
+        c1b = BLOCK + cols
+        mask0 = cols < N
+        mask1 = c1b < N
+        dw0 = tl.zeros([BLOCK], dtype=tl.float32)
+        dw1 = tl.zeros([BLOCK], dtype=tl.float32)
+        db0 = tl.zeros([BLOCK], dtype=tl.float32)
+        db1 = tl.zeros([BLOCK], dtype=tl.float32)
+        for row in range(row_start, row_end):
+            mean = tl.load(MEAN + row)
+            rstd = tl.load(RSTD + row)
+            s1a, s2a = _ln_bwd_dots(
+                DY, X, W, row, dy_stride, x_stride, cols, mask0, mean, rstd, HAS_W
+            )
+            s1b, s2b = _ln_bwd_dots(
+                DY, X, W, row, dy_stride, x_stride, c1b, mask1, mean, rstd, HAS_W
+            )
+            c1 = (s1a + s1b) / N
+            c2 = (s2a + s2b) / N
+            dw0, db0 = _ln_bwd_apply(
+                DY, X, W, DX, row, dy_stride, x_stride, dx_stride, cols, mask0,
+                mean, rstd, c1, c2, dw0, db0, HAS_W, HAS_B,
+            )  # fmt: skip
+            dw1, db1 = _ln_bwd_apply(
+                DY, X, W, DX, row, dy_stride, x_stride, dx_stride, c1b, mask1,
+                mean, rstd, c1, c2, dw1, db1, HAS_W, HAS_B,
+            )  # fmt: skip
+        if HAS_W:
+            tl.store(dw_ptr + cols, dw0, mask=mask0)
+            tl.store(dw_ptr + c1b, dw1, mask=mask1)
+        if HAS_B:
+            tl.store(db_ptr + cols, db0, mask=mask0)
+            tl.store(db_ptr + c1b, db1, mask=mask1)
     else:
         for row in range(row_start, row_end):
             mean = tl.load(MEAN + row)
@@ -504,6 +586,7 @@ def layer_norm_backward(
                 BLOCK=block,
                 ONE_BLOCK=one,
                 ROWS=rows,
+                TWO_BLOCK=not one and n <= 2 * block,
                 num_warps=warps,
             )
 

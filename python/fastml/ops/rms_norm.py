@@ -100,6 +100,51 @@ def _rms_norm_fwd_kernel(
 
 
 @triton.jit
+def _rms_bwd_dot(DY, X, W, row, dy_stride, x_stride, cc, mask, HAS_W: tl.constexpr):
+    """sum(dy * w * x) over one block of a row."""
+    dy = tl.load(DY + row * dy_stride + cc, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + row * x_stride + cc, mask=mask, other=0.0).to(tl.float32)
+    if HAS_W:
+        dy = dy * tl.load(W + cc, mask=mask, other=0.0).to(tl.float32)
+    return tl.sum(dy * x, axis=0)
+
+
+@triton.jit
+def _rms_bwd_apply(
+    DY,
+    X,
+    W,
+    DRES,
+    DX,
+    row,
+    dy_stride,
+    x_stride,
+    dres_stride,
+    dx_stride,
+    cc,
+    mask,
+    rstd,
+    c,
+    dw,
+    HAS_W: tl.constexpr,
+    HAS_DRES: tl.constexpr,
+):
+    """dx of one block of a row (c: the row's mean(dy * w * xhat)); returns dw + dy * xhat."""
+    dy = tl.load(DY + row * dy_stride + cc, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + row * x_stride + cc, mask=mask, other=0.0).to(tl.float32)
+    xhat = x * rstd
+    wdy = dy
+    if HAS_W:
+        wdy = dy * tl.load(W + cc, mask=mask, other=0.0).to(tl.float32)
+        dw += dy * xhat
+    dx = (wdy - xhat * c) * rstd
+    if HAS_DRES:
+        dx += tl.load(DRES + row * dres_stride + cc, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DX + row * dx_stride + cc, dx.to(DX.dtype.element_ty), mask=mask)
+    return dw
+
+
+@triton.jit
 def _rms_norm_bwd_kernel(
     DY,
     X,
@@ -120,10 +165,11 @@ def _rms_norm_bwd_kernel(
     BLOCK: tl.constexpr,
     ONE_BLOCK: tl.constexpr,
     ROWS: tl.constexpr,
+    TWO_BLOCK: tl.constexpr,
 ):
     # Each program walks a contiguous range of rows and keeps its share of
-    # dW in fp32 (registers when a row fits one block, else its own row of
-    # DW_PARTIAL); the host sums the partials: deterministic, no atomics.
+    # dW in fp32 (registers when a row fits one or two blocks, else its own row
+    # of DW_PARTIAL); the host sums the partials: deterministic, no atomics.
     # When a row fits one block, ROWS rows are taken per iteration as one
     # (ROWS, BLOCK) tile, so several rows' loads are in flight at once.
     pid = tl.program_id(0).to(tl.int64)
@@ -158,6 +204,33 @@ def _rms_norm_bwd_kernel(
             tl.store(DX + rows[:, None] * dx_stride + c2, dx.to(DX.dtype.element_ty), mask=m2)
         if HAS_W:
             tl.store(dw_ptr + cols, dw_acc, mask=mask)
+    elif TWO_BLOCK:
+        # BLOCK < N <= 2 * BLOCK (e.g. 16,384 columns in blocks of 8,192): holding
+        # the row and both blocks' dW spills registers, so each row is read twice
+        # (its dot product, then dx) with both dW accumulators kept in registers
+        # across the program's rows, instead of a read-modify-write of
+        # DW_PARTIAL per row (the general path below).
+        c1 = BLOCK + cols
+        mask0 = cols < N
+        mask1 = c1 < N
+        dw0 = tl.zeros([BLOCK], dtype=tl.float32)
+        dw1 = tl.zeros([BLOCK], dtype=tl.float32)
+        for row in range(row_start, row_end):
+            rstd = tl.load(RSTD + row)
+            dot = _rms_bwd_dot(DY, X, W, row, dy_stride, x_stride, cols, mask0, HAS_W)
+            dot += _rms_bwd_dot(DY, X, W, row, dy_stride, x_stride, c1, mask1, HAS_W)
+            c = dot * rstd / N
+            dw0 = _rms_bwd_apply(
+                DY, X, W, DRES, DX, row, dy_stride, x_stride, dres_stride, dx_stride,
+                cols, mask0, rstd, c, dw0, HAS_W, HAS_DRES,
+            )  # fmt: skip
+            dw1 = _rms_bwd_apply(
+                DY, X, W, DRES, DX, row, dy_stride, x_stride, dres_stride, dx_stride,
+                c1, mask1, rstd, c, dw1, HAS_W, HAS_DRES,
+            )  # fmt: skip
+        if HAS_W:
+            tl.store(dw_ptr + cols, dw0, mask=mask0)
+            tl.store(dw_ptr + c1, dw1, mask=mask1)
     else:
         for row in range(row_start, row_end):
             rstd = tl.load(RSTD + row)
@@ -511,6 +584,7 @@ def rms_norm_backward(
                 BLOCK=block,
                 ONE_BLOCK=one,
                 ROWS=rows,
+                TWO_BLOCK=not one and n <= 2 * block,
                 num_warps=warps,
             )
 
