@@ -101,9 +101,16 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def row_block(n: int) -> tuple[int, bool]:
-    """Block width for rows of ``n`` elements and whether one block holds a row."""
-    block = min(next_pow2(n), _MAX_BLOCK) if HAS_TRITON else 1
+def row_block(n: int, wide: bool = False) -> tuple[int, bool]:
+    """Block width for rows of ``n`` elements and whether one block holds a row.
+
+    ``wide``: kernels that hold one row and few accumulators (the forwards, the
+    softmax backward) take blocks up to twice ``_MAX_BLOCK`` (16,384 columns in
+    one pass: no spills at 16 warps, checked for sm_90a), where the norm
+    backwards, which also hold dW, stay at ``_MAX_BLOCK``.
+    """
+    limit = 2 * _MAX_BLOCK if wide else _MAX_BLOCK
+    block = min(next_pow2(n), limit) if HAS_TRITON else 1
     return block, n <= block
 
 

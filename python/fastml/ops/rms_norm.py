@@ -455,7 +455,7 @@ def rms_norm_forward(
             num_warps=num_warps(width),
         )
     elif m > 0 and n > 0:
-        block, one = row_block(n)
+        block, one = row_block(n, wide=True)
 
         def launch(config):  # repeatable: every output is a fresh buffer
             rows, warps, _ = config

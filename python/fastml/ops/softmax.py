@@ -259,7 +259,7 @@ def softmax_forward(x: Tensor, log: bool) -> Tensor:
             num_warps=num_warps(width),
         )
     elif m > 0 and n > 0:
-        block, one = row_block(n)
+        block, one = row_block(n, wide=True)
 
         def launch(config):  # repeatable: y is a fresh buffer
             rows, warps, _ = config
@@ -320,7 +320,7 @@ def softmax_backward(dy: Tensor, y: Tensor, log: bool) -> Tensor:
             num_warps=num_warps(width),
         )
     elif m > 0 and n > 0:
-        block, one = row_block(n)
+        block, one = row_block(n, wide=True)
 
         def launch(config):  # repeatable: dx is a fresh buffer
             rows, warps, _ = config
