@@ -429,6 +429,28 @@ def test_cross_entropy_leading_dims_and_ignore_index(triton_backend):
     assert ops.cross_entropy(logits, all_ignored, ignore_index=7).isnan()  # 0/0, as torch
 
 
+@pytest.mark.parametrize("config", [(16, 4), (64, 8), (256, 16)], ids=str)
+def test_cross_entropy_tuned_configs(triton_backend, monkeypatch, config):
+    """The cross-entropy kernel's tuned (block, warps) configurations — here
+    blocks narrower and wider than the rows — give the reference's loss and
+    gradient, with ignored rows and smoothing."""
+    monkeypatch.setitem(_dispatch._FORCED, "cross_entropy_fwd", config)
+    monkeypatch.setitem(_dispatch._FORCED, "cross_entropy_bwd", config)
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(7, 123, generator=gen)
+    t = torch.randint(0, 123, (7,), generator=gen)
+    t[2] = -100
+    check_op(
+        lambda a, b: ops.cross_entropy(a, b, label_smoothing=0.05, reduction="none"),
+        lambda a, b: F.cross_entropy(a, b, label_smoothing=0.05, reduction="none"),
+        lambda a, b: _cross_entropy_ref(a, b, label_smoothing=0.05, reduction="none"),
+        [x, t],
+        torch.float32,
+        "cross_entropy",
+        grad_mask=[True, False],
+    )
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_cross_entropy_reduction_in_one_node(triton_backend, reduction):
     """The eager Triton path reduces the rows in one launch and backpropagates

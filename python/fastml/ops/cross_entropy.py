@@ -22,6 +22,7 @@ from fastml.ops._dispatch import (
     check_float,
     compiling,
     eager_function,
+    launch_config,
     next_pow2,
     num_warps,
     row_block,
@@ -247,6 +248,20 @@ def _ce_block(c: int) -> int:
     return min(block, 4096)
 
 
+def _ce_candidates(c: int) -> list[tuple[int, int]]:
+    """(block, warps) for the cross-entropy kernel: the default first, then the
+    same block at half / twice the warps and, for wide rows, blocks of 8,192 and
+    16,384 columns (fewer chunks per row, more bytes in flight)."""
+    block = _ce_block(c)
+    out = [(block, num_warps(block)), (block, max(4, num_warps(block) // 2))]
+    out.append((block, min(16, 2 * num_warps(block))))
+    wide, _ = row_block(c, wide=True)
+    for b in (8192, 16384):
+        if block < b <= wide:
+            out.append((b, 16))
+    return list(dict.fromkeys(out))
+
+
 def cross_entropy_forward(
     logits: Tensor, target: Tensor, ignore_index: int, smoothing: float, grad_in_place: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -279,30 +294,37 @@ def cross_entropy_forward(
             KBLOCK=next_pow2(chunks),
         )
     elif n > 0:
-        block = _ce_block(c)
         one = torch.ones(1, dtype=torch.float32, device=logits.device) if grad_in_place else loss
-        _cross_entropy_kernel[(n,)](
-            logits,
-            target,
-            loss,
-            lse,
-            valid,
-            one,
-            logits,
-            lse,
-            logits.stride(0),
-            0,
-            logits.stride(0),
-            c,
-            ignore_index,
-            smoothing,
-            HAS_LSE=False,
-            WRITE_LOSS=True,
-            WRITE_GRAD=grad_in_place,
-            WRITE_VALID=True,
-            DIV_COUNT=False,
-            BLOCK=block,
-            num_warps=num_warps(block),
+
+        def launch(config):  # repeatable unless the gradient overwrites the logits
+            block, warps = config
+            _cross_entropy_kernel[(n,)](
+                logits,
+                target,
+                loss,
+                lse,
+                valid,
+                one,
+                logits,
+                lse,
+                logits.stride(0),
+                0,
+                logits.stride(0),
+                c,
+                ignore_index,
+                smoothing,
+                HAS_LSE=False,
+                WRITE_LOSS=True,
+                WRITE_GRAD=grad_in_place,
+                WRITE_VALID=True,
+                DIV_COUNT=False,
+                BLOCK=block,
+                num_warps=warps,
+            )
+
+        candidates = _ce_candidates(c) if not grad_in_place else _ce_candidates(c)[:1]
+        launch(
+            launch_config("cross_entropy_fwd", logits.device, (logits.dtype, c), candidates, launch)
         )
     return loss, lse, valid
 
@@ -341,29 +363,36 @@ def cross_entropy_backward(
             num_warps=num_warps(width),
         )
     elif n > 0:
-        block = _ce_block(c)
-        _cross_entropy_kernel[(n,)](
-            logits,
-            target,
-            lse,
-            lse,
-            lse,
-            dloss,
-            dx,
-            lse if count is None else count,
-            logits.stride(0),
-            dloss.stride(0) if dloss.dim() else 0,
-            dx.stride(0),
-            c,
-            ignore_index,
-            smoothing,
-            HAS_LSE=True,
-            WRITE_LOSS=False,
-            WRITE_GRAD=True,
-            WRITE_VALID=False,
-            DIV_COUNT=count is not None,
-            BLOCK=block,
-            num_warps=num_warps(block),
+
+        def launch(config):  # repeatable when dx is a fresh buffer
+            block, warps = config
+            _cross_entropy_kernel[(n,)](
+                logits,
+                target,
+                lse,
+                lse,
+                lse,
+                dloss,
+                dx,
+                lse if count is None else count,
+                logits.stride(0),
+                dloss.stride(0) if dloss.dim() else 0,
+                dx.stride(0),
+                c,
+                ignore_index,
+                smoothing,
+                HAS_LSE=True,
+                WRITE_LOSS=False,
+                WRITE_GRAD=True,
+                WRITE_VALID=False,
+                DIV_COUNT=count is not None,
+                BLOCK=block,
+                num_warps=warps,
+            )
+
+        candidates = _ce_candidates(c) if out is None else _ce_candidates(c)[:1]
+        launch(
+            launch_config("cross_entropy_bwd", logits.device, (logits.dtype, c), candidates, launch)
         )
     return dx
 
