@@ -7,6 +7,7 @@ hypothesis-drawn ones, and must satisfy the tolerance rule of issue #7
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import pytest
@@ -98,6 +99,55 @@ TUNED_KERNELS = (
 )
 
 
+@contextlib.contextmanager
+def _triton_with_tile(tile):
+    """The triton backend, every tuned kernel forced to ``tile`` (None: defaults)."""
+    _dispatch.set_backend("triton")
+    if tile is not None:
+        _dispatch._FORCED.update(dict.fromkeys(TUNED_KERNELS, tile))
+    try:
+        yield
+    finally:
+        _dispatch.set_backend("auto")
+        for kernel in TUNED_KERNELS:
+            _dispatch._FORCED.pop(kernel, None)
+
+
+def _check_norms(x, r, w, b, dtype, seed=0):
+    """rms_norm, layer_norm and add_rms_norm (eps 1e-6 / 1e-5) against torch and float64."""
+    n = x.shape[-1]
+    check_op(
+        lambda a, c: ops.rms_norm(a, c, 1e-6),
+        lambda a, c: F.rms_norm(a, (n,), c, 1e-6),
+        lambda a, c: _rms_norm_ref(a, c, 1e-6),
+        [x, w],
+        dtype,
+        "rms_norm",
+        seed=seed,
+        terms=rms_terms(1e-6),
+    )
+    check_op(
+        ops.layer_norm,
+        lambda a, c, d: F.layer_norm(a, (n,), c, d),
+        _layer_norm_ref,
+        [x, w, b],
+        dtype,
+        "layer_norm",
+        seed=seed,
+        terms=ln_terms(1e-5),
+    )
+    check_op(
+        lambda a, q, c: ops.add_rms_norm(a, q, c, 1e-6),
+        lambda a, q, c: (F.rms_norm(a + q, (n,), c, 1e-6), a + q),
+        add_rms_ref(dtype),
+        [x, r, w],
+        dtype,
+        "add_rms_norm",
+        seed=seed,
+        terms=add_rms_terms(dtype),
+    )
+
+
 @pytest.mark.parametrize("tile", TILES, ids=str)
 @pytest.mark.parametrize("shape", [(37, 123), (5, 64), (2, 3, 37), (1, 1)], ids=str)
 def test_row_tiles(triton_backend, monkeypatch, tile, shape):
@@ -111,33 +161,7 @@ def test_row_tiles(triton_backend, monkeypatch, tile, shape):
     x, r = torch.randn(shape), torch.randn(shape)
     w, b = torch.randn(n), torch.randn(n)
     dtype = torch.float32
-    check_op(
-        lambda a, c: ops.rms_norm(a, c, 1e-6),
-        lambda a, c: F.rms_norm(a, (n,), c, 1e-6),
-        lambda a, c: _rms_norm_ref(a, c, 1e-6),
-        [x, w],
-        dtype,
-        "rms_norm",
-        terms=rms_terms(1e-6),
-    )
-    check_op(
-        ops.layer_norm,
-        lambda a, c, d: F.layer_norm(a, (n,), c, d),
-        _layer_norm_ref,
-        [x, w, b],
-        dtype,
-        "layer_norm",
-        terms=ln_terms(1e-5),
-    )
-    check_op(
-        lambda a, q, c: ops.add_rms_norm(a, q, c, 1e-6),
-        lambda a, q, c: (F.rms_norm(a + q, (n,), c, 1e-6), a + q),
-        add_rms_ref(dtype),
-        [x, r, w],
-        dtype,
-        "add_rms_norm",
-        terms=add_rms_terms(dtype),
-    )
+    _check_norms(x, r, w, b, dtype)
     for log in (False, True):
         fast = ops.log_softmax if log else ops.softmax
         same = torch.log_softmax if log else torch.softmax
@@ -675,48 +699,11 @@ def _shapes(draw):
 @example(shape=(1,), dtype=torch.float32, seed=7, tile=None)
 @example(shape=(1, 1), dtype=torch.float32, seed=0, tile=None)
 def test_norms_hypothesis(shape, dtype, seed, tile):
-    _dispatch.set_backend("triton")
-    if tile is not None:  # a tuned configuration for every tuned kernel
-        _dispatch._FORCED.update(dict.fromkeys(TUNED_KERNELS, tile))
-    try:
+    with _triton_with_tile(tile):  # tile: a tuned configuration for every tuned kernel
         gen = torch.Generator().manual_seed(seed)
         x, r = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
         w, b = torch.randn(shape[-1], generator=gen), torch.randn(shape[-1], generator=gen)
-        n = shape[-1]
-        check_op(
-            ops.rms_norm,
-            lambda a, c: F.rms_norm(a, (n,), c, 1e-6),
-            _rms_norm_ref,
-            [x, w],
-            dtype,
-            "rms_norm",
-            seed=seed,
-            terms=rms_terms(1e-6),
-        )
-        check_op(
-            ops.layer_norm,
-            lambda a, c, d: F.layer_norm(a, (n,), c, d),
-            _layer_norm_ref,
-            [x, w, b],
-            dtype,
-            "layer_norm",
-            seed=seed,
-            terms=ln_terms(1e-5),
-        )
-        check_op(
-            ops.add_rms_norm,
-            lambda a, q, c: (F.rms_norm(a + q, (n,), c, 1e-6), a + q),
-            add_rms_ref(dtype),
-            [x, r, w],
-            dtype,
-            "add_rms_norm",
-            seed=seed,
-            terms=add_rms_terms(dtype),
-        )
-    finally:
-        _dispatch.set_backend("auto")
-        for kernel in TUNED_KERNELS:
-            _dispatch._FORCED.pop(kernel, None)
+        _check_norms(x, r, w, b, dtype, seed=seed)
 
 
 @settings(max_examples=examples(12))
@@ -727,10 +714,7 @@ def test_norms_hypothesis(shape, dtype, seed, tile):
     tile=st.sampled_from([None, *TILES]),
 )
 def test_softmax_ce_glu_hypothesis(shape, dtype, seed, tile):
-    _dispatch.set_backend("triton")
-    if tile is not None:  # a tuned configuration for every tuned kernel
-        _dispatch._FORCED.update(dict.fromkeys(TUNED_KERNELS, tile))
-    try:
+    with _triton_with_tile(tile):
         gen = torch.Generator().manual_seed(seed)
         x, u = torch.randn(shape, generator=gen) * 3, torch.randn(shape, generator=gen)
         check_op(
@@ -762,10 +746,6 @@ def test_softmax_ce_glu_hypothesis(shape, dtype, seed, tile):
             grad_mask=[True, False],
             seed=seed,
         )
-    finally:
-        _dispatch.set_backend("auto")
-        for kernel in TUNED_KERNELS:
-            _dispatch._FORCED.pop(kernel, None)
 
 
 # ---------------------------------------------------------------- the CPU fallbacks

@@ -372,6 +372,64 @@ def _save_tuning(path: str, file_key: str, config: Any) -> None:
         raise
 
 
+def launch_row_tiles(
+    name: str,
+    kernel: Any,
+    args: tuple,
+    m: int,
+    block: int,
+    one: bool,
+    key: tuple,
+    device: torch.device,
+    **constexprs: Any,
+) -> None:
+    """Launch a row kernel with one program per tile of rows (the forwards, the
+    softmax backward): ``kernel[(cdiv(m, ROWS),)](*args, BLOCK, ONE_BLOCK, ROWS,
+    **constexprs)`` with ``(ROWS, warps)`` tuned per shape class ``key`` when a
+    row fits one block. The kernel's outputs must be fresh buffers (repeatable)."""
+
+    def launch(config: tuple[int, int, int]) -> None:
+        rows, warps, _ = config
+        kernel[(cdiv(m, rows),)](
+            *args, BLOCK=block, ONE_BLOCK=one, ROWS=rows, num_warps=warps, **constexprs
+        )
+
+    candidates = tile_candidates(block, per_sm=(0,)) if one else [(1, num_warps(block), 0)]
+    launch(launch_config(name, device, (block, m.bit_length(), *key), candidates, launch))
+
+
+def launch_persistent_rows(
+    name: str,
+    kernel: Any,
+    make_args: Callable[[int], tuple],
+    m: int,
+    n: int,
+    block: int,
+    one: bool,
+    key: tuple,
+    device: torch.device,
+    **constexprs: Any,
+) -> int:
+    """Launch a persistent backward kernel over rows (one program per group of
+    rows, dW partials per program): ``make_args(programs)`` gives the arguments
+    for a grid of ``programs``; ``(ROWS, warps, programs per SM)`` is tuned per
+    shape class ``key`` when a row fits one block (the kernel then stores, rather
+    than accumulates, its partial rows: repeatable). Returns the grid size used."""
+    used = [0]
+
+    def launch(config: tuple[int, int, int]) -> None:
+        rows, warps, per_sm = config
+        used[0] = persistent_programs(m, device, n, per_sm)
+        kernel[(used[0],)](
+            *make_args(used[0]), BLOCK=block, ONE_BLOCK=one, ROWS=rows, num_warps=warps,
+            **constexprs,
+        )  # fmt: skip
+
+    candidates = tile_candidates(block) if one else [(1, num_warps(block), 4)]
+    launch(launch_config(name, device, (block, m.bit_length(), *key), candidates, launch))
+    return used[0]
+
+
 def tile_candidates(
     block: int, max_tile: int = 16384, per_sm: Sequence[int] = (4, 3, 2, 1)
 ) -> list[tuple[int, int, int]]:

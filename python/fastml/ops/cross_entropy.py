@@ -248,6 +248,19 @@ def _ce_block(c: int) -> int:
     return min(block, 4096)
 
 
+def _launch_ce(name: str, logits: Tensor, args: tuple, tune: bool, **constexprs) -> None:
+    """One program per row of ``_cross_entropy_kernel``, its (block, warps) tuned
+    per (dtype, classes) when the launch is repeatable (``tune``)."""
+    n, c = logits.shape
+
+    def launch(config: tuple[int, int]) -> None:
+        block, warps = config
+        _cross_entropy_kernel[(n,)](*args, BLOCK=block, num_warps=warps, **constexprs)
+
+    candidates = _ce_candidates(c) if tune else _ce_candidates(c)[:1]
+    launch(launch_config(name, logits.device, (logits.dtype, c), candidates, launch))
+
+
 def _ce_candidates(c: int) -> list[tuple[int, int]]:
     """(block, warps) for the cross-entropy kernel: the default first, then the
     same block at half / twice the warps and, for wide rows, blocks of 8,192 and
@@ -296,36 +309,18 @@ def cross_entropy_forward(
     elif n > 0:
         one = torch.ones(1, dtype=torch.float32, device=logits.device) if grad_in_place else loss
 
-        def launch(config):  # repeatable unless the gradient overwrites the logits
-            block, warps = config
-            _cross_entropy_kernel[(n,)](
-                logits,
-                target,
-                loss,
-                lse,
-                valid,
-                one,
-                logits,
-                lse,
-                logits.stride(0),
-                0,
-                logits.stride(0),
-                c,
-                ignore_index,
-                smoothing,
-                HAS_LSE=False,
-                WRITE_LOSS=True,
-                WRITE_GRAD=grad_in_place,
-                WRITE_VALID=True,
-                DIV_COUNT=False,
-                BLOCK=block,
-                num_warps=warps,
-            )
-
-        candidates = _ce_candidates(c) if not grad_in_place else _ce_candidates(c)[:1]
-        launch(
-            launch_config("cross_entropy_fwd", logits.device, (logits.dtype, c), candidates, launch)
-        )
+        _launch_ce(
+            "cross_entropy_fwd",
+            logits,
+            (logits, target, loss, lse, valid, one, logits, lse,
+             logits.stride(0), 0, logits.stride(0), c, ignore_index, smoothing),
+            tune=not grad_in_place,  # the gradient overwrites the logits: not repeatable
+            HAS_LSE=False,
+            WRITE_LOSS=True,
+            WRITE_GRAD=grad_in_place,
+            WRITE_VALID=True,
+            DIV_COUNT=False,
+        )  # fmt: skip
     return loss, lse, valid
 
 
@@ -363,37 +358,19 @@ def cross_entropy_backward(
             num_warps=num_warps(width),
         )
     elif n > 0:
-
-        def launch(config):  # repeatable when dx is a fresh buffer
-            block, warps = config
-            _cross_entropy_kernel[(n,)](
-                logits,
-                target,
-                lse,
-                lse,
-                lse,
-                dloss,
-                dx,
-                lse if count is None else count,
-                logits.stride(0),
-                dloss.stride(0) if dloss.dim() else 0,
-                dx.stride(0),
-                c,
-                ignore_index,
-                smoothing,
-                HAS_LSE=True,
-                WRITE_LOSS=False,
-                WRITE_GRAD=True,
-                WRITE_VALID=False,
-                DIV_COUNT=count is not None,
-                BLOCK=block,
-                num_warps=warps,
-            )
-
-        candidates = _ce_candidates(c) if out is None else _ce_candidates(c)[:1]
-        launch(
-            launch_config("cross_entropy_bwd", logits.device, (logits.dtype, c), candidates, launch)
-        )
+        _launch_ce(
+            "cross_entropy_bwd",
+            logits,
+            (logits, target, lse, lse, lse, dloss, dx, lse if count is None else count,
+             logits.stride(0), dloss.stride(0) if dloss.dim() else 0, dx.stride(0), c,
+             ignore_index, smoothing),
+            tune=out is None,  # a caller's buffer may alias the logits: not repeatable
+            HAS_LSE=True,
+            WRITE_LOSS=False,
+            WRITE_GRAD=True,
+            WRITE_VALID=False,
+            DIV_COUNT=count is not None,
+        )  # fmt: skip
     return dx
 
 

@@ -16,14 +16,14 @@ from fastml.ops._dispatch import (
     check_same_device,
     compiling,
     eager_function,
-    launch_config,
+    launch_persistent_rows,
+    launch_row_tiles,
     next_pow2,
     num_warps,
     persistent_programs,
     row_block,
     row_split,
     split_groups,
-    tile_candidates,
     tl,
     triton,
     use_triton,
@@ -462,31 +462,19 @@ def layer_norm_forward(
     elif m > 0 and n > 0:
         block, one = row_block(n, wide=True)
 
-        def launch(config):  # repeatable: every output is a fresh buffer
-            rows, warps, _ = config
-            _layer_norm_fwd_kernel[(cdiv(m, rows),)](
-                x2,
-                weight if weight is not None else x2,
-                bias if bias is not None else x2,
-                y,
-                mean,
-                rstd,
-                x2.stride(0),
-                y.stride(0),
-                m,
-                n,
-                eps,
-                HAS_W=weight is not None,
-                HAS_B=bias is not None,
-                BLOCK=block,
-                ONE_BLOCK=one,
-                ROWS=rows,
-                num_warps=warps,
-            )
-
-        candidates = tile_candidates(block, per_sm=(0,)) if one else [(1, num_warps(block), 0)]
-        key = (x.dtype, block, m.bit_length(), weight is not None, bias is not None)
-        launch(launch_config("layer_norm_fwd", x.device, key, candidates, launch))
+        launch_row_tiles(
+            "layer_norm_fwd",
+            _layer_norm_fwd_kernel,
+            (x2, weight if weight is not None else x2, bias if bias is not None else x2,
+             y, mean, rstd, x2.stride(0), y.stride(0), m, n, eps),
+            m,
+            block,
+            one,
+            (x.dtype, weight is not None, bias is not None),
+            x.device,
+            HAS_W=weight is not None,
+            HAS_B=bias is not None,
+        )  # fmt: skip
     lead = x.shape[:-1]
     return y.view(x.shape), mean.view(lead), rstd.view(lead)
 
@@ -560,43 +548,27 @@ def layer_norm_backward(
     db_part = torch.zeros((programs if has_bias else 1, n), dtype=torch.float32, device=x.device)
     if m > 0 and n > 0:
         block, one = row_block(n)
-        launched = {}
-
-        def launch(config):  # repeatable when a row fits one block (see rms_norm)
-            rows, warps, per_sm = config
-            grid = persistent_programs(m, x.device, n, per_sm)
-            launched["programs"] = grid
-            _layer_norm_bwd_kernel[(grid,)](
-                dy2,
-                x2,
-                weight if has_w else x2,
-                mean.reshape(-1),
-                rstd.reshape(-1),
-                dx,
-                dw_part,
-                db_part,
-                dy2.stride(0),
-                x2.stride(0),
-                dx.stride(0),
-                m,
-                n,
-                cdiv(m, grid),
-                HAS_W=has_w,
-                HAS_B=has_bias,
-                BLOCK=block,
-                ONE_BLOCK=one,
-                ROWS=rows,
-                TWO_BLOCK=not one and n <= 2 * block,
-                num_warps=warps,
-            )
-
-        candidates = tile_candidates(block) if one else [(1, num_warps(block), 4)]
-        key = (x.dtype, block, m.bit_length(), has_w, has_bias)
-        launch(launch_config("layer_norm_bwd", x.device, key, candidates, launch))
+        programs = launch_persistent_rows(
+            "layer_norm_bwd",
+            _layer_norm_bwd_kernel,
+            lambda grid: (
+                dy2, x2, weight if has_w else x2, mean.reshape(-1), rstd.reshape(-1), dx,
+                dw_part, db_part, dy2.stride(0), x2.stride(0), dx.stride(0), m, n, cdiv(m, grid),
+            ),
+            m,
+            n,
+            block,
+            one,
+            (x.dtype, has_w, has_bias),
+            x.device,
+            HAS_W=has_w,
+            HAS_B=has_bias,
+            TWO_BLOCK=not one and n <= 2 * block,
+        )  # fmt: skip
         if has_w:
-            dw_part = dw_part[: launched["programs"]]
+            dw_part = dw_part[:programs]
         if has_bias:
-            db_part = db_part[: launched["programs"]]
+            db_part = db_part[:programs]
     dw = dw_part.sum(0).to(weight.dtype) if has_w else x.new_empty(0)
     db = db_part.sum(0).to(bias_dtype) if has_bias else x.new_empty(0)
     return dx.view(x.shape), dw, db

@@ -16,14 +16,14 @@ from fastml.ops._dispatch import (
     check_same_device,
     compiling,
     eager_function,
-    launch_config,
+    launch_persistent_rows,
+    launch_row_tiles,
     next_pow2,
     num_warps,
     persistent_programs,
     row_block,
     row_split,
     split_groups,
-    tile_candidates,
     tl,
     triton,
     use_triton,
@@ -457,33 +457,19 @@ def rms_norm_forward(
     elif m > 0 and n > 0:
         block, one = row_block(n, wide=True)
 
-        def launch(config):  # repeatable: every output is a fresh buffer
-            rows, warps, _ = config
-            _rms_norm_fwd_kernel[(cdiv(m, rows),)](
-                x2,
-                r2,
-                s,
-                weight if weight is not None else x2,
-                y,
-                rstd,
-                x2.stride(0),
-                r2.stride(0),
-                s.stride(0),
-                y.stride(0),
-                m,
-                n,
-                eps,
-                HAS_RES=residual is not None,
-                HAS_W=weight is not None,
-                BLOCK=block,
-                ONE_BLOCK=one,
-                ROWS=rows,
-                num_warps=warps,
-            )
-
-        candidates = tile_candidates(block, per_sm=(0,)) if one else [(1, num_warps(block), 0)]
-        key = (x.dtype, block, m.bit_length(), residual is not None, weight is not None)
-        launch(launch_config("rms_norm_fwd", x.device, key, candidates, launch))
+        launch_row_tiles(
+            "rms_norm_fwd",
+            _rms_norm_fwd_kernel,
+            (x2, r2, s, weight if weight is not None else x2, y, rstd,
+             x2.stride(0), r2.stride(0), s.stride(0), y.stride(0), m, n, eps),
+            m,
+            block,
+            one,
+            (x.dtype, residual is not None, weight is not None),
+            x.device,
+            HAS_RES=residual is not None,
+            HAS_W=weight is not None,
+        )  # fmt: skip
     lead = x.shape[:-1]
     s_out = s.view(x.shape) if residual is not None else x.new_empty(0)
     return y.view(x.shape), rstd.view(lead), s_out
@@ -558,40 +544,24 @@ def rms_norm_backward(
             dtype=torch.float32,
             device=x.device,
         )
-        launched = {}
-
-        def launch(config):
-            rows, warps, per_sm = config
-            programs = persistent_programs(m, x.device, n, per_sm)
-            launched["programs"] = programs
-            _rms_norm_bwd_kernel[(programs,)](
-                dy2,
-                x2,
-                weight if has_w else x2,
-                rstd.reshape(-1),
-                dres2,
-                dx,
-                partial,
-                dy2.stride(0),
-                x2.stride(0),
-                dres2.stride(0),
-                dx.stride(0),
-                m,
-                n,
-                cdiv(m, programs),
-                HAS_W=has_w,
-                HAS_DRES=dres is not None,
-                BLOCK=block,
-                ONE_BLOCK=one,
-                ROWS=rows,
-                TWO_BLOCK=not one and n <= 2 * block,
-                num_warps=warps,
-            )
-
-        candidates = tile_candidates(block) if one else [(1, num_warps(block), 4)]
-        key = (x.dtype, block, m.bit_length(), has_w, dres is not None)
-        launch(launch_config("rms_norm_bwd", x.device, key, candidates, launch))
-        partial = partial[: launched["programs"]] if has_w else partial
+        programs = launch_persistent_rows(
+            "rms_norm_bwd",
+            _rms_norm_bwd_kernel,
+            lambda grid: (
+                dy2, x2, weight if has_w else x2, rstd.reshape(-1), dres2, dx, partial,
+                dy2.stride(0), x2.stride(0), dres2.stride(0), dx.stride(0), m, n, cdiv(m, grid),
+            ),
+            m,
+            n,
+            block,
+            one,
+            (x.dtype, has_w, dres is not None),
+            x.device,
+            HAS_W=has_w,
+            HAS_DRES=dres is not None,
+            TWO_BLOCK=not one and n <= 2 * block,
+        )  # fmt: skip
+        partial = partial[:programs] if has_w else partial
     dw = partial.sum(0).to(weight.dtype) if has_w else x.new_empty(0)
     return dx.view(x.shape), dw
 

@@ -9,16 +9,14 @@ from torch import Tensor
 
 from fastml.ops._dispatch import (
     as_rows,
-    cdiv,
     check_float,
     compiling,
     eager_function,
-    launch_config,
+    launch_row_tiles,
     next_pow2,
     num_warps,
     row_block,
     row_split,
-    tile_candidates,
     tl,
     triton,
     use_triton,
@@ -261,25 +259,17 @@ def softmax_forward(x: Tensor, log: bool) -> Tensor:
     elif m > 0 and n > 0:
         block, one = row_block(n, wide=True)
 
-        def launch(config):  # repeatable: y is a fresh buffer
-            rows, warps, _ = config
-            _softmax_fwd_kernel[(cdiv(m, rows),)](
-                x2,
-                y,
-                x2.stride(0),
-                y.stride(0),
-                m,
-                n,
-                LOG=log,
-                BLOCK=block,
-                ONE_BLOCK=one,
-                ROWS=rows,
-                num_warps=warps,
-            )
-
-        candidates = tile_candidates(block, per_sm=(0,)) if one else [(1, num_warps(block), 0)]
-        key = (x.dtype, block, m.bit_length(), log)
-        launch(launch_config("softmax_fwd", x.device, key, candidates, launch))
+        launch_row_tiles(
+            "softmax_fwd",
+            _softmax_fwd_kernel,
+            (x2, y, x2.stride(0), y.stride(0), m, n),
+            m,
+            block,
+            one,
+            (x.dtype, log),
+            x.device,
+            LOG=log,
+        )
     return y.view(x.shape)
 
 
@@ -322,27 +312,17 @@ def softmax_backward(dy: Tensor, y: Tensor, log: bool) -> Tensor:
     elif m > 0 and n > 0:
         block, one = row_block(n, wide=True)
 
-        def launch(config):  # repeatable: dx is a fresh buffer
-            rows, warps, _ = config
-            _softmax_bwd_kernel[(cdiv(m, rows),)](
-                dy2,
-                y2,
-                dx,
-                dy2.stride(0),
-                y2.stride(0),
-                dx.stride(0),
-                m,
-                n,
-                LOG=log,
-                BLOCK=block,
-                ONE_BLOCK=one,
-                ROWS=rows,
-                num_warps=warps,
-            )
-
-        candidates = tile_candidates(block, per_sm=(0,)) if one else [(1, num_warps(block), 0)]
-        key = (y.dtype, block, m.bit_length(), log)
-        launch(launch_config("softmax_bwd", y.device, key, candidates, launch))
+        launch_row_tiles(
+            "softmax_bwd",
+            _softmax_bwd_kernel,
+            (dy2, y2, dx, dy2.stride(0), y2.stride(0), dx.stride(0), m, n),
+            m,
+            block,
+            one,
+            (y.dtype, log),
+            y.device,
+            LOG=log,
+        )
     return dx.view(y.shape)
 
 
