@@ -116,6 +116,42 @@ def test_float32_ingest_matches_numpy_histogram_at_any_bin_count(bins):
     assert s["hist"][-1] == (fin > s["edges"][-1]).sum()
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_float32_compare_counts_at_edges_signed_zeros_and_specials(layout):
+    """The comparison path (at most 32 edges: float32 thresholds on integer
+    keys) on the values where it could go wrong: each edge, its float32
+    neighbours, an edge that float32 cannot hold (1/3), -0.0 and +0.0 against
+    an edge at 0, subnormals, +-FLT_MAX, +-inf and NaN of either sign, in
+    groups of eight and in the tail. Counts must be numpy.histogram's."""
+    f32 = np.float32
+    big = float(np.finfo(f32).max)
+    want_edges = np.array([-big, -2.5, -1e-40, 0.0, 1 / 3, 1.0, big])
+    ref = drift.Profile.from_data({"x": want_edges}, bins=6, mode="histogram")
+    edges = ref.summary("x")["edges"]
+    np.testing.assert_array_equal(edges, want_edges)  # quantiles of 7 points: the points
+    vals = [0.0, -0.0, 1e-45, -1e-45, np.inf, -np.inf, np.nan, -np.nan, big, -big]
+    vals += [np.copysign(np.nan, -1.0)]
+    with np.errstate(over="ignore"):  # FLT_MAX's neighbour up is inf (intended)
+        for e in want_edges:
+            c = f32(e)
+            vals += [c, np.nextafter(c, f32(np.inf)), np.nextafter(c, f32(-np.inf))]
+    rng = np.random.default_rng(0)
+    batch = np.array(vals * 40, dtype=f32)[rng.permutation(len(vals) * 40)]
+    batch = np.r_[batch, np.array(vals[:5], dtype=f32)]  # a tail of five
+    if layout == "strided":
+        m = np.zeros((batch.size, 9), dtype=f32)
+        m[:, 3] = batch
+        col = m[:, 3]
+    else:
+        col = batch
+    cur = ref.empty()
+    cur.update({"x": col})
+    got = cur.summary("x")
+    want = _numeric_reference(batch.astype(np.float64), edges)
+    np.testing.assert_array_equal(got["hist"], want["hist"])
+    assert got["missing"] == want["missing"] and got["nonfinite"] == want["nonfinite"]
+
+
 def test_reference_edges_are_equal_mass_and_hist_matches_numpy_histogram():
     rng = np.random.default_rng(0)
     x = rng.exponential(size=100_000).astype(np.float32)

@@ -65,6 +65,21 @@ BinLookup::BinLookup(const std::vector<double>& edges) : edges_(edges) {
   }
   ext_[grid_ + 1] = ~static_cast<int32_t>(nbins_ - 1);  // at or just past hi: slot() decides
   ext_[grid_ + 2] = static_cast<int32_t>(nbins_ + 1);   // a whole cell past hi: overflow
+  if (nbins_ + 1 <= kMaxCmpEdges) {
+    // The smallest float >= e (x >= e <=> x >= it for every float x).
+    auto ceil_f = [](double e) {
+      float f = static_cast<float>(e);
+      if (static_cast<double>(f) < e) f = std::nextafter(f, std::numeric_limits<float>::infinity());
+      return f;
+    };
+    thr_.resize(static_cast<size_t>(nbins_) + 1);
+    for (int64_t i = 0; i < nbins_; ++i) thr_[i] = ceil_f(edges_[i]);
+    float last = ceil_f(hi_);  // the last bin is closed: overflow is x > hi
+    if (static_cast<double>(last) == hi_) {
+      last = std::nextafter(last, std::numeric_limits<float>::infinity());
+    }
+    thr_[nbins_] = last;
+  }
 }
 
 // ------------------------------------------------------------------ NumericState
@@ -159,6 +174,9 @@ void NumericState::add_moments(double n, double mu, double m2b, double mn, doubl
 
 namespace {
 
+// Values per chunk of ingest_typed: a chunk's sketch buffer stays in L1.
+constexpr int64_t kChunkValues = 4096;
+
 // Raw sums of one chunk, as the scalar loop keeps them.
 struct ChunkSums {
   double sum = 0, sq = 0;
@@ -168,19 +186,42 @@ struct ChunkSums {
 };
 
 #ifdef FASTML_DRIFT_AVX2
-// Contiguous float32 chunk, 8 values per step: finiteness test, extremes on
-// the floats, float->double, shifted moments in AVX2 registers (two lanes of
-// four), the grid cell clamped to [-1, grid + 1] (so underflow and overflow
-// need no compare) and its slot read from the extended table with eight
-// scalar loads into registers, checked for "dirty" with one OR of the eight
-// (~18% faster than a vpgatherdd and a sign mask on Zen 3); only values in a cell holding an
-// edge (~1%, including the cells at lo and hi, where rounding may put a value just outside [lo,
-// hi]) take the scalar slot(). Histogram increments rotate over four sub-histograms.
-template <bool Store>
-__attribute__((target("avx2,fma"))) void chunk_f32_avx2(const char* base, int64_t stride, int64_t m,
-                                                        double pivot, const BinLookup& lk,
-                                                        uint32_t* hist, int64_t slots, double* out,
-                                                        ChunkSums& r) {
+// Contiguous (or strided: gathered first) float32 chunk, 8 values per group,
+// in one or two passes over the chunk (4096 values: 16 KB, in L1).
+//
+// Pass 1 (moments_pass): finiteness test, extremes on the floats,
+// float->double, shifted moments in AVX2 registers (two sets of two lanes of
+// four, alternating groups, so the FMA chains overlap), the exact or sketch
+// values; a group of eight holding a NaN or an infinity goes value by value.
+// With Table (more than kMaxCmpEdges edges), pass 1 also bins: the grid cell
+// clamped to [-1, grid + 1] (so underflow and overflow need no compare) and
+// its slot read from the extended table with eight scalar loads into
+// registers, checked for "dirty" with one OR of the eight (~18% faster than a
+// vpgatherdd and a sign mask on Zen 3); only values in a cell holding an edge
+// (~1%, including the cells at lo and hi, where rounding may put a value just
+// outside [lo, hi]) take the scalar slot(). Increments rotate over four
+// sub-histograms.
+//
+// Pass 2 (count_pass, at most kMaxCmpEdges edges, the default 20 bins among
+// them): no table at all; every value is compared with every edge and the
+// comparison masks of four edges are packed into bytes and summed, eight
+// vector operations per four edges and eight values, no memory access but the
+// thresholds. The per-edge counts "x >= edge" give the histogram by
+// differences. Two passes in two functions, because one loop needed ~17
+// vector registers and spilled the moment lanes (each step then waited on a
+// store-to-load round trip): 2-D float32 ingest ran at ~925 M values/s in one
+// loop and ~1.3 G in two (this VM's Zen 2, contiguous columns).
+#define FASTML_LOAD8(i)                                                                        \
+  (contiguous ? _mm256_loadu_ps(reinterpret_cast<const float*>(base + (i) * stride))           \
+              : _mm256_set_ps(at((i) + 7), at((i) + 6), at((i) + 5), at((i) + 4), at((i) + 3), \
+                              at((i) + 2), at((i) + 1), at(i)))
+
+template <bool Store, bool Table>
+__attribute__((target("avx2,fma"), noinline)) void moments_pass(const char* base, int64_t stride,
+                                                                int64_t m, double pivot,
+                                                                const BinLookup& lk, uint32_t* hist,
+                                                                int64_t slots, double* out,
+                                                                ChunkSums& r, int64_t& posbig) {
   const int32_t* ext = lk.ext_table();
   const __m256d vlo = _mm256_set1_pd(lk.lo());
   const __m256d vscale = _mm256_set1_pd(lk.scale()), vpiv = _mm256_set1_pd(pivot);
@@ -189,16 +230,18 @@ __attribute__((target("avx2,fma"))) void chunk_f32_avx2(const char* base, int64_
   const __m256d vtop = _mm256_set1_pd(static_cast<double>(lk.grid() + 1));
   const __m256 vinf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
   __m256d s0 = vzero, s1 = vzero, q0 = vzero, q1 = vzero;
+  __m256d s2 = vzero, s3 = vzero, q2 = vzero, q3 = vzero;
   __m256 mnf = vinf, mxf = _mm256_sub_ps(_mm256_setzero_ps(), vinf);
   uint32_t* h0 = hist;
   uint32_t* h1 = hist + slots;
   uint32_t* h2 = hist + 2 * slots;
   uint32_t* h3 = hist + 3 * slots;
-  int64_t cnt = 0, nan_count = 0, inf_count = 0, kept = 0;
+  int64_t cnt = 0, nan_count = 0, inf_count = 0, big = 0, kept = 0;
   double ssum = 0, ssq = 0, smn = r.mn, smx = r.mx;  // the scalar lane (odd values)
-  auto scalar_one = [&](double v) {
+  // `binned`: false for the full groups' values when pass 2 counts them.
+  auto scalar_one = [&](double v, bool binned) {
     if (std::isfinite(v)) {
-      ++h0[lk.slot(v)];
+      if (binned) ++h0[lk.slot(v)];
       const double d = v - pivot;
       ssum += d;
       ssq += d * d;
@@ -206,86 +249,102 @@ __attribute__((target("avx2,fma"))) void chunk_f32_avx2(const char* base, int64_
       smx = v > smx ? v : smx;
       ++cnt;
       if (Store) out[kept++] = v;
-    } else if (std::isnan(v)) {
+      return;
+    }
+    if (std::isnan(v)) {
       ++nan_count;
     } else {
       ++inf_count;
     }
+    // Pass 2 counts these in every edge's "x >= edge" (see count_pass).
+    if (!binned) big += v > 0 || (std::isnan(v) && !std::signbit(v));
   };
   // Strided columns gather their 8 values first: the arithmetic, and so the
   // rounding, is the same as for a contiguous copy of the column.
   auto at = [&](int64_t k) { return *reinterpret_cast<const float*>(base + k * stride); };
   const bool contiguous = stride == static_cast<int64_t>(sizeof(float));
   alignas(32) float xs[8];
+  const int64_t full = m / 8 * 8;  // values in full groups of eight
+  // One group of eight into the lane set (S_, T_, Q_, R_); false when it holds
+  // a NaN or an infinity (then done value by value).
+#define FASTML_GROUP(i, S_, T_, Q_, R_)                                                       \
+  do {                                                                                        \
+    const __m256 xf = FASTML_LOAD8(i);                                                        \
+    /* x - x is 0 for finite x and NaN for NaN or inf. */                                     \
+    const __m256 fin = _mm256_cmp_ps(_mm256_sub_ps(xf, xf), _mm256_setzero_ps(), _CMP_EQ_OQ); \
+    if (_mm256_movemask_ps(fin) != 0xff) {                                                    \
+      bad[nbad++] = static_cast<int32_t>(i);                                                  \
+      (void)0;                                                                                \
+      break;                                                                                  \
+    }                                                                                         \
+    const __m256d xa = _mm256_cvtps_pd(_mm256_castps256_ps128(xf));                           \
+    const __m256d xb = _mm256_cvtps_pd(_mm256_extractf128_ps(xf, 1));                         \
+    const __m256d da = _mm256_sub_pd(xa, vpiv), db = _mm256_sub_pd(xb, vpiv);                 \
+    S_ = _mm256_add_pd(S_, da);                                                               \
+    T_ = _mm256_add_pd(T_, db);                                                               \
+    Q_ = _mm256_fmadd_pd(da, da, Q_);                                                         \
+    R_ = _mm256_fmadd_pd(db, db, R_);                                                         \
+    mnf = _mm256_min_ps(mnf, xf);                                                             \
+    mxf = _mm256_max_ps(mxf, xf);                                                             \
+    cnt += 8;                                                                                 \
+    if (Store) {                                                                              \
+      _mm256_storeu_pd(out + kept, xa);                                                       \
+      _mm256_storeu_pd(out + kept + 4, xb);                                                   \
+      kept += 8;                                                                              \
+    }                                                                                         \
+    if constexpr (Table) FASTML_TABLE_BINS(xa, xb, xf);                                       \
+  } while (0)
+  // Table index: trunc(clamp((x - lo) * scale, -1, grid + 1) + 1), so 0
+  // below lo (x < lo gives a negative product), cell + 1 inside, grid + 1
+  // at or just past hi (dirty), grid + 2 a whole cell past hi (overflow).
+#define FASTML_TABLE_BINS(xa, xb, xf)                                                       \
+  do {                                                                                      \
+    __m256d ca = _mm256_mul_pd(_mm256_sub_pd(xa, vlo), vscale);                             \
+    __m256d cb = _mm256_mul_pd(_mm256_sub_pd(xb, vlo), vscale);                             \
+    ca = _mm256_add_pd(_mm256_min_pd(_mm256_max_pd(ca, vneg), vtop), vone);                 \
+    cb = _mm256_add_pd(_mm256_min_pd(_mm256_max_pd(cb, vneg), vtop), vone);                 \
+    const __m256i idx = _mm256_set_m128i(_mm256_cvttpd_epi32(cb), _mm256_cvttpd_epi32(ca)); \
+    alignas(32) int32_t ix[8];                                                              \
+    _mm256_store_si256(reinterpret_cast<__m256i*>(ix), idx);                                \
+    int32_t e[8];                                                                           \
+    for (int k = 0; k < 8; ++k) e[k] = ext[ix[k]];                                          \
+    /* A dirty cell's entry is negative. */                                                 \
+    if ((e[0] | e[1] | e[2] | e[3] | e[4] | e[5] | e[6] | e[7]) < 0) {                      \
+      _mm256_store_ps(xs, xf);                                                              \
+      for (int k = 0; k < 8; ++k)                                                           \
+        if (e[k] < 0) e[k] = static_cast<int32_t>(lk.slot(xs[k]));                          \
+    }                                                                                       \
+    ++h0[e[0]];                                                                             \
+    ++h1[e[1]];                                                                             \
+    ++h2[e[2]];                                                                             \
+    ++h3[e[3]];                                                                             \
+    ++h0[e[4]];                                                                             \
+    ++h1[e[5]];                                                                             \
+    ++h2[e[6]];                                                                             \
+    ++h3[e[7]];                                                                             \
+  } while (0)
+  // Groups holding a NaN or an infinity go value by value after the loop:
+  // a call inside it (even on a cold branch) made the compiler keep every
+  // vector lane in memory, since no vector register survives a call.
+  FASTML_ASSERT(m <= kChunkValues);
+  int32_t bad[kChunkValues / 8];
+  int64_t nbad = 0;
   int64_t i = 0;
-  for (; i + 8 <= m; i += 8) {
-    const __m256 xf = contiguous
-                          ? _mm256_loadu_ps(reinterpret_cast<const float*>(base + i * stride))
-                          : _mm256_set_ps(at(i + 7), at(i + 6), at(i + 5), at(i + 4), at(i + 3),
-                                          at(i + 2), at(i + 1), at(i));
-    // x - x is 0 for finite x and NaN for NaN or inf.
-    const __m256 fin = _mm256_cmp_ps(_mm256_sub_ps(xf, xf), _mm256_setzero_ps(), _CMP_EQ_OQ);
-    if (_mm256_movemask_ps(fin) != 0xff) {
-      _mm256_store_ps(xs, xf);
-      for (int k = 0; k < 8; ++k) scalar_one(static_cast<double>(xs[k]));
-      continue;
-    }
-    const __m256d xa = _mm256_cvtps_pd(_mm256_castps256_ps128(xf));
-    const __m256d xb = _mm256_cvtps_pd(_mm256_extractf128_ps(xf, 1));
-    const __m256d da = _mm256_sub_pd(xa, vpiv), db = _mm256_sub_pd(xb, vpiv);
-    s0 = _mm256_add_pd(s0, da);
-    s1 = _mm256_add_pd(s1, db);
-    q0 = _mm256_fmadd_pd(da, da, q0);
-    q1 = _mm256_fmadd_pd(db, db, q1);
-    mnf = _mm256_min_ps(mnf, xf);
-    mxf = _mm256_max_ps(mxf, xf);
-    // Table index: trunc(clamp((x - lo) * scale, -1, grid + 1) + 1), so 0
-    // below lo (x < lo gives a negative product), cell + 1 inside, grid + 1
-    // at or just past hi (dirty), grid + 2 a whole cell past hi (overflow).
-    __m256d ca = _mm256_mul_pd(_mm256_sub_pd(xa, vlo), vscale);
-    __m256d cb = _mm256_mul_pd(_mm256_sub_pd(xb, vlo), vscale);
-    ca = _mm256_add_pd(_mm256_min_pd(_mm256_max_pd(ca, vneg), vtop), vone);
-    cb = _mm256_add_pd(_mm256_min_pd(_mm256_max_pd(cb, vneg), vtop), vone);
-    const __m256i idx = _mm256_set_m128i(_mm256_cvttpd_epi32(cb), _mm256_cvttpd_epi32(ca));
-    alignas(32) int32_t ix[8];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(ix), idx);
-    int32_t e0 = ext[ix[0]], e1 = ext[ix[1]], e2 = ext[ix[2]], e3 = ext[ix[3]];
-    int32_t e4 = ext[ix[4]], e5 = ext[ix[5]], e6 = ext[ix[6]], e7 = ext[ix[7]];
-    // A dirty cell's entry is negative.
-    if ((e0 | e1 | e2 | e3 | e4 | e5 | e6 | e7) < 0) {
-      _mm256_store_ps(xs, xf);
-      auto fix = [&](int32_t& e, int k) {
-        if (e < 0) e = static_cast<int32_t>(lk.slot(xs[k]));
-      };
-      fix(e0, 0);
-      fix(e1, 1);
-      fix(e2, 2);
-      fix(e3, 3);
-      fix(e4, 4);
-      fix(e5, 5);
-      fix(e6, 6);
-      fix(e7, 7);
-    }
-    ++h0[e0];
-    ++h1[e1];
-    ++h2[e2];
-    ++h3[e3];
-    ++h0[e4];
-    ++h1[e5];
-    ++h2[e6];
-    ++h3[e7];
-    cnt += 8;
-    if (Store) {
-      _mm256_storeu_pd(out + kept, xa);
-      _mm256_storeu_pd(out + kept + 4, xb);
-      kept += 8;
-    }
+  for (; i + 16 <= full; i += 16) {
+    FASTML_GROUP(i, s0, s1, q0, q1);
+    FASTML_GROUP(i + 8, s2, s3, q2, q3);
   }
-  for (; i < m; ++i) scalar_one(static_cast<double>(at(i)));
+  if (i < full) FASTML_GROUP(i, s0, s1, q0, q1);
+#undef FASTML_GROUP
+#undef FASTML_TABLE_BINS
+  for (int64_t b = 0; b < nbad; ++b) {
+    for (int64_t k = bad[b]; k < bad[b] + 8; ++k) scalar_one(static_cast<double>(at(k)), Table);
+  }
+  for (i = full; i < m; ++i) scalar_one(static_cast<double>(at(i)), true);
   alignas(32) double tmp[4];
-  _mm256_store_pd(tmp, _mm256_add_pd(s0, s1));
+  _mm256_store_pd(tmp, _mm256_add_pd(_mm256_add_pd(s0, s1), _mm256_add_pd(s2, s3)));
   r.sum = ((tmp[0] + tmp[1]) + (tmp[2] + tmp[3])) + ssum;
-  _mm256_store_pd(tmp, _mm256_add_pd(q0, q1));
+  _mm256_store_pd(tmp, _mm256_add_pd(_mm256_add_pd(q0, q1), _mm256_add_pd(q2, q3)));
   r.sq = ((tmp[0] + tmp[1]) + (tmp[2] + tmp[3])) + ssq;
   alignas(32) float ftmp[8];
   double vmn = smn, vmx = smx;  // float -> double is exact and monotone
@@ -299,6 +358,156 @@ __attribute__((target("avx2,fma"))) void chunk_f32_avx2(const char* base, int64_
   r.nan_count = nan_count;
   r.inf_count = inf_count;
   r.kept = kept;
+  posbig = big;
+}
+
+// Pass 2 over the first `full` values (a multiple of 8), on integer keys: a
+// float's bits with the magnitude bits flipped when negative order like the
+// floats as int32 (integer compares run on three of Zen 2's four vector
+// pipes, float compares on one: 1.1 -> ~1.3 G values/s alone). x >= t <=>
+// key(x) > key(t) - 1, with a zero threshold taken as -0.0 (floats compare
+// -0.0 == +0.0, their keys differ by one). +inf and NaN with the sign bit
+// clear pass every threshold (the caller subtracts them), -inf and NaN with
+// the sign bit set pass none. ge[k] += the count of keys above threshold k.
+template <int G, int R>
+__attribute__((target("avx2"), noinline)) void count_pass(const char* base, int64_t stride,
+                                                          int64_t full, const BinLookup& lk,
+                                                          int64_t* ge) {
+  constexpr int kEdges = 4 * G + R;
+  alignas(32) int32_t bt[kEdges * 8];
+  const std::vector<float>& thr = lk.f32_thresholds();
+  FASTML_ASSERT(static_cast<int>(thr.size()) == kEdges);
+  for (int k = 0; k < kEdges; ++k) {
+    float t = thr[static_cast<size_t>(k)];
+    if (t == 0) t = -0.0f;
+    int32_t bits;
+    std::memcpy(&bits, &t, sizeof bits);
+    const int32_t key = bits ^ ((bits >> 31) & 0x7fffffff);
+    for (int j = 0; j < 8; ++j) bt[k * 8 + j] = key - 1;
+  }
+  auto at = [&](int64_t k) { return *reinterpret_cast<const float*>(base + k * stride); };
+  const bool contiguous = stride == static_cast<int64_t>(sizeof(float));
+  const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+  const __m256i magnitude = _mm256_set1_epi32(0x7fffffff);
+#define FASTML_KEY8(dst, i)                                        \
+  const __m256i dst##_bits = _mm256_castps_si256(FASTML_LOAD8(i)); \
+  const __m256i dst =                                              \
+      _mm256_xor_si256(dst##_bits, _mm256_and_si256(_mm256_srai_epi32(dst##_bits, 31), magnitude))
+#define FASTML_THR(k) _mm256_load_si256(reinterpret_cast<const __m256i*>(bt + (k) * 8))
+  for (int64_t i = 0; i < full;) {
+    // Each group of eight adds at most one to a byte: widen every 255.
+    const int64_t stop = std::min(full, i + 255 * 8);
+    __m256i acc[G > 0 ? G : 1];
+    for (auto& a : acc) a = _mm256_setzero_si256();
+    // The last R edges (kEdges mod 4) count in int32 lanes: no padding edges.
+    __m256i rem[R > 0 ? R : 1];
+    for (auto& a : rem) a = _mm256_setzero_si256();
+    // Two groups of eight per step share each threshold's load. Bytes 0-3 of
+    // each 128-bit half of acc[g] count edge 4g, bytes 4-7 edge 4g + 1, ...
+    for (; i + 16 <= stop; i += 16) {
+      FASTML_KEY8(ka, i);
+      FASTML_KEY8(kb, i + 8);
+      for (int g = 0; g < G; ++g) {
+        const __m256i t0 = FASTML_THR(4 * g), t1 = FASTML_THR(4 * g + 1);
+        const __m256i t2 = FASTML_THR(4 * g + 2), t3 = FASTML_THR(4 * g + 3);
+        const __m256i la =
+            _mm256_packs_epi32(_mm256_cmpgt_epi32(ka, t0), _mm256_cmpgt_epi32(ka, t1));
+        const __m256i ha =
+            _mm256_packs_epi32(_mm256_cmpgt_epi32(ka, t2), _mm256_cmpgt_epi32(ka, t3));
+        const __m256i lb =
+            _mm256_packs_epi32(_mm256_cmpgt_epi32(kb, t0), _mm256_cmpgt_epi32(kb, t1));
+        const __m256i hb =
+            _mm256_packs_epi32(_mm256_cmpgt_epi32(kb, t2), _mm256_cmpgt_epi32(kb, t3));
+        acc[g] = _mm256_sub_epi8(acc[g], _mm256_packs_epi16(la, ha));  // -(-1) = +1
+        acc[g] = _mm256_sub_epi8(acc[g], _mm256_packs_epi16(lb, hb));
+      }
+      for (int k = 0; k < R; ++k) {
+        const __m256i t = FASTML_THR(4 * G + k);
+        rem[k] = _mm256_sub_epi32(
+            rem[k], _mm256_add_epi32(_mm256_cmpgt_epi32(ka, t), _mm256_cmpgt_epi32(kb, t)));
+      }
+    }
+    for (; i < stop; i += 8) {
+      FASTML_KEY8(ka, i);
+      for (int g = 0; g < G; ++g) {
+        const __m256i la = _mm256_packs_epi32(_mm256_cmpgt_epi32(ka, FASTML_THR(4 * g)),
+                                              _mm256_cmpgt_epi32(ka, FASTML_THR(4 * g + 1)));
+        const __m256i ha = _mm256_packs_epi32(_mm256_cmpgt_epi32(ka, FASTML_THR(4 * g + 2)),
+                                              _mm256_cmpgt_epi32(ka, FASTML_THR(4 * g + 3)));
+        acc[g] = _mm256_sub_epi8(acc[g], _mm256_packs_epi16(la, ha));
+      }
+      for (int k = 0; k < R; ++k) {
+        rem[k] = _mm256_sub_epi32(rem[k], _mm256_cmpgt_epi32(ka, FASTML_THR(4 * G + k)));
+      }
+    }
+    // Widen: byte pairs to 16 bits, then pairs of those to 32 bits; lane j
+    // of each half is then edge 4g + j.
+    for (int g = 0; g < G; ++g) {
+      alignas(32) int32_t w[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(w),
+                         _mm256_madd_epi16(_mm256_maddubs_epi16(acc[g], ones8), ones16));
+      for (int j = 0; j < 4; ++j) ge[4 * g + j] += w[j] + w[4 + j];
+    }
+    for (int k = 0; k < R; ++k) {
+      alignas(32) int32_t w[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(w), rem[k]);
+      for (int j = 0; j < 8; ++j) ge[4 * G + k] += w[j];
+    }
+  }
+#undef FASTML_THR
+#undef FASTML_KEY8
+}
+#undef FASTML_LOAD8
+
+// E > 0: 2..kMaxCmpEdges edges, counted by count_pass; E == 0: the table.
+template <bool Store, int E>
+void chunk_f32_avx2(const char* base, int64_t stride, int64_t m, double pivot, const BinLookup& lk,
+                    uint32_t* hist, int64_t slots, double* out, ChunkSums& r) {
+  static_assert(E == 0 || (E >= 2 && E <= BinLookup::kMaxCmpEdges), "2..kMaxCmpEdges edges");
+  int64_t posbig = 0;
+  moments_pass<Store, E == 0>(base, stride, m, pivot, lk, hist, slots, out, r, posbig);
+  if constexpr (E > 0) {
+    const int64_t full = m / 8 * 8;
+    int64_t ge[E] = {};
+    count_pass<E / 4, E % 4>(base, stride, full, lk, ge);
+    // The full groups' finite values: all finite values but the tail's.
+    int64_t full_finite = r.cnt;
+    for (int64_t i = full; i < m; ++i) {
+      full_finite -= std::isfinite(*reinterpret_cast<const float*>(base + i * stride));
+    }
+    // Slot 0 holds x < edge 0, slot k edge k - 1 <= x < edge k, the last x > hi.
+    const int64_t nb = lk.nbins();
+    for (int64_t k = 0; k <= nb; ++k) ge[k] -= posbig;
+    hist[0] += static_cast<uint32_t>(full_finite - ge[0]);
+    for (int64_t k = 1; k <= nb; ++k) hist[k] += static_cast<uint32_t>(ge[k - 1] - ge[k]);
+    hist[nb + 1] += static_cast<uint32_t>(ge[nb]);
+  }
+}
+
+// The compare path while the edges fit kMaxCmpEdges (the default 20 bins: 21
+// edges), the table path beyond.
+template <bool Store>
+void chunk_f32_dispatch(const char* base, int64_t stride, int64_t m, double pivot,
+                        const BinLookup& lk, uint32_t* hist, int64_t slots, double* out,
+                        ChunkSums& r) {
+  switch (lk.f32_thresholds().size()) {
+#define FASTML_CASE(e) \
+  case e: return chunk_f32_avx2<Store, e>(base, stride, m, pivot, lk, hist, slots, out, r);
+#define FASTML_CASE4(e) FASTML_CASE(e) FASTML_CASE(e + 1) FASTML_CASE(e + 2) FASTML_CASE(e + 3)
+    FASTML_CASE(2)
+    FASTML_CASE(3)
+    FASTML_CASE4(4)
+    FASTML_CASE4(8)
+    FASTML_CASE4(12)
+    FASTML_CASE4(16)
+    FASTML_CASE4(20)
+    FASTML_CASE4(24)
+    FASTML_CASE4(28)
+    FASTML_CASE(32)
+#undef FASTML_CASE4
+#undef FASTML_CASE
+    default: return chunk_f32_avx2<Store, 0>(base, stride, m, pivot, lk, hist, slots, out, r);
+  }
 }
 #endif
 
@@ -310,7 +519,7 @@ template <typename T, QuantileMode Mode>
 void ingest_typed(NumericState& s, const char* base, int64_t n, int64_t stride) {
   const BinLookup& lk = *s.lookup;
   const int64_t slots = lk.nbins() + 2;
-  constexpr int64_t kChunk = 4096;
+  constexpr int64_t kChunk = kChunkValues;
   std::vector<uint32_t> local(static_cast<size_t>(4 * slots));
   std::vector<double> sketch_buf(Mode == QuantileMode::Sketch ? kChunk : 0);
   size_t nvalues = s.values.size();
@@ -384,8 +593,8 @@ void ingest_typed(NumericState& s, const char* base, int64_t n, int64_t stride) 
     if constexpr (std::is_same_v<T, float>) {
       if (use_avx2) {
         ChunkSums r;
-        chunk_f32_avx2<Mode != QuantileMode::None>(base + start * stride, stride, end - start,
-                                                   pivot, lk, hist, slots, out, r);
+        chunk_f32_dispatch<Mode != QuantileMode::None>(base + start * stride, stride, end - start,
+                                                       pivot, lk, hist, slots, out, r);
         s0 = r.sum;
         q0 = r.sq;
         mn0 = r.mn;

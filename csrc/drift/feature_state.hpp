@@ -90,10 +90,18 @@ class BinLookup {
   // ext[grid + 2] = nbins + 1 (overflow). The cells at lo and hi are always
   // dirty.
   const int32_t* ext_table() const { return ext_.data(); }
+  // For float32 values and at most kMaxCmpEdges edges: the edges as float32
+  // thresholds, so that the slot of a finite float x is counted by
+  // comparisons alone: x >= edge i  <=>  x >= thr[i] for i < nbins (thr[i] =
+  // the smallest float >= edge i), and x > the last edge  <=>  x >= thr[nbins]
+  // (the smallest float > it). Empty when there are more edges.
+  static constexpr int64_t kMaxCmpEdges = 32;
+  const std::vector<float>& f32_thresholds() const { return thr_; }
 
  private:
   std::vector<double> edges_;
   std::vector<int32_t> ext_;  // see ext_table()
+  std::vector<float> thr_;    // see f32_thresholds()
   double lo_, hi_, scale_;
   int64_t nbins_, grid_;
 };
