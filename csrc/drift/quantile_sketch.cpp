@@ -1,10 +1,16 @@
 #include "drift/quantile_sketch.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
+
+#include "common/cpu_features.hpp"
 #include "common/errors.hpp"
 
 namespace fastml::drift {
@@ -173,34 +179,188 @@ void radix_sort_f32(double* x, int64_t n) {
   }
 }
 
+// Order-preserving 64-bit key of a double: the radix sorts' order (-0.0
+// before +0.0; the sketch holds finite values only).
+inline uint64_t order_key(double v) {
+  uint64_t u;
+  std::memcpy(&u, &v, 8);
+  return (u >> 63) ? ~u : (u | 0x8000000000000000ull);
+}
+
+// bucket[i] = min(trunc((x[i] - lo) * scale), nb - 1) (monotone in x) and
+// count[b] += the items in bucket b. The AVX2 path computes the same
+// products (IEEE, lane by lane) four at a time.
+void bucket_pass_scalar(const double* x, int64_t i, int64_t n, double lo, double scale, int64_t nb,
+                        uint16_t* bucket, int32_t* count) {
+  for (; i < n; ++i) {
+    int64_t b = static_cast<int64_t>((x[i] - lo) * scale);
+    b = b < nb ? b : nb - 1;
+    bucket[i] = static_cast<uint16_t>(b);
+    ++count[b];
+  }
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+__attribute__((target("avx2"))) void bucket_pass_avx2(const double* x, int64_t n, double lo,
+                                                      double scale, int64_t nb, uint16_t* bucket,
+                                                      int32_t* count) {
+  const __m256d vlo = _mm256_set1_pd(lo), vscale = _mm256_set1_pd(scale);
+  const __m128i top = _mm_set1_epi32(static_cast<int32_t>(nb - 1));
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i a = _mm_min_epi32(
+        _mm256_cvttpd_epi32(_mm256_mul_pd(_mm256_sub_pd(_mm256_loadu_pd(x + i), vlo), vscale)),
+        top);
+    const __m128i b = _mm_min_epi32(
+        _mm256_cvttpd_epi32(_mm256_mul_pd(_mm256_sub_pd(_mm256_loadu_pd(x + i + 4), vlo), vscale)),
+        top);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(bucket + i), _mm_packus_epi32(a, b));
+    for (int j = 0; j < 8; ++j) ++count[bucket[i + j]];
+  }
+  bucket_pass_scalar(x, i, n, lo, scale, nb, bucket, count);
+}
+#endif
+
+void bucket_pass(const double* x, int64_t n, double lo, double scale, int64_t nb, uint16_t* bucket,
+                 int32_t* count) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if (cpu_features().avx2) return bucket_pass_avx2(x, n, lo, scale, nb, bucket, count);
+#endif
+  bucket_pass_scalar(x, 0, n, lo, scale, nb, bucket, count);
+}
+
+// The items of ranks want[0..k) (ascending, distinct) of x[0..n) in the
+// radix sorts' order, without sorting x: values go to ~n/4 buckets linear in
+// value between the run's extremes (monotone in the order), counted; only the
+// buckets that hold a wanted rank are gathered and sorted. False (nothing
+// written) when the extremes are equal, where only the sign of zero would
+// order the items. x is left unchanged.
+bool select_ranks(const double* x, int64_t n, const int64_t* want, int64_t k, double* out) {
+  // Extremes in four lanes (one chain waited on each min's latency).
+  double l[4] = {x[0], x[0], x[0], x[0]}, u[4] = {x[0], x[0], x[0], x[0]};
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    for (int j = 0; j < 4; ++j) {
+      l[j] = x[i + j] < l[j] ? x[i + j] : l[j];
+      u[j] = x[i + j] > u[j] ? x[i + j] : u[j];
+    }
+  }
+  for (; i < n; ++i) {
+    l[0] = x[i] < l[0] ? x[i] : l[0];
+    u[0] = x[i] > u[0] ? x[i] : u[0];
+  }
+  const double lo = std::min(std::min(l[0], l[1]), std::min(l[2], l[3]));
+  const double hi = std::max(std::max(u[0], u[1]), std::max(u[2], u[3]));
+  if (!(hi > lo)) return false;
+  const int64_t nb = std::max<int64_t>(16, std::min<int64_t>(n / 4, 1 << 15));
+  const double scale = static_cast<double>(nb) / (hi - lo);
+  if (!std::isfinite(scale)) return false;  // the range underflows the division
+  thread_local std::vector<uint16_t> bucket_of;
+  thread_local std::vector<int32_t> start_of;
+  thread_local std::vector<uint8_t> need_of;
+  thread_local std::vector<int32_t> fill_of;
+  thread_local std::vector<double> picked_v, sorted_v;
+  thread_local std::vector<uint16_t> picked_b;
+  bucket_of.resize(static_cast<size_t>(n));
+  start_of.assign(static_cast<size_t>(nb) + 1, 0);
+  uint16_t* bucket = bucket_of.data();
+  int32_t* start = start_of.data();
+  bucket_pass(x, n, lo, scale, nb, bucket, start + 1);
+  for (int64_t b = 0; b < nb; ++b) start[b + 1] += start[b];  // start[b] = first rank in b
+  // The buckets holding a wanted rank, and how many items they hold.
+  need_of.assign(static_cast<size_t>(nb), 0);
+  uint8_t* need = need_of.data();
+  int64_t picked = 0;
+  for (int64_t j = 0, b = 0; j < k; ++j) {
+    while (start[b + 1] <= want[j]) ++b;
+    if (!need[b]) {
+      need[b] = 1;
+      picked += start[b + 1] - start[b];
+    }
+  }
+  if (picked > n / 4) return false;  // past a quarter of the run, sorting it all is cheaper
+  // Their items, in one pass with one cursor (branch free: a store per item,
+  // the cursor advances on wanted buckets only), then placed bucket by bucket.
+  picked_v.resize(static_cast<size_t>(picked) + 1);
+  picked_b.resize(static_cast<size_t>(picked) + 1);
+  double* pv = picked_v.data();
+  uint16_t* pb = picked_b.data();
+  int64_t c = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint16_t b = bucket[i];
+    if (need[b]) {
+      pv[c] = x[i];
+      pb[c] = b;
+      ++c;
+    }
+  }
+  fill_of.resize(static_cast<size_t>(nb));
+  int32_t* fill = fill_of.data();
+  int32_t off = 0;
+  for (int64_t b = 0; b < nb; ++b) {
+    if (need[b]) {
+      fill[b] = off;
+      off += start[b + 1] - start[b];
+    }
+  }
+  sorted_v.resize(static_cast<size_t>(picked));
+  double* sv = sorted_v.data();
+  for (int64_t i = 0; i < picked; ++i) sv[fill[pb[i]]++] = pv[i];
+  // Sort each wanted bucket (now ending at fill[b]) and read its ranks.
+  for (int64_t j = 0, b = 0; j < k;) {
+    while (start[b + 1] <= want[j]) ++b;
+    double* last = sv + fill[b];
+    double* first = last - (start[b + 1] - start[b]);
+    std::sort(first, last, [](double p, double q) { return order_key(p) < order_key(q); });
+    for (; j < k && want[j] < start[b + 1]; ++j) out[j] = first[want[j] - start[b]];
+  }
+  return true;
+}
+
 }  // namespace
+
+namespace {
+std::atomic<int64_t> g_select_stride{QuantileSketch::kSelectStride};
+}  // namespace
+
+void QuantileSketch::set_select_stride(int64_t stride) {
+  FASTML_CHECK_ARG(stride >= 2, "stride", "must be at least 2, got ", stride);
+  g_select_stride.store(stride, std::memory_order_relaxed);
+}
+
+int64_t QuantileSketch::select_stride() {
+  return g_select_stride.load(std::memory_order_relaxed);
+}
 
 void QuantileSketch::update_run(double* x, int64_t n, bool float32_exact) {
   if (n < 4 * capacity(0)) {  // small batches: the item-by-item path
     update_many(x, n);
     return;
   }
-  if (float32_exact) {
-    radix_sort_f32(x, n);
-  } else {
-    radix_sort(x, n);
-  }
   n_ += static_cast<uint64_t>(n);
+  // The compaction is planned on ranks first: which items of the sorted run
+  // stay is fixed by the run's length, the levels' sizes and capacities and
+  // the random offsets, not by the values. The run's ranks stay an arithmetic
+  // progression base + stride * i (i < m): an odd item (rank `base`) stays at
+  // its level, then every other item, from a random offset, moves up.
+  struct Peel {
+    int level;
+    int64_t rank;
+  };
+  Peel peels[kMaxLevels];
+  int npeels = 0;
   int h = 0;
-  double* run = x;
-  int64_t m = n;
+  int64_t base = 0, stride = 1, m = n;
   while (static_cast<int64_t>(levels_[h].size()) + m >= capacity(h)) {
-    // Compact the run at level h: an odd item stays at this level (keeping the
-    // total weight), then every other item, from a random offset, moves up.
     if (m & 1) {
-      levels_[h].push_back(run[0]);
-      ++run;
+      peels[npeels++] = {h, base};
+      base += stride;
       --m;
     }
-    const int64_t pairs = m / 2;
     const int64_t offset = static_cast<int64_t>(next_random() & 1u);
-    for (int64_t p = 0; p < pairs; ++p) run[p] = run[2 * p + offset];  // in place, forwards
-    m = pairs;
+    base += offset * stride;
+    stride *= 2;
+    m /= 2;
     const double w = std::ldexp(1.0, h);
     err_sum_ += w * w;
     ++h;
@@ -211,7 +371,25 @@ void QuantileSketch::update_run(double* x, int64_t n, bool float32_exact) {
     }
     if (m == 0) break;
   }
-  levels_[h].insert(levels_[h].end(), run, run + m);
+  // The items at those ranks: selected when they are few (after a few
+  // halvings, one rank in 2^halvings), else the whole run sorted.
+  thread_local std::vector<int64_t> want;
+  thread_local std::vector<double> got;
+  want.clear();
+  for (int p = 0; p < npeels; ++p) want.push_back(peels[p].rank);
+  for (int64_t i = 0; i < m; ++i) want.push_back(base + stride * i);  // ascending, after the peels
+  got.resize(want.size());
+  if (stride < select_stride() ||
+      !select_ranks(x, n, want.data(), static_cast<int64_t>(want.size()), got.data())) {
+    if (float32_exact) {
+      radix_sort_f32(x, n);
+    } else {
+      radix_sort(x, n);
+    }
+    for (size_t i = 0; i < want.size(); ++i) got[i] = x[want[i]];
+  }
+  for (int p = 0; p < npeels; ++p) levels_[peels[p].level].push_back(got[p]);
+  levels_[h].insert(levels_[h].end(), got.begin() + npeels, got.end());
   compress();
 }
 

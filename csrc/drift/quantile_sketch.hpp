@@ -32,6 +32,14 @@ class QuantileSketch {
   static constexpr int kDefaultK = 400;
   static constexpr int kMinWidth = 8;
   static constexpr int kMaxLevels = 64;
+  // update_run selects the items it keeps instead of sorting the run once
+  // they are at most one in select_stride() of it (default kSelectStride).
+  // The sketch is the same either way; set_select_stride(INT64_MAX) sorts
+  // every run (the reference the native tests compare the selection with,
+  // and an A/B switch for benchmarks). Process-wide.
+  static constexpr int64_t kSelectStride = 8;
+  static void set_select_stride(int64_t stride);
+  static int64_t select_stride();
 
   explicit QuantileSketch(int k = kDefaultK, uint64_t seed = 0x9e3779b97f4a7c15ull);
 

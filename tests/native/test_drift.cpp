@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <limits>
 #include <random>
 #include <stdexcept>
 #include <vector>
@@ -188,10 +189,64 @@ void check_float32_run_sort() {
   }
 }
 
+// update_run keeps, once a run is halved three times or more, only the items
+// at the ranks the compaction keeps, selected through value buckets instead
+// of sorting the run: the sketch must be the one the full sort gives. Two
+// sketches with one seed take the same runs, one with selection off; runs of
+// normal, tied, constant, heavy-tailed, signed-zero, subnormal and
+// tiny-range values, float32 and float64, lengths from 1 to 9000, into
+// sketches of several widths (so of several depths).
+void check_selected_runs_equal_sorted_runs() {
+  std::mt19937_64 rng(23);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  std::cauchy_distribution<double> cauchy(0.0, 1.0);
+  const double specials[] = {0.0, -0.0, 1e-45, -1e-45, 5e-324, -5e-324, 1e-300, 3.4e38};
+  int selected_runs = 0;
+  for (int trial = 0; trial < 60; ++trial) {
+    const int k = trial % 3 == 0 ? 8 : (trial % 3 == 1 ? 64 : QuantileSketch::kDefaultK);
+    QuantileSketch sel(k, 100 + trial), ref(k, 100 + trial);
+    const int kind = trial % 6;
+    const bool f32 = trial % 2 == 0;
+    for (int run = 0; run < 120; ++run) {
+      const int64_t n = 1 + static_cast<int64_t>(rng() % (run % 7 == 0 ? 9000 : 4096));
+      std::vector<double> x(static_cast<size_t>(n));
+      for (auto& v : x) {
+        double d = normal(rng);
+        if (kind == 1) d = std::round(d * 2.0);        // heavy ties
+        if (kind == 2) d = 7.25;                       // one value
+        if (kind == 3) d = cauchy(rng);                // heavy tails
+        if (kind == 4) d = specials[rng() % 8];        // zeros of both signs, subnormals
+        if (kind == 5) d = 1.0 + 1e-12 * normal(rng);  // a tiny range
+        if (rng() % 50 == 0) d = specials[rng() % 8];
+        v = f32 ? static_cast<double>(static_cast<float>(d)) : d;
+      }
+      std::vector<double> y = x;
+      const int levels_before = sel.num_levels();
+      QuantileSketch::set_select_stride(std::numeric_limits<int64_t>::max());
+      ref.update_run(y.data(), n, f32);
+      QuantileSketch::set_select_stride(QuantileSketch::kSelectStride);
+      sel.update_run(x.data(), n, f32);
+      selected_runs += levels_before > 6;
+      NATIVE_CHECK(sel.levels() == ref.levels());
+      NATIVE_CHECK(sel.n() == ref.n() && sel.error_sum() == ref.error_sum());
+      NATIVE_CHECK(sel.rng_state() == ref.rng_state());
+    }
+  }
+  NATIVE_CHECK(selected_runs > 1000);  // deep sketches: most runs took the selection
+  bool threw = false;
+  try {
+    QuantileSketch::set_select_stride(1);
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  NATIVE_CHECK(threw);
+}
+
 }  // namespace
 
 int main() {
   check_float32_run_sort();
+  check_selected_runs_equal_sorted_runs();
   check_adwin();
   check_decay_merge_bytes(QuantileMode::Exact);
   check_decay_merge_bytes(QuantileMode::Sketch);
