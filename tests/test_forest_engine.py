@@ -182,6 +182,10 @@ def _edge_inputs(spec, rows: int, rng, dtype) -> np.ndarray:
 POOL = np.array([-np.inf, -1.5, -0.0, 0.0, 1e-30, 0.25, 0.5, 0.5, 1.0, 3.0, np.inf])
 
 
+def _leaves(tree) -> int:
+    return sum(f == -1 for f in tree[0])
+
+
 def _check_all_paths(spec, X: np.ndarray) -> None:
     core = _core.ForestCore(spec)
     ref = _reference(spec, X)
@@ -214,7 +218,10 @@ def test_binned_paths_match_reference(seed, thr_f64, acc_f64, k, x_f64, rows):
     groups = [int(rng.integers(-1, k)) for _ in range(ntrees)]
     spec = _spec(trees, nf, k, groups, thr_f64, acc_f64, rng)
     core = _core.ForestCore(spec)
-    expect = "binned" if chain and core.max_depth > 16 else "binned-perfect"
+    if chain and core.max_depth > 16:  # the explicit layout; QuickScorer when trees are small
+        expect = "binned-qs" if max(_leaves(t) for t in trees) <= 32 else "binned"
+    else:
+        expect = "binned-perfect"
     assert core.engine == expect
     X = _edge_inputs(spec, rows, rng, np.float64 if x_f64 else np.float32)
     _check_all_paths(spec, X)
@@ -250,6 +257,60 @@ def test_compare_binning_at_every_cut_count(thr_f64, x_f64):
     _check_all_paths(spec, X)
 
 
+def _small_deep_tree(rng, leaves: int, pool: np.ndarray, nf: int):
+    """A tree with exactly `leaves` leaves grown leaf-wise (LightGBM style):
+    each split takes a random current leaf, so depths vary from 1 to ~leaves."""
+    feature, thr, left, right, flags = [-1], [0.0], [-1], [-1], [0]
+    open_leaves = [0]
+    while len(open_leaves) < leaves:
+        i = open_leaves.pop(int(rng.integers(0, len(open_leaves))))
+        feature[i] = int(rng.integers(0, nf))
+        thr[i] = float(pool[rng.integers(0, len(pool))])
+        flags[i] = DEFAULT_LEFT if rng.random() < 0.5 else 0
+        for side in (left, right):
+            side[i] = len(feature)
+            open_leaves.append(len(feature))
+            feature.append(-1)
+            thr.append(0.0)
+            left.append(-1)
+            right.append(-1)
+            flags.append(0)
+    return feature, thr, left, right, flags
+
+
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    k=st.sampled_from([1, 3]),
+    x_f64=st.booleans(),
+    rows=st.sampled_from([2, 7, 8, 9, 16, 63, 256, 257, 700]),
+)
+def test_quickscorer_path_matches_reference(seed, k, x_f64, rows):
+    """Forests of leaf-wise trees with at most 32 leaves (LightGBM's defaults
+    grow 31) off the perfect layout take QuickScorer (eight rows share a scan
+    of each column's nodes, sorted by threshold); a tree of 33 leaves sends
+    the forest back to the walk. Both against the reference, SIMD on and off,
+    with several outputs and vector leaves, missing values either way."""
+    rng = np.random.default_rng(seed)
+    nf = int(rng.integers(1, 7))
+    pool = np.concatenate([POOL, rng.normal(size=8)]).astype(np.float32).astype(np.float64)
+    ntrees = int(rng.integers(1, 40))
+    trees = [_small_deep_tree(rng, int(rng.integers(1, 33)), pool, nf) for _ in range(ntrees)]
+    # One deep chain (at most 32 leaves) keeps the forest off the perfect layout.
+    trees.append(_small_deep_tree(rng, 2, pool, nf))
+    chain = _random_tree(rng, 20, True, pool, nf)
+    if _leaves(chain) <= 32:
+        trees.append(chain)
+    big = rng.random() < 0.25
+    if big:
+        trees.append(_small_deep_tree(rng, 33, pool, nf))
+    groups = [int(rng.integers(-1, k)) for _ in range(len(trees))]
+    spec = _spec(trees, nf, k, groups, False, bool(rng.random() < 0.5), rng)
+    core = _core.ForestCore(spec)
+    if core.engine != "binned-perfect":
+        assert core.engine == ("binned" if big else "binned-qs")
+    _check_all_paths(spec, _edge_inputs(spec, rows, rng, np.float64 if x_f64 else np.float32))
+
+
 def test_each_path_is_taken_and_exact():
     rng = np.random.default_rng(7)
     pool32 = POOL.astype(np.float32).astype(np.float64)
@@ -276,7 +337,8 @@ def test_each_path_is_taken_and_exact():
     # One side 30 deep: padding to a complete tree would not pay.
     trees = [_random_tree(rng, 30, True, pool32, 3) for _ in range(5)]
     spec = _spec(trees, 3, 1, [0] * 5, True, True, rng)
-    assert _core.ForestCore(spec).engine == "binned"
+    small = max(_leaves(t) for t in trees) <= 32
+    assert _core.ForestCore(spec).engine == ("binned-qs" if small else "binned")
     _check_all_paths(spec, _edge_inputs(spec, 300, rng, np.float64))
     # The explicit layout's AVX2 top levels: trees shallower than the four
     # top levels (0 to 3 deep), leaves above the fourth level, bushy trees
@@ -286,7 +348,8 @@ def test_each_path_is_taken_and_exact():
     trees += [_random_tree(rng, d, False, pool32, 3, p_stop=0.0) for d in (0, 1, 2, 3)]
     trees += [_random_tree(rng, d, False, pool32, 3, p_stop=0.3) for d in (4, 6, 9, 12)]
     spec = _spec(trees, 3, 2, [0, 1, -1, 0, 1, 0, -1, 1, 0], False, True, rng)
-    assert _core.ForestCore(spec).engine == "binned"
+    small = max(_leaves(t) for t in trees) <= 32
+    assert _core.ForestCore(spec).engine == ("binned-qs" if small else "binned")
     for rows in (15, 16, 17, 48, 300):
         _check_all_paths(spec, _edge_inputs(spec, rows, rng, np.float32))
 

@@ -133,6 +133,46 @@ __attribute__((target("avx2"))) void perfect_top_avx2(const uint32_t* nodes, int
   }
 }
 
+// QuickScorer over the binned explicit layout (Lucchese et al., SIGIR 2015,
+// and its vectorised form, V-QuickScorer), for forests whose trees all have
+// at most 32 leaves (LightGBM's defaults grow 31). Each tree's leaves are
+// numbered left to right and its state is a 32-bit mask of leaves still
+// reachable; a node that sends the row right clears the leaves of its left
+// subtree, and the exit leaf is the lowest set bit left. The nodes of each
+// bin column are sorted by threshold, so one scan per column visits exactly
+// the nodes a row goes right at ("bin > thr") and stops at the first it does
+// not. Eight rows share a scan in the lanes of a vector (their masks are
+// eight lanes per tree) until no lane goes right. No tree walk, no
+// dependent loads: the cost is the number of nodes scanned.
+//
+// qs_scan_avx2: rows [r, r + 8) of a block (bins with column stride
+// kBinRows) over columns cols[0..ncols), whose nodes are
+// [begin[c], begin[c + 1]) in thr / tree / lmask (lmask: the leaves of the
+// node's left subtree); masks[t * 8 + lane] ends as tree t's remaining leaves.
+__attribute__((target("avx2"))) void qs_scan_avx2(const Bin* bins, const int32_t* cols,
+                                                  int64_t ncols, const int32_t* begin,
+                                                  const int32_t* thr, const int32_t* tree,
+                                                  const uint32_t* lmask, int64_t T,
+                                                  uint32_t* masks) {
+  const __m256i ones = _mm256_set1_epi32(-1);
+  for (int64_t t = 0; t < T; ++t) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(masks + 8 * t), ones);
+  }
+  for (int64_t j = 0; j < ncols; ++j) {
+    const int32_t c = cols[j];
+    const __m256i x = _mm256_cvtepi16_epi32(_mm_loadu_si128(
+        reinterpret_cast<const __m128i*>(bins + static_cast<int64_t>(c) * kBinRows)));
+    for (int32_t k = begin[c]; k < begin[c + 1]; ++k) {
+      const __m256i right = _mm256_cmpgt_epi32(x, _mm256_set1_epi32(thr[k]));
+      if (_mm256_testz_si256(right, right)) break;  // thresholds ascend: no lane goes right again
+      __m256i* m = reinterpret_cast<__m256i*>(masks + 8 * static_cast<int64_t>(tree[k]));
+      const __m256i clear =
+          _mm256_and_si256(right, _mm256_set1_epi32(static_cast<int32_t>(lmask[k])));
+      _mm256_storeu_si256(m, _mm256_andnot_si256(clear, _mm256_loadu_si256(m)));
+    }
+  }
+}
+
 // Binning by compares instead of a search, for features with at most
 // kSimdBinCuts cuts: `table` holds 16 fences (the last cut of each group of 16,
 // +inf padded) and then the cuts in groups of 16 (+inf padded, one padded
@@ -342,6 +382,7 @@ class Engine final : public ForestEngine {
       if (!perfect_) {
         build_explicit(spec);
         build_explicit_tops();
+        build_qs();
       }
       std::vector<uint32_t>().swap(node_word_);
       // The general nodes and values serve only the CUDA path now.
@@ -504,6 +545,80 @@ class Engine final : public ForestEngine {
     }
   }
 
+  // QuickScorer tables (see qs_scan_avx2) for explicit forests whose trees
+  // all have at most kQsLeaves leaves: per bin column, its nodes sorted by
+  // threshold (thr, tree, left-subtree leaf mask), and per tree the explicit
+  // node of each leaf in left-to-right order. Nothing when a tree is larger.
+  static constexpr int kQsLeaves = 32;
+  void build_qs() {
+    const int64_t T = static_cast<int64_t>(root_.size());
+    const int64_t C = 2 * spec_.num_features;
+    qs_ = false;
+    qs_leaf_node_.assign(static_cast<size_t>(T * kQsLeaves), 0);
+    struct Item {
+      int32_t thr, tree, col;
+      uint32_t lmask;
+    };
+    std::vector<Item> items;
+    for (int64_t t = 0; t < T; ++t) {
+      int32_t leaves = 0;
+      bool fits = true;
+      // In-order numbering of the leaves; returns the first leaf of n's subtree.
+      auto walk = [&](auto&& self, int32_t n) -> int32_t {
+        const BinNode nd = bin_nodes_[static_cast<size_t>(n)];
+        if (nd.left == n) {  // a leaf
+          if (leaves >= kQsLeaves) {
+            fits = false;
+            return leaves;
+          }
+          qs_leaf_node_[static_cast<size_t>(t * kQsLeaves + leaves)] = n;
+          return leaves++;
+        }
+        const int32_t first = self(self, nd.left);
+        const int32_t mid = leaves;  // the left subtree holds leaves [first, mid)
+        self(self, nd.left + 1);
+        if (fits) {
+          uint32_t m = 0;
+          for (int32_t b = first; b < mid; ++b) m |= uint32_t{1} << b;
+          items.push_back({nd.thr, static_cast<int32_t>(t), nd.col, m});
+        }
+        return first;
+      };
+      // At most 32 leaves means at most 31 levels: the recursion is shallow
+      // (a deeper tree stops counting at leaf 33 and the forest does not fit).
+      if (depth_[t] > kQsLeaves) return;
+      walk(walk, root_[t]);
+      if (!fits) {
+        std::vector<int32_t>().swap(qs_leaf_node_);
+        return;
+      }
+    }
+    // Counting sort by column, then each column by threshold.
+    qs_begin_.assign(static_cast<size_t>(C + 1), 0);
+    for (const Item& it : items) ++qs_begin_[static_cast<size_t>(it.col) + 1];
+    for (int64_t c = 0; c < C; ++c) qs_begin_[c + 1] += qs_begin_[c];
+    std::vector<Item> sorted(items.size());
+    {
+      std::vector<int32_t> fill(qs_begin_.begin(), qs_begin_.end() - 1);
+      for (const Item& it : items) sorted[static_cast<size_t>(fill[it.col]++)] = it;
+    }
+    qs_cols_.clear();
+    for (int64_t c = 0; c < C; ++c) {
+      std::stable_sort(sorted.begin() + qs_begin_[c], sorted.begin() + qs_begin_[c + 1],
+                       [](const Item& a, const Item& b) { return a.thr < b.thr; });
+      if (qs_begin_[c + 1] > qs_begin_[c]) qs_cols_.push_back(static_cast<int32_t>(c));
+    }
+    qs_thr_.resize(sorted.size());
+    qs_tree_.resize(sorted.size());
+    qs_lmask_.resize(sorted.size());
+    for (size_t i = 0; i < sorted.size(); ++i) {
+      qs_thr_[i] = sorted[i].thr;
+      qs_tree_[i] = sorted[i].tree;
+      qs_lmask_[i] = sorted[i].lmask;
+    }
+    qs_ = true;
+  }
+
   // The perfect layout (see kMaxPerfectDepth), when the padding is cheap.
   void build_perfect(const ForestSpec& spec) {
     const int64_t T = spec.num_trees();
@@ -604,6 +719,7 @@ class Engine final : public ForestEngine {
   const void* values() const override { return values_.data(); }
   const char* name() const override {
     if (perfect_) return "binned-perfect";
+    if (qs_) return "binned-qs";
     if (binned_) return "binned";
     if (fast_) return "float";
     return "general";
@@ -784,6 +900,10 @@ class Engine final : public ForestEngine {
       perfect_block(buf.data(), nrows, out);
     } else if (nrows == 1) {
       binned_one_row(buf.data(), out);
+#if FASTML_FOREST_X86
+    } else if (qs_ && nrows >= 8 && forest_simd(-1)) {
+      qs_block(buf.data(), nrows, out);
+#endif
     } else {
       thread_local std::vector<uint32_t> top_buf;
       if (top_buf.size() < static_cast<size_t>(kBinRows)) top_buf.resize(kBinRows);
@@ -917,6 +1037,42 @@ class Engine final : public ForestEngine {
       idx[r] = i;
     }
   }
+
+#if FASTML_FOREST_X86
+  // QuickScorer over a block (see qs_scan_avx2): eight rows at a time, then
+  // each row's exit leaves added in tree order (the order binned_tree adds
+  // them, so the sums are the same); rows past the last eight walk the trees.
+  void qs_block(const Bin* bins, int64_t nrows, AccT* out) const {
+    const int32_t K = spec_.num_outputs;
+    const int64_t T = static_cast<int64_t>(root_.size());
+    thread_local std::vector<uint32_t> masks;
+    if (masks.size() < static_cast<size_t>(8 * T)) masks.resize(static_cast<size_t>(8 * T));
+    int64_t r = 0;
+    for (; r + 8 <= nrows; r += 8) {
+      qs_scan_avx2(bins + r, qs_cols_.data(), static_cast<int64_t>(qs_cols_.size()),
+                   qs_begin_.data(), qs_thr_.data(), qs_tree_.data(), qs_lmask_.data(), T,
+                   masks.data());
+      // Tree by tree, the eight rows side by side: each row's sum is its own
+      // chain of adds, in tree order, and eight chains overlap.
+      for (int64_t t = 0; t < T; ++t) {
+        const int32_t group = group_[t];
+        const int64_t shift = shift_[t];
+        const uint32_t* m = masks.data() + 8 * t;
+        const int32_t* leaf_node = qs_leaf_node_.data() + t * kQsLeaves;
+        for (int l = 0; l < 8; ++l) {
+          add_leaf(bin_values_, out + (r + l) * K, group, shift, leaf_node[__builtin_ctz(m[l])]);
+        }
+      }
+    }
+    for (; r < nrows; ++r) {
+      for (int64_t t = 0; t < T; ++t) {
+        int32_t n = root_[t];
+        for (int32_t d = 0; d < depth_[t]; ++d) n = bin_step(n, bins + r, kBinRows);
+        add_leaf(bin_values_, out + r * K, group_[t], shift_[t], n);
+      }
+    }
+  }
+#endif
 
   // One tree over a block: kLanes rows walk together so their loads overlap.
   // With AVX2 (nvec > 0: the first nvec rows, a multiple of 16), the tree's
@@ -1202,6 +1358,11 @@ class Engine final : public ForestEngine {
   std::vector<uint32_t> top_nodes_;
   std::vector<int32_t> top_exit_;
   std::vector<int32_t> top_levels_;
+  // QuickScorer tables (build_qs): per bin column c, nodes [qs_begin_[c],
+  // qs_begin_[c + 1]) sorted by threshold; qs_cols_ the columns with nodes.
+  bool qs_ = false;
+  std::vector<int32_t> qs_begin_, qs_cols_, qs_thr_, qs_tree_, qs_leaf_node_;
+  std::vector<uint32_t> qs_lmask_;
   std::vector<uint32_t> node_word_;  // construction only: pack_perfect per spec node
   std::vector<AccT> bin_values_;
   bool perfect_ = false;
