@@ -173,6 +173,51 @@ __attribute__((target("avx2"))) void qs_scan_avx2(const Bin* bins, const int32_t
   }
 }
 
+// The exits of one output (K = 1) for the eight rows of qs_scan_avx2: tree by
+// tree, each row's lowest set mask bit (its bit index read off the exponent
+// of the power of two as a float: exact for bits 0..31) selects the tree's
+// leaf value (leaf_values[t * 32 + leaf]), gathered and added to the eight
+// rows' sums in tree order: the same additions, in the same order, as the
+// scalar add_leaf loop. out[0..8) holds the rows' base margins on entry.
+__attribute__((target("avx2"))) inline __m256i qs_exit_index(const uint32_t* m, int64_t t) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + 8 * t));
+  const __m256i low = _mm256_and_si256(v, _mm256_sub_epi32(_mm256_setzero_si256(), v));
+  const __m256i e = _mm256_and_si256(
+      _mm256_srli_epi32(_mm256_castps_si256(_mm256_cvtepi32_ps(low)), 23), _mm256_set1_epi32(0xFF));
+  return _mm256_add_epi32(_mm256_sub_epi32(e, _mm256_set1_epi32(127)),
+                          _mm256_set1_epi32(static_cast<int32_t>(32 * t)));
+}
+
+__attribute__((target("avx2"))) void qs_exits_avx2(const uint32_t* masks, int64_t T,
+                                                   const double* leaf_values, double* out) {
+  __m256d a = _mm256_loadu_pd(out), b = _mm256_loadu_pd(out + 4);
+  // The masked form with every lane on (the plain one leaves GCC warning
+  // about its unused source operand).
+  const __m256d zero = _mm256_setzero_pd();
+  const __m256d all = _mm256_castsi256_pd(_mm256_set1_epi64x(-1));
+  for (int64_t t = 0; t < T; ++t) {
+    const __m256i i = qs_exit_index(masks, t);
+    a = _mm256_add_pd(
+        a, _mm256_mask_i32gather_pd(zero, leaf_values, _mm256_castsi256_si128(i), all, 8));
+    b = _mm256_add_pd(
+        b, _mm256_mask_i32gather_pd(zero, leaf_values, _mm256_extracti128_si256(i, 1), all, 8));
+  }
+  _mm256_storeu_pd(out, a);
+  _mm256_storeu_pd(out + 4, b);
+}
+
+__attribute__((target("avx2"))) void qs_exits_avx2(const uint32_t* masks, int64_t T,
+                                                   const float* leaf_values, float* out) {
+  __m256 a = _mm256_loadu_ps(out);
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256 all = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+  for (int64_t t = 0; t < T; ++t) {
+    a = _mm256_add_ps(a,
+                      _mm256_mask_i32gather_ps(zero, leaf_values, qs_exit_index(masks, t), all, 4));
+  }
+  _mm256_storeu_ps(out, a);
+}
+
 // Binning by compares instead of a search, for features with at most
 // kSimdBinCuts cuts: `table` holds 16 fences (the last cut of each group of 16,
 // +inf padded) and then the cuts in groups of 16 (+inf padded, one padded
@@ -607,6 +652,16 @@ class Engine final : public ForestEngine {
       std::stable_sort(sorted.begin() + qs_begin_[c], sorted.begin() + qs_begin_[c + 1],
                        [](const Item& a, const Item& b) { return a.thr < b.thr; });
       if (qs_begin_[c + 1] > qs_begin_[c]) qs_cols_.push_back(static_cast<int32_t>(c));
+    }
+    // One output: every leaf's value by (tree, leaf), for the gathered exits.
+    if (spec_.num_outputs == 1) {
+      qs_leaf_value_.assign(static_cast<size_t>(T * kQsLeaves), AccT(0));
+      for (int64_t t = 0; t < T; ++t) {
+        for (int32_t j = 0; j < kQsLeaves; ++j) {
+          qs_leaf_value_[static_cast<size_t>(t * kQsLeaves + j)] =
+              bin_values_[static_cast<size_t>(shift_[t] + qs_leaf_node_[t * kQsLeaves + j])];
+        }
+      }
     }
     qs_thr_.resize(sorted.size());
     qs_tree_.resize(sorted.size());
@@ -1052,6 +1107,10 @@ class Engine final : public ForestEngine {
       qs_scan_avx2(bins + r, qs_cols_.data(), static_cast<int64_t>(qs_cols_.size()),
                    qs_begin_.data(), qs_thr_.data(), qs_tree_.data(), qs_lmask_.data(), T,
                    masks.data());
+      if (K == 1) {  // one output: the leaf values gathered eight rows at a time
+        qs_exits_avx2(masks.data(), T, qs_leaf_value_.data(), out + r);
+        continue;
+      }
       // Tree by tree, the eight rows side by side: each row's sum is its own
       // chain of adds, in tree order, and eight chains overlap.
       for (int64_t t = 0; t < T; ++t) {
@@ -1363,6 +1422,7 @@ class Engine final : public ForestEngine {
   bool qs_ = false;
   std::vector<int32_t> qs_begin_, qs_cols_, qs_thr_, qs_tree_, qs_leaf_node_;
   std::vector<uint32_t> qs_lmask_;
+  std::vector<AccT> qs_leaf_value_;  // one output: value of leaf j of tree t at t * 32 + j
   std::vector<uint32_t> node_word_;  // construction only: pack_perfect per spec node
   std::vector<AccT> bin_values_;
   bool perfect_ = false;
