@@ -666,7 +666,8 @@ void ingest_typed(NumericState& s, const char* base, int64_t n, int64_t stride) 
     nonfinite += static_cast<double>(inf_count);
     if (Mode == QuantileMode::Exact) nvalues += static_cast<size_t>(kept);
     if (Mode == QuantileMode::Sketch) {
-      s.sketch->update_run(sketch_buf.data(), kept, std::is_same_v<T, float>);
+      // The chunk's extremes bound its finite values, which are the run.
+      s.sketch->update_run(sketch_buf.data(), kept, std::is_same_v<T, float>, chunk_min, chunk_max);
     }
     if (cnt > 0) {
       const double dc = static_cast<double>(cnt);

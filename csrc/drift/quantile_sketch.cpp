@@ -235,22 +235,24 @@ void bucket_pass(const double* x, int64_t n, double lo, double scale, int64_t nb
 // buckets that hold a wanted rank are gathered and sorted. False (nothing
 // written) when the extremes are equal, where only the sign of zero would
 // order the items. x is left unchanged.
-bool select_ranks(const double* x, int64_t n, const int64_t* want, int64_t k, double* out) {
-  // Extremes in four lanes (one chain waited on each min's latency).
-  double l[4] = {x[0], x[0], x[0], x[0]}, u[4] = {x[0], x[0], x[0], x[0]};
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    for (int j = 0; j < 4; ++j) {
-      l[j] = x[i + j] < l[j] ? x[i + j] : l[j];
-      u[j] = x[i + j] > u[j] ? x[i + j] : u[j];
+bool select_ranks(const double* x, int64_t n, const int64_t* want, int64_t k, double* out,
+                  double lo, double hi) {
+  if (!(lo <= hi)) {  // not given: the extremes, in four lanes (one chain waited on each min)
+    double l[4] = {x[0], x[0], x[0], x[0]}, u[4] = {x[0], x[0], x[0], x[0]};
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+      for (int j = 0; j < 4; ++j) {
+        l[j] = x[i + j] < l[j] ? x[i + j] : l[j];
+        u[j] = x[i + j] > u[j] ? x[i + j] : u[j];
+      }
     }
+    for (; i < n; ++i) {
+      l[0] = x[i] < l[0] ? x[i] : l[0];
+      u[0] = x[i] > u[0] ? x[i] : u[0];
+    }
+    lo = std::min(std::min(l[0], l[1]), std::min(l[2], l[3]));
+    hi = std::max(std::max(u[0], u[1]), std::max(u[2], u[3]));
   }
-  for (; i < n; ++i) {
-    l[0] = x[i] < l[0] ? x[i] : l[0];
-    u[0] = x[i] > u[0] ? x[i] : u[0];
-  }
-  const double lo = std::min(std::min(l[0], l[1]), std::min(l[2], l[3]));
-  const double hi = std::max(std::max(u[0], u[1]), std::max(u[2], u[3]));
   if (!(hi > lo)) return false;
   const int64_t nb = std::max<int64_t>(16, std::min<int64_t>(n / 4, 1 << 15));
   const double scale = static_cast<double>(nb) / (hi - lo);
@@ -334,7 +336,7 @@ int64_t QuantileSketch::select_stride() {
   return g_select_stride.load(std::memory_order_relaxed);
 }
 
-void QuantileSketch::update_run(double* x, int64_t n, bool float32_exact) {
+void QuantileSketch::update_run(double* x, int64_t n, bool float32_exact, double lo, double hi) {
   if (n < 4 * capacity(0)) {  // small batches: the item-by-item path
     update_many(x, n);
     return;
@@ -382,7 +384,7 @@ void QuantileSketch::update_run(double* x, int64_t n, bool float32_exact) {
   for (int64_t i = 0; i < m; ++i) want.push_back(base + stride * i);  // ascending, after the peels
   got.resize(want.size());
   if (stride < select_stride() ||
-      !select_ranks(x, n, want.data(), static_cast<int64_t>(want.size()), got.data())) {
+      !select_ranks(x, n, want.data(), static_cast<int64_t>(want.size()), got.data(), lo, hi)) {
     if (float32_exact) {
       radix_sort_f32(x, n);
     } else {

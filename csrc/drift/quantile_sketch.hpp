@@ -23,6 +23,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 namespace fastml::drift {
@@ -45,14 +46,20 @@ class QuantileSketch {
 
   void update(double x) { update_many(&x, 1); }
   void update_many(const double* x, int64_t n);
-  // A batch of items (each of weight 1), reordered in place: sorted once and
-  // compacted as one run (each halving of the sorted run is one compaction at
-  // its level, so the error accounting is that of update_many, with fewer
-  // compactions); what remains joins the level where it fits.
+  // A batch of items (each of weight 1), compacted as one sorted run (each
+  // halving of the sorted run is one compaction at its level, so the error
+  // accounting is that of update_many, with fewer compactions); what remains
+  // joins the level where it fits. x may be reordered (sorted when the items
+  // kept are dense, else left as it is and the kept ones selected).
   // `float32_exact`: every x is a float32 value (as from a float32 column),
-  // so the sort runs on 32-bit keys (three passes instead of up to eight on
-  // 64-bit keys). The sorted sequence, and so the sketch, is the same.
-  void update_run(double* x, int64_t n, bool float32_exact = false);
+  // so a sort runs on 32-bit keys (three passes instead of up to eight on
+  // 64-bit keys). The sketch is the same either way.
+  // `lo`, `hi`: bounds of the items when the caller has them (e.g. the run's
+  // extremes, from its moments pass), which saves the selection a pass; NaN
+  // when unknown.
+  void update_run(double* x, int64_t n, bool float32_exact = false,
+                  double lo = std::numeric_limits<double>::quiet_NaN(),
+                  double hi = std::numeric_limits<double>::quiet_NaN());
   void merge(const QuantileSketch& other);
   void clear();
   // Exponential decay by factor f in (0, 1] (see the header comment).
