@@ -162,7 +162,8 @@ __attribute__((target("avx2"))) void qs_scan_avx2(const Bin* bins, const int32_t
     const int32_t c = cols[j];
     const __m256i x = _mm256_cvtepi16_epi32(_mm_loadu_si128(
         reinterpret_cast<const __m128i*>(bins + static_cast<int64_t>(c) * kBinRows)));
-    for (int32_t k = begin[c]; k < begin[c + 1]; ++k) {
+    const int32_t end = begin[c + 1];  // a local: the mask stores may alias the int32 tables
+    for (int32_t k = begin[c]; k < end; ++k) {
       const __m256i right = _mm256_cmpgt_epi32(x, _mm256_set1_epi32(thr[k]));
       if (_mm256_testz_si256(right, right)) break;  // thresholds ascend: no lane goes right again
       __m256i* m = reinterpret_cast<__m256i*>(masks + 8 * static_cast<int64_t>(tree[k]));

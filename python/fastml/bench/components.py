@@ -369,6 +369,25 @@ def _xgb_model(quick: bool) -> tuple[Any, np.ndarray] | None:
     return booster, X
 
 
+def _lgb_default_model() -> tuple[Any, np.ndarray] | None:
+    """LightGBM with its default tree parameters (num_leaves=31, no depth
+    limit: the leaf-wise trees users train; issue #18), 100 trees, binary."""
+    try:
+        import lightgbm as lgb
+    except ImportError:
+        return None
+    rng = np.random.default_rng(3)
+    n = 20_000
+    X = rng.standard_normal((n, 32))
+    X[rng.random(X.shape) < 0.05] = np.nan
+    logit = X[:, 0] * 1.5 - np.nan_to_num(X[:, 1]) + np.sin(np.nan_to_num(X[:, 2]) * 3)
+    y = (logit + rng.standard_normal(n) > 0).astype(np.float64)
+    booster = lgb.train(
+        {"objective": "binary", "num_threads": 0, "verbose": -1}, lgb.Dataset(X, y), 100
+    )
+    return booster, X
+
+
 @register("infer")
 def bench_infer(ctx: BenchContext) -> list[Figure]:
     from fastml import infer
@@ -423,6 +442,37 @@ def bench_infer(ctx: BenchContext) -> list[Figure]:
                     latency=True,
                 )
             )
+
+    lgb_model = _lgb_default_model()
+    if lgb_model is not None:
+        lbooster, LX = lgb_model
+        ctx.progress("infer: Forest vs LightGBM predict, default-parameter model (1 thread)")
+        lforest = infer.Forest.from_lightgbm(lbooster)
+        lbatch = LX[:1024]
+        with _OneThread():
+            t = compare(
+                {
+                    "fastml Forest.predict (lightgbm defaults)": lambda: lforest.predict(lbatch),
+                    "lightgbm predict": lambda: lbooster.predict(lbatch, num_threads=1),
+                },
+                repeat=5,
+                number=3 if ctx.quick else 10,
+                work=1024,
+                unit="rows",
+            )
+        figures.append(
+            _pair(
+                "infer",
+                "forest_lightgbm_defaults_rows_per_thread",
+                "rows/s",
+                t,
+                "fastml Forest.predict (lightgbm defaults)",
+                "lightgbm predict",
+                goal=8.0,
+                note=f"LightGBM defaults (num_leaves=31, no depth limit), 100 trees, "
+                f"engine {lforest._core.engine}, batch 1024 float64, 1 thread",
+            )
+        )
 
     ctx.progress("infer: Batcher submit throughput and added latency")
     n = 20_000 if ctx.quick else 100_000
