@@ -174,14 +174,46 @@ __attribute__((target("avx2"))) void qs_scan_avx2(const Bin* bins, const int32_t
   }
 }
 
+// Sixteen rows per scan (the bins compared as int16, 16 lanes; each tree's
+// masks are 16 lanes, masks[t * 16 + lane]): the node's loads, broadcast,
+// compare and loop control are shared by twice the rows.
+__attribute__((target("avx2"))) void qs_scan16_avx2(const Bin* bins, const int32_t* cols,
+                                                    int64_t ncols, const int32_t* begin,
+                                                    const int32_t* thr, const int32_t* tree,
+                                                    const uint32_t* lmask, int64_t T,
+                                                    uint32_t* masks) {
+  const __m256i ones = _mm256_set1_epi32(-1);
+  for (int64_t t = 0; t < 2 * T; ++t) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(masks + 8 * t), ones);
+  }
+  for (int64_t j = 0; j < ncols; ++j) {
+    const int32_t c = cols[j];
+    const __m256i x = _mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(bins + static_cast<int64_t>(c) * kBinRows));
+    const int32_t end = begin[c + 1];  // a local: the mask stores may alias the int32 tables
+    for (int32_t k = begin[c]; k < end; ++k) {
+      const __m256i right = _mm256_cmpgt_epi16(x, _mm256_set1_epi16(static_cast<int16_t>(thr[k])));
+      if (_mm256_testz_si256(right, right)) break;  // thresholds ascend: no lane goes right again
+      __m256i* m = reinterpret_cast<__m256i*>(masks + 16 * static_cast<int64_t>(tree[k]));
+      const __m256i lm = _mm256_set1_epi32(static_cast<int32_t>(lmask[k]));
+      const __m256i lo = _mm256_and_si256(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(right)), lm);
+      const __m256i hi =
+          _mm256_and_si256(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(right, 1)), lm);
+      _mm256_storeu_si256(m, _mm256_andnot_si256(lo, _mm256_loadu_si256(m)));
+      _mm256_storeu_si256(m + 1, _mm256_andnot_si256(hi, _mm256_loadu_si256(m + 1)));
+    }
+  }
+}
+
 // The exits of one output (K = 1) for the eight rows of qs_scan_avx2: tree by
 // tree, each row's lowest set mask bit (its bit index read off the exponent
 // of the power of two as a float: exact for bits 0..31) selects the tree's
 // leaf value (leaf_values[t * 32 + leaf]), gathered and added to the eight
 // rows' sums in tree order: the same additions, in the same order, as the
 // scalar add_leaf loop. out[0..8) holds the rows' base margins on entry.
-__attribute__((target("avx2"))) inline __m256i qs_exit_index(const uint32_t* m, int64_t t) {
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + 8 * t));
+__attribute__((target("avx2"))) inline __m256i qs_exit_index(const uint32_t* m, int64_t t,
+                                                             int64_t stride) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + stride * t));
   const __m256i low = _mm256_and_si256(v, _mm256_sub_epi32(_mm256_setzero_si256(), v));
   const __m256i e = _mm256_and_si256(
       _mm256_srli_epi32(_mm256_castps_si256(_mm256_cvtepi32_ps(low)), 23), _mm256_set1_epi32(0xFF));
@@ -189,7 +221,7 @@ __attribute__((target("avx2"))) inline __m256i qs_exit_index(const uint32_t* m, 
                           _mm256_set1_epi32(static_cast<int32_t>(32 * t)));
 }
 
-__attribute__((target("avx2"))) void qs_exits_avx2(const uint32_t* masks, int64_t T,
+__attribute__((target("avx2"))) void qs_exits_avx2(const uint32_t* masks, int64_t stride, int64_t T,
                                                    const double* leaf_values, double* out) {
   __m256d a = _mm256_loadu_pd(out), b = _mm256_loadu_pd(out + 4);
   // The masked form with every lane on (the plain one leaves GCC warning
@@ -197,7 +229,7 @@ __attribute__((target("avx2"))) void qs_exits_avx2(const uint32_t* masks, int64_
   const __m256d zero = _mm256_setzero_pd();
   const __m256d all = _mm256_castsi256_pd(_mm256_set1_epi64x(-1));
   for (int64_t t = 0; t < T; ++t) {
-    const __m256i i = qs_exit_index(masks, t);
+    const __m256i i = qs_exit_index(masks, t, stride);
     a = _mm256_add_pd(
         a, _mm256_mask_i32gather_pd(zero, leaf_values, _mm256_castsi256_si128(i), all, 8));
     b = _mm256_add_pd(
@@ -207,14 +239,14 @@ __attribute__((target("avx2"))) void qs_exits_avx2(const uint32_t* masks, int64_
   _mm256_storeu_pd(out + 4, b);
 }
 
-__attribute__((target("avx2"))) void qs_exits_avx2(const uint32_t* masks, int64_t T,
+__attribute__((target("avx2"))) void qs_exits_avx2(const uint32_t* masks, int64_t stride, int64_t T,
                                                    const float* leaf_values, float* out) {
   __m256 a = _mm256_loadu_ps(out);
   const __m256 zero = _mm256_setzero_ps();
   const __m256 all = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
   for (int64_t t = 0; t < T; ++t) {
-    a = _mm256_add_ps(a,
-                      _mm256_mask_i32gather_ps(zero, leaf_values, qs_exit_index(masks, t), all, 4));
+    a = _mm256_add_ps(
+        a, _mm256_mask_i32gather_ps(zero, leaf_values, qs_exit_index(masks, t, stride), all, 4));
   }
   _mm256_storeu_ps(out, a);
 }
@@ -1102,27 +1134,39 @@ class Engine final : public ForestEngine {
     const int32_t K = spec_.num_outputs;
     const int64_t T = static_cast<int64_t>(root_.size());
     thread_local std::vector<uint32_t> masks;
-    if (masks.size() < static_cast<size_t>(8 * T)) masks.resize(static_cast<size_t>(8 * T));
-    int64_t r = 0;
-    for (; r + 8 <= nrows; r += 8) {
-      qs_scan_avx2(bins + r, qs_cols_.data(), static_cast<int64_t>(qs_cols_.size()),
-                   qs_begin_.data(), qs_thr_.data(), qs_tree_.data(), qs_lmask_.data(), T,
-                   masks.data());
+    if (masks.size() < static_cast<size_t>(16 * T)) masks.resize(static_cast<size_t>(16 * T));
+    // Exits of `lanes` rows from r whose masks sit at stride S per tree.
+    auto exits = [&](int64_t r, int lanes, const uint32_t* m0, int64_t S) {
       if (K == 1) {  // one output: the leaf values gathered eight rows at a time
-        qs_exits_avx2(masks.data(), T, qs_leaf_value_.data(), out + r);
-        continue;
+        for (int h = 0; h < lanes; h += 8) {
+          qs_exits_avx2(m0 + h, S, T, qs_leaf_value_.data(), out + r + h);
+        }
+        return;
       }
-      // Tree by tree, the eight rows side by side: each row's sum is its own
-      // chain of adds, in tree order, and eight chains overlap.
+      // Tree by tree, the rows side by side: each row's sum is its own chain
+      // of adds, in tree order, and the chains overlap.
       for (int64_t t = 0; t < T; ++t) {
         const int32_t group = group_[t];
         const int64_t shift = shift_[t];
-        const uint32_t* m = masks.data() + 8 * t;
+        const uint32_t* m = m0 + S * t;
         const int32_t* leaf_node = qs_leaf_node_.data() + t * kQsLeaves;
-        for (int l = 0; l < 8; ++l) {
+        for (int l = 0; l < lanes; ++l) {
           add_leaf(bin_values_, out + (r + l) * K, group, shift, leaf_node[__builtin_ctz(m[l])]);
         }
       }
+    };
+    const int64_t ncols = static_cast<int64_t>(qs_cols_.size());
+    int64_t r = 0;
+    for (; r + 16 <= nrows; r += 16) {
+      qs_scan16_avx2(bins + r, qs_cols_.data(), ncols, qs_begin_.data(), qs_thr_.data(),
+                     qs_tree_.data(), qs_lmask_.data(), T, masks.data());
+      exits(r, 16, masks.data(), 16);
+    }
+    if (r + 8 <= nrows) {
+      qs_scan_avx2(bins + r, qs_cols_.data(), ncols, qs_begin_.data(), qs_thr_.data(),
+                   qs_tree_.data(), qs_lmask_.data(), T, masks.data());
+      exits(r, 8, masks.data(), 8);
+      r += 8;
     }
     for (; r < nrows; ++r) {
       for (int64_t t = 0; t < T; ++t) {
