@@ -141,71 +141,67 @@ __attribute__((target("avx2"))) void perfect_top_avx2(const uint32_t* nodes, int
 // subtree, and the exit leaf is the lowest set bit left. The nodes of each
 // bin column are sorted by threshold, so one scan per column visits exactly
 // the nodes a row goes right at ("bin > thr") and stops at the first it does
-// not. Eight rows share a scan in the lanes of a vector (their masks are
-// eight lanes per tree) until no lane goes right. No tree walk, no
+// not. Sixteen (or eight) rows share a scan in the lanes of a vector (their
+// masks are lanes too, per tree) until no lane goes right. No tree walk, no
 // dependent loads: the cost is the number of nodes scanned.
 //
-// qs_scan_avx2: rows [r, r + 8) of a block (bins with column stride
-// kBinRows) over columns cols[0..ncols), whose nodes are
-// [begin[c], begin[c + 1]) in thr / tree / lmask (lmask: the leaves of the
-// node's left subtree); masks[t * 8 + lane] ends as tree t's remaining leaves.
-__attribute__((target("avx2"))) void qs_scan_avx2(const Bin* bins, const int32_t* cols,
-                                                  int64_t ncols, const int32_t* begin,
-                                                  const int32_t* thr, const int32_t* tree,
-                                                  const uint32_t* lmask, int64_t T,
+// The QuickScorer tables of a forest (see Engine::build_qs): per bin column
+// c, nodes [begin[c], begin[c + 1]) in thr / tree / lmask (lmask: the leaves
+// of the node's left subtree), sorted by thr; cols[0..ncols) the columns with
+// nodes; T trees.
+struct QsTables {
+  const int32_t* cols;
+  int64_t ncols;
+  const int32_t* begin;
+  const int32_t* thr;
+  const int32_t* tree;
+  const uint32_t* lmask;
+  int64_t T;
+};
+
+// qs_scan_avx2<Lanes>: rows [r, r + Lanes) of a block (bins with column
+// stride kBinRows); masks[t * Lanes + lane] ends as tree t's remaining
+// leaves. Lanes = 16 compares the bins as int16 (each node's loads,
+// broadcast, compare and loop control shared by sixteen rows; the masks are
+// two vectors per tree), Lanes = 8 as int32 (a block's last 8-15 rows).
+template <int Lanes>
+__attribute__((target("avx2"))) void qs_scan_avx2(const QsTables& q, const Bin* bins,
                                                   uint32_t* masks) {
+  static_assert(Lanes == 8 || Lanes == 16, "8 or 16 rows per scan");
   const __m256i ones = _mm256_set1_epi32(-1);
-  for (int64_t t = 0; t < T; ++t) {
+  for (int64_t t = 0; t < q.T * Lanes / 8; ++t) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(masks + 8 * t), ones);
   }
-  for (int64_t j = 0; j < ncols; ++j) {
-    const int32_t c = cols[j];
-    const __m256i x = _mm256_cvtepi16_epi32(_mm_loadu_si128(
-        reinterpret_cast<const __m128i*>(bins + static_cast<int64_t>(c) * kBinRows)));
-    const int32_t end = begin[c + 1];  // a local: the mask stores may alias the int32 tables
-    for (int32_t k = begin[c]; k < end; ++k) {
-      const __m256i right = _mm256_cmpgt_epi32(x, _mm256_set1_epi32(thr[k]));
+  for (int64_t j = 0; j < q.ncols; ++j) {
+    const int32_t c = q.cols[j];
+    const Bin* col = bins + static_cast<int64_t>(c) * kBinRows;
+    const __m256i x =
+        Lanes == 16 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col))
+                    : _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(col)));
+    const int32_t end = q.begin[c + 1];  // a local: the mask stores may alias the int32 tables
+    for (int32_t k = q.begin[c]; k < end; ++k) {
+      const __m256i right =
+          Lanes == 16 ? _mm256_cmpgt_epi16(x, _mm256_set1_epi16(static_cast<int16_t>(q.thr[k])))
+                      : _mm256_cmpgt_epi32(x, _mm256_set1_epi32(q.thr[k]));
       if (_mm256_testz_si256(right, right)) break;  // thresholds ascend: no lane goes right again
-      __m256i* m = reinterpret_cast<__m256i*>(masks + 8 * static_cast<int64_t>(tree[k]));
-      const __m256i clear =
-          _mm256_and_si256(right, _mm256_set1_epi32(static_cast<int32_t>(lmask[k])));
-      _mm256_storeu_si256(m, _mm256_andnot_si256(clear, _mm256_loadu_si256(m)));
+      __m256i* m = reinterpret_cast<__m256i*>(masks + Lanes * static_cast<int64_t>(q.tree[k]));
+      const __m256i lm = _mm256_set1_epi32(static_cast<int32_t>(q.lmask[k]));
+      if constexpr (Lanes == 16) {
+        const __m256i lo =
+            _mm256_and_si256(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(right)), lm);
+        const __m256i hi =
+            _mm256_and_si256(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(right, 1)), lm);
+        _mm256_storeu_si256(m, _mm256_andnot_si256(lo, _mm256_loadu_si256(m)));
+        _mm256_storeu_si256(m + 1, _mm256_andnot_si256(hi, _mm256_loadu_si256(m + 1)));
+      } else {
+        _mm256_storeu_si256(
+            m, _mm256_andnot_si256(_mm256_and_si256(right, lm), _mm256_loadu_si256(m)));
+      }
     }
   }
 }
 
-// Sixteen rows per scan (the bins compared as int16, 16 lanes; each tree's
-// masks are 16 lanes, masks[t * 16 + lane]): the node's loads, broadcast,
-// compare and loop control are shared by twice the rows.
-__attribute__((target("avx2"))) void qs_scan16_avx2(const Bin* bins, const int32_t* cols,
-                                                    int64_t ncols, const int32_t* begin,
-                                                    const int32_t* thr, const int32_t* tree,
-                                                    const uint32_t* lmask, int64_t T,
-                                                    uint32_t* masks) {
-  const __m256i ones = _mm256_set1_epi32(-1);
-  for (int64_t t = 0; t < 2 * T; ++t) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(masks + 8 * t), ones);
-  }
-  for (int64_t j = 0; j < ncols; ++j) {
-    const int32_t c = cols[j];
-    const __m256i x = _mm256_loadu_si256(
-        reinterpret_cast<const __m256i*>(bins + static_cast<int64_t>(c) * kBinRows));
-    const int32_t end = begin[c + 1];  // a local: the mask stores may alias the int32 tables
-    for (int32_t k = begin[c]; k < end; ++k) {
-      const __m256i right = _mm256_cmpgt_epi16(x, _mm256_set1_epi16(static_cast<int16_t>(thr[k])));
-      if (_mm256_testz_si256(right, right)) break;  // thresholds ascend: no lane goes right again
-      __m256i* m = reinterpret_cast<__m256i*>(masks + 16 * static_cast<int64_t>(tree[k]));
-      const __m256i lm = _mm256_set1_epi32(static_cast<int32_t>(lmask[k]));
-      const __m256i lo = _mm256_and_si256(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(right)), lm);
-      const __m256i hi =
-          _mm256_and_si256(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(right, 1)), lm);
-      _mm256_storeu_si256(m, _mm256_andnot_si256(lo, _mm256_loadu_si256(m)));
-      _mm256_storeu_si256(m + 1, _mm256_andnot_si256(hi, _mm256_loadu_si256(m + 1)));
-    }
-  }
-}
-
-// The exits of one output (K = 1) for the eight rows of qs_scan_avx2: tree by
+// The exits of one output (K = 1) for eight rows of qs_scan_avx2: tree by
 // tree, each row's lowest set mask bit (its bit index read off the exponent
 // of the power of two as a float: exact for bits 0..31) selects the tree's
 // leaf value (leaf_values[t * 32 + leaf]), gathered and added to the eight
@@ -1155,16 +1151,20 @@ class Engine final : public ForestEngine {
         }
       }
     };
-    const int64_t ncols = static_cast<int64_t>(qs_cols_.size());
+    const QsTables q{qs_cols_.data(),
+                     static_cast<int64_t>(qs_cols_.size()),
+                     qs_begin_.data(),
+                     qs_thr_.data(),
+                     qs_tree_.data(),
+                     qs_lmask_.data(),
+                     T};
     int64_t r = 0;
     for (; r + 16 <= nrows; r += 16) {
-      qs_scan16_avx2(bins + r, qs_cols_.data(), ncols, qs_begin_.data(), qs_thr_.data(),
-                     qs_tree_.data(), qs_lmask_.data(), T, masks.data());
+      qs_scan_avx2<16>(q, bins + r, masks.data());
       exits(r, 16, masks.data(), 16);
     }
     if (r + 8 <= nrows) {
-      qs_scan_avx2(bins + r, qs_cols_.data(), ncols, qs_begin_.data(), qs_thr_.data(),
-                   qs_tree_.data(), qs_lmask_.data(), T, masks.data());
+      qs_scan_avx2<8>(q, bins + r, masks.data());
       exits(r, 8, masks.data(), 8);
       r += 8;
     }
