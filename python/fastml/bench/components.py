@@ -388,6 +388,25 @@ def _lgb_default_model() -> tuple[Any, np.ndarray] | None:
     return booster, X
 
 
+def _forest_batch_figure(
+    ctx: BenchContext,
+    name: str,
+    fastml_call: tuple[str, Any],
+    peer_call: tuple[str, Any],
+    goal: float,
+    note: str,
+) -> Figure:
+    """A 1,024-row batch through fastml and a peer predictor, in one run."""
+    t = compare(
+        dict([fastml_call, peer_call]),
+        repeat=5,
+        number=3 if ctx.quick else 10,
+        work=1024,
+        unit="rows",
+    )
+    return _pair("infer", name, "rows/s", t, fastml_call[0], peer_call[0], goal=goal, note=note)
+
+
 @register("infer")
 def bench_infer(ctx: BenchContext) -> list[Figure]:
     from fastml import infer
@@ -401,24 +420,12 @@ def bench_infer(ctx: BenchContext) -> list[Figure]:
         batch = X[:1024]
         one = X[:1]
         with _OneThread():
-            t = compare(
-                {
-                    "fastml Forest.predict": lambda: forest.predict(batch),
-                    "xgboost inplace_predict": lambda: booster.inplace_predict(batch),
-                },
-                repeat=5,
-                number=3 if ctx.quick else 10,
-                work=1024,
-                unit="rows",
-            )
             figures.append(
-                _pair(
-                    "infer",
+                _forest_batch_figure(
+                    ctx,
                     "forest_rows_per_thread",
-                    "rows/s",
-                    t,
-                    "fastml Forest.predict",
-                    "xgboost inplace_predict",
+                    ("fastml Forest.predict", lambda: forest.predict(batch)),
+                    ("xgboost inplace_predict", lambda: booster.inplace_predict(batch)),
                     goal=3.0,
                     note=f"{forest.num_trees} trees, batch 1024, 1 thread",
                 )
@@ -450,29 +457,20 @@ def bench_infer(ctx: BenchContext) -> list[Figure]:
         lforest = infer.Forest.from_lightgbm(lbooster)
         lbatch = LX[:1024]
         with _OneThread():
-            t = compare(
-                {
-                    "fastml Forest.predict (lightgbm defaults)": lambda: lforest.predict(lbatch),
-                    "lightgbm predict": lambda: lbooster.predict(lbatch, num_threads=1),
-                },
-                repeat=5,
-                number=3 if ctx.quick else 10,
-                work=1024,
-                unit="rows",
+            figures.append(
+                _forest_batch_figure(
+                    ctx,
+                    "forest_lightgbm_defaults_rows_per_thread",
+                    (
+                        "fastml Forest.predict (lightgbm defaults)",
+                        lambda: lforest.predict(lbatch),
+                    ),
+                    ("lightgbm predict", lambda: lbooster.predict(lbatch, num_threads=1)),
+                    goal=8.0,
+                    note=f"LightGBM defaults (num_leaves=31, no depth limit), 100 trees, "
+                    f"engine {lforest._core.engine}, batch 1024 float64, 1 thread",
+                )
             )
-        figures.append(
-            _pair(
-                "infer",
-                "forest_lightgbm_defaults_rows_per_thread",
-                "rows/s",
-                t,
-                "fastml Forest.predict (lightgbm defaults)",
-                "lightgbm predict",
-                goal=8.0,
-                note=f"LightGBM defaults (num_leaves=31, no depth limit), 100 trees, "
-                f"engine {lforest._core.engine}, batch 1024 float64, 1 thread",
-            )
-        )
 
     ctx.progress("infer: Batcher submit throughput and added latency")
     n = 20_000 if ctx.quick else 100_000
