@@ -90,18 +90,23 @@ class BinLookup {
   // ext[grid + 2] = nbins + 1 (overflow). The cells at lo and hi are always
   // dirty.
   const int32_t* ext_table() const { return ext_.data(); }
-  // For float32 values and at most kMaxCmpEdges edges: the edges as float32
-  // thresholds, so that the slot of a finite float x is counted by
-  // comparisons alone: x >= edge i  <=>  x >= thr[i] for i < nbins (thr[i] =
-  // the smallest float >= edge i), and x > the last edge  <=>  x >= thr[nbins]
-  // (the smallest float > it). Empty when there are more edges.
+  // For float32 values and at most kMaxCmpEdges edges, the comparison path
+  // (count_pass): each edge as a float32 threshold t_i, so that for every
+  // float x, x >= edge i  <=>  x >= t_i for i < nbins (t_i = the smallest
+  // float >= edge i) and x > the last edge  <=>  x >= t_nbins (the smallest
+  // float > it); then as an integer compare on order-preserving keys,
+  // key(x) > key(t_i) - 1 (a zero threshold taken as -0.0, since floats
+  // compare -0.0 == +0.0 and their keys differ by one). cmp_keys() holds
+  // key(t_i) - 1 for each edge, broadcast to eight lanes; cmp_edges() is 0
+  // when there are more edges.
   static constexpr int64_t kMaxCmpEdges = 32;
-  const std::vector<float>& f32_thresholds() const { return thr_; }
+  int64_t cmp_edges() const { return static_cast<int64_t>(cmp_keys_.size() / 8); }
+  const int32_t* cmp_keys() const { return cmp_keys_.data(); }
 
  private:
   std::vector<double> edges_;
-  std::vector<int32_t> ext_;  // see ext_table()
-  std::vector<float> thr_;    // see f32_thresholds()
+  std::vector<int32_t> ext_;       // see ext_table()
+  std::vector<int32_t> cmp_keys_;  // see cmp_keys()
   double lo_, hi_, scale_;
   int64_t nbins_, grid_;
 };
