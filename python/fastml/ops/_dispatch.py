@@ -454,6 +454,130 @@ def tile_candidates(
     return out
 
 
+def launch_split(kernel: Any, grid: tuple, args: tuple, width: int, chunks: int = 0, **constexprs):
+    """Launch one of the split-row kernels (see :func:`row_split`): ``grid`` is
+    (row, chunk) or (chunk, row group) programs, each one column block of
+    ``width`` (``BLOCK``, with its warps); ``chunks`` > 0 also passes ``CBLOCK``,
+    the power of two that holds one row's chunk partials."""
+    if chunks:
+        constexprs["CBLOCK"] = next_pow2(chunks)
+    kernel[grid](*args, BLOCK=width, num_warps=num_warps(width), **constexprs)
+
+
+def opmath(t: torch.Tensor) -> torch.dtype:
+    """The dtype the torch implementations compute in: float64 for float64
+    tensors (which never take the fp32 kernels), float32 otherwise."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def check_row_param(name: str, p: torch.Tensor | None, x: torch.Tensor) -> None:
+    """``p`` (a weight or bias) is None or a float tensor of shape ``(x.shape[-1],)``."""
+    if p is None:
+        return
+    check_float(name, p)
+    if p.shape != x.shape[-1:]:
+        raise ValueError(
+            f"{name} must have shape ({x.shape[-1]},) to match x's last dimension, "
+            f"got {tuple(p.shape)}"
+        )
+
+
+def check_eps(eps: float) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+
+
+# ---------------------------------------------------------------- registration
+#
+# Every op is a pair of kernels (forward, backward), each registered once as a
+# torch custom op (what torch.compile traces, with a fake implementation) whose
+# implementation picks Triton or torch by the tensors, plus an eager
+# autograd.Function over the same implementations (eager calls skip the custom
+# op's dispatch). An op file holds its kernels, its torch reference and its
+# autograd (setup_context, backward); kernel_op and differentiable do the rest.
+
+
+class KernelOp:
+    """One registered kernel: ``op`` the custom op ``torch.ops.fastml.<name>``,
+    ``impl`` the function behind it (callable directly, without dispatch)."""
+
+    __slots__ = ("impl", "op")
+
+    def __init__(self, op: Any, impl: Callable) -> None:
+        self.op = op
+        self.impl = impl
+
+    def __call__(self, *args: Any) -> Any:
+        return self.op(*args)
+
+    def pick(self, ctx: Any) -> Callable:
+        """What an autograd backward calls: ``impl`` under the eager Function
+        (``ctx.eager``), the custom op while torch.compile traces."""
+        return self.impl if getattr(ctx, "eager", False) else self.op
+
+
+def kernel_op(
+    name: str,
+    fake: Callable,
+    triton_impl: Callable | None = None,
+    torch_impl: Callable | None = None,
+    key: int = 0,
+) -> Callable[[Callable], KernelOp]:
+    """Register the decorated function's signature as ``torch.ops.fastml.<name>``.
+
+    With ``triton_impl`` and ``torch_impl``, the op runs ``triton_impl(*args)``
+    when :func:`use_triton` accepts ``args[key]`` and ``torch_impl(*args)``
+    otherwise (the decorated function is then only the signature); without
+    them, the decorated function is the implementation. ``fake`` gives outputs
+    of the right shapes and dtypes for tracing.
+    """
+
+    def register(signature: Callable) -> KernelOp:
+        if triton_impl is None:
+            impl = signature
+        else:
+
+            @functools.wraps(signature)
+            def impl(*args: Any) -> Any:
+                if use_triton(args[key]):
+                    return triton_impl(*args)
+                return torch_impl(*args)
+
+        op = torch.library.custom_op(f"fastml::{name}", impl, mutates_args=())
+        op.register_fake(fake)
+        return KernelOp(op, impl)
+
+    return register
+
+
+def differentiable(
+    name: str,
+    forward: KernelOp,
+    setup_context: Callable,
+    backward: Callable,
+    non_differentiable: Sequence[int] = (),
+) -> Callable:
+    """Attach autograd to ``forward`` and return the op's entry point.
+
+    ``setup_context(ctx, inputs, output)`` and ``backward(ctx, *grads)`` are
+    torch's ``register_autograd`` pair; the backward calls its backward
+    kernel through :meth:`KernelOp.pick`. The returned ``apply(*args)`` runs
+    the custom op while torch.compile traces and an eager ``autograd.Function``
+    named ``name`` otherwise; ``non_differentiable`` indexes outputs that
+    carry no gradient.
+    """
+    forward.op.register_autograd(backward, setup_context=setup_context)
+    function = eager_function(name, forward.impl, setup_context, backward, non_differentiable)
+
+    def apply(*args: Any) -> Any:
+        if compiling():
+            return forward.op(*args)
+        return function.apply(*args)
+
+    apply.function = function  # type: ignore[attr-defined]
+    return apply
+
+
 def eager_function(name, forward_impl, setup_context, backward, non_differentiable=()):
     """An ``autograd.Function`` with the same forward, context and backward as a custom op.
 

@@ -21,10 +21,13 @@ from fastml.ops._dispatch import (
     as_rows,
     check_float,
     compiling,
-    eager_function,
+    differentiable,
+    kernel_op,
     launch_config,
+    launch_split,
     next_pow2,
     num_warps,
+    opmath,
     row_block,
     row_split,
     tl,
@@ -289,8 +292,8 @@ def cross_entropy_forward(
     chunks, width = (1, 0) if grad_in_place else row_split(n, c, logits.device)
     if chunks > 1:
         part = torch.empty((n, 3, chunks), dtype=torch.float32, device=logits.device)
-        _ce_split_stats_kernel[(n, chunks)](
-            logits, part, logits.stride(0), c, chunks, BLOCK=width, num_warps=num_warps(width)
+        launch_split(
+            _ce_split_stats_kernel, (n, chunks), (logits, part, logits.stride(0), c, chunks), width
         )
         _ce_split_loss_kernel[(n,)](
             logits,
@@ -340,23 +343,12 @@ def cross_entropy_backward(
     dx = torch.empty_like(logits, memory_format=torch.contiguous_format) if out is None else out
     chunks, width = row_split(n, c, logits.device)
     if chunks > 1:
-        _ce_split_grad_kernel[(n, chunks)](
-            logits,
-            target,
-            lse,
-            dloss,
-            dx,
-            lse if count is None else count,
-            logits.stride(0),
-            dloss.stride(0) if dloss.dim() else 0,
-            dx.stride(0),
-            c,
-            ignore_index,
-            smoothing,
-            DIV_COUNT=count is not None,
-            BLOCK=width,
-            num_warps=num_warps(width),
-        )
+        launch_split(
+            _ce_split_grad_kernel, (n, chunks),
+            (logits, target, lse, dloss, dx, lse if count is None else count, logits.stride(0),
+             dloss.stride(0) if dloss.dim() else 0, dx.stride(0), c, ignore_index, smoothing),
+            width, DIV_COUNT=count is not None,
+        )  # fmt: skip
     elif n > 0:
         _launch_ce(
             "cross_entropy_bwd",
@@ -415,14 +407,10 @@ def cross_entropy_fused_(
 # -- torch implementations with the same semantics --
 
 
-def _acc(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _cross_entropy_forward_torch(
     logits: Tensor, target: Tensor, ignore_index: int, smoothing: float
 ) -> tuple[Tensor, Tensor]:
-    xf = logits.to(_acc(logits))
+    xf = logits.to(opmath(logits))
     c = xf.shape[-1]
     valid = (target != ignore_index) & (target >= 0) & (target < c)
     lse = torch.logsumexp(xf, -1)
@@ -433,7 +421,7 @@ def _cross_entropy_forward_torch(
     zero = torch.zeros((), dtype=loss.dtype, device=loss.device)
     loss = torch.where(valid, loss, zero)
     lse = torch.where(valid, lse, zero)
-    return loss, lse  # float32, or float64 for float64 logits (see _acc)
+    return loss, lse  # float32, or float64 for float64 logits (see opmath)
 
 
 def _cross_entropy_backward_torch(
@@ -444,7 +432,7 @@ def _cross_entropy_backward_torch(
     ignore_index: int,
     smoothing: float,
 ) -> Tensor:
-    a = _acc(logits)
+    a = opmath(logits)
     xf = logits.to(a)
     c = xf.shape[-1]
     valid = target != ignore_index
@@ -480,24 +468,17 @@ def _row_validity(target: Tensor, classes: int, ignore_index: int) -> Tensor:
     return torch.where(bad, torch.full_like(ok, -(2**30)), ok)
 
 
-def _cross_entropy_fwd_op_impl(logits, target, ignore_index, smoothing):
-    if use_triton(logits):
-        return cross_entropy_forward(logits, target, ignore_index, smoothing)
+# -- custom ops: opaque to torch.compile, with fake implementations and autograd --
+
+
+def _ce_forward_torch(logits, target, ignore_index, smoothing):
     loss, lse = _cross_entropy_forward_torch(logits, target, ignore_index, smoothing)
     return loss, lse, _row_validity(target, logits.shape[-1], ignore_index)
 
 
-@torch.library.custom_op("fastml::cross_entropy_fwd", mutates_args=())
-def _cross_entropy_fwd_op(
-    logits: Tensor, target: Tensor, ignore_index: int, smoothing: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    return _cross_entropy_fwd_op_impl(logits, target, ignore_index, smoothing)
-
-
-@_cross_entropy_fwd_op.register_fake
-def _(logits, target, ignore_index, smoothing):
+def _ce_fwd_fake(logits, target, ignore_index, smoothing):
     n = logits.shape[0]
-    stat = _acc(logits)
+    stat = opmath(logits)
     return (
         logits.new_empty(n, dtype=stat),
         logits.new_empty(n, dtype=stat),
@@ -505,22 +486,26 @@ def _(logits, target, ignore_index, smoothing):
     )
 
 
-def _cross_entropy_bwd_op_impl(dloss, logits, target, lse, ignore_index, smoothing):
-    if use_triton(logits):
-        return cross_entropy_backward(dloss, logits, target, lse, ignore_index, smoothing)
-    return _cross_entropy_backward_torch(dloss, logits, target, lse, ignore_index, smoothing)
+@kernel_op("cross_entropy_fwd", _ce_fwd_fake, cross_entropy_forward, _ce_forward_torch)
+def _ce_fwd(
+    logits: Tensor, target: Tensor, ignore_index: int, smoothing: float
+) -> tuple[Tensor, Tensor, Tensor]: ...
 
 
-@torch.library.custom_op("fastml::cross_entropy_bwd", mutates_args=())
-def _cross_entropy_bwd_op(
-    dloss: Tensor, logits: Tensor, target: Tensor, lse: Tensor, ignore_index: int, smoothing: float
-) -> Tensor:
-    return _cross_entropy_bwd_op_impl(dloss, logits, target, lse, ignore_index, smoothing)
-
-
-@_cross_entropy_bwd_op.register_fake
-def _(dloss, logits, target, lse, ignore_index, smoothing):
+def _ce_bwd_fake(dloss, logits, target, lse, ignore_index, smoothing):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@kernel_op(
+    "cross_entropy_bwd",
+    _ce_bwd_fake,
+    cross_entropy_backward,
+    _cross_entropy_backward_torch,
+    key=1,
+)
+def _ce_bwd(
+    dloss: Tensor, logits: Tensor, target: Tensor, lse: Tensor, ignore_index: int, smoothing: float
+) -> Tensor: ...
 
 
 def _ce_setup_context(ctx, inputs, output):
@@ -531,18 +516,12 @@ def _ce_setup_context(ctx, inputs, output):
 
 def _ce_backward(ctx, dloss, _dlse, _dvalid):
     logits, target, lse = ctx.saved_tensors
-    bwd = _cross_entropy_bwd_op_impl if getattr(ctx, "eager", False) else _cross_entropy_bwd_op
-    dx = bwd(dloss, logits, target, lse, ctx.ignore_index, ctx.smoothing)
+    dx = _ce_bwd.pick(ctx)(dloss, logits, target, lse, ctx.ignore_index, ctx.smoothing)
     return dx, None, None, None
 
 
-_cross_entropy_fwd_op.register_autograd(_ce_backward, setup_context=_ce_setup_context)
-_CrossEntropyFunction = eager_function(
-    "_CrossEntropyFunction",
-    _cross_entropy_fwd_op_impl,
-    _ce_setup_context,
-    _ce_backward,
-    non_differentiable=(1, 2),
+_ce_apply = differentiable(
+    "_CrossEntropyFunction", _ce_fwd, _ce_setup_context, _ce_backward, non_differentiable=(1, 2)
 )
 
 
@@ -714,7 +693,7 @@ def cross_entropy(
         # Eager Triton path: the reduction and the target check in one launch.
         msg = f"target must be in [0, {c}) or ignore_index"
         if reduction == "none":
-            loss, _lse, valid = _CrossEntropyFunction.apply(*args)
+            loss, _lse, valid = _ce_apply(*args)
             if t.is_cuda:
                 torch._assert_async(cross_entropy_reduce(loss, valid, 0, logits.dtype)[2], msg)
             return loss.reshape(target.shape).to(logits.dtype)
@@ -724,10 +703,8 @@ def cross_entropy(
         return out
     if in_place:
         loss, valid = _grad_in_logits(x2, t, ignore_index, float(label_smoothing), logits)
-    elif compiling():
-        loss, _lse, valid = _cross_entropy_fwd_op(*args)
     else:
-        loss, _lse, valid = _CrossEntropyFunction.apply(*args)
+        loss, _lse, valid = _ce_apply(*args)
     count = valid.sum() if (reduction == "mean" or t.is_cuda or compiling()) else None
     if t.is_cuda or compiling():
         # Negative exactly when a target was out of range (see the kernel).

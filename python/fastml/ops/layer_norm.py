@@ -12,21 +12,22 @@ from torch import Tensor
 from fastml.ops._dispatch import (
     as_rows,
     cdiv,
+    check_eps,
     check_float,
+    check_row_param,
     check_same_device,
-    compiling,
-    eager_function,
+    differentiable,
+    kernel_op,
     launch_persistent_rows,
     launch_row_tiles,
-    next_pow2,
-    num_warps,
+    launch_split,
+    opmath,
     persistent_programs,
     row_block,
     row_split,
     split_groups,
     tl,
     triton,
-    use_triton,
 )
 
 
@@ -437,28 +438,15 @@ def layer_norm_forward(
     chunks, width = row_split(m, n, x.device)
     if chunks > 1:
         part = torch.empty((m, 2, chunks), dtype=torch.float32, device=x.device)
-        _ln_split_stats_kernel[(m, chunks)](
-            x2, part, x2.stride(0), n, chunks, BLOCK=width, num_warps=num_warps(width)
+        launch_split(
+            _ln_split_stats_kernel, (m, chunks), (x2, part, x2.stride(0), n, chunks), width
         )
-        _ln_split_fwd_apply_kernel[(m, chunks)](
-            x2,
-            weight if weight is not None else x2,
-            bias if bias is not None else x2,
-            y,
-            mean,
-            rstd,
-            part,
-            x2.stride(0),
-            y.stride(0),
-            n,
-            chunks,
-            eps,
-            HAS_W=weight is not None,
-            HAS_B=bias is not None,
-            BLOCK=width,
-            CBLOCK=next_pow2(chunks),
-            num_warps=num_warps(width),
-        )
+        launch_split(
+            _ln_split_fwd_apply_kernel, (m, chunks),
+            (x2, weight if weight is not None else x2, bias if bias is not None else x2, y,
+             mean, rstd, part, x2.stride(0), y.stride(0), n, chunks, eps),
+            width, chunks, HAS_W=weight is not None, HAS_B=bias is not None,
+        )  # fmt: skip
     elif m > 0 and n > 0:
         block, one = row_block(n, wide=True)
 
@@ -499,47 +487,20 @@ def layer_norm_backward(
         w_arg = weight if has_w else x2
         part = torch.empty((m, 2, chunks), dtype=torch.float32, device=x.device)
         mean1, rstd1 = mean.reshape(-1), rstd.reshape(-1)
-        _ln_split_bwd_dot_kernel[(m, chunks)](
-            dy2,
-            x2,
-            w_arg,
-            mean1,
-            rstd1,
-            part,
-            dy2.stride(0),
-            x2.stride(0),
-            n,
-            chunks,
-            HAS_W=has_w,
-            BLOCK=width,
-            num_warps=num_warps(width),
-        )
+        launch_split(
+            _ln_split_bwd_dot_kernel, (m, chunks),
+            (dy2, x2, w_arg, mean1, rstd1, part, dy2.stride(0), x2.stride(0), n, chunks),
+            width, HAS_W=has_w,
+        )  # fmt: skip
         groups, rows_per_group = split_groups(m, chunks, x.device)
         dw_g = torch.empty((groups if has_w else 1, n), dtype=torch.float32, device=x.device)
         db_g = torch.empty((groups if has_bias else 1, n), dtype=torch.float32, device=x.device)
-        _ln_split_bwd_apply_kernel[(chunks, groups)](
-            dy2,
-            x2,
-            w_arg,
-            mean1,
-            rstd1,
-            dx,
-            part,
-            dw_g,
-            db_g,
-            dy2.stride(0),
-            x2.stride(0),
-            dx.stride(0),
-            m,
-            n,
-            chunks,
-            rows_per_group,
-            HAS_W=has_w,
-            HAS_B=has_bias,
-            BLOCK=width,
-            CBLOCK=next_pow2(chunks),
-            num_warps=num_warps(width),
-        )
+        launch_split(
+            _ln_split_bwd_apply_kernel, (chunks, groups),
+            (dy2, x2, w_arg, mean1, rstd1, dx, part, dw_g, db_g, dy2.stride(0), x2.stride(0),
+             dx.stride(0), m, n, chunks, rows_per_group),
+            width, chunks, HAS_W=has_w, HAS_B=has_bias,
+        )  # fmt: skip
         dw = dw_g.sum(0).to(weight.dtype) if has_w else x.new_empty(0)
         db = db_g.sum(0).to(bias_dtype) if has_bias else x.new_empty(0)
         return dx.view(x.shape), dw, db
@@ -574,16 +535,12 @@ def layer_norm_backward(
     return dx.view(x.shape), dw, db
 
 
-def _opmath(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _layer_norm_forward_torch(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     # torch's fused kernel on fp32 (fp64) copies: the same fp32 statistics as the
     # Triton kernel (on half inputs it would return half mean/rstd).
-    acc = _opmath(x)
+    acc = opmath(x)
     n = x.shape[-1]
     wf = weight.to(acc) if weight is not None else None
     bf = bias.to(acc) if bias is not None else None
@@ -605,7 +562,7 @@ def _layer_norm_backward_torch(
     rstd: Tensor,
     bias_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    acc = _opmath(x)
+    acc = opmath(x)
     n = x.shape[-1]
     stats_shape = (*x.shape[:-1], 1)
     wf = weight.to(acc) if weight is not None else None
@@ -636,21 +593,10 @@ def _layer_norm_ref(
     return y + bias if bias is not None else y
 
 
-def _layer_norm_fwd_op_impl(x, weight, bias, eps):
-    if use_triton(x):
-        return layer_norm_forward(x, weight, bias, eps)
-    return _layer_norm_forward_torch(x, weight, bias, eps)
+# -- custom ops: opaque to torch.compile, with fake implementations and autograd --
 
 
-@torch.library.custom_op("fastml::layer_norm_fwd", mutates_args=())
-def _layer_norm_fwd_op(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    return _layer_norm_fwd_op_impl(x, weight, bias, eps)
-
-
-@_layer_norm_fwd_op.register_fake
-def _(x, weight, bias, eps):
+def _ln_fwd_fake(x, weight, bias, eps):
     stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
@@ -659,14 +605,20 @@ def _(x, weight, bias, eps):
     )
 
 
-def _layer_norm_bwd_op_impl(dy, x, weight, has_bias, mean, rstd, bias_dtype):
-    if use_triton(x):
-        return layer_norm_backward(dy, x, weight, has_bias, mean, rstd, bias_dtype)
-    return _layer_norm_backward_torch(dy, x, weight, has_bias, mean, rstd, bias_dtype)
+@kernel_op("layer_norm_fwd", _ln_fwd_fake, layer_norm_forward, _layer_norm_forward_torch)
+def _ln_fwd(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]: ...
 
 
-@torch.library.custom_op("fastml::layer_norm_bwd", mutates_args=())
-def _layer_norm_bwd_op(
+def _ln_bwd_fake(dy, x, weight, has_bias, mean, rstd, bias_dtype):
+    dw = torch.empty_like(weight) if weight is not None else x.new_empty(0)
+    db = x.new_empty(x.shape[-1], dtype=bias_dtype) if has_bias else x.new_empty(0)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), dw, db
+
+
+@kernel_op("layer_norm_bwd", _ln_bwd_fake, layer_norm_backward, _layer_norm_backward_torch, key=1)
+def _ln_bwd(
     dy: Tensor,
     x: Tensor,
     weight: Tensor | None,
@@ -674,16 +626,7 @@ def _layer_norm_bwd_op(
     mean: Tensor,
     rstd: Tensor,
     bias_dtype: torch.dtype,
-) -> tuple[Tensor, Tensor, Tensor]:
-    return _layer_norm_bwd_op_impl(dy, x, weight, has_bias, mean, rstd, bias_dtype)
-
-
-@_layer_norm_bwd_op.register_fake
-def _(dy, x, weight, has_bias, mean, rstd, bias_dtype):
-    n = x.shape[-1]
-    dw = torch.empty_like(weight) if weight is not None else x.new_empty(0)
-    db = x.new_empty(n, dtype=bias_dtype) if has_bias else x.new_empty(0)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), dw, db
+) -> tuple[Tensor, Tensor, Tensor]: ...
 
 
 def _ln_setup_context(ctx, inputs, output):
@@ -696,18 +639,13 @@ def _ln_setup_context(ctx, inputs, output):
 
 def _ln_backward(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
-    bwd = _layer_norm_bwd_op_impl if getattr(ctx, "eager", False) else _layer_norm_bwd_op
+    bwd = _ln_bwd.pick(ctx)
     dx, dw, db = bwd(dy, x, weight, ctx.has_bias, mean, rstd, ctx.bias_dtype)
     return dx, (dw if weight is not None else None), (db if ctx.has_bias else None), None
 
 
-_layer_norm_fwd_op.register_autograd(_ln_backward, setup_context=_ln_setup_context)
-_LayerNormFunction = eager_function(
-    "_LayerNormFunction",
-    _layer_norm_fwd_op_impl,
-    _ln_setup_context,
-    _ln_backward,
-    non_differentiable=(1, 2),
+_ln_apply = differentiable(
+    "_LayerNormFunction", _ln_fwd, _ln_setup_context, _ln_backward, non_differentiable=(1, 2)
 )
 
 
@@ -722,17 +660,8 @@ def layer_norm(
     check_float("x", x)
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension, got a 0-d tensor")
-    for name, p in (("weight", weight), ("bias", bias)):
-        if p is not None:
-            check_float(name, p)
-            if p.shape != x.shape[-1:]:
-                raise ValueError(
-                    f"{name} must have shape ({x.shape[-1]},) to match x's last dimension, "
-                    f"got {tuple(p.shape)}"
-                )
+    check_row_param("weight", weight, x)
+    check_row_param("bias", bias, x)
     check_same_device(x=x, weight=weight, bias=bias)
-    if not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
-    if compiling():
-        return _layer_norm_fwd_op(x, weight, bias, float(eps))[0]
-    return _LayerNormFunction.apply(x, weight, bias, float(eps))[0]
+    check_eps(eps)
+    return _ln_apply(x, weight, bias, float(eps))[0]

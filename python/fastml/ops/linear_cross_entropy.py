@@ -26,8 +26,9 @@ from torch import Tensor
 from fastml.ops._dispatch import (
     check_float,
     check_same_device,
-    compiling,
-    eager_function,
+    differentiable,
+    kernel_op,
+    opmath,
     use_triton,
 )
 from fastml.ops.cross_entropy import (
@@ -79,7 +80,7 @@ def _lce_pass(
     bt, h = x.shape
     v = weight.shape[0]
     triton = use_triton(x)
-    loss = torch.empty(bt, dtype=_loss_dtype(x), device=x.device)
+    loss = torch.empty(bt, dtype=opmath(x), device=x.device)
     gx = torch.empty_like(x) if want_grad else x.new_empty(0)
     fp32_dw = weight.dtype in (torch.float16, torch.bfloat16) and v * h * 4 <= _FP32_DW_LIMIT
     if not want_grad:
@@ -119,17 +120,12 @@ def _lce_pass(
     return loss, gx, gw, gb
 
 
-def _loss_dtype(x: Tensor) -> torch.dtype:
-    """float32, or float64 for float64 inputs (which run in float64 throughout)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _lce_fwd_op_impl(x, weight, bias, target, ignore_index, reduction, want_grad):
+def _lce_fwd_impl(x, weight, bias, target, ignore_index, reduction, want_grad):
     valid = (target != ignore_index).sum()
     if reduction == "mean":
-        scale = (1.0 / valid.to(_loss_dtype(x))).reshape(1)
+        scale = (1.0 / valid.to(opmath(x))).reshape(1)
     else:
-        scale = torch.ones(1, dtype=_loss_dtype(x), device=x.device)
+        scale = torch.ones(1, dtype=opmath(x), device=x.device)
     grads = want_grad and reduction != "none"
     loss, gx, gw, gb = _lce_pass(x, weight, bias, target, ignore_index, scale, grads)
     if reduction == "none":
@@ -138,8 +134,17 @@ def _lce_fwd_op_impl(x, weight, bias, target, ignore_index, reduction, want_grad
     return (total / valid if reduction == "mean" else total), gx, gw, gb
 
 
-@torch.library.custom_op("fastml::linear_cross_entropy_fwd", mutates_args=())
-def _lce_fwd_op(
+def _lce_fwd_fake(x, weight, bias, target, ignore_index, reduction, want_grad):
+    loss = x.new_empty((x.shape[0],) if reduction == "none" else (), dtype=opmath(x))
+    if not want_grad or reduction == "none":
+        e = x.new_empty(0)
+        return loss, e, x.new_empty(0), x.new_empty(0)
+    gb = torch.empty_like(bias) if bias is not None else x.new_empty(0)
+    return loss, torch.empty_like(x), torch.empty_like(weight), gb
+
+
+@kernel_op("linear_cross_entropy_fwd", _lce_fwd_fake)
+def _lce_fwd(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
@@ -148,28 +153,23 @@ def _lce_fwd_op(
     reduction: str,
     want_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _lce_fwd_op_impl(x, weight, bias, target, ignore_index, reduction, want_grad)
+    return _lce_fwd_impl(x, weight, bias, target, ignore_index, reduction, want_grad)
 
 
-@_lce_fwd_op.register_fake
-def _(x, weight, bias, target, ignore_index, reduction, want_grad):
-    loss = x.new_empty((x.shape[0],) if reduction == "none" else (), dtype=_loss_dtype(x))
-    if not want_grad or reduction == "none":
-        e = x.new_empty(0)
-        return loss, e, x.new_empty(0), x.new_empty(0)
-    gb = torch.empty_like(bias) if bias is not None else x.new_empty(0)
-    return loss, torch.empty_like(x), torch.empty_like(weight), gb
-
-
-def _lce_bwd_op_impl(dloss, x, weight, bias, target, ignore_index):
+def _lce_bwd_impl(dloss, x, weight, bias, target, ignore_index):
     _loss, gx, gw, gb = _lce_pass(
         x, weight, bias, target, ignore_index, dloss.to(torch.float32).contiguous(), True
     )
     return gx, gw, gb
 
 
-@torch.library.custom_op("fastml::linear_cross_entropy_bwd", mutates_args=())
-def _lce_bwd_op(
+def _lce_bwd_fake(dloss, x, weight, bias, target, ignore_index):
+    gb = torch.empty_like(bias) if bias is not None else x.new_empty(0)
+    return torch.empty_like(x), torch.empty_like(weight), gb
+
+
+@kernel_op("linear_cross_entropy_bwd", _lce_bwd_fake)
+def _lce_bwd(
     dloss: Tensor,
     x: Tensor,
     weight: Tensor,
@@ -177,13 +177,7 @@ def _lce_bwd_op(
     target: Tensor,
     ignore_index: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _lce_bwd_op_impl(dloss, x, weight, bias, target, ignore_index)
-
-
-@_lce_bwd_op.register_fake
-def _(dloss, x, weight, bias, target, ignore_index):
-    gb = torch.empty_like(bias) if bias is not None else x.new_empty(0)
-    return torch.empty_like(x), torch.empty_like(weight), gb
+    return _lce_bwd_impl(dloss, x, weight, bias, target, ignore_index)
 
 
 def _lce_setup_context(ctx, inputs, output):
@@ -199,8 +193,7 @@ def _lce_setup_context(ctx, inputs, output):
 def _lce_backward(ctx, dloss, _dgx, _dgw, _dgb):
     if ctx.reduction == "none":
         x, weight, bias, target = ctx.saved_tensors
-        bwd = _lce_bwd_op_impl if getattr(ctx, "eager", False) else _lce_bwd_op
-        gx, gw, gb = bwd(dloss, x, weight, bias, target, ctx.ignore_index)
+        gx, gw, gb = _lce_bwd.pick(ctx)(dloss, x, weight, bias, target, ctx.ignore_index)
     else:
         gx, gw, gb = ctx.saved_tensors
         if gx.numel() == 0 and gw.numel() == 0:
@@ -212,10 +205,9 @@ def _lce_backward(ctx, dloss, _dgx, _dgw, _dgb):
     return gx, gw, (gb if ctx.has_bias else None), None, None, None, None
 
 
-_lce_fwd_op.register_autograd(_lce_backward, setup_context=_lce_setup_context)
-_LinearCrossEntropyFunction = eager_function(
+_lce_apply = differentiable(
     "_LinearCrossEntropyFunction",
-    _lce_fwd_op_impl,
+    _lce_fwd,
     _lce_setup_context,
     _lce_backward,
     non_differentiable=(1, 2, 3),
@@ -291,10 +283,7 @@ def linear_cross_entropy(
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
     args = (x2, weight, bias, t, ignore_index, reduction, want_grad)
-    if compiling():
-        loss = _lce_fwd_op(*args)[0]
-    else:
-        loss = _LinearCrossEntropyFunction.apply(*args)[0]
+    loss = _lce_apply(*args)[0]
     if reduction == "none":
         loss = loss.reshape(target.shape)
     return loss  # float32: see the docstring

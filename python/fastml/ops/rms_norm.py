@@ -12,21 +12,22 @@ from torch import Tensor
 from fastml.ops._dispatch import (
     as_rows,
     cdiv,
+    check_eps,
     check_float,
+    check_row_param,
     check_same_device,
-    compiling,
-    eager_function,
+    differentiable,
+    kernel_op,
     launch_persistent_rows,
     launch_row_tiles,
-    next_pow2,
-    num_warps,
+    launch_split,
+    opmath,
     persistent_programs,
     row_block,
     row_split,
     split_groups,
     tl,
     triton,
-    use_triton,
 )
 
 
@@ -407,7 +408,7 @@ def _rms_split_bwd_apply_kernel(
 
 
 def rms_norm_forward(
-    x: Tensor, weight: Tensor | None, eps: float, residual: Tensor | None = None
+    x: Tensor, weight: Tensor | None, residual: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Launch the forward kernel: returns ``(y, rstd, s)`` (``s`` empty without residual)."""
     n = x.shape[-1]
@@ -423,37 +424,18 @@ def rms_norm_forward(
     chunks, width = row_split(m, n, x.device)
     if chunks > 1:
         part = torch.empty((m, chunks), dtype=torch.float32, device=x.device)
-        _rms_split_sumsq_kernel[(m, chunks)](
-            x2,
-            r2,
-            s,
-            part,
-            x2.stride(0),
-            r2.stride(0),
-            s.stride(0),
-            n,
-            chunks,
-            HAS_RES=residual is not None,
-            BLOCK=width,
-            num_warps=num_warps(width),
-        )
+        launch_split(
+            _rms_split_sumsq_kernel, (m, chunks),
+            (x2, r2, s, part, x2.stride(0), r2.stride(0), s.stride(0), n, chunks),
+            width, HAS_RES=residual is not None,
+        )  # fmt: skip
         src = s if residual is not None else x2
-        _rms_split_fwd_apply_kernel[(m, chunks)](
-            src,
-            weight if weight is not None else x2,
-            y,
-            rstd,
-            part,
-            src.stride(0),
-            y.stride(0),
-            n,
-            chunks,
-            eps,
-            HAS_W=weight is not None,
-            BLOCK=width,
-            CBLOCK=next_pow2(chunks),
-            num_warps=num_warps(width),
-        )
+        launch_split(
+            _rms_split_fwd_apply_kernel, (m, chunks),
+            (src, weight if weight is not None else x2, y, rstd, part, src.stride(0),
+             y.stride(0), n, chunks, eps),
+            width, chunks, HAS_W=weight is not None,
+        )  # fmt: skip
     elif m > 0 and n > 0:
         block, one = row_block(n, wide=True)
 
@@ -476,7 +458,7 @@ def rms_norm_forward(
 
 
 def rms_norm_backward(
-    dy: Tensor, x: Tensor, weight: Tensor | None, rstd: Tensor, dres: Tensor | None = None
+    dy: Tensor, x: Tensor, weight: Tensor | None, rstd: Tensor, dres: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     """Launch the backward kernel: returns ``(dx, dweight)`` (``dweight`` empty without weight).
 
@@ -491,45 +473,21 @@ def rms_norm_backward(
     has_w = weight is not None
     chunks, width = row_split(m, n, x.device)
     if chunks > 1:
+        w_arg = weight if has_w else x2
         part = torch.empty((m, chunks), dtype=torch.float32, device=x.device)
-        _rms_split_bwd_dot_kernel[(m, chunks)](
-            dy2,
-            x2,
-            weight if has_w else x2,
-            part,
-            dy2.stride(0),
-            x2.stride(0),
-            n,
-            chunks,
-            HAS_W=has_w,
-            BLOCK=width,
-            num_warps=num_warps(width),
-        )
+        launch_split(
+            _rms_split_bwd_dot_kernel, (m, chunks),
+            (dy2, x2, w_arg, part, dy2.stride(0), x2.stride(0), n, chunks),
+            width, HAS_W=has_w,
+        )  # fmt: skip
         groups, rows_per_group = split_groups(m, chunks, x.device)
         partial = torch.empty((groups if has_w else 1, n), dtype=torch.float32, device=x.device)
-        _rms_split_bwd_apply_kernel[(chunks, groups)](
-            dy2,
-            x2,
-            weight if has_w else x2,
-            rstd.reshape(-1),
-            dres2,
-            dx,
-            part,
-            partial,
-            dy2.stride(0),
-            x2.stride(0),
-            dres2.stride(0),
-            dx.stride(0),
-            m,
-            n,
-            chunks,
-            rows_per_group,
-            HAS_W=has_w,
-            HAS_DRES=dres is not None,
-            BLOCK=width,
-            CBLOCK=next_pow2(chunks),
-            num_warps=num_warps(width),
-        )
+        launch_split(
+            _rms_split_bwd_apply_kernel, (chunks, groups),
+            (dy2, x2, w_arg, rstd.reshape(-1), dres2, dx, part, partial, dy2.stride(0),
+             x2.stride(0), dres2.stride(0), dx.stride(0), m, n, chunks, rows_per_group),
+            width, chunks, HAS_W=has_w, HAS_DRES=dres is not None,
+        )  # fmt: skip
         dw = partial.sum(0).to(weight.dtype) if has_w else x.new_empty(0)
         return dx.view(x.shape), dw
     block, one = row_block(n)
@@ -569,14 +527,10 @@ def rms_norm_backward(
 # -- torch implementations with the same semantics (CPU fallback, torch backend) --
 
 
-def _opmath(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _rms_norm_forward_torch(
-    x: Tensor, weight: Tensor | None, eps: float, residual: Tensor | None = None
+    x: Tensor, weight: Tensor | None, residual: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    acc = _opmath(x)
+    acc = opmath(x)
     s_out = x.new_empty(0)
     if residual is not None:
         s_out = (x.to(acc) + residual.to(acc)).to(x.dtype)
@@ -590,9 +544,9 @@ def _rms_norm_forward_torch(
 
 
 def _rms_norm_backward_torch(
-    dy: Tensor, x: Tensor, weight: Tensor | None, rstd: Tensor, dres: Tensor | None = None
+    dy: Tensor, x: Tensor, weight: Tensor | None, rstd: Tensor, dres: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    acc = _opmath(x)
+    acc = opmath(x)
     xf, dyf, r = x.to(acc), dy.to(acc), rstd.to(acc).unsqueeze(-1)
     xhat = xf * r
     wdy = dyf * weight.to(acc) if weight is not None else dyf
@@ -623,51 +577,27 @@ def _add_rms_norm_ref(
 # -- custom ops: opaque to torch.compile, with fake implementations and autograd --
 
 
-def _rms_fwd_impl(x, weight, residual, eps):
-    if use_triton(x):
-        return rms_norm_forward(x, weight, eps, residual)
-    return _rms_norm_forward_torch(x, weight, eps, residual)
+def _rms_fwd_fake(x, weight, residual, eps):
+    like = torch.empty_like(x, memory_format=torch.contiguous_format)
+    s = torch.empty_like(like) if residual is not None else x.new_empty(0)
+    return like, x.new_empty(x.shape[:-1], dtype=torch.float32), s
 
 
-def _rms_bwd_impl(dy, x, weight, rstd, dres):
-    if use_triton(x):
-        return rms_norm_backward(dy, x, weight, rstd, dres)
-    return _rms_norm_backward_torch(dy, x, weight, rstd, dres)
-
-
-@torch.library.custom_op("fastml::rms_norm_fwd", mutates_args=())
-def _rms_norm_fwd_op(
+@kernel_op("rms_norm_fwd", _rms_fwd_fake, rms_norm_forward, _rms_norm_forward_torch)
+def _rms_fwd(
     x: Tensor, weight: Tensor | None, residual: Tensor | None, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    return _rms_fwd_impl(x, weight, residual, eps)
+) -> tuple[Tensor, Tensor, Tensor]: ...
 
 
-@_rms_norm_fwd_op.register_fake
-def _(x, weight, residual, eps):
-    s = (
-        torch.empty_like(x, memory_format=torch.contiguous_format)
-        if residual is not None
-        else x.new_empty(0)
-    )
-    return (
-        torch.empty_like(x, memory_format=torch.contiguous_format),
-        x.new_empty(x.shape[:-1], dtype=torch.float32),
-        s,
-    )
+def _rms_bwd_fake(dy, x, weight, rstd, dres):
+    dw = torch.empty_like(weight) if weight is not None else x.new_empty(0)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), dw
 
 
-@torch.library.custom_op("fastml::rms_norm_bwd", mutates_args=())
-def _rms_norm_bwd_op(
+@kernel_op("rms_norm_bwd", _rms_bwd_fake, rms_norm_backward, _rms_norm_backward_torch, key=1)
+def _rms_bwd(
     dy: Tensor, x: Tensor, weight: Tensor | None, rstd: Tensor, dres: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    return _rms_bwd_impl(dy, x, weight, rstd, dres)
-
-
-@_rms_norm_bwd_op.register_fake
-def _(dy, x, weight, rstd, dres):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), (
-        torch.empty_like(weight) if weight is not None else x.new_empty(0)
-    )
+) -> tuple[Tensor, Tensor]: ...
 
 
 def _rms_setup_context(ctx, inputs, output):
@@ -682,34 +612,20 @@ def _rms_backward(ctx, dy, _drstd, ds):
     dres = ds if ctx.has_res and ds is not None else None
     if dy is None:  # only the sum of add_rms_norm was used
         dy = torch.zeros_like(xs)
-    bwd = _rms_bwd_impl if getattr(ctx, "eager", False) else _rms_norm_bwd_op
-    dx, dw = bwd(dy, xs, weight, rstd, dres)
+    dx, dw = _rms_bwd.pick(ctx)(dy, xs, weight, rstd, dres)
     return dx, (dw if weight is not None else None), (dx if ctx.has_res else None), None
 
 
-_rms_norm_fwd_op.register_autograd(_rms_backward, setup_context=_rms_setup_context)
-_RMSNormFunction = eager_function(
-    "_RMSNormFunction", _rms_fwd_impl, _rms_setup_context, _rms_backward, non_differentiable=(1,)
+_rms_apply = differentiable(
+    "_RMSNormFunction", _rms_fwd, _rms_setup_context, _rms_backward, non_differentiable=(1,)
 )
-
-
-def _rms_apply(x, weight, residual, eps):
-    if compiling():
-        return _rms_norm_fwd_op(x, weight, residual, eps)
-    return _RMSNormFunction.apply(x, weight, residual, eps)
 
 
 def _check(x: Tensor, weight: Tensor | None, eps: float, residual: Tensor | None) -> None:
     check_float("x", x)
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension, got a 0-d tensor")
-    if weight is not None:
-        check_float("weight", weight)
-        if weight.shape != x.shape[-1:]:
-            raise ValueError(
-                f"weight must have shape ({x.shape[-1]},) to match x's last dimension, "
-                f"got {tuple(weight.shape)}"
-            )
+    check_row_param("weight", weight, x)
     if residual is not None:
         check_float("residual", residual)
         if residual.shape != x.shape or residual.dtype != x.dtype:
@@ -718,8 +634,7 @@ def _check(x: Tensor, weight: Tensor | None, eps: float, residual: Tensor | None
                 f"got {tuple(residual.shape)} {residual.dtype}"
             )
     check_same_device(x=x, weight=weight, residual=residual)
-    if not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    check_eps(eps)
 
 
 def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6) -> Tensor:

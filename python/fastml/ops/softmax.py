@@ -10,16 +10,15 @@ from torch import Tensor
 from fastml.ops._dispatch import (
     as_rows,
     check_float,
-    compiling,
-    eager_function,
+    differentiable,
+    kernel_op,
     launch_row_tiles,
-    next_pow2,
-    num_warps,
+    launch_split,
+    opmath,
     row_block,
     row_split,
     tl,
     triton,
-    use_triton,
 )
 
 
@@ -240,22 +239,13 @@ def softmax_forward(x: Tensor, log: bool) -> Tensor:
     chunks, width = row_split(m, n, x.device)
     if chunks > 1:
         part = torch.empty((m, 2, chunks), dtype=torch.float32, device=x.device)
-        _softmax_split_stats_kernel[(m, chunks)](
-            x2, part, x2.stride(0), n, chunks, BLOCK=width, num_warps=num_warps(width)
+        launch_split(
+            _softmax_split_stats_kernel, (m, chunks), (x2, part, x2.stride(0), n, chunks), width
         )
-        _softmax_split_fwd_apply_kernel[(m, chunks)](
-            x2,
-            y,
-            part,
-            x2.stride(0),
-            y.stride(0),
-            n,
-            chunks,
-            LOG=log,
-            BLOCK=width,
-            CBLOCK=next_pow2(chunks),
-            num_warps=num_warps(width),
-        )
+        launch_split(
+            _softmax_split_fwd_apply_kernel, (m, chunks),
+            (x2, y, part, x2.stride(0), y.stride(0), n, chunks), width, chunks, LOG=log,
+        )  # fmt: skip
     elif m > 0 and n > 0:
         block, one = row_block(n, wide=True)
 
@@ -282,33 +272,15 @@ def softmax_backward(dy: Tensor, y: Tensor, log: bool) -> Tensor:
     chunks, width = row_split(m, n, y.device)
     if chunks > 1:
         part = torch.empty((m, chunks), dtype=torch.float32, device=y.device)
-        _softmax_split_bwd_dot_kernel[(m, chunks)](
-            dy2,
-            y2,
-            part,
-            dy2.stride(0),
-            y2.stride(0),
-            n,
-            chunks,
-            LOG=log,
-            BLOCK=width,
-            num_warps=num_warps(width),
-        )
-        _softmax_split_bwd_apply_kernel[(m, chunks)](
-            dy2,
-            y2,
-            dx,
-            part,
-            dy2.stride(0),
-            y2.stride(0),
-            dx.stride(0),
-            n,
-            chunks,
-            LOG=log,
-            BLOCK=width,
-            CBLOCK=next_pow2(chunks),
-            num_warps=num_warps(width),
-        )
+        launch_split(
+            _softmax_split_bwd_dot_kernel, (m, chunks),
+            (dy2, y2, part, dy2.stride(0), y2.stride(0), n, chunks), width, LOG=log,
+        )  # fmt: skip
+        launch_split(
+            _softmax_split_bwd_apply_kernel, (m, chunks),
+            (dy2, y2, dx, part, dy2.stride(0), y2.stride(0), dx.stride(0), n, chunks),
+            width, chunks, LOG=log,
+        )  # fmt: skip
     elif m > 0 and n > 0:
         block, one = row_block(n, wide=True)
 
@@ -326,18 +298,14 @@ def softmax_backward(dy: Tensor, y: Tensor, log: bool) -> Tensor:
     return dx.view(y.shape)
 
 
-def _acc(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _softmax_forward_torch(x: Tensor, log: bool) -> Tensor:
-    xf = x.to(_acc(x))
+    xf = x.to(opmath(x))
     y = torch.log_softmax(xf, -1) if log else torch.softmax(xf, -1)
     return y.to(x.dtype).contiguous()
 
 
 def _softmax_backward_torch(dy: Tensor, y: Tensor, log: bool) -> Tensor:
-    a = _acc(y)
+    a = opmath(y)
     dyf, yf = dy.to(a), y.to(a)
     if log:
         dx = dyf - yf.exp() * dyf.sum(-1, keepdim=True)
@@ -357,36 +325,23 @@ def _log_softmax_ref(x: Tensor, dim: int = -1) -> Tensor:
     return z - z.exp().sum(dim, keepdim=True).log()
 
 
-def _softmax_fwd_op_impl(x, log):
-    if use_triton(x):
-        return softmax_forward(x, log)
-    return _softmax_forward_torch(x, log)
+# -- custom ops: opaque to torch.compile, with fake implementations and autograd --
 
 
-@torch.library.custom_op("fastml::softmax_fwd", mutates_args=())
-def _softmax_fwd_op(x: Tensor, log: bool) -> Tensor:
-    return _softmax_fwd_op_impl(x, log)
-
-
-@_softmax_fwd_op.register_fake
-def _(x, log):
+def _softmax_fwd_fake(x, log):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def _softmax_bwd_op_impl(dy, y, log):
-    if use_triton(y):
-        return softmax_backward(dy, y, log)
-    return _softmax_backward_torch(dy, y, log)
+@kernel_op("softmax_fwd", _softmax_fwd_fake, softmax_forward, _softmax_forward_torch)
+def _softmax_fwd(x: Tensor, log: bool) -> Tensor: ...
 
 
-@torch.library.custom_op("fastml::softmax_bwd", mutates_args=())
-def _softmax_bwd_op(dy: Tensor, y: Tensor, log: bool) -> Tensor:
-    return _softmax_bwd_op_impl(dy, y, log)
-
-
-@_softmax_bwd_op.register_fake
-def _(dy, y, log):
+def _softmax_bwd_fake(dy, y, log):
     return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+
+@kernel_op("softmax_bwd", _softmax_bwd_fake, softmax_backward, _softmax_backward_torch, key=1)
+def _softmax_bwd(dy: Tensor, y: Tensor, log: bool) -> Tensor: ...
 
 
 def _sm_setup_context(ctx, inputs, output):
@@ -396,20 +351,10 @@ def _sm_setup_context(ctx, inputs, output):
 
 def _sm_backward(ctx, dy):
     (y,) = ctx.saved_tensors
-    bwd = _softmax_bwd_op_impl if getattr(ctx, "eager", False) else _softmax_bwd_op
-    return bwd(dy, y, ctx.log), None
+    return _softmax_bwd.pick(ctx)(dy, y, ctx.log), None
 
 
-_softmax_fwd_op.register_autograd(_sm_backward, setup_context=_sm_setup_context)
-_SoftmaxFunction = eager_function(
-    "_SoftmaxFunction", _softmax_fwd_op_impl, _sm_setup_context, _sm_backward
-)
-
-
-def _softmax_apply(x: Tensor, log: bool) -> Tensor:
-    if compiling():
-        return _softmax_fwd_op(x, log)
-    return _SoftmaxFunction.apply(x, log)
+_softmax_apply = differentiable("_SoftmaxFunction", _softmax_fwd, _sm_setup_context, _sm_backward)
 
 
 def _along(x: Tensor, dim: int, log: bool) -> Tensor:

@@ -12,12 +12,12 @@ from fastml.ops._dispatch import (
     cdiv,
     check_float,
     check_same_device,
-    compiling,
-    eager_function,
+    differentiable,
+    kernel_op,
     launch_config,
+    opmath,
     tl,
     triton,
-    use_triton,
 )
 
 _SQRT1_2 = 1.0 / math.sqrt(2.0)
@@ -110,10 +110,6 @@ def glu_backward(dy: Tensor, gate: Tensor, up: Tensor, kind: str) -> tuple[Tenso
     return dg, du
 
 
-def _acc(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _act_and_grad_torch(g: Tensor, kind: str) -> tuple[Tensor, Tensor]:
     if kind == "silu":
         sig = torch.sigmoid(g)
@@ -127,13 +123,13 @@ def _act_and_grad_torch(g: Tensor, kind: str) -> tuple[Tensor, Tensor]:
 
 
 def _glu_forward_torch(gate: Tensor, up: Tensor, kind: str) -> Tensor:
-    a = _acc(gate)
+    a = opmath(gate)
     act, _ = _act_and_grad_torch(gate.to(a), kind)
     return (act * up.to(a)).to(gate.dtype).contiguous()
 
 
 def _glu_backward_torch(dy: Tensor, gate: Tensor, up: Tensor, kind: str) -> tuple[Tensor, Tensor]:
-    a = _acc(gate)
+    a = opmath(gate)
     act, dact = _act_and_grad_torch(gate.to(a), kind)
     dyf = dy.to(a)
     return (dyf * up.to(a) * dact).to(gate.dtype).contiguous(), (dyf * act).to(
@@ -151,37 +147,24 @@ def _geglu_ref(gate: Tensor, up: Tensor, approximate: str = "none") -> Tensor:
     return torch.nn.functional.gelu(gate, approximate=approximate) * up
 
 
-def _glu_fwd_op_impl(gate, up, kind):
-    if use_triton(gate):
-        return glu_forward(gate, up, kind)
-    return _glu_forward_torch(gate, up, kind)
+# -- custom ops: opaque to torch.compile, with fake implementations and autograd --
 
 
-@torch.library.custom_op("fastml::glu_fwd", mutates_args=())
-def _glu_fwd_op(gate: Tensor, up: Tensor, kind: str) -> Tensor:
-    return _glu_fwd_op_impl(gate, up, kind)
-
-
-@_glu_fwd_op.register_fake
-def _(gate, up, kind):
+def _glu_fwd_fake(gate, up, kind):
     return torch.empty_like(gate, memory_format=torch.contiguous_format)
 
 
-def _glu_bwd_op_impl(dy, gate, up, kind):
-    if use_triton(gate):
-        return glu_backward(dy, gate, up, kind)
-    return _glu_backward_torch(dy, gate, up, kind)
+@kernel_op("glu_fwd", _glu_fwd_fake, glu_forward, _glu_forward_torch)
+def _glu_fwd(gate: Tensor, up: Tensor, kind: str) -> Tensor: ...
 
 
-@torch.library.custom_op("fastml::glu_bwd", mutates_args=())
-def _glu_bwd_op(dy: Tensor, gate: Tensor, up: Tensor, kind: str) -> tuple[Tensor, Tensor]:
-    return _glu_bwd_op_impl(dy, gate, up, kind)
-
-
-@_glu_bwd_op.register_fake
-def _(dy, gate, up, kind):
+def _glu_bwd_fake(dy, gate, up, kind):
     f = torch.contiguous_format
     return torch.empty_like(gate, memory_format=f), torch.empty_like(up, memory_format=f)
+
+
+@kernel_op("glu_bwd", _glu_bwd_fake, glu_backward, _glu_backward_torch, key=1)
+def _glu_bwd(dy: Tensor, gate: Tensor, up: Tensor, kind: str) -> tuple[Tensor, Tensor]: ...
 
 
 def _glu_setup_context(ctx, inputs, output):
@@ -192,19 +175,11 @@ def _glu_setup_context(ctx, inputs, output):
 
 def _glu_backward(ctx, dy):
     gate, up = ctx.saved_tensors
-    bwd = _glu_bwd_op_impl if getattr(ctx, "eager", False) else _glu_bwd_op
-    dg, du = bwd(dy, gate, up, ctx.kind)
+    dg, du = _glu_bwd.pick(ctx)(dy, gate, up, ctx.kind)
     return dg, du, None
 
 
-_glu_fwd_op.register_autograd(_glu_backward, setup_context=_glu_setup_context)
-_GLUFunction = eager_function("_GLUFunction", _glu_fwd_op_impl, _glu_setup_context, _glu_backward)
-
-
-def _glu_apply(gate: Tensor, up: Tensor, kind: str) -> Tensor:
-    if compiling():
-        return _glu_fwd_op(gate, up, kind)
-    return _GLUFunction.apply(gate, up, kind)
+_glu_apply = differentiable("_GLUFunction", _glu_fwd, _glu_setup_context, _glu_backward)
 
 
 def _check(gate: Tensor, up: Tensor) -> None:
