@@ -31,7 +31,32 @@ def test_cuda_batches_match_cpu_batches():
         assert np.array_equal(g["x"].cpu().numpy(), c)
     s = gpu_loader.stats()
     assert s["h2d_copies"] == len(cpu) and s["h2d_bytes"] == 5000 * (32 * 4 + 8)
+    assert s["h2d_transfers"] == len(cpu)  # one host-to-device copy per batch
     gpu_loader.close()
+
+
+def test_cuda_many_columns_one_copy_per_batch():
+    """33 columns of mixed dtypes and shapes (the shape of `fastml bench`'s
+    data set, which took 33 copies per batch): one copy per batch, every
+    column a view of one device buffer, equal to the CPU loader's batch."""
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(1)
+    n = 10_007
+    cols = {f"f{j}": rng.random(n, np.float32) for j in range(30)}
+    cols |= {"y": rng.integers(0, 2, n), "m": rng.random(n) < 0.5, "e": rng.random((n, 4))}
+    ds = data.Dataset.from_numpy(cols)
+    cpu = list(data.Loader(ds, batch_size=1024, seed=2))
+    loader = data.Loader(ds, batch_size=1024, seed=2, device="cuda")
+    got = list(loader)
+    assert len(got) == len(cpu)
+    for g, c in zip(got, cpu, strict=True):
+        for k, v in c.items():
+            assert g[k].is_cuda and tuple(g[k].shape) == v.shape
+            assert g[k].cpu().numpy().tobytes() == v.tobytes(), k
+    s = loader.stats()
+    assert s["h2d_transfers"] == s["h2d_copies"] == len(cpu)
+    assert s["h2d_bytes"] == s["bytes"] <= s["h2d_copied_bytes"]
+    loader.close()
 
 
 def test_cuda_copies_are_ordered_with_the_current_stream():

@@ -583,8 +583,13 @@ def test_argument_errors():
         ops.rms_norm(torch.ones(3, 8, dtype=torch.int32))
     with pytest.raises(TypeError, match=r"x must be a torch\.Tensor"):
         ops.layer_norm([1.0, 2.0])
-    with pytest.raises(ValueError, match="eps must be"):
-        ops.layer_norm(x, eps=-1.0)
+    for bad_eps in (-1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="eps must be"):
+            ops.layer_norm(x, eps=bad_eps)
+        with pytest.raises(ValueError, match="eps must be"):
+            ops.rms_norm(x, eps=bad_eps)
+    with pytest.raises(ValueError, match=r"bias must have shape \(8,\)"):
+        ops.layer_norm(x, None, torch.randn(9))
     with pytest.raises(ValueError, match="residual must match"):
         ops.add_rms_norm(x, torch.randn(3, 7))
     with pytest.raises(IndexError, match="dim must be in"):

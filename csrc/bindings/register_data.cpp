@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <deque>
 #include <future>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -484,10 +485,69 @@ class DataEngine {
   std::mutex start_mutex_;
 };
 
-// device="cuda": batches gathered into page-locked pool buffers are copied to
-// device memory on a dedicated stream, ordered after the consumer stream's
-// earlier work and before its later work, with an event per copy so a
-// staging buffer is recycled only after its copy has finished.
+// The byte span that holds every array of a batch: (start address, size,
+// each array's offset from the start). Batches of a one-buffer plan (see
+// PoolAllocator::batch_layout) are one such span, so a batch reaches a device
+// in one copy and its tensors are views of one device buffer.
+struct BatchSpan {
+  uintptr_t start = 0;
+  size_t nbytes = 0;   // the span, padding between arrays included
+  size_t payload = 0;  // the arrays' own bytes
+  std::vector<size_t> offsets;
+};
+
+BatchSpan batch_span(const py::list& arrays) {
+  BatchSpan s;
+  FASTML_CHECK_ARG(arrays.size() > 0, "arrays", "must hold at least one array");
+  std::vector<uintptr_t> begin;
+  uintptr_t lo = UINTPTR_MAX, hi = 0;
+  for (py::handle a : arrays) {
+    ArraySpec spec;
+    spec.layout = Layout::Contiguous;
+    BoundArray b = bind_array(a, "arrays", spec);
+    const auto p = reinterpret_cast<uintptr_t>(b.view.data);
+    begin.push_back(p);
+    lo = std::min(lo, p);
+    hi = std::max(hi, p + static_cast<uintptr_t>(b.view.nbytes()));
+    s.payload += static_cast<size_t>(b.view.nbytes());
+  }
+  s.start = lo;
+  s.nbytes = static_cast<size_t>(hi - lo);
+  for (uintptr_t p : begin) s.offsets.push_back(static_cast<size_t>(p - lo));
+  return s;
+}
+
+// Page-locked address ranges [lo, hi) of one stager's buffers. Shared with the
+// buffers' deleters, which may run after the stager is gone.
+class PinnedRanges {
+ public:
+  void add(uintptr_t lo, uintptr_t hi) {
+    std::lock_guard<std::mutex> lock(m_);
+    ranges_[lo] = hi;
+  }
+  void remove(uintptr_t lo) {
+    std::lock_guard<std::mutex> lock(m_);
+    ranges_.erase(lo);
+  }
+  // Whether [lo, hi) lies inside one registered range.
+  bool contains(uintptr_t lo, uintptr_t hi) {
+    std::lock_guard<std::mutex> lock(m_);
+    auto it = ranges_.upper_bound(lo);
+    if (it == ranges_.begin()) return false;
+    --it;
+    return lo >= it->first && hi <= it->second;
+  }
+
+ private:
+  std::mutex m_;
+  std::map<uintptr_t, uintptr_t> ranges_;
+};
+
+// device="cuda": batches are gathered into page-locked pool buffers, one
+// buffer per batch holding every column, and copied to device memory in one
+// transfer per batch on a dedicated stream, ordered after the consumer
+// stream's earlier work and before its later work, with an event per copy so
+// a staging buffer is recycled only after its copy has finished.
 class CudaStager {
  public:
   CudaStager(std::shared_ptr<GatherPlan> plan, int device, int max_inflight)
@@ -499,24 +559,25 @@ class CudaStager {
     // registered, so no two registrations share a page.
     constexpr size_t kPage = 4096;
     plan->allocator()->set_allocate(
-        [](size_t nbytes) {
+        [pinned = pinned_](size_t nbytes) {
           auto* b = new Buffer(nbytes);
           const auto addr = reinterpret_cast<uintptr_t>(b->data());
           const uintptr_t lo = (addr + kPage - 1) / kPage * kPage;
           const uintptr_t hi = (addr + nbytes) / kPage * kPage;
-          void* pinned = reinterpret_cast<void*>(lo);
           try {
-            cuda::host_register(pinned, hi - lo);
+            cuda::host_register(reinterpret_cast<void*>(lo), hi - lo);
           } catch (...) {
             delete b;
             throw;
           }
-          return BufferPtr(b, [pinned](Buffer* p) {
-            cuda::host_unregister(pinned);
+          pinned->add(lo, hi);
+          return BufferPtr(b, [pinned, lo](Buffer* p) {
+            pinned->remove(lo);
+            cuda::host_unregister(reinterpret_cast<void*>(lo));
             delete p;
           });
         },
-        kPage);
+        kPage, /*one_buffer=*/true);
   }
   ~CudaStager() {
     try {
@@ -526,7 +587,33 @@ class CudaStager {
     }
   }
 
-  // dsts[i] (device pointers) <- arrays[i] (pinned batch columns).
+  // (start, nbytes, payload, offsets) of the span holding `arrays` when it
+  // lies in one page-locked buffer of this stager (a batch of its plan), else
+  // None (then copy() column by column).
+  py::object span(const py::list& arrays) {
+    BatchSpan s = batch_span(arrays);
+    if (!pinned_->contains(s.start, s.start + s.nbytes)) return py::none();
+    return py::make_tuple(s.start, s.nbytes, s.payload, s.offsets);
+  }
+
+  // dst (a device pointer) <- the pinned span [start, start + nbytes) that
+  // span() returned for `arrays` (`payload` bytes of them), in one copy;
+  // `arrays` is held until it ends.
+  void copy_span(const py::list& arrays, uintptr_t start, size_t nbytes, size_t payload,
+                 uintptr_t dst, uintptr_t consumer_stream) {
+    FASTML_CHECK_ARG(!closed_, "stager", "is closed");
+    FASTML_CHECK_ARG(pinned_->contains(start, start + nbytes), "start",
+                     "must be a span that span() returned (a pinned batch of this loader)");
+    enqueue(arrays, consumer_stream, [&] {
+      cuda::memcpy_h2d_async(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(start),
+                             nbytes, stream_);
+      bytes_ += static_cast<int64_t>(payload);
+      span_bytes_ += static_cast<int64_t>(nbytes);
+      ++transfers_;
+    });
+  }
+
+  // dsts[i] (device pointers) <- arrays[i], one copy per array.
   void copy(const py::list& arrays, const std::vector<uintptr_t>& dsts, uintptr_t consumer_stream) {
     FASTML_CHECK_ARG(!closed_, "stager", "is closed");
     FASTML_CHECK_ARG(arrays.size() == dsts.size(), "dsts", "must hold ", arrays.size(),
@@ -537,40 +624,24 @@ class CudaStager {
       spec.layout = Layout::Contiguous;
       srcs.push_back(bind_array(a, "arrays", spec));
     }
-    reap();
-    auto* consumer = reinterpret_cast<void*>(consumer_stream);
-    InFlight f;
-    f.ready = take_event();
-    f.done = take_event();
-    // Our stream starts after the consumer's earlier work (the destination
-    // memory may have been freed and reused on that stream).
-    cuda::event_record(f.ready, consumer);
-    cuda::stream_wait_event(stream_, f.ready);
-    for (size_t i = 0; i < srcs.size(); ++i) {
-      const auto nbytes = static_cast<size_t>(srcs[i].view.nbytes());
-      cuda::memcpy_h2d_async(reinterpret_cast<void*>(dsts[i]), srcs[i].view.data, nbytes, stream_);
-      bytes_ += static_cast<int64_t>(nbytes);
-    }
-    cuda::event_record(f.done, stream_);
-    cuda::stream_wait_event(consumer, f.done);
-    f.hold = arrays;  // the staging buffers stay referenced until the copy ends
-    inflight_.push_back(std::move(f));
-    ++copies_;
-    while (static_cast<int>(inflight_.size()) > max_inflight_) {
-      void* ev = inflight_.front().done;
-      {
-        py::gil_scoped_release release;  // waits on the GPU only
-        cuda::event_synchronize(ev);
+    enqueue(arrays, consumer_stream, [&] {
+      for (size_t i = 0; i < srcs.size(); ++i) {
+        const auto nbytes = static_cast<size_t>(srcs[i].view.nbytes());
+        cuda::memcpy_h2d_async(reinterpret_cast<void*>(dsts[i]), srcs[i].view.data, nbytes,
+                               stream_);
+        bytes_ += static_cast<int64_t>(nbytes);
+        span_bytes_ += static_cast<int64_t>(nbytes);
+        ++transfers_;
       }
-      ++waits_;
-      retire_front();
-    }
+    });
   }
 
   py::dict stats() {
     py::dict d;
-    d["h2d_copies"] = copies_;
-    d["h2d_bytes"] = bytes_;
+    d["h2d_copies"] = copies_;            // batches
+    d["h2d_transfers"] = transfers_;      // cudaMemcpyAsync calls: one per batch on the span path
+    d["h2d_bytes"] = bytes_;              // the batches' bytes
+    d["h2d_copied_bytes"] = span_bytes_;  // with the padding between columns copied along
     d["h2d_waits"] = waits_;
     d["h2d_inflight"] = static_cast<int64_t>(inflight_.size());
     return d;
@@ -599,6 +670,37 @@ class CudaStager {
     py::object hold;
   };
 
+  // Runs `copies` (which queue work on stream_) between an event recorded on
+  // the consumer's stream and one the consumer's stream then waits for;
+  // `hold` (the staging arrays) stays referenced until they finish.
+  template <typename F>
+  void enqueue(const py::list& hold, uintptr_t consumer_stream, F&& copies) {
+    reap();
+    auto* consumer = reinterpret_cast<void*>(consumer_stream);
+    InFlight f;
+    f.ready = take_event();
+    f.done = take_event();
+    // Our stream starts after the consumer's earlier work (the destination
+    // memory may have been freed and reused on that stream).
+    cuda::event_record(f.ready, consumer);
+    cuda::stream_wait_event(stream_, f.ready);
+    copies();
+    cuda::event_record(f.done, stream_);
+    cuda::stream_wait_event(consumer, f.done);
+    f.hold = hold;  // the staging buffers stay referenced until the copy ends
+    inflight_.push_back(std::move(f));
+    ++copies_;
+    while (static_cast<int>(inflight_.size()) > max_inflight_) {
+      void* ev = inflight_.front().done;
+      {
+        py::gil_scoped_release release;  // waits on the GPU only
+        cuda::event_synchronize(ev);
+      }
+      ++waits_;
+      retire_front();
+    }
+  }
+
   void* take_event() {
     if (!free_events_.empty()) {
       void* e = free_events_.back();
@@ -621,11 +723,12 @@ class CudaStager {
 
   int device_;
   int max_inflight_;
+  std::shared_ptr<PinnedRanges> pinned_ = std::make_shared<PinnedRanges>();
   void* stream_ = nullptr;
   bool closed_ = false;
   std::deque<InFlight> inflight_;
   std::vector<void*> free_events_;
-  int64_t copies_ = 0, bytes_ = 0, waits_ = 0;
+  int64_t copies_ = 0, transfers_ = 0, bytes_ = 0, span_bytes_ = 0, waits_ = 0;
 };
 
 // The Parquet reader's decode step: column chunks of memory-mapped files into
@@ -784,6 +887,11 @@ void register_data(py::module_& m) {
                                for (const auto& c : p.out_shapes()) n += c.out_row_bytes();
                                return n;
                              })
+      .def(
+          "use_one_buffer",
+          [](GatherPlan& p) { p.allocator()->set_allocate({}, 0, /*one_buffer=*/true); },
+          "Batches from here on are one heap buffer holding every column (the layout of "
+          "device staging); for tests on machines without a GPU.")
       .def("buffers_allocated", [](const GatherPlan& p) { return p.allocator()->allocated(); })
       .def("buffers_reused", [](const GatherPlan& p) { return p.allocator()->reused(); });
 
@@ -846,10 +954,23 @@ void register_data(py::module_& m) {
       .def("feed", &DataBatcher::feed, py::arg("sources"), py::arg("indices"))
       .def("flush", &DataBatcher::flush);
 
+  m.def(
+      "data_batch_span",
+      [](const py::list& arrays) {
+        BatchSpan s = batch_span(arrays);
+        return py::make_tuple(s.start, s.nbytes, s.payload, s.offsets);
+      },
+      py::arg("arrays"),
+      "(start address, span bytes, the arrays' own bytes, offset of each array) of the span "
+      "holding `arrays`.");
+
   py::class_<CudaStager>(m, "DataCudaStager")
       .def(py::init<std::shared_ptr<GatherPlan>, int, int>(), py::arg("plan"), py::arg("device"),
            py::arg("max_inflight"))
       .def("copy", &CudaStager::copy, py::arg("arrays"), py::arg("dsts"), py::arg("stream"))
+      .def("span", &CudaStager::span, py::arg("arrays"))
+      .def("copy_span", &CudaStager::copy_span, py::arg("arrays"), py::arg("start"),
+           py::arg("nbytes"), py::arg("payload"), py::arg("dst"), py::arg("stream"))
       .def("stats", &CudaStager::stats)
       .def("close", &CudaStager::close);
 

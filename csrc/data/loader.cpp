@@ -18,10 +18,43 @@ PoolAllocator::PoolAllocator(size_t num_columns, size_t capacity) {
   for (size_t c = 0; c < num_columns; ++c) pools_.push_back(std::make_unique<BufferPool>(capacity));
 }
 
+size_t PoolAllocator::batch_layout(const std::vector<GatherColumn>& cols, int64_t rows_capacity,
+                                   std::vector<size_t>& offsets) {
+  std::vector<size_t> order(cols.size());
+  for (size_t c = 0; c < order.size(); ++c) order[c] = c;
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    const size_t ia = itemsize(cols[a].out_dtype), ib = itemsize(cols[b].out_dtype);
+    if (ia != ib) return ia > ib;
+    return static_cast<int>(cols[a].out_dtype) < static_cast<int>(cols[b].out_dtype);
+  });
+  offsets.assign(cols.size(), 0);
+  size_t off = 0;
+  for (size_t c : order) {
+    off = (off + kColumnAlign - 1) / kColumnAlign * kColumnAlign;
+    offsets[c] = off;
+    off += static_cast<size_t>(cols[c].out_row_bytes() * rows_capacity);
+  }
+  return off;
+}
+
 void PoolAllocator::acquire(Batch& b, const std::vector<GatherColumn>& cols,
                             int64_t rows_capacity) {
   b.buffers.resize(cols.size());
   b.ptrs.resize(cols.size());
+  if (one_buffer_) {
+    std::vector<size_t> offsets;
+    size_t need = batch_layout(cols, rows_capacity, offsets);
+    size_t align = page_align_ > 0 ? page_align_ : kColumnAlign;
+    need = (need + align - 1) / align * align + align;
+    BufferPtr buf = pools_[0]->acquire(need);
+    const auto addr = reinterpret_cast<uintptr_t>(buf->data());
+    char* base = reinterpret_cast<char*>((addr + align - 1) / align * align);
+    for (size_t c = 0; c < cols.size(); ++c) {
+      b.buffers[c] = buf;
+      b.ptrs[c] = base + offsets[c];
+    }
+    return;
+  }
   for (size_t c = 0; c < cols.size(); ++c) {
     auto need = static_cast<size_t>(cols[c].out_row_bytes() * rows_capacity);
     if (page_align_ == 0) {
@@ -43,8 +76,10 @@ int64_t PoolAllocator::allocated() const {
   return n;
 }
 
-void PoolAllocator::set_allocate(const std::function<BufferPtr(size_t)>& fn, size_t page_align) {
+void PoolAllocator::set_allocate(const std::function<BufferPtr(size_t)>& fn, size_t page_align,
+                                 bool one_buffer) {
   page_align_ = page_align;
+  one_buffer_ = one_buffer && !pools_.empty();
   for (auto& p : pools_) p->set_allocate(fn);
 }
 

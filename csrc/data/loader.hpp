@@ -51,13 +51,25 @@ class PoolAllocator : public BatchAllocator {
   void acquire(Batch& b, const std::vector<GatherColumn>& cols, int64_t rows_capacity) override;
   int64_t allocated() const;
   int64_t reused() const;
-  // New buffers come from `fn`. With page_align > 0, each column's rows start
-  // on a page boundary inside a buffer padded to whole pages of its own.
-  void set_allocate(const std::function<BufferPtr(size_t)>& fn, size_t page_align);
+  // New buffers come from `fn` (call before any acquire()). With page_align > 0, each buffer's rows
+  // start on a page boundary inside a buffer padded to whole pages of its own. `one_buffer`: a
+  // batch is one buffer holding every column (see batch_layout), so it can be copied to a device in
+  // one transfer; otherwise one buffer per column.
+  void set_allocate(const std::function<BufferPtr(size_t)>& fn, size_t page_align,
+                    bool one_buffer = false);
+
+  // Column starts within a one-buffer batch of `rows_capacity` rows, and its
+  // size: columns ordered by element size (widest first), then dtype, then
+  // position, each starting on a kColumnAlign boundary. Columns of one dtype
+  // are therefore adjacent, separated only by padding to that boundary.
+  static constexpr size_t kColumnAlign = 64;
+  static size_t batch_layout(const std::vector<GatherColumn>& cols, int64_t rows_capacity,
+                             std::vector<size_t>& offsets);
 
  private:
   std::vector<std::unique_ptr<BufferPool>> pools_;
   size_t page_align_ = 0;
+  bool one_buffer_ = false;
 };
 
 struct LoaderStats {

@@ -155,6 +155,45 @@ int main() {
     }
     split.stop();
   }
+  // One buffer per batch (device staging's layout, PoolAllocator::set_allocate
+  // with one_buffer): pieces of one batch gathered by different tasks into
+  // regions of one buffer, kept batches sharing nothing with later ones.
+  {
+    auto one = std::make_shared<data::PoolAllocator>(3, 6);
+    one->set_allocate({}, 0, /*one_buffer=*/true);
+    data::Engine e1(cols, 3001, 2, 8, one);
+    std::vector<data::Batch> kept1;
+    for (uint64_t epoch = 0; epoch < 3; ++epoch) {
+      auto rows = std::make_shared<const std::vector<int64_t>>(
+          data::epoch_rows(n, true, 13, epoch, 0, 1, false));
+      e1.start(rows, false, 0);
+      data::Batch ob;
+      int64_t seen = 0;
+      while (e1.next(ob)) {
+        check(ob.buffers[0] == ob.buffers[1] && ob.buffers[1] == ob.buffers[2], "one buffer");
+        const auto base = reinterpret_cast<uintptr_t>(ob.ptrs[0]);
+        // int64 columns first (0, then 2), then the float32 one; 64-byte starts.
+        check(ob.ptrs[0] < ob.ptrs[2] && ob.ptrs[2] < ob.ptrs[1], "layout order");
+        for (void* p : ob.ptrs) check((reinterpret_cast<uintptr_t>(p) - base) % 64 == 0, "align");
+        const auto* i = static_cast<const int64_t*>(ob.ptrs[0]);
+        const auto* xv = static_cast<const float*>(ob.ptrs[1]);
+        const auto* c = static_cast<const int64_t*>(ob.ptrs[2]);
+        for (int64_t k = 0; k < ob.rows; ++k) {
+          const int64_t want = (*rows)[seen + k];
+          check(i[k] == want && c[k] == want, "one-buffer ids");
+          check(xv[k * 4 + 3] == static_cast<float>(want * 4 + 3), "one-buffer values");
+        }
+        seen += ob.rows;
+        if (seen % 2 == 1) kept1.push_back(ob);
+      }
+      check(seen == n, "one-buffer epoch complete");
+    }
+    for (const auto& k : kept1) {
+      const auto* i = static_cast<const int64_t*>(k.ptrs[0]);
+      const auto* v = static_cast<const float*>(k.ptrs[1]);
+      for (int64_t r = 0; r < k.rows; ++r) check(v[r * 4] == static_cast<float>(i[r] * 4), "kept1");
+    }
+  }
   // Small batches with more threads than prefetch: one batch in flight per
   // thread (window 6 for prefetch 1), handed over in order.
   {
