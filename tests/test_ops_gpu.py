@@ -24,9 +24,20 @@ lce_mod = importlib.import_module("fastml.ops.linear_cross_entropy")
 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# (2, 70_001) and (16, 131_072): fewer rows than SMs, rows wider than a block:
-# each row split across programs (row_split).
-SHAPES = [(1, 1), (5, 123), (3, 4097), (64, 8192), (2, 70_001), (16, 131_072)]
+# (2, 70_001), (16, 131_072), (16, 262_144) and (1, 1_048_576): fewer rows than
+# SMs, rows wider than a block: each row split across programs (row_split).
+# (1_048_576, 3): a million rows (issue #17 goal 2: no cliff either way).
+SHAPES = [
+    (1, 1),
+    (5, 123),
+    (3, 4097),
+    (64, 8192),
+    (2, 70_001),
+    (16, 131_072),
+    (16, 262_144),
+    (1, 1_048_576),
+    (1_048_576, 3),
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

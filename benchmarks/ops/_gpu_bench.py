@@ -89,3 +89,15 @@ def write_json(path: str | None, payload: dict[str, Any]) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(payload, indent=2, default=str))
         print(f"wrote {path}", file=sys.stderr)
+
+
+def liger_functional() -> Any:
+    """Liger Kernel's functional API (``liger_kernel.transformers.functional``), the
+    optional peer of benchmarks/ops, or None when it is not installed (or does not
+    import: it needs triton and a torch it supports). ``benchmarks/gpu/fetch_wheels.sh``
+    fetches the wheel the GPU check installs."""
+    try:
+        from liger_kernel.transformers import functional
+    except Exception:  # ImportError, or an import-time failure of an optional peer
+        return None
+    return functional

@@ -18,7 +18,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _gpu_bench import cuda_ms, device_info, peak_extra_bytes, timing, write_json
+from _gpu_bench import (
+    cuda_ms,
+    device_info,
+    liger_functional,
+    peak_extra_bytes,
+    timing,
+    write_json,
+)
 
 from fastml import ops
 from fastml.bench.harness import table
@@ -62,6 +69,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     candidates = {"fastml": lambda a, b, c: ops.linear_cross_entropy(a, b, c), "torch": eager}
     if not args.no_compile and not args.smoke:
         candidates["torch.compile"] = torch.compile(eager, fullgraph=True)
+    lf = liger_functional()
+    if lf is not None:  # optional peer: LigerFusedLinearCrossEntropy with its defaults
+        candidates["liger"] = lambda a, b, c: lf.liger_fused_linear_cross_entropy(a, b, c)
     info = device_info()
     print(
         f"device: {info.get('gpu', dev)}  driver {info.get('driver')}  torch {info['torch']}  "

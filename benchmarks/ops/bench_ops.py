@@ -4,7 +4,10 @@ For each op and shape: forward, backward and forward+backward medians
 (``triton.testing.do_bench``), achieved GB/s and its share of the
 device-to-device copy bandwidth measured in the same run, and the peak extra
 memory of forward+backward. The summary gives the geometric-mean speedup over
-``torch.compile`` and the share of copy bandwidth.
+``torch.compile`` (and Liger Kernel, when installed: ``pip install liger-kernel``,
+an optional peer measured through its functional API with its defaults) and the
+share of copy bandwidth, and lists the op/shapes where fastml's forward+backward
+is slower than both torch.compile and Liger (those of them measured there).
 
     python benchmarks/ops/bench_ops.py [--dtype bf16] [--ops rms_norm,softmax] [--json PATH]
     python benchmarks/ops/bench_ops.py --quick     # two shapes per op (the GPU check's --quick)
@@ -31,7 +34,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _gpu_bench import copy_bandwidth, cuda_ms, device_info, peak_extra_bytes, timing, write_json
+from _gpu_bench import (
+    copy_bandwidth,
+    cuda_ms,
+    device_info,
+    liger_functional,
+    peak_extra_bytes,
+    timing,
+    write_json,
+)
 
 from fastml import ops
 from fastml.bench.harness import table
@@ -128,8 +139,33 @@ CASES = [
     ),
 ]
 
-SHAPES = [(16384, 4096), (4096, 16384), (64, 131072)]
-QUICK_SHAPES = [(16384, 4096), (64, 131072)]
+# (64, 131072) and (16, 262144): fewer rows than SMs (issue #17 goal 2).
+SHAPES = [(16384, 4096), (4096, 16384), (64, 131072), (16, 262144)]
+QUICK_SHAPES = [(16384, 4096), (64, 131072), (16, 262144)]
+
+
+def liger_peers() -> dict[str, Callable[..., Any]]:
+    """Liger Kernel's implementation of each op it has, with its defaults (its
+    RMSNorm writes dX into dY in the backward; its GEGLU uses GELU's tanh
+    approximation where the other candidates use the exact GELU); empty when
+    Liger is not installed."""
+    lf = liger_functional()
+    if lf is None:
+        return {}
+    peers: dict[str, Callable[..., Any]] = {
+        "rms_norm": lambda x, w: lf.liger_rms_norm(x, w, 1e-6),
+        "layer_norm": lambda x, w, b: lf.liger_layer_norm(x, w, b, 1e-5),
+        "cross_entropy": lambda x, t: lf.liger_cross_entropy(x, t),
+        "swiglu": lf.liger_swiglu,
+        "geglu": lf.liger_geglu,
+    }
+    if hasattr(lf, "liger_softmax"):
+        peers["softmax"] = lf.liger_softmax
+    if hasattr(lf, "liger_fused_add_rms_norm"):
+        peers["add_rms_norm"] = lambda x, r, w: lf.liger_fused_add_rms_norm(x, r, w, 1e-6)
+    return peers
+
+
 SMOKE_SHAPES = [(4, 64)]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -138,7 +174,9 @@ def _outputs(r):
     return list(r) if isinstance(r, (tuple, list)) else [r]
 
 
-def bench_case(case: OpCase, shape, dtype, dev, smoke: bool, use_compile: bool) -> list[dict]:
+def bench_case(
+    case: OpCase, shape, dtype, dev, smoke: bool, use_compile: bool, liger: dict | None = None
+) -> list[dict]:
     inputs = case.make(shape, dtype, dev)
     grads_of = [t for t in inputs if t.requires_grad]
     elem = torch.finfo(dtype).bits // 8
@@ -148,6 +186,8 @@ def bench_case(case: OpCase, shape, dtype, dev, smoke: bool, use_compile: bool) 
         # Smoke runs on CPU check the candidate's code path with a fast backend.
         backend = "aot_eager" if smoke else "inductor"
         candidates["torch.compile"] = torch.compile(case.torch_fn, fullgraph=True, backend=backend)
+    if liger and case.name in liger:
+        candidates["liger"] = liger[case.name]
     rows = []
     for cand, fn in candidates.items():
         rec: dict[str, Any] = {"op": case.name, "shape": list(shape), "candidate": cand}
@@ -196,7 +236,7 @@ def summarise(results: list[dict], copy_bps: float) -> dict[str, Any]:
     for r in results:
         by_key.setdefault((r["op"], tuple(r["shape"])), {})[r["candidate"]] = r
     out: dict[str, Any] = {}
-    for peer in ("torch", "torch.compile"):
+    for peer in ("torch", "torch.compile", "liger"):
         for mode in ("fwd", "bwd", "fwd+bwd"):
             logs = [
                 math.log(c[peer][mode]["ms"][1] / c["fastml"][mode]["ms"][1])
@@ -222,6 +262,19 @@ def summarise(results: list[dict], copy_bps: float) -> dict[str, Any]:
             out[f"geomean_copy_share_{mode}_rows_ge_4k"] = math.exp(
                 sum(math.log(s) for s in shares) / len(shares)
             )
+    # Goal 3's "no op/shape slower than both" (torch.compile and Liger Kernel,
+    # those of them measured at the op/shape): forward+backward medians.
+    behind = []
+    for (op, shape), c in by_key.items():
+        mine = c.get("fastml", {}).get("fwd+bwd")
+        peers = [
+            c[k]["fwd+bwd"]["ms"][1]
+            for k in ("torch.compile", "liger")
+            if k in c and "fwd+bwd" in c[k]
+        ]
+        if mine and peers and mine["ms"][1] > max(peers):
+            behind.append(f"{op} {shape[0]}x{shape[1]}")
+    out["slower_than_compile_and_liger_fwd+bwd"] = behind
     return out
 
 
@@ -234,6 +287,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--ops", default="", help="comma-separated subset of: " + ",".join(c.name for c in CASES)
     )
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile candidate")
+    ap.add_argument(
+        "--no-liger", action="store_true", help="skip Liger Kernel even when it is installed"
+    )
     ap.add_argument("--quick", action="store_true", help="two shapes per op")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, one call each, no timing")
     ap.add_argument("--json", default=None, help="write results as JSON here")
@@ -250,16 +306,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     wanted = {s for s in args.ops.split(",") if s}
     cases = [c for c in CASES if not wanted or c.name in wanted]
     copy_bps = copy_bandwidth(smoke)
+    liger = {} if args.no_liger else liger_peers()
     info = device_info()
     print(
         f"device: {info.get('gpu', dev)}  driver {info.get('driver')}  torch {info['torch']}  "
         f"triton {info['triton']}  dtype {args.dtype}"
     )
-    print(f"device-to-device copy: {copy_bps / 1e9:.1f} GB/s (read + write)\n")
+    print(f"device-to-device copy: {copy_bps / 1e9:.1f} GB/s (read + write)")
+    print(f"Liger Kernel: {', '.join(sorted(liger)) if liger else 'not installed'}\n")
     results = []
     for case in cases:
         for shape in SMOKE_SHAPES if smoke else QUICK_SHAPES if args.quick else SHAPES:
-            rows = bench_case(case, shape, dtype, dev, smoke, not args.no_compile)
+            rows = bench_case(case, shape, dtype, dev, smoke, not args.no_compile, liger)
             results.extend(rows)
             for mode in ("fwd", "bwd", "fwd+bwd"):
                 timings = {
@@ -285,7 +343,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print()
     summary = summarise(results, copy_bps) if not smoke else {}
     for k, v in summary.items():
-        print(f"{k:<48} {v:.3f}")
+        print(f"{k:<48} {v:.3f}" if isinstance(v, float) else f"{k:<48} {v}")
     errors = [f"{r['op']} {r['shape']} {r['candidate']}" for r in results if "error" in r]
     tuned = {" ".join(map(str, k)): list(v) for k, v in ops.tuned_configs().items()}
     for k, v in tuned.items():  # (rows per tile, warps, programs per SM) per shape class
