@@ -135,7 +135,10 @@ def apply_plan(col: Any, ops: list[tuple[Any, ...]], out_dtype: np.dtype, row_sh
 
 
 class TensorStream:
-    """The batches of one iteration over a device-resident dataset."""
+    """The batches of one iteration over a device-resident dataset (a _Stream of
+    fastml.data._loader: ``next``, ``close``, ``ended_by``)."""
+
+    ended_by: str | None = None
 
     def __init__(self, loader: Any) -> None:
         import torch

@@ -10,6 +10,7 @@ import queue
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -210,7 +211,12 @@ class Loader:
         # empty for a normal epoch.
         self._stages: list[tuple[int, list[int]]] = []
         self._positions_cache: tuple[Any, np.ndarray] | None = None
+        # The live iteration: its stream, the thread that iterates it and a weak
+        # reference to its iterator (see __iter__); _lock guards the three.
+        self._lock = threading.RLock()
         self._active: _Stream | None = None
+        self._active_thread = 0
+        self._active_iter: Any = None
         self._closed = False
         self._py_stats = {
             "row_groups_read": 0,
@@ -300,11 +306,13 @@ class Loader:
         self._stages = []
 
     def set_epoch(self, epoch: int) -> None:
-        """Start epoch ``epoch`` from its first batch at the next iteration."""
-        self._epoch = _check_int("epoch", epoch, 0)
+        """Start epoch ``epoch`` from its first batch at the next iteration (a live
+        iteration ends: see :meth:`__iter__`)."""
+        epoch = _check_int("epoch", epoch, 0)
+        self._stop_active("set_epoch()")
+        self._epoch = epoch
         self._position = 0
         self._stages = []
-        self._stop_active()
 
     # ------------------------------------------------------------ state
 
@@ -351,7 +359,7 @@ class Loader:
             return self._load_states(list(state))
         state = self._check_state(state, "state", same_rank=True)
         epoch, pos, stages = self._parse_position(state, "state")
-        self._stop_active()
+        self._stop_active("load_state_dict()")
         self._epoch, self._stages = epoch, stages
         self._positions_cache = None
         if pos > len(self):
@@ -466,7 +474,7 @@ class Loader:
                 raise ValueError(
                     f"the state of rank {r} has batches_consumed={pos}; that rank had {bound}"
                 )
-        self._stop_active()
+        self._stop_active("load_state_dict()")
         self._positions_cache = None
         self._epoch = epoch
         if world == self._world_size:  # unchanged: exactly this rank's own resume
@@ -480,14 +488,44 @@ class Loader:
     # ------------------------------------------------------------ iteration
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        if self._closed:
-            raise RuntimeError("the loader is closed")
-        self._stop_active()
-        if self._position >= len(self):
-            self._next_epoch()
-        stream = self._open_stream()
-        self._active = stream
-        return self._run(stream)
+        """The remaining batches of the current epoch (then the epoch advances).
+
+        One iteration at a time: a Loader has one position, and each epoch's
+        batches are handed out once. ``iter()`` on another thread while an
+        iteration is live (its iterator not exhausted, closed or dropped)
+        raises ``RuntimeError``; give each consumer its own Loader (with
+        ``rank``/``world_size`` to split an epoch between them). On the same
+        thread, a new ``iter()`` supersedes the old iteration, which ends
+        without taking another batch. ``close()``, ``set_epoch()`` and
+        ``load_state_dict()`` end the live iteration too, waking a consumer
+        that waits for a batch: when they come from another thread, that
+        consumer's next step raises ``RuntimeError`` naming the call (its epoch
+        did not finish); from its own thread, it just ends.
+        """
+        me = threading.get_ident()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the loader is closed")
+            if self._active is not None and self._active_thread != me and self._iter_live():
+                raise RuntimeError(
+                    "this Loader is already being iterated by another thread; a Loader "
+                    "hands out each batch once, to one iteration at a time: give each "
+                    "consumer its own Loader (rank/world_size split an epoch between them)"
+                )
+            self._stop_active("a newer iteration")
+            if self._position >= len(self):
+                self._next_epoch()
+            stream = self._open_stream()
+            it = self._run(stream)
+            self._active, self._active_thread = stream, me
+            self._active_iter = weakref.ref(it)
+        return it
+
+    def _iter_live(self) -> bool:
+        """Whether the live iteration's iterator still exists (one dropped before
+        its first step never runs its cleanup)."""
+        ref = self._active_iter
+        return ref is not None and ref() is not None
 
     def _open_stream(self) -> Any:
         if self._device_plans is not None:
@@ -499,18 +537,31 @@ class Loader:
     def _run(self, stream: _Stream) -> Iterator[dict[str, Any]]:
         try:
             convert = self._convert
+            lock = self._lock
             while True:
                 batch = stream.next()
-                if batch is None:
+                with lock:  # counted only while this is the live iteration
+                    live = self._active is stream
+                    if live and batch is not None:
+                        self._position += 1
+                if not live or batch is None:
+                    if stream.ended_by is not None:
+                        raise RuntimeError(
+                            f"this iteration was ended by {stream.ended_by} on another "
+                            "thread before its epoch finished"
+                        )
+                    if not live:
+                        return  # superseded on this thread: ends quietly
                     break
-                self._position += 1
                 yield batch if convert is None else convert(batch)
-            if self._active is stream:
-                self._next_epoch()
+            with self._lock:
+                if self._active is stream:
+                    self._next_epoch()
         finally:
             stream.close()
-            if self._active is stream:
-                self._active = None
+            with self._lock:
+                if self._active is stream:
+                    self._active = self._active_iter = None
 
     @property
     def _convert(self) -> Any:
@@ -524,10 +575,17 @@ class Loader:
             return lambda b: {k: torch.from_numpy(v) for k, v in b.items()}
         return None
 
-    def _stop_active(self) -> None:
-        if self._active is not None:
-            self._active.close()
-            self._active = None
+    def _stop_active(self, cause: str = "a newer iteration") -> None:
+        """End the live iteration (waking its consumer); ``cause`` names the call
+        in the error its consumer gets when the call came from another thread."""
+        with self._lock:
+            stream = self._active
+            if stream is None:
+                return
+            if self._active_thread != threading.get_ident():
+                stream.ended_by = cause
+            self._active = self._active_iter = None
+        stream.close()
 
     def stats(self) -> dict[str, Any]:
         """Batches, rows and bytes produced; seconds the consumer waited for batches
@@ -546,8 +604,9 @@ class Loader:
         return s
 
     def close(self) -> None:
-        """Stop the workers and free the batch buffers (batches still referenced stay valid)."""
-        self._stop_active()
+        """Stop the workers and free the batch buffers (batches still referenced stay
+        valid). A live iteration ends (see :meth:`__iter__`)."""
+        self._stop_active("Loader.close()")
         if self._stager is not None:
             self._stager.close()
         with self._parquet_lock:
@@ -567,13 +626,18 @@ class Loader:
 
     def __del__(self) -> None:
         try:
-            self._stop_active()
+            self._stop_active("the Loader's deletion")
         except Exception:
             pass
 
 
 class _Stream(abc.ABC):
-    """One epoch's source of batches (native engine or Parquet reader)."""
+    """One epoch's source of batches (native engine or Parquet reader).
+
+    ``ended_by``: the call that ended it from another thread than its consumer's
+    (set before ``close()``), None otherwise."""
+
+    ended_by: str | None = None
 
     @abc.abstractmethod
     def next(self) -> dict[str, np.ndarray] | None:
@@ -681,6 +745,9 @@ class _ParquetStream(_Stream):
         while not self._queue.empty():
             self._queue.get_nowait()
         self._ready.clear()
+        # A consumer blocked in next() on another thread wakes on this (the
+        # producer is gone, so nothing else would ever reach the queue).
+        self._queue.put_nowait(self._DONE)
 
     def _put(self, item: Any) -> bool:
         while not self._stop.is_set():
