@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 import fastml
 from fastml import _core, data
+from fastml.data import _loader as loader_mod
 from fastml.data._sources import parquet_chunk_table, parquet_footer
 
 NATIVE_DTYPES = [
@@ -353,19 +354,25 @@ def test_decode_argument_errors(tmp_path):
         _core.MappedFile(str(tmp_path))
 
 
-def test_chunks_the_decoder_rejects_are_read_by_pyarrow(tmp_path, monkeypatch):
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_chunks_the_decoder_rejects_are_read_by_pyarrow(tmp_path, monkeypatch, shuffle):
     """A chunk reported corrupt or unsupported is retried with pyarrow; the
-    loader fails only when pyarrow fails too (it is never stricter)."""
+    loader fails only when pyarrow fails too (it is never stricter). Shuffled,
+    with the row groups stored in their shuffled order as they are decoded,
+    the chunks pyarrow reads are put in the same order: the same batches."""
     rng = np.random.default_rng(2)
     n = 4000
     table = pa.table({"i": rng.integers(0, 99, n), "x": rng.random(n).astype(np.float32)})
     path = tmp_path / "ok.parquet"
     pq.write_table(table, path, row_group_size=1000)
+    monkeypatch.setattr(loader_mod, "_CACHED_WINDOW_BYTES", 0)  # every window stored shuffled
+    kw = dict(batch_size=300, shuffle=shuffle, shuffle_buffer=2000, seed=3)
+    want = list(data.Loader(data.Dataset.from_parquet(path), **kw))
     real = _core.parquet_decode
     calls = []
 
-    def flaky(files, chunks, outs):
-        res = real(files, chunks, outs)
+    def flaky(files, chunks, outs, perms=None):
+        res = real(files, chunks, outs, perms)
         calls.append(len(res))
         # Every other chunk "fails": alternately corrupt and unsupported.
         return [
@@ -373,13 +380,14 @@ def test_chunks_the_decoder_rejects_are_read_by_pyarrow(tmp_path, monkeypatch):
         ]
 
     monkeypatch.setattr(_core, "parquet_decode", flaky)
-    loader = data.Loader(
-        data.Dataset.from_parquet(path), batch_size=300, shuffle=False, shuffle_buffer=1000
-    )
+    loader = data.Loader(data.Dataset.from_parquet(path), **kw)
     got = list(loader)
     assert calls
-    np.testing.assert_array_equal(np.concatenate([b["i"] for b in got]), table["i"].to_numpy())
-    np.testing.assert_array_equal(np.concatenate([b["x"] for b in got]), table["x"].to_numpy())
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g["i"], w["i"])
+        np.testing.assert_array_equal(g["x"], w["x"])
+    if not shuffle:
+        np.testing.assert_array_equal(np.concatenate([b["i"] for b in got]), table["i"].to_numpy())
     assert loader.stats()["row_groups_read"] == 4
 
 

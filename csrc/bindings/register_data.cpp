@@ -234,7 +234,11 @@ class DataBatcher {
   }
 
   // Appends transform(src rows `indices`); returns the batches this completes.
-  py::list feed(const DataSources& src, const py::handle& indices) {
+  // `streams`: the indices read each source column as a few ascending runs
+  // interleaved (a window stored in shuffled order, see the Parquet reader):
+  // the hardware prefetchers follow them, so rows are read without software
+  // prefetches, as from a column in cache.
+  py::list feed(const DataSources& src, const py::handle& indices, bool streams) {
     ArraySpec ispec;
     ispec.ndim = 1;
     ispec.dtypes = {DType::I64};
@@ -306,7 +310,7 @@ class DataBatcher {
           const auto c = static_cast<size_t>(t / parts);
           const int64_t s0 = (t % parts) * per_part;
           const int64_t s1 = std::min(num_segs, s0 + per_part);
-          const bool cached = parts == 1 && data::warm_column(cols[c], kWarmBytes);
+          const bool cached = streams || (parts == 1 && data::warm_column(cols[c], kWarmBytes));
           for (int64_t si = s0; si < s1; ++si) {
             const Segment& s = segs[static_cast<size_t>(si)];
             char* dst = static_cast<char*>(s.batch->ptrs[c]) + s.offset * cols[c].out_row_bytes();
@@ -738,7 +742,7 @@ class CudaStager {
 // (status, message) per chunk: 0 decoded, 1 unsupported here (the caller
 // reads it with pyarrow), 2 corrupt, 3 nulls in a column without NaN.
 py::list parquet_decode(const std::vector<std::shared_ptr<MappedFile>>& files,
-                        const py::handle& chunks, const py::list& outs) {
+                        const py::handle& chunks, const py::list& outs, const py::object& perms) {
   ArraySpec cspec;
   cspec.ndim = 2;
   cspec.dtypes = {DType::I64};
@@ -795,14 +799,52 @@ py::list parquet_decode(const std::vector<std::shared_ptr<MappedFile>>& files,
                        "arrays overlap (each chunk needs memory of its own)");
     }
   }
+  // perms[i] (optional): chunk i is stored in that order, out[j] = value[perm[j]]
+  // (decoded into scratch first, then permuted while it is in cache).
+  std::vector<const int64_t*> perm(static_cast<size_t>(k), nullptr);
+  if (!perms.is_none()) {
+    auto pl = perms.cast<py::list>();
+    FASTML_CHECK_ARG(static_cast<int64_t>(pl.size()) == k, "perms",
+                     "must hold one entry per chunk (", k, "), got ", pl.size());
+    ArraySpec pspec;
+    pspec.ndim = 1;
+    pspec.dtypes = {DType::I64};
+    pspec.layout = Layout::Contiguous;
+    for (int64_t i = 0; i < k; ++i) {
+      const py::handle h = pl[static_cast<size_t>(i)];
+      if (h.is_none()) continue;
+      keep.push_back(bind_array(h, "perms", pspec));
+      const ArrayView& v = keep.back().view;
+      const int64_t n = specs[static_cast<size_t>(i)].num_values;
+      FASTML_CHECK_ARG(v.shape[0] == n, "perms", "[", i, "] must hold ", n, " entries, got ",
+                       v.shape[0]);
+      const int64_t* p = v.as<int64_t>();
+      if (std::find(perm.begin(), perm.begin() + i, p) == perm.begin() + i) {
+        // One order usually serves every column of a row group: checked once.
+        for (int64_t j = 0; j < n; ++j) {
+          FASTML_CHECK_ARG(p[j] >= 0 && p[j] < n, "perms", "[", i, "] holds ", p[j],
+                           ", outside 0..", n - 1);
+        }
+      }
+      perm[static_cast<size_t>(i)] = p;
+    }
+  }
   std::vector<int> status(static_cast<size_t>(k), 0);
   std::vector<std::string> message(static_cast<size_t>(k));
   {
     py::gil_scoped_release release;  // `files` and `keep` hold the memory
     ThreadPool::global().parallel_for(0, k, 1, [&](int64_t lo, int64_t hi) {
+      thread_local std::vector<char> scratch;
       for (int64_t i = lo; i < hi; ++i) {
         const auto u = static_cast<size_t>(i);
         try {
+          if (perm[u] != nullptr) {
+            const int64_t size = specs[u].out_size, n = specs[u].num_values;
+            scratch.resize(static_cast<size_t>(n * size));
+            data::parquet::decode_column_chunk(specs[u], scratch.data());
+            data::permute_values(scratch.data(), perm[u], n, size, dst[u]);
+            continue;
+          }
           data::parquet::decode_column_chunk(specs[u], dst[u]);
         } catch (const data::parquet::Unsupported& e) {
           status[u] = 1;
@@ -903,6 +945,7 @@ void register_data(py::module_& m) {
       .def_property_readonly("size", &MappedFile::size)
       .def_property_readonly("path", &MappedFile::path);
   m.def("parquet_decode", &parquet_decode, py::arg("files"), py::arg("chunks"), py::arg("outs"),
+        py::arg("perms") = py::none(),
         "Decodes Parquet column chunks of mapped files into arrays (see fastml.data).");
   m.def(
       "parquet_footer",
@@ -947,11 +990,58 @@ void register_data(py::module_& m) {
       "(row_group, column, type, codec, num_values, total_compressed_size, "
       "data_page_offset, dictionary_page_offset, external, 0) per chunk.");
 
+  m.def(
+      "data_window_order",
+      [](const py::handle& out, const py::handle& starts, uint64_t seed, uint64_t epoch,
+         uint64_t stream, const py::object& within) {
+        ArraySpec spec;
+        spec.ndim = 1;
+        spec.dtypes = {DType::I64};
+        spec.layout = Layout::Contiguous;
+        BoundArray st = bind_array(starts, "starts", spec);
+        const int64_t groups = st.view.shape[0] - 1;
+        FASTML_CHECK_ARG(groups >= 1, "starts", "must hold at least 2 offsets");
+        const int64_t* s = st.view.as<int64_t>();
+        std::vector<BoundArray> keep;
+        std::vector<const int64_t*> w;
+        if (!within.is_none()) {
+          auto wl = within.cast<py::list>();
+          FASTML_CHECK_ARG(static_cast<int64_t>(wl.size()) == groups, "within",
+                           "must hold one order per group (", groups, "), got ", wl.size());
+          for (int64_t g = 0; g < groups; ++g) {
+            keep.push_back(bind_array(wl[static_cast<size_t>(g)], "within", spec));
+            const ArrayView& v = keep.back().view;
+            const int64_t n = s[g + 1] - s[g];
+            FASTML_CHECK_ARG(v.shape[0] == n, "within", "[", g, "] must hold ", n, " entries, got ",
+                             v.shape[0]);
+            const int64_t* p = v.as<int64_t>();
+            for (int64_t j = 0; j < n; ++j) {
+              FASTML_CHECK_ARG(p[j] >= 0 && p[j] < n, "within", "[", g, "] holds ", p[j],
+                               ", outside 0..", n - 1);
+            }
+            w.push_back(p);
+          }
+        }
+        spec.writable = true;
+        BoundArray o = bind_array(out, "out", spec);
+        FASTML_CHECK_ARG(o.view.shape[0] == s[groups], "out", "must hold the window's ", s[groups],
+                         " rows, got ", o.view.shape[0]);
+        {
+          py::gil_scoped_release release;
+          data::window_order(o.view.as<int64_t>(), s, groups, seed, epoch, stream,
+                             w.empty() ? nullptr : w.data());
+        }
+      },
+      py::arg("out"), py::arg("starts"), py::arg("seed"), py::arg("epoch"), py::arg("stream"),
+      py::arg("within") = py::none(),
+      "Fills `out` with a window's order over row groups (see data::window_order).");
+
   py::class_<DataBatcher>(m, "DataBatcher")
       .def(py::init<std::shared_ptr<GatherPlan>, int64_t>(), py::arg("plan"), py::arg("batch_size"))
       .def_property_readonly("batch_size", &DataBatcher::batch_size)
       .def_property_readonly("pending", &DataBatcher::pending)
-      .def("feed", &DataBatcher::feed, py::arg("sources"), py::arg("indices"))
+      .def("feed", &DataBatcher::feed, py::arg("sources"), py::arg("indices"),
+           py::arg("streams") = false)
       .def("flush", &DataBatcher::flush);
 
   m.def(

@@ -164,6 +164,20 @@ void gather_rows(const GatherColumn& col, const int64_t* indices, int64_t n, voi
   }
 }
 
+void permute_values(const void* src, const int64_t* perm, int64_t n, int64_t itemsize, void* dst) {
+  const auto* in = static_cast<const char*>(src);
+  auto* out = static_cast<char*>(dst);
+  switch (itemsize) {
+    case 1: return copy_cached<uint8_t>(in, perm, n, out);
+    case 2: return copy_cached<uint16_t>(in, perm, n, out);
+    case 4: return copy_cached<uint32_t>(in, perm, n, out);
+    case 8: return copy_cached<uint64_t>(in, perm, n, out);
+    default:
+      for (int64_t j = 0; j < n; ++j)
+        std::memcpy(out + j * itemsize, in + perm[j] * itemsize, static_cast<size_t>(itemsize));
+  }
+}
+
 bool warm_column(const GatherColumn& col, int64_t max_bytes) {
   const int64_t nbytes = col.src.shape[0] * col.src.row_bytes();
   if (nbytes > max_bytes) return false;

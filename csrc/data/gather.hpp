@@ -34,6 +34,10 @@ struct GatherColumn {
 void gather_rows(const GatherColumn& col, const int64_t* indices, int64_t n, void* dst,
                  bool check = true, bool cached = false);
 
+// dst[j] = src[perm[j]] for j in [0, n), values of `itemsize` bytes (1, 2, 4,
+// 8 or any other); perm's entries must lie in [0, n) (checked by the caller).
+void permute_values(const void* src, const int64_t* perm, int64_t n, int64_t itemsize, void* dst);
+
 // Reads one byte per cache line of the column when it holds at most
 // `max_bytes`, so that random gathers that follow find it in the cache
 // instead of missing on nearly every row. Returns whether it did.

@@ -122,6 +122,49 @@ void permutation(int64_t n, uint64_t seed, uint64_t epoch, uint64_t stream, int6
   });
 }
 
+namespace {
+// The groups of a window's positions, shuffled (Fisher-Yates over one label
+// per row: a uniformly random arrangement of the multiset), then each position
+// given its group's next row. Labels are as narrow as the group count allows,
+// so the shuffle's random accesses stay in cache.
+template <typename Label>
+void window_order_impl(int64_t* out, const int64_t* starts, int64_t num_groups, SplitMix64& rng,
+                       const int64_t* const* within) {
+  const int64_t m = starts[num_groups];
+  std::vector<Label> label(static_cast<size_t>(m));
+  for (int64_t g = 0; g < num_groups; ++g) {
+    std::fill(label.begin() + starts[g], label.begin() + starts[g + 1], static_cast<Label>(g));
+  }
+  for (int64_t i = m - 1; i > 0; --i) {
+    const auto j = static_cast<size_t>(rng.below(static_cast<uint64_t>(i) + 1));
+    std::swap(label[static_cast<size_t>(i)], label[j]);
+  }
+  std::vector<int64_t> taken(static_cast<size_t>(num_groups), 0);
+  for (int64_t p = 0; p < m; ++p) {
+    const size_t g = label[static_cast<size_t>(p)];
+    const int64_t t = taken[g]++;
+    out[p] = starts[g] + (within != nullptr ? within[g][t] : t);
+  }
+}
+}  // namespace
+
+void window_order(int64_t* out, const int64_t* starts, int64_t num_groups, uint64_t seed,
+                  uint64_t epoch, uint64_t stream, const int64_t* const* within) {
+  FASTML_CHECK_ARG(num_groups >= 1 && starts[0] == 0, "starts",
+                   "must start at 0 and hold >= 1 groups");
+  for (int64_t g = 0; g < num_groups; ++g) {
+    FASTML_CHECK_ARG(starts[g] <= starts[g + 1], "starts", "must be ascending");
+  }
+  SplitMix64 rng = epoch_stream(seed, epoch, stream);
+  if (num_groups <= 256) {
+    window_order_impl<uint8_t>(out, starts, num_groups, rng, within);
+  } else if (num_groups <= 65536) {
+    window_order_impl<uint16_t>(out, starts, num_groups, rng, within);
+  } else {
+    window_order_impl<uint32_t>(out, starts, num_groups, rng, within);
+  }
+}
+
 std::vector<int64_t> shard_rows(const std::vector<int64_t>& order, int64_t rank, int64_t world_size,
                                 bool drop_last) {
   FASTML_CHECK_ARG(world_size >= 1, "world_size", "must be >= 1, got ", world_size);

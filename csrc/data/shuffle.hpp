@@ -37,6 +37,20 @@ SplitMix64 epoch_stream(uint64_t seed, uint64_t epoch, uint64_t stream);
 // fixed number of pieces, so the result is the same for any thread count.
 void permutation(int64_t n, uint64_t seed, uint64_t epoch, uint64_t stream, int64_t* out);
 
+// The order of a window of several row groups, shuffled as a whole (the
+// Parquet reader's): group g's rows are [starts[g], starts[g + 1]) of the
+// window's m rows. The positions' groups are a uniformly random arrangement
+// of the window's rows' groups (Fisher-Yates over one label per row, stream
+// `stream` of the epoch's generator); position p takes its group's next row: starts[g] + t for the
+// group's t-th position, or starts[g] + within[g][t] when `within` (each group's own order) is
+// given. With uniform group orders the result is a uniform permutation of the window. With rows
+// already stored in their group's shuffled order (the reader's decode does this while a group is in
+// cache), `within` is omitted and every group is read front to back: a few ascending runs instead
+// of random reads over the whole window. starts: num_groups + 1 ascending offsets from 0 to m; out:
+// m entries.
+void window_order(int64_t* out, const int64_t* starts, int64_t num_groups, uint64_t seed,
+                  uint64_t epoch, uint64_t stream, const int64_t* const* within);
+
 // This rank's rows of an epoch whose global order is `order`:
 //   drop_last=false: the order is padded to a multiple of world_size by
 //     repeating its first rows (at most world_size-1 of them);

@@ -125,8 +125,14 @@ class Dataset:
     ) -> Dataset:
         """A dataset over Parquet files (one path, a list or a glob), streamed by row group.
 
-        Only the metadata is read here; a Loader decodes row groups with pyarrow
-        in a background thread.
+        Only the schema and footers are read here. A Loader decodes row groups
+        while it iterates, on a read-ahead thread: fastml's own decoder writes
+        the column chunks it supports (flat bool, integer and float columns;
+        PLAIN, dictionary, BYTE_STREAM_SPLIT and RLE encodings; uncompressed or
+        Snappy pages: see docs/data.md, "Parquet decoding") straight into reused
+        window buffers, and pyarrow reads any other chunk (other codecs such as
+        ZSTD, DELTA encodings, nested columns). ``columns``: the columns to load
+        (all by default).
         """
         files = parquet_paths(paths)
         ds = cls._new()
