@@ -42,6 +42,12 @@ class NativeHandler:
 def data_permutation(
     n: int, seed: int, epoch: int, stream: int = 0, out: Any | None = None
 ) -> Any: ...
+def data_window_order(
+    out: Any, starts: Any, seed: int, epoch: int, stream: int, within: list[Any] | None = None
+) -> None:
+    """A window's order over its row groups (rows [starts[g], starts[g+1]) of group g):
+    the positions' groups uniformly arranged, each taking its group's next row (in
+    ``within[g]``'s order when given)."""
 def data_epoch_rows(
     n: int, shuffle: bool, seed: int, epoch: int, rank: int, world_size: int, drop_last: bool
 ) -> Any: ...
@@ -73,10 +79,13 @@ class MappedFile:
     @property
     def path(self) -> str: ...
 
-def parquet_decode(files: list[MappedFile], chunks: Any, outs: list[Any]) -> list[tuple[int, str]]:
+def parquet_decode(
+    files: list[MappedFile], chunks: Any, outs: list[Any], perms: list[Any | None] | None = None
+) -> list[tuple[int, str]]:
     """Decodes Parquet column chunks (rows of `chunks`: file, offset, size, physical type,
     codec, values, max definition level, max repetition level) into `outs`; one
-    (status, message) per chunk: 0 decoded, 1 unsupported, 2 corrupt, 3 nulls."""
+    (status, message) per chunk: 0 decoded, 1 unsupported, 2 corrupt, 3 nulls.
+    ``perms[i]`` (optional): chunk i is stored in that order, ``out[j] = value[perm[j]]``."""
 
 class DataBatcher:
     def __init__(self, plan: DataGatherPlan, batch_size: int) -> None: ...
@@ -84,7 +93,9 @@ class DataBatcher:
     def batch_size(self) -> int: ...
     @property
     def pending(self) -> int: ...
-    def feed(self, sources: DataSources, indices: Any) -> list[dict[str, Any]]: ...
+    def feed(
+        self, sources: DataSources, indices: Any, streams: bool = False
+    ) -> list[dict[str, Any]]: ...
     def flush(self) -> dict[str, Any] | None: ...
 
 class DataCudaStager:
