@@ -487,3 +487,36 @@ def test_page_checksums_catch_value_corruption_in_the_loader(tmp_path, compressi
         elif checksum:
             with pytest.raises(fastml.FormatError, match=r"crc_True\.parquet.*CRC"):
                 batches()
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int16", "int32", "int64", "float32", "float64"])
+def test_decode_into_a_permuted_order(tmp_path, dtype):
+    """parquet_decode(perms=...): out[j] = value[perm[j]] (the Parquet reader
+    stores shuffled row groups this way); bad orders are refused."""
+    rng = np.random.default_rng(5)
+    n = 3001
+    v = (rng.random(n) * 100).astype(dtype)
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"v": v}), path, row_group_size=n)
+    pf = pq.ParquetFile(path)
+    table = parquet_chunk_table(pf, ["v"], footer=parquet_footer(str(path)))
+    row = table[0, 0]
+    assert row[2] >= 0
+    chunks = np.concatenate([[0], row]).astype(np.int64)[None, :]
+    mf = _core.MappedFile(str(path))
+    perm = rng.permutation(n).astype(np.int64)
+    out = np.empty(n, dtype=dtype)
+    ((status, _msg),) = _core.parquet_decode([mf], chunks, [out], [perm])
+    assert status == 0
+    assert out.tobytes() == v[perm].tobytes()
+    plain = np.empty(n, dtype=dtype)
+    _core.parquet_decode([mf], chunks, [plain], [None])
+    assert plain.tobytes() == v.tobytes()
+    with pytest.raises(ValueError, match="perms"):
+        _core.parquet_decode([mf], chunks, [out], [perm[:-1]])
+    bad = perm.copy()
+    bad[7] = n
+    with pytest.raises(ValueError, match="outside"):
+        _core.parquet_decode([mf], chunks, [out], [bad])
+    with pytest.raises(ValueError, match="one entry per chunk"):
+        _core.parquet_decode([mf], chunks, [out], [perm, perm])

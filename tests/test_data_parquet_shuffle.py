@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fastml import data
+from fastml import _core, data
 from fastml.data import _loader as loader_mod
 
 
@@ -185,3 +185,56 @@ def test_a_state_of_the_old_parquet_order_is_refused(tmp_path):
     ld.load_state_dict(state)
     mem = data.Loader(data.Dataset.from_numpy({"i": np.arange(5)}), batch_size=2)
     assert mem.state_dict()["parquet_order"] is None
+
+
+@given(
+    sizes=st.lists(st.integers(0, 300), min_size=1, max_size=300),
+    seed=st.integers(0, 2**32),
+    with_within=st.booleans(),
+)
+def test_window_order_is_a_permutation_taking_each_group_in_order(sizes, seed, with_within):
+    starts = np.cumsum([0, *sizes], dtype=np.int64)
+    m = int(starts[-1])
+    rng = np.random.default_rng(seed)
+    within = [rng.permutation(s).astype(np.int64) for s in sizes] if with_within else None
+    out = np.empty(m, np.int64)
+    _core.data_window_order(out, starts, seed, 0, 2, within)
+    assert np.array_equal(np.sort(out), np.arange(m))
+    group = np.searchsorted(starts, out, side="right") - 1
+    for g, s in enumerate(sizes):  # each group's rows in its own order
+        taken = out[group == g] - starts[g]
+        want = within[g] if within is not None else np.arange(s)
+        assert np.array_equal(taken, want)
+    again = np.empty(m, np.int64)
+    _core.data_window_order(again, starts, seed, 0, 2, within)
+    assert np.array_equal(out, again)  # deterministic
+
+
+def test_window_order_groups_are_uniformly_arranged():
+    # The group at a fixed position, over many streams: in proportion to the
+    # groups' sizes (chi-square, 3 degrees of freedom; p ~ 1e-6 at 30).
+    sizes = [10, 20, 30, 40]
+    starts = np.cumsum([0, *sizes], dtype=np.int64)
+    counts = np.zeros((3, 4))
+    out = np.empty(100, np.int64)
+    for s in range(4000):
+        _core.data_window_order(out, starts, 7, 0, s)
+        for k, p in enumerate((0, 50, 99)):
+            counts[k, np.searchsorted(starts, out[p], side="right") - 1] += 1
+    expect = 4000 * np.array(sizes) / 100
+    for row in counts:
+        assert ((row - expect) ** 2 / expect).sum() < 30
+
+
+def test_window_order_rejects_bad_arguments():
+    out = np.empty(5, np.int64)
+    with pytest.raises(ValueError, match="ascending"):
+        _core.data_window_order(out, np.array([0, 3, 2, 5]), 0, 0, 0)
+    with pytest.raises(ValueError, match="out"):
+        _core.data_window_order(np.empty(4, np.int64), np.array([0, 5]), 0, 0, 0)
+    with pytest.raises(ValueError, match="within"):
+        _core.data_window_order(out, np.array([0, 2, 5]), 0, 0, 0, [np.arange(2)])
+    with pytest.raises(ValueError, match="outside"):
+        _core.data_window_order(out, np.array([0, 2, 5]), 0, 0, 0, [np.array([0, 2]), np.arange(3)])
+    with pytest.raises(ValueError, match="at least 2"):
+        _core.data_window_order(out, np.array([0]), 0, 0, 0)
