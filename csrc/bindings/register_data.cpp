@@ -122,6 +122,36 @@ class GatherPlan {
       spec.layout = Layout::MakeContiguous;
       const char* name = cols_[c].name.c_str();
       GatherColumn g;
+      if (py::isinstance<py::tuple>(arrays[c])) {
+        // A tuple of 1-D arrays: element e of each row from array e (a
+        // feature column assembled from several Parquet columns).
+        auto elems = py::reinterpret_borrow<py::tuple>(arrays[c]);
+        const auto k = static_cast<int64_t>(elems.size());
+        FASTML_CHECK_ARG(cols_[c].row_shape.size() == 1 && cols_[c].row_shape[0] == k && k > 0,
+                         name, "was planned with rows of shape (",
+                         cols_[c].row_shape.empty() ? 0 : cols_[c].row_shape[0],
+                         ",), got a tuple of ", k, " arrays");
+        ArraySpec pspec;
+        pspec.ndim = 1;
+        pspec.dtypes = {cols_[c].src_dtype};
+        pspec.layout = Layout::MakeContiguous;
+        int64_t rows = -1;
+        for (py::handle e : elems) {
+          keep.push_back(bind_array(e, name, pspec));
+          const ArrayView& v = keep.back().view;
+          FASTML_CHECK_ARG(rows < 0 || v.shape[0] == rows, name,
+                           "arrays must have one length, got ", rows, " and ", v.shape[0]);
+          rows = v.shape[0];
+          g.parts.push_back(static_cast<const char*>(v.data));
+        }
+        g.src = ArrayView::contiguous(nullptr, cols_[c].src_dtype, {rows, k});
+        if (n < 0) n = rows;
+        FASTML_CHECK_ARG(rows == n, name, "must have ", n, " rows, got ", rows);
+        g.plan = cols_[c].plan;
+        g.out_dtype = cols_[c].out_dtype;
+        out.push_back(std::move(g));
+        continue;
+      }
       // A column is one array, or a list of chunks used in place (Arrow record batches).
       const bool chunked = py::isinstance<py::list>(arrays[c]);
       py::list parts = chunked ? py::reinterpret_borrow<py::list>(arrays[c]) : py::list();

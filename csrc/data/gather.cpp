@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "common/errors.hpp"
 
@@ -98,6 +99,23 @@ void copy_rows(const Rows& rows, int64_t row_bytes, const int64_t* idx, int64_t 
   }
 }
 
+// The column's transforms on element e of a row (per-element Standardize
+// parameters are indexed by e).
+inline double apply_ops(double x, const std::vector<TransformOp>& ops, int64_t e) {
+  for (const TransformOp& op : ops) {
+    switch (op.kind) {
+      case OpKind::FillNa: x = fill_na(x, op.a); break;
+      case OpKind::Standardize: {
+        const size_t j = op.mean.size() == 1 ? 0 : static_cast<size_t>(e);
+        x = standardize(x, op.mean[j], op.scale[j]);
+        break;
+      }
+      case OpKind::Clip: x = clip(x, op.a, op.b); break;
+    }
+  }
+  return x;
+}
+
 template <typename In, typename Out, typename Rows>
 void transform_rows(const GatherColumn& col, const Rows& rows, const int64_t* idx, int64_t n,
                     Out* dst) {
@@ -106,21 +124,8 @@ void transform_rows(const GatherColumn& col, const Rows& rows, const int64_t* id
   for (int64_t k = 0; k < n; ++k) {
     const In* row = reinterpret_cast<const In*>(rows(idx[k]));
     Out* out = dst + k * m;
-    for (int64_t e = 0; e < m; ++e) {
-      double x = load_as_double(row[e]);
-      for (const TransformOp& op : ops) {
-        switch (op.kind) {
-          case OpKind::FillNa: x = fill_na(x, op.a); break;
-          case OpKind::Standardize: {
-            const size_t j = op.mean.size() == 1 ? 0 : static_cast<size_t>(e);
-            x = standardize(x, op.mean[j], op.scale[j]);
-            break;
-          }
-          case OpKind::Clip: x = clip(x, op.a, op.b); break;
-        }
-      }
-      out[e] = store_as<Out>(x);
-    }
+    for (int64_t e = 0; e < m; ++e)
+      out[e] = store_as<Out>(apply_ops(load_as_double(row[e]), ops, e));
   }
 }
 
@@ -140,11 +145,40 @@ void gather_with(const GatherColumn& col, const Rows& rows, const int64_t* indic
   });
 }
 
+// A column of parts: element e of dst row k = transform(parts[e][indices[k]]).
+template <typename In, typename Out>
+void gather_parts_as(const GatherColumn& col, const int64_t* idx, int64_t n, Out* dst) {
+  const auto m = static_cast<int64_t>(col.parts.size());
+  const auto& ops = col.plan.ops;
+  for (int64_t e = 0; e < m; ++e) {
+    const In* src = reinterpret_cast<const In*>(col.parts[static_cast<size_t>(e)]);
+    Out* out = dst + e;
+    if constexpr (std::is_same_v<In, Out>) {
+      if (ops.empty()) {  // a plain copy into every m-th element
+        for (int64_t k = 0; k < n; ++k) out[k * m] = src[idx[k]];
+        continue;
+      }
+    }
+    for (int64_t k = 0; k < n; ++k)
+      out[k * m] = store_as<Out>(apply_ops(load_as_double(src[idx[k]]), ops, e));
+  }
+}
+
 }  // namespace
 
 void gather_rows(const GatherColumn& col, const int64_t* indices, int64_t n, void* dst, bool check,
                  bool cached) {
   if (check) check_indices(indices, n, col.src.shape[0]);
+  if (!col.parts.empty()) {
+    dispatch_dtype(col.src.dtype, [&](auto in_tag) {
+      using In = typename decltype(in_tag)::type;
+      dispatch_dtype(col.out_dtype, [&](auto out_tag) {
+        using Out = typename decltype(out_tag)::type;
+        gather_parts_as<In, Out>(col, indices, n, static_cast<Out*>(dst));
+      });
+    });
+    return;
+  }
   if (cached && col.chunks.empty() && col.plan.empty() && col.out_dtype == col.src.dtype) {
     const auto* base = static_cast<const char*>(col.src.data);
     auto* out = static_cast<char*>(dst);
@@ -180,7 +214,7 @@ void permute_values(const void* src, const int64_t* perm, int64_t n, int64_t ite
 
 bool warm_column(const GatherColumn& col, int64_t max_bytes) {
   const int64_t nbytes = col.src.shape[0] * col.src.row_bytes();
-  if (nbytes > max_bytes) return false;
+  if (nbytes > max_bytes || !col.parts.empty()) return false;
   auto touch = [](const char* p, int64_t n) {
     // volatile: the loads are the point, and must not be optimised away.
     unsigned char acc = 0;

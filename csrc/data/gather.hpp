@@ -15,10 +15,15 @@ namespace fastml::data {
 // (shape[0] = all rows); its rows live in `src.data`, or, for a column in
 // several chunks (Arrow record batches, used without combining them), chunk j
 // holds rows [chunk_starts[j], chunk_starts[j + 1]) at chunks[j].
+// A column may also be assembled from `parts`: 1-D arrays of one dtype and
+// src.shape[0] rows each, part e giving element e of every row (several
+// Parquet columns loaded as one 2-D feature column); `src` then carries the
+// dtype and the (rows, parts) shape, with no data of its own.
 struct GatherColumn {
   ArrayView src;
   std::vector<const char*> chunks;
   std::vector<int64_t> chunk_starts;  // chunks.size() + 1 entries, from 0 to src.shape[0]
+  std::vector<const char*> parts;
   TransformPlan plan;
   DType out_dtype = DType::F32;
   int64_t out_row_bytes() const {

@@ -71,6 +71,10 @@ class Dataset:
         self._row_groups: list[RowGroup] = []
         self._parquet_chunks: dict[int, np.ndarray] = {}  # native decoder layout per file
         self._schema: dict[str, ColumnInfo] = {}
+        # Parquet: the file columns decoded (in order) and their types, and the
+        # feature columns assembled from several of them (from_parquet).
+        self._sources: dict[str, ColumnInfo] = {}
+        self._features: dict[str, list[str]] = {}
         self._num_rows = 0
         self._tensors: dict[str, Any] | None = None  # device-resident columns (see to)
         self._device: Any = None
@@ -122,6 +126,7 @@ class Dataset:
         cls,
         paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
         columns: Sequence[str] | None = None,
+        features: Mapping[str, Sequence[str]] | None = None,
     ) -> Dataset:
         """A dataset over Parquet files (one path, a list or a glob), streamed by row group.
 
@@ -131,8 +136,15 @@ class Dataset:
         PLAIN, dictionary, BYTE_STREAM_SPLIT and RLE encodings; uncompressed or
         Snappy pages: see docs/data.md, "Parquet decoding") straight into reused
         window buffers, and pyarrow reads any other chunk (other codecs such as
-        ZSTD, DELTA encodings, nested columns). ``columns``: the columns to load
-        (all by default).
+        ZSTD, DELTA encodings, nested columns).
+
+        ``columns``: the columns to load (default: every column not used by
+        ``features``). ``features``: 2-D columns assembled from several scalar
+        columns of one dtype, e.g. ``{"x": ["f0", ..., "f19"]}`` gives a column
+        ``"x"`` of rows of 20 values, element ``j`` from ``f{j}`` (a batch's
+        ``"x"`` is a ``(rows, 20)`` array; the gather writes it directly, with
+        no per-batch stacking). A column used by a feature is not also a column
+        of its own.
         """
         files = parquet_paths(paths)
         ds = cls._new()
@@ -143,15 +155,39 @@ class Dataset:
             arrow_schema = pf.schema_arrow
             if schema0 is None:
                 schema0 = arrow_schema
-                names = list(arrow_schema.names) if columns is None else list(columns)
+                feats = _check_features(features, arrow_schema.names, path)
+                used = {c for srcs in feats.values() for c in srcs}
+                if columns is None:
+                    names = [n for n in arrow_schema.names if n not in used]
+                else:
+                    names = list(columns)
+                    both = sorted(used.intersection(names))
+                    if both:
+                        raise ValueError(
+                            f"columns {both} are listed in columns and used by features; "
+                            "a column used by a feature is not loaded on its own"
+                        )
                 for n in names:
                     if n not in arrow_schema.names:
                         raise KeyError(
                             f"column '{n}' is not in {path!r} (has {arrow_schema.names})"
                         )
-                    ds._schema[n] = _arrow_type_info(n, arrow_schema.field(n).type)
+                for n in [*names, *(c for srcs in feats.values() for c in srcs)]:
+                    ds._sources[n] = _arrow_type_info(n, arrow_schema.field(n).type)
+                ds._schema = {n: ds._sources[n] for n in names}
+                for f, srcs in feats.items():
+                    infos = [ds._sources[c] for c in srcs]
+                    bad = [c for c, i in zip(srcs, infos, strict=True) if i.shape != ()]
+                    if bad:
+                        raise ValueError(f"features['{f}'] needs scalar columns; {bad} are not")
+                    dts = {i.dtype for i in infos}
+                    if len(dts) != 1:
+                        kinds = {c: str(i.dtype) for c, i in zip(srcs, infos, strict=True)}
+                        raise ValueError(f"features['{f}'] needs columns of one dtype, got {kinds}")
+                    ds._schema[f] = ColumnInfo(infos[0].dtype, (len(srcs),))
+                ds._features = feats
             else:
-                for n, info in ds._schema.items():
+                for n, info in ds._sources.items():
                     if (
                         n not in arrow_schema.names
                         or _arrow_type_info(n, arrow_schema.field(n).type) != info
@@ -258,6 +294,45 @@ class Dataset:
     def _iter_columns(self) -> Iterator[tuple[str, np.ndarray]]:
         assert self._arrays is not None
         yield from self._arrays.items()
+
+
+def _check_features(
+    features: Mapping[str, Sequence[str]] | None, file_columns: list[str], path: str
+) -> dict[str, list[str]]:
+    """``features`` as {name: [columns]}, checked: names and columns are strings,
+    each feature has at least one column, every column exists and serves one
+    feature at most, and no feature is named like a column of the file."""
+    if features is None:
+        return {}
+    if not isinstance(features, Mapping):
+        raise TypeError(f"features must be a dict of column lists, got {type(features).__name__}")
+    out: dict[str, list[str]] = {}
+    seen: dict[str, str] = {}
+    for f, srcs in features.items():
+        if not isinstance(f, str):
+            raise TypeError(f"features names must be strings, got {f!r}")
+        if isinstance(srcs, (str, bytes)) or not isinstance(srcs, Sequence):
+            raise TypeError(f"features['{f}'] must be a list of column names, got {srcs!r}")
+        srcs = list(srcs)
+        if not srcs:
+            raise ValueError(f"features['{f}'] needs at least one column")
+        if f in file_columns:
+            raise ValueError(f"features['{f}'] is named like a column of {path!r}")
+        for c in srcs:
+            if not isinstance(c, str):
+                raise TypeError(f"features['{f}'] must hold column names, got {c!r}")
+            if c not in file_columns:
+                raise KeyError(f"features['{f}']: column '{c}' is not in {path!r}")
+            if c in seen:
+                where = (
+                    f"twice in features['{f}']"
+                    if seen[c] == f
+                    else (f"by features['{seen[c]}'] and features['{f}']")
+                )
+                raise ValueError(f"column '{c}' is used {where}")
+            seen[c] = f
+        out[f] = srcs
+    return out
 
 
 def _arrow_type_info(name: str, t: Any) -> ColumnInfo:

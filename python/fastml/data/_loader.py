@@ -822,6 +822,11 @@ _GROUP_STREAM = 1 << 40
 _CACHED_WINDOW_BYTES = 512 << 10
 
 
+def _one_array(a: Any) -> np.ndarray:
+    """One contiguous array of a column that may come in chunks."""
+    return np.ascontiguousarray(np.concatenate(a) if isinstance(a, list) else a)
+
+
 def parquet_epoch_layout(
     row_counts: list[int], shuffle: bool, seed: int, epoch: int, buffer_rows: int
 ) -> list[list[int]]:
@@ -868,7 +873,20 @@ def _parquet_batches(
     )
     starts = np.cumsum([0] + [sum(rgs[g].rows for g in win) for win in windows])
     plan = loader._plan
-    names = list(ds.schema)
+    # The file columns decoded, and the plan's columns: those, or feature
+    # columns assembled from several of them (Dataset.from_parquet(features=)).
+    names = list(ds._sources)
+    features = ds._features
+    outputs = list(ds.schema)
+
+    def assemble(column: Any) -> list[Any]:
+        """The plan's source arrays: a feature column is a tuple of its columns'
+        1-D arrays (the gather writes its rows from them)."""
+        return [
+            tuple(_one_array(column(src)) for src in features[c]) if c in features else column(c)
+            for c in outputs
+        ]
+
     # The open (memory-mapped) files stay open across epochs: mapping them anew
     # every epoch costs a page fault per few pages of the file again.
     files = loader._parquet_files
@@ -933,7 +951,7 @@ def _parquet_batches(
     # gathered and the one read ahead). Other columns, and any chunk the
     # decoder reports as unsupported or corrupt, go through pyarrow (a chunk
     # fails only if pyarrow cannot read it either).
-    col_info = [ds.schema[c] for c in names]
+    col_info = [ds._sources[c] for c in names]
     dtypes = [info.dtype if info.shape == () else None for info in col_info]
     widest_value = max(info.dtype.itemsize * int(np.prod(info.shape)) for info in col_info)
     free_buffers = loader._parquet_buffers
@@ -1061,7 +1079,7 @@ def _parquet_batches(
             ) from None
 
     def check_chunk(g: int, c: str, a: np.ndarray, whole: bool = True) -> None:
-        if a.shape[1:] != ds.schema[c].shape or a.dtype != ds.schema[c].dtype:
+        if a.shape[1:] != ds._sources[c].shape or a.dtype != ds._sources[c].dtype:
             raise _core.FormatError(f"{ds._files[rgs[g].file]!r}: column '{c}' changed type")
         if whole and a.shape[0] != rgs[g].rows:
             raise _core.FormatError(
@@ -1098,7 +1116,7 @@ def _parquet_batches(
         bufs = native_decode(groups, orders if stored else None)
         try:
             if bufs is not None:
-                arrays: list[Any] = [bufs[c][:m] for c in names]
+                arrays = assemble(lambda c: bufs[c][:m])
                 perm_out = bufs[_PERM][:m]
             else:
                 table = read_groups(windows[wi], names)
@@ -1108,9 +1126,10 @@ def _parquet_batches(
                         f"{ds._files[f0.file]!r}: row groups from {f0.index} hold "
                         f"{table.num_rows} rows, the footer says {m}"
                     )
-                arrays = [arrow_column(c, table.column(c)) for c in names]
-                for c, a in zip(names, arrays, strict=True):
+                read = {c: arrow_column(c, table.column(c)) for c in names}
+                for c, a in read.items():
                     check_chunk(windows[wi][0], c, first_chunk(a), whole=False)
+                arrays = assemble(read.__getitem__)
                 perm_out = None
             in_order = stored and bufs is not None  # rows stored in their group's order
             if loader._shuffle:
