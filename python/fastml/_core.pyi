@@ -48,6 +48,7 @@ def data_window_order(
     """A window's order over its row groups (rows [starts[g], starts[g+1]) of group g):
     the positions' groups uniformly arranged, each taking its group's next row (in
     ``within[g]``'s order when given)."""
+
 def data_epoch_rows(
     n: int, shuffle: bool, seed: int, epoch: int, rank: int, world_size: int, drop_last: bool
 ) -> Any: ...

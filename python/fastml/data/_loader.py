@@ -764,8 +764,13 @@ class _ParquetStream(_Stream):
             self._queue.get_nowait()
         self._ready.clear()
         # A consumer blocked in next() on another thread wakes on this (the
-        # producer is gone, so nothing else would ever reach the queue).
-        self._queue.put_nowait(self._DONE)
+        # producer is gone, so nothing else would ever reach the queue). Full:
+        # the consumer has just put back the producer's own end mark, which
+        # wakes it as well.
+        try:
+            self._queue.put_nowait(self._DONE)
+        except queue.Full:
+            pass
 
     def _put(self, item: Any) -> bool:
         while not self._stop.is_set():
@@ -1094,11 +1099,11 @@ def _parquet_batches(
         the group's values are in cache; then the positions' groups are a
         uniformly random arrangement of the window's rows' groups (stream
         2 + window), and each position takes its group's next row
-        (data_window_order). The
-        gather then reads each group front to back instead of at random over
-        the whole window (which cost half the throughput with 8 row groups per
-        window). Rows pyarrow decodes (no window buffers) take the same order
-        through the group orders instead."""
+        (data_window_order). The gather then reads each group front to back
+        instead of at random over the whole window (which cost half the
+        throughput with 8 row groups per window). Small windows, and rows
+        pyarrow decodes (no window buffers), take the same order through the
+        group orders instead."""
         m = int(starts[wi + 1] - starts[wi])
         groups = windows[wi]
         offsets = np.cumsum([0] + [rgs[g].rows for g in groups], dtype=np.int64)
