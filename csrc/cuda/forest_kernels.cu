@@ -67,6 +67,9 @@ struct DeviceForest {
   uint32_t* node_cat_words = nullptr;
   uint32_t* cat_bits = nullptr;
   void* base = nullptr;
+  // A single-output forest of scalar leaves: the ordered sums skip the group
+  // test (forest_tile_sum).
+  bool one_output = false;
   // Host inputs: two slots, each a pinned staging pair (rows in, results out),
   // device buffers, its own stream and an event; chunks alternate between the
   // slots, so one chunk's copy in overlaps the other's kernel (see
@@ -245,7 +248,7 @@ __global__ void __launch_bounds__(kTreeThreads) forest_trees_kernel(
     const uint32_t* __restrict__ cat_bits, const AccT* __restrict__ base, const XT* __restrict__ X,
     int64_t rows, int32_t R, int32_t num_features, int32_t num_outputs, int64_t num_trees,
     ThrT cat_lo, ThrT cat_hi, bool cat_integral, double divisor, int32_t link, int32_t tile_size,
-    AccT* __restrict__ out) {
+    bool one_output, AccT* __restrict__ out) {
   // Shared memory: per (tree of the tile, row) the leaf's value, or for trees
   // with a vector of values per leaf (group < 0) the leaf's node index; laid
   // out [tree][row] so the threads of a warp touch consecutive words. Then
@@ -298,17 +301,10 @@ __global__ void __launch_bounds__(kTreeThreads) forest_trees_kernel(
     __syncthreads();
     // Sum this tile's leaves in tree order, one thread per (row, output).
     auto add_tile = [&](int32_t r, int32_t k, AccT a) {
-      const AccT* lv = leaf_val + r;
-      for (int32_t lt = 0; lt < tile_trees; ++lt) {
-        const int32_t g = grp[lt];
-        if (g == k) {
-          a += lv[static_cast<int64_t>(lt) * R];
-        } else if (g < 0) {
-          const int32_t n = *reinterpret_cast<const int32_t*>(lv + static_cast<int64_t>(lt) * R);
-          a += values[tree_value_shift[tile + lt] + static_cast<int64_t>(n) * num_outputs + k];
-        }
-      }
-      return a;
+      auto vector_value = [&](int32_t lt, int32_t n) {
+        return values[tree_value_shift[tile + lt] + static_cast<int64_t>(n) * num_outputs + k];
+      };
+      return forest_tile_sum(a, leaf_val + r, R, grp, tile_trees, k, one_output, vector_value);
     };
     if (many_outputs) {
       for (int32_t s = tid; s < sums; s += kTreeThreads) {
@@ -372,6 +368,8 @@ DeviceForest& device_forest(const Forest& f) {
   d->tree_root = upload(fl.tree_root, T, "upload trees");
   d->tree_depth = upload(fl.tree_depth, T, "upload trees");
   d->tree_group = upload(fl.tree_group, T, "upload trees");
+  d->one_output = f.num_outputs() == 1 &&
+                  std::all_of(fl.tree_group, fl.tree_group + T, [](int32_t g) { return g == 0; });
   d->tree_value_shift = upload(fl.tree_value_shift, T, "upload trees");
   d->node_cat_offset = upload(fl.node_cat_offset, fl.num_nodes, "upload categories");
   d->node_cat_words = upload(fl.node_cat_words, fl.num_nodes, "upload categories");
@@ -442,7 +440,7 @@ bool launch(const Forest& f, DeviceForest& d, const void* X, DType xdt, int64_t 
               d.tree_root, d.tree_depth, d.tree_group, d.tree_value_shift, d.node_cat_offset,
               d.node_cat_words, d.cat_bits, static_cast<const AccT*>(d.base),
               static_cast<const XT*>(X), rows, R, s.num_features, s.num_outputs, f.num_trees(), lo,
-              hi, s.cat_rule.integral, divisor, link, tile, static_cast<AccT*>(out));
+              hi, s.cat_rule.integral, divisor, link, tile, d.one_output, static_cast<AccT*>(out));
     }
   };
   if (xdt == DType::F32)

@@ -71,6 +71,43 @@ FASTML_HD inline bool forest_go_left_categorical(T x, uint32_t flags, const uint
   return in_set == ((flags & kNodeCatSetLeft) != 0);
 }
 
+// The CUDA kernel's ordered sum of one tile of trees for output k of one row
+// (forest_trees_kernel), here so that CPU tests run it. Tree lt of the tile
+// (lt < n) left at lv[lt * stride] its leaf's value (a scalar leaf for output
+// group[lt] >= 0, added when group[lt] == k) or its leaf's node index (a
+// vector leaf, group[lt] < 0: vector_value(lt, node) gives its k-th value).
+// `one_output`: every tree of the tile has a scalar leaf for output 0 (a
+// single-output forest), so every tree adds: a plain loop over the leaves,
+// the same additions in the same order (bit-identical), without a group load
+// and test per tree; the loads are independent, so only the adds are serial.
+template <typename AccT, typename VectorValue>
+FASTML_HD inline AccT forest_tile_sum(AccT a, const AccT* lv, int64_t stride, const int32_t* group,
+                                      int32_t n, int32_t k, bool one_output,
+                                      const VectorValue& vector_value) {
+  if (one_output) {
+    int32_t lt = 0;
+    for (; lt + 4 <= n; lt += 4) {
+      const AccT v0 = lv[lt * stride], v1 = lv[(lt + 1) * stride];
+      const AccT v2 = lv[(lt + 2) * stride], v3 = lv[(lt + 3) * stride];
+      a += v0;
+      a += v1;
+      a += v2;
+      a += v3;
+    }
+    for (; lt < n; ++lt) a += lv[lt * stride];
+    return a;
+  }
+  for (int32_t lt = 0; lt < n; ++lt) {
+    const int32_t g = group[lt];
+    if (g == k) {
+      a += lv[lt * stride];
+    } else if (g < 0) {
+      a += vector_value(lt, *reinterpret_cast<const int32_t*>(lv + lt * stride));
+    }
+  }
+  return a;
+}
+
 // Link functions (output="value").
 enum class ForestLink : int32_t {
   Identity = 0,
