@@ -242,7 +242,8 @@ def main() -> None:
                 tp,
                 baseline="pyarrow.parquet.read_table",
                 title=f"Parquet: {os.path.getsize(path) / 1e6:.0f} MB, 65536-row groups, "
-                f"shuffle_buffer 65536, {prepeat} interleaved rounds",
+                f"shuffle_buffer {ploader._shuffle_buffer} (the default), {prepeat} interleaved "
+                "rounds",
             )
         )
         f_s = tp["fastml Loader (Parquet)"].seconds
