@@ -94,8 +94,10 @@ class Loader:
         to about three chunks can be ahead there.
     rank, world_size: this process's shard; default to torch.distributed's when it
         is initialised, else 0 and 1.
-    device: ``"cpu"`` or ``"cuda"``/``"cuda:N"`` (torch CUDA tensors, copied from
-        pinned staging buffers on a dedicated stream).
+    device: ``"cpu"`` or ``"cuda"``/``"cuda:N"`` (torch CUDA tensors: each batch is
+        gathered into one pinned buffer and copied in one transfer on a dedicated
+        stream ordered with torch's current stream; its tensors are views of one
+        device buffer, so keeping any column keeps that batch's memory).
     output: ``"numpy"`` (dict of NumPy arrays) or ``"torch"`` (dict of tensors).
     transforms: ``{column: [FillNa(...), Standardize(...), Clip(...), Cast(...)]}``,
         applied in the native gather.
@@ -608,7 +610,10 @@ class Loader:
     def stats(self) -> dict[str, Any]:
         """Batches, rows and bytes produced; seconds the consumer waited for batches
         (``wait_seconds``: high means loader-bound) and seconds workers spent
-        producing them (``worker_seconds``); buffer allocations and reuses."""
+        producing them (``worker_seconds``); buffer allocations and reuses; with
+        ``device="cuda"`` the copies (``h2d_copies`` batches, ``h2d_transfers``
+        copy calls, ``h2d_bytes``, ``h2d_copied_bytes`` with padding, ``h2d_waits``,
+        ``h2d_inflight``)."""
         if self._engine is not None:
             s = dict(self._engine.stats())
         else:
