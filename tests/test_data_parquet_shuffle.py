@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from fastml import _core, data
 from fastml.data import _loader as loader_mod
+from fastml.data._sources import ColumnInfo
 
 
 def _write(path, sizes: list[int], label=None) -> int:
@@ -152,25 +153,33 @@ def test_batches_mix_the_window_like_a_uniform_shuffle(tmp_path):
             assert np.median(spread) == 8
 
 
-def test_default_window_holds_about_eight_row_groups():
+def test_default_window_holds_about_eight_row_groups(tmp_path):
     class Groups:
         is_streamed = True
 
-        def __init__(self, sizes):
+        def __init__(self, sizes, row_bytes=96):
             self._row_groups = [type("G", (), {"rows": s})() for s in sizes]
+            self._sources = {"x": ColumnInfo(np.dtype(np.uint8), (row_bytes,))}
 
     f = loader_mod.default_shuffle_buffer
-    assert f(Groups([65536] * 31), 1024, 96) == 8 * 65536
-    assert f(Groups([1000] * 50), 1024, 96) == 65536  # small groups: the floor
-    assert f(Groups([1000] * 50), 65536, 96) == 8 * 65536  # the floor follows the batch
-    # Wide rows: the window stays within 256 MiB of rows.
-    assert f(Groups([1_000_000] * 20), 1024, 4096) == (256 << 20) // 4096
-    assert f(Groups([10, 10, 5000, 5000, 5000]), 16, 8) == 65536
+    assert f(Groups([65536] * 31), 1024) == 8 * 65536
+    assert f(Groups([1000] * 50), 1024) == 65536  # small groups: the floor
+    assert f(Groups([1000] * 50), 65536) == 8 * 65536  # the floor follows the batch
+    # Wide rows: the window stays within 256 MiB of decoded rows.
+    assert f(Groups([1_000_000] * 20, 4096), 1024) == (256 << 20) // 4096
+    assert f(Groups([10, 10, 5000, 5000, 5000], 8), 16) == 65536
 
     class InMemory:
         is_streamed = False
 
-    assert f(InMemory(), 1024, 8) == 65536
+    assert f(InMemory(), 1024) == 65536
+    # A real data set: transforms (here a Cast to a wider type) do not move it.
+    path = tmp_path / "d.parquet"
+    _write(path, [70000, 70000, 70000])
+    ds = data.Dataset.from_parquet(path)
+    plain = data.Loader(ds, batch_size=100)
+    cast = data.Loader(ds, batch_size=100, transforms={"x": [data.Cast("float64")]})
+    assert plain._shuffle_buffer == cast._shuffle_buffer == 8 * 70000
 
 
 def test_a_state_of_the_old_parquet_order_is_refused(tmp_path):

@@ -182,9 +182,7 @@ class Loader:
             capacity += 3 * _chunk_batches(self._prefetch, self._batch_size)
         self._plan = _core.DataGatherPlan(specs, capacity)
         if shuffle_buffer is None:
-            shuffle_buffer = default_shuffle_buffer(
-                dataset, self._batch_size, self._plan.out_row_bytes
-            )
+            shuffle_buffer = default_shuffle_buffer(dataset, self._batch_size)
         self._shuffle_buffer = shuffle_buffer
         self._engine: Any = None
         self._parquet_files: dict[int, Any] = {}  # open ParquetFile objects by file number
@@ -809,17 +807,22 @@ _WINDOW_GROUPS = 8
 _WINDOW_BYTES = 256 << 20
 
 
-def default_shuffle_buffer(dataset: Any, batch_size: int, row_bytes: int) -> int:
+def default_shuffle_buffer(dataset: Any, batch_size: int) -> int:
     """``shuffle_buffer`` when none is given: rows of ``_WINDOW_GROUPS`` row groups
     of the median size, so that batches mix that many row groups, but at most
-    ``_WINDOW_BYTES`` of rows; never below ``max(65536, 8 * batch_size)``."""
+    ``_WINDOW_BYTES`` of decoded rows (the columns as the file holds them, which
+    is what a window keeps; transforms do not change it); never below
+    ``max(65536, 8 * batch_size)``."""
     floor = max(65536, 8 * batch_size)
     groups = getattr(dataset, "_row_groups", None) if dataset.is_streamed else None
     if not groups:
         return floor
     sizes = sorted(g.rows for g in groups)
     want = _WINDOW_GROUPS * sizes[len(sizes) // 2]
-    cap = _WINDOW_BYTES // max(int(row_bytes), 1)
+    row_bytes = sum(
+        info.dtype.itemsize * int(np.prod(info.shape)) for info in dataset._sources.values()
+    )
+    cap = _WINDOW_BYTES // max(row_bytes, 1)
     return max(floor, min(want, cap))
 
 
