@@ -1,4 +1,5 @@
-"""Backend selection, the optional triton import and shared launch helpers.
+"""Backend selection, the optional triton import, shared launch helpers, launch
+tuning and the one registration path of every op (kernel_op, differentiable).
 
 CUDA tensors run the Triton kernels, CPU tensors the torch reference with the
 same semantics. ``set_backend`` forces one. Forcing ``"triton"`` on CPU tensors
