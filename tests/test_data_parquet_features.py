@@ -14,11 +14,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from _parquet_paths import DECODE_PATHS, force_decode_path
 from hypothesis import given
 from hypothesis import strategies as st
 
 from fastml import data
-from fastml.data import _loader as loader_mod
 
 DTYPES = ["int8", "int16", "int32", "int64", "uint8", "float16", "float32", "float64"]
 
@@ -32,17 +32,6 @@ def _file(path, n: int, k: int, dtype: str, group_rows: int, seed: int = 0) -> N
     pq.write_table(pa.table(cols), path, row_group_size=group_rows)
 
 
-def _no_native(mp):
-    real = loader_mod.parquet_chunk_table
-
-    def none_native(*a, **kw):
-        t = real(*a, **kw).copy()
-        t[..., 2] = -1
-        return t
-
-    mp.setattr(loader_mod, "parquet_chunk_table", none_native)
-
-
 @given(
     n=st.integers(1, 3000),
     k=st.integers(1, 6),
@@ -52,7 +41,7 @@ def _no_native(mp):
     batch=st.integers(1, 400),
     shuffle=st.booleans(),
     transform=st.sampled_from(["none", "standardize", "cast", "fill"]),
-    mode=st.sampled_from(["stored", "logical", "pyarrow"]),
+    mode=st.sampled_from(DECODE_PATHS),
 )
 def test_feature_columns_equal_the_stacked_columns(
     tmp_path_factory, n, k, dtype, group_rows, buffer, batch, shuffle, transform, mode
@@ -73,9 +62,7 @@ def test_feature_columns_equal_the_stacked_columns(
         tf_x = [data.FillNa(-1.0)]
         tf_cols = {c: [data.FillNa(-1.0)] for c in srcs}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loader_mod, "_CACHED_WINDOW_BYTES", 0 if mode == "stored" else 1 << 60)
-        if mode == "pyarrow":
-            _no_native(mp)
+        force_decode_path(mp, mode)
         ds = data.Dataset.from_parquet(path, features={"x": srcs})
         assert ds.columns == ["id", "x"]
         assert ds.schema["x"].shape == (k,)

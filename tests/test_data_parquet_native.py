@@ -16,12 +16,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from _hyp import examples
+from _parquet_paths import force_decode_path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastml
 from fastml import _core, data
-from fastml.data import _loader as loader_mod
 from fastml.data._sources import parquet_chunk_table, parquet_footer
 
 NATIVE_DTYPES = [
@@ -365,7 +365,7 @@ def test_chunks_the_decoder_rejects_are_read_by_pyarrow(tmp_path, monkeypatch, s
     table = pa.table({"i": rng.integers(0, 99, n), "x": rng.random(n).astype(np.float32)})
     path = tmp_path / "ok.parquet"
     pq.write_table(table, path, row_group_size=1000)
-    monkeypatch.setattr(loader_mod, "_CACHED_WINDOW_BYTES", 0)  # every window stored shuffled
+    force_decode_path(monkeypatch, "stored")  # every window stored shuffled
     kw = dict(batch_size=300, shuffle=shuffle, shuffle_buffer=2000, seed=3)
     want = list(data.Loader(data.Dataset.from_parquet(path), **kw))
     real = _core.parquet_decode

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from _parquet_paths import DECODE_PATHS, force_decode_path
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -42,18 +43,6 @@ def _ids(loader) -> list[np.ndarray]:
     return [b["i"].copy() for b in loader]
 
 
-def _no_native(monkeypatch):
-    """Every chunk reported unsupported by the native decoder: pyarrow reads all."""
-    real = loader_mod.parquet_chunk_table
-
-    def none_native(*a, **k):
-        t = real(*a, **k).copy()
-        t[..., 2] = -1
-        return t
-
-    monkeypatch.setattr(loader_mod, "parquet_chunk_table", none_native)
-
-
 @given(
     sizes=st.lists(st.integers(1, 600), min_size=1, max_size=9),
     batch=st.integers(1, 300),
@@ -72,10 +61,8 @@ def test_stored_logical_and_pyarrow_orders_give_the_same_batches(
     kw = dict(batch_size=batch, seed=seed, shuffle_buffer=buffer, drop_last=drop_last)
     runs: dict[str, list[list[np.ndarray]]] = {}
     with pytest.MonkeyPatch.context() as mp:
-        for mode in ("stored", "logical", "pyarrow"):
-            mp.setattr(loader_mod, "_CACHED_WINDOW_BYTES", 0 if mode == "stored" else 1 << 60)
-            if mode == "pyarrow":
-                _no_native(mp)
+        for mode in DECODE_PATHS:  # pyarrow last: its patch stays for the context
+            force_decode_path(mp, mode)
             per_rank = []
             for r in range(world):
                 ld = data.Loader(ds, rank=r, world_size=world, **kw)
@@ -101,7 +88,7 @@ def test_resume_mid_window_gives_the_rest_of_the_epoch(tmp_path, monkeypatch):
     """A window stored in shuffled order, resumed after some of its batches."""
     path = tmp_path / "d.parquet"
     _write(path, [700, 300, 900, 500, 640])
-    monkeypatch.setattr(loader_mod, "_CACHED_WINDOW_BYTES", 0)
+    force_decode_path(monkeypatch, "stored")
     ds = data.Dataset.from_parquet(path)
     kw = dict(batch_size=64, seed=9, shuffle_buffer=1500)
     full = _ids(data.Loader(ds, **kw))
@@ -131,9 +118,9 @@ def test_batches_mix_the_window_like_a_uniform_shuffle(tmp_path):
     path = tmp_path / "sorted.parquet"
     _write(path, [rows] * groups, label=label)
     ds = data.Dataset.from_parquet(path)
-    for stored in (0, 1 << 60):
+    for mode in ("stored", "logical"):
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(loader_mod, "_CACHED_WINDOW_BYTES", stored)
+            force_decode_path(mp, mode)
             ld = data.Loader(ds, batch_size=bsz, seed=4, shuffle_buffer=8 * rows)
             windows = loader_mod.parquet_epoch_layout([rows] * groups, True, 4, 0, 8 * rows)
             z2, spread = [], []
