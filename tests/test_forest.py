@@ -908,6 +908,24 @@ def _cuda_cases(xgb_models, lgb_models):
             X, np.digitize(score, [-0.3, 0.7])
         )
     )
+    # LightGBM's leaf-wise trees without a depth limit, deep and unbalanced:
+    # the binned explicit-children layout (and QuickScorer on the CPU).
+    Xl, sl = _train_data(n=3000, nan_frac=0.05, seed=13)
+    deep = Forest.from_lightgbm(
+        lgb.train(
+            {
+                "objective": "binary",
+                "num_leaves": 31,
+                "min_data_in_leaf": 2,
+                "verbose": -1,
+                "num_threads": 1,
+            },
+            lgb.Dataset(Xl, (sl > 0).astype(float)),
+            20,
+        )
+    )
+    assert deep._core.engine in ("binned", "binned-qs"), deep._core.engine
+    cases["lgb leaf-wise deep trees"] = deep
     return cases
 
 
@@ -945,6 +963,47 @@ def test_cuda_matches_cpu(xgb_models, lgb_models):
             np.testing.assert_allclose(one.cpu().numpy(), f.predict(Xd[0]), rtol=1e-5)
             with pytest.raises(ValueError, match="pass device='cuda'"):
                 f.predict(t)  # device="cpu" (the default) with a CUDA tensor
+
+
+def test_cuda_kernel_emulated_matches_cpu(xgb_models, lgb_models):
+    """The CUDA kernel's block code (forest_block.hpp), run on the host: margins
+    bit-identical to the CPU engine for every model kind of
+    test_cuda_matches_cpu, on each layout it can take (binned forests: the
+    binned layout and the general one; others: the general one), at launch
+    shapes from 1-row blocks with one tile of trees to 32-row blocks with
+    several, float32 and float64 inputs. Values (after the link) to a few ULP."""
+    X = _edge_matrix({}, 1000, seed=12)
+    layouts = set()
+    for name, f in _cuda_cases(xgb_models, lgb_models).items():
+        core = f._core
+        binned = core.engine.startswith("binned")
+        for dt in (np.float32, np.float64):
+            Xd = X.astype(dt)
+            for rows in (1, 3, 33, 257, 1000):
+                part = Xd[:rows]
+                ref = core.predict(part, False)
+                for general in (False, True) if binned else (False,):
+                    for sm_count in (1, 132):
+                        got, layout = core.emulate_cuda(part, False, sm_count, general)
+                        layouts.add(layout)
+                        assert (layout == "general") == (general or not binned), (name, layout)
+                        np.testing.assert_array_equal(
+                            got, ref, err_msg=f"{name} {layout} {rows} rows sm_count={sm_count}"
+                        )
+            value, _ = core.emulate_cuda(Xd[:257], True, 132, False)
+            np.testing.assert_allclose(value, core.predict(Xd[:257], True), rtol=1e-5, err_msg=name)
+    assert layouts == {"perfect", "explicit", "general"}
+
+
+def test_cuda_kernel_emulation_rejects_bad_input(small_forest):
+    core = small_forest[1]._core
+    nf = core.num_features
+    with pytest.raises(ValueError, match="sm_count"):
+        core.emulate_cuda(np.zeros((2, nf), np.float32), False, 0, False)
+    with pytest.raises(ValueError, match="X"):
+        core.emulate_cuda(np.zeros((2, nf + 1), np.float32), False, 1, False)
+    out, _ = core.emulate_cuda(np.zeros((0, nf), np.float32), False, 1, False)
+    assert out.shape[0] == 0
 
 
 def test_auto_crossover_rows_model_and_override(monkeypatch):

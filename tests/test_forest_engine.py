@@ -195,6 +195,20 @@ def _check_all_paths(spec, X: np.ndarray) -> None:
     # Rows one at a time take the single-row walk.
     for i in range(0, len(X), max(1, len(X) // 9)):
         np.testing.assert_array_equal(core.predict(X[i : i + 1], False), ref[i : i + 1])
+    _check_cuda_kernel(core, X, ref)
+
+
+def _check_cuda_kernel(core, X: np.ndarray, ref: np.ndarray) -> None:
+    """The CUDA kernel's blocks, run on the host (forest_block.hpp): its binned
+    layout (perfect or explicit, as the CPU engine's) and its general layout,
+    with the launch shapes of a 1-SM device (32 rows per block, several tiles
+    of trees) and of a 132-SM one (1-row blocks for small batches)."""
+    binned = {"binned-perfect": "perfect", "binned-qs": "explicit", "binned": "explicit"}
+    for general in (False, True):
+        for sm_count in (1, 132):
+            out, layout = core.emulate_cuda(X, False, sm_count, general)
+            assert layout == ("general" if general else binned.get(core.engine, "general"))
+            np.testing.assert_array_equal(out, ref, err_msg=f"{layout} sm_count={sm_count}")
 
 
 @given(

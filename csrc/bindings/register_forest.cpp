@@ -143,6 +143,27 @@ py::array forest_predict(const Forest& f, py::handle X_obj, bool apply_link, py:
   return result;
 }
 
+// fn(X, out) on a C-contiguous float32/float64 host matrix X, out a new
+// rows x num_outputs buffer of the forest's output dtype (GIL released).
+template <typename Fn>
+py::array predict_host(const Forest& f, py::object X, const Fn& fn) {
+  ArraySpec spec;
+  spec.ndim = 2;
+  spec.dtypes = {DType::F32, DType::F64};
+  BoundArray Xb = bind_array(X, "X", spec);
+  f.check_matrix(Xb.view, "X");
+  const int64_t rows = Xb.view.shape[0];
+  const int32_t k = f.num_outputs();
+  auto buf = Buffer::allocate(static_cast<size_t>(rows * k) * itemsize(f.output_dtype()));
+  {
+    py::gil_scoped_release release;  // native buffers only
+    fn(Xb.view, buf->data());
+  }
+  std::vector<int64_t> shape = {rows};
+  if (k > 1) shape.push_back(k);
+  return to_numpy(std::move(buf), f.output_dtype(), shape);
+}
+
 }  // namespace
 
 void register_forest(py::module_& m) {
@@ -174,23 +195,24 @@ void register_forest(py::module_& m) {
           "predict_cuda",
           [](const Forest& f, py::object X, bool apply_link) {
             // Host arrays only here; torch CUDA tensors go through predict_cuda_ptr.
-            ArraySpec spec;
-            spec.ndim = 2;
-            spec.dtypes = {DType::F32, DType::F64};
-            BoundArray Xb = bind_array(X, "X", spec);
-            f.check_matrix(Xb.view, "X");
-            const int64_t rows = Xb.view.shape[0];
-            const int32_t k = f.num_outputs();
-            auto buf = Buffer::allocate(static_cast<size_t>(rows * k) * itemsize(f.output_dtype()));
-            {
-              py::gil_scoped_release release;  // native buffers only
-              infer::forest_predict_cuda(f, Xb.view, false, apply_link, buf->data(), false, 0);
-            }
-            std::vector<int64_t> shape = {rows};
-            if (k > 1) shape.push_back(k);
-            return to_numpy(std::move(buf), f.output_dtype(), shape);
+            return predict_host(f, X, [&](const ArrayView& Xv, void* out) {
+              infer::forest_predict_cuda(f, Xv, false, apply_link, out, false, 0);
+            });
           },
           py::arg("X"), py::arg("apply_link"))
+      // Tests: the CUDA kernel's blocks run on the host (forest_block.hpp);
+      // returns (result, layout) with the launch shape of an `sm_count`-SM GPU.
+      .def(
+          "emulate_cuda",
+          [](const Forest& f, py::object X, bool apply_link, int sm_count, bool general) {
+            const char* layout = nullptr;
+            py::array res = predict_host(f, X, [&](const ArrayView& Xv, void* out) {
+              layout = infer::forest_emulate_kernel(f, Xv, apply_link, out, sm_count, general);
+            });
+            return py::make_tuple(res, std::string(layout));
+          },
+          py::arg("X"), py::arg("apply_link"), py::arg("sm_count") = 132,
+          py::arg("general") = false)
       .def(
           "predict_cuda_ptr",
           [](const Forest& f, uintptr_t x_ptr, int64_t rows, int64_t cols, const std::string& dtype,

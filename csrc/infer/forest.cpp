@@ -18,6 +18,7 @@
 #include "common/cpu_features.hpp"
 #include "common/errors.hpp"
 #include "common/thread_pool.hpp"
+#include "infer/forest_binned.hpp"
 
 namespace fastml::infer {
 
@@ -43,30 +44,6 @@ constexpr int kRowLanes = 16;
 // Rows per block on the binned path (see BinNode): 2 * features * kBinRows
 // uint16 bins per block.
 constexpr int64_t kBinRows = 256;
-// Bins are stored biased, as int16 (bin - 32768), so that SIMD compares them
-// with signed 16-bit compares.
-using Bin = int16_t;
-constexpr int32_t kBinBias = 32768;
-// Bin of a missing input in the copy read by default-left nodes (bin 0).
-constexpr Bin kBinBottom = -32768;
-// Bin of a missing input in the copy read by default-right nodes, and the
-// threshold of a leaf (every bin is <= it, so a leaf stays put).
-constexpr Bin kBinTop = 32767;
-// At most this many distinct thresholds per feature on the binned path (real
-// bins are 0..count, so count + 1 < 65535, the unbiased kBinTop).
-constexpr int64_t kMaxBinCuts = 65533;
-
-// A node of the binned path: "go left when bin(x) <= thr", where bin(x) is
-// the number of the feature's distinct thresholds below x, so the integer
-// compare decides exactly as "x <= threshold" does. Children are adjacent
-// (right = left + 1); a leaf has thr = kBinTop and left = itself.
-struct BinNode {
-  Bin thr;       // index of the threshold among the feature's sorted distinct ones, biased
-  uint16_t col;  // feature, + num_features when missing values go right
-  int32_t left;  // absolute index of the left child
-};
-static_assert(sizeof(BinNode) == 8, "BinNode is 8 bytes");
-
 // Perfect layout of the binned path: every tree padded to a complete tree of
 // its depth D, stored level by level, so the children of local node i are
 // 2i+1 and 2i+2 and a node is one uint32: threshold bin (low 16 bits) |
@@ -85,14 +62,6 @@ constexpr int kPerfectLanes = 8;
 #define FASTML_FOREST_NO_VECTORIZE
 #endif
 constexpr int64_t kPerfectSlack = 4;
-
-// A perfect-layout node: biased threshold bin (low 16 bits) | column (high).
-inline uint32_t pack_perfect(Bin thr, uint16_t col) {
-  return static_cast<uint32_t>(static_cast<uint16_t>(thr)) | (static_cast<uint32_t>(col) << 16);
-}
-inline Bin perfect_thr(uint32_t nd) {
-  return static_cast<Bin>(static_cast<uint16_t>(nd & 0xFFFFu));
-}
 
 // Levels walked with SIMD across rows (AVX2, see perfect_top_avx2): level d
 // compares all 2^d candidate nodes of the level for 16 rows at once, which
@@ -329,10 +298,10 @@ class ForestEngine {
  public:
   virtual ~ForestEngine() = default;
   virtual void predict(const ArrayView& X, bool apply_link, void* out) const = 0;
-  virtual const void* nodes() const = 0;
-  virtual size_t node_bytes() const = 0;
-  virtual const void* values() const = 0;
-  virtual size_t value_bytes() const = 0;
+  // The binned layout for the CUDA kernel (cuts, nodes with device bin
+  // columns, leaf values, per-tree first node and value shift); false, with
+  // nothing filled, when the forest is not on the binned path.
+  virtual bool binned_kernel_data(ForestKernelData& d) const = 0;
   virtual const char* name() const = 0;
 };
 
@@ -368,6 +337,38 @@ void link_rows(ForestLink link, int32_t k, int64_t rows, T* data) {
   }
 }
 
+// The general encoding of every node of `spec` (feature | flags, absolute
+// children; a leaf loops on itself): the general CPU path and the CUDA
+// kernel's General layout.
+template <typename ThrT>
+std::vector<ForestNode<ThrT>> general_nodes(const ForestSpec& spec) {
+  std::vector<ForestNode<ThrT>> nodes(static_cast<size_t>(spec.num_nodes()));
+  for (int64_t t = 0; t < spec.num_trees(); ++t) {
+    const int64_t base = spec.tree_node_offsets[t];
+    for (int64_t i = base; i < spec.tree_node_offsets[t + 1]; ++i) {
+      ForestNode<ThrT>& nd = nodes[i];
+      if (spec.node_left[i] < 0) {  // leaf: loops on itself
+        nd.threshold = ThrT(0);
+        nd.feature = 0;
+        nd.child[0] = nd.child[1] = static_cast<int32_t>(i);
+        continue;
+      }
+      nd.feature =
+          static_cast<uint32_t>(spec.node_feature[i]) | (spec.node_flags[i] & ~kNodeFeatureMask);
+      nd.threshold = static_cast<ThrT>(spec.node_threshold[i]);
+      nd.child[0] = static_cast<int32_t>(base + spec.node_left[i]);
+      nd.child[1] = static_cast<int32_t>(base + spec.node_right[i]);
+    }
+  }
+  return nodes;
+}
+
+template <typename T>
+void append_bytes(std::vector<unsigned char>& dst, const T* src, size_t n) {
+  const auto* b = reinterpret_cast<const unsigned char*>(src);
+  dst.assign(b, b + n * sizeof(T));
+}
+
 template <typename ThrT, typename AccT>
 class Engine final : public ForestEngine {
  public:
@@ -384,28 +385,13 @@ class Engine final : public ForestEngine {
         cat_offset_(node_cat_offset),
         cat_words_(node_cat_words) {
     const int64_t n = spec.num_nodes();
-    nodes_.resize(static_cast<size_t>(n));
+    nodes_ = general_nodes<ThrT>(spec);
     has_cat_ = false;
     has_zero_missing_ = false;
-    for (int64_t t = 0; t < spec.num_trees(); ++t) {
-      const int64_t base = spec.tree_node_offsets[t];
-      const int64_t end = spec.tree_node_offsets[t + 1];
-      for (int64_t i = base; i < end; ++i) {
-        Node& nd = nodes_[i];
-        if (spec.node_left[i] < 0) {  // leaf: loops on itself
-          nd.threshold = ThrT(0);
-          nd.feature = 0;
-          nd.child[0] = nd.child[1] = static_cast<int32_t>(i);
-          continue;
-        }
-        const uint32_t flags = spec.node_flags[i] & ~kNodeFeatureMask;
-        nd.feature = static_cast<uint32_t>(spec.node_feature[i]) | flags;
-        nd.threshold = static_cast<ThrT>(spec.node_threshold[i]);
-        nd.child[0] = static_cast<int32_t>(base + spec.node_left[i]);
-        nd.child[1] = static_cast<int32_t>(base + spec.node_right[i]);
-        has_cat_ |= (flags & kNodeCategorical) != 0;
-        has_zero_missing_ |= (flags & kNodeZeroMissing) != 0;
-      }
+    for (int64_t i = 0; i < n; ++i) {
+      if (spec.node_left[i] < 0) continue;
+      has_cat_ |= (spec.node_flags[i] & kNodeCategorical) != 0;
+      has_zero_missing_ |= (spec.node_flags[i] & kNodeZeroMissing) != 0;
     }
     values_.resize(spec.leaf_values.size());
     for (size_t i = 0; i < values_.size(); ++i) values_[i] = static_cast<AccT>(spec.leaf_values[i]);
@@ -427,8 +413,6 @@ class Engine final : public ForestEngine {
     for (const Node& nd : nodes_)
       fast_ = fast_ && !(nd.threshold == std::numeric_limits<ThrT>::infinity());
     if (fast_) {
-      // The CUDA kernel reads the general encoding (feature | flags).
-      if (forest_cuda_compiled()) general_nodes_ = nodes_;
       const uint32_t F = static_cast<uint32_t>(spec.num_features);
       for (int64_t i = 0; i < n; ++i) {
         Node& nd = nodes_[i];
@@ -459,11 +443,9 @@ class Engine final : public ForestEngine {
         build_qs();
       }
       std::vector<uint32_t>().swap(node_word_);
-      // The general nodes and values serve only the CUDA path now.
-      if (!forest_cuda_compiled()) {
-        std::vector<Node>().swap(nodes_);
-        std::vector<AccT>().swap(values_);
-      }
+      // The binned layouts hold their own copies of the leaf values.
+      std::vector<Node>().swap(nodes_);
+      std::vector<AccT>().swap(values_);
     }
   }
 
@@ -795,12 +777,41 @@ class Engine final : public ForestEngine {
     return row_level_start(s) + (block << m) + j;
   }
 
-  // The general encoding (see fast_), for the CUDA path.
-  const void* nodes() const override { return fast_ ? general_nodes_.data() : nodes_.data(); }
-  size_t node_bytes() const override {
-    return (fast_ ? general_nodes_.size() : nodes_.size()) * sizeof(Node);
+  bool binned_kernel_data(ForestKernelData& d) const override {
+    if (!binned_) return false;
+    const int64_t T = static_cast<int64_t>(root_.size());
+    const uint32_t F = static_cast<uint32_t>(spec_.num_features);
+    const int32_t K = spec_.num_outputs;
+    append_bytes(d.cuts, cuts_.data(), cuts_.size());
+    d.cut_offset = cut_offset_;
+    d.tree_node.assign(static_cast<size_t>(T), 0);
+    d.tree_vshift.assign(static_cast<size_t>(T), 0);
+    if (perfect_) {
+      d.layout = ForestLayout::Perfect;
+      std::vector<uint32_t> nodes(p_nodes_);
+      for (uint32_t& nd : nodes) nd = pack_perfect(perfect_thr(nd), forest_device_col(nd >> 16, F));
+      append_bytes(d.nodes, nodes.data(), nodes.size());
+      append_bytes(d.values, p_values_.data(), p_values_.size());
+      for (int64_t t = 0; t < T; ++t) {
+        // The walk ends at local node i >= 2^D - 1, leaf slot i - (2^D - 1).
+        const int64_t width = group_[t] >= 0 ? 1 : K;
+        d.tree_node[t] = p_node_off_[t];
+        d.tree_vshift[t] = p_leaf_off_[t] - ((int64_t{1} << depth_[t]) - 1) * width;
+      }
+    } else {
+      d.layout = ForestLayout::Explicit;
+      std::vector<BinNode> nodes(bin_nodes_);
+      for (BinNode& nd : nodes) nd.col = forest_device_col(nd.col, F);
+      append_bytes(d.nodes, nodes.data(), nodes.size());
+      append_bytes(d.values, bin_values_.data(), bin_values_.size());
+      for (int64_t t = 0; t < T; ++t) {
+        d.tree_node[t] = root_[t];
+        d.tree_vshift[t] = shift_[t];
+      }
+    }
+    return true;
   }
-  const void* values() const override { return values_.data(); }
+
   const char* name() const override {
     if (perfect_) return "binned-perfect";
     if (qs_) return "binned-qs";
@@ -808,7 +819,6 @@ class Engine final : public ForestEngine {
     if (fast_) return "float";
     return "general";
   }
-  size_t value_bytes() const override { return values_.size() * sizeof(AccT); }
 
   void predict(const ArrayView& X, bool apply_link, void* out_ptr) const override {
     AccT* out = static_cast<AccT*>(out_ptr);
@@ -856,25 +866,6 @@ class Engine final : public ForestEngine {
   void dispatch_binned(const ArrayView& X, bool apply_link, AccT* out) const {
     for_row_blocks(X.shape[0], kBinRows,
                    [&](int64_t r0, int64_t r1) { binned_block(X, r0, r1, apply_link, out); });
-  }
-
-  // The number of cuts below x (NaN handled by the caller), branch-free:
-  // the loop runs log2(count) times whatever x is.
-  static inline Bin bin_of(const ThrT* cuts, int32_t count, ThrT x) {
-    if (count == 0) return kBinBottom;
-    const ThrT* b = cuts;
-    int32_t len = count;
-    while (len > 1) {
-      const int32_t half = len / 2;
-      b = (b[half] < x) ? b + half : b;
-      len -= half;
-    }
-    return bin_at(cuts, b, x);
-  }
-
-  // The bin of x once the search has narrowed it to the cut at b.
-  static inline Bin bin_at(const ThrT* cuts, const ThrT* b, ThrT x) {
-    return static_cast<Bin>((b - cuts) + (*b < x ? 1 : 0) - kBinBias);
   }
 
   // Rows [r0, r1) of X as bins, feature-major with row stride `S`: column f
@@ -944,12 +935,12 @@ class Engine final : public ForestEngine {
             for (int l = 0; l < kW; ++l) b[l] = (b[l][half] < x[l]) ? b[l] + half : b[l];
             len -= half;
           }
-          for (int l = 0; l < kW; ++l) store(r + l, x[l], bin_at(cuts, b[l], x[l]));
+          for (int l = 0; l < kW; ++l) store(r + l, x[l], forest_bin_at(cuts, b[l], x[l]));
         }
       }
       for (; r < t1; ++r) {
         const ThrT x = load(r);
-        store(r, x, bin_of(cuts, count, x));
+        store(r, x, forest_bin_of(cuts, count, x));
       }
     }
   }
@@ -1446,7 +1437,6 @@ class Engine final : public ForestEngine {
   const std::vector<int64_t>& cat_offset_;
   const std::vector<uint32_t>& cat_words_;
   std::vector<Node> nodes_;
-  std::vector<Node> general_nodes_;  // copy before the fast-path rewrite (CUDA builds only)
   std::vector<AccT> values_;
   std::vector<AccT> base_;
   std::vector<uint32_t> cat_bits_;
@@ -1647,22 +1637,39 @@ const char* Forest::engine_name() const {
   return engine_->name();
 }
 
-Forest::Flat Forest::flat() const {
-  Flat f;
-  f.nodes = engine_->nodes();
-  f.node_bytes = engine_->node_bytes();
-  f.values = engine_->values();
-  f.value_bytes = engine_->value_bytes();
-  f.tree_root = tree_root_.data();
-  f.tree_depth = tree_depth_.data();
-  f.tree_group = spec_.tree_group.data();
-  f.tree_value_shift = tree_value_shift_.data();
-  f.node_cat_offset = node_cat_offset_.data();
-  f.node_cat_words = node_cat_words_.data();
-  f.cat_bits = spec_.cat_bits.data();
-  f.num_nodes = static_cast<size_t>(spec_.num_nodes());
-  f.num_cat_bits = spec_.cat_bits.size();
-  return f;
+ForestKernelData forest_kernel_data(const Forest& f, bool general) {
+  const ForestSpec& s = f.spec();
+  ForestKernelData d;
+  d.tree_depth = f.tree_depth();
+  d.tree_group = s.tree_group;
+  d.one_output = s.num_outputs == 1 && std::all_of(s.tree_group.begin(), s.tree_group.end(),
+                                                   [](int32_t g) { return g == 0; });
+  auto acc = [&](const std::vector<double>& v, std::vector<unsigned char>& dst) {
+    if (s.accum_f64) {
+      append_bytes(dst, v.data(), v.size());
+    } else {
+      const std::vector<float> v32(v.begin(), v.end());
+      append_bytes(dst, v32.data(), v32.size());
+    }
+  };
+  acc(s.base_margin, d.base);
+  if (!general && s.num_features <= kForestMaxBinnedFeatures && f.engine().binned_kernel_data(d))
+    return d;
+  d.layout = ForestLayout::General;
+  if (s.threshold_f64) {
+    const auto nodes = general_nodes<double>(s);
+    append_bytes(d.nodes, nodes.data(), nodes.size());
+  } else {
+    const auto nodes = general_nodes<float>(s);
+    append_bytes(d.nodes, nodes.data(), nodes.size());
+  }
+  acc(s.leaf_values, d.values);
+  d.tree_node.assign(f.tree_root().begin(), f.tree_root().end());
+  d.tree_vshift = f.tree_value_shift();
+  d.node_cat_offset = f.node_cat_offset();
+  d.node_cat_words = f.node_cat_words();
+  d.cat_bits = s.cat_bits;
+  return d;
 }
 
 // ------------------------------------------------------------------ prediction
