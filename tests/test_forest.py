@@ -933,7 +933,9 @@ def _cuda_cases(xgb_models, lgb_models):
 def test_cuda_matches_cpu(xgb_models, lgb_models):
     """device="cuda" margins equal the CPU engine's bit for bit for every model
     kind, at row counts that take each block shape of the kernel (1 row per
-    block up to 32), from NumPy and from torch CUDA tensors."""
+    block up to 32), from NumPy and from torch CUDA tensors, on the layout each
+    forest takes (binned perfect, binned explicit, general) and, for binned
+    forests, on the general layout as well."""
     import torch
 
     X = _edge_matrix({}, 5000, seed=12)
@@ -963,6 +965,23 @@ def test_cuda_matches_cpu(xgb_models, lgb_models):
             np.testing.assert_allclose(one.cpu().numpy(), f.predict(Xd[0]), rtol=1e-5)
             with pytest.raises(ValueError, match="pass device='cuda'"):
                 f.predict(t)  # device="cpu" (the default) with a CUDA tensor
+            # The general layout too (binned forests take the binned one by
+            # default), at 1-row and 32-row block shapes; and out= in place.
+            if f._core.cuda_layout != "general":
+                _core.forest_cuda_general(True)
+                try:
+                    assert f._core.cuda_layout == "general"
+                    for rows in (1, 257, 5000):
+                        np.testing.assert_array_equal(
+                            f.predict(t[:rows], output="margin", device="cuda").cpu().numpy(),
+                            f.predict(Xd[:rows], output="margin"),
+                            err_msg=f"{name} general layout",
+                        )
+                finally:
+                    _core.forest_cuda_general(False)
+            res = torch.empty_like(f.predict(t[:33], output="margin", device="cuda"))
+            assert f.predict(t[:33], output="margin", device="cuda", out=res) is res
+            np.testing.assert_array_equal(res.cpu().numpy(), f.predict(Xd[:33], output="margin"))
 
 
 def test_cuda_kernel_emulated_matches_cpu(xgb_models, lgb_models):
@@ -1004,6 +1023,68 @@ def test_cuda_kernel_emulation_rejects_bad_input(small_forest):
         core.emulate_cuda(np.zeros((2, nf + 1), np.float32), False, 1, False)
     out, _ = core.emulate_cuda(np.zeros((0, nf), np.float32), False, 1, False)
     assert out.shape[0] == 0
+
+
+def test_cuda_tensor_path_without_a_gpu(monkeypatch, small_forest):
+    """The Python side of device="cuda" with a CUDA tensor, with the tensor
+    check and the native launch stubbed (CPU tensors stand in): the launch gets
+    X's pointer, shape and dtype, a result of the forest's output dtype and
+    shape, and the raw handle of torch's current stream; ``out`` (a tensor on
+    X's device, contiguous, of that shape and dtype) is written in place with
+    no allocation; a wrong ``out`` is refused naming what is wrong."""
+    import torch
+
+    from fastml import _cuda_stream
+    from fastml.infer import forest as forest_mod
+
+    _, f = small_forest
+    calls = []
+
+    class Core:
+        def __init__(self, core):
+            self._c = core
+
+        def predict_cuda_ptr(self, *args):
+            calls.append(args)
+
+        def __getattr__(self, name):
+            return getattr(self._c, name)
+
+    f._core = Core(f._core)
+    monkeypatch.setattr(forest_mod, "_is_cuda_tensor", lambda X: isinstance(X, torch.Tensor))
+    monkeypatch.setattr(_cuda_stream, "_RAW", lambda index: 1000 + index)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    nf, k = f.num_features, f.num_outputs
+    X = torch.zeros((5, nf), dtype=torch.float64)
+    res = f.predict(X, output="margin", device="cuda")
+    assert res.dtype == torch.float32 and tuple(res.shape) == (5, k)
+    x_ptr, rows, cols, dtype, out_ptr, apply_link, stream = calls[-1]
+    assert (x_ptr, rows, cols, dtype) == (X.data_ptr(), 5, nf, "float64")
+    assert out_ptr == res.data_ptr() and apply_link is False and stream == 1003
+    # A non-contiguous X is made contiguous first.
+    Xt = torch.zeros((nf, 7), dtype=torch.float32).T
+    f.predict(Xt, device="cuda")
+    assert calls[-1][3] == "float32" and calls[-1][5] is True and calls[-1][0] != Xt.data_ptr()
+    out = torch.empty((5, k), dtype=torch.float32)
+    assert f.predict(X, device="cuda", out=out) is out
+    assert calls[-1][4] == out.data_ptr()
+    for bad, match in (
+        (torch.empty((5, k), dtype=torch.float64), "float32 tensor of shape"),
+        (torch.empty((4, k), dtype=torch.float32), r"shape \(5, 3\)"),
+        (torch.empty((k, 5), dtype=torch.float32).T, "not contiguous"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            f.predict(X, device="cuda", out=bad)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        f.predict(X.to(torch.int32), device="cuda")
+    with pytest.raises(ValueError, match="2-D"):
+        f.predict(X[None], device="cuda")
+    # A NumPy out with a CUDA tensor: the result copied to the host array.
+    monkeypatch.setattr(_cuda_stream, "_RAW", False)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda d: type("S", (), {"cuda_stream": 9}))
+    host = np.empty((5, k), np.float32)
+    assert f.predict(X, device="cuda", out=host) is host
+    assert calls[-1][6] == 9  # the public stream API where the raw one is missing
 
 
 def test_auto_crossover_rows_model_and_override(monkeypatch):

@@ -146,12 +146,43 @@ def main() -> None:
         key[f"cuda_vs_{base}"] = t[base].median / gpu.median
 
     reps = 5 if args.smoke else 50 if args.quick else 200
+    key["cuda_layout"] = f._core.cuda_layout
     for rows in (1, 64, 1024, 16384):
         xs = Xd[:rows]
         key[f"cuda_latency_us_{rows}_rows"] = _latency_us(
             lambda xs=xs: (f.predict(xs, device=dev), sync()), reps
         )
         key[f"cpu_latency_us_{rows}_rows"] = _latency_us(lambda r=rows: f.predict(X[:r]), reps)
+    if cuda:
+        # One row into a preallocated result (out=): no allocation per call.
+        res1 = f.predict(Xd[:1], device=dev)
+        key["cuda_latency_us_1_rows_out"] = _latency_us(
+            lambda: (f.predict(Xd[:1], device=dev, out=res1), sync()), reps
+        )
+        # The floor of any call from Python: an empty torch kernel + synchronize.
+        one = torch.zeros(1, device=dev)
+        key["torch_empty_kernel_and_sync_us"] = _latency_us(lambda: (one.add_(0), sync()), reps)
+        # The general layout (the kernel before the binned layouts) on the same
+        # batches, for the comparison: latency, then throughput at --rows.
+        if f._core.cuda_layout != "general":
+            fastml._core.forest_cuda_general(True)
+            try:
+                f.predict(Xd[:1], device=dev)  # uploads the general layout
+                sync()
+                for rows in (1, 1024):
+                    xs = Xd[:rows]
+                    key[f"cuda_general_layout_latency_us_{rows}_rows"] = _latency_us(
+                        lambda xs=xs: (f.predict(xs, device=dev), sync()), reps
+                    )
+                g = compare(
+                    {"general layout": fastml_gpu},
+                    repeat=3 if args.quick else 5,
+                    work=args.rows,
+                    unit="rows",
+                )["general layout"]
+                key["cuda_general_layout_Mrows_per_s"] = g.rate / 1e6
+            finally:
+                fastml._core.forest_cuda_general(False)
     for k, v in key.items():
         print(f"{k:<44} {v}")
     if args.json:

@@ -237,6 +237,13 @@ void register_forest(py::module_& m) {
       .def_property_readonly("num_trees", &Forest::num_trees)
       .def_property_readonly("max_depth", &Forest::max_depth)
       .def_property_readonly("engine", [](const Forest& f) { return std::string(f.engine_name()); })
+      // The CUDA kernel's layout for this forest under the current
+      // forest_cuda_general setting (known without a GPU).
+      .def_property_readonly("cuda_layout",
+                             [](const Forest& f) {
+                               return std::string(infer::forest_layout_name(
+                                   infer::forest_kernel_layout(f, infer::forest_cuda_general())));
+                             })
       .def_property_readonly("output_dtype", [](const Forest& f) {
         return std::string(dtype_name(f.output_dtype()));
       });
@@ -245,6 +252,11 @@ void register_forest(py::module_& m) {
   m.def(
       "forest_simd",
       [](std::optional<bool> enable) { return infer::forest_simd(enable ? *enable : -1); },
+      py::arg("enable") = py::none());
+  // Benchmarks and GPU tests compare the CUDA kernel's layouts.
+  m.def(
+      "forest_cuda_general",
+      [](std::optional<bool> enable) { return infer::forest_cuda_general(enable ? *enable : -1); },
       py::arg("enable") = py::none());
   // XGBoost turns its intercept into a margin in float32 arithmetic with the C
   // library's logf; the same expression here reproduces it bit for bit.

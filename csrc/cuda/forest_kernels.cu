@@ -9,8 +9,8 @@
 //    thresholds): the general nodes with the CPU engine's per-node rules.
 // Either way the leaves are added in the CPU engine's order (base, then tree
 // 0, 1, 2, ... in the accumulator's precision), so margins match the CPU path
-// bit for bit. FASTML_FOREST_CUDA_KERNEL=general selects the general layout
-// for every forest (to compare the two on a machine).
+// bit for bit. forest_cuda_general (FASTML_FOREST_CUDA_KERNEL=general)
+// selects the general layout for every forest (to compare the two).
 // The forest is copied to the device once (first use) and kept with the
 // Forest; input/output staging buffers grow and are reused, so a call
 // allocates only when a batch is larger than any before it.
@@ -52,6 +52,7 @@ T* upload(const T* host, size_t n, const char* what) {
 struct DeviceForest {
   int device = -1;
   int sm_count = 1;
+  bool general = false;  // forest_cuda_general() when uploaded
   ForestLayout layout = ForestLayout::General;
   bool one_output = false;
   // Device copies of the ForestKernelData arrays, and where each lies.
@@ -152,31 +153,25 @@ __global__ void __launch_bounds__(kForestThreads, 5)
   }
 }
 
-// FASTML_FOREST_CUDA_KERNEL=general: the general layout for every forest (a
-// diagnostic, for comparing the layouts on a machine).
-bool force_general() {
-  static const bool general = [] {
-    const char* v = std::getenv("FASTML_FOREST_CUDA_KERNEL");
-    return v != nullptr && std::strcmp(v, "general") == 0;
-  }();
-  return general;
-}
-
-DeviceForest& device_forest(const Forest& f) {
+// The forest's device copy for the current device and layout setting (made,
+// or made again, here). The caller holds it for its call, so a concurrent
+// call that replaces it (another device, another layout) cannot free it.
+std::shared_ptr<DeviceForest> device_forest(const Forest& f) {
   int device = 0;
   check(cudaGetDevice(&device), "cudaGetDevice");
   std::lock_guard<std::mutex> lock(f.device_mutex());
   auto& slot = f.device_slot();
   if (slot) {
-    auto* d = static_cast<DeviceForest*>(slot.get());
-    if (d->device == device) return *d;
+    auto d = std::static_pointer_cast<DeviceForest>(slot);
+    if (d->device == device && d->general == forest_cuda_general()) return d;
     slot.reset();
   }
   auto d = std::make_shared<DeviceForest>();
   d->device = device;
+  d->general = forest_cuda_general();
   check(cudaDeviceGetAttribute(&d->sm_count, cudaDevAttrMultiProcessorCount, device),
         "cudaDeviceGetAttribute");
-  const ForestKernelData h = forest_kernel_data(f, force_general());
+  const ForestKernelData h = forest_kernel_data(f, d->general);
   d->layout = h.layout;
   d->one_output = h.one_output;
   auto put = [&](const auto& v, const char* what) {
@@ -199,7 +194,7 @@ DeviceForest& device_forest(const Forest& f) {
   p.node_cat_words = put(h.node_cat_words, "upload categories");
   p.cat_bits = put(h.cat_bits, "upload categories");
   slot = d;
-  return *d;
+  return d;
 }
 
 // One launch over `rows` rows of X (device memory) into out (device memory).
@@ -235,7 +230,8 @@ void forest_predict_cuda(const Forest& f, const ArrayView& X, bool x_on_device, 
   if (rows == 0) return;
   FASTML_CHECK_ARG(x_on_device == out_on_device, "out",
                    "must be on the device exactly when X is (internal)");
-  DeviceForest& d = device_forest(f);
+  const std::shared_ptr<DeviceForest> held = device_forest(f);
+  DeviceForest& d = *held;
   auto run = [&](const void* x_dev, int64_t n, void* out_dev, cudaStream_t stream) {
     launch(f, d, x_dev, X.dtype, n, out_dev, apply_link, stream);
   };

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -289,6 +290,15 @@ namespace {
 std::atomic<bool> g_forest_simd{true};
 }  // namespace
 
+bool forest_cuda_general(int enable) {
+  static std::atomic<bool> general{[] {
+    const char* v = std::getenv("FASTML_FOREST_CUDA_KERNEL");
+    return v != nullptr && std::strcmp(v, "general") == 0;
+  }()};
+  if (enable >= 0) general.store(enable != 0, std::memory_order_relaxed);
+  return general.load(std::memory_order_relaxed);
+}
+
 bool forest_simd(int enable) {
   if (enable >= 0) g_forest_simd.store(enable != 0, std::memory_order_relaxed);
   return g_forest_simd.load(std::memory_order_relaxed) && cpu_features().avx2 && FASTML_FOREST_X86;
@@ -299,9 +309,11 @@ class ForestEngine {
   virtual ~ForestEngine() = default;
   virtual void predict(const ArrayView& X, bool apply_link, void* out) const = 0;
   // The binned layout for the CUDA kernel (cuts, nodes with device bin
-  // columns, leaf values, per-tree first node and value shift); false, with
-  // nothing filled, when the forest is not on the binned path.
-  virtual bool binned_kernel_data(ForestKernelData& d) const = 0;
+  // columns, leaf values, per-tree first node and value shift), for a forest
+  // whose binned_layout() is not General.
+  virtual void binned_kernel_data(ForestKernelData& d) const = 0;
+  // The binned layout the kernel takes (General: the forest is not binned).
+  virtual ForestLayout binned_layout() const = 0;
   virtual const char* name() const = 0;
 };
 
@@ -777,8 +789,12 @@ class Engine final : public ForestEngine {
     return row_level_start(s) + (block << m) + j;
   }
 
-  bool binned_kernel_data(ForestKernelData& d) const override {
-    if (!binned_) return false;
+  ForestLayout binned_layout() const override {
+    if (!binned_) return ForestLayout::General;
+    return perfect_ ? ForestLayout::Perfect : ForestLayout::Explicit;
+  }
+
+  void binned_kernel_data(ForestKernelData& d) const override {
     const int64_t T = static_cast<int64_t>(root_.size());
     const uint32_t F = static_cast<uint32_t>(spec_.num_features);
     const int32_t K = spec_.num_outputs;
@@ -787,7 +803,6 @@ class Engine final : public ForestEngine {
     d.tree_node.assign(static_cast<size_t>(T), 0);
     d.tree_vshift.assign(static_cast<size_t>(T), 0);
     if (perfect_) {
-      d.layout = ForestLayout::Perfect;
       std::vector<uint32_t> nodes(p_nodes_);
       for (uint32_t& nd : nodes) nd = pack_perfect(perfect_thr(nd), forest_device_col(nd >> 16, F));
       append_bytes(d.nodes, nodes.data(), nodes.size());
@@ -799,7 +814,6 @@ class Engine final : public ForestEngine {
         d.tree_vshift[t] = p_leaf_off_[t] - ((int64_t{1} << depth_[t]) - 1) * width;
       }
     } else {
-      d.layout = ForestLayout::Explicit;
       std::vector<BinNode> nodes(bin_nodes_);
       for (BinNode& nd : nodes) nd.col = forest_device_col(nd.col, F);
       append_bytes(d.nodes, nodes.data(), nodes.size());
@@ -809,7 +823,6 @@ class Engine final : public ForestEngine {
         d.tree_vshift[t] = shift_[t];
       }
     }
-    return true;
   }
 
   const char* name() const override {
@@ -1637,6 +1650,20 @@ const char* Forest::engine_name() const {
   return engine_->name();
 }
 
+ForestLayout forest_kernel_layout(const Forest& f, bool general) {
+  if (general || f.num_features() > kForestMaxBinnedFeatures) return ForestLayout::General;
+  return f.engine().binned_layout();
+}
+
+const char* forest_layout_name(ForestLayout layout) {
+  switch (layout) {
+    case ForestLayout::Perfect: return "perfect";
+    case ForestLayout::Explicit: return "explicit";
+    case ForestLayout::General: break;
+  }
+  return "general";
+}
+
 ForestKernelData forest_kernel_data(const Forest& f, bool general) {
   const ForestSpec& s = f.spec();
   ForestKernelData d;
@@ -1653,9 +1680,11 @@ ForestKernelData forest_kernel_data(const Forest& f, bool general) {
     }
   };
   acc(s.base_margin, d.base);
-  if (!general && s.num_features <= kForestMaxBinnedFeatures && f.engine().binned_kernel_data(d))
+  d.layout = forest_kernel_layout(f, general);
+  if (d.layout != ForestLayout::General) {
+    f.engine().binned_kernel_data(d);
     return d;
-  d.layout = ForestLayout::General;
+  }
   if (s.threshold_f64) {
     const auto nodes = general_nodes<double>(s);
     append_bytes(d.nodes, nodes.data(), nodes.size());

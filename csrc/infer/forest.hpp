@@ -132,6 +132,14 @@ class Forest : public NativeHandler, public std::enable_shared_from_this<Forest>
 // -1 only asks. Returns the state in effect (false without AVX2).
 bool forest_simd(int enable = -1);
 
+// Whether the CUDA path walks every forest on the General layout (true) or
+// binned forests on their binned layout (false, the default); `enable` 0 or 1
+// sets it for the process (benchmarks and GPU tests compare the two; the
+// environment variable FASTML_FOREST_CUDA_KERNEL=general sets it at start),
+// -1 only asks. A forest already on the device is uploaded again on its next
+// call when the setting changed.
+bool forest_cuda_general(int enable = -1);
+
 // Applies the link in place to rows x k margins.
 void forest_apply_link(ForestLink link, int32_t k, int64_t rows, float* data);
 void forest_apply_link(ForestLink link, int32_t k, int64_t rows, double* data);
@@ -150,6 +158,10 @@ struct ForestKernelData {
   bool one_output = false;
 };
 ForestKernelData forest_kernel_data(const Forest& forest, bool general);
+// The layout forest_kernel_data picks, and its name ("perfect", "explicit",
+// "general").
+ForestLayout forest_kernel_layout(const Forest& forest, bool general);
+const char* forest_layout_name(ForestLayout layout);
 
 // Where a ForestKernelData lives: its own vectors (the emulation) or their
 // device copies (the CUDA path).

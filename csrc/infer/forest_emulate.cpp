@@ -28,15 +28,6 @@ ForestKernelPtrs host_ptrs(const ForestKernelData& d) {
   return p;
 }
 
-const char* layout_name(ForestLayout l) {
-  switch (l) {
-    case ForestLayout::Perfect: return "perfect";
-    case ForestLayout::Explicit: return "explicit";
-    case ForestLayout::General: break;
-  }
-  return "general";
-}
-
 }  // namespace
 
 const char* forest_emulate_kernel(const Forest& f, const ArrayView& X, bool apply_link, void* out,
@@ -46,7 +37,7 @@ const char* forest_emulate_kernel(const Forest& f, const ArrayView& X, bool appl
   const ForestKernelData d = forest_kernel_data(f, general);
   const ForestKernelPtrs p = host_ptrs(d);
   const int64_t rows = X.shape[0];
-  if (rows == 0) return layout_name(d.layout);
+  if (rows == 0) return forest_layout_name(d.layout);
   FASTML_CHECK_ARG(X.is_c_contiguous(), "X", "must be C-contiguous, got ", X.describe());
   forest_dispatch_types(f.spec(), X.dtype, [&](auto thr, auto acc, auto xt) {
     using ThrT = typename decltype(thr)::type;
@@ -78,7 +69,7 @@ const char* forest_emulate_kernel(const Forest& f, const ArrayView& X, bool appl
       }
     }
   });
-  return layout_name(d.layout);
+  return forest_layout_name(d.layout);
 }
 
 }  // namespace fastml::infer

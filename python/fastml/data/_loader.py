@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fastml import _core
+from fastml._cuda_stream import current_stream_handle
 from fastml.data import _elastic
 from fastml.data._device import TensorStream, check_device_dtype
 from fastml.data._sources import (
@@ -1342,7 +1343,7 @@ class _CudaStager:
     def to_device(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         torch = self._torch
         arrays = list(batch.values())
-        stream = torch.cuda.current_stream(self._device).cuda_stream
+        stream = current_stream_handle(self._device)
         span = self._native.span(arrays)
         if span is None:  # not one pinned batch buffer: a copy per column
             outs = {

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from fastml import _core
+from fastml._cuda_stream import current_stream_handle
 
 _THREADS = 256
 
@@ -97,7 +98,7 @@ def _launch(t: Any, edges: Any, nbins: int, hist: Any, partials: Any, blocks: in
         partials.data_ptr(),
         blocks,
         pivot,
-        torch.cuda.current_stream(t.device).cuda_stream,
+        current_stream_handle(t.device),
     )
 
 
@@ -128,7 +129,7 @@ def _launch_multi(state: DeviceState, items: list[tuple[int, Any]], n: int, bloc
         state.done.data_ptr(),
         state.acc.data_ptr(),
         blocks,
-        torch.cuda.current_stream(items[0][1].device).cuda_stream,
+        current_stream_handle(items[0][1].device),
     )
 
 

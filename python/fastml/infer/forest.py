@@ -20,6 +20,7 @@ from typing import Any, Literal
 import numpy as np
 
 from fastml import _core
+from fastml._cuda_stream import current_stream_handle
 from fastml.infer._lightgbm import _load_lightgbm
 from fastml.infer._sklearn import _load_sklearn
 from fastml.infer._xgboost import _load_xgboost
@@ -190,6 +191,9 @@ class Forest:
         self._meta: dict[str, Any] = meta
         self._objective = str(spec["objective"])
         self._auto_rows: int | None = None  # see auto_crossover_rows
+        # device="cuda" with a CUDA tensor: the result's torch dtype and the
+        # shape after the rows (set at first use; the latency path of one row).
+        self._cuda_out: tuple[Any, tuple[int, ...]] | None = None
 
     # -------------------------------------------------------------- constructors
 
@@ -313,7 +317,7 @@ class Forest:
         X: Any,
         output: Output = "value",
         device: Device = "cpu",
-        out: np.ndarray | None = None,
+        out: Any = None,
     ) -> Any:
         """Predict rows of ``X``.
 
@@ -334,8 +338,12 @@ class Forest:
 
         Returns a NumPy array of shape (rows,) when num_outputs == 1 else
         (rows, num_outputs), dtype :attr:`output_dtype` (int64 or the label dtype
-        for "class"); a CUDA torch tensor when X is one and the GPU ran it. ``out``
-        receives margin/value results in place (C-contiguous, right shape and dtype).
+        for "class"); a CUDA torch tensor when X is one and the GPU ran it, queued
+        on torch's current stream without synchronising. ``out`` receives
+        margin/value results in place (C-contiguous, right shape and dtype): a
+        NumPy array, or, when X is a CUDA tensor, a CUDA tensor on X's device,
+        which the kernel writes directly (no allocation per call: a static
+        buffer for a CUDA-graph-captured serving step).
         One row given as a 1-D array of ``num_features`` values is answered with
         one row of output (``predict(X[0]) == predict(X[0:1])[0]``), as
         :class:`~fastml.infer.Batcher` answers it.
@@ -365,6 +373,13 @@ class Forest:
             )
         use_cuda = device == "cuda" or (device == "auto" and self._auto_cuda(X))
         apply_link = output == "value"
+        if (
+            use_cuda
+            and output != "class"
+            and _is_cuda_tensor(X)
+            and not isinstance(out, np.ndarray)
+        ):
+            return self._predict_cuda_tensor(X, apply_link, out)
         if use_cuda:
             res = self._predict_cuda(X, apply_link)
         else:
@@ -458,29 +473,54 @@ class Forest:
 
     def _predict_cuda(self, X: Any, apply_link: bool) -> Any:
         if _is_cuda_tensor(X):
-            import torch
-
-            if X.dim() != 2:
-                raise ValueError(f"X must be 2-D (rows, features), got shape {tuple(X.shape)}")
-            if X.dtype not in (torch.float32, torch.float64):
-                raise TypeError(f"X must be float32 or float64, got {X.dtype}")
-            Xc = X.contiguous()
-            rows = int(Xc.shape[0])
-            odt = torch.float32 if self.output_dtype == np.float32 else torch.float64
-            shape = (rows,) if self.num_outputs == 1 else (rows, self.num_outputs)
-            res = torch.empty(shape, dtype=odt, device=Xc.device)
-            stream = torch.cuda.current_stream(Xc.device).cuda_stream
-            self._core.predict_cuda_ptr(
-                Xc.data_ptr(),
-                rows,
-                int(Xc.shape[1]),
-                "float32" if Xc.dtype == torch.float32 else "float64",
-                res.data_ptr(),
-                apply_link,
-                stream,
-            )
-            return res
+            return self._predict_cuda_tensor(X, apply_link, None)
         return self._core.predict_cuda(_as_matrix(self._by_name(X)), apply_link)
+
+    def _predict_cuda_tensor(self, X: Any, apply_link: bool, out: Any) -> Any:
+        """A CUDA tensor in, a CUDA tensor out (``out`` when given), queued on
+        torch's current stream of X's device without synchronising."""
+        import torch
+
+        if X.dim() != 2:
+            raise ValueError(f"X must be 2-D (rows, features), got shape {tuple(X.shape)}")
+        if X.dtype is torch.float32:
+            dtype = "float32"
+        elif X.dtype is torch.float64:
+            dtype = "float64"
+        else:
+            raise TypeError(f"X must be float32 or float64, got {X.dtype}")
+        if not X.is_contiguous():
+            X = X.contiguous()
+        rows = X.shape[0]
+        if self._cuda_out is None:
+            odt = torch.float32 if self.output_dtype == np.float32 else torch.float64
+            self._cuda_out = (odt, () if self.num_outputs == 1 else (self.num_outputs,))
+        odt, tail = self._cuda_out
+        if out is None:
+            res = torch.empty((rows, *tail), dtype=odt, device=X.device)
+        else:
+            res = out
+            if not _is_cuda_tensor(out) or out.device != X.device:
+                raise ValueError(
+                    f"out must be a CUDA tensor on {X.device} when X is one, got "
+                    f"{type(out).__name__} on {getattr(out, 'device', 'the host')}"
+                )
+            if out.dtype != odt or tuple(out.shape) != (rows, *tail) or not out.is_contiguous():
+                raise ValueError(
+                    f"out must be a contiguous {odt} tensor of shape {(rows, *tail)}, got "
+                    f"{out.dtype} {tuple(out.shape)}"
+                    + ("" if out.is_contiguous() else " (not contiguous)")
+                )
+        self._core.predict_cuda_ptr(
+            X.data_ptr(),
+            rows,
+            X.shape[1],
+            dtype,
+            res.data_ptr(),
+            apply_link,
+            current_stream_handle(X.device),
+        )
+        return res
 
     def _to_class(self, margin: Any) -> Any:
         if type(margin).__module__.startswith("torch"):
