@@ -1014,6 +1014,20 @@ def test_cuda_kernel_emulated_matches_cpu(xgb_models, lgb_models):
     assert layouts == {"perfect", "explicit", "general"}
 
 
+def test_cuda_layout_switch_reports_and_restores(small_forest):
+    core = small_forest[1]._core
+    assert core.engine == "binned-perfect"
+    before = _core.forest_cuda_general()
+    try:
+        assert _core.forest_cuda_general(False) is False
+        assert core.cuda_layout == "perfect"
+        assert _core.forest_cuda_general(True) is True
+        assert _core.forest_cuda_general() is True
+        assert core.cuda_layout == "general"
+    finally:
+        _core.forest_cuda_general(before)
+
+
 def test_cuda_kernel_emulation_rejects_bad_input(small_forest):
     core = small_forest[1]._core
     nf = core.num_features

@@ -140,6 +140,10 @@ __global__ void __launch_bounds__(kForestThreads, 5)
   typename ForestBlock<ThrT, AccT, XT>::Thread th;
   const int32_t tid = static_cast<int32_t>(threadIdx.x);
   blk.start(tid, th);
+  if (shape.split_bins) {
+    __syncthreads();  // the partial counts are in
+    blk.bins_done(tid);
+  }
   for (int64_t t0 = 0; t0 < args.num_trees; t0 += shape.tile) {
     __syncthreads();  // the bins are in (first tile); the last tile's sums are done
     blk.walk(tid, t0);

@@ -7,7 +7,11 @@
 // A block takes R rows (1..32) and walks the trees a tile at a time:
 //   start  binned layouts: the block's rows as bins in shared memory, one
 //          32-bit word per (feature, row) holding its two bin columns
-//          (missing -> bottom | missing -> top); accumulators set to the base
+//          (missing -> bottom | missing -> top), each a binary search over the
+//          feature's cuts; accumulators set to the base. One-row blocks count
+//          each feature's cuts below x with 32 threads instead (independent
+//          loads: one memory latency, not log2(cuts) dependent ones) and
+//   bins_done adds the counts (after a barrier)
 //   walk   thread i walks tree (tile + i / R, then + kForestThreads / R, ...)
 //          for row i % R, two trees at a time (their loads overlap), so the
 //          threads of a warp walk one tree for consecutive rows; each walk
@@ -51,6 +55,9 @@
 namespace fastml::infer {
 
 enum class ForestLayout : int32_t { General = 0, Perfect = 1, Explicit = 2 };
+
+// Threads that count one feature's cuts together for a one-row block.
+inline constexpr int32_t kForestBinSplit = 32;
 
 // Threads per block, the most rows per block, the most trees per tile, the
 // shared memory of a tile's leaves (+ groups) and of a block's bins, and the
@@ -107,6 +114,10 @@ struct ForestLaunchShape {
   int64_t blocks = 0;
   size_t bin_bytes = 0;  // start of the leaf tile in shared memory
   size_t smem = 0;
+  // One-row blocks of a binned forest whose leaf tile holds kForestBinSplit
+  // partial counts per feature: each bin is counted by 32 threads
+  // (ForestBlock::start, then bins_done), not searched by one.
+  bool split_bins = false;
 };
 
 // Rows per block: the most (up to 32, so a warp walks one tree for 32 rows)
@@ -130,6 +141,9 @@ inline ForestLaunchShape forest_launch_shape(int64_t rows, int sm_count, ForestL
   s.tile = static_cast<int32_t>(fit < static_cast<size_t>(kForestMaxTile) ? fit : kForestMaxTile);
   s.blocks = (rows + R - 1) / R;
   s.smem = s.bin_bytes + static_cast<size_t>(s.tile) * per_tree;
+  s.split_bins = layout != ForestLayout::General && R == 1 &&
+                 static_cast<size_t>(num_features) * kForestBinSplit * sizeof(int32_t) <=
+                     static_cast<size_t>(s.tile) * per_tree;
   return s;
 }
 
@@ -193,6 +207,13 @@ FASTML_HD inline BinNode forest_load_bin_node(const BinNode* p) {
 #endif
 }
 
+// The shared-memory word of one (feature, row): its bin for default-left
+// nodes (low half) and for default-right nodes (high half).
+FASTML_HD inline uint32_t forest_bin_word(Bin lo, Bin hi) {
+  return static_cast<uint32_t>(static_cast<uint16_t>(lo)) |
+         (static_cast<uint32_t>(static_cast<uint16_t>(hi)) << 16);
+}
+
 template <typename ThrT, typename AccT, typename XT>
 struct ForestBlock {
   // A thread's accumulators across tiles: (row, output) pairs tid + j * kForestThreads.
@@ -204,6 +225,7 @@ struct ForestBlock {
   const XT* X;  // rows x num_features, C-contiguous
   AccT* out;    // rows x num_outputs
   int32_t R, tile;
+  bool split_bins;
   int64_t row0;
   int32_t block_rows;
   uint32_t* bins;  // binned: num_features x R words (lo: missing -> bottom, hi: -> top)
@@ -213,7 +235,12 @@ struct ForestBlock {
   FASTML_HD ForestBlock(const ForestKernelArgs<ThrT, AccT>& args, const XT* x, AccT* o,
                         int64_t rows, const ForestLaunchShape& shape, int64_t block,
                         unsigned char* smem)
-      : a(args), X(x), out(o), R(shape.rows_per_block), tile(shape.tile) {
+      : a(args),
+        X(x),
+        out(o),
+        R(shape.rows_per_block),
+        tile(shape.tile),
+        split_bins(shape.split_bins) {
     row0 = block * R;
     block_rows = static_cast<int32_t>(rows - row0 < R ? rows - row0 : R);
     bins = reinterpret_cast<uint32_t*>(smem);
@@ -242,6 +269,23 @@ struct ForestBlock {
     }
     if (a.layout == ForestLayout::General) return;
     const int32_t F = a.num_features;
+    if (split_bins) {
+      // One row: thread (f, j) counts the cuts j, j + 32, ... of feature f
+      // below x into the leaf tile (free until the first walk); bins_done
+      // adds the 32 counts. The loads are independent, so a feature costs one
+      // memory latency instead of log2(cuts) dependent ones.
+      auto* part = reinterpret_cast<int32_t*>(leaf);
+      for (int32_t p = tid; p < F * kForestBinSplit; p += kForestThreads) {
+        const int32_t f = p / kForestBinSplit;
+        const ThrT x = static_cast<ThrT>(X[row0 * F + f]);
+        const int32_t o = a.cut_offset[f], end = a.cut_offset[f + 1];
+        int32_t below = 0;
+        for (int32_t m = o + p % kForestBinSplit; m < end; m += kForestBinSplit)
+          below += a.cuts[m] < x ? 1 : 0;
+        part[p] = below;
+      }
+      return;
+    }
     // Consecutive threads take consecutive rows of one feature (one feature's
     // cuts for the warp's searches).
     for (int32_t p = tid; p < F * R; p += kForestThreads) {
@@ -254,8 +298,21 @@ struct ForestBlock {
           lo = hi = forest_bin_of(a.cuts + o, a.cut_offset[f + 1] - o, x);
         }
       }
-      bins[f * R + r] = static_cast<uint32_t>(static_cast<uint16_t>(lo)) |
-                        (static_cast<uint32_t>(static_cast<uint16_t>(hi)) << 16);
+      bins[f * R + r] = forest_bin_word(lo, hi);
+    }
+  }
+
+  // After a barrier (split_bins only): each feature's counts added into its bin.
+  FASTML_HD void bins_done(int32_t tid) const {
+    if (!split_bins) return;
+    const int32_t F = a.num_features;
+    const auto* part = reinterpret_cast<const int32_t*>(leaf);
+    for (int32_t f = tid; f < F; f += kForestThreads) {
+      const ThrT x = static_cast<ThrT>(X[row0 * F + f]);
+      int32_t below = 0;
+      for (int32_t j = 0; j < kForestBinSplit; ++j) below += part[f * kForestBinSplit + j];
+      const Bin b = static_cast<Bin>(below - kBinBias);
+      bins[f] = x == x ? forest_bin_word(b, b) : forest_bin_word(kBinBottom, kBinTop);
     }
   }
 

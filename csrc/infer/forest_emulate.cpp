@@ -56,6 +56,10 @@ const char* forest_emulate_kernel(const Forest& f, const ArrayView& X, bool appl
       std::memset(smem.data(), 0xA5, smem.size());
       const Block blk(args, x, o, rows, shape, b, smem.data());
       for (int tid = 0; tid < kForestThreads; ++tid) blk.start(tid, threads[tid]);
+      if (shape.split_bins) {
+        // __syncthreads()
+        for (int tid = 0; tid < kForestThreads; ++tid) blk.bins_done(tid);
+      }
       for (int64_t t0 = 0; t0 < args.num_trees; t0 += shape.tile) {
         // __syncthreads()
         for (int tid = 0; tid < kForestThreads; ++tid) blk.walk(tid, t0);
