@@ -13,6 +13,7 @@
 #include "bindings/array.hpp"
 #include "bindings/registry.hpp"
 #include "infer/forest.hpp"
+#include "infer/forest_kernel.hpp"
 #include "infer/native_handler.hpp"
 
 namespace py = pybind11;

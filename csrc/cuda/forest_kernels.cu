@@ -28,6 +28,7 @@
 #include "common/errors.hpp"
 #include "common/thread_pool.hpp"
 #include "infer/forest.hpp"
+#include "infer/forest_kernel.hpp"
 
 namespace fastml::infer {
 

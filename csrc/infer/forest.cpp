@@ -20,6 +20,7 @@
 #include "common/errors.hpp"
 #include "common/thread_pool.hpp"
 #include "infer/forest_binned.hpp"
+#include "infer/forest_kernel.hpp"
 
 namespace fastml::infer {
 
@@ -376,7 +377,7 @@ std::vector<ForestNode<ThrT>> general_nodes(const ForestSpec& spec) {
 }
 
 template <typename T>
-void append_bytes(std::vector<unsigned char>& dst, const T* src, size_t n) {
+void assign_bytes(std::vector<unsigned char>& dst, const T* src, size_t n) {
   const auto* b = reinterpret_cast<const unsigned char*>(src);
   dst.assign(b, b + n * sizeof(T));
 }
@@ -798,15 +799,15 @@ class Engine final : public ForestEngine {
     const int64_t T = static_cast<int64_t>(root_.size());
     const uint32_t F = static_cast<uint32_t>(spec_.num_features);
     const int32_t K = spec_.num_outputs;
-    append_bytes(d.cuts, cuts_.data(), cuts_.size());
+    assign_bytes(d.cuts, cuts_.data(), cuts_.size());
     d.cut_offset = cut_offset_;
     d.tree_node.assign(static_cast<size_t>(T), 0);
     d.tree_vshift.assign(static_cast<size_t>(T), 0);
     if (perfect_) {
       std::vector<uint32_t> nodes(p_nodes_);
       for (uint32_t& nd : nodes) nd = pack_perfect(perfect_thr(nd), forest_device_col(nd >> 16, F));
-      append_bytes(d.nodes, nodes.data(), nodes.size());
-      append_bytes(d.values, p_values_.data(), p_values_.size());
+      assign_bytes(d.nodes, nodes.data(), nodes.size());
+      assign_bytes(d.values, p_values_.data(), p_values_.size());
       for (int64_t t = 0; t < T; ++t) {
         // The walk ends at local node i >= 2^D - 1, leaf slot i - (2^D - 1).
         const int64_t width = group_[t] >= 0 ? 1 : K;
@@ -816,8 +817,8 @@ class Engine final : public ForestEngine {
     } else {
       std::vector<BinNode> nodes(bin_nodes_);
       for (BinNode& nd : nodes) nd.col = forest_device_col(nd.col, F);
-      append_bytes(d.nodes, nodes.data(), nodes.size());
-      append_bytes(d.values, bin_values_.data(), bin_values_.size());
+      assign_bytes(d.nodes, nodes.data(), nodes.size());
+      assign_bytes(d.values, bin_values_.data(), bin_values_.size());
       for (int64_t t = 0; t < T; ++t) {
         d.tree_node[t] = root_[t];
         d.tree_vshift[t] = shift_[t];
@@ -1671,15 +1672,15 @@ ForestKernelData forest_kernel_data(const Forest& f, bool general) {
   d.tree_group = s.tree_group;
   d.one_output = s.num_outputs == 1 && std::all_of(s.tree_group.begin(), s.tree_group.end(),
                                                    [](int32_t g) { return g == 0; });
-  auto acc = [&](const std::vector<double>& v, std::vector<unsigned char>& dst) {
+  auto as_acc = [&](const std::vector<double>& v, std::vector<unsigned char>& dst) {
     if (s.accum_f64) {
-      append_bytes(dst, v.data(), v.size());
+      assign_bytes(dst, v.data(), v.size());
     } else {
       const std::vector<float> v32(v.begin(), v.end());
-      append_bytes(dst, v32.data(), v32.size());
+      assign_bytes(dst, v32.data(), v32.size());
     }
   };
-  acc(s.base_margin, d.base);
+  as_acc(s.base_margin, d.base);
   d.layout = forest_kernel_layout(f, general);
   if (d.layout != ForestLayout::General) {
     f.engine().binned_kernel_data(d);
@@ -1687,12 +1688,12 @@ ForestKernelData forest_kernel_data(const Forest& f, bool general) {
   }
   if (s.threshold_f64) {
     const auto nodes = general_nodes<double>(s);
-    append_bytes(d.nodes, nodes.data(), nodes.size());
+    assign_bytes(d.nodes, nodes.data(), nodes.size());
   } else {
     const auto nodes = general_nodes<float>(s);
-    append_bytes(d.nodes, nodes.data(), nodes.size());
+    assign_bytes(d.nodes, nodes.data(), nodes.size());
   }
-  acc(s.leaf_values, d.values);
+  as_acc(s.leaf_values, d.values);
   d.tree_node.assign(f.tree_root().begin(), f.tree_root().end());
   d.tree_vshift = f.tree_value_shift();
   d.node_cat_offset = f.node_cat_offset();

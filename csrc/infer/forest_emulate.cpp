@@ -6,6 +6,7 @@
 
 #include "common/errors.hpp"
 #include "infer/forest.hpp"
+#include "infer/forest_kernel.hpp"
 
 namespace fastml::infer {
 
