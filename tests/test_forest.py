@@ -1166,6 +1166,36 @@ def test_cuda_follows_the_current_stream():
     np.testing.assert_array_equal(res.cpu().numpy(), f.predict(X, output="margin"))
 
 
+@pytest.mark.gpu
+def test_cuda_graph_capture_with_out():
+    """predict(CUDA tensor, out=tensor) can be captured in a CUDA graph (a
+    serving step replayed on new inputs): after a warm-up call (the forest's
+    one-time upload), the captured launch allocates and synchronises nothing,
+    and each replay writes the margins of the current input into `out`."""
+    import torch
+
+    X, score = _train_data(n=700, seed=21)
+    f = Forest.from_xgboost(xgb.train({"max_depth": 6, "nthread": 1}, xgb.DMatrix(X, score), 40))
+    X = X.astype(np.float32)
+    X2 = _edge_matrix({}, 700, seed=22).astype(np.float32)
+    static_x = torch.from_numpy(X).cuda()
+    out = torch.empty(len(X), dtype=torch.float32, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        f.predict(static_x, output="margin", device="cuda", out=out)  # warm-up: upload
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        f.predict(static_x, output="margin", device="cuda", out=out)
+    for batch in (X2, X):
+        static_x.copy_(torch.from_numpy(batch))
+        graph.replay()
+        torch.cuda.synchronize()
+        np.testing.assert_array_equal(out.cpu().numpy(), f.predict(batch, output="margin"))
+
+
 def test_frames_are_matched_by_feature_name(tmp_path):
     """A model trained on a named frame: a frame with its columns reordered is
     matched by name (was: silently wrong predictions, issue #20); a frame with

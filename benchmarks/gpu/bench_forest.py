@@ -159,6 +159,18 @@ def main() -> None:
         key["cuda_latency_us_1_rows_out"] = _latency_us(
             lambda: (f.predict(Xd[:1], device=dev, out=res1), sync()), reps
         )
+        # The kernel without Python: one row replayed from a captured CUDA graph.
+        xs1 = Xd[:1].clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            f.predict(xs1, device=dev, out=res1)
+        torch.cuda.current_stream().wait_stream(side)
+        sync()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            f.predict(xs1, device=dev, out=res1)
+        key["cuda_graph_replay_us_1_rows"] = _latency_us(lambda: (graph.replay(), sync()), reps)
         # The floor of any call from Python: an empty torch kernel + synchronize.
         one = torch.zeros(1, device=dev)
         key["torch_empty_kernel_and_sync_us"] = _latency_us(lambda: (one.add_(0), sync()), reps)
