@@ -56,8 +56,14 @@ namespace fastml::infer {
 
 enum class ForestLayout : int32_t { General = 0, Perfect = 1, Explicit = 2 };
 
-// Threads that count one feature's cuts together for a one-row block.
+// Threads that count one feature's cuts together for a one-row block, and
+// the stride of their partial counts in shared memory, [thread][feature]: odd,
+// so the 32 threads of a feature write 32 banks and the threads that add up
+// consecutive features read 32 banks.
 inline constexpr int32_t kForestBinSplit = 32;
+FASTML_HD inline int32_t forest_bin_split_stride(int32_t num_features) {
+  return (num_features + 1) | 1;
+}
 
 // Threads per block, the most rows per block, the most trees per tile, the
 // shared memory of a tile's leaves (+ groups) and of a block's bins, and the
@@ -142,7 +148,8 @@ inline ForestLaunchShape forest_launch_shape(int64_t rows, int sm_count, ForestL
   s.blocks = (rows + R - 1) / R;
   s.smem = s.bin_bytes + static_cast<size_t>(s.tile) * per_tree;
   s.split_bins = layout != ForestLayout::General && R == 1 &&
-                 static_cast<size_t>(num_features) * kForestBinSplit * sizeof(int32_t) <=
+                 static_cast<size_t>(forest_bin_split_stride(num_features)) * kForestBinSplit *
+                         sizeof(int32_t) <=
                      static_cast<size_t>(s.tile) * per_tree;
   return s;
 }
@@ -275,14 +282,14 @@ struct ForestBlock {
       // adds the 32 counts. The loads are independent, so a feature costs one
       // memory latency instead of log2(cuts) dependent ones.
       auto* part = reinterpret_cast<int32_t*>(leaf);
+      const int32_t stride = forest_bin_split_stride(F);
       for (int32_t p = tid; p < F * kForestBinSplit; p += kForestThreads) {
-        const int32_t f = p / kForestBinSplit;
+        const int32_t f = p / kForestBinSplit, j = p % kForestBinSplit;
         const ThrT x = static_cast<ThrT>(X[row0 * F + f]);
         const int32_t o = a.cut_offset[f], end = a.cut_offset[f + 1];
         int32_t below = 0;
-        for (int32_t m = o + p % kForestBinSplit; m < end; m += kForestBinSplit)
-          below += a.cuts[m] < x ? 1 : 0;
-        part[p] = below;
+        for (int32_t m = o + j; m < end; m += kForestBinSplit) below += a.cuts[m] < x ? 1 : 0;
+        part[j * stride + f] = below;
       }
       return;
     }
@@ -307,10 +314,11 @@ struct ForestBlock {
     if (!split_bins) return;
     const int32_t F = a.num_features;
     const auto* part = reinterpret_cast<const int32_t*>(leaf);
+    const int32_t stride = forest_bin_split_stride(F);
     for (int32_t f = tid; f < F; f += kForestThreads) {
       const ThrT x = static_cast<ThrT>(X[row0 * F + f]);
       int32_t below = 0;
-      for (int32_t j = 0; j < kForestBinSplit; ++j) below += part[f * kForestBinSplit + j];
+      for (int32_t j = 0; j < kForestBinSplit; ++j) below += part[j * stride + f];
       const Bin b = static_cast<Bin>(below - kBinBias);
       bins[f] = x == x ? forest_bin_word(b, b) : forest_bin_word(kBinBottom, kBinTop);
     }
