@@ -179,25 +179,11 @@ std::shared_ptr<DeviceForest> device_forest(const Forest& f) {
   const ForestKernelData h = forest_kernel_data(f, d->general);
   d->layout = h.layout;
   d->one_output = h.one_output;
-  auto put = [&](const auto& v, const char* what) {
-    using T = typename std::decay_t<decltype(v)>::value_type;
-    T* p = upload(v.data(), v.size(), what);
+  d->ptrs = forest_kernel_ptrs(h, [&](const auto& v) {
+    auto* p = upload(v.data(), v.size(), "upload the forest");
     if (p) d->allocations.push_back(p);
     return p;
-  };
-  ForestKernelPtrs& p = d->ptrs;
-  p.nodes = put(h.nodes, "upload nodes");
-  p.values = put(h.values, "upload values");
-  p.base = put(h.base, "upload base");
-  p.cuts = put(h.cuts, "upload cuts");
-  p.cut_offset = put(h.cut_offset, "upload cuts");
-  p.tree_depth = put(h.tree_depth, "upload trees");
-  p.tree_group = put(h.tree_group, "upload trees");
-  p.tree_node = put(h.tree_node, "upload trees");
-  p.tree_vshift = put(h.tree_vshift, "upload trees");
-  p.node_cat_offset = put(h.node_cat_offset, "upload categories");
-  p.node_cat_words = put(h.node_cat_words, "upload categories");
-  p.cat_bits = put(h.cat_bits, "upload categories");
+  });
   slot = d;
   return d;
 }

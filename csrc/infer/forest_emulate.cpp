@@ -10,33 +10,12 @@
 
 namespace fastml::infer {
 
-namespace {
-
-ForestKernelPtrs host_ptrs(const ForestKernelData& d) {
-  ForestKernelPtrs p;
-  p.nodes = d.nodes.data();
-  p.values = d.values.data();
-  p.base = d.base.data();
-  p.cuts = d.cuts.data();
-  p.cut_offset = d.cut_offset.data();
-  p.tree_depth = d.tree_depth.data();
-  p.tree_group = d.tree_group.data();
-  p.tree_node = d.tree_node.data();
-  p.tree_vshift = d.tree_vshift.data();
-  p.node_cat_offset = d.node_cat_offset.data();
-  p.node_cat_words = d.node_cat_words.data();
-  p.cat_bits = d.cat_bits.data();
-  return p;
-}
-
-}  // namespace
-
 const char* forest_emulate_kernel(const Forest& f, const ArrayView& X, bool apply_link, void* out,
                                   int sm_count, bool general) {
   f.check_matrix(X, "X");
   FASTML_CHECK_ARG(sm_count >= 1, "sm_count", "must be >= 1, got ", sm_count);
   const ForestKernelData d = forest_kernel_data(f, general);
-  const ForestKernelPtrs p = host_ptrs(d);
+  const ForestKernelPtrs p = forest_kernel_ptrs(d, [](const auto& v) { return v.data(); });
   const int64_t rows = X.shape[0];
   if (rows == 0) return forest_layout_name(d.layout);
   FASTML_CHECK_ARG(X.is_c_contiguous(), "X", "must be C-contiguous, got ", X.describe());

@@ -43,6 +43,27 @@ struct ForestKernelPtrs {
   const uint32_t *node_cat_words = nullptr, *cat_bits = nullptr;
 };
 
+// The pointers of every array of `d` through place(vector) (the vector's own
+// data for the emulation, a device copy for the CUDA path): the one list of
+// the kernel's arrays.
+template <typename Place>
+ForestKernelPtrs forest_kernel_ptrs(const ForestKernelData& d, const Place& place) {
+  ForestKernelPtrs p;
+  p.nodes = place(d.nodes);
+  p.values = place(d.values);
+  p.base = place(d.base);
+  p.cuts = place(d.cuts);
+  p.cut_offset = place(d.cut_offset);
+  p.tree_depth = place(d.tree_depth);
+  p.tree_group = place(d.tree_group);
+  p.tree_node = place(d.tree_node);
+  p.tree_vshift = place(d.tree_vshift);
+  p.node_cat_offset = place(d.node_cat_offset);
+  p.node_cat_words = place(d.node_cat_words);
+  p.cat_bits = place(d.cat_bits);
+  return p;
+}
+
 // The kernel's arguments for `forest` (divisor and link as predict applies
 // them: output="value" when `apply_link`, else the margin).
 template <typename ThrT, typename AccT>
